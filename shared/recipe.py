@@ -1,0 +1,147 @@
+"""Recipes: versioned job templates (YAML in `recipes/`), resolved into the JobSpec that travels
+inside every message so that each service stays stateless."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says what, where, and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    format: Literal["auto", "chat", "instruction"] = "auto"
+    system_prompt: str | None = None
+    max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    max_row_bytes: int = Field(64_000, gt=0)
+    pii_categories: tuple[Literal["email", "phone", "card"], ...] = ("email", "phone", "card")
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    min_rows: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _split_sums_to_one(self) -> "DataSpec":
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ValueError(f"data.split must be three non-negative fractions summing to 1, got {list(self.split)}")
+        return self
+
+
+class AdapterSpec(_Strict):
+    kind: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    checkpoint_every: int = Field(20, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    metrics_every: int = Field(5, ge=1)
+    seed: int = 0
+
+
+class EvalSpec(_Strict):
+    max_examples: int = Field(40, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    # Gate: candidate may be worse than base by at most this much on each gated metric.
+    tolerance: float = Field(0.02, ge=0.0)
+    gate_metrics: tuple[str, ...] = ("chrf",)
+    # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.
+    probes: str | None = None
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    version: int = Field(ge=1)
+    description: str = ""
+    task: Literal["chat_sft"] = "chat_sft"
+    method: Literal["sft"] = "sft"
+    base_model: str
+    model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    data: DataSpec = DataSpec()
+    adapter: AdapterSpec = AdapterSpec()
+    training: TrainingSpec = TrainingSpec()
+    eval: EvalSpec = EvalSpec()
+
+    @property
+    def hash(self) -> str:
+        return recipe_hash(self)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    canonical = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_recipe(text: str, *, source: str = "<recipe>") -> Recipe:
+    """Parse YAML text into a Recipe. safe_load refuses python tags; errors name the field."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise RecipeError(f"{source}: invalid recipe: {problems}") from exc
+
+
+def load_recipe(name_or_path: str, *, overrides: dict | None = None) -> Recipe:
+    """A recipe by name (from `recipes/`) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_recipes()) or "none"
+        raise RecipeError(f"recipe {name_or_path!r} not found (looked for {path}); known recipes: {known}")
+    recipe = parse_recipe(path.read_text(), source=str(path))
+    if overrides:
+        recipe = apply_overrides(recipe, overrides)
+    return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
+    """Dotted-key overrides, e.g. {"training.epochs": 1}."""
+    data = recipe.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise RecipeError(f"override {dotted!r}: {key!r} is not a section of the recipe")
+            node = node[key]
+        if leaf not in node:
+            raise RecipeError(f"override {dotted!r}: unknown field {leaf!r}")
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"invalid override: {exc.errors()[0]['msg']}") from exc
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
