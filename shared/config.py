@@ -1,0 +1,110 @@
+"""Settings from the environment, and the one place adapters are chosen (bootstrap)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from shared.ports import Bus, DocStore, ObjectStore, SubscriptionPolicy
+
+Profile = Literal["local", "emulators", "gcp"]
+
+
+class Settings(BaseModel):
+    profile: Profile = "local"
+    state_dir: Path = Path(".ftpipe")
+    bucket: str = "ftpipe"
+    project: str = "ftpipe-local"
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    ack_deadline_s: int = Field(60, ge=10)
+    max_delivery_attempts: int = Field(5, ge=5)
+    min_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    trainer_lease_s: float = 60.0          # a run's ownership lease; stale after this without heartbeat
+    create_resources: bool = True          # topics/subscriptions/buckets; Terraform owns them in gcp
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        values = {
+            "profile": env.get("FTPIPE_PROFILE"),
+            "state_dir": env.get("FTPIPE_STATE"),
+            "bucket": env.get("FTPIPE_BUCKET"),
+            "project": env.get("FTPIPE_PROJECT") or env.get("GOOGLE_CLOUD_PROJECT"),
+            "log_format": env.get("FTPIPE_LOG_FORMAT") or ("json" if env.get("FTPIPE_PROFILE") == "gcp" else None),
+            "log_level": env.get("FTPIPE_LOG_LEVEL"),
+            "ack_deadline_s": env.get("FTPIPE_ACK_DEADLINE_S"),
+            "max_delivery_attempts": env.get("FTPIPE_MAX_DELIVERY_ATTEMPTS"),
+            "min_backoff_s": env.get("FTPIPE_MIN_BACKOFF_S"),
+            "trainer_lease_s": env.get("FTPIPE_TRAINER_LEASE_S"),
+            "create_resources": env.get("FTPIPE_CREATE_RESOURCES"),
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        values.update(overrides)
+        settings = cls(**values)
+        if settings.profile == "gcp" and "create_resources" not in values:
+            settings = settings.model_copy(update={"create_resources": False})
+        return settings.model_copy(update={"state_dir": Path(settings.state_dir).resolve()})
+
+    def env(self) -> dict[str, str]:
+        """The environment that gives a child process these same settings."""
+        return {"FTPIPE_PROFILE": self.profile, "FTPIPE_STATE": str(self.state_dir), "FTPIPE_BUCKET": self.bucket,
+                "FTPIPE_PROJECT": self.project, "FTPIPE_LOG_FORMAT": self.log_format, "FTPIPE_LOG_LEVEL": self.log_level,
+                "FTPIPE_ACK_DEADLINE_S": str(self.ack_deadline_s),
+                "FTPIPE_MAX_DELIVERY_ATTEMPTS": str(self.max_delivery_attempts),
+                "FTPIPE_MIN_BACKOFF_S": str(self.min_backoff_s),
+                "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s)}
+
+    def subscription_policy(self) -> SubscriptionPolicy:
+        return SubscriptionPolicy(ack_deadline_s=self.ack_deadline_s, max_delivery_attempts=self.max_delivery_attempts,
+                                  min_backoff_s=self.min_backoff_s, max_backoff_s=self.max_backoff_s)
+
+
+@dataclass
+class Adapters:
+    settings: Settings
+    bus: Bus
+    store: ObjectStore
+    docs: DocStore
+
+    def close(self) -> None:
+        self.bus.close()
+        self.docs.close()
+
+
+def bootstrap(settings: Settings | None = None) -> Adapters:
+    settings = settings or Settings.from_env()
+    if settings.profile == "local":
+        from shared.adapters.local_store import LocalObjectStore
+        from shared.adapters.sqlite_bus import SqliteBus
+        from shared.adapters.sqlite_docs import SqliteDocStore
+        from shared.notifications import LocalBucketNotifier
+
+        state = settings.state_dir
+        bus = SqliteBus(state / "bus.db")
+        docs = SqliteDocStore(state / "docs.db")
+        store = LocalObjectStore(state / "buckets")
+        # GCS sends OBJECT_FINALIZE notifications itself; locally the store does, through this.
+        store.on_finalize = LocalBucketNotifier(bus, docs).notify
+    else:
+        # `emulators` is the same code as `gcp`: the clients follow *_EMULATOR_HOST variables.
+        from shared.adapters.firestore import FirestoreDocStore
+        from shared.adapters.gcs import GcsObjectStore
+        from shared.adapters.pubsub import PubSubBus
+
+        bus = PubSubBus(settings.project)
+        docs = FirestoreDocStore(settings.project)
+        store = GcsObjectStore(settings.project)
+    adapters = Adapters(settings=settings, bus=bus, store=store, docs=docs)
+    if settings.create_resources:
+        from shared.topology import ensure_topology
+
+        ensure_topology(bus, settings.subscription_policy())
+        ensure_bucket = getattr(store, "ensure_bucket", None)
+        if ensure_bucket:
+            ensure_bucket(settings.bucket)
+    return adapters

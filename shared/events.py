@@ -1,0 +1,281 @@
+"""Event contracts: every message on the bus is one of these pydantic models, JSON in the body,
+with attributes `type`, `schema_version`, `run_id` and a deterministic `event_id` so that a
+redelivered or re-published message is recognised by the consumers' ledgers."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.recipe import Recipe
+
+SCHEMA_VERSION = 1
+
+# Topics: the one place their names are written.
+DATASET_UPLOADS = "dataset-uploads"
+JOBS = "jobs"
+DATASETS = "datasets"
+TRAINING = "training"
+EVALUATIONS = "evaluations"
+MODELS = "models"
+TOPICS = (DATASET_UPLOADS, JOBS, DATASETS, TRAINING, EVALUATIONS, MODELS)
+
+
+def dead_letter_topic(topic: str) -> str:
+    return f"{topic}-dead-letter"
+
+
+def subscription_name(service: str, topic: str) -> str:
+    return f"{service}.{topic}"
+
+
+class MalformedMessage(ValueError):
+    """A message no handler can ever process (bad JSON, unknown type, newer schema, invalid body).
+    It goes straight to the dead-letter topic with this reason."""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Event(_Body):
+    type: ClassVar[str]
+    topic: ClassVar[str]
+    run_id: str = Field(min_length=1, max_length=128)
+
+    def step_key(self) -> str:
+        """What makes this event unique within its run and type (overridden where one run emits many)."""
+        return "0"
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.run_id}:{self.type}:{self.step_key()}"
+
+
+class StepMetrics(_Body):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    step: int
+    loss: float
+    grad_norm: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    epoch: float | None = None
+
+
+# ---------------------------------------------------------------- jobs
+
+class JobSubmitted(Event):
+    type: ClassVar[str] = "JobSubmitted"
+    topic: ClassVar[str] = JOBS
+    recipe: Recipe
+    dataset_uri: str                       # a raw file (preprocess) or a prepared folder (trainer)
+    prepared: bool = False
+    tenant: str = "default"
+    source: dict[str, Any] = {}            # where the data came from: drop object, submitter, …
+
+
+# ---------------------------------------------------------------- datasets
+
+class DatasetPrepared(Event):
+    type: ClassVar[str] = "DatasetPrepared"
+    topic: ClassVar[str] = DATASETS
+    recipe: Recipe
+    dataset_id: str
+    dataset_uri: str                       # folder URL holding train/val/test.jsonl, manifest.json
+    counts: dict[str, int]
+    tenant: str = "default"
+
+
+class DatasetRejected(Event):
+    type: ClassVar[str] = "DatasetRejected"
+    topic: ClassVar[str] = DATASETS
+    recipe: Recipe
+    reason: str
+    counts: dict[str, int] = {}
+    report_uri: str | None = None          # folder with rejected.jsonl and manifest.json, for audit
+
+
+# ---------------------------------------------------------------- training
+
+class TrainingStarted(Event):
+    type: ClassVar[str] = "TrainingStarted"
+    topic: ClassVar[str] = TRAINING
+    dataset_uri: str
+    resumed_from_step: int = 0
+
+    def step_key(self) -> str:
+        return str(self.resumed_from_step)
+
+
+class TrainingProgress(Event):
+    type: ClassVar[str] = "TrainingProgress"
+    topic: ClassVar[str] = TRAINING
+    metrics: list[StepMetrics] = Field(min_length=1)
+    total_steps: int | None = None
+
+    def step_key(self) -> str:
+        return f"{self.metrics[0].step}-{self.metrics[-1].step}"
+
+
+class CheckpointSaved(Event):
+    type: ClassVar[str] = "CheckpointSaved"
+    topic: ClassVar[str] = TRAINING
+    step: int
+    uri: str
+    metrics: dict[str, float] = {}
+
+    def step_key(self) -> str:
+        return str(self.step)
+
+
+class TrainingCompleted(Event):
+    type: ClassVar[str] = "TrainingCompleted"
+    topic: ClassVar[str] = TRAINING
+    recipe: Recipe
+    dataset_uri: str
+    adapter_uri: str
+    metrics: dict[str, float]
+    steps: int
+    tenant: str = "default"
+
+
+class TrainingFailed(Event):
+    type: ClassVar[str] = "TrainingFailed"
+    topic: ClassVar[str] = TRAINING
+    reason: str
+    step: int = 0
+    cancelled: bool = False
+
+
+# ---------------------------------------------------------------- evaluation
+
+class EvaluationCompleted(Event):
+    type: ClassVar[str] = "EvaluationCompleted"
+    topic: ClassVar[str] = EVALUATIONS
+    recipe: Recipe
+    dataset_uri: str
+    adapter_uri: str
+    scores: dict[str, dict[str, float]]    # {"base": {...}, "candidate": {...}}
+    passed: bool
+    reasons: list[str]
+    report_uri: str
+    training_metrics: dict[str, float] = {}
+    tenant: str = "default"
+
+
+# ---------------------------------------------------------------- models
+
+class ModelRegistered(Event):
+    type: ClassVar[str] = "ModelRegistered"
+    topic: ClassVar[str] = MODELS
+    model_name: str
+    version: str
+    uri: str
+    status: Literal["candidate", "promoted", "quarantined"]
+
+
+class ModelPromoted(Event):
+    type: ClassVar[str] = "ModelPromoted"
+    topic: ClassVar[str] = MODELS
+    model_name: str
+    version: str
+    uri: str
+
+
+class ModelQuarantined(Event):
+    type: ClassVar[str] = "ModelQuarantined"
+    topic: ClassVar[str] = MODELS
+    model_name: str
+    version: str
+    uri: str
+    reasons: list[str]
+
+
+# ---------------------------------------------------------------- GCS notifications
+
+class ObjectFinalized(_Body):
+    """The GCS JSON_API_V1 object resource that a bucket notification carries (subset we use)."""
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    type: ClassVar[str] = "OBJECT_FINALIZE"
+    topic: ClassVar[str] = DATASET_UPLOADS
+    bucket: str
+    name: str
+    generation: str
+    size: str = "0"
+    contentType: str = "application/octet-stream"
+    md5Hash: str = ""
+    timeCreated: str = ""
+    updated: str = ""
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.bucket}/{self.name}#{self.generation}"
+
+    @property
+    def run_id(self) -> str:
+        return ""
+
+    def attributes(self) -> dict[str, str]:
+        return {"eventType": "OBJECT_FINALIZE", "payloadFormat": "JSON_API_V1", "bucketId": self.bucket,
+                "objectId": self.name, "objectGeneration": self.generation,
+                "notificationConfig": f"projects/_/buckets/{self.bucket}/notificationConfigs/ftpipe"}
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetRejected, TrainingStarted, TrainingProgress,
+                              CheckpointSaved, TrainingCompleted, TrainingFailed, EvaluationCompleted,
+                              ModelRegistered, ModelPromoted, ModelQuarantined)
+}
+
+AnyEvent = Event | ObjectFinalized
+
+
+def encode(event: Event) -> tuple[bytes, dict[str, str]]:
+    body = event.model_dump_json().encode()
+    return body, {"type": event.type, "schema_version": str(SCHEMA_VERSION), "run_id": event.run_id,
+                  "event_id": event.event_id}
+
+
+def decode(data: bytes, attributes: Mapping[str, str]) -> AnyEvent:
+    """Parse one bus message, or raise MalformedMessage saying exactly what is wrong."""
+    if "eventType" in attributes and "type" not in attributes:
+        if attributes["eventType"] != "OBJECT_FINALIZE":
+            raise MalformedMessage(f"unsupported storage notification {attributes['eventType']!r}")
+        return _validate(ObjectFinalized, _json(data))
+    kind = attributes.get("type")
+    if kind not in EVENT_TYPES:
+        raise MalformedMessage(f"unknown message type {kind!r}; known: {', '.join(EVENT_TYPES)}")
+    version = attributes.get("schema_version", "")
+    if not version.isdigit():
+        raise MalformedMessage(f"{kind}: schema_version {version!r} is not a number")
+    if int(version) > SCHEMA_VERSION:
+        raise MalformedMessage(
+            f"{kind}: schema_version {version} is newer than this service understands ({SCHEMA_VERSION}); upgrade the service")
+    event = _validate(EVENT_TYPES[kind], _json(data))
+    if attributes.get("event_id") not in (None, event.event_id):
+        raise MalformedMessage(f"{kind}: attribute event_id {attributes['event_id']!r} does not match the body ({event.event_id!r})")
+    return event
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"body is not valid JSON: {exc}") from exc
+
+
+def _validate(model: type[BaseModel], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"{model.__name__}: body must be a JSON object, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise MalformedMessage(f"{model.__name__}: invalid body: {problems}") from exc
+
+
+def derive_run_id(*parts: object) -> str:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+    return f"run-{digest[:16]}"

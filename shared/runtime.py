@@ -1,0 +1,224 @@
+"""The service runtime: one way for every service to subscribe, check the ledger, run its handler,
+publish, record and ack (DESIGN.md, "Delivery and idempotency").
+
+Handlers are plain functions `handler(event, ctx) -> iterable of events to publish`. They raise
+`Retry` to be redelivered later (e.g. a run leased by another worker) and `Reject` for input that
+can never succeed (dead-lettered with the reason). Anything else is retried with backoff and
+dead-lettered after the subscription's max delivery attempts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from shared import events as ev
+from shared.config import Adapters
+from shared.ports import Message
+
+LEDGER = "processed"
+CANCELLATIONS = "cancellations"
+
+
+class Retry(Exception):
+    def __init__(self, reason: str, delay_s: float | None = None):
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class Reject(Exception):
+    """Permanent failure: the message goes to the dead-letter topic with this reason."""
+
+
+@dataclass
+class Context:
+    service: str
+    adapters: Adapters
+    message: Message
+    stopping: threading.Event
+    log: logging.LoggerAdapter
+
+    @property
+    def bus(self):
+        return self.adapters.bus
+
+    @property
+    def store(self):
+        return self.adapters.store
+
+    @property
+    def docs(self):
+        return self.adapters.docs
+
+    @property
+    def settings(self):
+        return self.adapters.settings
+
+    def publish(self, event: ev.Event) -> None:
+        publish_event(self.adapters.bus, event)
+
+    def cancelled(self, run_id: str) -> bool:
+        return is_cancelled(self.adapters.docs, run_id)
+
+
+Handler = Callable[[Any, Context], Iterable[ev.Event] | None]
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    # topic -> {event type -> handler}; event types a service does not list are acknowledged and skipped.
+    handlers: dict[str, dict[str, Handler]]
+    max_messages: int = 1
+    max_lease_s: float = 3600.0
+    on_start: Callable[[Adapters], None] | None = None
+
+
+def publish_event(bus, event: ev.Event) -> str:
+    data, attributes = ev.encode(event)
+    return bus.publish(event.topic, data, attributes)
+
+
+def is_cancelled(docs, run_id: str) -> bool:
+    return bool(run_id) and docs.get(CANCELLATIONS, run_id) is not None
+
+
+def ledger_key(service: str, event_id: str) -> str:
+    # Firestore ids cannot hold '/', and storage event ids do.
+    return hashlib.sha256(f"{service}\x1f{event_id}".encode()).hexdigest()
+
+
+def dead_letter(adapters: Adapters, topic: str, subscription: str, msg: Message, reason: str) -> None:
+    attributes = {**msg.attributes, "dead_letter_reason": reason[:1000], "dead_letter_source": subscription}
+    adapters.bus.publish(ev.dead_letter_topic(topic), msg.data, attributes)
+
+
+def handle_message(service: Service, adapters: Adapters, topic: str, msg: Message,
+                   stopping: threading.Event | None = None) -> str:
+    """Process one delivery end to end; returns what happened (for logs and tests)."""
+    subscription = ev.subscription_name(service.name, topic)
+    log = logging.getLogger(f"ftpipe.{service.name}")
+    base = {"service": service.name, "topic": topic, "message_id": msg.message_id, "attempt": msg.delivery_attempt}
+    try:
+        event = ev.decode(msg.data, msg.attributes)
+    except ev.MalformedMessage as exc:
+        log.error("malformed message dead-lettered: %s", exc, extra=base)
+        dead_letter(adapters, topic, subscription, msg, f"malformed: {exc}")
+        msg.ack()
+        return "dead-lettered"
+    extra = {**base, "run_id": event.run_id or None, "event_id": event.event_id, "type": event.type}
+    handler = service.handlers.get(topic, {}).get(event.type)
+    if handler is None:
+        msg.ack()
+        return "ignored"
+    key = ledger_key(service.name, event.event_id)
+    if adapters.docs.get(LEDGER, key) is not None:
+        log.info("duplicate delivery acknowledged", extra=extra)
+        msg.ack()
+        return "duplicate"
+    if is_cancelled(adapters.docs, event.run_id):
+        log.info("run is cancelled; skipping", extra=extra)
+        msg.ack()
+        return "cancelled"
+    ctx = Context(service.name, adapters, msg, stopping or threading.Event(), logging.LoggerAdapter(log, extra))
+    started = time.monotonic()
+    try:
+        outputs = list(handler(event, ctx) or ())
+    except Retry as exc:
+        log.info("will retry: %s", exc, extra=extra)
+        msg.nack(exc.delay_s)
+        return "nacked"
+    except (Reject, ev.MalformedMessage) as exc:
+        log.error("rejected, dead-lettered: %s", exc, extra=extra)
+        dead_letter(adapters, topic, subscription, msg, f"rejected: {exc}")
+        msg.ack()
+        return "dead-lettered"
+    except Exception as exc:  # a bug or a transient fault: retry, then dead-letter
+        if msg.delivery_attempt >= adapters.settings.max_delivery_attempts:
+            log.exception("handler failed on the last attempt; dead-lettered", extra=extra)
+            dead_letter(adapters, topic, subscription, msg, f"handler failed {msg.delivery_attempt} times: {type(exc).__name__}: {exc}")
+            msg.ack()
+            return "dead-lettered"
+        log.exception("handler failed; will retry", extra=extra)
+        msg.nack()
+        return "nacked"
+    for out in outputs:
+        publish_event(adapters.bus, out)
+    adapters.docs.set(LEDGER, key, {"service": service.name, "event_id": event.event_id, "run_id": event.run_id,
+                                    "at": time.time(), "outputs": [o.event_id for o in outputs]})
+    msg.ack()
+    log.info("handled in %.1fs", time.monotonic() - started, extra=extra)
+    return "acked"
+
+
+def run_service(service: Service, adapters: Adapters, *, stop: threading.Event | None = None,
+                health_port: int | None = None) -> None:
+    """Subscribe to every topic of the service and block until SIGTERM/SIGINT (or `stop`)."""
+    stop = stop or threading.Event()
+    log = logging.getLogger(f"ftpipe.{service.name}")
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    if service.on_start:
+        service.on_start(adapters)
+    counters = {"handled": 0}
+
+    def callback_for(topic: str):
+        def callback(msg: Message) -> None:
+            if stop.is_set():  # shutting down: let another worker take it
+                msg.nack(0)
+                return
+            handle_message(service, adapters, topic, msg, stop)
+            counters["handled"] += 1
+        return callback
+
+    subscriptions = [adapters.bus.subscribe(ev.subscription_name(service.name, topic), callback_for(topic),
+                                            max_messages=service.max_messages, max_lease_s=service.max_lease_s)
+                     for topic in service.handlers]
+    server = start_health_server(service.name, adapters, counters, health_port)
+    log.info("service started", extra={"service": service.name, "topics": ",".join(service.handlers),
+                                       "pid": os.getpid(), "health_port": server.server_address[1]})
+    stop.wait()
+    log.info("stopping: finishing in-flight work", extra={"service": service.name})
+    for sub in subscriptions:
+        sub.stop()
+    server.shutdown()
+    log.info("service stopped", extra={"service": service.name})
+
+
+def start_health_server(name: str, adapters: Adapters, counters: dict, port: int | None) -> ThreadingHTTPServer:
+    """GET /healthz for Cloud Run / Kubernetes probes; locally its port goes in the state folder."""
+    started = time.time()
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in ("/", "/healthz"):
+                self.send_error(404)
+                return
+            body = json.dumps({"service": name, "status": "ok", "pid": os.getpid(),
+                               "uptime_s": round(time.time() - started, 1), **counters}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    port = port if port is not None else int(os.environ.get("PORT", "0"))
+    server = ThreadingHTTPServer(("127.0.0.1" if adapters.settings.profile != "gcp" else "0.0.0.0", port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
+    if adapters.settings.profile != "gcp":
+        services_dir = Path(adapters.settings.state_dir) / "services"
+        services_dir.mkdir(parents=True, exist_ok=True)
+        (services_dir / f"{name}.json").write_text(json.dumps({"pid": os.getpid(), "port": server.server_address[1]}))
+    return server
