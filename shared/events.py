@@ -91,7 +91,7 @@ class DatasetPrepared(Event):
 class DatasetRejected(Event):
     type: ClassVar[str] = "DatasetRejected"
     topic: ClassVar[str] = DATASETS
-    recipe: Recipe
+    recipe: Recipe | None = None           # None when the drop named a recipe that does not exist
     reason: str
     counts: dict[str, int] = {}
     report_uri: str | None = None          # folder with rejected.jsonl and manifest.json, for audit

@@ -142,3 +142,10 @@ def ensure_tiny_random() -> Path:
             tokenizer.save_pretrained(Path(tmp) / "out")
             os.replace(Path(tmp) / "out", target)
     return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    for ref in sys.argv[1:] or [SMOLLM2]:
+        print(f"{ref}: {resolve_model(ref)}")

@@ -36,14 +36,15 @@ def validate_bucket_name(bucket: str) -> str:
     return bucket
 
 
-def upload_dir(store: ObjectStore, local_dir: Path, bucket: str, prefix: str) -> list[str]:
-    """Upload every file under local_dir to bucket/prefix/…, write-if-absent so a retried upload of a
-    deterministic artefact never clobbers one already there. Returns the object names."""
+def upload_dir(store: ObjectStore, local_dir: Path, bucket: str, prefix: str, *, overwrite: bool = False) -> list[str]:
+    """Upload every file under local_dir to bucket/prefix/…. By default write-if-absent, so a retried
+    upload of a deterministic artefact never clobbers one already there; `overwrite` for folders
+    whose completeness a marker object written last decides (checkpoints). Returns the names."""
     names = []
     for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
         name = f"{prefix.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
         try:
-            store.upload_file(bucket, name, str(path), if_generation_match=0)
+            store.upload_file(bucket, name, str(path), if_generation_match=None if overwrite else 0)
         except PreconditionFailed:
             pass  # already uploaded by an earlier attempt
         names.append(name)

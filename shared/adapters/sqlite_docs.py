@@ -1,7 +1,6 @@
 """The embedded document store: Firestore's data model (collections of JSON documents) on SQLite."""
 from __future__ import annotations
 
-import copy
 import json
 import sqlite3
 import threading
@@ -9,18 +8,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from shared.documents import deep_merge
+
 _OPS = {"==": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """Firestore set(merge=True): maps are merged recursively, every other value replaced."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _path(field: str) -> str:

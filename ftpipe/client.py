@@ -1,0 +1,213 @@
+"""The Python SDK: what the CLI does, as functions over the same ports the services use."""
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from shared import events as ev
+from shared.config import Adapters, Settings, bootstrap
+from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from shared.runtime import CANCELLATIONS, publish_event
+from shared.topology import dlq_subscription
+
+RUNS, MODEL_VERSIONS, MODELS = "runs", "model_versions", "models"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(RuntimeError):
+    """A misuse the user can fix; the message says how."""
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, adapters: Adapters | None = None):
+        self.settings = settings or Settings.from_env()
+        self._adapters = adapters
+
+    @property
+    def adapters(self) -> Adapters:
+        if self._adapters is None:
+            self._adapters = bootstrap(self.settings)
+        return self._adapters
+
+    def close(self) -> None:
+        if self._adapters is not None:
+            self._adapters.close()
+
+    # ------------------------------------------------------------ starting runs
+    def _recipe(self, ref: str) -> Recipe:
+        """A built-in recipe by name, or a YAML file, which is uploaded to the bucket's recipes/ so
+        the services (which only see the bucket) resolve the same recipe."""
+        path = Path(ref)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise ClientError(f"recipe file {ref} does not exist")
+            recipe = parse_recipe(path.read_text(), source=str(path))
+            self.adapters.store.write(self.settings.bucket, f"recipes/{recipe.name}.yaml", path.read_bytes())
+            return recipe
+        return load_recipe(ref)
+
+    def drop(self, file: str | Path, recipe: str) -> str:
+        """Upload a dataset to incoming/<recipe>/<file>, as a team would drop it into the bucket.
+        Returns the run id the drop starts (derived exactly as the preprocess service derives it)."""
+        path = Path(file)
+        if not path.is_file():
+            raise ClientError(f"{file}: no such file")
+        try:
+            parsed = self._recipe(recipe)
+        except RecipeError as exc:
+            raise ClientError(str(exc)) from exc
+        name = f"incoming/{parsed.name}/{_safe_name(path.name)}"
+        info = self.adapters.store.upload_file(self.settings.bucket, name, str(path))
+        return ev.derive_run_id(info.bucket, info.name, str(info.generation), parsed.name, parsed.version)
+
+    def submit(self, job: dict) -> str:
+        """Publish a JobSubmitted. `job`: recipe (name or YAML path), dataset (local file or folder, or
+        a store URL), optional prepared, overrides, tenant, run_id."""
+        unknown = set(job) - {"recipe", "dataset", "prepared", "overrides", "tenant", "run_id"}
+        if unknown:
+            raise ClientError(f"job file: unknown keys {sorted(unknown)}; allowed: recipe, dataset, prepared, overrides, tenant, run_id")
+        for key in ("recipe", "dataset"):
+            if not job.get(key):
+                raise ClientError(f"job file: '{key}' is required")
+        try:
+            recipe = self._recipe(str(job["recipe"]))
+            if job.get("overrides"):
+                from shared.recipe import apply_overrides
+                recipe = apply_overrides(recipe, job["overrides"])
+        except RecipeError as exc:
+            raise ClientError(str(exc)) from exc
+        run_id = job.get("run_id") or ev.derive_run_id("submit", recipe.hash, job["dataset"], uuid.uuid4().hex)
+        prepared = bool(job.get("prepared", False))
+        dataset_uri = self._dataset_uri(str(job["dataset"]), run_id, prepared)
+        publish_event(self.adapters.bus, ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri,
+                                                         prepared=prepared, tenant=job.get("tenant", "default"),
+                                                         source={"submitted": str(job["dataset"])}))
+        return run_id
+
+    def _dataset_uri(self, dataset: str, run_id: str, prepared: bool) -> str:
+        store, bucket = self.adapters.store, self.settings.bucket
+        if "://" in dataset:
+            store.parse_url(dataset)  # raises if the URL is not this store's
+            return dataset
+        path = Path(dataset)
+        if prepared:
+            if not (path / "train.jsonl").is_file():
+                raise ClientError(f"{dataset}: a prepared dataset is a folder with train.jsonl, val.jsonl and test.jsonl")
+            from shared.storage import upload_dir
+            upload_dir(store, path, bucket, f"uploads/{run_id}/dataset")
+            return store.url(bucket, f"uploads/{run_id}/dataset/")
+        if not path.is_file():
+            raise ClientError(f"{dataset}: no such file")
+        store.upload_file(bucket, f"uploads/{run_id}/{_safe_name(path.name)}", str(path))
+        return store.url(bucket, f"uploads/{run_id}/{_safe_name(path.name)}")
+
+    # ------------------------------------------------------------ reading runs
+    def run(self, run_id: str) -> dict | None:
+        return self.adapters.docs.get(RUNS, run_id)
+
+    def runs(self, *, status: str | None = None, limit: int = 20) -> list[dict]:
+        where = [("status", "==", status)] if status else []
+        return [doc for _, doc in self.adapters.docs.query(RUNS, where=where, order_by=[("created_at", "desc")], limit=limit)]
+
+    def wait(self, run_id: str, *, timeout_s: float = 3600, on_update: Callable[[dict | None], None] | None = None,
+             poll_s: float = 1.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            run = self.run(run_id)
+            if on_update:
+                on_update(run)
+            if run and run.get("status") in TERMINAL:
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f}s (status: "
+                                   f"{(run or {}).get('status', 'not seen yet')})")
+            time.sleep(poll_s)
+
+    def cancel(self, run_id: str) -> dict:
+        run = self.run(run_id)
+        if run is None:
+            raise ClientError(f"no run {run_id}; `ftpipe runs` lists them")
+        if run.get("status") in TERMINAL:
+            raise ClientError(f"run {run_id} already ended ({run['status']})")
+        self.adapters.docs.set(CANCELLATIONS, run_id, {"requested_at": time.time()})
+
+        def mark(txn):
+            doc = txn.get(RUNS, run_id)
+            if doc.get("status") not in TERMINAL:
+                doc.update(status="cancelled", sub_state="done", error="cancelled by request")
+                txn.set(RUNS, run_id, doc)
+            return doc
+        return self.adapters.docs.transaction(mark)
+
+    # ------------------------------------------------------------ models
+    def models(self, name: str | None = None) -> list[dict]:
+        where = [("name", "==", name)] if name else []
+        rows = [doc for _, doc in self.adapters.docs.query(MODEL_VERSIONS, where=where, order_by=[("registered_at", "desc")])]
+        aliases = {}
+        for _, doc in self.adapters.docs.query(MODELS):
+            for alias, version in doc.get("aliases", {}).items():
+                aliases.setdefault((doc["name"], version), []).append(alias)
+        for row in rows:
+            row["aliases"] = aliases.get((row["name"], row["version"]), [])
+        return rows
+
+    # ------------------------------------------------------------ dead letters
+    def dlq_list(self, topic: str | None = None) -> list[dict]:
+        out = []
+        for t in _topics(topic):
+            for msg in self._drain(t):
+                out.append(_describe(t, msg))
+                msg.nack(0)  # only looking: leave it there
+        return out
+
+    def dlq_replay(self, topic: str | None = None, message_id: str | None = None) -> list[dict]:
+        """Publish dead-lettered messages back to their topic (after the fix), then drop them."""
+        replayed = []
+        for t in _topics(topic):
+            for msg in self._drain(t):
+                if message_id and msg.message_id != message_id:
+                    msg.nack(0)
+                    continue
+                attributes = {k: v for k, v in msg.attributes.items() if not k.startswith("dead_letter_")}
+                self.adapters.bus.publish(t, msg.data, attributes)
+                msg.ack()
+                replayed.append(_describe(t, msg))
+        return replayed
+
+    def _drain(self, topic: str):
+        seen = set()
+        while True:
+            batch = self.adapters.bus.pull(dlq_subscription(topic), max_messages=50, timeout_s=0.5)
+            fresh = [m for m in batch if m.message_id not in seen]
+            for m in batch:
+                if m.message_id in seen:
+                    m.nack(0)
+            if not fresh:
+                return
+            for m in fresh:
+                seen.add(m.message_id)
+                yield m
+
+
+def _topics(topic: str | None) -> tuple[str, ...]:
+    if topic is None:
+        return ev.TOPICS
+    if topic not in ev.TOPICS:
+        raise ClientError(f"unknown topic {topic!r}; topics: {', '.join(ev.TOPICS)}")
+    return (topic,)
+
+
+def _describe(topic: str, msg) -> dict:
+    a = msg.attributes
+    return {"topic": topic, "message_id": msg.message_id, "type": a.get("type") or a.get("eventType"),
+            "run_id": a.get("run_id"), "reason": a.get("dead_letter_reason", ""), "source": a.get("dead_letter_source", "")}
+
+
+def _safe_name(filename: str) -> str:
+    name = PurePosixPath(filename.replace("\\", "/")).name
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".")
+    if not name:
+        raise ClientError(f"{filename!r} has no usable file name")
+    return name

@@ -1,0 +1,110 @@
+"""`ftpipe up` / `ftpipe down`: the local stack, each service its own OS process, as in the cloud."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.config import Settings, bootstrap
+
+PROCESSES = {
+    "notifier": "ftpipe.notifier",
+    "preprocess": "services.preprocess.main",
+    "trainer": "services.trainer.main",
+    "evaluator": "services.evaluator.main",
+    "registry": "services.registry_fn.main",
+    "tracker": "services.tracker.main",
+}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.state_dir / "pids" / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running(settings: Settings) -> dict[str, int]:
+    out = {}
+    for name in PROCESSES:
+        path = _pid_file(settings, name)
+        if path.is_file():
+            pid = int(path.read_text())
+            if _alive(pid):
+                out[name] = pid
+    return out
+
+
+def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = None) -> dict[str, int]:
+    """Start every service not already running; wait until each reports healthy."""
+    if settings.profile == "gcp":
+        raise StackError("`ftpipe up` runs the local stack; in the gcp profile the services run in Google Cloud")
+    adapters = bootstrap(settings)  # creates the state folder, topics and subscriptions once, up front
+    adapters.close()
+    for sub in ("pids", "logs", "services"):
+        (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
+    already = running(settings)
+    env = {**os.environ, **settings.env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+    started = {}
+    for name, module in PROCESSES.items():
+        if name in already:
+            continue
+        (settings.state_dir / "services" / f"{name}.json").unlink(missing_ok=True)
+        log = open(settings.state_dir / "logs" / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        _pid_file(settings, name).write_text(str(proc.pid))
+        started[name] = proc.pid
+    deadline = time.monotonic() + timeout_s
+    for name, pid in started.items():
+        while not (settings.state_dir / "services" / f"{name}.json").is_file():
+            if not _alive(pid) or _zombie(pid):
+                raise StackError(f"{name} exited during start-up; see {settings.state_dir / 'logs' / f'{name}.log'}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} did not become healthy within {timeout_s:.0f}s; "
+                                 f"see {settings.state_dir / 'logs' / f'{name}.log'}")
+            time.sleep(0.2)
+    return {**already, **started}
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
+
+
+def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
+    """SIGTERM every service (the trainer checkpoints first), SIGKILL whatever outlives the grace."""
+    procs = running(settings)
+    for pid in procs.values():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for name, pid in procs.items():
+        while _alive(pid) and not _zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid) and not _zombie(pid):
+            os.kill(pid, signal.SIGKILL)
+        _pid_file(settings, name).unlink(missing_ok=True)
+        (settings.state_dir / "services" / f"{name}.json").unlink(missing_ok=True)
+    return list(procs)
+
+
+def tracker_url(settings: Settings) -> str | None:
+    path = settings.state_dir / "services" / "tracker-api.json"
+    return json.loads(path.read_text())["url"] if path.is_file() else None

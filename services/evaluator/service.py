@@ -1,0 +1,54 @@
+"""The evaluator service: on TrainingCompleted, score base and candidate on the held-out test split,
+apply the gate, store the report with the run, publish EvaluationCompleted."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from shared import events as ev
+from shared.runtime import Context, Service
+from shared.storage import download_dir
+
+
+def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
+    from services.evaluator.evaluation import EvaluationError, evaluate
+
+    recipe = event.recipe
+    bucket, dataset_prefix = ctx.store.parse_url(event.dataset_uri)
+    _, adapter_prefix = ctx.store.parse_url(event.adapter_uri)
+    with tempfile.TemporaryDirectory(prefix="ftpipe-eval-") as tmp:
+        data_dir, adapter_dir = Path(tmp) / "data", Path(tmp) / "adapter"
+        download_dir(ctx.store, bucket, dataset_prefix, data_dir)
+        download_dir(ctx.store, bucket, adapter_prefix, adapter_dir)
+        probes = None
+        if recipe.eval.probes:
+            probes = Path(tmp) / "probes.jsonl"
+            try:
+                ctx.store.download_file(bucket, recipe.eval.probes, str(probes))
+            except KeyError:
+                ctx.log.warning("knowledge probes %s not found in the bucket; skipping them", recipe.eval.probes)
+                probes = None
+        try:
+            result = evaluate(recipe, data_dir, adapter_dir, probes_path=probes)
+        except EvaluationError as exc:
+            # An evaluation that cannot run is a failed gate, recorded with its reason.
+            return [_report(ctx, event, bucket, scores={}, passed=False, reasons=[f"evaluation failed: {exc}"],
+                            markdown=f"# Evaluation failed\n\n{exc}\n", details={})]
+    return [_report(ctx, event, bucket, scores=result.scores, passed=result.passed, reasons=result.reasons,
+                    markdown=result.report_markdown, details=result.to_json())]
+
+
+def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details) -> ev.EvaluationCompleted:
+    prefix = f"runs/{event.run_id}/evaluation"
+    ctx.store.write(bucket, f"{prefix}/report.md", markdown.encode())
+    ctx.store.write(bucket, f"{prefix}/report.json", json.dumps(details, indent=2, default=str).encode())
+    return ev.EvaluationCompleted(
+        run_id=event.run_id, recipe=event.recipe, dataset_uri=event.dataset_uri, adapter_uri=event.adapter_uri,
+        scores={side: {k: float(v) for k, v in values.items()} for side, values in scores.items()},
+        passed=passed, reasons=reasons, report_uri=ctx.store.url(bucket, prefix + "/"),
+        training_metrics=event.metrics, tenant=event.tenant)
+
+
+SERVICE = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": on_training_completed}},
+                  max_messages=1, max_lease_s=6 * 3600)

@@ -1,0 +1,7 @@
+"""Entrypoint of the preprocess container (Dataproc driver / local process)."""
+from shared.main import serve
+
+from services.preprocess.service import SERVICE
+
+if __name__ == "__main__":
+    serve(SERVICE)

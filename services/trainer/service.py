@@ -1,0 +1,132 @@
+"""The trainer service: owns a run through a heartbeat lease, trains with checkpoints to the object
+store, resumes from the latest one on redelivery, and does not ack until training has finished."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+from shared import events as ev
+from shared.runtime import Context, Retry, Service
+from shared.storage import download_dir, upload_dir
+
+from services.trainer.lease import Heartbeat, Lease, LeaseHeld
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+COMPLETE = "COMPLETE"          # written last into a checkpoint or adapter folder: it is whole
+_STEP = re.compile(r"/checkpoints/step-(\d+)/" + COMPLETE + "$")
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def latest_checkpoint(store, bucket: str, run_id: str) -> tuple[int, str] | None:
+    steps = [int(m.group(1)) for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")
+             if (m := _STEP.search(info.name))]
+    if not steps:
+        return None
+    step = max(steps)
+    return step, f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+
+
+def on_dataset(event: ev.DatasetPrepared, ctx: Context):
+    return train_run(ctx, event.run_id, event.recipe, event.dataset_uri, event.tenant)
+
+
+def on_job(event: ev.JobSubmitted, ctx: Context):
+    if not event.prepared:
+        return []  # raw data: preprocess's
+    return train_run(ctx, event.run_id, event.recipe, event.dataset_uri, event.tenant)
+
+
+def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
+    from services.trainer.training import TrainingError, TrainingStopped, train
+
+    bucket, dataset_prefix = ctx.store.parse_url(dataset_uri)
+    adapter_prefix = f"{run_prefix(run_id)}/adapter"
+    done = ctx.store.stat(bucket, f"{adapter_prefix}/{COMPLETE}")
+    if done is not None:
+        # Trained before, but the completion was not recorded (crash after upload): publish it again.
+        return [completed_event(run_id, recipe, dataset_uri, tenant, ctx.store.url(bucket, adapter_prefix + "/"),
+                                json.loads(ctx.store.read(bucket, f"{adapter_prefix}/{COMPLETE}")))]
+    lease = Lease(ctx.docs, run_id, WORKER_ID, ctx.settings.trainer_lease_s)
+    try:
+        lease.acquire()
+    except LeaseHeld as exc:
+        raise Retry(str(exc), delay_s=min(exc.expires_in + 1, 60)) from exc
+    try:
+        with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat:
+            data_dir = Path(tmp) / "data"
+            download_dir(ctx.store, bucket, dataset_prefix, data_dir)
+            resume_dir, resumed_step = None, 0
+            found = latest_checkpoint(ctx.store, bucket, run_id)
+            if found:
+                resumed_step, prefix = found
+                resume_dir = Path(tmp) / "resume"
+                download_dir(ctx.store, bucket, prefix, resume_dir)
+                (resume_dir / COMPLETE).unlink(missing_ok=True)
+            ctx.publish(ev.TrainingStarted(run_id=run_id, dataset_uri=dataset_uri, resumed_from_step=resumed_step))
+            ctx.log.info("training", extra={"resumed_from_step": resumed_step, "worker": WORKER_ID})
+
+            def on_metrics(rows: list[dict]) -> None:
+                ctx.publish(ev.TrainingProgress(run_id=run_id, metrics=rows, total_steps=rows[-1].get("total_steps")))
+
+            def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
+                prefix = f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+                upload_dir(ctx.store, path, bucket, prefix, overwrite=True)
+                ctx.store.write(bucket, f"{prefix}/{COMPLETE}", json.dumps(metrics).encode())
+                prune_checkpoints(ctx.store, bucket, run_id, keep=recipe.training.keep_checkpoints)
+                ctx.publish(ev.CheckpointSaved(run_id=run_id, step=step, uri=ctx.store.url(bucket, prefix + "/"),
+                                               metrics={k: float(v) for k, v in metrics.items() if _is_number(v)}))
+
+            def should_stop() -> bool:
+                return ctx.stopping.is_set() or beat.lost.is_set() or ctx.cancelled(run_id)
+
+            try:
+                result = train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir,
+                               on_metrics=on_metrics, on_checkpoint=on_checkpoint, should_stop=should_stop)
+            except TrainingStopped as stopped:
+                if ctx.cancelled(run_id):
+                    return [ev.TrainingFailed(run_id=run_id, reason="cancelled by request", step=stopped.step,
+                                              cancelled=True)]
+                # Preempted (SIGTERM) or lease lost: checkpointed; whoever gets the redelivery resumes.
+                raise Retry(f"stopped at step {stopped.step}; will resume from its checkpoint", delay_s=0) from stopped
+            except TrainingError as exc:
+                return [ev.TrainingFailed(run_id=run_id, reason=str(exc))]
+            summary = {**{k: float(v) for k, v in result.metrics.items() if _is_number(v)}, "steps": result.steps}
+            upload_dir(ctx.store, result.adapter_dir, bucket, adapter_prefix, overwrite=True)
+            ctx.store.write(bucket, f"{adapter_prefix}/{COMPLETE}", json.dumps(summary).encode())
+            return [completed_event(run_id, recipe, dataset_uri, tenant, ctx.store.url(bucket, adapter_prefix + "/"), summary)]
+    finally:
+        lease.release()
+
+
+def completed_event(run_id, recipe, dataset_uri, tenant, adapter_uri, summary: dict) -> ev.TrainingCompleted:
+    return ev.TrainingCompleted(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri, adapter_uri=adapter_uri,
+                                metrics={k: v for k, v in summary.items() if k != "steps"},
+                                steps=int(summary.get("steps", 0)), tenant=tenant)
+
+
+def prune_checkpoints(store, bucket: str, run_id: str, keep: int) -> None:
+    steps = sorted({int(m.group(1)) for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")
+                    if (m := _STEP.search(info.name))})
+    for step in steps[:-keep]:
+        for info in list(store.list(bucket, f"{run_prefix(run_id)}/checkpoints/step-{step:06d}/")):
+            store.delete(bucket, info.name)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+SERVICE = Service(
+    name="trainer",
+    handlers={ev.DATASETS: {"DatasetPrepared": on_dataset}, ev.JOBS: {"JobSubmitted": on_job}},
+    max_messages=1,
+    max_lease_s=24 * 3600,
+)

@@ -1,0 +1,113 @@
+"""The runtime's delivery rules on the real local adapters."""
+import json
+
+import pytest
+
+from shared import events as ev
+from shared.config import Settings, bootstrap
+from shared.recipe import Recipe
+from shared.runtime import CANCELLATIONS, Retry, Service, handle_message, publish_event
+from shared.topology import dlq_subscription
+
+RECIPE = Recipe(name="t", version=1, base_model="tiny-random-smollm2", model_name="t")
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    a = bootstrap(Settings(state_dir=tmp_path, min_backoff_s=0.1, max_backoff_s=0.2))
+    yield a
+    a.close()
+
+
+def job(run_id="run-1"):
+    return ev.JobSubmitted(run_id=run_id, recipe=RECIPE, dataset_uri="file:///x")
+
+
+def deliver(adapters, service, topic=ev.JOBS):
+    [msg] = adapters.bus.pull(ev.subscription_name(service.name, topic), max_messages=1, timeout_s=5)
+    return handle_message(service, adapters, topic, msg)
+
+
+def dead_letters(adapters, topic=ev.JOBS):
+    msgs = adapters.bus.pull(dlq_subscription(topic), max_messages=10, timeout_s=2)
+    return [(m.data, dict(m.attributes)) for m in msgs]
+
+
+def service_with(handler):
+    return Service("preprocess", {ev.JOBS: {"JobSubmitted": handler}})
+
+
+@pytest.mark.parametrize("data, attributes, reason", [
+    (b"{not json", {"type": "JobSubmitted", "schema_version": "1"}, "not valid JSON"),
+    (b"{}", {"type": "Nope", "schema_version": "1"}, "unknown message type 'Nope'"),
+    (b"{}", {"type": "JobSubmitted", "schema_version": "9"}, "newer than this service understands"),
+    (b'{"run_id": "r"}', {"type": "JobSubmitted", "schema_version": "1"}, "recipe: Field required"),
+])
+def test_malformed_messages_are_dead_lettered_with_a_reason(adapters, data, attributes, reason):
+    calls = []
+    adapters.bus.publish(ev.JOBS, data, attributes)
+    assert deliver(adapters, service_with(lambda e, c: calls.append(e))) == "dead-lettered"
+    [(body, attrs)] = dead_letters(adapters)
+    assert body == data and reason in attrs["dead_letter_reason"]
+    assert calls == []
+
+
+def test_duplicate_delivery_runs_the_handler_once(adapters):
+    calls = []
+    service = service_with(lambda e, c: calls.append(e.event_id) or [])
+    publish_event(adapters.bus, job())
+    publish_event(adapters.bus, job())  # re-published: same deterministic event_id
+    assert deliver(adapters, service) == "acked"
+    assert deliver(adapters, service) == "duplicate"
+    assert calls == ["run-1:JobSubmitted:0"]
+
+
+def test_outputs_are_published_before_the_ack(adapters):
+    prepared = ev.DatasetRejected(run_id="run-1", recipe=RECIPE, reason="too small")
+    publish_event(adapters.bus, job())
+    assert deliver(adapters, service_with(lambda e, c: [prepared])) == "acked"
+    [msg] = adapters.bus.pull(ev.subscription_name("tracker", ev.DATASETS), timeout_s=5)
+    assert ev.decode(msg.data, msg.attributes) == prepared
+
+
+def test_failing_handler_is_retried_then_dead_lettered(adapters):
+    def broken(event, ctx):
+        raise RuntimeError("disk on fire")
+
+    publish_event(adapters.bus, job())
+    outcomes = []
+    for _ in range(adapters.settings.max_delivery_attempts):
+        [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
+        outcomes.append(handle_message(service_with(broken), adapters, ev.JOBS, msg))
+    assert outcomes == ["nacked"] * 4 + ["dead-lettered"]
+    [(_, attrs)] = dead_letters(adapters)
+    assert "RuntimeError: disk on fire" in attrs["dead_letter_reason"]
+
+
+def test_retry_nacks_without_recording(adapters):
+    calls = []
+
+    def busy(event, ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Retry("leased elsewhere", delay_s=0)
+        return []
+
+    publish_event(adapters.bus, job())
+    assert deliver(adapters, service_with(busy)) == "nacked"
+    assert deliver(adapters, service_with(busy)) == "acked"
+    assert len(calls) == 2
+
+
+def test_cancelled_runs_are_skipped(adapters):
+    adapters.docs.set(CANCELLATIONS, "run-1", {"requested_at": 0})
+    calls = []
+    publish_event(adapters.bus, job())
+    assert deliver(adapters, service_with(lambda e, c: calls.append(1))) == "cancelled"
+    assert calls == []
+
+
+def test_event_ids_are_deterministic_and_attributes_match():
+    data, attrs = ev.encode(ev.CheckpointSaved(run_id="r", step=40, uri="file:///c"))
+    assert attrs == {"type": "CheckpointSaved", "schema_version": "1", "run_id": "r", "event_id": "r:CheckpointSaved:40"}
+    assert json.loads(data)["step"] == 40
