@@ -331,12 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ftpipe.client import ClientError
     from ftpipe.stack import StackError
+    from ftpipe.stages import StageInputError
     from shared.models import ModelNotAvailable
     from shared.recipe import RecipeError
 
     try:
         return args.fn(args)
-    except (UsageError, ClientError, StackError, RecipeError, ModelNotAvailable, TimeoutError) as exc:
+    except (UsageError, ClientError, StackError, StageInputError, RecipeError, ModelNotAvailable, TimeoutError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
     except KeyboardInterrupt:

@@ -62,7 +62,8 @@ def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = N
     env = {**os.environ, **settings.env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     started = {}
     for name, module in PROCESSES.items():
-        if name in already:
+        # In the cloud profiles the bucket itself (GCS, fake-gcs-server) sends the notifications.
+        if name in already or (name == "notifier" and settings.profile != "local"):
             continue
         (settings.state_dir / "services" / f"{name}.json").unlink(missing_ok=True)
         log = open(settings.state_dir / "logs" / f"{name}.log", "ab")

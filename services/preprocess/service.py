@@ -2,6 +2,7 @@
 JobSubmitted is prepared by the Spark job into datasets/<dataset_id>/."""
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +19,14 @@ def resolve_recipe(ctx: Context, bucket: str, name: str):
     if custom is not None:
         return parse_recipe(ctx.store.read(bucket, custom.name).decode(), source=ctx.store.url(bucket, custom.name))
     return load_recipe(name)
+
+
+@functools.cache
+def spark_session():
+    """One local Spark session per service process, started on first use (its JVM takes seconds)."""
+    from services.preprocess.spark import build_session
+
+    return build_session()
 
 
 def on_upload(event: ev.ObjectFinalized, ctx: Context):
@@ -44,7 +53,6 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
     if event.prepared:
         return []  # already prepared: the trainer's
     from services.preprocess.job import prepare
-    from services.preprocess.spark import shared_session
 
     bucket, name = ctx.store.parse_url(event.dataset_uri)
     with tempfile.TemporaryDirectory(prefix="ftpipe-prep-") as tmp:
@@ -52,7 +60,7 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
         local.parent.mkdir()
         ctx.store.download_file(bucket, name, str(local))
         out = Path(tmp) / "out"
-        result = prepare(shared_session(), str(local), event.recipe, out,
+        result = prepare(spark_session(), str(local), event.recipe, out,
                          source={**event.source, "uri": event.dataset_uri, "run_id": event.run_id})
         prefix = f"datasets/{result.dataset_id}"
         # Deterministic folder, write-if-absent: a redelivery re-uploads nothing that is there.

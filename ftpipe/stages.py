@@ -1,0 +1,64 @@
+"""Each stage alone, in-process, without the bus: `ftpipe prepare | train | evaluate`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from shared.recipe import load_recipe
+
+
+class StageInputError(ValueError):
+    pass
+
+
+def _existing(path: str, what: str, *, folder: bool) -> Path:
+    p = Path(path)
+    if folder and not p.is_dir():
+        raise StageInputError(f"{path}: {what} must be a folder")
+    if not folder and not p.is_file():
+        raise StageInputError(f"{path}: no such {what}")
+    return p
+
+
+def prepare_file(file: str, recipe: str, out: str) -> dict:
+    from services.preprocess.job import prepare
+    from services.preprocess.spark import build_session
+
+    path = _existing(file, "file", folder=False)
+    result = prepare(build_session(), str(path.resolve()), load_recipe(recipe), Path(out),
+                     source={"file": str(path.resolve())})
+    return result.to_dict()
+
+
+def train_folder(recipe: str, data: str, out: str, *, console: Console) -> dict:
+    from services.trainer.training import train
+
+    data_dir = _existing(data, "prepared dataset", folder=True)
+    parsed = load_recipe(recipe)
+
+    def show(rows: list[dict]) -> None:
+        last = rows[-1]
+        console.print(f"step {last['step']}: loss {last['loss']:.4f}, lr {last.get('lr', 0):.2e}, "
+                      f"{last.get('tokens_per_s', 0):.0f} tok/s")
+
+    from services.trainer.training import TrainingError
+
+    try:
+        result = train(parsed, data_dir, Path(out), on_metrics=show)
+    except TrainingError as exc:
+        raise StageInputError(str(exc)) from exc
+    return {"adapter_dir": str(result.adapter_dir), "metrics": {k: v for k, v in result.metrics.items() if v is not None},
+            "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds}
+
+
+def evaluate_adapter(recipe: str, data: str, adapter: str, *, probes: str | None = None) -> dict:
+    from services.evaluator.evaluation import EvaluationError, evaluate
+
+    try:
+            result = evaluate(load_recipe(recipe), _existing(data, "prepared dataset", folder=True),
+                          _existing(adapter, "adapter", folder=True),
+                          probes_path=_existing(probes, "probes file", folder=False) if probes else None)
+    except EvaluationError as exc:
+        raise StageInputError(str(exc)) from exc
+    return result.to_json()

@@ -1,0 +1,444 @@
+"""The preprocess Spark application: raw JSONL / CSV / Parquet -> canonical chat splits.
+
+    read -> validate (bad rows to rejected.jsonl) -> normalise -> exact dedup -> PII masking
+         -> deterministic split -> train/val/test.jsonl, rejected.jsonl, pii_report.json, manifest.json
+
+Spark does the work over partitions (RDD mapPartitions with the pure functions of `formats`,
+`stages`, `pii`, `split`; dedup is a reduceByKey on the content hash). The driver only receives
+per-partition summaries and streams the (small) outputs to files with `toLocalIterator`, one
+partition at a time.
+
+As a Spark application (local or Dataproc):
+
+    spark-submit --py-files ftpipe.zip services/preprocess/job.py \
+        --input gs://bucket/incoming/support/chats.jsonl --recipe '{"name": ...}' \
+        --out /tmp/prepared --source-json '{"bucket": ..., "name": ..., "generation": ...}'
+
+or locally without spark-submit: `python -m services.preprocess.job --input ... --recipe ... --out ...`
+(then a local session is built by `services.preprocess.spark.build_session`).
+Exit status: 0 prepared, 1 dataset rejected (the manifest says why), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `spark-submit services/preprocess/job.py` from the project root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pyspark import StorageLevel
+from pyspark.sql import SparkSession
+from pyspark.sql.types import StringType, StructField, StructType
+
+from services.preprocess import formats, split, stages
+from services.preprocess.pii import mask_excerpt
+from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+
+log = logging.getLogger("ftpipe.preprocess")
+
+MANIFEST_VERSION = 1
+SPLIT_FILES = tuple(f"{name}.jsonl" for name in split.SPLITS)
+INPUT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSION = (".gz", ".bz2")
+CORRUPT_COLUMN = "_ftpipe_corrupt_record"
+
+
+@dataclass
+class PrepareResult:
+    dataset_id: str
+    rejected: bool
+    reason: str | None
+    counts: dict[str, int]
+    out_dir: Path
+    files: dict[str, Path]  # file name -> path, every file written (manifest.json included)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["files"] = {k: str(v) for k, v in self.files.items()}
+        return d
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+
+def code_version() -> str:
+    """The ftpipe package version (installed metadata, else pyproject.toml)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("ftpipe")
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def input_type(path: str) -> str | None:
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    for ext in COMPRESSION:
+        name = name.removesuffix(ext)
+    return INPUT_TYPES.get(Path(name).suffix)
+
+
+def _local_path(path: str) -> Path | None:
+    if path.startswith("file://"):
+        return Path(path[len("file://"):])
+    return None if "://" in path else Path(path)
+
+
+class _OutFile:
+    """Writes a file atomically (temp name, then rename) and records its sha256, size and lines."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self._fh = open(self._tmp, "wb")
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+        self.rows = 0
+
+    def write_line(self, text: str) -> None:
+        data = text.encode("utf-8") + b"\n"
+        self._fh.write(data)
+        self._sha.update(data)
+        self.bytes += len(data)
+        self.rows += 1
+
+    def close(self) -> dict[str, Any]:
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        return {"sha256": self._sha.hexdigest(), "bytes": self.bytes, "rows": self.rows}
+
+    def discard(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> dict[str, Any]:
+    out = _OutFile(path)
+    try:
+        for line in json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).split("\n"):
+            out.write_line(line)
+    except BaseException:
+        out.discard()
+        raise
+    meta = out.close()
+    del meta["rows"]
+    return meta
+
+
+def _write_lines(path: Path, lines) -> dict[str, Any]:
+    out = _OutFile(path)
+    try:
+        for line in lines:
+            out.write_line(line)
+    except BaseException:
+        out.discard()
+        raise
+    return out.close()
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """One line about a read failure: the exception class and the first line of its message,
+    which for Spark is about paths and formats, not row content."""
+    text = str(exc).strip().splitlines()
+    first = text[0][:300] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _validated_rdd(spark: SparkSession, path: str, kind: str, rules: formats.RowRules):
+    """Validation records (see `formats`) for every input record, in input order."""
+    sc = spark.sparkContext
+    if kind == "jsonl":
+        lines = sc.textFile(path).zipWithIndex()
+        return lines.mapPartitions(partial(formats.validate_jsonl, rules=rules))
+
+    if kind == "csv":
+        reader = (spark.read.option("header", True).option("multiLine", True)
+                  .option("escape", '"').option("mode", "PERMISSIVE"))
+        columns = reader.csv(path).columns
+    else:
+        columns = spark.read.parquet(path).columns
+    found = formats.table_shape(columns)
+    if found is None:
+        # a header can be a data line (a JSONL file named .csv): mask it like an excerpt
+        shown = ", ".join(mask_excerpt(c, 30) for c in columns[:8]) or "none"
+        raise _Rejected(
+            f"{kind.upper()} columns ({shown}) match no known shape; expected 'messages', "
+            "'instruction' + 'response'/'output', or 'prompt' + 'completion'"
+        )
+    shape, names = found
+    if rules.format == "chat" and shape != "chat":
+        raise _Rejected(f"{kind.upper()} has instruction columns but data.format is 'chat'")
+    if rules.format == "instruction" and shape == "chat":
+        raise _Rejected(f"{kind.upper()} has a 'messages' column but data.format is 'instruction'")
+
+    if kind == "csv":
+        schema = StructType([StructField(c, StringType()) for c in columns]
+                            + [StructField(CORRUPT_COLUMN, StringType())])
+        df = reader.option("columnNameOfCorruptRecord", CORRUPT_COLUMN).schema(schema).csv(path)
+        corrupt = CORRUPT_COLUMN
+    else:
+        df = spark.read.parquet(path)
+        corrupt = None
+    return df.rdd.zipWithIndex().mapPartitions(
+        partial(formats.validate_table, rules=rules, shape=shape, names=names, corrupt_column=corrupt)
+    )
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path, *, source: dict) -> PrepareResult:
+    """Prepare one raw dataset; see the module docstring. Never raises for bad data: a dataset
+    that cannot be used comes back with `rejected=True` and one reason (and rejected.jsonl and
+    manifest.json are still written for audit)."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = recipe.data
+    sc = spark.sparkContext
+    rules = formats.RowRules(format=data.format, system_prompt=data.system_prompt, max_row_bytes=data.max_row_bytes)
+    fractions = tuple(float(f) for f in data.split)
+    categories = tuple(data.pii_categories)
+
+    counts: dict[str, int] = {}
+    files: dict[str, Path] = {}
+    file_meta: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "source": source,
+        "input": {"uri": input_path, "type": input_type(input_path), "digest": None,
+                  "digest_method": "sum mod 2^256 of sha256(record number, record), over all records"},
+        "recipe": {"name": recipe.name, "version": recipe.version, "hash": recipe.hash},
+        "code_version": {"ftpipe": code_version(), "pyspark": spark.version,
+                         "python": ".".join(map(str, sys.version_info[:3]))},
+    }
+    cached = []
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 3)
+        return now
+
+    try:
+        kind = input_type(input_path)
+        if kind is None:
+            raise _Rejected(f"unsupported input type for {input_path.rsplit('/', 1)[-1]!r}; "
+                            f"expected one of {', '.join(sorted(INPUT_TYPES))} (optionally .gz/.bz2)")
+        local = _local_path(input_path)
+        if local is not None:
+            if not local.exists():
+                raise _Rejected(f"input not found: {input_path}")
+            if not os.access(local, os.R_OK) or not (local.is_file() or kind == "parquet" and local.is_dir()):
+                raise _Rejected(f"input unreadable: {input_path} is not a readable file")
+            if local.is_file() and local.stat().st_size == 0:
+                raise _Rejected("input is empty (0 bytes)")
+            input_path = str(local.resolve())
+
+        # 1-2. read and validate
+        t0 = time.perf_counter()
+        sc.setJobDescription("preprocess: read + validate")
+        try:
+            validated = _validated_rdd(spark, input_path, kind, rules).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(validated)
+            summary = stages.merge_validation(validated.mapPartitions(stages.summarise_validation).collect())
+        except _Rejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Spark/Py4J errors for unreadable input
+            log.warning("preprocess: cannot read input (%s)", type(exc).__name__)
+            raise _Rejected(f"input unreadable as {kind.upper()}: {_describe_exception(exc)}") from None
+        t0 = lap("read_validate_s", t0)
+
+        digest = summary["digest"]
+        manifest["input"]["digest"] = f"{digest:064x}"
+        ok, bad = summary["counts"]["ok"], summary["counts"]["bad"]
+        counts.update(raw=ok + bad, blank_lines=summary["counts"]["blank"], valid=ok, rejected=bad)
+        manifest["rejected_by_code"] = dict(sorted(summary["codes"].items()))
+
+        sc.setJobDescription("preprocess: write rejected.jsonl")
+        file_meta["rejected.jsonl"] = _write_lines(
+            out_dir / "rejected.jsonl",
+            validated.filter(lambda r: r[0] == "bad").map(stages.rejected_line).toLocalIterator(),
+        )
+        files["rejected.jsonl"] = out_dir / "rejected.jsonl"
+        t0 = lap("write_rejected_s", t0)
+
+        raw = counts["raw"]
+        if raw == 0:
+            raise _Rejected("input is empty (no rows)")
+        if ok == 0 and set(summary["codes"]) <= {"bad_json", "bad_encoding", "not_object"} and kind == "jsonl":
+            raise _Rejected(f"input is not JSONL: none of its {raw} lines is a JSON object "
+                            f"(line {summary['first_bad'][0]}: {summary['first_bad'][1]})")
+        if ok == 0 and len(summary["codes"]) == 1:  # one problem everywhere, e.g. the wrong data.format
+            raise _Rejected(f"all {raw} rows rejected, e.g. line {summary['first_bad'][0]}: {summary['first_bad'][1]}")
+        if bad / raw > data.max_rejected_fraction:
+            top = ", ".join(f"{code} {n}" for code, n in
+                            sorted(summary["codes"].items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+            raise _Rejected(f"{bad} of {raw} rows rejected ({bad / raw:.0%}), above "
+                            f"data.max_rejected_fraction={data.max_rejected_fraction:g} ({top}; see rejected.jsonl)")
+
+        # 3-5. dedup on the content hash (lowest line wins), then mask and place
+        sc.setJobDescription("preprocess: dedup + PII + split")
+        deduped = (validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key)
+                   .reduceByKey(stages.keep_first))
+        prepared = deduped.mapPartitions(
+            partial(stages.mask_and_place, categories=categories, fractions=fractions)
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(prepared)
+        psum = stages.merge_prepared(prepared.mapPartitions(stages.summarise_prepared).collect())
+        n = sum(psum["splits"])
+        counts.update(deduplicated=n, duplicates_removed=ok - n, pii_masked_rows=psum["masked_rows"])
+        t0 = lap("dedup_mask_s", t0)
+        if n < data.min_rows:
+            raise _Rejected(f"only {n} valid rows after dedup, fewer than data.min_rows={data.min_rows}")
+
+        # 6. split (hash buckets; an empty split borrows the nearest rows of the largest one)
+        split_counts = list(psum["splits"])
+        moved: dict[str, int] = {}
+        for target in split.empty_splits(split_counts, fractions):
+            donor = max(range(3), key=lambda i: (split_counts[i], -i))
+            if split_counts[donor] < 2:
+                continue
+            taken = set(moved)
+            best = (prepared.filter(lambda r, d=donor, t=taken: r[0] == d and r[1] not in t)
+                    .map(lambda r: r[1])
+                    .takeOrdered(1, key=lambda rid, t=target: (split.distance(rid, t, fractions), rid)))
+            if best:
+                moved[best[0]] = target
+                split_counts[donor] -= 1
+                split_counts[target] += 1
+        counts.update(zip(split.SPLITS, split_counts))
+        manifest["split"] = {"fractions": list(fractions), "method": "sha256 bucket of the row id",
+                             "rows_moved_to_fill_empty_splits": len(moved)}
+
+        # 7. write the splits, sorted by id, streaming one partition at a time
+        sc.setJobDescription("preprocess: write splits")
+        outs = [_OutFile(out_dir / name) for name in SPLIT_FILES]
+        try:
+            keyed = prepared.map(lambda r, m=moved: (r[1], (m.get(r[1], r[0]), r[3])))
+            for _, (split_index, line) in keyed.sortByKey().toLocalIterator():
+                outs[split_index].write_line(line)
+        except BaseException:
+            for out in outs:
+                out.discard()
+            raise
+        for name, out in zip(SPLIT_FILES, outs):
+            file_meta[name] = out.close()
+            files[name] = out.path
+        t0 = lap("write_splits_s", t0)
+
+        pii_report = {
+            "categories_enabled": list(categories),
+            "counts": {c: psum["pii"].get(c, 0) for c in categories},
+            "rows_scanned": n,
+            "rows_masked": psum["masked_rows"],
+            "method": "rules: regex (email, phone), regex + Luhn checksum (card); values are never stored",
+        }
+        file_meta["pii_report.json"] = _write_json(out_dir / "pii_report.json", pii_report)
+        files["pii_report.json"] = out_dir / "pii_report.json"
+        manifest["pii"] = {"counts": pii_report["counts"], "rows_masked": pii_report["rows_masked"]}
+        rejected, reason = False, None
+    except _Rejected as rej:
+        rejected, reason = True, rej.reason
+        for name in (*SPLIT_FILES, "pii_report.json"):  # never leave splits from an earlier run beside a rejection
+            (out_dir / name).unlink(missing_ok=True)
+        if "rejected.jsonl" not in files:
+            file_meta["rejected.jsonl"] = _write_lines(out_dir / "rejected.jsonl", [])
+            files["rejected.jsonl"] = out_dir / "rejected.jsonl"
+    finally:
+        sc.setJobDescription(None)
+        for rdd in cached:
+            rdd.unpersist()
+
+    digest_hex = manifest["input"]["digest"] or hashlib.sha256(input_path.encode()).hexdigest()
+    dataset_id = hashlib.sha256(f"{digest_hex}:{recipe.hash}".encode()).hexdigest()[:16]
+    manifest.update(
+        dataset_id=dataset_id,
+        status="rejected" if rejected else "prepared",
+        reason=reason,
+        counts=counts,
+        files=file_meta,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    _write_json(out_dir / "manifest.json", manifest)
+    files["manifest.json"] = out_dir / "manifest.json"
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    if rejected:
+        log.warning("preprocess: dataset %s rejected: %s", dataset_id, reason)
+    log.info("preprocess: dataset %s counts=%s timings=%s", dataset_id, counts, timings)
+    return PrepareResult(dataset_id=dataset_id, rejected=rejected, reason=reason, counts=counts,
+                         out_dir=out_dir, files=files, timings=timings)
+
+
+# ------------------------------------------------------------------------------ entrypoint
+
+
+def _load_recipe_arg(value: str) -> Recipe:
+    if value.lstrip().startswith("{"):
+        return parse_recipe(value, source="--recipe")  # JSON is YAML
+    return load_recipe(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="preprocess", description="Prepare a raw dataset for fine-tuning.")
+    parser.add_argument("--input", required=True, help="JSONL/CSV/Parquet file (local path, file:// or gs://)")
+    parser.add_argument("--recipe", required=True, help="recipe name, YAML path, or JSON string")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--source-json", default="{}", help="source description (JSON object) for the manifest")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+    try:
+        recipe = _load_recipe_arg(args.recipe)
+        source = json.loads(args.source_json)
+        if not isinstance(source, dict):
+            raise ValueError("--source-json must be a JSON object")
+    except (RecipeError, ValueError) as exc:
+        print(f"preprocess: {exc}", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    if "PYSPARK_GATEWAY_PORT" in os.environ:  # launched by spark-submit: the cluster's settings
+        spark = SparkSession.builder.appName("ftpipe-preprocess").getOrCreate()
+    else:
+        from services.preprocess.spark import build_session
+
+        spark = build_session()
+    start_s = time.perf_counter() - t0
+    result = prepare(spark, args.input, recipe, args.out, source=source)
+    result.timings["spark_start_s"] = round(start_s, 3)
+    print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    return 1 if result.rejected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The whole flow on the embedded defaults: every service its own OS process, a drop through the
+CLI, a registered version at the end — and a trainer SIGKILLed mid-run that resumes."""
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ftpipe.client import Client
+from ftpipe.stack import down, tracker_url, up
+from shared.config import Settings
+
+from tests.e2e.conftest import ftpipe, tiny_recipe, write_chats
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def stack(tmp_path):
+    settings = Settings.from_env(state_dir=tmp_path / "state", ack_deadline_s=10, min_backoff_s=0.5,
+                                 trainer_lease_s=6)
+    up(settings)
+    yield settings
+    down(settings)
+
+
+def test_drop_to_registered_model(stack, tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl")
+    recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml")
+    proc = ftpipe("drop", str(data), "--recipe", str(recipe), "--wait", "--json", "--timeout", "600",
+                  env={"FTPIPE_STATE": str(stack.state_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["status"] == "succeeded"
+    counts = record["dataset"]["counts"]
+    assert counts["rejected"] == 1 and counts["duplicates_removed"] == 1
+    assert counts["train"] + counts["val"] + counts["test"] == 40
+    assert record["gate"] == "passed" and record["model"]["version"] == "1.1"
+    assert set(record["eval"]["scores"]) == {"base", "candidate"}
+    assert record["final_metrics"]["train_loss"] > 0
+
+    client = Client(stack)
+    store = client.adapters.store
+    bucket, prefix = store.parse_url(record["model"]["uri"])
+    bundle = json.loads(store.read(bucket, prefix + "bundle.json"))
+    assert bundle["run_id"] == record["run_id"] and bundle["status"] == "promoted"
+    assert any(f["name"].endswith("adapter_model.safetensors") for f in bundle["files"])
+    # Masked PII never reaches the prepared data.
+    _, dataset = store.parse_url(record["artefacts"]["dataset"])
+    train = store.read(bucket, dataset + "train.jsonl").decode()
+    assert "@example.com" not in train and "[EMAIL]" in train
+
+    # Lineage through the tracker's API: contiguous per-run sequence numbers, one row per step.
+    with urllib.request.urlopen(f"{tracker_url(stack)}/runs/{record['run_id']}") as resp:
+        run = json.load(resp)
+    assert [e["seq"] for e in run["events"]] == list(range(1, len(run["events"]) + 1))
+    steps = [m["step"] for m in run["metrics"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
+
+
+def test_trainer_sigkilled_mid_run_resumes_and_registers_once(stack, tmp_path):
+    data = write_chats(tmp_path / "chats.jsonl", n=60)
+    recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml", max_steps=60, checkpoint_every=5, batch_size=4, max_seq_len=128)
+    client = Client(stack)
+    run_id = client.drop(data, str(recipe))
+    pid_file = stack.state_dir / "pids" / "trainer.pid"
+
+    deadline = time.monotonic() + 300
+    while not (client.run(run_id) or {}).get("checkpoints"):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    killed_at = client.run(run_id)["training"].get("step", 0)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    up(stack)  # a replacement trainer: it must wait out the dead one's lease, then resume
+
+    run = client.wait(run_id, timeout_s=600)
+    assert run["status"] == "succeeded", run.get("error")
+    assert killed_at < 60
+    from services.tracker.lineage import RUN_EVENTS
+
+    starts = [e["summary"] for _, e in client.adapters.docs.query(RUN_EVENTS, where=[("run_id", "==", run_id), ("type", "==", "TrainingStarted")])]
+    assert len(starts) == 2 and starts[0] == "training from step 0" and starts[1] != "training from step 0", starts
+    assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
+    assert run["training"]["step"] == 60
