@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from shared.config import Settings
 
@@ -63,7 +64,7 @@ def cmd_down(args) -> int:
 def cmd_drop(args) -> int:
     client = _client(args)
     run_id = client.drop(args.file, args.recipe)
-    err.print(f"dropped {args.file} → run [bold]{run_id}[/bold]")
+    err.print(f"dropped {escape(args.file)} → run [bold]{run_id}[/bold]")
     if not args.wait:
         print(run_id)
         return 0
@@ -80,7 +81,7 @@ def cmd_submit(args) -> int:
         raise UsageError(f"{args.job}: not valid YAML: {exc}") from exc
     if not isinstance(job, dict):
         raise UsageError(f"{args.job}: a job file is a mapping with recipe and dataset")
-    if "dataset" in job and "://" not in str(job["dataset"]):
+    if isinstance(job.get("dataset"), str) and job["dataset"] and "://" not in job["dataset"]:
         job["dataset"] = str((path.parent / job["dataset"]).resolve()) if not Path(job["dataset"]).is_absolute() else job["dataset"]
     client = _client(args)
     run_id = client.submit(job)
@@ -219,7 +220,9 @@ def cmd_dlq(args) -> int:
 # ------------------------------------------------------------------ stages without the bus
 def cmd_prepare(args) -> int:
     from ftpipe.stages import prepare_file
+    from shared.recipe import load_recipe
 
+    load_recipe(args.recipe)  # a wrong recipe name fails at once, not after Spark has started
     result = prepare_file(args.file, args.recipe, args.out)
     if args.json:
         _print_json(result)
@@ -338,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (UsageError, ClientError, StackError, StageInputError, RecipeError, ModelNotAvailable, TimeoutError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        # Messages carry file names and lists ("[...]"): not rich markup. Not wrapped either, so that
+        # a message stays one line for whoever greps a log.
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,7 @@
 """The Python SDK: what the CLI does, as functions over the same ports the services use."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path, PurePosixPath
@@ -13,6 +14,7 @@ from shared.runtime import CANCELLATIONS, publish_event
 from shared.topology import dlq_subscription
 
 RUNS, MODEL_VERSIONS, MODELS = "runs", "model_versions", "models"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # object-name and document-id safe
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -71,6 +73,19 @@ class Client:
         for key in ("recipe", "dataset"):
             if not job.get(key):
                 raise ClientError(f"job file: '{key}' is required")
+        for key in ("recipe", "dataset", "tenant", "run_id"):
+            if key in job and not isinstance(job[key], str):
+                raise ClientError(f"job file: '{key}' must be a string, got {type(job[key]).__name__}")
+        if "prepared" in job and not isinstance(job["prepared"], bool):
+            raise ClientError(f"job file: 'prepared' must be true or false, got {job['prepared']!r}")
+        if not isinstance(job.get("overrides") or {}, dict):
+            raise ClientError("job file: 'overrides' must be a mapping of dotted keys to values, "
+                              "e.g. {training.epochs: 1}")
+        if "run_id" in job and not _RUN_ID.fullmatch(job["run_id"]):
+            raise ClientError(f"job file: run_id {job['run_id']!r} must be 1-128 of A-Z a-z 0-9 . _ -, "
+                              "starting with a letter or digit")
+        if "tenant" in job and not job["tenant"]:
+            raise ClientError("job file: 'tenant' must not be empty")
         try:
             recipe = self._recipe(str(job["recipe"]))
             if job.get("overrides"):

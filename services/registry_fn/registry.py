@@ -32,6 +32,9 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     name = recipe.model_name
     version = allocate_version(ctx.docs, name, event.run_id)
     bucket, adapter_prefix = ctx.store.parse_url(event.adapter_uri)
+    # A folder: the local store's parse_url drops the trailing slash, GCS keeps it. Without it, names
+    # under the folder would start with "/" and sibling folders (adapter-old/) would match too.
+    adapter_prefix = adapter_prefix.rstrip("/") + "/"
     target = f"models/{name}/{version}"
     files = []
     for info in ctx.store.list(bucket, adapter_prefix):
@@ -45,13 +48,15 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     if not files:
         raise ev.MalformedMessage(f"adapter folder {event.adapter_uri} is empty; nothing to register")
     status = "promoted" if event.passed else "quarantined"
+    previous = ctx.docs.get(MODEL_VERSIONS, f"{name}@{version}")  # a redelivery keeps its registration time
     bundle = {
         "name": name, "version": version, "status": status, "run_id": event.run_id,
         "base_model": recipe.base_model, "recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash,
         "dataset_uri": event.dataset_uri, "dataset_manifest": event.dataset_uri + "manifest.json",
         "evaluation": {"passed": event.passed, "scores": event.scores, "reasons": event.reasons,
                        "report_uri": event.report_uri},
-        "training_metrics": event.training_metrics, "files": files, "registered_at": time.time(),
+        "training_metrics": event.training_metrics, "files": files,
+        "registered_at": previous["registered_at"] if previous else time.time(),
     }
     ctx.store.write(bucket, f"{target}/MODEL_CARD.md", model_card(bundle).encode())
     ctx.store.write(bucket, f"{target}/bundle.json", json.dumps(bundle, indent=2).encode())  # last: the version is whole
@@ -72,9 +77,18 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
 
 
 def _move_alias(txn, name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`, never back to an older one: a redelivered evaluation of an earlier
+    run must not undo the promotion of a later run."""
     doc = txn.get(MODELS, name)
-    doc.setdefault("aliases", {})[alias] = version
+    current = doc.setdefault("aliases", {}).get(alias)
+    if current is not None and _version_key(current) > _version_key(version):
+        return
+    doc["aliases"][alias] = version
     txn.set(MODELS, name, doc)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
 
 def model_card(bundle: dict) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flask import Flask, abort, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from services.tracker.lineage import METRICS, RUN_EVENTS, RUNS
 
@@ -10,6 +11,11 @@ _SORTABLE = {"created_at", "updated_at", "status", "final_metrics.val_loss", "fi
 
 def create_app(docs) -> Flask:
     app = Flask("ftpipe-tracker")
+
+    @app.errorhandler(HTTPException)
+    def json_error(exc: HTTPException):
+        # A JSON API answers errors in JSON too: {"error": "what is wrong and how to fix it"}.
+        return jsonify(error=exc.description, status=exc.code), exc.code
 
     @app.get("/healthz")
     def health():
@@ -21,13 +27,16 @@ def create_app(docs) -> Flask:
                  (("status", "status"), ("recipe", "recipe.name"), ("tenant", "tenant"), ("model", "model_name"))
                  if param in request.args]
         order = request.args.get("order_by", "created_at")
-        if order.lstrip("-") not in _SORTABLE:
-            abort(400, f"order_by must be one of {sorted(_SORTABLE)} (prefix '-' for descending)")
+        field = order.removeprefix("-")
+        if field not in _SORTABLE:
+            abort(400, f"order_by must be one of {sorted(_SORTABLE)} (prefix '-' for descending), got {order!r}")
         try:
             limit = min(int(request.args.get("limit", 50)), 500)
         except ValueError:
-            abort(400, "limit must be an integer")
-        rows = docs.query(RUNS, where=where, order_by=[(order.lstrip("-"), "desc" if order.startswith("-") else "asc")],
+            abort(400, f"limit must be an integer between 1 and 500, got {request.args['limit']!r}")
+        if limit < 1:
+            abort(400, f"limit must be an integer between 1 and 500, got {limit}")
+        rows = docs.query(RUNS, where=where, order_by=[(field, "desc" if order.startswith("-") else "asc")],
                           limit=limit)
         return jsonify([doc for _, doc in rows])
 

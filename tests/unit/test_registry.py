@@ -1,0 +1,290 @@
+"""The model registry on the real local adapters: versions, bundles, aliases, idempotency — and the
+same handler as a functions-framework CloudEvent function driven by Pub/Sub push deliveries."""
+import base64
+import hashlib
+import json
+import logging
+import sys
+
+import pytest
+
+from shared import events as ev
+from shared.config import Settings, bootstrap
+from shared.recipe import load_recipe
+from shared.runtime import LEDGER, Context, handle_message, publish_event
+from shared.topology import dlq_subscription
+
+from services.registry_fn.registry import MODEL_VERSIONS, MODELS, SERVICE, register
+
+RECIPE = load_recipe("tiny-sft")
+NAME = RECIPE.model_name
+BUCKET = "ftpipe"
+ADAPTER_FILES = {"adapter_config.json": b'{"r": 4, "lora_alpha": 8}',
+                 "adapter_model.safetensors": bytes(range(256)) * 8,
+                 "tokenizer/tokenizer.json": b'{"model": "tiny"}'}
+SCORES = {"base": {"chrf": 20.0, "exact": 0.1}, "candidate": {"chrf": 31.5, "exact": 0.4}}
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    a = bootstrap(Settings(state_dir=tmp_path / "state"))
+    yield a
+    a.close()
+
+
+def write_adapter(adapters, run_id: str) -> str:
+    """What the trainer leaves behind: runs/<run>/adapter/… and the COMPLETE marker written last."""
+    prefix = f"runs/{run_id}/adapter"
+    for rel, data in ADAPTER_FILES.items():
+        adapters.store.write(BUCKET, f"{prefix}/{rel}", data)
+    adapters.store.write(BUCKET, f"{prefix}/COMPLETE", json.dumps({"train_loss": 1.2, "steps": 6}).encode())
+    return adapters.store.url(BUCKET, prefix + "/")
+
+
+def evaluation(adapters, run_id: str, *, passed: bool = True, reasons=None) -> ev.EvaluationCompleted:
+    return ev.EvaluationCompleted(
+        run_id=run_id, recipe=RECIPE, dataset_uri=adapters.store.url(BUCKET, "datasets/d1/"),
+        adapter_uri=write_adapter(adapters, run_id), scores=SCORES, passed=passed,
+        reasons=reasons if reasons is not None else ["chrf: candidate 31.5 ≥ base 20.0 - 0.02"],
+        report_uri=adapters.store.url(BUCKET, f"runs/{run_id}/evaluation/"),
+        training_metrics={"train_loss": 1.2, "val_loss": 1.4})
+
+
+def deliver(adapters, topic=ev.EVALUATIONS) -> str:
+    [msg] = adapters.bus.pull(ev.subscription_name(SERVICE.name, topic), max_messages=1, timeout_s=5)
+    return handle_message(SERVICE, adapters, topic, msg)
+
+
+def published_models(adapters) -> list:
+    """What the registry published on `models`, as a consumer (the tracker) receives it."""
+    out = []
+    while msgs := adapters.bus.pull(ev.subscription_name("tracker", ev.MODELS), max_messages=20, timeout_s=0.3):
+        for m in msgs:
+            out.append(ev.decode(m.data, m.attributes))
+            m.ack()
+    return out
+
+
+def versions(adapters) -> dict:
+    return {doc_id: doc for doc_id, doc in adapters.docs.query(MODEL_VERSIONS)}
+
+
+def aliases(adapters) -> dict:
+    return (adapters.docs.get(MODELS, NAME) or {}).get("aliases", {})
+
+
+def model_files(adapters, version: str) -> list[str]:
+    prefix = f"models/{NAME}/{version}/"
+    return sorted(info.name[len(prefix):] for info in adapters.store.list(BUCKET, prefix))
+
+
+# ------------------------------------------------------------------ the handler on the bus
+
+def test_passed_evaluation_registers_and_promotes_1_1(adapters):
+    publish_event(adapters.bus, evaluation(adapters, "run-a"))
+    assert deliver(adapters) == "acked"
+
+    assert model_files(adapters, "1.1") == ["MODEL_CARD.md", "adapter/adapter_config.json",
+                                            "adapter/adapter_model.safetensors", "adapter/tokenizer/tokenizer.json",
+                                            "bundle.json"]
+    for rel, data in ADAPTER_FILES.items():
+        assert adapters.store.read(BUCKET, f"models/{NAME}/1.1/adapter/{rel}") == data
+    bundle = json.loads(adapters.store.read(BUCKET, f"models/{NAME}/1.1/bundle.json"))
+    assert bundle["name"] == NAME and bundle["version"] == "1.1" and bundle["status"] == "promoted"
+    assert bundle["run_id"] == "run-a" and bundle["recipe_hash"] == RECIPE.hash
+    assert bundle["base_model"] == RECIPE.base_model
+    assert bundle["evaluation"]["scores"] == SCORES and bundle["evaluation"]["passed"] is True
+    assert {f["name"]: (f["sha256"], f["size"]) for f in bundle["files"]} == {
+        f"adapter/{rel}": (hashlib.sha256(data).hexdigest(), len(data)) for rel, data in ADAPTER_FILES.items()}
+    card = adapters.store.read(BUCKET, f"models/{NAME}/1.1/MODEL_CARD.md").decode()
+    assert card.startswith(f"# {NAME} 1.1") and "**promoted**" in card and "run-a" in card
+    assert "| chrf | 20 | 31.5 |" in card and "Gate: passed" in card
+
+    assert aliases(adapters) == {"production": "1.1"}
+    assert versions(adapters)[f"{NAME}@1.1"]["status"] == "promoted"
+    uri = adapters.store.url(BUCKET, f"models/{NAME}/1.1/")
+    assert published_models(adapters) == [
+        ev.ModelRegistered(run_id="run-a", model_name=NAME, version="1.1", uri=uri, status="promoted"),
+        ev.ModelPromoted(run_id="run-a", model_name=NAME, version="1.1", uri=uri)]
+
+
+def test_next_run_gets_1_2_and_redelivery_is_the_same_version(adapters):
+    first = evaluation(adapters, "run-a")
+    publish_event(adapters.bus, first)
+    assert deliver(adapters) == "acked"
+    publish_event(adapters.bus, evaluation(adapters, "run-b"))
+    assert deliver(adapters) == "acked"
+    assert sorted(versions(adapters)) == [f"{NAME}@1.1", f"{NAME}@1.2"]
+    assert aliases(adapters) == {"production": "1.2"}
+    published_models(adapters)
+
+    # Redelivered (re-published with its deterministic event_id): the ledger recognises it.
+    publish_event(adapters.bus, first)
+    assert deliver(adapters) == "duplicate"
+    assert sorted(versions(adapters)) == [f"{NAME}@1.1", f"{NAME}@1.2"]
+    assert published_models(adapters) == []
+
+    # Redelivered after a crash that lost the ledger entry: the handler runs again and gets the
+    # same version, rewrites nothing new, and does not move `production` back to the older version.
+    adapters.docs.delete(LEDGER, next(doc_id for doc_id, doc in adapters.docs.query(LEDGER)
+                                      if doc["event_id"] == first.event_id))
+    before = model_files(adapters, "1.1")
+    publish_event(adapters.bus, first)
+    assert deliver(adapters) == "acked"
+    assert sorted(versions(adapters)) == [f"{NAME}@1.1", f"{NAME}@1.2"]
+    assert model_files(adapters, "1.1") == before
+    assert sorted(info.name.split("/")[2] for info in adapters.store.list(BUCKET, f"models/{NAME}/")
+                  if info.name.endswith("bundle.json")) == ["1.1", "1.2"]
+    assert aliases(adapters) == {"production": "1.2"}
+    assert [(e.type, e.version) for e in published_models(adapters)] == [("ModelRegistered", "1.1"),
+                                                                        ("ModelPromoted", "1.1")]
+    assert adapters.docs.get(MODELS, NAME)["runs"] == {"run-a": "1.1", "run-b": "1.2"}
+
+
+def test_failed_gate_is_quarantined_and_the_alias_stays(adapters):
+    publish_event(adapters.bus, evaluation(adapters, "run-a"))
+    assert deliver(adapters) == "acked"
+    published_models(adapters)
+    reasons = ["chrf: candidate 12.0 < base 20.0 - 0.02", "probe accuracy fell from 0.5 to 0.1"]
+    publish_event(adapters.bus, evaluation(adapters, "run-b", passed=False, reasons=reasons))
+    assert deliver(adapters) == "acked"
+
+    assert aliases(adapters) == {"production": "1.1"}
+    assert versions(adapters)[f"{NAME}@1.2"]["status"] == "quarantined"
+    bundle = json.loads(adapters.store.read(BUCKET, f"models/{NAME}/1.2/bundle.json"))
+    assert bundle["status"] == "quarantined" and bundle["evaluation"]["reasons"] == reasons
+    card = adapters.store.read(BUCKET, f"models/{NAME}/1.2/MODEL_CARD.md").decode()
+    assert "**quarantined**" in card and "Gate: failed" in card and all(f"- {r}" in card for r in reasons)
+    uri = adapters.store.url(BUCKET, f"models/{NAME}/1.2/")
+    assert published_models(adapters) == [
+        ev.ModelRegistered(run_id="run-b", model_name=NAME, version="1.2", uri=uri, status="quarantined"),
+        ev.ModelQuarantined(run_id="run-b", model_name=NAME, version="1.2", uri=uri, reasons=reasons)]
+
+
+def test_a_first_version_that_fails_the_gate_sets_no_alias(adapters):
+    publish_event(adapters.bus, evaluation(adapters, "run-a", passed=False, reasons=["worse than base"]))
+    assert deliver(adapters) == "acked"
+    assert aliases(adapters) == {}
+    assert versions(adapters)[f"{NAME}@1.1"]["status"] == "quarantined"
+
+
+def test_registering_a_run_twice_directly_is_idempotent(adapters):
+    """The domain function alone (no ledger): the same event twice is the same version and files."""
+    event = evaluation(adapters, "run-a")
+    ctx = Context("registry", adapters, None, None, logging.LoggerAdapter(logging.getLogger("t"), {}))
+    first, second = register(event, ctx), register(event, ctx)
+    assert [o.event_id for o in first] == [o.event_id for o in second]
+    assert list(versions(adapters)) == [f"{NAME}@1.1"]
+    assert adapters.docs.get(MODELS, NAME)["next_minor"] == 2
+
+
+def test_an_empty_adapter_folder_is_dead_lettered(adapters):
+    event = evaluation(adapters, "run-a").model_copy(
+        update={"adapter_uri": adapters.store.url(BUCKET, "runs/none/adapter/")})
+    publish_event(adapters.bus, event)
+    assert deliver(adapters) == "dead-lettered"
+    [msg] = adapters.bus.pull(dlq_subscription(ev.EVALUATIONS), timeout_s=2)
+    assert "is empty; nothing to register" in msg.attributes["dead_letter_reason"]
+
+
+# ------------------------------------------------------------------ the Cloud Function
+
+@pytest.fixture
+def function_client(tmp_path, monkeypatch):
+    """functions-framework loads services/registry_fn/main.py as the `on_evaluation` CloudEvent
+    function, with its adapters bootstrapped from the environment (a tmp state folder)."""
+    import functions_framework
+
+    state = tmp_path / "fn-state"
+    for var in ("FTPIPE_PROFILE", "FTPIPE_BUCKET", "FTPIPE_PROJECT", "FTPIPE_CREATE_RESOURCES",
+                "FTPIPE_MAX_DELIVERY_ATTEMPTS", "FTPIPE_LOG_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FTPIPE_STATE", str(state))
+    monkeypatch.setenv("FTPIPE_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("FUNCTION_TARGET", "on_evaluation")  # create_app sets it; restored afterwards
+    monkeypatch.setattr(sys, "path", list(sys.path))         # create_app appends the source folder
+    monkeypatch.setitem(sys.modules, "main", None)           # … and registers the module as "main"
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level            # the function configures logging
+    app = functions_framework.create_app(target="on_evaluation", source="services/registry_fn/main.py",
+                                         signature_type="cloudevent")
+    module = sys.modules["main"]
+    adapters = bootstrap(Settings(state_dir=state))
+    try:
+        yield app.test_client(), adapters
+    finally:
+        if module._adapters.cache_info().currsize:
+            module._adapters().close()
+        adapters.close()
+        root.handlers[:], root.level = handlers, level
+
+
+def pubsub_message(data: bytes, attributes: dict, message_id: str = "1001") -> dict:
+    return {"message": {"data": base64.b64encode(data).decode(), "attributes": attributes, "messageId": message_id,
+                        "publishTime": "2025-01-01T00:00:00Z"},
+            "subscription": "projects/p/subscriptions/eventarc-registry"}
+
+
+CE = {"specversion": "1.0", "type": "google.cloud.pubsub.topic.v1.messagePublished",
+      "source": "//pubsub.googleapis.com/projects/p/topics/evaluations"}
+
+
+def post_structured(client, data: dict, ce_id: str = "ce-1"):
+    return client.post("/", data=json.dumps({**CE, "id": ce_id, "datacontenttype": "application/json", "data": data}),
+                       headers={"Content-Type": "application/cloudevents+json"})
+
+
+def post_binary(client, data: dict, ce_id: str = "ce-1"):
+    headers = {f"ce-{k}": v for k, v in CE.items()} | {"ce-id": ce_id, "Content-Type": "application/json"}
+    return client.post("/", data=json.dumps(data), headers=headers)
+
+
+def test_cloud_function_registers_from_a_structured_pubsub_cloudevent(function_client):
+    client, adapters = function_client
+    event = evaluation(adapters, "run-fn")
+    resp = post_structured(client, pubsub_message(*ev.encode(event)))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert versions(adapters)[f"{NAME}@1.1"]["run_id"] == "run-fn"
+    assert aliases(adapters) == {"production": "1.1"}
+    assert [e.type for e in published_models(adapters)] == ["ModelRegistered", "ModelPromoted"]
+
+    # Eventarc redelivers the same message: acknowledged, nothing new.
+    resp = post_binary(client, pubsub_message(*ev.encode(event), message_id="1002"), ce_id="ce-2")
+    assert resp.status_code == 200
+    assert list(versions(adapters)) == [f"{NAME}@1.1"]
+    assert published_models(adapters) == []
+
+
+def test_cloud_function_registers_from_a_binary_pubsub_cloudevent(function_client):
+    client, adapters = function_client
+    resp = post_binary(client, pubsub_message(*ev.encode(evaluation(adapters, "run-bin", passed=False,
+                                                                      reasons=["worse"]))))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert versions(adapters)[f"{NAME}@1.1"]["status"] == "quarantined"
+
+
+@pytest.mark.parametrize("message, reason", [
+    ({"data": base64.b64encode(b"{not json").decode(),
+      "attributes": {"type": "EvaluationCompleted", "schema_version": "1"}}, "not valid JSON"),
+    ({"data": base64.b64encode(b"{}").decode(), "attributes": {"type": "Nope", "schema_version": "1"}},
+     "unknown message type 'Nope'"),
+    ({"data": "%%% not base64 %%%", "attributes": {"type": "EvaluationCompleted", "schema_version": "1"}},
+     "base64"),
+    ({"data": base64.b64encode(b"{}").decode(), "attributes": ["not", "a", "map"]}, "attributes"),
+])
+def test_cloud_function_dead_letters_a_malformed_message_without_crashing(function_client, message, reason):
+    client, adapters = function_client
+    resp = post_structured(client, {"message": {**message, "messageId": "m-1"}, "subscription": "s"})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    [msg] = adapters.bus.pull(dlq_subscription(ev.EVALUATIONS), timeout_s=2)
+    assert reason in msg.attributes["dead_letter_reason"]
+    assert msg.attributes["dead_letter_source"] == ev.subscription_name("registry", ev.EVALUATIONS)
+    assert versions(adapters) == {}
+
+
+def test_cloud_function_dead_letters_an_event_without_a_pubsub_message(function_client):
+    client, adapters = function_client
+    resp = post_structured(client, {"not": "a pubsub push"})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    [msg] = adapters.bus.pull(dlq_subscription(ev.EVALUATIONS), timeout_s=2)
+    assert "message" in msg.attributes["dead_letter_reason"]
