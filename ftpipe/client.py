@@ -10,7 +10,7 @@ from typing import Callable
 from shared import events as ev
 from shared.config import Adapters, Settings, bootstrap
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from shared.runtime import CANCELLATIONS, publish_event
+from shared.runtime import CANCELLATIONS, REPLAY_FOR, publish_event
 from shared.topology import dlq_subscription
 
 RUNS, MODEL_VERSIONS, MODELS = "runs", "model_versions", "models"
@@ -186,6 +186,10 @@ class Client:
                     msg.nack(0)
                     continue
                 attributes = {k: v for k, v in msg.attributes.items() if not k.startswith("dead_letter_")}
+                if msg.attributes.get("dead_letter_source"):
+                    # Pub/Sub cannot publish to one subscription: the runtime of every other
+                    # subscription on the topic acks this copy unprocessed.
+                    attributes[REPLAY_FOR] = msg.attributes["dead_letter_source"]
                 self.adapters.bus.publish(t, msg.data, attributes)
                 msg.ack()
                 replayed.append(_describe(t, msg))
@@ -194,7 +198,7 @@ class Client:
     def _drain(self, topic: str):
         seen = set()
         while True:
-            batch = self.adapters.bus.pull(dlq_subscription(topic), max_messages=50, timeout_s=0.5)
+            batch = self.adapters.bus.pull(dlq_subscription(topic), max_messages=50, timeout_s=0.2)
             fresh = [m for m in batch if m.message_id not in seen]
             for m in batch:
                 if m.message_id in seen:

@@ -26,6 +26,8 @@ from shared.ports import Message
 
 LEDGER = "processed"
 CANCELLATIONS = "cancellations"
+# Set on a replayed dead letter: only the subscription that dead-lettered it processes it again.
+REPLAY_FOR = "replay_for"
 
 
 class Retry(Exception):
@@ -80,6 +82,8 @@ class Service:
     max_messages: int = 1
     max_lease_s: float = 3600.0
     on_start: Callable[[Adapters], None] | None = None
+    # Work services skip the events of cancelled runs; the tracker still records them.
+    skip_cancelled: bool = True
 
 
 def publish_event(bus, event: ev.Event) -> str:
@@ -107,6 +111,10 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
     subscription = ev.subscription_name(service.name, topic)
     log = logging.getLogger(f"ftpipe.{service.name}")
     base = {"service": service.name, "topic": topic, "message_id": msg.message_id, "attempt": msg.delivery_attempt}
+    target = msg.attributes.get(REPLAY_FOR)
+    if target and target != subscription:
+        msg.ack()  # a dead letter replayed for another subscription of this topic
+        return "ignored"
     try:
         event = ev.decode(msg.data, msg.attributes)
     except ev.MalformedMessage as exc:
@@ -124,7 +132,7 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
         log.info("duplicate delivery acknowledged", extra=extra)
         msg.ack()
         return "duplicate"
-    if is_cancelled(adapters.docs, event.run_id):
+    if service.skip_cancelled and is_cancelled(adapters.docs, event.run_id):
         log.info("run is cancelled; skipping", extra=extra)
         msg.ack()
         return "cancelled"

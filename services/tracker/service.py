@@ -18,4 +18,5 @@ SERVICE = Service(
     handlers={topic: {kind: on_event for kind, cls in ev.EVENT_TYPES.items() if cls.topic == topic}
               for topic in SERVICE_TOPICS["tracker"]},
     max_messages=4,
+    skip_cancelled=False,
 )

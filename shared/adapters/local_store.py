@@ -156,8 +156,9 @@ class LocalObjectStore:
         parsed = urlparse(url)
         if parsed.scheme != "file":
             raise ValueError(f"{url!r} is not a local store URL (file://…)")
-        rel = Path(unquote(parsed.path)).relative_to(self.root)
-        bucket, _, name = rel.as_posix().partition("/")
+        path = unquote(parsed.path)
+        rel = Path(path).relative_to(self.root).as_posix() + ("/" if path.endswith("/") else "")
+        bucket, _, name = rel.partition("/")
         return bucket, name
 
     def local_path(self, bucket: str, name: str) -> Path:

@@ -49,6 +49,7 @@ def test_files_and_urls(store, name, tmp_path):
     store.download_file(BUCKET, f"{name}/f.bin", str(tmp_path / "dst.bin"))
     assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
     assert store.parse_url(store.url(BUCKET, f"{name}/f.bin")) == (BUCKET, f"{name}/f.bin")
+    assert store.parse_url(store.url(BUCKET, f"{name}/folder/")) == (BUCKET, f"{name}/folder/")
 
 
 @pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/abs/path", "a\x00b", "line\nbreak", "a//b", "", "a\\b", "./x"])

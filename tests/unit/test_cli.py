@@ -164,10 +164,16 @@ def test_dead_letters_are_listed_without_being_consumed_then_replayed(state, ada
     assert proc.returncode == 0, proc.stderr
     assert [r["run_id"] for r in json.loads(proc.stdout)] == ["run-poison"]
 
-    # Back on `jobs` as it was published (without the dead-letter attributes): preprocess gets it again.
+    # Back on `jobs` as it was published, addressed to the subscription that dead-lettered it.
     [again] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
-    assert again.data == b'{"recipe": "tiny-sft", "dataset": ' and dict(again.attributes) == attributes
+    assert again.data == b'{"recipe": "tiny-sft", "dataset": '
+    assert dict(again.attributes) == {**attributes, "replay_for": "preprocess.jobs"}
     again.ack()
+    # The topic's other subscribers receive the copy too, and leave it alone.
+    from services.trainer.service import SERVICE as TRAINER
+
+    [copy] = adapters.bus.pull(ev.subscription_name("trainer", ev.JOBS), max_messages=5, timeout_s=5)[-1:]
+    assert handle_message(TRAINER, adapters, ev.JOBS, copy) == "ignored"
     proc = cli(state, "dlq", "list", "--topic", "jobs")
     assert proc.returncode == 0 and "no dead-lettered messages" in proc.stderr
 
