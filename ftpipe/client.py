@@ -185,11 +185,12 @@ class Client:
                 if message_id and msg.message_id != message_id:
                     msg.nack(0)
                     continue
-                attributes = {k: v for k, v in msg.attributes.items() if not k.startswith("dead_letter_")}
-                if msg.attributes.get("dead_letter_source"):
+                attributes = {k: v for k, v in msg.attributes.items()
+                              if not k.startswith(("dead_letter_", "CloudPubSubDeadLetter"))}
+                if source := _dead_letter_source(msg.attributes):
                     # Pub/Sub cannot publish to one subscription: the runtime of every other
                     # subscription on the topic acks this copy unprocessed.
-                    attributes[REPLAY_FOR] = msg.attributes["dead_letter_source"]
+                    attributes[REPLAY_FOR] = source
                 self.adapters.bus.publish(t, msg.data, attributes)
                 msg.ack()
                 replayed.append(_describe(t, msg))
@@ -218,10 +219,20 @@ def _topics(topic: str | None) -> tuple[str, ...]:
     return (topic,)
 
 
+def _dead_letter_source(attributes) -> str:
+    """The subscription a message was dead-lettered from: set by our runtime and adapters, or by
+    Pub/Sub itself (as projects/…/subscriptions/NAME) when the server's own policy fired."""
+    source = attributes.get("dead_letter_source") or attributes.get("CloudPubSubDeadLetterSourceSubscription", "")
+    return source.rsplit("/", 1)[-1]
+
+
 def _describe(topic: str, msg) -> dict:
     a = msg.attributes
+    reason = a.get("dead_letter_reason") or (
+        f"not acknowledged after {a['CloudPubSubDeadLetterSourceDeliveryCount']} delivery attempts"
+        if "CloudPubSubDeadLetterSourceDeliveryCount" in a else "")
     return {"topic": topic, "message_id": msg.message_id, "type": a.get("type") or a.get("eventType"),
-            "run_id": a.get("run_id"), "reason": a.get("dead_letter_reason", ""), "source": a.get("dead_letter_source", "")}
+            "run_id": a.get("run_id"), "reason": reason, "source": _dead_letter_source(a)}
 
 
 def _safe_name(filename: str) -> str:
