@@ -6,6 +6,7 @@ STAMP := $(VENV)/.setup-done
 MODELS_STAMP := $(VENV)/.models-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test test-fast clean down
 

@@ -59,7 +59,9 @@ def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = N
     for sub in ("pids", "logs", "services"):
         (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
     already = running(settings)
-    env = {**os.environ, **settings.env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+    # OMP_WAIT_POLICY=PASSIVE: several torch processes share the cores; spinning OpenMP threads
+    # make each ~10x slower when another process is busy (measured in the evaluator).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **settings.env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     started = {}
     for name, module in PROCESSES.items():
         # In the cloud profiles the bucket itself (GCS, fake-gcs-server) sends the notifications.
