@@ -53,6 +53,7 @@ class TrainingSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)   # gradients are clipped to this global norm each step
     max_seq_len: int = Field(256, ge=16)
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -63,7 +64,8 @@ class TrainingSpec(_Strict):
 class EvalSpec(_Strict):
     max_examples: int = Field(40, ge=1)
     max_new_tokens: int = Field(48, ge=1)
-    # Gate: candidate may be worse than base by at most this much on each gated metric.
+    # Gate: on each gated metric the candidate may be worse than the base by at most this fraction
+    # of the base score (0.02 = 2%; absolute when the base scores 0).
     tolerance: float = Field(0.02, ge=0.0)
     gate_metrics: tuple[str, ...] = ("chrf",)
     # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.

@@ -1,0 +1,103 @@
+"""Knowledge probes: does a model state the facts its training data taught?
+
+A probe file is JSONL, one {"question": str, "expect": [str, ...]} per line (other keys, such as
+"fact", are kept as the probe's label). A probe passes when the model's greedy answer contains any
+expected string, case-insensitively. Probes are rephrasings held out of the training data, so a
+pass means the model learned the fact, not the sentence.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ProbeError(ValueError):
+    """A probe file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    question: str
+    expect: tuple[str, ...]
+    label: str | None = None   # e.g. the fact the probe asks about, to group results
+
+    def passes(self, answer: str) -> bool:
+        folded = answer.casefold()
+        return any(e.casefold() in folded for e in self.expect)
+
+
+def load_probes(path: Path | str) -> list[Probe]:
+    path = Path(path)
+    probes = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProbeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            question = row.get("question") if isinstance(row, dict) else None
+            expect = row.get("expect") if isinstance(row, dict) else None
+            if not isinstance(question, str) or not question.strip():
+                raise ProbeError(f"{path}:{lineno}: 'question' must be a non-empty string")
+            if (not isinstance(expect, list) or not expect
+                    or not all(isinstance(e, str) and e.strip() for e in expect)):
+                raise ProbeError(f"{path}:{lineno}: 'expect' must be a non-empty list of non-empty strings")
+            probes.append(Probe(question=question, expect=tuple(expect), label=row.get("fact")))
+    if not probes:
+        raise ProbeError(f"{path}: no probes; write one {{\"question\": ..., \"expect\": [...]}} per line")
+    return probes
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: str | None,
+                     max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy answers, one per question, each asked as a fresh single-turn chat.
+
+    Prompts are left-padded by hand (not by flipping tokenizer.padding_side, which the caller
+    may rely on) so that a batch generates from aligned ends.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = []
+    for question in questions:
+        messages = [{"role": "user", "content": question}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    was_training = model.training
+    model.eval()
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
+    model.train(was_training)
+    return answers
+
+
+def fact_rate(model, tokenizer, probes: list[Probe], *, system_prompt: str | None,
+              max_new_tokens: int) -> tuple[float, list[dict]]:
+    """(share of probes passed, one {question, answer, expect, label, passed} per probe)."""
+    if not probes:
+        raise ValueError("fact_rate needs at least one probe")
+    answers = generate_answers(model, tokenizer, [p.question for p in probes], system_prompt=system_prompt,
+                               max_new_tokens=max_new_tokens)
+    details = [{"question": p.question, "answer": a, "expect": list(p.expect), "label": p.label,
+                "passed": p.passes(a)} for p, a in zip(probes, answers)]
+    rate = sum(d["passed"] for d in details) / len(details)
+    logger.info("knowledge probes: %d of %d passed", sum(d["passed"] for d in details), len(details))
+    return rate, details

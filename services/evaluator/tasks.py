@@ -1,0 +1,247 @@
+"""lm-eval tasks built from a prepared dataset's local test split, fully offline.
+
+Each test conversation becomes one document:
+
+- ``prompt``: the chat-template rendering of every message except the last (assistant) turn,
+  with ``add_generation_prompt=True``; the recipe's ``data.system_prompt`` is inserted first when
+  the conversation has no system message of its own (the trainer formats training rows the same
+  way, so the model is scored on the prompt shape it was tuned on);
+- ``reference``: the content of that last assistant turn;
+- ``n_tokens``: how many tokens lm-eval scores for the reference (see ``continuation_token_count``).
+
+Two lm-eval tasks read those documents from a JSONL file (``dataset_path: json`` +
+``dataset_kwargs.data_files``, so ``datasets`` never touches the network):
+
+- ``ftpipe_generate`` (``generate_until``): greedy until the end-of-turn token, at most
+  ``eval.max_new_tokens`` tokens; scored with normalised exact match (mean) and chrF
+  (lm-eval's registered ``chrf`` aggregation = sacrebleu ``corpus_chrf``, 0-100);
+- ``ftpipe_loglik`` (``loglikelihood``): log-probability of the reference given the prompt,
+  aggregated with lm-eval's ``weighted_perplexity`` over reference tokens, i.e.
+  ``exp(sum(-log p) / sum(n_tokens))`` = per-token perplexity.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GENERATE_TASK = "ftpipe_generate"
+LOGLIK_TASK = "ftpipe_loglik"
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot run; the message says what, where, and how to fix it."""
+
+
+@dataclass(frozen=True)
+class TestExample:
+    id: str
+    messages: tuple[dict, ...]  # every message but the last assistant turn
+    reference: str
+
+
+# --------------------------------------------------------------------------- test split
+
+
+def load_test_examples(data_dir: Path, *, max_examples: int) -> tuple[list[TestExample], int]:
+    """Read ``data_dir/test.jsonl``; return (a deterministic subset of at most ``max_examples``
+    usable examples, number of usable examples in the split).
+
+    The subset is the ``max_examples`` examples with the smallest sha256 of their id, kept in
+    file order: the same ids are chosen whatever the order of the file or the host.
+    """
+    path = Path(data_dir) / "test.jsonl"
+    if not path.is_file():
+        raise EvaluationError(
+            f"test split not found: {path} does not exist. The evaluator needs a prepared dataset "
+            f"folder with train.jsonl/val.jsonl/test.jsonl (as written by preprocess); check that "
+            f"data_dir points at it and that data.split gives the test split a non-zero fraction.")
+    examples: list[TestExample] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvaluationError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object "
+                    f'{{"id": ..., "messages": [...]}} — re-run preprocess to rewrite the split') from exc
+            example = _to_example(row, fallback_id=f"line-{lineno}", where=f"{path}:{lineno}")
+            if example.id in seen:
+                raise EvaluationError(f"{path}:{lineno}: duplicate id {example.id!r}; ids must be unique")
+            seen.add(example.id)
+            examples.append(example)
+    if not examples:
+        raise EvaluationError(
+            f"test split is empty: {path} has no conversations. Give the test split more rows "
+            f"(more data, or a larger third fraction in data.split) and prepare the dataset again.")
+    chosen = set(sorted(seen, key=_id_rank)[:max_examples])
+    return [ex for ex in examples if ex.id in chosen], len(examples)
+
+
+def _id_rank(example_id: str) -> str:
+    return hashlib.sha256(example_id.encode("utf-8")).hexdigest()
+
+
+def _to_example(row: Any, *, fallback_id: str, where: str) -> TestExample:
+    fix = 'each line must be {"id": str, "messages": [{"role": ..., "content": ...}, ...]} ending with an assistant turn'
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+        raise EvaluationError(f"{where}: no non-empty 'messages' list; {fix}")
+    messages = row["messages"]
+    for msg in messages:
+        if (not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant")
+                or not isinstance(msg.get("content"), str)):
+            raise EvaluationError(f"{where}: malformed message {str(msg)[:80]!r}; {fix}")
+    if messages[-1]["role"] != "assistant":
+        raise EvaluationError(f"{where}: the last message is {messages[-1]['role']!r}, not 'assistant'; {fix}")
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        raise EvaluationError(f"{where}: no user message before the assistant's reply; {fix}")
+    return TestExample(id=str(row.get("id") or fallback_id), messages=tuple(messages[:-1]),
+                       reference=messages[-1]["content"].strip())
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def render_prompt(tokenizer, messages, *, system_prompt: str | None) -> str:
+    msgs = [dict(m) for m in messages]
+    if system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def continuation_token_count(lm, prompt: str, reference: str) -> int:
+    """Tokens lm-eval scores for ``reference`` after ``prompt``: exactly what its loglikelihood
+    request encodes (lm-eval moves the prompt's trailing whitespace, here the newline after
+    ``assistant``, into the continuation)."""
+    _, continuation = lm._encode_pair(prompt, reference)
+    return max(len(continuation), 1)
+
+
+def end_of_turn_markers(tokenizer) -> list[str]:
+    """Stop strings for generation: the token the chat template puts after an assistant turn
+    (``<|im_end|>`` for SmolLM2, ``<|eot_id|>`` for Llama 3, ...) plus the eos token."""
+    markers: list[str] = []
+    probe = "ftpipe-probe-reply"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False)
+        tail = text.split(probe, 1)[1].strip()
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        if ids:
+            first = tokenizer.convert_ids_to_tokens(ids[0])
+            if first in tokenizer.all_special_tokens or first in tokenizer.get_added_vocab():
+                markers.append(first)
+    except Exception:  # noqa: BLE001 - a template that cannot render this falls back to eos
+        pass
+    if tokenizer.eos_token and tokenizer.eos_token not in markers:
+        markers.append(tokenizer.eos_token)
+    return markers
+
+
+def write_documents(examples: list[TestExample], tokenizer, lm, path: Path, *,
+                    system_prompt: str | None) -> list[dict]:
+    docs = []
+    for ex in examples:
+        prompt = render_prompt(tokenizer, ex.messages, system_prompt=system_prompt)
+        docs.append({"id": ex.id, "prompt": prompt, "reference": ex.reference,
+                     "n_tokens": continuation_token_count(lm, prompt, ex.reference)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    return docs
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, collapse whitespace."""
+    return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def _generate_results(doc: dict, results: list[str]) -> dict:
+    prediction = results[0].strip()
+    reference = doc["reference"]
+    return {
+        "exact_match": float(normalize_answer(prediction) == normalize_answer(reference)),
+        "chrf": (reference, prediction),  # aggregated corpus-level by lm-eval's "chrf"
+    }
+
+
+def _loglik_results(doc: dict, results: list[tuple[float, bool]]) -> dict:
+    loglikelihood, _is_greedy = results[0]
+    return {"perplexity": (loglikelihood, doc["n_tokens"])}
+
+
+# --------------------------------------------------------------------------- task configs
+
+
+def _dataset_fields(docs_path: Path, cache_dir: Path) -> dict:
+    return {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(docs_path)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "doc_to_text": "prompt",  # column names: used verbatim (no Jinja, no literal_eval)
+        "doc_to_target": "reference",
+        # The prompt already ends with the assistant header of the chat template.
+        "target_delimiter": "",
+        "num_fewshot": 0,
+    }
+
+
+def generation_task_config(docs_path: Path, cache_dir: Path, *, until: list[str],
+                           max_new_tokens: int) -> dict:
+    return {
+        "task": GENERATE_TASK,
+        **_dataset_fields(docs_path, cache_dir),
+        "output_type": "generate_until",
+        "generation_kwargs": {"until": list(until), "max_gen_toks": int(max_new_tokens),
+                              "do_sample": False, "temperature": 0.0},
+        "process_results": _generate_results,
+        "metric_list": [
+            {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1},
+    }
+
+
+def loglikelihood_task_config(docs_path: Path, cache_dir: Path) -> dict:
+    return {
+        "task": LOGLIK_TASK,
+        **_dataset_fields(docs_path, cache_dir),
+        "output_type": "loglikelihood",
+        "process_results": _loglik_results,
+        "metric_list": [
+            {"metric": "perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+        ],
+        "metadata": {"version": 1},
+    }
+
+
+def run_task(lm, task_config: dict) -> tuple[dict[str, float], list[dict]]:
+    """Run one task config through lm-eval's Python API; return ({metric: value}, samples)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_defaults=False)  # our task only: skip indexing ~10k YAMLs
+    out = simple_evaluate(model=lm, tasks=[task_config], task_manager=task_manager,
+                          bootstrap_iters=0, log_samples=True, apply_chat_template=False)
+    name = task_config["task"]
+    raw = out["results"][name]
+    metrics = {}
+    for key, value in raw.items():
+        metric, _, filter_name = key.partition(",")
+        if filter_name == "none" and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+            metrics[metric] = float(value)
+    return metrics, out.get("samples", {}).get(name, [])
