@@ -54,6 +54,7 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)   # gradients are clipped to this global norm each step
+    group_by_length: bool = True              # batch similar lengths together: less padding, same randomness per epoch
     max_seq_len: int = Field(256, ge=16)
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -58,7 +58,7 @@ def load_probes(path: Path | str) -> list[Probe]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: str | None,
-                     max_new_tokens: int, batch_size: int = 8) -> list[str]:
+                     max_new_tokens: int, batch_size: int = 32) -> list[str]:
     """Greedy answers, one per question, each asked as a fresh single-turn chat.
 
     Prompts are left-padded by hand (not by flipping tokenizer.padding_side, which the caller
