@@ -30,6 +30,13 @@ def _pid_file(settings: Settings, name: str) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """True while the process runs. A child of this process that has exited is reaped here, or it
+    would linger as a zombie that still answers signal 0."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: signal 0 tells
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,20 +83,13 @@ def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = N
     deadline = time.monotonic() + timeout_s
     for name, pid in started.items():
         while not (settings.state_dir / "services" / f"{name}.json").is_file():
-            if not _alive(pid) or _zombie(pid):
+            if not _alive(pid):
                 raise StackError(f"{name} exited during start-up; see {settings.state_dir / 'logs' / f'{name}.log'}")
             if time.monotonic() > deadline:
                 raise StackError(f"{name} did not become healthy within {timeout_s:.0f}s; "
                                  f"see {settings.state_dir / 'logs' / f'{name}.log'}")
             time.sleep(0.2)
     return {**already, **started}
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:
-        return False
 
 
 def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
@@ -99,9 +99,9 @@ def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for name, pid in procs.items():
-        while _alive(pid) and not _zombie(pid) and time.monotonic() < deadline:
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid) and not _zombie(pid):
+        if _alive(pid):
             os.kill(pid, signal.SIGKILL)
         _pid_file(settings, name).unlink(missing_ok=True)
         (settings.state_dir / "services" / f"{name}.json").unlink(missing_ok=True)

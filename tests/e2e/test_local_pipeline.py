@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftpipe.client import Client
-from ftpipe.stack import down, tracker_url, up
+from ftpipe.stack import down, running, tracker_url, up
 from shared.config import Settings
 
 from tests.e2e.conftest import ftpipe, tiny_recipe, write_chats
@@ -74,8 +74,12 @@ def test_trainer_sigkilled_mid_run_resumes_and_registers_once(stack, tmp_path):
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
     killed_at = client.run(run_id)["training"].get("step", 0)
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)
+    while running(stack).get("trainer") == pid:   # SIGKILL is asynchronous
+        time.sleep(0.05)
     up(stack)  # a replacement trainer: it must wait out the dead one's lease, then resume
+    assert running(stack)["trainer"] != pid
 
     run = client.wait(run_id, timeout_s=600)
     assert run["status"] == "succeeded", run.get("error")
