@@ -37,18 +37,10 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
+from shared.documents import deep_merge
+
 _OPS = ("==", "!=", "<", "<=", ">", ">=", "in")
 _RESERVED_ID = re.compile(r"__.*__")
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def encode_id(doc_id: str) -> str:
@@ -111,14 +103,14 @@ class _Txn:
         if last_full is None:
             combined: dict = {}
             for _, data in ops:
-                combined = _deep_merge(combined, data)
+                combined = deep_merge(combined, data)
             if base is None:
                 return combined, "merge"
-            return _deep_merge(base() or {}, combined), "merge"
+            return deep_merge(base() or {}, combined), "merge"
         kind, data = ops[last_full]
         state = data if kind == "set" else None
         for _, later in ops[last_full + 1:]:
-            state = _deep_merge(state or {}, later)
+            state = deep_merge(state or {}, later)
         return state, ("delete" if state is None else "set")
 
     def _apply(self) -> None:

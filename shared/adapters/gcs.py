@@ -91,26 +91,22 @@ class GcsObjectStore:
     # ------------------------------------------------------------ writes
     def write(self, bucket: str, name: str, data: bytes, *, if_generation_match: int | None = None,
               content_type: str | None = None) -> ObjectInfo:
-        blob = self._blob(bucket, name)
-        if if_generation_match is not None and len(data) > _MULTIPART_MAX:
-            self._precheck(bucket, name, if_generation_match)
-        try:
-            blob.upload_from_string(bytes(data), content_type=self._content_type(name, content_type),
-                                    if_generation_match=if_generation_match)
-        except gexc.PreconditionFailed as exc:
-            raise PreconditionFailed(f"{bucket}/{name}: {exc.message}") from None
-        except gexc.NotFound:
-            raise ObjectNotFound(f"bucket {bucket!r} does not exist") from None
-        return self._info(blob)
+        data = bytes(data)
+        return self._upload(bucket, name, len(data), if_generation_match, content_type,
+                            lambda blob, **kw: blob.upload_from_string(data, **kw))
 
     def upload_file(self, bucket: str, name: str, path: str, *, if_generation_match: int | None = None,
                     content_type: str | None = None) -> ObjectInfo:
+        return self._upload(bucket, name, os.path.getsize(path), if_generation_match, content_type,
+                            lambda blob, **kw: blob.upload_from_filename(str(path), **kw))
+
+    def _upload(self, bucket: str, name: str, size: int, if_generation_match: int | None,
+                content_type: str | None, send) -> ObjectInfo:
         blob = self._blob(bucket, name)
-        if if_generation_match is not None and os.path.getsize(path) > _MULTIPART_MAX:
+        if if_generation_match is not None and size > _MULTIPART_MAX:
             self._precheck(bucket, name, if_generation_match)
         try:
-            blob.upload_from_filename(str(path), content_type=self._content_type(name, content_type),
-                                      if_generation_match=if_generation_match)
+            send(blob, content_type=self._content_type(name, content_type), if_generation_match=if_generation_match)
         except gexc.PreconditionFailed as exc:
             raise PreconditionFailed(f"{bucket}/{name}: {exc.message}") from None
         except gexc.NotFound:
