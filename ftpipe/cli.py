@@ -13,8 +13,9 @@ from rich.markup import escape
 
 from shared.config import Settings
 
-err = Console(stderr=True)
-out = Console()
+# soft_wrap: long paths and URLs stay whole on one line (copyable) rather than folding at 80 columns.
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class UsageError(Exception):

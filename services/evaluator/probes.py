@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from shared.datasets import with_system_prompt
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,9 +70,7 @@ def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: s
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = []
     for question in questions:
-        messages = [{"role": "user", "content": question}]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.datasets import DatasetContractError, read_split, with_system_prompt
+
 GENERATE_TASK = "ftpipe_generate"
 LOGLIK_TASK = "ftpipe_loglik"
 
@@ -59,23 +61,18 @@ def load_test_examples(data_dir: Path, *, max_examples: int) -> tuple[list[TestE
             f"test split not found: {path} does not exist. The evaluator needs a prepared dataset "
             f"folder with train.jsonl/val.jsonl/test.jsonl (as written by preprocess); check that "
             f"data_dir points at it and that data.split gives the test split a non-zero fraction.")
+    try:
+        rows = read_split(path)
+    except DatasetContractError as exc:
+        raise EvaluationError(f"{exc} — re-run preprocess to rewrite the split") from exc
     examples: list[TestExample] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvaluationError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one object "
-                    f'{{"id": ..., "messages": [...]}} — re-run preprocess to rewrite the split') from exc
-            example = _to_example(row, fallback_id=f"line-{lineno}", where=f"{path}:{lineno}")
-            if example.id in seen:
-                raise EvaluationError(f"{path}:{lineno}: duplicate id {example.id!r}; ids must be unique")
-            seen.add(example.id)
-            examples.append(example)
+    for index, row in enumerate(rows, start=1):
+        example = _to_example(row, fallback_id=f"row-{index}", where=f"{path} row {index}")
+        if example.id in seen:
+            raise EvaluationError(f"{path} row {index}: duplicate id {example.id!r}; ids must be unique")
+        seen.add(example.id)
+        examples.append(example)
     if not examples:
         raise EvaluationError(
             f"test split is empty: {path} has no conversations. Give the test split more rows "
@@ -109,9 +106,7 @@ def _to_example(row: Any, *, fallback_id: str, where: str) -> TestExample:
 
 
 def render_prompt(tokenizer, messages, *, system_prompt: str | None) -> str:
-    msgs = [dict(m) for m in messages]
-    if system_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system_prompt})
+    msgs = with_system_prompt([dict(m) for m in messages], system_prompt)
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.datasets import DatasetContractError, read_split, with_system_prompt
 from shared.models import ModelNotAvailable, resolve_model
 from shared.recipe import Recipe, TrainingSpec
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that cross_entropy skips: prompt, system and padding tokens
-_ROLES = ("system", "user", "assistant")
 # Recipe fields that only change bookkeeping, not the numbers: a checkpoint written under other
 # values of these can still be resumed exactly.
 _BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "metrics_every")
@@ -95,24 +95,10 @@ def _never() -> bool:
 
 def load_split(path: Path) -> list[dict]:
     """Rows of one prepared split; a malformed line is an error (the preprocess should not emit it)."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{path}:{lineno}: not valid JSON ({exc.msg}); re-run the preprocess stage") from exc
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not all(
-                    isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise TrainingError(
-                    f"{path}:{lineno}: expected {{\"id\", \"messages\": [{{\"role\": system|user|assistant, "
-                    f"\"content\": str}}]}}; re-run the preprocess stage")
-            rows.append(row)
-    return rows
+    try:
+        return read_split(path)
+    except DatasetContractError as exc:
+        raise TrainingError(f"{exc}; re-run the preprocess stage") from exc
 
 
 def encode_conversation(tokenizer, messages: list[dict], *, system_prompt: str | None,
@@ -125,8 +111,7 @@ def encode_conversation(tokenizer, messages: list[dict], *, system_prompt: str |
     IGNORE_INDEX. Each segment is tokenized on its own, exactly as at inference, where the
     prompt is tokenized and the reply generated after it.
     """
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = with_system_prompt(messages, system_prompt)
 
     def render(upto: int, generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages[:upto], tokenize=False,

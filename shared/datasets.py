@@ -1,0 +1,44 @@
+"""The prepared-dataset contract, read in one place by every stage that consumes it.
+
+A prepared dataset is a folder with train.jsonl, val.jsonl and test.jsonl (plus manifest.json,
+pii_report.json, rejected.jsonl); each split line is {"id": str, "messages": [{"role": "system" |
+"user" | "assistant", "content": str}, ...]}.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "val", "test")
+_SHAPE = '{"id": str, "messages": [{"role": system|user|assistant, "content": str}, ...]}'
+
+
+class DatasetContractError(ValueError):
+    """A split file that breaks the contract; the message names the file and line."""
+
+
+def read_split(path: Path) -> list[dict]:
+    """Every row of one split, validated; blank lines are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetContractError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {_SHAPE}") from exc
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+                raise DatasetContractError(f"{path}:{lineno}: expected {_SHAPE}")
+            rows.append(row)
+    return rows
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The recipe's system prompt goes first in a conversation that has none of its own."""
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return list(messages)
