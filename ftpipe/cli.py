@@ -221,9 +221,7 @@ def cmd_dlq(args) -> int:
 # ------------------------------------------------------------------ stages without the bus
 def cmd_prepare(args) -> int:
     from ftpipe.stages import prepare_file
-    from shared.recipe import load_recipe
 
-    load_recipe(args.recipe)  # a wrong recipe name fails at once, not after Spark has started
     result = prepare_file(args.file, args.recipe, args.out)
     if args.json:
         _print_json(result)

@@ -26,7 +26,8 @@ def prepare_file(file: str, recipe: str, out: str) -> dict:
     from services.preprocess.spark import build_session
 
     path = _existing(file, "file", folder=False)
-    result = prepare(build_session(), str(path.resolve()), load_recipe(recipe), Path(out),
+    parsed = load_recipe(recipe)  # a wrong recipe fails at once, not after Spark has started
+    result = prepare(build_session(), str(path.resolve()), parsed, Path(out),
                      source={"file": str(path.resolve())})
     return result.to_dict()
 

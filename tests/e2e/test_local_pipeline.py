@@ -62,7 +62,10 @@ def test_drop_to_registered_model(stack, tmp_path):
     assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
 
 
-def test_trainer_sigkilled_mid_run_resumes_and_registers_once(stack, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_trainer_stopped_mid_run_resumes_and_registers_once(stack, tmp_path, sig):
+    """SIGKILL: the pod died; the replacement waits out its lease and resumes from the last upload.
+    SIGTERM: spot preemption; the trainer checkpoints where it is, hands the message back, exits."""
     data = write_chats(tmp_path / "chats.jsonl", n=60)
     recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml", max_steps=60, checkpoint_every=5, batch_size=4, max_seq_len=128)
     client = Client(stack)
@@ -75,8 +78,8 @@ def test_trainer_sigkilled_mid_run_resumes_and_registers_once(stack, tmp_path):
         time.sleep(0.05)
     killed_at = client.run(run_id)["training"].get("step", 0)
     pid = int(pid_file.read_text())
-    os.kill(pid, signal.SIGKILL)
-    while running(stack).get("trainer") == pid:   # SIGKILL is asynchronous
+    os.kill(pid, sig)
+    while running(stack).get("trainer") == pid:   # signals are asynchronous; SIGTERM checkpoints first
         time.sleep(0.05)
     up(stack)  # a replacement trainer: it must wait out the dead one's lease, then resume
     assert running(stack)["trainer"] != pid
@@ -90,3 +93,20 @@ def test_trainer_sigkilled_mid_run_resumes_and_registers_once(stack, tmp_path):
     assert len(starts) == 2 and starts[0] == "training from step 0" and starts[1] != "training from step 0", starts
     assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
     assert run["training"]["step"] == 60
+
+
+def test_prepare_alone_then_submit_the_prepared_dataset(stack, tmp_path):
+    """`ftpipe prepare` runs the Spark stage in-process; `ftpipe submit` of its output folder goes
+    straight to the trainer through the `jobs` topic."""
+    recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml")
+    prepared = tmp_path / "prepared"
+    proc = ftpipe("prepare", str(write_chats(tmp_path / "chats.jsonl")), "--recipe", str(recipe), "--out", str(prepared), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["counts"]["rejected"] == 1
+    job = tmp_path / "job.yaml"
+    job.write_text(f"recipe: {recipe}\ndataset: prepared\nprepared: true\ntenant: team-a\n")
+    proc = ftpipe("submit", str(job), "--wait", "--json", "--timeout", "600", env={"FTPIPE_STATE": str(stack.state_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["status"] == "succeeded" and record["model"]["version"] == "1.1"
+    assert record["artefacts"]["input"].endswith("/dataset/")
