@@ -18,22 +18,28 @@ class DatasetContractError(ValueError):
     """A split file that breaks the contract; the message names the file and line."""
 
 
-def read_split(path: Path) -> list[dict]:
-    """Every row of one split, validated; blank lines are skipped."""
-    rows = []
+def iter_jsonl(path: Path, *, shape: str):
+    """(line number, value) for each non-blank line of a small JSONL file the pipeline wrote or
+    ships; bad JSON raises DatasetContractError naming the file, the line and the expected shape."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetContractError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {_SHAPE}") from exc
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-                raise DatasetContractError(f"{path}:{lineno}: expected {_SHAPE}")
-            rows.append(row)
+                raise DatasetContractError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {shape}") from exc
+
+
+def read_split(path: Path) -> list[dict]:
+    """Every row of one split, validated; blank lines are skipped."""
+    rows = []
+    for lineno, row in iter_jsonl(path, shape=_SHAPE):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise DatasetContractError(f"{path}:{lineno}: expected {_SHAPE}")
+        rows.append(row)
     return rows
 
 

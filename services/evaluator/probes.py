@@ -7,14 +7,15 @@ pass means the model learned the fact, not the sentence.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from shared.datasets import with_system_prompt
+from shared.datasets import DatasetContractError, iter_jsonl, with_system_prompt
+
+_SHAPE = '{"question": str, "expect": [str, ...]}'
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,8 @@ class Probe:
 def load_probes(path: Path | str) -> list[Probe]:
     path = Path(path)
     probes = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProbeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    try:
+        for lineno, row in iter_jsonl(path, shape=_SHAPE):
             question = row.get("question") if isinstance(row, dict) else None
             expect = row.get("expect") if isinstance(row, dict) else None
             if not isinstance(question, str) or not question.strip():
@@ -53,8 +48,10 @@ def load_probes(path: Path | str) -> list[Probe]:
                     or not all(isinstance(e, str) and e.strip() for e in expect)):
                 raise ProbeError(f"{path}:{lineno}: 'expect' must be a non-empty list of non-empty strings")
             probes.append(Probe(question=question, expect=tuple(expect), label=row.get("fact")))
+    except DatasetContractError as exc:
+        raise ProbeError(str(exc)) from exc
     if not probes:
-        raise ProbeError(f"{path}: no probes; write one {{\"question\": ..., \"expect\": [...]}} per line")
+        raise ProbeError(f"{path}: no probes; write one {_SHAPE} per line")
     return probes
 
 
