@@ -63,13 +63,41 @@ def cmd_down(args) -> int:
 
 # ------------------------------------------------------------------ runs
 def cmd_drop(args) -> int:
+    if args.dry_run:
+        return _dry_run(args)
     client = _client(args)
-    run_id = client.drop(args.file, args.recipe)
+    run_id = client.drop(args.file, args.recipe, legal_basis=args.legal_basis)
     err.print(f"dropped {escape(args.file)} → run [bold]{run_id}[/bold]")
     if not args.wait:
         print(run_id)
         return 0
     return _wait_and_report(client, run_id, args)
+
+
+def _dry_run(args) -> int:
+    """`drop --dry-run`: the preprocess stage in-process into a temporary folder; nothing uploaded."""
+    import tempfile
+
+    from ftpipe.stages import prepare_file
+
+    with tempfile.TemporaryDirectory(prefix="ftpipe-dry-run-") as tmp:
+        result = prepare_file(args.file, args.recipe, tmp, legal_basis=args.legal_basis)
+    result = {k: v for k, v in result.items() if k not in ("files", "out_dir")}
+    result["dry_run"] = True
+    if args.json:
+        _print_json(result)
+    else:
+        _print_prepared(result, "dry run, nothing uploaded")
+    return 1 if result["rejected"] else 0
+
+
+def _print_prepared(result: dict, where: str) -> None:
+    from services.preprocess.cost import describe
+
+    out.print(f"{'[red]rejected[/red]: ' + escape(result['reason']) if result['rejected'] else '[green]prepared[/green]'} "
+              f"→ {escape(where)}\n  " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    if not result["rejected"]:
+        out.print("  " + escape(describe(result.get("tokens"), result.get("cost_estimate"))).replace("\n", "\n  "))
 
 
 def cmd_submit(args) -> int:
@@ -226,9 +254,42 @@ def cmd_prepare(args) -> int:
     if args.json:
         _print_json(result)
     else:
-        out.print(f"{'[red]rejected[/red]: ' + result['reason'] if result['rejected'] else '[green]prepared[/green]'} "
-                  f"→ {args.out}\n  " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+        _print_prepared(result, args.out)
     return 1 if result["rejected"] else 0
+
+
+def cmd_privacy(args) -> int:
+    from ftpipe import privacy
+
+    client = _client(args)
+    if args.action == "list":
+        rows = privacy.awaiting(client)
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            err.print("no datasets awaiting privacy review")
+        for r in rows if not args.json else ():
+            recipe = r.get("recipe") or {}
+            residual = r["residual_rate"]
+            out.print(f"{r['run_id']}  {recipe.get('name', '?')} v{recipe.get('version', '?')}  dataset "
+                      f"{r['dataset'].get('id')}  " + ", ".join(f"{k} {v}" for k, v in r["dataset"].get("counts", {}).items()))
+            out.print("  PII masked: " + (", ".join(f"{k} {v}" for k, v in r["pii_counts"].items()) or "none")
+                      + ("" if residual is None else f"; residual rate {residual:.4%}"))
+        return 0
+    if not args.run:
+        raise UsageError(f"privacy {args.action} needs a RUN id; `ftpipe privacy list` shows them")
+    if args.action == "approve":
+        if not args.approver:
+            raise UsageError("privacy approve needs --approver NAME")
+        result = privacy.approve(client, args.run, args.approver, args.note)
+        message = f"run {args.run}: approved by {result['approver']}; training can start"
+    else:
+        if not args.reason:
+            raise UsageError("privacy reject needs --reason TEXT")
+        result = privacy.reject(client, args.run, args.reason, args.approver or os.environ.get("USER", "unknown"))
+        message = f"run {args.run}: rejected by {result['approver']}"
+    _print_json(result) if args.json else err.print(escape(message))
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -278,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "drop":
             p.add_argument("file")
             p.add_argument("--recipe", required=True, help="recipe name (see recipes/) or a recipe YAML file")
+            p.add_argument("--dry-run", action="store_true",
+                           help="prepare in-process and print counts, token counts and the cost estimate; upload nothing")
+            p.add_argument("--legal-basis", help="legal basis / consent reference, recorded in the manifest")
         else:
             p.add_argument("job", help="YAML: recipe, dataset, [prepared, overrides, tenant]")
         p.add_argument("--wait", action="store_true", help="wait for the run to end, showing progress")
@@ -307,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--recipe", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p = add("privacy", cmd_privacy, "privacy sign-off: list datasets awaiting review, approve or reject one")
+    p.add_argument("action", choices=["list", "approve", "reject"])
+    p.add_argument("run", nargs="?")
+    p.add_argument("--approver", help="who signs off (approve: required)")
+    p.add_argument("--note", help="approve: a note kept with the sign-off")
+    p.add_argument("--reason", help="reject: why")
     p.add_argument("--json", action="store_true")
     p = add("train", cmd_train, "run the training stage alone, in-process")
     p.add_argument("--recipe", required=True)

@@ -50,9 +50,11 @@ class Client:
             return recipe
         return load_recipe(ref)
 
-    def drop(self, file: str | Path, recipe: str) -> str:
+    def drop(self, file: str | Path, recipe: str, *, legal_basis: str | None = None) -> str:
         """Upload a dataset to incoming/<recipe>/<file>, as a team would drop it into the bucket.
-        Returns the run id the drop starts (derived exactly as the preprocess service derives it)."""
+        Returns the run id the drop starts (derived exactly as the preprocess service derives it).
+        `legal_basis` (a legal basis / consent reference) is written first, as the sidecar object
+        incoming/<recipe>/<file>.legal.json that the preprocess service reads with the drop."""
         path = Path(file)
         if not path.is_file():
             raise ClientError(f"{file}: no such file")
@@ -61,6 +63,14 @@ class Client:
         except RecipeError as exc:
             raise ClientError(str(exc)) from exc
         name = f"incoming/{parsed.name}/{_safe_name(path.name)}"
+        if legal_basis is not None:
+            if not legal_basis.strip():
+                raise ClientError("--legal-basis must not be empty")
+            import json
+
+            self.adapters.store.write(self.settings.bucket, f"{name}.legal.json",
+                                      json.dumps({"legal_basis": legal_basis.strip(), "at": time.time()}).encode(),
+                                      content_type="application/json")
         info = self.adapters.store.upload_file(self.settings.bucket, name, str(path))
         return ev.derive_run_id(info.bucket, info.name, str(info.generation), parsed.name, parsed.version)
 

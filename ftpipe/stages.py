@@ -21,14 +21,16 @@ def _existing(path: str, what: str, *, folder: bool) -> Path:
     return p
 
 
-def prepare_file(file: str, recipe: str, out: str) -> dict:
+def prepare_file(file: str, recipe: str, out: str, *, legal_basis: str | None = None) -> dict:
     from services.preprocess.job import prepare
     from services.preprocess.spark import build_session
 
     path = _existing(file, "file", folder=False)
     parsed = load_recipe(recipe)  # a wrong recipe fails at once, not after Spark has started
-    result = prepare(build_session(), str(path.resolve()), parsed, Path(out),
-                     source={"file": str(path.resolve())})
+    source = {"file": str(path.resolve())}
+    if legal_basis:
+        source["legal_basis"] = legal_basis
+    result = prepare(build_session(), str(path.resolve()), parsed, Path(out), source=source)
     return result.to_dict()
 
 

@@ -26,6 +26,16 @@ class Settings(BaseModel):
     max_backoff_s: float = 60.0
     trainer_lease_s: float = 60.0          # a run's ownership lease; stale after this without heartbeat
     create_resources: bool = True          # topics/subscriptions/buckets; Terraform owns them in gcp
+    # Where the preprocess Spark job runs: in the service process (local Spark) or as a Dataproc
+    # Serverless batch (services/preprocess/dataproc.py); the dataproc_* settings are for the latter.
+    preprocess_runner: Literal["in_process", "dataproc"] = "in_process"
+    dataproc_region: str = "europe-west1"
+    dataproc_runtime_version: str = "2.2"
+    dataproc_service_account: str | None = None
+    dataproc_subnetwork: str | None = None
+    dataproc_wheel_uri: str | None = None          # gs://…/ftpipe-<version>-py3-none-any.whl
+    dataproc_main_uri: str | None = None           # gs://…/preprocess_job.py (services/preprocess/job.py)
+    dataproc_container_image: str | None = None    # a runtime image with ftpipe's dependencies installed
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -42,6 +52,14 @@ class Settings(BaseModel):
             "min_backoff_s": env.get("FTPIPE_MIN_BACKOFF_S"),
             "trainer_lease_s": env.get("FTPIPE_TRAINER_LEASE_S"),
             "create_resources": env.get("FTPIPE_CREATE_RESOURCES"),
+            "preprocess_runner": env.get("FTPIPE_PREPROCESS_RUNNER"),
+            "dataproc_region": env.get("FTPIPE_DATAPROC_REGION"),
+            "dataproc_runtime_version": env.get("FTPIPE_DATAPROC_RUNTIME_VERSION"),
+            "dataproc_service_account": env.get("FTPIPE_DATAPROC_SERVICE_ACCOUNT"),
+            "dataproc_subnetwork": env.get("FTPIPE_DATAPROC_SUBNETWORK"),
+            "dataproc_wheel_uri": env.get("FTPIPE_DATAPROC_WHEEL_URI"),
+            "dataproc_main_uri": env.get("FTPIPE_DATAPROC_MAIN_URI"),
+            "dataproc_container_image": env.get("FTPIPE_DATAPROC_CONTAINER_IMAGE"),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)

@@ -86,6 +86,24 @@ class DatasetPrepared(Event):
     dataset_uri: str                       # folder URL holding train/val/test.jsonl, manifest.json
     counts: dict[str, int]
     tenant: str = "default"
+    tokens: dict[str, Any] | None = None          # per split, with the base model's tokenizer
+    cost_estimate: dict[str, Any] | None = None   # FLOPs, GPU hours, price (services/preprocess/cost.py)
+    privacy_signoff: dict[str, Any] | None = None  # who approved, when, residual rate seen (privacy review)
+
+
+class DatasetAwaitingReview(Event):
+    """A prepared dataset held for privacy sign-off (recipe data.privacy_review): nothing trains on
+    it until `ftpipe privacy approve` publishes its DatasetPrepared."""
+    type: ClassVar[str] = "DatasetAwaitingReview"
+    topic: ClassVar[str] = DATASETS
+    recipe: Recipe
+    dataset_id: str
+    dataset_uri: str
+    counts: dict[str, int]
+    pii: dict[str, Any] = {}               # pii_report summary: counts per category, residual rate; never values
+    tenant: str = "default"
+    tokens: dict[str, Any] | None = None
+    cost_estimate: dict[str, Any] | None = None
 
 
 class DatasetRejected(Event):
@@ -224,7 +242,7 @@ class ObjectFinalized(_Body):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetRejected, TrainingStarted, TrainingProgress,
+    cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
                               CheckpointSaved, TrainingCompleted, TrainingFailed, EvaluationCompleted,
                               ModelRegistered, ModelPromoted, ModelQuarantined)
 }

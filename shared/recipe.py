@@ -26,15 +26,104 @@ class DataSpec(_Strict):
     system_prompt: str | None = None
     max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
     max_row_bytes: int = Field(64_000, gt=0)
-    pii_categories: tuple[Literal["email", "phone", "card"], ...] = ("email", "phone", "card")
+    # PII (services/preprocess/pii.py): the detector backend, the categories masked, and the share of
+    # documents the independent residual scan may still flag after masking before the dataset is rejected.
+    pii_backend: Literal["rules", "dlp", "presidio"] = "rules"
+    pii_categories: tuple[Literal["email", "phone", "card", "iban", "ip", "ssn", "tfn", "abn", "medicare", "dob",
+                                  "address", "person"], ...] = (
+        "email", "phone", "card", "iban", "ip", "ssn", "tfn", "abn", "medicare", "dob", "address", "person")
+    pii_residual_threshold: float = Field(0.001, ge=0.0, le=1.0)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     min_rows: int = Field(10, ge=1)
+    # Privacy: a prepared dataset waits for `ftpipe privacy approve` before training starts.
+    privacy_review: bool = False
+    # A drop must carry a legal basis / consent reference (`ftpipe drop --legal-basis`), else rejected.
+    require_legal_basis: bool = False
 
     @model_validator(mode="after")
     def _split_sums_to_one(self) -> "DataSpec":
         if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
             raise ValueError(f"data.split must be three non-negative fractions summing to 1, got {list(self.split)}")
         return self
+
+
+class DedupSpec(_Strict):
+    """Near-duplicate removal (after exact dedup): MinHash over word shingles, LSH banding.
+
+    Defaults measured on short chat rows (50-word documents, one copy per document with 2 words
+    replaced), see services/preprocess/neardup.py for the figures: 3-word shingles catch far more
+    of such edits than 5-word ones at 14 x 8 bands/rows.
+    """
+
+    near: bool = True
+    # measured (bench/neardup_bench.py, 2-word edits of 50-word chat rows, 14 x 8, threshold 0.7):
+    # caught 88.4% with 3-word shingles (datasketch MinHashLSH: 88.4%), 27.1% with 5-word ones
+    # (datasketch, candidates without the Jaccard check: 49.2%)
+    shingle_words: int = Field(3, ge=1, le=16)
+    num_perm: int = Field(112, ge=2, le=1024)
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+    threshold: float = Field(0.7, gt=0.0, le=1.0)
+    max_iterations: int = Field(50, ge=1)  # connected components: label propagation rounds at most
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> "DedupSpec":
+        if self.bands * self.rows != self.num_perm:
+            raise ValueError(f"dedup.bands * dedup.rows must equal dedup.num_perm, got "
+                             f"{self.bands} * {self.rows} != {self.num_perm}")
+        return self
+
+
+QUALITY_RULES = ("empty_answer", "short_answer", "long_answer", "truncated_answer", "symbol_ratio",
+                 "digit_ratio", "duplicate_lines", "repeated_ngrams", "boilerplate", "non_printable",
+                 "language", "toxicity")
+
+
+class QualitySpec(_Strict):
+    """Heuristic quality filters (Gopher / C4 / FineWeb style, adapted to chat rows); see
+    services/preprocess/quality.py. A row removed by any enabled rule goes to filtered.jsonl."""
+
+    enabled: bool = True
+    rules: tuple[str, ...] = tuple(r for r in QUALITY_RULES if r != "toxicity")
+    min_answer_words: int = Field(1, ge=0)          # support answers can be one word ("Bonjour")
+    max_answer_words: int = Field(4000, ge=1)
+    truncated_min_words: int = Field(30, ge=1)      # only long answers count as cut off mid-sentence
+    max_symbol_ratio: float = Field(0.1, ge=0.0)    # '#', '...', '…' per word (Gopher)
+    max_digit_ratio: float = Field(0.6, ge=0.0, le=1.0)       # digits / non-space characters
+    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0)  # Gopher
+    repeated_ngram_n: int = Field(2, ge=1, le=10)
+    max_top_ngram_fraction: float = Field(0.2, ge=0.0, le=1.0)       # Gopher: 0.20 for 2-grams
+    ngram_min_words: int = Field(20, ge=1)          # n-gram repetition only judged on longer texts
+    max_non_printable_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    languages: tuple[str, ...] = ("en",)
+    min_language_confidence: float = Field(0.8, ge=0.0, le=1.0)
+    language_min_words: int = Field(6, ge=1)        # shorter texts are not language-checked
+    max_toxicity: float = Field(0.05, ge=0.0, le=1.0)  # lexicon hits per word
+
+    @model_validator(mode="after")
+    def _known_rules(self) -> "QualitySpec":
+        unknown = sorted(set(self.rules) - set(QUALITY_RULES))
+        if unknown:
+            raise ValueError(f"quality.rules: unknown rule(s) {unknown}; known: {list(QUALITY_RULES)}")
+        return self
+
+
+# Defaults for the cost estimate (services/preprocess/cost.py): sustained = ~40% of the dense
+# BF16 peak (L4 121, A100 312, H100 SXM 989 TFLOP/s); prices are approximate on-demand USD per
+# GPU-hour on Google Cloud (g2 / a2 / a3 machines, VM share included). Override in the recipe.
+GPU_TABLE: dict[str, dict[str, float]] = {
+    "l4": {"sustained_tflops": 48.0, "price_per_gpu_hour": 0.85},
+    "a100": {"sustained_tflops": 125.0, "price_per_gpu_hour": 3.70},
+    "h100": {"sustained_tflops": 400.0, "price_per_gpu_hour": 11.00},
+}
+
+
+class HardwareSpec(_Strict):
+    """The hardware training is costed on (the estimate only; scheduling is the trainer's)."""
+    gpu: Literal["l4", "a100", "h100"] = "l4"
+    count: int = Field(1, ge=1)
+    price_per_gpu_hour: float | None = Field(None, ge=0.0)   # default: GPU_TABLE
+    sustained_tflops: float | None = Field(None, gt=0.0)     # per GPU; default: GPU_TABLE
 
 
 class AdapterSpec(_Strict):
@@ -82,9 +171,12 @@ class Recipe(_Strict):
     base_model: str
     model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     data: DataSpec = DataSpec()
+    dedup: DedupSpec = DedupSpec()
+    quality: QualitySpec = QualitySpec()
     adapter: AdapterSpec = AdapterSpec()
     training: TrainingSpec = TrainingSpec()
     eval: EvalSpec = EvalSpec()
+    hardware: HardwareSpec = HardwareSpec()
 
     @property
     def hash(self) -> str:

@@ -1,6 +1,8 @@
 """The preprocess Spark application: raw JSONL / CSV / Parquet -> canonical chat splits.
 
-    read -> validate (bad rows to rejected.jsonl) -> normalise -> exact dedup -> PII masking
+    read -> validate (bad rows to rejected.jsonl) -> normalise -> exact dedup -> near dedup
+         (MinHash LSH + connected components, `neardup`) -> quality filters (`quality`; removed rows
+         to filtered.jsonl, counts in quality_report.json) -> PII masking
          -> deterministic split -> train/val/test.jsonl, rejected.jsonl, pii_report.json, manifest.json
 
 Spark does the work over partitions (RDD mapPartitions with the pure functions of `formats`,
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +44,10 @@ from pyspark.sql import SparkSession
 from pyspark.sql.types import StringType, StructField, StructType
 
 from services.preprocess import formats, split, stages
+from services.preprocess import cost, provenance
+from services.preprocess import neardup, quality
 from services.preprocess.pii import mask_excerpt
+from services.preprocess import pii, pii_residual
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 log = logging.getLogger("ftpipe.preprocess")
@@ -62,6 +68,8 @@ class PrepareResult:
     out_dir: Path
     files: dict[str, Path]  # file name -> path, every file written (manifest.json included)
     timings: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, Any] | None = None          # per split (services/preprocess/cost.py)
+    cost_estimate: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,6 +223,14 @@ def _validated_rdd(spark: SparkSession, path: str, kind: str, rules: formats.Row
 # ------------------------------------------------------------------------------ the job
 
 
+def _filtered_line(tagged: tuple) -> tuple[int, str]:
+    """A row removed by the quality filters as (line, its filtered.jsonl line): the rules it
+    tripped and a PII-masked excerpt, never the raw row."""
+    (_, (line_no, messages)), tripped = tagged
+    excerpt = mask_excerpt(neardup.conversation_text(messages), 200)
+    return line_no, json.dumps({"line": line_no, "rules": list(tripped), "excerpt": excerpt}, ensure_ascii=False)
+
+
 def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path, *, source: dict) -> PrepareResult:
     """Prepare one raw dataset; see the module docstring. Never raises for bad data: a dataset
     that cannot be used comes back with `rejected=True` and one reason (and rejected.jsonl and
@@ -249,6 +265,15 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         return now
 
     try:
+        # 0. PII canary: the configured backend must mask a document seeded with every enabled
+        # category before any data is touched (categories only in the reason, never values)
+        try:
+            missed = pii.canary_missed(categories, data.pii_backend)
+        except pii.PiiBackendUnavailable as exc:
+            raise _Rejected(str(exc)) from None
+        if missed:
+            raise _Rejected(f"PII canary not fully detected: missed {missed} (pii_backend {data.pii_backend!r})")
+
         kind = input_type(input_path)
         if kind is None:
             raise _Rejected(f"unsupported input type for {input_path.rsplit('/', 1)[-1]!r}; "
@@ -262,6 +287,9 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
             if local.is_file() and local.stat().st_size == 0:
                 raise _Rejected("input is empty (0 bytes)")
             input_path = str(local.resolve())
+        manifest.update(provenance.describe_source(source, local, recipe))
+        if problem := provenance.legal_basis_problem(recipe, source):
+            raise _Rejected(problem)
 
         # 1-2. read and validate
         t0 = time.perf_counter()
@@ -309,16 +337,66 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         sc.setJobDescription("preprocess: dedup + PII + split")
         deduped = (validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key)
                    .reduceByKey(stages.keep_first))
+        # 3b. near-duplicates (MinHash LSH + connected components), then 3c. quality filters
+        near_removed, quality_removed = 0, 0
+        if recipe.dedup.near:
+            sc.setJobDescription("preprocess: near dedup")
+            deduped, near = neardup.near_dedup(spark, deduped, neardup.Params.from_spec(recipe.dedup))
+            near_removed = near.removed
+            manifest["near_dedup"] = {**recipe.dedup.model_dump(mode="json"), **near.report()}
+            t0 = lap("near_dedup_s", t0)
+        if recipe.quality.enabled:
+            sc.setJobDescription("preprocess: quality filters")
+            tagged = deduped.mapPartitions(
+                partial(quality.tag_partition, rules=quality.Rules.from_spec(recipe.quality))
+            ).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(tagged)
+            qsum = quality.merge(tagged.mapPartitions(quality.summarise).collect())
+            quality_removed = qsum["removed"]
+            file_meta["filtered.jsonl"] = _write_lines(
+                out_dir / "filtered.jsonl",
+                (line for _, line in tagged.filter(lambda t: bool(t[1])).map(_filtered_line).sortByKey()
+                 .toLocalIterator()),
+            )
+            files["filtered.jsonl"] = out_dir / "filtered.jsonl"
+            quality_report = {"rules_enabled": list(recipe.quality.rules),
+                              "thresholds": recipe.quality.model_dump(mode="json"),
+                              "rows_checked": qsum["checked"],
+                              "rows_removed": quality_removed,
+                              "counts": {r: qsum["rules"].get(r, 0) for r in recipe.quality.rules},
+                              "note": "a row can trip several rules: each is counted, the row is removed once"}
+            file_meta["quality_report.json"] = _write_json(out_dir / "quality_report.json", quality_report)
+            files["quality_report.json"] = out_dir / "quality_report.json"
+            manifest["quality"] = {"rows_removed": quality_removed, "counts": quality_report["counts"]}
+            deduped = tagged.filter(lambda t: not t[1]).map(lambda t: t[0])
+            t0 = lap("quality_s", t0)
         prepared = deduped.mapPartitions(
-            partial(stages.mask_and_place, categories=categories, fractions=fractions)
+            partial(stages.mask_and_place, categories=categories, fractions=fractions, backend=data.pii_backend)
         ).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(prepared)
         psum = stages.merge_prepared(prepared.mapPartitions(stages.summarise_prepared).collect())
         n = sum(psum["splits"])
-        counts.update(deduplicated=n, duplicates_removed=ok - n, pii_masked_rows=psum["masked_rows"])
+        # deduplicated: rows after exact and near dedup (the quality filters come after it)
+        counts.update(deduplicated=n + quality_removed, duplicates_removed=ok - n - quality_removed - near_removed,
+                      near_duplicates_removed=near_removed, quality_filtered=quality_removed,
+                      pii_masked_rows=psum["masked_rows"])
         t0 = lap("dedup_mask_s", t0)
         if n < data.min_rows:
             raise _Rejected(f"only {n} valid rows after dedup, fewer than data.min_rows={data.min_rows}")
+
+        # 5b. residual PII scan: an independent loose scanner over the masked rows; above the
+        # recipe's threshold the dataset is rejected before any split is written
+        sc.setJobDescription("preprocess: PII residual scan")
+        residual = pii_residual.merge(prepared.mapPartitions(pii_residual.summarise).collect())
+        manifest["pii"] = {"backend": data.pii_backend, "counts": {c: psum["pii"].get(c, 0) for c in categories},
+                           "rows_masked": psum["masked_rows"], "residual_rate": residual["rate"],
+                           "residual_threshold": data.pii_residual_threshold}
+        t0 = lap("pii_residual_s", t0)
+        if residual["rate"] > data.pii_residual_threshold:
+            raise _Rejected(f"PII residual rate {residual['rate']:.2%} above threshold "
+                            f"{data.pii_residual_threshold:.2%} ({residual['documents_with_hits']} of "
+                            f"{residual['documents']} documents flagged by the residual scan: "
+                            f"{', '.join(f'{k} {v}' for k, v in residual['hits'].items())})")
 
         # 6. split (hash buckets; an empty split borrows the nearest rows of the largest one)
         split_counts = list(psum["splits"])
@@ -360,16 +438,33 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
             "counts": {c: psum["pii"].get(c, 0) for c in categories},
             "rows_scanned": n,
             "rows_masked": psum["masked_rows"],
-            "method": "rules: regex (email, phone), regex + Luhn checksum (card); values are never stored",
+            "backend": data.pii_backend,
+            "canary": "passed",
+            "residual_rate": residual["rate"],
+            "residual_threshold": data.pii_residual_threshold,
+            "residual": {"documents_scanned": residual["documents"],
+                         "documents_with_hits": residual["documents_with_hits"],
+                         "hits_by_rule": residual["hits"], "rate": residual["rate"],
+                         "threshold": data.pii_residual_threshold},
+            "method": (f"{data.pii_backend} backend (see services/preprocess/pii.py), then an independent "
+                       "high-recall residual scan of the masked rows; values are never stored"),
         }
         file_meta["pii_report.json"] = _write_json(out_dir / "pii_report.json", pii_report)
         files["pii_report.json"] = out_dir / "pii_report.json"
-        manifest["pii"] = {"counts": pii_report["counts"], "rows_masked": pii_report["rows_masked"]}
+        manifest["pii"]["residual"] = pii_report["residual"]
         rejected, reason = False, None
+        t0 = time.perf_counter()
+        tokens, cost_estimate, token_error = cost.tokens_and_cost(
+            recipe, {name: out_dir / f"{name}.jsonl" for name in split.SPLITS})
+        manifest.update(tokens=tokens or {"error": token_error}, cost_estimate=cost_estimate)
+        lap("tokens_s", t0)
     except _Rejected as rej:
         rejected, reason = True, rej.reason
         for name in (*SPLIT_FILES, "pii_report.json"):  # never leave splits from an earlier run beside a rejection
             (out_dir / name).unlink(missing_ok=True)
+        for name in ("filtered.jsonl", "quality_report.json"):  # audit files: kept when written by this run
+            if name not in files:
+                (out_dir / name).unlink(missing_ok=True)
         if "rejected.jsonl" not in files:
             file_meta["rejected.jsonl"] = _write_lines(out_dir / "rejected.jsonl", [])
             files["rejected.jsonl"] = out_dir / "rejected.jsonl"
@@ -388,6 +483,8 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         files=file_meta,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    manifest["timings"] = dict(timings)
     _write_json(out_dir / "manifest.json", manifest)
     files["manifest.json"] = out_dir / "manifest.json"
     timings["total_s"] = round(time.perf_counter() - started, 3)
@@ -395,7 +492,9 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         log.warning("preprocess: dataset %s rejected: %s", dataset_id, reason)
     log.info("preprocess: dataset %s counts=%s timings=%s", dataset_id, counts, timings)
     return PrepareResult(dataset_id=dataset_id, rejected=rejected, reason=reason, counts=counts,
-                         out_dir=out_dir, files=files, timings=timings)
+                         out_dir=out_dir, files=files, timings=timings,
+                         tokens=manifest.get("tokens") if not rejected else None,
+                         cost_estimate=manifest.get("cost_estimate"))
 
 
 # ------------------------------------------------------------------------------ entrypoint
@@ -411,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="preprocess", description="Prepare a raw dataset for fine-tuning.")
     parser.add_argument("--input", required=True, help="JSONL/CSV/Parquet file (local path, file:// or gs://)")
     parser.add_argument("--recipe", required=True, help="recipe name, YAML path, or JSON string")
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (a path, file:// or gs://, e.g. on Dataproc)")
     parser.add_argument("--source-json", default="{}", help="source description (JSON object) for the manifest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -434,7 +533,13 @@ def main(argv: list[str] | None = None) -> int:
 
         spark = build_session()
     start_s = time.perf_counter() - t0
-    result = prepare(spark, args.input, recipe, args.out, source=source)
+    remote = args.out.startswith("gs://")
+    out_dir = Path(tempfile.mkdtemp(prefix="ftpipe-out-")) if remote else Path(args.out.removeprefix("file://"))
+    result = prepare(spark, args.input, recipe, out_dir, source=source)
+    if remote:  # Dataproc: the driver's local folder, then the bucket (write-if-absent, as the service does)
+        from services.preprocess.dataproc import upload_out
+
+        upload_out(out_dir, args.out)
     result.timings["spark_start_s"] = round(start_s, 3)
     print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     return 1 if result.rejected else 0

@@ -1,60 +1,58 @@
-"""PII masking with category tokens: rules (regexes + checksums), no external service.
+"""PII detection and masking with category tokens, behind one small detector interface.
 
-`mask(text, categories)` returns the masked text and a count per category; it never returns or
-keeps the values it replaced. The order matters: emails first (their local part may hold digits),
-then card numbers (only when the Luhn checksum holds), then phone numbers. A number that is not
-masked as a card (bad checksum) is not masked as a phone either: phone patterns refuse to start or
-end next to another digit group.
+Backends (chosen by `data.pii_backend` in the recipe):
 
-What is deliberately left alone: years (2019), prices ($1,299.00), versions (1.2.3), dates
-(01-02-2024: too few digits), order/ticket numbers with clear boundaries (#12345, ORD-2024-001234,
-order 100234), and long digit runs with a bad Luhn checksum. Known limit of this first version:
-a bare US-shaped number such as 415-555-0100 is masked as a phone even where it is an order
-number; a production backend (Cloud DLP) would use context.
+- `rules` (default, offline; `RulesDetector`): regexes, checksums, the `phonenumbers` library and a
+  small name gazetteer (`pii_names.txt`).
+- `presidio` (`PresidioDetector`): presidio-analyzer's recognizers, where it and a spaCy model are
+  installed (not a dependency of ftpipe).
+- `dlp` (`DlpMasker`): Cloud DLP `deidentify_content` with replace-with-info-type; the request it
+  builds and the mapping of its response are pure functions (`dlp_deidentify_request`,
+  `dlp_map_response`).
+
+`mask(text, categories, backend=...)` returns the masked text and a count per category; it never
+returns or keeps the values it replaced. Overlapping spans are resolved deterministically: the
+longest span wins, ties go to the more specific category (checksummed identifiers first, see
+`PRIORITY`), then to the earlier start.
+
+What the rules leave alone: years (2019), prices ($1,299.00), versions (1.2.3), dates outside a
+date-of-birth context (01-02-2024), order/ticket numbers with clear boundaries (#12345,
+ORD-2024-001234, order 100234), and numbers whose checksum fails (cards, IBAN, TFN, ABN, Medicare).
+Phone numbers are found by `phonenumbers.PhoneNumberMatcher` (leniency VALID) over several regions,
+and refused when glued to another digit group or a word (an order number such as ORD-2024-001234).
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
+from functools import lru_cache
+from typing import Protocol
 
-CATEGORIES = ("email", "phone", "card")
-TOKENS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
+CATEGORIES = ("email", "phone", "card", "iban", "ip", "ssn", "tfn", "abn", "medicare", "dob", "address", "person")
+TOKENS = {c: f"[{c.upper()}]" for c in CATEGORIES}
+BACKENDS = ("rules", "dlp", "presidio")
+# Ties between spans of the same length: the earlier category here wins (most specific first).
+PRIORITY = {c: i for i, c in enumerate(
+    ("card", "iban", "medicare", "abn", "tfn", "ssn", "email", "ip", "dob", "phone", "address", "person"))}
+PHONE_REGIONS = ("US", "GB", "AU", "DE", "FR", "IN")
 
-_EMAIL = re.compile(
-    r"(?<![\w.%+-])"  # not glued to a longer token
-    r"[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"  # local part
-    r"@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"  # domain
-    r"(?![\w-])"
-)
+Span = tuple[int, int, str]  # (start, end, category), end exclusive
 
-# 13-19 digits, optionally grouped by single spaces or dashes, not part of a longer number.
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)")
 
-# Boundaries shared by the phone patterns: not preceded by a word character, '#', '/', '-', '.'
-# or by a digit group ("12 " / "12-"); not followed by a word character or another digit group.
-_PB = r"(?<![\w#/.+-])(?<!\d[ .-])"
-_PE = r"(?![\w-])(?![ .-]\d)"
-_PHONE = re.compile(
-    _PB
-    + r"(?:"
-    # international: +CC then 2-5 groups, optional (area) group: +1 415 555 0100, +44 20 7946 0958,
-    # +1 (415) 555-0100, +61 412 345 678, +14155550100
-    r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){1,5}"
-    # North American with the area code in parentheses: (415) 555-0100, (415)555-0100
-    r"|\(\d{3}\)[ ]?\d{3}[ .-]\d{4}"
-    # North American, consistent separator: 415-555-0100, 415.555.0100, 415 555 0100
-    r"|\d{3}([ .-])\d{3}\1\d{4}"
-    # national trunk prefix 0 (AU, UK, EU): 0412 345 678, 020 7946 0958, 02 9876 5432, 07700 900123
-    r"|\(0\d{1,4}\)[ ]?\d{2,4}(?:[ -]?\d{2,4}){1,2}"
-    r"|0\d{1,4}(?:[ -]\d{2,6}){1,3}"
-    # national, unseparated: 0412345678, 07700900123 (not 00..., which reads as a padded number)
-    r"|0[1-9]\d{8,9}"
-    r")"
-    + _PE
-)
+class Detector(Protocol):
+    """A PII detector: the spans of `text` to mask, each with its category."""
 
-_DIGIT_RANGE = {"+": (8, 15), "(": (10, 11), "0": (9, 11)}
+    name: str
+
+    def detect(self, text: str) -> list[Span]: ...
+
+
+class PiiBackendUnavailable(RuntimeError):
+    """The recipe names a backend whose packages are not installed here."""
+
+
+# ------------------------------------------------------------------------------ checksums
 
 
 def luhn_ok(digits: str) -> bool:
@@ -69,42 +67,438 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _plausible_phone(match: str) -> bool:
-    digits = sum(ch.isdigit() for ch in match)
-    lo, hi = _DIGIT_RANGE.get(match[0], (10, 10))
-    if match.startswith("(0"):
-        lo, hi = 9, 11
-    return lo <= digits <= hi
+def iban_ok(iban: str) -> bool:
+    s = iban.replace(" ", "").upper()
+    if not (15 <= len(s) <= 34 and s[:2].isalpha() and s[2:4].isdigit() and s.isalnum()):
+        return False
+    return int("".join(str(int(ch, 36)) for ch in s[4:] + s[:4])) % 97 == 1
 
 
-def mask(text: str, categories: Iterable[str] = CATEGORIES) -> tuple[str, dict[str, int]]:
-    """Replace PII of the given categories with tokens; return (masked text, count per category)."""
-    cats = set(categories)
+def tfn_ok(digits: str) -> bool:
+    weights = {8: (10, 7, 8, 4, 6, 3, 5, 1), 9: (1, 4, 3, 7, 5, 8, 6, 9, 10)}.get(len(digits))
+    return bool(weights) and sum(int(d) * w for d, w in zip(digits, weights)) % 11 == 0
+
+
+def abn_ok(digits: str) -> bool:
+    if len(digits) != 11 or digits[0] == "0":
+        return False
+    nums = [int(d) for d in digits]
+    nums[0] -= 1
+    return sum(n * w for n, w in zip(nums, (10, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19))) % 89 == 0
+
+
+def medicare_ok(digits: str) -> bool:
+    if len(digits) not in (10, 11) or digits[0] not in "23456":
+        return False
+    check = sum(int(d) * w for d, w in zip(digits[:8], (1, 3, 7, 9, 1, 3, 7, 9))) % 10
+    return check == int(digits[8])
+
+
+def ssn_ok(area: str, group: str, serial: str) -> bool:
+    a = int(area)
+    return a != 0 and a != 666 and a < 900 and group != "00" and serial != "0000"
+
+
+# ------------------------------------------------------------------------------ rules
+
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])"  # not glued to a longer token
+    r"[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"  # local part
+    r"@"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"  # domain
+    r"(?![\w-])"
+)
+# 13-19 digits, optionally grouped by single spaces or dashes, not part of a longer number.
+_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)")
+_IBAN = re.compile(r"(?<![\w-])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+_IBAN_LEN = {"AD": 24, "AT": 20, "BE": 16, "CH": 21, "CZ": 24, "DE": 22, "DK": 18, "ES": 24, "FI": 18, "FR": 27,
+             "GB": 22, "GR": 27, "IE": 22, "IT": 27, "LU": 20, "NL": 18, "NO": 15, "PL": 28, "PT": 25, "SE": 24}
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
+_SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-]|[ -]\d)")
+_SSN_BARE = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,4}(\d{9})(?!\w)")
+_TFN = re.compile(r"(?<![\w-])(\d{3} \d{3} \d{2,3})(?![\w-]|[ -]\d)")
+_TFN_CTX = re.compile(r"(?i)(?:tfn|tax file(?: number| no\.?)?)\W{0,4}(\d{8,9}|\d{3}[ -]\d{3}[ -]\d{2,3})(?![\w-])")
+_ABN = re.compile(r"(?<![\w-])(\d{2} \d{3} \d{3} \d{3}|(?<=ABN)\W{0,3}\d{11})(?![\w-]|[ -]\d)")
+_ABN_CTX = re.compile(r"(?i)\babn\W{0,4}(\d{11}|\d{2}[ -]?\d{3}[ -]?\d{3}[ -]?\d{3})(?![\w-])")
+_MEDICARE = re.compile(r"(?<![\w-])([2-6]\d{3}[ -]?\d{5}[ -]?\d(?:[ /-]?\d)?)(?![\w-]|[ -]\d)")
+
+# Cheap pre-filter before phonenumbers (slow): some 7+ digits written as one number-like run.
+_PHONE_SHAPED = re.compile(r"\(\d{3}\) ?\d{3}[-. ]\d{4}|(?<![\d-])\d{3}[-.]\d{3}[-.]\d{4}(?![\d-])")
+_PHONE_HINT = re.compile(r"(?:\+|\(?\d)[\d ().\-/]{5,}\d")
+
+_MONTHS = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
+           r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
+_DATE = (r"(?:\d{1,2}[/.-]\d{1,2}[/.-](?:\d{4}|\d{2})|\d{4}-\d{1,2}-\d{1,2}"
+         rf"|\d{{1,2}}(?:st|nd|rd|th)?(?: of)? {_MONTHS},? \d{{4}}|{_MONTHS} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}})")
+_DOB = re.compile(rf"(?i:\b(?:born(?: on| in)?|d\.?o\.?b\.?|date of birth|birth ?date|birthday)"
+                  rf"(?: is| was)?\s*[:=-]?\s*)(?P<date>{_DATE})(?!\d)")
+
+_STREET_TYPES = (r"(?i:Street|St|Road|Rd|Avenue|Ave|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|"
+                 r"Terrace|Tce|Crescent|Cres|Way|Highway|Hwy|Parade|Pde|Close|Cl|Parkway|Pkwy|Square|Sq|"
+                 r"Circuit|Cct|Grove|Gr|Esplanade|Row|Mews|Gardens|Walk)\b")
+_ADDRESS = re.compile(
+    # 12 Main Street, 5/27 George St, Unit 3, 14B Baker Street, 1600 Pennsylvania Avenue NW
+    r"(?:(?i:unit|apt\.?|apartment|suite|flat|level) \d{1,4}[A-Za-z]?,? )?"
+    rf"(?<![\w/.-])\d{{1,5}}[A-Za-z]?(?:[/-]\d{{1,5}}[A-Za-z]?)?,? (?:[A-Z][A-Za-z'’-]+ ){{1,4}}{_STREET_TYPES}"
+    r"(?: (?:N|S|E|W|NE|NW|SE|SW)\b)?"
+    # Hauptstraße 12, Musterstr. 5a, Lindenweg 7 (DE, AT, CH)
+    r"|\b[A-ZÄÖÜ][a-zäöüß-]*(?:straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s\d{1,4}[a-z]?(?!\w)"
+    # 12 rue de la Paix, 8 bis avenue Victor Hugo (FR)
+    r"|(?<![\w/.-])\d{1,4}(?: ?(?:bis|ter))?,? (?i:rue|avenue|av\.|boulevard|bd|place|chemin|allée|impasse|quai|cours)"
+    r" (?:(?:de la|de|du|des|la|le|l'|d') ?)?[A-ZÉÈ][\w'’-]+(?: [A-ZÉÈ][\w'’-]+){0,3}"
+)
+
+_NAME = r"[A-Z][a-zà-öø-ÿ]+(?:[-'’][A-Z][a-zà-öø-ÿ]+)?"
+_NAME_INTRO = re.compile(rf"(?i:\b(?:my name is|my name's|name:|i am|i'm|this is|call me)\s+)(?P<n>{_NAME}(?: {_NAME}){{0,2}})")
+_NAME_STRONG = re.compile(rf"(?i:\b(?:my name is|my name's|name:)\s+)(?P<n>{_NAME}(?: {_NAME}){{0,2}})")
+_NAME_TITLE = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame)\.? (?P<n>{_NAME}(?: {_NAME}){{0,2}})")
+_NAME_SIGN = re.compile(rf"(?i:\b(?:regards|best|thanks|thank you|cheers|sincerely|yours truly|yours)),?[ \t]*\n+[ \t]*"
+                        rf"(?P<n>{_NAME}(?: {_NAME}){{0,2}})[ \t]*(?=\n|$)")
+_NAME_PAIR = re.compile(rf"(?=\b(?P<a>{_NAME}) (?P<b>{_NAME})\b)")  # lookahead: overlapping pairs
+
+
+@lru_cache(maxsize=1)
+def gazetteer() -> tuple[frozenset[str], frozenset[str]]:
+    """(first names, surnames) from pii_names.txt; read with importlib.resources so that it also
+    works from the zip Spark ships to its workers."""
+    from importlib.resources import files
+
+    first, last = set(), set()
+    for line in files("services.preprocess").joinpath("pii_names.txt").read_text(encoding="utf-8").splitlines():
+        kind, _, name = line.partition(":")
+        if kind == "first":
+            first.add(name.strip())
+        elif kind == "last":
+            last.add(name.strip())
+    return frozenset(first), frozenset(last)
+
+
+def _boundary_ok(text: str, start: int, end: int) -> bool:
+    """A phone match must not be glued to a word, '#', '/', '-', '.', or another digit group."""
+    if start > 0:
+        before = text[start - 1]
+        if before.isalnum() or before in "#/.+-_":
+            return False
+        if start > 1 and before in " .-" and text[start - 2].isdigit():
+            return False
+    if end < len(text):
+        after = text[end]
+        if after.isalnum() or after in "-_":
+            return False
+        if end + 1 < len(text) and after in " .-" and text[end + 1].isdigit():
+            return False
+    return True
+
+
+def _digits(s: str) -> str:
+    return "".join(ch for ch in s if ch.isdigit())
+
+
+class RulesDetector:
+    """The default offline backend: regexes, checksums, phonenumbers, a name gazetteer."""
+
+    name = "rules"
+
+    def __init__(self, categories: Iterable[str] = CATEGORIES):
+        self.categories = frozenset(categories)
+        unknown = self.categories - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"unknown PII categories: {sorted(unknown)}")
+
+    def detect(self, text: str) -> list[Span]:
+        cats = self.categories
+        spans: list[Span] = []
+        add = spans.append
+        has_digit = any(ch.isdigit() for ch in text)
+        if "email" in cats and "@" in text:
+            for m in _EMAIL.finditer(text):
+                add((m.start(), m.end(), "email"))
+        if has_digit:
+            if "card" in cats:
+                for m in _CARD.finditer(text):
+                    if luhn_ok(_digits(m.group(0))):
+                        add((m.start(), m.end(), "card"))
+            if "iban" in cats:
+                self._iban(text, add)
+            if "ip" in cats:
+                for m in _IPV4.finditer(text):
+                    add((m.start(), m.end(), "ip"))
+                if ":" in text:
+                    for m in _IPV6.finditer(text):
+                        if self._ipv6_ok(m.group(0)):
+                            add((m.start(), m.end(), "ip"))
+            if "ssn" in cats:
+                for m in _SSN.finditer(text):
+                    if ssn_ok(m.group(1), m.group(3), m.group(4)):
+                        add((m.start(), m.end(), "ssn"))
+                for m in _SSN_BARE.finditer(text):
+                    d = m.group(1)
+                    if ssn_ok(d[:3], d[3:5], d[5:]):
+                        add((m.start(1), m.end(1), "ssn"))
+            if "tfn" in cats:
+                for pattern in (_TFN, _TFN_CTX):
+                    for m in pattern.finditer(text):
+                        if tfn_ok(_digits(m.group(1))):
+                            add((m.start(1), m.end(1), "tfn"))
+            if "abn" in cats:
+                for pattern in (_ABN, _ABN_CTX):
+                    for m in pattern.finditer(text):
+                        if abn_ok(_digits(m.group(1))):
+                            s = m.start(1) + len(m.group(1)) - len(m.group(1).lstrip(" :-#"))
+                            add((s, m.end(1), "abn"))
+            if "medicare" in cats:
+                for m in _MEDICARE.finditer(text):
+                    if medicare_ok(_digits(m.group(1))):
+                        add((m.start(1), m.end(1), "medicare"))
+            if "dob" in cats:
+                for m in _DOB.finditer(text):
+                    add((m.start("date"), m.end("date"), "dob"))
+            if "phone" in cats:
+                self._phones(text, add)
+            if "address" in cats:
+                for m in _ADDRESS.finditer(text):
+                    add((m.start(), m.end(), "address"))
+        if "person" in cats:
+            self._persons(text, add)
+        return spans
+
+    @staticmethod
+    def _iban(text: str, add) -> None:
+        for m in _IBAN.finditer(text):
+            raw = m.group(0)
+            pos = [i for i, ch in enumerate(raw) if ch != " "]
+            compact = raw.replace(" ", "")
+            want = _IBAN_LEN.get(compact[:2])
+            lengths = [want] if want else range(len(compact), 14, -1)
+            for n in lengths:
+                if n <= len(compact) and iban_ok(compact[:n]):
+                    add((m.start(), m.start() + pos[n - 1] + 1, "iban"))
+                    break
+
+    @staticmethod
+    def _ipv6_ok(s: str) -> bool:
+        if sum(ch.isalnum() for ch in s) < 3 or s.count(":") < 2:
+            return False
+        try:
+            ipaddress.IPv6Address(s.split("%")[0])
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
+    def _phones(text: str, add) -> None:
+        import phonenumbers
+
+        seen: set[tuple[int, int]] = set()
+        # phonenumbers is slow on long texts: run it only on windows around number-like runs of 7+
+        # digits (one character of context each side), with offsets mapped back
+        for hint in _PHONE_HINT.finditer(text):
+            if sum(ch.isdigit() for ch in hint.group(0)) < 7:
+                continue
+            ws, we = max(0, hint.start() - 1), min(len(text), hint.end() + 1)
+            window = text[ws:we]
+            for region in PHONE_REGIONS:
+                for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID):
+                    key = (ws + m.start, ws + m.end)
+                    if key not in seen and _boundary_ok(text, *key):
+                        seen.add(key)
+                        add((*key, "phone"))
+        # North-American formatting is a phone whatever the area code: VALID leniency refuses
+        # unassigned codes (and 555 numbers), which people still type and which still identify.
+        for m in _PHONE_SHAPED.finditer(text):
+            if (m.start(), m.end()) not in seen and _boundary_ok(text, m.start(), m.end()):
+                add((m.start(), m.end(), "phone"))
+
+    @staticmethod
+    def _persons(text: str, add) -> None:
+        first, last = gazetteer()
+
+        def known(name: str) -> bool:
+            parts = name.split(" ")
+            return parts[0] in first or parts[0] in last or parts[-1] in last
+
+        for m in _NAME_STRONG.finditer(text):
+            add((m.start("n"), m.end("n"), "person"))
+        for m in _NAME_INTRO.finditer(text):
+            if known(m.group("n")):
+                add((m.start("n"), m.end("n"), "person"))
+        for m in _NAME_TITLE.finditer(text):
+            add((m.start("n"), m.end("n"), "person"))
+        for m in _NAME_SIGN.finditer(text):
+            if known(m.group("n")) or len(m.group("n").split(" ")) >= 2:
+                add((m.start("n"), m.end("n"), "person"))
+        for m in _NAME_PAIR.finditer(text):
+            if m.group("a") in first and m.group("b") in last:
+                add((m.start("a"), m.end("b"), "person"))
+
+
+def resolve(spans: Iterable[Span]) -> list[Span]:
+    """Non-overlapping spans, sorted by start: longest first, then the more specific category
+    (PRIORITY), then the earlier start; a span overlapping one already kept is dropped."""
+    kept: list[Span] = []
+    for s in sorted(set(spans), key=lambda s: (-(s[1] - s[0]), PRIORITY.get(s[2], 99), s[0])):
+        if all(s[1] <= k[0] or s[0] >= k[1] for k in kept):
+            kept.append(s)
+    return sorted(kept)
+
+
+def apply_spans(text: str, spans: list[Span]) -> tuple[str, dict[str, int]]:
+    """Replace resolved spans with their tokens; return (masked text, count per category)."""
     counts: dict[str, int] = {}
+    out, pos = [], 0
+    for start, end, cat in spans:
+        out.append(text[pos:start])
+        out.append(TOKENS[cat])
+        counts[cat] = counts.get(cat, 0) + 1
+        pos = end
+    out.append(text[pos:])
+    return "".join(out), counts
 
-    def sub(pattern: re.Pattern[str], category: str, accept) -> None:
-        nonlocal text
-        n = 0
 
-        def repl(m: re.Match[str]) -> str:
-            nonlocal n
-            if accept(m.group(0)):
-                n += 1
-                return TOKENS[category]
-            return m.group(0)
+# ------------------------------------------------------------------------------ presidio
 
-        text = pattern.sub(repl, text)
+PRESIDIO_ENTITIES = {
+    "EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone", "CREDIT_CARD": "card", "IBAN_CODE": "iban",
+    "IP_ADDRESS": "ip", "US_SSN": "ssn", "AU_TFN": "tfn", "AU_ABN": "abn", "AU_MEDICARE": "medicare",
+    "DATE_TIME": "dob", "LOCATION": "address", "PERSON": "person",
+}
+
+
+class PresidioDetector:
+    """presidio-analyzer's recognizers (it needs a spaCy model); DATE_TIME only counts as a date of
+    birth, LOCATION as an address."""
+
+    name = "presidio"
+
+    def __init__(self, categories: Iterable[str] = CATEGORIES, language: str = "en"):
+        try:
+            from presidio_analyzer import AnalyzerEngine
+        except ImportError as exc:
+            raise PiiBackendUnavailable(
+                "pii_backend 'presidio' needs presidio-analyzer and a spaCy model: "
+                "pip install presidio-analyzer && python -m spacy download en_core_web_lg") from exc
+        self.categories = frozenset(categories)
+        self.entities = [e for e, c in PRESIDIO_ENTITIES.items() if c in self.categories]
+        self.language = language
+        try:
+            self._engine = AnalyzerEngine()
+        except (OSError, ValueError) as exc:  # no spaCy model
+            raise PiiBackendUnavailable(
+                "pii_backend 'presidio' needs a spaCy model: python -m spacy download en_core_web_lg") from exc
+
+    def detect(self, text: str) -> list[Span]:
+        results = self._engine.analyze(text=text, entities=self.entities, language=self.language)
+        return presidio_spans(results, self.categories)
+
+
+def presidio_spans(results, categories: Iterable[str]) -> list[Span]:
+    """presidio RecognizerResult-like objects (entity_type, start, end) -> our spans."""
+    cats = set(categories)
+    spans = []
+    for r in results:
+        cat = PRESIDIO_ENTITIES.get(r.entity_type)
+        if cat in cats:
+            spans.append((r.start, r.end, cat))
+    return spans
+
+
+# ------------------------------------------------------------------------------ Cloud DLP
+
+DLP_INFO_TYPES = {
+    "email": ("EMAIL_ADDRESS",), "phone": ("PHONE_NUMBER",), "card": ("CREDIT_CARD_NUMBER",),
+    "iban": ("IBAN_CODE",), "ip": ("IP_ADDRESS",), "ssn": ("US_SOCIAL_SECURITY_NUMBER",),
+    "tfn": ("AUSTRALIA_TAX_FILE_NUMBER",), "abn": ("AUSTRALIA_BUSINESS_NUMBER",),
+    "medicare": ("AUSTRALIA_MEDICARE_NUMBER",), "dob": ("DATE_OF_BIRTH",), "address": ("STREET_ADDRESS",),
+    "person": ("PERSON_NAME",),
+}
+_DLP_TO_CAT = {it: cat for cat, its in DLP_INFO_TYPES.items() for it in its}
+
+
+def dlp_deidentify_request(project: str, text: str, categories: Iterable[str], location: str = "global") -> dict:
+    """The DeidentifyContentRequest (as a dict) that replaces every finding with its info type."""
+    info_types = [{"name": it} for c in CATEGORIES if c in set(categories) for it in DLP_INFO_TYPES[c]]
+    return {
+        "parent": f"projects/{project}/locations/{location}",
+        "inspect_config": {"info_types": info_types, "min_likelihood": "POSSIBLE"},
+        "deidentify_config": {"info_type_transformations": {"transformations": [
+            {"info_types": info_types, "primitive_transformation": {"replace_with_info_type_config": {}}}]}},
+        "item": {"value": text},
+    }
+
+
+_DLP_TOKEN = re.compile(r"\[?\b(" + "|".join(sorted(_DLP_TO_CAT, key=len, reverse=True)) + r")\b\]?")
+
+
+def dlp_map_response(response: dict) -> tuple[str, dict[str, int]]:
+    """A DeidentifyContentResponse (as a dict, e.g. `type(r).to_dict(r)`) -> (text with our tokens,
+    count per category). Counts come from the transformation overview; the text's DLP info-type
+    names ([EMAIL_ADDRESS] or EMAIL_ADDRESS) become our tokens ([EMAIL])."""
+    text = response.get("item", {}).get("value", "")
+    text = _DLP_TOKEN.sub(lambda m: TOKENS[_DLP_TO_CAT[m.group(1)]], text)
+    counts: dict[str, int] = {}
+    for summary in response.get("overview", {}).get("transformation_summaries", []):
+        cat = _DLP_TO_CAT.get(summary.get("info_type", {}).get("name", ""))
+        if cat is None:
+            continue
+        n = sum(int(r.get("count", 0)) for r in summary.get("results", [])
+                if r.get("code", "SUCCESS") in ("SUCCESS", 1))
         if n:
-            counts[category] = counts.get(category, 0) + n
-
-    if "email" in cats and "@" in text:
-        sub(_EMAIL, "email", lambda s: True)
-    if ("card" in cats or "phone" in cats) and any(ch.isdigit() for ch in text):
-        if "card" in cats:
-            sub(_CARD, "card", lambda s: luhn_ok(s.replace(" ", "").replace("-", "")))
-        if "phone" in cats:
-            sub(_PHONE, "phone", _plausible_phone)
+            counts[cat] = counts.get(cat, 0) + n
     return text, counts
+
+
+class DlpMasker:
+    """Cloud DLP de-identification: DLP replaces the values itself (so no spans come back);
+    `mask` calls `deidentify_content` once per text."""
+
+    name = "dlp"
+
+    def __init__(self, categories: Iterable[str] = CATEGORIES, project: str | None = None):
+        try:
+            from google.cloud import dlp_v2
+        except ImportError as exc:
+            raise PiiBackendUnavailable(
+                "pii_backend 'dlp' needs google-cloud-dlp: pip install google-cloud-dlp") from exc
+        import os
+
+        self.categories = tuple(categories)
+        self.project = project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("FTPIPE_PROJECT")
+        if not self.project:
+            raise PiiBackendUnavailable("pii_backend 'dlp' needs a project: set GOOGLE_CLOUD_PROJECT")
+        self._client = dlp_v2.DlpServiceClient()
+
+    def mask(self, text: str) -> tuple[str, dict[str, int]]:
+        response = self._client.deidentify_content(
+            request=dlp_deidentify_request(self.project, text, self.categories))
+        return dlp_map_response(type(response).to_dict(response))
+
+
+# ------------------------------------------------------------------------------ the API
+
+
+@lru_cache(maxsize=16)
+def backend(name: str = "rules", categories: tuple[str, ...] = CATEGORIES):
+    """The (cached, per process) detector or masker for a recipe's backend and categories; raises
+    PiiBackendUnavailable when its packages are missing."""
+    if name == "rules":
+        return RulesDetector(categories)
+    if name == "presidio":
+        return PresidioDetector(categories)
+    if name == "dlp":
+        return DlpMasker(categories)
+    raise ValueError(f"unknown pii_backend {name!r}; expected one of {BACKENDS}")
+
+
+def mask(text: str, categories: Iterable[str] = CATEGORIES, backend_name: str = "rules") -> tuple[str, dict[str, int]]:
+    """Replace PII of the given categories with tokens; return (masked text, count per category)."""
+    cats = tuple(c for c in CATEGORIES if c in set(categories))
+    if not cats or not text:
+        return text, {}
+    b = backend(backend_name, cats)
+    if hasattr(b, "mask"):
+        return b.mask(text)
+    return apply_spans(text, resolve(b.detect(text)))
 
 
 def mask_excerpt(raw: str, limit: int = 200) -> str:
@@ -115,3 +509,39 @@ def mask_excerpt(raw: str, limit: int = 200) -> str:
     """
     masked, _ = mask(raw[: limit * 10])
     return masked[:limit]
+
+
+# ------------------------------------------------------------------------------ canary
+
+# One seeded value per category, each in its usual context. Test data only (documentation ranges,
+# published checksum examples).
+CANARY_VALUES = {
+    "email": ("Write to ", "canary.user@example.org"),
+    "phone": (" or call ", "+61 412 345 678"),
+    "card": (". Card ", "4111 1111 1111 1111"),
+    "iban": (", IBAN ", "GB82 WEST 1234 5698 7654 32"),
+    "ip": (", from ", "192.0.2.44"),
+    "ssn": (". SSN ", "536-22-8726"),
+    "tfn": (", TFN ", "123 456 782"),
+    "abn": (", ABN ", "51 824 753 556"),
+    "medicare": (", Medicare ", "2123 45670 1"),
+    "dob": (". I was born on ", "14 March 1987"),
+    "address": (" and live at ", "42 Wallaby Way"),
+    "person": (". My name is ", "Olivia Bennett"),
+}
+
+
+def canary_document(categories: Iterable[str] = CATEGORIES) -> str:
+    cats = set(categories)
+    return "".join(pre + value for c, (pre, value) in CANARY_VALUES.items() if c in cats) + "."
+
+
+def canary_missed(categories: Iterable[str] = CATEGORIES, backend_name: str = "rules") -> list[str]:
+    """The enabled categories whose seeded canary value the backend does not fully mask with its own
+    token (empty: the backend passes). Names categories only, never values."""
+    cats = tuple(c for c in CATEGORIES if c in set(categories))
+    if not cats:
+        return []
+    masked, counts = mask(canary_document(cats), cats, backend_name)
+    return [c for c in cats
+            if CANARY_VALUES[c][1] in masked or TOKENS[c] not in masked or not counts.get(c)]

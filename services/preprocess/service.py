@@ -3,9 +3,11 @@ JobSubmitted is prepared by the Spark job into datasets/<dataset_id>/."""
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from services.preprocess import provenance
 from shared import events as ev
 from shared.recipe import RecipeError, load_recipe, parse_recipe
 from shared.runtime import Context, Service
@@ -36,9 +38,12 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
     if len(parts) != 3 or parts[0] != "incoming":
         ctx.log.info("ignoring object outside incoming/<recipe>/<file>", extra={"object": event.name})
         return []
+    if provenance.is_sidecar(event.name):
+        return []  # a drop's legal-basis sidecar, read with its data file
     recipe_name = parts[1]
     source = {"bucket": event.bucket, "object": event.name, "generation": event.generation,
               "md5": event.md5Hash, "size": int(event.size or 0), "uploaded_at": event.updated}
+    source.update(_legal_sidecar(ctx, event.bucket, event.name))
     try:
         recipe = resolve_recipe(ctx, event.bucket, recipe_name)
     except RecipeError as exc:
@@ -49,6 +54,35 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
                             source=source)]
 
 
+def _legal_sidecar(ctx: Context, bucket: str, name: str) -> dict:
+    """{"legal_basis": ...} from incoming/<recipe>/<file>.legal.json when the drop wrote one."""
+    info = ctx.store.stat(bucket, provenance.sidecar_name(name))
+    if info is None:
+        return {}
+    try:
+        doc = json.loads(ctx.store.read(bucket, info.name))
+    except (ValueError, UnicodeDecodeError):
+        return {"legal_basis_error": f"{info.name} is not a JSON object"}
+    if not isinstance(doc, dict):
+        return {"legal_basis_error": f"{info.name} is not a JSON object"}
+    out = {k: str(doc[k]) for k in ("legal_basis", "legal_basis_by") if doc.get(k)}
+    out["legal_basis_uri"] = ctx.store.url(bucket, info.name)
+    return out
+
+
+def pii_summary(out_dir: Path) -> dict:
+    """What a privacy reviewer sees of pii_report.json: numbers only (it never holds values)."""
+    path = out_dir / "pii_report.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+
+    def numeric(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return {k: v for k, v in report.items()
+            if numeric(v) or (isinstance(v, dict) and all(numeric(x) for x in v.values()))}
+
+
 def on_job(event: ev.JobSubmitted, ctx: Context):
     if event.prepared:
         return []  # already prepared: the trainer's
@@ -56,12 +90,18 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
 
     bucket, name = ctx.store.parse_url(event.dataset_uri)
     with tempfile.TemporaryDirectory(prefix="ftpipe-prep-") as tmp:
-        local = Path(tmp) / "input" / PurePosixPath(name).name
-        local.parent.mkdir()
-        ctx.store.download_file(bucket, name, str(local))
         out = Path(tmp) / "out"
-        result = prepare(spark_session(), str(local), event.recipe, out,
-                         source={**event.source, "uri": event.dataset_uri, "run_id": event.run_id})
+        if ctx.settings.preprocess_runner == "dataproc":
+            from services.preprocess.dataproc import prepare_on_dataproc, result_from_manifest
+
+            result = result_from_manifest(prepare_on_dataproc(ctx, event, out), out)
+        else:
+            local = Path(tmp) / "input" / PurePosixPath(name).name
+            local.parent.mkdir()
+            ctx.store.download_file(bucket, name, str(local))
+            result = prepare(spark_session(), str(local), event.recipe, out,
+                             source={**event.source, "uri": event.dataset_uri, "run_id": event.run_id})
+        pii = pii_summary(out)
         prefix = f"datasets/{result.dataset_id}"
         # Deterministic folder, write-if-absent: a redelivery re-uploads nothing that is there.
         upload_dir(ctx.store, out, bucket, prefix)
@@ -71,8 +111,13 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
     if result.rejected:
         return [ev.DatasetRejected(run_id=event.run_id, recipe=event.recipe, reason=result.reason,
                                    counts=result.counts, report_uri=folder)]
-    return [ev.DatasetPrepared(run_id=event.run_id, recipe=event.recipe, dataset_id=result.dataset_id,
-                               dataset_uri=folder, counts=result.counts, tenant=event.tenant)]
+    common = dict(run_id=event.run_id, recipe=event.recipe, dataset_id=result.dataset_id, dataset_uri=folder,
+                  counts=result.counts, tenant=event.tenant, tokens=result.tokens,
+                  cost_estimate=result.cost_estimate)
+    if event.recipe.data.privacy_review:
+        # Held for sign-off: `ftpipe privacy approve` publishes the DatasetPrepared.
+        return [ev.DatasetAwaitingReview(**common, pii=pii)]
+    return [ev.DatasetPrepared(**common)]
 
 
 SERVICE = Service(

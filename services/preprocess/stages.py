@@ -77,7 +77,7 @@ def keep_first(a: tuple[int, tuple], b: tuple[int, tuple]) -> tuple[int, tuple]:
 
 
 def mask_and_place(pairs: Iterable[tuple[str, tuple[int, tuple]]], categories: tuple[str, ...],
-                   fractions: tuple[float, float, float]) -> Iterator[tuple]:
+                   fractions: tuple[float, float, float], backend: str = "rules") -> Iterator[tuple]:
     """(hash, (line, messages)) -> (split_index, id, line_no, json_line, pii_counts).
 
     The id is a prefix of the content hash of the unmasked, normalised conversation (unique after
@@ -89,7 +89,7 @@ def mask_and_place(pairs: Iterable[tuple[str, tuple[int, tuple]]], categories: t
         out = []
         for role, content in messages:
             if categories:
-                content, found = pii.mask(content, categories)
+                content, found = pii.mask(content, categories, backend)
                 for k, v in found.items():
                     counts[k] = counts.get(k, 0) + v
             out.append({"role": role, "content": content})

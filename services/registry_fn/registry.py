@@ -7,6 +7,7 @@ import json
 import time
 
 from shared import events as ev
+from shared.ports import ObjectNotFound
 from shared.runtime import Context, Service
 
 MODELS = "models"                  # models/{name}: version counter, aliases
@@ -56,6 +57,7 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
         "evaluation": {"passed": event.passed, "scores": event.scores, "reasons": event.reasons,
                        "report_uri": event.report_uri},
         "training_metrics": event.training_metrics, "files": files,
+        "privacy_signoff": _privacy_signoff(ctx.store, event.dataset_uri),
         "registered_at": previous["registered_at"] if previous else time.time(),
     }
     ctx.store.write(bucket, f"{target}/MODEL_CARD.md", model_card(bundle).encode())
@@ -74,6 +76,20 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
         outputs.append(ev.ModelQuarantined(run_id=event.run_id, model_name=name, version=version, uri=uri,
                                            reasons=event.reasons))
     return outputs
+
+
+def _privacy_signoff(store, dataset_uri: str) -> dict | None:
+    """The privacy sign-off recorded next to the dataset's manifest (`ftpipe privacy approve`), if any.
+    Read from the dataset folder rather than carried through TrainingCompleted/EvaluationCompleted."""
+    try:
+        bucket, prefix = store.parse_url(dataset_uri)
+        data = store.read(bucket, prefix.rstrip("/") + "/privacy_signoff.json")
+    except (ObjectNotFound, ValueError):
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 def _move_alias(txn, name: str, alias: str, version: str) -> None:
@@ -104,6 +120,12 @@ def model_card(bundle: dict) -> str:
         lines.append(f"| {metric} | {base.get(metric, float('nan')):.4g} | {cand.get(metric, float('nan')):.4g} |")
     lines += ["", "Gate: " + ("passed" if evaluation["passed"] else "failed"), ""]
     lines += [f"- {reason}" for reason in evaluation["reasons"]]
+    if bundle.get("privacy_signoff"):
+        signoff = bundle["privacy_signoff"]
+        lines += ["", "## Privacy review", "",
+                  f"Training data approved by {signoff.get('approver')} at {signoff.get('at')}"
+                  + (f" (residual PII rate seen: {signoff['residual_rate_seen']:.4%})"
+                     if signoff.get("residual_rate_seen") is not None else "") + "."]
     lines += ["", "## Limitations", "",
               "Trained on the team's own data after PII masking; evaluated on a held-out split of that data only. "
               "It inherits the base model's limitations and may state trained facts with unwarranted confidence "

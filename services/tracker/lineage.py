@@ -16,7 +16,8 @@ from shared.documents import deep_merge
 RUNS, RUN_EVENTS, METRICS, DATASETS, SEEN = "runs", "run_events", "metrics", "datasets", "run_event_ids"
 TERMINAL = ("succeeded", "failed", "cancelled")
 # A run only moves forward through these, whatever order the bus delivers events in.
-_STAGES = ["preparing_data", "waiting_for_capacity", "training", "evaluating", "registering", "done"]
+# A dataset held for privacy sign-off waits (status "queued") between preparation and training.
+_STAGES = ["preparing_data", "awaiting_privacy_review", "waiting_for_capacity", "training", "evaluating", "registering", "done"]
 
 
 def _progress(run: dict, status: str, sub_state: str) -> dict:
@@ -38,12 +39,23 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
         case ev.JobSubmitted():
             update.update(_progress(run, "validating", "preparing_data"), tenant=event.tenant, source=event.source,
                           input_uri=event.dataset_uri)
+        case ev.DatasetAwaitingReview():
+            update.update(_progress(run, "queued", "awaiting_privacy_review"),
+                          dataset={"id": event.dataset_id, "uri": event.dataset_uri, "counts": event.counts},
+                          privacy_review={"status": "awaiting", "pii": event.pii, "requested_at": now,
+                                          "event": event.model_dump(mode="json")},
+                          **_estimates(event))
         case ev.DatasetPrepared():
             update.update(_progress(run, "queued", "waiting_for_capacity"),
-                          dataset={"id": event.dataset_id, "uri": event.dataset_uri, "counts": event.counts})
+                          dataset={"id": event.dataset_id, "uri": event.dataset_uri, "counts": event.counts},
+                          **_estimates(event))
+            if event.privacy_signoff is not None:
+                update["privacy_review"] = {"status": "approved", "signoff": event.privacy_signoff}
         case ev.DatasetRejected():
             update.update(_progress(run, "failed", "done"), error=event.reason,
                           dataset={"counts": event.counts, "report_uri": event.report_uri})
+            if run.get("privacy_review", {}).get("status") == "awaiting":
+                update["privacy_review"] = {"status": "rejected", "reason": event.reason}
         case ev.TrainingStarted():
             update.update(_progress(run, "running", "training"),
                           training={"started_at": run.get("training", {}).get("started_at", now),
@@ -76,6 +88,15 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
                           model={"name": event.model_name, "version": event.version, "status": event.status,
                                  "uri": event.uri})
     return update
+
+
+def _estimates(event) -> dict:
+    out = {}
+    if event.tokens:
+        out["tokens"] = event.tokens
+    if event.cost_estimate:
+        out["cost_estimate"] = event.cost_estimate
+    return out
 
 
 def record(docs, event: ev.Event) -> bool:
@@ -117,6 +138,9 @@ def record(docs, event: ev.Event) -> bool:
 
 def summarise(event: ev.Event) -> str:
     match event:
+        case ev.DatasetAwaitingReview():
+            return f"dataset {event.dataset_id} awaiting privacy review: " + ", ".join(
+                f"{k}={v}" for k, v in event.counts.items())
         case ev.DatasetPrepared():
             return f"dataset {event.dataset_id}: " + ", ".join(f"{k}={v}" for k, v in event.counts.items())
         case ev.DatasetRejected() | ev.TrainingFailed():

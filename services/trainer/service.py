@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from shared import events as ev
-from shared.runtime import Context, Retry, Service
+from shared.runtime import Context, Reject, Retry, Service
 from shared.storage import download_dir, upload_dir
 
 from services.trainer.lease import Heartbeat, Lease, LeaseHeld
@@ -35,6 +35,9 @@ def latest_checkpoint(store, bucket: str, run_id: str) -> tuple[int, str] | None
 
 
 def on_dataset(event: ev.DatasetPrepared, ctx: Context):
+    if event.recipe.data.privacy_review and not event.privacy_signoff:
+        raise Reject("the recipe requires a privacy sign-off (data.privacy_review) and this DatasetPrepared "
+                     "carries none; approve it with `ftpipe privacy approve RUN --approver NAME`")
     return train_run(ctx, event.run_id, event.recipe, event.dataset_uri, event.tenant)
 
 

@@ -1,0 +1,194 @@
+"""Token counts per split with the base model's tokenizer, and a training cost estimate.
+
+Counting happens on the driver, over the split files the job has just written: they are the
+(small, already deduplicated) output the driver streams to disk anyway, so one tokenizer load and
+a batched fast-tokenizer pass is cheaper than shipping the tokenizer to every Spark worker (which
+on Dataproc would also need the model cache on each worker). A row is counted as the trainer sees
+it: the recipe's system prompt added, the chat template rendered, then cut at
+`training.max_seq_len` (`tokens` is the full length, `training_tokens` the part trained on).
+
+Estimate:  trained tokens = training tokens of train.jsonl x epochs (capped by max_steps x batch
+x grad_accum rows at the mean row length);  FLOPs = 6 x params x tokens for a full fine-tune, and
+~4 x params x tokens for LoRA (the forward pass 2NT plus the backward pass through the activations
+2NT; the frozen weights get no gradient, so the third 2NT of full training is skipped — the
+adapter's own parameters are negligible);  GPU hours = FLOPs / (sustained FLOP/s x GPU count);
+cost = GPU hours x GPU count x price per GPU-hour.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any, Iterable
+
+from shared.datasets import SPLITS, with_system_prompt
+from shared.recipe import GPU_TABLE, Recipe
+
+LORA_FLOPS_PER_PARAM_TOKEN = 4
+FULL_FLOPS_PER_PARAM_TOKEN = 6
+
+
+class TokenizerUnavailable(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ model facts
+
+def load_tokenizer(base_model: str):
+    """The base model's tokenizer (built-ins are materialised by shared.models on first use)."""
+    from shared.models import ModelNotAvailable, resolve_model
+
+    try:
+        ref = resolve_model(base_model)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(ref))
+    except (ModelNotAvailable, OSError, ValueError) as exc:
+        raise TokenizerUnavailable(f"no tokenizer for base_model {base_model!r}: {exc}") from exc
+
+
+def count_parameters(base_model: str) -> int | None:
+    """Parameters of the base model from its safetensors headers (no weights loaded), else from
+    config.json (decoder estimate); None when neither is available."""
+    from shared.models import ModelNotAvailable, resolve_model
+
+    try:
+        ref = resolve_model(base_model)
+    except ModelNotAvailable:
+        return None
+    folder = Path(str(ref))
+    if not folder.is_dir():
+        return None
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                total += math.prod(meta["shape"])
+    if total:
+        return total
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+        inter = cfg.get("intermediate_size", 4 * h)
+        return layers * (4 * h * h + 3 * h * inter) + vocab * h
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------ tokens
+
+def _rows(path: Path) -> Iterable[list[dict]]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)["messages"]
+
+
+def count_tokens(tokenizer, split_files: dict[str, Path], *, system_prompt: str | None, max_seq_len: int,
+                 batch: int = 256) -> dict[str, Any]:
+    """{split: {rows, tokens, training_tokens, max_tokens, truncated_rows}} plus totals."""
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        path = split_files.get(split)
+        stats = {"rows": 0, "tokens": 0, "training_tokens": 0, "max_tokens": 0, "truncated_rows": 0}
+        if path is not None and Path(path).is_file():
+            texts: list[str] = []
+
+            def flush() -> None:
+                if not texts:
+                    return
+                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                    n = len(ids)
+                    stats["rows"] += 1
+                    stats["tokens"] += n
+                    stats["training_tokens"] += min(n, max_seq_len)
+                    stats["max_tokens"] = max(stats["max_tokens"], n)
+                    stats["truncated_rows"] += n > max_seq_len
+                texts.clear()
+
+            for messages in _rows(Path(path)):
+                texts.append(_render(tokenizer, with_system_prompt(messages, system_prompt)))
+                if len(texts) >= batch:
+                    flush()
+            flush()
+        out[split] = stats
+    out["total"] = sum(out[s]["tokens"] for s in SPLITS)
+    out["max_seq_len"] = max_seq_len
+    return out
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+# ------------------------------------------------------------------ cost
+
+def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None) -> dict[str, Any]:
+    """The cost estimate for training on these tokens with the recipe's hardware (pure)."""
+    hw = recipe.hardware
+    gpu = GPU_TABLE[hw.gpu]
+    tflops = hw.sustained_tflops if hw.sustained_tflops is not None else gpu["sustained_tflops"]
+    price = hw.price_per_gpu_hour if hw.price_per_gpu_hour is not None else gpu["price_per_gpu_hour"]
+    t = recipe.training
+    train = tokens["train"]
+    epoch_tokens = train["training_tokens"]
+    trained = epoch_tokens * t.epochs
+    capped_by = "epochs"
+    if t.max_steps is not None and train["rows"]:
+        per_row = epoch_tokens / train["rows"]
+        step_tokens = t.max_steps * t.batch_size * t.grad_accum * per_row
+        if step_tokens < trained:
+            trained, capped_by = step_tokens, "max_steps"
+    factor = LORA_FLOPS_PER_PARAM_TOKEN if recipe.adapter.kind == "lora" else FULL_FLOPS_PER_PARAM_TOKEN
+    result: dict[str, Any] = {
+        "trained_tokens": int(round(trained)), "epochs": t.epochs, "limited_by": capped_by,
+        "method": recipe.adapter.kind, "flops_per_param_token": factor, "params": params,
+        "hardware": {"gpu": hw.gpu, "count": hw.count, "sustained_tflops_per_gpu": tflops,
+                     "price_per_gpu_hour": price, "currency": "USD"},
+        "flops": None, "gpu_hours": None, "cost": None,
+        "formula": f"{factor} x params x trained_tokens / (sustained TFLOP/s x count) -> GPU hours x price",
+    }
+    if params:
+        flops = factor * params * trained
+        wall_h = flops / (tflops * 1e12 * hw.count) / 3600
+        gpu_hours = wall_h * hw.count
+        result.update(flops=flops, wall_hours=_sig(wall_h), gpu_hours=_sig(gpu_hours),
+                      cost=_sig(gpu_hours * price))
+    return result
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def tokens_and_cost(recipe: Recipe, split_files: dict[str, Path]) -> tuple[dict | None, dict | None, str | None]:
+    """(tokens, cost_estimate, error): an unavailable tokenizer is reported, never fatal."""
+    try:
+        tokenizer = load_tokenizer(recipe.base_model)
+    except TokenizerUnavailable as exc:
+        return None, None, str(exc)
+    try:
+        tokens = count_tokens(tokenizer, split_files, system_prompt=recipe.data.system_prompt,
+                              max_seq_len=recipe.training.max_seq_len)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never fail the dataset
+        return None, None, f"token count failed: {type(exc).__name__}: {str(exc)[:200]}"
+    tokens["tokenizer"] = recipe.base_model
+    return tokens, estimate_cost(recipe, tokens, count_parameters(recipe.base_model)), None
+
+
+def describe(tokens: dict | None, cost: dict | None) -> str:
+    """One or two human lines for the CLI."""
+    if not tokens or "error" in tokens:
+        return "tokens: not counted" + (f" ({tokens['error']})" if tokens else "")
+    line = "tokens: " + ", ".join(f"{s} {tokens[s]['tokens']}" for s in SPLITS) + f" (total {tokens['total']})"
+    if cost and cost.get("cost") is not None:
+        hw = cost["hardware"]
+        line += (f"\ncost estimate: {cost['trained_tokens']} trained tokens, {cost['flops']:.3g} FLOPs → "
+                 f"{cost['gpu_hours']:.4g} GPU-hours on {hw['count']} x {hw['gpu']} ≈ ${cost['cost']:.4g}")
+    return line

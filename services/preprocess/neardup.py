@@ -1,0 +1,263 @@
+"""Near-duplicate removal in Spark: MinHash + LSH banding + connected components.
+
+    rows (hash, (line, messages))
+      -> mapPartitions: normalised text -> word shingles -> MinHash signature (numpy, vectorised
+         over every shingle of the partition at once) -> one hash per LSH band
+      -> DataFrame explode of (band, band_hash) + groupBy -> candidate pairs (rows sharing a bucket)
+      -> verification in the bucket: estimated Jaccard (share of equal signature slots) >= threshold
+      -> connected components by iterative min-label propagation over the verified edges
+      -> keep the lowest line of each component, drop the others.
+
+Not `pyspark.ml.feature.MinHashLSH`: its tables are single hashes (OR of 1-row bands), whose
+buckets flood the similarity join on short, templated chat text.
+
+Defaults (shared/recipe.py DedupSpec): 3-word shingles, 112 permutations = 14 bands x 8 rows,
+threshold 0.7. Measured with `bench/neardup_bench.py` (local[2], 2 cores): 3,000 random 50-word chat
+rows (12-word user turn + 38-word answer, 3,000-word vocabulary), one copy of each with 2 words
+replaced, 1,500 unrelated rows; catch rate = share of edited copies clustered with their original,
+same num_perm / bands / rows in both:
+
+    shingle   ftpipe (LSH + Jaccard >= 0.7 check)   datasketch MinHashLSH (14, 8), candidates only
+    3 words   88.4%                                 88.4%
+    5 words   27.1%                                 49.2%
+
+A 2-word edit of a 50-word row leaves a true 3-shingle Jaccard of about 0.78 but a 5-shingle one of
+about 0.64, under the 0.7 threshold: 5-word shingles suit web pages, not short chat rows. No
+unrelated row was removed. Throughput of `near_dedup` alone on 20,000 such rows (a third of them
+edited copies), local[2]: 8.3 s, about 2,400 rows/s including Spark job overheads.
+
+The pure-numpy part (`signatures`, `band_hashes`, `words`) imports no Spark and is what the workers
+run; the Spark part is `near_dedup`.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+_MAX32 = np.uint64(0xFFFFFFFF)
+_WORD = re.compile(r"\w+", re.UNICODE)
+_CHUNK = 1 << 15  # shingles per vectorised block (x num_perm x 8 bytes)
+MAX_BUCKET_PAIRS = 64  # buckets larger than this give star edges from their lowest line only
+
+
+@dataclass(frozen=True)
+class Params:
+    """What the workers need of the recipe's dedup section (small and picklable)."""
+
+    shingle_words: int = 3
+    num_perm: int = 112
+    bands: int = 14
+    rows: int = 8
+    threshold: float = 0.7
+    seed: int = 1
+    max_iterations: int = 50
+
+    @classmethod
+    def from_spec(cls, spec) -> "Params":
+        return cls(shingle_words=spec.shingle_words, num_perm=spec.num_perm, bands=spec.bands,
+                   rows=spec.rows, threshold=spec.threshold, max_iterations=spec.max_iterations)
+
+
+@dataclass
+class NearDupResult:
+    removed: int = 0
+    clusters: int = 0
+    cluster_sizes: dict[int, int] = field(default_factory=dict)  # size -> number of clusters
+    candidate_pairs: int = 0
+    verified_pairs: int = 0
+    iterations: int = 0
+
+    def report(self) -> dict:
+        return {"near_duplicates_removed": self.removed, "clusters": self.clusters,
+                "cluster_size_histogram": {str(k): v for k, v in sorted(self.cluster_sizes.items())},
+                "candidate_pairs": self.candidate_pairs, "verified_pairs": self.verified_pairs,
+                "connected_components_iterations": self.iterations}
+
+
+# ------------------------------------------------------------------ pure numpy (workers)
+
+
+def conversation_text(messages: Iterable[tuple[str, str]]) -> str:
+    """The text compared for near-duplicates: user and assistant turns (the system prompt, often
+    shared by every row, is left out)."""
+    return "\n".join(content for role, content in messages if role != "system")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def shingle_hashes(text: str, k: int) -> np.ndarray:
+    """32-bit hashes of the distinct k-word shingles (the whole text when it has fewer words)."""
+    ws = words(text)
+    if not ws:
+        return np.empty(0, dtype=np.uint64)
+    grams = {" ".join(ws[i:i + k]) for i in range(max(1, len(ws) - k + 1))}
+    return np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
+
+
+def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of the universal family h(x) = ((a x + b) mod 2^61-1) & 0xFFFFFFFF, fixed seed."""
+    rng = np.random.RandomState(seed)
+    a = rng.randint(1, (1 << 61) - 1, size=num_perm, dtype=np.uint64)
+    b = rng.randint(0, (1 << 61) - 1, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def signatures(shingles: list[np.ndarray], num_perm: int, seed: int = 1) -> np.ndarray:
+    """MinHash signatures (len(shingles) x num_perm, uint32) for many documents at once: every
+    shingle of every document goes through the permutations in blocks, then a segmented minimum
+    (`np.minimum.reduceat`). Documents without shingles get all-0xFFFFFFFF."""
+    a, b = permutations(num_perm, seed)
+    n = len(shingles)
+    out = np.full((n, num_perm), 0xFFFFFFFF, dtype=np.uint64)
+    lengths = np.array([len(s) for s in shingles], dtype=np.int64)
+    if n == 0 or lengths.sum() == 0:
+        return out.astype(np.uint32)
+    start = 0
+    while start < n:  # a block of whole documents, about _CHUNK shingles
+        stop, total = start, 0
+        while stop < n and (total == 0 or total + lengths[stop] <= _CHUNK):
+            total += lengths[stop]
+            stop += 1
+        docs = [i for i in range(start, stop) if lengths[i]]
+        if docs:
+            flat = np.concatenate([shingles[i] for i in docs])
+            with np.errstate(over="ignore"):
+                hv = ((flat[:, None] * a[None, :] + b[None, :]) % _MERSENNE) & _MAX32
+            offsets = np.concatenate(([0], np.cumsum(lengths[docs])[:-1]))
+            out[docs] = np.minimum.reduceat(hv, offsets, axis=0)
+        start = stop
+    return out.astype(np.uint32)
+
+
+def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One signed 64-bit hash per band (n x bands): a polynomial of the band's rows, wrapping."""
+    n = sigs.shape[0]
+    coeff = np.random.RandomState(7).randint(1, 1 << 62, size=rows, dtype=np.uint64) | np.uint64(1)
+    view = sigs[:, : bands * rows].astype(np.uint64).reshape(n, bands, rows)
+    with np.errstate(over="ignore"):
+        h = (view * coeff[None, None, :]).sum(axis=2, dtype=np.uint64)
+        h ^= h >> np.uint64(29)
+    return h.view(np.int64)
+
+
+def signature_partition(records: Iterable[tuple], params: Params) -> Iterator[tuple]:
+    """(hash, (line, messages)) -> (line, signature bytes, [band hashes]) for one partition."""
+    lines, shingles = [], []
+    for _, (line_no, messages) in records:
+        lines.append(line_no)
+        shingles.append(shingle_hashes(conversation_text(messages), params.shingle_words))
+    if not lines:
+        return
+    sigs = signatures(shingles, params.num_perm, params.seed)
+    bh = band_hashes(sigs, params.bands, params.rows)
+    for i, line_no in enumerate(lines):
+        if len(shingles[i]):
+            yield line_no, sigs[i].tobytes(), [int(x) for x in bh[i]]
+
+
+def estimated_jaccard(sig_a: bytes, sig_b: bytes) -> float:
+    a = np.frombuffer(sig_a, dtype=np.uint32)
+    b = np.frombuffer(sig_b, dtype=np.uint32)
+    return float(np.mean(a == b))
+
+
+def bucket_pairs(lines: list[int]) -> Iterator[tuple[int, int]]:
+    """Candidate pairs of one LSH bucket: every pair, or star edges from the lowest line when
+    the bucket is large (connected components still join them)."""
+    lines = sorted(set(lines))
+    if len(lines) * (len(lines) - 1) // 2 <= MAX_BUCKET_PAIRS:
+        for i, a in enumerate(lines):
+            for b in lines[i + 1:]:
+                yield a, b
+    else:
+        for b in lines[1:]:
+            yield lines[0], b
+
+
+# ------------------------------------------------------------------ Spark
+
+
+def verified_bucket_pairs(members, threshold: float) -> Iterator[tuple[tuple[int, int], bool]]:
+    """((a, b), estimated Jaccard >= threshold) for the candidate pairs of one bucket of
+    (line, signature) members."""
+    sigs = {int(m[0]): bytes(m[1]) for m in members}
+    for a, b in bucket_pairs(list(sigs)):
+        yield (a, b), estimated_jaccard(sigs[a], sigs[b]) >= threshold
+
+
+
+def connected_components(edges, max_iterations: int = 50, num_partitions: int | None = None):
+    """Min-label propagation over an RDD of undirected edges (a, b): returns (RDD of
+    (node, component label = lowest node of the component), rounds). Stops when no label changes.
+    The edges and the labels share one hash partitioning, so each round's join is narrow."""
+    n = num_partitions or edges.getNumPartitions()
+    both = edges.flatMap(lambda e: ((e[0], e[1]), (e[1], e[0]))).partitionBy(n).cache()
+    labels = both.map(lambda e: (e[0], e[0]), preservesPartitioning=True).reduceByKey(min, n).cache()
+    total = labels.values().sum()
+    rounds = 0
+    try:
+        for rounds in range(1, max_iterations + 1):
+            # each node takes the lowest label among itself and its neighbours; labels only go
+            # down, so an unchanged sum means that no label changed
+            offers = both.join(labels, n).map(lambda kv: (kv[1][0], kv[1][1]))
+            new = labels.union(offers).reduceByKey(min, n).cache()
+            new_total = new.values().sum()
+            labels.unpersist()
+            labels = new
+            if new_total == total:
+                break
+            total = new_total
+        else:
+            raise RuntimeError(f"connected components did not converge in {max_iterations} rounds")
+    finally:
+        both.unpersist()
+    return labels, rounds
+
+
+def near_dedup(spark, deduped, params: Params):
+    """Remove near-duplicates from an RDD of (hash, (line, messages)). Returns (kept RDD of the
+    same shape, NearDupResult). The representative of each cluster is its lowest line."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import ArrayType, BinaryType, LongType, StructField, StructType
+
+    sigs = deduped.mapPartitions(partial(signature_partition, params=params)).cache()
+    try:
+        schema = StructType([StructField("line", LongType(), False), StructField("sig", BinaryType(), False),
+                             StructField("bands", ArrayType(LongType(), False), False)])
+        df = spark.createDataFrame(sigs, schema)
+        # explode one row per (band, band hash); a bucket carries its members' signatures, so the
+        # candidate pairs are verified where they are found (no join back to the signatures)
+        buckets = (df.select("line", "sig", F.posexplode("bands").alias("band", "band_hash"))
+                   .groupBy("band", "band_hash")
+                   .agg(F.collect_list(F.struct("line", "sig")).alias("members"))
+                   .where(F.size("members") > 1))
+        threshold = params.threshold
+        pairs = (buckets.rdd.flatMap(lambda r: verified_bucket_pairs(r["members"], threshold))
+                 .reduceByKey(lambda x, y: x or y)                     # one verdict per distinct pair
+                 .cache())
+        verified = pairs.filter(lambda kv: kv[1]).keys().cache()
+        result = NearDupResult(candidate_pairs=pairs.count(), verified_pairs=verified.count())
+        pairs.unpersist()
+        if result.verified_pairs == 0:
+            verified.unpersist()
+            return deduped, result
+        parts = max(1, min(deduped.getNumPartitions(), result.verified_pairs // 20_000 + 1))
+        labels, result.iterations = connected_components(verified, params.max_iterations, parts)
+        verified.unpersist()
+        sizes = labels.map(lambda kv: (kv[1], 1)).reduceByKey(lambda x, y: x + y).map(lambda kv: (kv[1], 1))
+        result.cluster_sizes = dict(sizes.reduceByKey(lambda x, y: x + y).collect())
+        result.clusters = sum(result.cluster_sizes.values())
+        drop = labels.filter(lambda kv: kv[0] != kv[1]).map(lambda kv: (kv[0], None))
+        result.removed = sum((size - 1) * n for size, n in result.cluster_sizes.items())
+        kept = (deduped.map(lambda r: (r[1][0], r)).subtractByKey(drop).map(lambda kv: kv[1]))
+        return kept, result
+    finally:
+        sigs.unpersist()
