@@ -26,6 +26,7 @@ class DataSpec(_Strict):
     system_prompt: str | None = None
     max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
     max_row_bytes: int = Field(64_000, gt=0)
+    max_file_bytes: int = Field(50 * 2**30, gt=0)   # a drop over this is rejected before Spark reads it
     # PII (services/preprocess/pii.py): the detector backend, the categories masked, and the share of
     # documents the independent residual scan may still flag after masking before the dataset is rejected.
     pii_backend: Literal["rules", "dlp", "presidio"] = "rules"

@@ -23,6 +23,8 @@ Exit status: 0 prepared, 1 dataset rejected (the manifest says why), 2 bad argum
 from __future__ import annotations
 
 import argparse
+import bz2
+import gzip
 import hashlib
 import json
 import logging
@@ -109,6 +111,29 @@ def input_type(path: str) -> str | None:
     for ext in COMPRESSION:
         name = name.removesuffix(ext)
     return INPUT_TYPES.get(Path(name).suffix)
+
+
+_SNIFF_BYTES = 8192
+
+
+def _check_whole_file(path: Path, kind: str, max_bytes: int) -> None:
+    """Whole-file problems get one clear reason before Spark reads a line: too large, or binary
+    content (NUL bytes) in a text format. Only the first 8 KiB (decompressed) are looked at."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _Rejected(f"input is {size / 2**30:.2f} GiB, over the recipe's data.max_file_bytes "
+                        f"({max_bytes / 2**30:.2f} GiB); split the file or raise the limit")
+    if kind == "parquet":
+        return
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except (OSError, EOFError) as exc:
+        raise _Rejected(f"input cannot be decompressed as {path.suffix}: {exc}") from None
+    if b"\x00" in head:
+        raise _Rejected(f"input looks binary (NUL bytes in its first {_SNIFF_BYTES // 1024} KiB), "
+                        f"not {kind.upper()} text; check that the right file was dropped")
 
 
 def _local_path(path: str) -> Path | None:
@@ -286,6 +311,8 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
                 raise _Rejected(f"input unreadable: {input_path} is not a readable file")
             if local.is_file() and local.stat().st_size == 0:
                 raise _Rejected("input is empty (0 bytes)")
+            if local.is_file():
+                _check_whole_file(local, kind, data.max_file_bytes)
             input_path = str(local.resolve())
         manifest.update(provenance.describe_source(source, local, recipe))
         if problem := provenance.legal_basis_problem(recipe, source):

@@ -332,6 +332,22 @@ def test_empty_file_rejected(spark, tmp_path):
     assert_rejected(prepare(spark, str(blank), recipe(), tmp_path / "out2", source=SOURCE), "input is empty (no rows)")
 
 
+def test_binary_oversized_and_corrupt_compressed_files_rejected_whole(spark, tmp_path):
+    import gzip
+
+    binary = tmp_path / "model.jsonl.gz"
+    with gzip.open(binary, "wb") as fh:
+        fh.write(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    assert_rejected(prepare(spark, str(binary), recipe(), tmp_path / "a", source=SOURCE), "input looks binary")
+    big = write_jsonl(tmp_path / "big.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "hello"}]}] * 20)
+    assert_rejected(prepare(spark, str(big), recipe(max_file_bytes=100), tmp_path / "b", source=SOURCE),
+                    "over the recipe's data.max_file_bytes")
+    corrupt = tmp_path / "broken.jsonl.gz"
+    corrupt.write_bytes(b"not gzip at all")
+    assert_rejected(prepare(spark, str(corrupt), recipe(), tmp_path / "c", source=SOURCE), "cannot be decompressed")
+
+
 def test_not_jsonl_missing_and_unsupported_rejected(spark, tmp_path):
     src = tmp_path / "table.jsonl"
     src.write_text("id,question,answer\n1,hi,hello\n2,bye,ciao\n")
