@@ -78,8 +78,8 @@ class JobSubmitted(Event):
 
 # ---------------------------------------------------------------- datasets
 
-class DatasetPrepared(Event):
-    type: ClassVar[str] = "DatasetPrepared"
+class _DatasetReady(Event):
+    """What preprocess says of a dataset it has prepared, whether or not it waits for review."""
     topic: ClassVar[str] = DATASETS
     recipe: Recipe
     dataset_id: str
@@ -88,22 +88,18 @@ class DatasetPrepared(Event):
     tenant: str = "default"
     tokens: dict[str, Any] | None = None          # per split, with the base model's tokenizer
     cost_estimate: dict[str, Any] | None = None   # FLOPs, GPU hours, price (services/preprocess/cost.py)
+
+
+class DatasetPrepared(_DatasetReady):
+    type: ClassVar[str] = "DatasetPrepared"
     privacy_signoff: dict[str, Any] | None = None  # who approved, when, residual rate seen (privacy review)
 
 
-class DatasetAwaitingReview(Event):
+class DatasetAwaitingReview(_DatasetReady):
     """A prepared dataset held for privacy sign-off (recipe data.privacy_review): nothing trains on
     it until `ftpipe privacy approve` publishes its DatasetPrepared."""
     type: ClassVar[str] = "DatasetAwaitingReview"
-    topic: ClassVar[str] = DATASETS
-    recipe: Recipe
-    dataset_id: str
-    dataset_uri: str
-    counts: dict[str, int]
     pii: dict[str, Any] = {}               # pii_report summary: counts per category, residual rate; never values
-    tenant: str = "default"
-    tokens: dict[str, Any] | None = None
-    cost_estimate: dict[str, Any] | None = None
 
 
 class DatasetRejected(Event):

@@ -2,7 +2,7 @@
 and are chosen once, from settings, in shared/config.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 

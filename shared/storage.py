@@ -2,7 +2,6 @@
 upload/download (checkpoints and datasets are folders)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from shared.ports import InvalidObjectName, ObjectStore, PreconditionFailed
@@ -60,13 +59,3 @@ def download_dir(store: ObjectStore, bucket: str, prefix: str, local_dir: Path) 
         store.download_file(bucket, info.name, str(target))
         paths.append(target)
     return paths
-
-
-def object_exists(store: ObjectStore, bucket: str, name: str) -> bool:
-    return store.stat(bucket, name) is not None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

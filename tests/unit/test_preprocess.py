@@ -297,7 +297,7 @@ def test_small_dataset_gets_every_split(spark, tmp_path):
     assert result.counts["train"] + result.counts["val"] + result.counts["test"] == 12
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert manifest["split"]["rows_moved_to_fill_empty_splits"] >= 1
-    again = prepare(spark, str(src), recipe(split=(0.98, 0.01, 0.01)), tmp_path / "again", source=SOURCE)
+    prepare(spark, str(src), recipe(split=(0.98, 0.01, 0.01)), tmp_path / "again", source=SOURCE)
     assert (tmp_path / "again" / "test.jsonl").read_bytes() == (result.out_dir / "test.jsonl").read_bytes()
 
 
