@@ -21,8 +21,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DATA_FORMATS = ("auto", "chat", "sharegpt", "instruction", "prompt_completion", "preference", "classification")
+
+
 class DataSpec(_Strict):
-    format: Literal["auto", "chat", "instruction"] = "auto"
+    # Input row shape (services/preprocess/formats.py): auto-detected per row, or one named shape only.
+    format: Literal[DATA_FORMATS] = "auto"
+    # Renames of input fields / columns to the canonical names, e.g. {text: review, label: stars}.
+    columns: dict[str, str] = {}
+    # A field / column that fixes a row's split (train | val | test); null ignores it.
+    split_column: str | None = "split"
+    # Classification: the allowed labels (others are rejected rows); None accepts any label.
+    labels: tuple[str | int, ...] | None = None
+    # Classification: split each label 80/10/10 on its own (exact proportions per label).
+    stratify: bool = True
     system_prompt: str | None = None
     max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
     max_row_bytes: int = Field(64_000, gt=0)
@@ -167,8 +179,8 @@ class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     version: int = Field(ge=1)
     description: str = ""
-    task: Literal["chat_sft"] = "chat_sft"
-    method: Literal["sft"] = "sft"
+    task: Literal["chat_sft", "classification"] = "chat_sft"
+    method: Literal["sft", "dpo", "orpo"] = "sft"
     base_model: str
     model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     data: DataSpec = DataSpec()
@@ -182,6 +194,28 @@ class Recipe(_Strict):
     @property
     def hash(self) -> str:
         return recipe_hash(self)
+
+    @property
+    def data_kind(self) -> str:
+        """The kind of rows this recipe trains on: chat, preference (DPO / ORPO) or classification."""
+        if self.method in ("dpo", "orpo"):
+            return "preference"
+        return "classification" if self.task == "classification" else "chat"
+
+    @model_validator(mode="after")
+    def _method_fits_task_and_format(self) -> "Recipe":
+        if self.task == "classification" and self.method != "sft":
+            raise ValueError(f"method {self.method!r} does not apply to task 'classification'; use method 'sft'")
+        wanted = {"chat": ("chat", "sharegpt", "instruction", "prompt_completion"),
+                  "preference": ("preference",), "classification": ("classification",)}[self.data_kind]
+        if self.data.format not in ("auto", *wanted):
+            raise ValueError(f"data.format {self.data.format!r} does not fit task {self.task!r} with method "
+                             f"{self.method!r}, which train on {self.data_kind} rows; use auto or one of {list(wanted)}")
+        known = {"messages", "conversations", "instruction", "input", "output", "response", "prompt",
+                 "completion", "chosen", "rejected", "text", "label"}
+        if unknown := sorted(set(self.data.columns) - known):
+            raise ValueError(f"data.columns: unknown canonical field(s) {unknown}; known: {sorted(known)}")
+        return self
 
 
 def recipe_hash(recipe: Recipe) -> str:

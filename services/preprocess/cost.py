@@ -81,38 +81,53 @@ def count_parameters(base_model: str) -> int | None:
 
 # ------------------------------------------------------------------ tokens
 
-def _rows(path: Path) -> Iterable[list[dict]]:
+def _records(path: Path) -> Iterable[dict]:
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
-                yield json.loads(line)["messages"]
+                yield json.loads(line)
+
+
+def sequences(tokenizer, record: dict, system_prompt: str | None) -> list[str]:
+    """The texts the trainer feeds the model for one prepared record: a chat row's conversation, a
+    preference pair's prompt + chosen and prompt + rejected, a classification row's text."""
+    if "text" in record:
+        return [record["text"]]
+    if "messages" in record:
+        return [_render(tokenizer, with_system_prompt(record["messages"], system_prompt))]
+    prompt = with_system_prompt(record["prompt"], system_prompt)
+    return [_render(tokenizer, prompt + record[side]) for side in ("chosen", "rejected")]
 
 
 def count_tokens(tokenizer, split_files: dict[str, Path], *, system_prompt: str | None, max_seq_len: int,
                  batch: int = 256) -> dict[str, Any]:
-    """{split: {rows, tokens, training_tokens, max_tokens, truncated_rows}} plus totals."""
+    """{split: {rows, tokens, training_tokens, max_tokens, truncated_rows}} plus totals. A row's
+    tokens are those of all its sequences (both sides of a preference pair); training_tokens cut
+    each sequence at max_seq_len."""
     out: dict[str, Any] = {}
     for split in SPLITS:
         path = split_files.get(split)
         stats = {"rows": 0, "tokens": 0, "training_tokens": 0, "max_tokens": 0, "truncated_rows": 0}
         if path is not None and Path(path).is_file():
-            texts: list[str] = []
+            groups: list[list[str]] = []
 
             def flush() -> None:
-                if not texts:
+                if not groups:
                     return
-                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                    n = len(ids)
+                lengths = iter(len(ids) for ids in
+                               tokenizer([t for g in groups for t in g], add_special_tokens=False)["input_ids"])
+                for group in groups:
+                    ns = [next(lengths) for _ in group]
                     stats["rows"] += 1
-                    stats["tokens"] += n
-                    stats["training_tokens"] += min(n, max_seq_len)
-                    stats["max_tokens"] = max(stats["max_tokens"], n)
-                    stats["truncated_rows"] += n > max_seq_len
-                texts.clear()
+                    stats["tokens"] += sum(ns)
+                    stats["training_tokens"] += sum(min(n, max_seq_len) for n in ns)
+                    stats["max_tokens"] = max(stats["max_tokens"], *ns)
+                    stats["truncated_rows"] += any(n > max_seq_len for n in ns)
+                groups.clear()
 
-            for messages in _rows(Path(path)):
-                texts.append(_render(tokenizer, with_system_prompt(messages, system_prompt)))
-                if len(texts) >= batch:
+            for record in _records(Path(path)):
+                groups.append(sequences(tokenizer, record, system_prompt))
+                if len(groups) >= batch:
                     flush()
             flush()
         out[split] = stats

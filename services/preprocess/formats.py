@@ -1,17 +1,32 @@
-"""Row validation and normalisation to the canonical chat format (pure Python, runs on workers).
+"""Row validation and normalisation to ftpipe's canonical records (pure Python, runs on workers).
 
-Canonical row: {"id": <content hash prefix>, "messages": [{"role", "content"}, ...]} with roles
-system/user/assistant, at most one system message (first), at least one user and one assistant
-turn, and the last turn from the assistant.
+Three kinds of dataset, each with its canonical output line (what the trainer reads):
+- chat (SFT):       {"id", "messages": [{"role", "content"}, ...]} — roles system/user/assistant, at
+                    most one system message (first), a user and an assistant turn, the assistant last
+- preference (DPO / ORPO, TRL's conversational format):
+                    {"id", "prompt": [messages ending with a user turn],
+                     "chosen": [{"role": "assistant", "content"}], "rejected": [{"role": "assistant", ...}]}
+- classification:   {"id", "text", "label"}
 
-Accepted shapes:
-- chat:        {"messages": [{"role": ..., "content": ...}, ...]}
-               {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]} (ShareGPT)
-- instruction: {"instruction", "input"?, "response"|"output"} (Alpaca), {"prompt", "completion"}
+Accepted input shapes (`data.format: auto` detects them per row; naming one accepts only it):
+- chat:              {"messages": [{"role", "content"}, ...]} (OpenAI style)
+- sharegpt:          {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}
+- instruction:       {"instruction", "input"?, "output"} (Alpaca) or {"instruction", "response"}
+- prompt_completion: {"prompt", "completion"}
+- preference:        {"prompt", "chosen", "rejected"}, each a string or a message list; or, with no
+                     prompt, "chosen" and "rejected" as whole conversations sharing their prompt turns
+- classification:    {"text", "label"} (label a string or an integer)
+`data.columns` renames input fields to these names first (e.g. {"text": "review", "label": "stars"});
+the field named by `data.split_column` (default "split"), where present, fixes the row's split.
+
+Inside the job a row travels as a tuple of (role, content) segments: the chat turns, then for
+preference rows ("chosen", text) and ("rejected", text), for classification rows ("text", text) and
+("label", label); a user-given split is a trailing ("split", name). Roles in META_ROLES are metadata,
+not text: they are never masked, hashed or scanned.
 
 Every problem raises `RowError(code, reason)`: `code` is a stable category (counted in the
 manifest), `reason` a specific sentence for rejected.jsonl. Reasons name fields and positions,
-never values. This module imports only the standard library, so Spark workers import it cheaply.
+never values. This module imports only the standard library (and pii), so workers import it cheaply.
 """
 from __future__ import annotations
 
@@ -27,10 +42,19 @@ from services.preprocess.pii import mask_excerpt
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
+SHAPES = ("chat", "sharegpt", "instruction", "prompt_completion", "preference", "classification")
+KIND_OF_SHAPE = {"chat": "chat", "sharegpt": "chat", "instruction": "chat", "prompt_completion": "chat",
+                 "preference": "preference", "classification": "classification"}
+SHAPE_FIELDS = {"chat": "'messages'", "sharegpt": "'conversations'",
+                "instruction": "'instruction' + 'output'/'response'", "prompt_completion": "'prompt' + 'completion'",
+                "preference": "'prompt' + 'chosen' + 'rejected'", "classification": "'text' + 'label'"}
+KIND_DESCRIPTION = {"chat": "chat rows (SFT)", "preference": "preference pairs (DPO / ORPO)",
+                    "classification": "text + label rows (classification)"}
+META_ROLES = frozenset({"label", "split"})
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test", "eval": "test"}
 EXCERPT_CHARS = 200
-
-# Shapes a table (CSV / Parquet) header can declare, by (lower-cased) column names.
-TABLE_SHAPES = ("chat", "alpaca", "prompt_completion")
+Segments = tuple[tuple[str, Any], ...]
 
 
 class RowError(ValueError):
@@ -44,9 +68,17 @@ class RowError(ValueError):
 class RowRules:
     """The part of the recipe the workers need (small and picklable)."""
 
-    format: str = "auto"  # auto | chat | instruction
+    format: str = "auto"            # auto | one of SHAPES
+    kind: str = "chat"              # the kind the recipe trains on: chat | preference | classification
     system_prompt: str | None = None
     max_row_bytes: int = 64_000
+    columns: tuple[tuple[str, str], ...] = ()   # (canonical field, the input's field)
+    split_column: str | None = "split"
+    labels: tuple[Any, ...] | None = None       # allowed labels (classification), None: any
+
+    def field(self, canonical: str) -> str:
+        """How the input names a canonical field (for messages)."""
+        return dict(self.columns).get(canonical, canonical)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,38 +107,73 @@ def parse_json_line(line: str) -> dict:
     return obj
 
 
-def table_shape(columns: Iterable[str]) -> tuple[str, dict[str, str]] | None:
-    """The shape a CSV/Parquet header declares and a map canonical name -> actual column name."""
-    cols = {c.strip().lower(): c for c in columns}
-    if "messages" in cols:
-        return "chat", {"messages": cols["messages"]}
-    if "instruction" in cols and ("response" in cols or "output" in cols):
-        resp = "response" if "response" in cols else "output"
-        names = {"instruction": cols["instruction"], resp: cols[resp]}
-        if "input" in cols:
-            names["input"] = cols["input"]
-        return "alpaca", names
-    if "prompt" in cols and "completion" in cols:
-        return "prompt_completion", {"prompt": cols["prompt"], "completion": cols["completion"]}
+def renamed(obj: dict, rules: RowRules) -> dict:
+    """The row with `data.columns` renames applied (input field -> canonical field)."""
+    if not rules.columns:
+        return obj
+    to_canonical = {actual: canonical for canonical, actual in rules.columns}
+    return {to_canonical.get(k, k): v for k, v in obj.items()}
+
+
+def detect_shape(keys: Iterable[str]) -> str | None:
+    """The shape a row's (canonical) field names declare; None when they declare none."""
+    keys = set(keys)
+    if "messages" in keys:
+        return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "chosen" in keys or "rejected" in keys:
+        return "preference"
+    if "instruction" in keys:
+        return "instruction"
+    if "prompt" in keys:
+        return "prompt_completion"
+    if "text" in keys or "label" in keys:
+        return "classification"
     return None
 
 
-def table_row_to_object(row: dict, shape: str, names: dict[str, str]) -> dict:
-    """A CSV/Parquet row (column -> value, None for empty cells) as the JSON object it stands for."""
-    if shape == "chat":
-        cell = row.get(names["messages"])
-        if cell is None or (isinstance(cell, str) and not cell.strip()):
-            raise RowError("empty_content", "empty 'messages' cell")
-        if isinstance(cell, str):
+def _expected_shapes(rules: RowRules) -> str:
+    if rules.format != "auto":
+        return SHAPE_FIELDS[rules.format]
+    return ", ".join(SHAPE_FIELDS[s] for s in SHAPES if KIND_OF_SHAPE[s] == rules.kind)
+
+
+def table_shape(columns: Iterable[str], rules: RowRules) -> str:
+    """The shape a CSV/Parquet header declares (column names compared case-insensitively); raises
+    RowError with a dataset-level reason when it declares none or the wrong kind."""
+    lowered = {c.strip().lower() for c in columns}
+    renames = {actual.lower(): canonical for canonical, actual in rules.columns}
+    shape = detect_shape(renames.get(c, c) for c in lowered)
+    if shape is None:
+        raise RowError("unknown_shape", f"match no known shape; expected {_expected_shapes(rules)}"
+                       + (" (or set data.columns to map yours)" if not rules.columns else ""))
+    _check_shape(shape, rules)
+    return shape
+
+
+def table_row_to_object(row: dict, rules: RowRules) -> dict:
+    """A CSV/Parquet row (column -> value, None for empty cells) as the JSON object it stands for:
+    column names lower-cased, message lists parsed from their JSON text, empty cells as empty
+    strings (reported as empty fields), empty optional cells dropped."""
+    renames = {actual.strip().lower(): canonical for canonical, actual in rules.columns}
+    if rules.split_column:
+        renames.setdefault(rules.split_column.lower(), rules.split_column)
+    obj = {renames.get(k, k): v for k, v in ((str(k).strip().lower(), v) for k, v in row.items())}
+    for key in ("messages", "conversations", "prompt", "chosen", "rejected"):
+        cell = obj.get(key)
+        if isinstance(cell, str) and (key in ("messages", "conversations") or cell.lstrip().startswith("[")):
             try:
-                cell = json.loads(cell)
+                obj[key] = json.loads(cell)
             except json.JSONDecodeError as exc:
-                raise RowError("bad_json", f"bad JSON in the 'messages' column: {exc.msg} at column {exc.colno}") from None
-        return {"messages": cell}
-    obj = {canon: row.get(actual) for canon, actual in names.items()}
-    for key, value in obj.items():
-        if value is None and key != "input":
-            obj[key] = ""  # an empty cell is an empty field, reported as such
+                if key in ("messages", "conversations"):
+                    raise RowError("bad_json", f"bad JSON in the '{key}' column: {exc.msg} at column {exc.colno}") from None
+    for key, value in list(obj.items()):
+        if value is None:
+            if key in ("input", rules.split_column):
+                del obj[key]
+            else:
+                obj[key] = ""
     return obj
 
 
@@ -120,8 +187,14 @@ def _text(value: Any, what: str) -> str:
     return unicodedata.normalize("NFC", value).strip()
 
 
-def _chat_messages(raw: Any, *, sharegpt: bool) -> list[tuple[str, str]]:
-    field = "conversations" if sharegpt else "messages"
+def _required(obj: dict, name: str, rules: RowRules, shape: str) -> Any:
+    if name not in obj:
+        shown = rules.field(name)
+        raise RowError("missing_field", f"{shape} row without '{shown}'")
+    return obj[name]
+
+
+def _messages(raw: Any, *, field: str, sharegpt: bool = False) -> list[tuple[str, str]]:
     if not isinstance(raw, list) or not raw:
         got = "an empty array" if isinstance(raw, list) else _json_type(raw)
         raise RowError("bad_messages", f"'{field}' must be a non-empty array, got {got}")
@@ -129,109 +202,239 @@ def _chat_messages(raw: Any, *, sharegpt: bool) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for i, msg in enumerate(raw, start=1):
         if not isinstance(msg, dict):
-            raise RowError("bad_messages", f"message {i} is not an object (got {_json_type(msg)})")
+            raise RowError("bad_messages", f"{field} message {i} is not an object (got {_json_type(msg)})")
         if role_key not in msg:
-            raise RowError("bad_messages", f"message {i} has no '{role_key}'")
+            raise RowError("bad_messages", f"{field} message {i} has no '{role_key}'")
         if content_key not in msg:
-            raise RowError("bad_messages", f"message {i} has no '{content_key}'")
+            raise RowError("bad_messages", f"{field} message {i} has no '{content_key}'")
         role = msg[role_key]
         if not isinstance(role, str):
-            raise RowError("bad_role", f"message {i} '{role_key}' must be a string, got {_json_type(role)}")
+            raise RowError("bad_role", f"{field} message {i} '{role_key}' must be a string, got {_json_type(role)}")
         role = role.strip().lower()
         if sharegpt:
             role = SHAREGPT_ROLES.get(role, role)
         if role not in ROLES:
             shown = role if len(role) <= 20 else role[:20] + "…"
-            raise RowError("bad_role", f"message {i} has role {shown!r}; allowed: {', '.join(ROLES)}")
-        content = _text(msg[content_key], f"message {i} '{content_key}'")
+            raise RowError("bad_role", f"{field} message {i} has role {shown!r}; allowed: {', '.join(ROLES)}")
+        content = _text(msg[content_key], f"{field} message {i} '{content_key}'")
         if not content:
-            raise RowError("empty_content", f"message {i} ({role}) has empty content")
+            raise RowError("empty_content", f"{field} message {i} ({role}) has empty content")
         out.append((role, content))
     return out
 
 
-def _instruction_messages(obj: dict) -> list[tuple[str, str]]:
-    if "instruction" in obj:
-        resp_key = "response" if "response" in obj else "output"
-        instruction = _text(obj["instruction"], "'instruction'")
-        extra = obj.get("input")
-        extra = _text(extra, "'input'") if extra is not None else ""
-        response = _text(obj[resp_key], f"'{resp_key}'")
-        prompt_key, prompt = "instruction", (f"{instruction}\n\n{extra}" if extra else instruction)
-    else:
-        resp_key = "completion"
-        prompt_key, prompt = "prompt", _text(obj["prompt"], "'prompt'")
-        response = _text(obj["completion"], "'completion'")
-    if not prompt:
-        raise RowError("empty_content", f"'{prompt_key}' is empty")
-    if not response:
-        raise RowError("empty_content", f"'{resp_key}' is empty")
-    return [("user", prompt), ("assistant", response)]
-
-
-def row_kind(obj: dict) -> str:
-    if "messages" in obj:
-        return "chat"
-    if "conversations" in obj:
-        return "sharegpt"
-    if "instruction" in obj:
-        if "response" in obj or "output" in obj:
-            return "instruction"
-        raise RowError("missing_field", "instruction row without 'response' or 'output'")
-    if "prompt" in obj:
-        if "completion" in obj:
-            return "instruction"
-        raise RowError("missing_field", "prompt row without 'completion'")
-    keys = sorted(str(k)[:30] for k in obj)[:6]
-    raise RowError(
-        "unknown_shape",
-        f"unknown row shape (keys: {', '.join(keys) or 'none'}); expected 'messages', "
-        "'instruction' + 'response'/'output', or 'prompt' + 'completion'",
-    )
-
-
-def normalise(obj: dict, rules: RowRules) -> list[tuple[str, str]]:
-    """A parsed row as a validated list of (role, content)."""
-    kind = row_kind(obj)
-    if rules.format == "chat" and kind == "instruction":
-        raise RowError("format_mismatch", "instruction-shaped row but data.format is 'chat'")
-    if rules.format == "instruction" and kind != "instruction":
-        raise RowError("format_mismatch", "chat-shaped row but data.format is 'instruction'")
-    if kind == "instruction":
-        messages = _instruction_messages(obj)
-    else:
-        messages = _chat_messages(obj["messages" if kind == "chat" else "conversations"], sharegpt=kind == "sharegpt")
-
-    for i, (role, _) in enumerate(messages[1:], start=2):
+def _check_turns(turns: list[tuple[str, str]], *, last: str, field: str) -> None:
+    for i, (role, _) in enumerate(turns[1:], start=2):
         if role == "system":
-            raise RowError("bad_order", f"message {i} is a system message; only the first message may be")
-    roles = [role for role, _ in messages]
-    if "assistant" not in roles:
+            raise RowError("bad_order", f"{field} message {i} is a system message; only the first message may be")
+    roles = [role for role, _ in turns]
+    if last == "assistant" and "assistant" not in roles:
         raise RowError("no_assistant", "no assistant turn")
-    if roles[-1] != "assistant":
-        raise RowError("last_not_assistant", f"last turn is from '{roles[-1]}', not the assistant")
+    if roles[-1] != last:
+        code = "last_not_assistant" if last == "assistant" else "bad_order"
+        where = "" if field == "messages" else f" {field}"
+        raise RowError(code, f"last{where} turn is from '{roles[-1]}', not the {last}")
     if "user" not in roles:
-        raise RowError("no_user", "no user turn")
-    return messages
+        raise RowError("no_user", f"no user turn in '{field}'")
 
 
-def with_system_prompt(messages: list[tuple[str, str]], rules: RowRules) -> tuple[tuple[str, str], ...]:
-    """The recipe's data.system_prompt first, where the row has no system message of its own.
-    Applied after hashing, so row ids (and splits) do not change with the recipe's prompt."""
-    if rules.system_prompt and messages[0][0] != "system":
-        return (("system", unicodedata.normalize("NFC", rules.system_prompt).strip()), *messages)
-    return tuple(messages)
+def _chat(obj: dict, shape: str, rules: RowRules) -> list[tuple[str, str]]:
+    if shape in ("chat", "sharegpt"):
+        field = "messages" if shape == "chat" else "conversations"
+        turns = _messages(obj[field], field=field, sharegpt=shape == "sharegpt")
+    elif shape == "instruction":
+        if "output" not in obj and "response" not in obj:
+            raise RowError("missing_field", f"instruction row without '{rules.field('response')}' or "
+                                            f"'{rules.field('output')}'")
+        resp_key = "response" if "response" in obj else "output"
+        instruction = _text(obj["instruction"], f"'{rules.field('instruction')}'")
+        extra = obj.get("input")
+        extra = _text(extra, f"'{rules.field('input')}'") if extra is not None else ""
+        response = _text(obj[resp_key], f"'{rules.field(resp_key)}'")
+        if not instruction:
+            raise RowError("empty_content", f"'{rules.field('instruction')}' is empty")
+        if not response:
+            raise RowError("empty_content", f"'{rules.field(resp_key)}' is empty")
+        turns = [("user", f"{instruction}\n\n{extra}" if extra else instruction), ("assistant", response)]
+    else:
+        prompt = _text(obj["prompt"], f"'{rules.field('prompt')}'")
+        completion = _text(_required(obj, "completion", rules, "prompt"), f"'{rules.field('completion')}'")
+        if not prompt:
+            raise RowError("empty_content", f"'{rules.field('prompt')}' is empty")
+        if not completion:
+            raise RowError("empty_content", f"'{rules.field('completion')}' is empty")
+        turns = [("user", prompt), ("assistant", completion)]
+    _check_turns(turns, last="assistant", field="messages")
+    return turns
 
 
-def content_hash(messages: Iterable[tuple[str, str]]) -> str:
-    """sha256 of the conversation with whitespace collapsed and case folded (the dedup key)."""
+def _answer(raw: Any, field: str) -> tuple[str, list[tuple[str, str]] | None]:
+    """A chosen / rejected value: (its answer text, the full conversation when it is a message list)."""
+    if isinstance(raw, list):
+        turns = _messages(raw, field=field)
+        if turns[-1][0] != "assistant":
+            raise RowError("last_not_assistant", f"last '{field}' turn is from '{turns[-1][0]}', not the assistant")
+        return turns[-1][1], turns
+    text = _text(raw, f"'{field}'")
+    if not text:
+        raise RowError("empty_content", f"'{field}' is empty")
+    return text, None
+
+
+def _preference(obj: dict, rules: RowRules) -> list[tuple[str, str]]:
+    chosen, chosen_turns = _answer(_required(obj, "chosen", rules, "preference"), rules.field("chosen"))
+    rejected, rejected_turns = _answer(_required(obj, "rejected", rules, "preference"), rules.field("rejected"))
+    if "prompt" in obj:
+        raw = obj["prompt"]
+        if isinstance(raw, list):
+            prompt = _messages(raw, field=rules.field("prompt"))
+        else:
+            text = _text(raw, f"'{rules.field('prompt')}'")
+            if not text:
+                raise RowError("empty_content", f"'{rules.field('prompt')}' is empty")
+            prompt = [("user", text)]
+        for turns, name in ((chosen_turns, "chosen"), (rejected_turns, "rejected")):
+            if turns is not None and len(turns) != 1:
+                raise RowError("bad_messages", f"'{rules.field(name)}' must be one assistant message when "
+                                               f"'{rules.field('prompt')}' is given, got {len(turns)} messages")
+    else:  # implicit prompt: the turns the two conversations share
+        if chosen_turns is None or rejected_turns is None:
+            raise RowError("missing_field", f"preference row without '{rules.field('prompt')}' (needed unless "
+                                            "'chosen' and 'rejected' are whole conversations)")
+        prompt = chosen_turns[:-1]
+        if not prompt or rejected_turns[:-1] != prompt:
+            raise RowError("bad_messages", "'chosen' and 'rejected' conversations must share every turn "
+                                           "but the last assistant answer")
+    _check_turns(prompt, last="user", field="prompt")
+    if " ".join(chosen.split()).casefold() == " ".join(rejected.split()).casefold():
+        raise RowError("identical_pair", "'chosen' and 'rejected' are the same answer (no preference to learn)")
+    return [*prompt, ("chosen", chosen), ("rejected", rejected)]
+
+
+def _classification(obj: dict, rules: RowRules) -> list[tuple[str, Any]]:
+    text = _text(_required(obj, "text", rules, "classification"), f"'{rules.field('text')}'")
+    if not text:
+        raise RowError("empty_content", f"'{rules.field('text')}' is empty")
+    label = _required(obj, "label", rules, "classification")
+    if isinstance(label, str):
+        label = unicodedata.normalize("NFC", label).strip()
+        if not label:
+            raise RowError("empty_content", f"'{rules.field('label')}' is empty")
+    elif not isinstance(label, int) or isinstance(label, bool):
+        raise RowError("bad_field_type", f"'{rules.field('label')}' must be a string or an integer, "
+                                         f"got {_json_type(label)}")
+    if rules.labels is not None and label not in rules.labels:
+        shown = label if len(str(label)) <= 30 else str(label)[:30] + "…"
+        raise RowError("bad_label", f"label {shown!r} is not one of data.labels")
+    return [("text", text), ("label", label)]
+
+
+def _check_shape(shape: str, rules: RowRules) -> None:
+    if rules.format != "auto" and shape != rules.format:
+        raise RowError("format_mismatch", f"{shape}-shaped row ({SHAPE_FIELDS[shape]}) but data.format is "
+                                          f"{rules.format!r}")
+    if KIND_OF_SHAPE[shape] != rules.kind:
+        raise RowError("wrong_kind", f"{shape}-shaped row ({SHAPE_FIELDS[shape]}), but the recipe trains on "
+                                     f"{KIND_DESCRIPTION[rules.kind]}")
+
+
+def _user_split(obj: dict, rules: RowRules) -> str | None:
+    if rules.split_column is None or rules.split_column not in obj:
+        return None
+    value = obj[rules.split_column]
+    if value is None or value == "":
+        return None
+    name = SPLIT_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
+    if name is None:
+        shown = value if isinstance(value, str) and len(value) <= 20 else _json_type(value)
+        raise RowError("bad_split", f"'{rules.split_column}' is {shown!r}; expected train, val or test "
+                                    "(or set data.split_column: null to ignore the column)")
+    return name
+
+
+def normalise(obj: dict, rules: RowRules) -> list[tuple[str, Any]]:
+    """A parsed row (fields already `renamed`) as validated segments (see the module docstring)."""
+    split_name = _user_split(obj, rules)
+    shape = rules.format if rules.format != "auto" else detect_shape(obj)
+    if shape is None:
+        keys = sorted(str(k)[:30] for k in obj)[:6]
+        raise RowError("unknown_shape", f"unknown row shape (keys: {', '.join(keys) or 'none'}); expected "
+                                        f"{_expected_shapes(rules)}")
+    found = detect_shape(obj)
+    if found is not None and found != shape:
+        _check_shape(found, rules)
+    _check_shape(shape, rules)
+    if KIND_OF_SHAPE[shape] == "chat":
+        if shape in ("chat", "sharegpt"):
+            _required(obj, "messages" if shape == "chat" else "conversations", rules, shape)
+        else:
+            _required(obj, "instruction" if shape == "instruction" else "prompt", rules, shape)
+        segments = _chat(obj, shape, rules)
+    elif shape == "preference":
+        segments = _preference(obj, rules)
+    else:
+        segments = _classification(obj, rules)
+    if split_name is not None:
+        segments.append(("split", split_name))
+    return segments
+
+
+def with_system_prompt(segments: list[tuple[str, Any]], rules: RowRules) -> Segments:
+    """The recipe's data.system_prompt first in chat and preference rows that have no system message
+    of their own. Applied after hashing, so row ids (and splits) do not change with the prompt."""
+    if rules.system_prompt and segments[0][0] in ("user", "assistant"):
+        return (("system", unicodedata.normalize("NFC", rules.system_prompt).strip()), *segments)
+    return tuple(segments)
+
+
+def text_segments(segments: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, str]]:
+    """The segments that are text (everything but META_ROLES)."""
+    return ((role, content) for role, content in segments if role not in META_ROLES)
+
+
+def segment(segments: Iterable[tuple[str, Any]], role: str, default: Any = None) -> Any:
+    """The content of the first segment with this role."""
+    return next((content for r, content in segments if r == role), default)
+
+
+def kind_of(segments: Iterable[tuple[str, Any]]) -> str:
+    roles = {role for role, _ in segments}
+    return "preference" if "chosen" in roles else "classification" if "text" in roles else "chat"
+
+
+def content_hash(segments: Iterable[tuple[str, Any]]) -> str:
+    """sha256 of the text segments with whitespace collapsed and case folded (the dedup key; a
+    classification row's label and a user split are not part of it)."""
     h = hashlib.sha256()
-    for role, content in messages:
+    for role, content in text_segments(segments):
         h.update(role.encode())
         h.update(b"\x1f")
         h.update(" ".join(content.split()).casefold().encode())
         h.update(b"\x1e")
     return h.hexdigest()
+
+
+def to_record(row_id: str, segments: Iterable[tuple[str, Any]]) -> dict:
+    """The canonical output record (see the module docstring) of a row's segments."""
+    segments = [s for s in segments if s[0] != "split"]
+    kind = kind_of(segments)
+    if kind == "classification":
+        return {"id": row_id, "text": segment(segments, "text"), "label": segment(segments, "label")}
+    turns = [{"role": role, "content": content} for role, content in segments if role in ROLES]
+    if kind == "chat":
+        return {"id": row_id, "messages": turns}
+    return {"id": row_id, "prompt": turns,
+            "chosen": [{"role": "assistant", "content": segment(segments, "chosen")}],
+            "rejected": [{"role": "assistant", "content": segment(segments, "rejected")}]}
+
+
+def record_texts(record: dict) -> Iterator[str]:
+    """Every text of a canonical output record (for scanners of the written rows)."""
+    if "text" in record:
+        yield record["text"]
+    for key in ("messages", "prompt", "chosen", "rejected"):
+        for msg in record.get(key) or ():
+            yield msg["content"]
 
 
 def record_digest(line_no: int, raw: str) -> int:
@@ -243,13 +446,19 @@ def record_digest(line_no: int, raw: str) -> int:
 # partition functions (Spark mapPartitions)
 #
 # Output records, one per input record:
-#   ("ok",    line_no, digest, hash, messages)
+#   ("ok",    line_no, digest, hash, segments)
 #   ("bad",   line_no, digest, code, reason, excerpt)
 #   ("blank", line_no, digest)
 
 
 def _bad(line_no: int, digest: int, err: RowError, raw: str) -> tuple:
     return ("bad", line_no, digest, err.code, err.reason, mask_excerpt(raw, EXCERPT_CHARS))
+
+
+def _checked(raw: str, rules: RowRules) -> None:
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > rules.max_row_bytes:
+        raise RowError("too_large", f"row is {size} bytes, over data.max_row_bytes={rules.max_row_bytes}")
 
 
 def validate_jsonl(records: Iterable[tuple[str, int]], rules: RowRules) -> Iterator[tuple]:
@@ -263,17 +472,15 @@ def validate_jsonl(records: Iterable[tuple[str, int]], rules: RowRules) -> Itera
             yield ("blank", line_no, digest)
             continue
         try:
-            size = len(line.encode("utf-8", "surrogatepass"))
-            if size > rules.max_row_bytes:
-                raise RowError("too_large", f"row is {size} bytes, over data.max_row_bytes={rules.max_row_bytes}")
-            messages = normalise(parse_json_line(line), rules)
+            _checked(line, rules)
+            segments = normalise(renamed(parse_json_line(line), rules), rules)
         except RowError as err:
             yield _bad(line_no, digest, err, line)
             continue
-        yield ("ok", line_no, digest, content_hash(messages), with_system_prompt(messages, rules))
+        yield ("ok", line_no, digest, content_hash(segments), with_system_prompt(segments, rules))
 
 
-def validate_table(records: Iterable[tuple[Any, int]], rules: RowRules, shape: str, names: dict[str, str],
+def validate_table(records: Iterable[tuple[Any, int]], rules: RowRules,
                    corrupt_column: str | None = None) -> Iterator[tuple]:
     """(Row, 0-based index) pairs from a CSV/Parquet DataFrame -> validation records."""
     for row, index in records:
@@ -285,12 +492,9 @@ def validate_table(records: Iterable[tuple[Any, int]], rules: RowRules, shape: s
         try:
             if corrupt is not None:
                 raise RowError("bad_csv", "malformed CSV record")
-            size = len(raw.encode("utf-8", "surrogatepass"))
-            if size > rules.max_row_bytes:
-                raise RowError("too_large", f"row is {size} bytes, over data.max_row_bytes={rules.max_row_bytes}")
-            obj = table_row_to_object(values, shape, names)
-            messages = normalise(obj, rules)
+            _checked(raw, rules)
+            segments = normalise(table_row_to_object(values, rules), rules)
         except RowError as err:
             yield _bad(line_no, digest, err, corrupt if corrupt is not None else raw)
             continue
-        yield ("ok", line_no, digest, content_hash(messages), with_system_prompt(messages, rules))
+        yield ("ok", line_no, digest, content_hash(segments), with_system_prompt(segments, rules))

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,7 +57,7 @@ log = logging.getLogger("ftpipe.preprocess")
 
 MANIFEST_VERSION = 1
 SPLIT_FILES = tuple(f"{name}.jsonl" for name in split.SPLITS)
-INPUT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+INPUT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2")
 CORRUPT_COLUMN = "_ftpipe_corrupt_record"
 
@@ -125,15 +126,43 @@ def _check_whole_file(path: Path, kind: str, max_bytes: int) -> None:
                         f"({max_bytes / 2**30:.2f} GiB); split the file or raise the limit")
     if kind == "parquet":
         return
-    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix.lower(), open)
     try:
-        with opener(path, "rb") as fh:
+        with _opener(path)(path, "rb") as fh:
             head = fh.read(_SNIFF_BYTES)
     except (OSError, EOFError) as exc:
         raise _Rejected(f"input cannot be decompressed as {path.suffix}: {exc}") from None
     if b"\x00" in head:
         raise _Rejected(f"input looks binary (NUL bytes in its first {_SNIFF_BYTES // 1024} KiB), "
                         f"not {kind.upper()} text; check that the right file was dropped")
+
+
+def _opener(path: Path):
+    return {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix.lower(), open)
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array (else it is read as JSONL)."""
+    with _opener(path)(path, "rb") as fh:
+        head = fh.read(_SNIFF_BYTES).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _json_array_to_jsonl(src: Path, dst: Path) -> int:
+    """Stream a JSON array's elements into a JSONL file, one element per line (ijson: the array is
+    never held in memory). Element N becomes line N. A syntax error rejects the whole file."""
+    import ijson
+
+    n = 0
+    with _opener(src)(src, "rb") as fh, open(dst, "w", encoding="utf-8") as out:
+        try:
+            for item in ijson.items(fh, "item", use_float=True):
+                out.write(json.dumps(item, ensure_ascii=False) + "\n")
+                n += 1
+        except (ijson.JSONError, UnicodeDecodeError, ValueError):
+            # the parser's message can quote the data: say where, not what
+            raise _Rejected(f"input is not a valid JSON array: a syntax or encoding error after element {n}; "
+                            "fix the file or drop it as JSONL (one object per line)") from None
+    return n
 
 
 def _local_path(path: str) -> Path | None:
@@ -218,19 +247,12 @@ def _validated_rdd(spark: SparkSession, path: str, kind: str, rules: formats.Row
         columns = reader.csv(path).columns
     else:
         columns = spark.read.parquet(path).columns
-    found = formats.table_shape(columns)
-    if found is None:
+    try:
+        formats.table_shape(columns, rules)
+    except formats.RowError as err:
         # a header can be a data line (a JSONL file named .csv): mask it like an excerpt
         shown = ", ".join(mask_excerpt(c, 30) for c in columns[:8]) or "none"
-        raise _Rejected(
-            f"{kind.upper()} columns ({shown}) match no known shape; expected 'messages', "
-            "'instruction' + 'response'/'output', or 'prompt' + 'completion'"
-        )
-    shape, names = found
-    if rules.format == "chat" and shape != "chat":
-        raise _Rejected(f"{kind.upper()} has instruction columns but data.format is 'chat'")
-    if rules.format == "instruction" and shape == "chat":
-        raise _Rejected(f"{kind.upper()} has a 'messages' column but data.format is 'instruction'")
+        raise _Rejected(f"{kind.upper()} columns ({shown}): {err.reason}") from None
 
     if kind == "csv":
         schema = StructType([StructField(c, StringType()) for c in columns]
@@ -241,7 +263,7 @@ def _validated_rdd(spark: SparkSession, path: str, kind: str, rules: formats.Row
         df = spark.read.parquet(path)
         corrupt = None
     return df.rdd.zipWithIndex().mapPartitions(
-        partial(formats.validate_table, rules=rules, shape=shape, names=names, corrupt_column=corrupt)
+        partial(formats.validate_table, rules=rules, corrupt_column=corrupt)
     )
 
 
@@ -265,7 +287,9 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     data = recipe.data
     sc = spark.sparkContext
-    rules = formats.RowRules(format=data.format, system_prompt=data.system_prompt, max_row_bytes=data.max_row_bytes)
+    rules = formats.RowRules(format=data.format, kind=recipe.data_kind, system_prompt=data.system_prompt,
+                             max_row_bytes=data.max_row_bytes, columns=tuple(sorted(data.columns.items())),
+                             split_column=data.split_column, labels=data.labels)
     fractions = tuple(float(f) for f in data.split)
     categories = tuple(data.pii_categories)
 
@@ -283,6 +307,7 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
                          "python": ".".join(map(str, sys.version_info[:3]))},
     }
     cached = []
+    cleanup: list[Path] = []
 
     def lap(name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -317,6 +342,19 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         manifest.update(provenance.describe_source(source, local, recipe))
         if problem := provenance.legal_basis_problem(recipe, source):
             raise _Rejected(problem)
+        if kind == "json":  # a JSON array (streamed into JSONL, element N as line N) or JSONL named .json
+            if local is None:
+                raise _Rejected("JSON array inputs are read by the local runner only; drop the data as JSONL "
+                                "(one object per line) or set FTPIPE_PREPROCESS_RUNNER=local")
+            kind = "jsonl"
+            if _is_json_array(local):
+                staging = Path(tempfile.mkdtemp(prefix="ftpipe-json-"))
+                cleanup.append(staging)
+                input_path = str(staging / "elements.jsonl")
+                _json_array_to_jsonl(local, Path(input_path))
+                manifest["input"]["type"] = "json_array"
+                manifest["input"]["record_numbering"] = "array element, from 1 (the 'line' of rejected.jsonl)"
+        manifest["kind"] = recipe.data_kind
 
         # 1-2. read and validate
         t0 = time.perf_counter()
@@ -350,10 +388,14 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         if raw == 0:
             raise _Rejected("input is empty (no rows)")
         if ok == 0 and set(summary["codes"]) <= {"bad_json", "bad_encoding", "not_object"} and kind == "jsonl":
-            raise _Rejected(f"input is not JSONL: none of its {raw} lines is a JSON object "
+            raise _Rejected(f"input is not {'a JSON array or ' if manifest['input']['type'] == 'json' else ''}JSONL: none of its {raw} lines is a JSON object "
                             f"(line {summary['first_bad'][0]}: {summary['first_bad'][1]})")
         if ok == 0 and len(summary["codes"]) == 1:  # one problem everywhere, e.g. the wrong data.format
             raise _Rejected(f"all {raw} rows rejected, e.g. line {summary['first_bad'][0]}: {summary['first_bad'][1]}")
+        if ok == 0 and summary["codes"].get("wrong_kind", 0) * 2 > bad:  # data for another kind of training
+            line_no, why = summary["first"]["wrong_kind"]
+            raise _Rejected(f"{summary['codes']['wrong_kind']} of {raw} rows do not fit the recipe, e.g. "
+                            f"line {line_no}: {why}")
         if bad / raw > data.max_rejected_fraction:
             top = ", ".join(f"{code} {n}" for code, n in
                             sorted(summary["codes"].items(), key=lambda kv: (-kv[1], kv[0]))[:3])
@@ -397,8 +439,13 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
             manifest["quality"] = {"rows_removed": quality_removed, "counts": quality_report["counts"]}
             deduped = tagged.filter(lambda t: not t[1]).map(lambda t: t[0])
             t0 = lap("quality_s", t0)
+        cuts = None
+        if recipe.data_kind == "classification" and data.stratify:
+            sc.setJobDescription("preprocess: stratified split cuts")
+            cuts = split.stratified_cuts(deduped.map(stages.strata_key).filter(lambda k: k is not None), fractions)
         prepared = deduped.mapPartitions(
-            partial(stages.mask_and_place, categories=categories, fractions=fractions, backend=data.pii_backend)
+            partial(stages.mask_and_place, categories=categories, fractions=fractions, backend=data.pii_backend,
+                    cuts=cuts)
         ).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(prepared)
         psum = stages.merge_prepared(prepared.mapPartitions(stages.summarise_prepared).collect())
@@ -433,7 +480,7 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
             if split_counts[donor] < 2:
                 continue
             taken = set(moved)
-            best = (prepared.filter(lambda r, d=donor, t=taken: r[0] == d and r[1] not in t)
+            best = (prepared.filter(lambda r, d=donor, t=taken: r[0] == d and r[5] != "user" and r[1] not in t)
                     .map(lambda r: r[1])
                     .takeOrdered(1, key=lambda rid, t=target: (split.distance(rid, t, fractions), rid)))
             if best:
@@ -441,8 +488,13 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
                 split_counts[donor] -= 1
                 split_counts[target] += 1
         counts.update(zip(split.SPLITS, split_counts))
-        manifest["split"] = {"fractions": list(fractions), "method": "sha256 bucket of the row id",
-                             "rows_moved_to_fill_empty_splits": len(moved)}
+        manifest["split"] = {
+            "fractions": list(fractions),
+            "method": ("stratified by label: per label, rows ordered by the sha256 bucket of their id and cut "
+                       "at the fractions" if cuts is not None else "sha256 bucket of the row id"),
+            "split_column": data.split_column,
+            "rows_placed_by": dict(sorted(psum["placed_by"].items())),  # user (split column) | stratified | hash
+            "rows_moved_to_fill_empty_splits": len(moved)}
 
         # 7. write the splits, sorted by id, streaming one partition at a time
         sc.setJobDescription("preprocess: write splits")
@@ -499,6 +551,8 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         sc.setJobDescription(None)
         for rdd in cached:
             rdd.unpersist()
+        for folder in cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
 
     digest_hex = manifest["input"]["digest"] or hashlib.sha256(input_path.encode()).hexdigest()
     dataset_id = hashlib.sha256(f"{digest_hex}:{recipe.hash}".encode()).hexdigest()[:16]

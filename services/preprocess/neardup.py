@@ -39,6 +39,8 @@ from functools import partial
 
 import numpy as np
 
+from services.preprocess import formats
+
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64(0xFFFFFFFF)
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -83,10 +85,10 @@ class NearDupResult:
 # ------------------------------------------------------------------ pure numpy (workers)
 
 
-def conversation_text(messages: Iterable[tuple[str, str]]) -> str:
-    """The text compared for near-duplicates: user and assistant turns (the system prompt, often
-    shared by every row, is left out)."""
-    return "\n".join(content for role, content in messages if role != "system")
+def conversation_text(segments: Iterable[tuple[str, str]]) -> str:
+    """The text compared for near-duplicates: every text segment but the system prompt (often
+    shared by every row); see formats for the segments."""
+    return "\n".join(content for role, content in formats.text_segments(segments) if role != "system")
 
 
 def words(text: str) -> list[str]:

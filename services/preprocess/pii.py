@@ -365,27 +365,62 @@ PRESIDIO_ENTITIES = {
 }
 
 
+PRESIDIO_MODEL_ENV = "FTPIPE_PRESIDIO_SPACY_MODEL"
+# Country recognizers that presidio ships disabled and that match our categories (AU_ACN is not one).
+PRESIDIO_EXTRA_RECOGNIZERS = ("AuTfnRecognizer", "AuAbnRecognizer", "AuMedicareRecognizer")
+
+
+def presidio_engine(spacy_model: str | None = None, language: str = "en"):
+    """presidio-analyzer's AnalyzerEngine at its best offline: its default recognizers plus the
+    Australian ones (TFN, ABN, Medicare), over a spaCy pipeline given as an installed package name
+    or a folder (`spacy_model`, else $FTPIPE_PRESIDIO_SPACY_MODEL, else en_core_web_lg). A blank
+    pipeline saved with `spacy.blank("en").to_disk(dir)` works too: no NER then (no PERSON,
+    LOCATION or NER dates), the pattern recognizers all run.
+
+    Never downloads: presidio itself would fetch a model it cannot find, so a model that is
+    neither installed nor a folder raises PiiBackendUnavailable first."""
+    import os
+    from pathlib import Path
+
+    try:
+        import spacy
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer import predefined_recognizers
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+    except ImportError as exc:
+        raise PiiBackendUnavailable(
+            "pii_backend 'presidio' needs presidio-analyzer and a spaCy model: "
+            "pip install presidio-analyzer && python -m spacy download en_core_web_lg "
+            f"(or a model folder in ${PRESIDIO_MODEL_ENV})") from exc
+    model = spacy_model or os.environ.get(PRESIDIO_MODEL_ENV) or "en_core_web_lg"
+    if not (Path(model).is_dir() or spacy.util.is_package(model)):
+        raise PiiBackendUnavailable(
+            f"pii_backend 'presidio' needs a spaCy model: {model!r} is neither an installed package nor a "
+            f"folder; python -m spacy download en_core_web_lg, or set ${PRESIDIO_MODEL_ENV} to a model folder")
+    try:
+        nlp_engine = NlpEngineProvider(nlp_configuration={
+            "nlp_engine_name": "spacy", "models": [{"lang_code": language, "model_name": model}]}).create_engine()
+    except (OSError, ValueError) as exc:  # a folder that is not a spaCy pipeline
+        raise PiiBackendUnavailable(f"pii_backend 'presidio': cannot load spaCy model {model!r}: {exc}") from exc
+    registry = RecognizerRegistry(supported_languages=[language])
+    registry.load_predefined_recognizers(languages=[language], nlp_engine=nlp_engine)
+    for name in PRESIDIO_EXTRA_RECOGNIZERS:
+        registry.add_recognizer(getattr(predefined_recognizers, name)(supported_language=language))
+    return AnalyzerEngine(nlp_engine=nlp_engine, registry=registry, supported_languages=[language])
+
+
 class PresidioDetector:
-    """presidio-analyzer's recognizers (it needs a spaCy model); DATE_TIME only counts as a date of
-    birth, LOCATION as an address."""
+    """presidio-analyzer's recognizers (`presidio_engine`: defaults + AU TFN / ABN / Medicare, spaCy
+    model from $FTPIPE_PRESIDIO_SPACY_MODEL); DATE_TIME only counts as a date of birth, LOCATION
+    as an address."""
 
     name = "presidio"
 
-    def __init__(self, categories: Iterable[str] = CATEGORIES, language: str = "en"):
-        try:
-            from presidio_analyzer import AnalyzerEngine
-        except ImportError as exc:
-            raise PiiBackendUnavailable(
-                "pii_backend 'presidio' needs presidio-analyzer and a spaCy model: "
-                "pip install presidio-analyzer && python -m spacy download en_core_web_lg") from exc
+    def __init__(self, categories: Iterable[str] = CATEGORIES, language: str = "en", spacy_model: str | None = None):
         self.categories = frozenset(categories)
         self.entities = [e for e, c in PRESIDIO_ENTITIES.items() if c in self.categories]
         self.language = language
-        try:
-            self._engine = AnalyzerEngine()
-        except (OSError, ValueError) as exc:  # no spaCy model
-            raise PiiBackendUnavailable(
-                "pii_backend 'presidio' needs a spaCy model: python -m spacy download en_core_web_lg") from exc
+        self._engine = presidio_engine(spacy_model, language)
 
     def detect(self, text: str) -> list[Span]:
         results = self._engine.analyze(text=text, entities=self.entities, language=self.language)

@@ -12,6 +12,8 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 
+from services.preprocess import formats
+
 RULES: dict[str, re.Pattern[str]] = {
     "email_like": re.compile(r"[^\s@\[\]]+@[^\s@\[\]]+\.[A-Za-z]{2,}"),
     "digit_run_9plus": re.compile(r"\d(?:[ .()/-]{0,2}\d){8,}"),
@@ -38,7 +40,7 @@ def scan(text: str) -> dict[str, int]:
 
 
 def summarise(records: Iterable[tuple]) -> Iterator[dict]:
-    """Prepared records (split, id, line_no, json_line, counts) -> one summary per partition:
+    """Prepared records (split, id, line_no, json_line, ...) -> one summary per partition:
     documents scanned, documents with any hit, hits per rule."""
     docs = flagged = 0
     hits: dict[str, int] = {}
@@ -46,8 +48,8 @@ def summarise(records: Iterable[tuple]) -> Iterator[dict]:
         docs += 1
         row = json.loads(rec[3])
         found: dict[str, int] = {}
-        for msg in row["messages"]:
-            for k, v in scan(msg["content"]).items():
+        for text in formats.record_texts(row):
+            for k, v in scan(text).items():
                 found[k] = found.get(k, 0) + v
         if found:
             flagged += 1

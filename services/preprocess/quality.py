@@ -38,6 +38,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from services.preprocess import formats
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 _TERMINAL = tuple(".!?…。！？\"'”’»)]}`*:;>|")
 _BOILERPLATE = re.compile(
@@ -166,16 +168,25 @@ def identify_language(text: str) -> tuple[str, float]:
 # ------------------------------------------------------------------ the check
 
 
-def check(messages: Iterable[tuple[str, str]], rules: Rules) -> tuple[str, ...]:
-    """Names of the enabled rules this conversation trips, in `rules.rules` order."""
-    messages = list(messages)
+def check(segments: Iterable[tuple[str, str]], rules: Rules) -> tuple[str, ...]:
+    """Names of the enabled rules a row trips, in `rules.rules` order (segments: see formats).
+
+    Chat rows are judged on their answers (assistant turns) and the whole conversation. Preference
+    rows on their prompt and chosen answer: the rejected answer may be poor by design. Classification
+    rows have no answer: their text stands in for it and the answer-length rules do not apply.
+    """
+    kept = [(r, c) for r, c in formats.text_segments(segments) if r not in ("system", "rejected")]
     enabled = set(rules.rules)
-    answers = [c for r, c in messages if r == "assistant"]
+    if formats.kind_of(segments) == "classification":
+        enabled -= {"empty_answer", "short_answer", "long_answer", "truncated_answer"}
+        answers = [c for _, c in kept]
+    else:
+        answers = [c for r, c in kept if r in ("assistant", "chosen")]
     final = answers[-1] if answers else ""
     final_words = words(final)
     answer_text = "\n".join(answers)
     answer_words = words(answer_text)
-    convo = "\n".join(c for r, c in messages if r != "system")
+    convo = "\n".join(c for _, c in kept)
     convo_words = words(convo)
     tripped: list[str] = []
 

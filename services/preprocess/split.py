@@ -7,6 +7,11 @@ always lands in the same split, whatever else is in the dataset or how Spark par
 Small datasets can leave a split empty by chance (e.g. 12 rows and nothing above 0.9). When a split
 with a non-zero fraction is empty and another split has rows to spare, `rebalance` moves the rows
 whose buckets lie nearest to the empty interval — still a deterministic function of the data.
+
+Classification rows are stratified by label (`stratified_cuts`): within each label the rows are
+ordered by bucket and cut at the recipe fractions, so every label gets exact proportions (a row's
+split then depends on the other rows of its label, still not on partitioning). A split column in
+the data overrides both (`stages.mask_and_place`).
 """
 from __future__ import annotations
 
@@ -56,3 +61,52 @@ def empty_splits(counts: list[int], fractions: tuple[float, float, float]) -> li
     if sum(counts) < len(wanted):
         return []
     return [i for i in wanted if counts[i] == 0]
+
+
+# ------------------------------------------------------------------ stratified (classification)
+
+
+def order_key(row_id: str) -> tuple[float, str]:
+    return bucket(row_id), row_id
+
+
+def cut_ranks(n: int, fractions: tuple[float, float, float]) -> tuple[int, int]:
+    """0-based ranks of the first val row and the first test row among n rows of one label
+    (cumulative rounding, half up, so the three counts always sum to n)."""
+    train, val, test = fractions
+    first_val = n if val == 0 and test == 0 else min(n, int(n * train + 0.5))
+    first_test = n if test == 0 else min(n, int(n * (train + val) + 0.5))
+    return first_val, first_test
+
+
+def stratified_cuts(keys, fractions: tuple[float, float, float]) -> dict[str, tuple]:
+    """keys: an RDD of (label as JSON, row id). Returns {label: (first val key, first test key)},
+    each an `order_key` or None (no row at that rank). Collects two keys per label, never rows."""
+    counts = keys.map(lambda k: k[0]).countByValue()
+    wanted: dict[int, list[tuple[str, int]]] = {}
+    cuts: dict[str, list] = {}
+    offset = 0
+    for label in sorted(counts):
+        n = counts[label]
+        cuts[label] = [None, None]
+        for which, rank in enumerate(cut_ranks(n, fractions)):
+            if rank < n:
+                wanted.setdefault(offset + rank, []).append((label, which))
+        offset += n
+    ordered = (keys.map(lambda k: ((k[0], *order_key(k[1])), None)).sortByKey().keys().zipWithIndex()
+               .filter(lambda kv, w=frozenset(wanted): kv[1] in w).collect())
+    for (label, b, row_id), index in ordered:
+        for lab, which in wanted[index]:
+            cuts[lab][which] = (b, row_id)
+    return {label: tuple(c) for label, c in cuts.items()}
+
+
+def assign_stratified(row_id: str, cuts: tuple) -> int:
+    """Index into SPLITS for a row of a label with these cuts (see `stratified_cuts`)."""
+    key = order_key(row_id)
+    first_val, first_test = cuts
+    if first_val is None or key < first_val:
+        return 0
+    if first_test is None or key < first_test:
+        return 1
+    return 2

@@ -365,7 +365,8 @@ def test_not_jsonl_missing_and_unsupported_rejected(spark, tmp_path):
 def test_wrong_declared_format_rejected(spark, tmp_path):
     src = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(12)])
     assert_rejected(prepare(spark, str(src), recipe(format="chat"), tmp_path / "out", source=SOURCE),
-                    "all 12 rows rejected, e.g. line 1: instruction-shaped row but data.format is 'chat'")
+                    "all 12 rows rejected, e.g. line 1: instruction-shaped row ('instruction' + 'output'/'response') "
+                    "but data.format is 'chat'")
 
 
 def test_too_few_rows_after_dedup_rejected(spark, tmp_path):
