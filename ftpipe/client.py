@@ -105,6 +105,10 @@ class Client:
             raise ClientError(str(exc)) from exc
         run_id = job.get("run_id") or ev.derive_run_id("submit", recipe.hash, job["dataset"], uuid.uuid4().hex)
         prepared = bool(job.get("prepared", False))
+        if prepared and recipe.data.privacy_review and "://" not in str(job["dataset"]):
+            raise ClientError(f"recipe {recipe.name} requires a privacy sign-off (data.privacy_review): a local "
+                              "prepared folder has none. Submit the raw data (dataset: the file, prepared: false) "
+                              "so it is prepared and reviewed, or the store URL of a dataset already signed off")
         dataset_uri = self._dataset_uri(str(job["dataset"]), run_id, prepared)
         publish_event(self.adapters.bus, ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri,
                                                          prepared=prepared, tenant=job.get("tenant", "default"),

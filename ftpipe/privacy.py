@@ -2,27 +2,24 @@
 review" (the tracker folds DatasetAwaitingReview into the run) until an approver signs off here.
 
 approve: the sign-off (who, when, the PII figures and residual rate seen) goes into the DocStore
-(privacy_signoffs/{run_id}, first decision wins) and into the dataset folder as
-privacy_signoff.json next to manifest.json; then DatasetPrepared is published with the sign-off in
+(privacy_signoffs/{run_id}, first decision wins) and into the dataset's manifest.json
+(`privacy_signoff`, see shared/privacy.py); then DatasetPrepared is published with the sign-off in
 its `privacy_signoff` field. Its event id is the run's ordinary DatasetPrepared id and the
 sign-off document is reused, so approving twice republishes the identical event, which every
 consumer's ledger drops. reject: DatasetRejected with the reviewer's reason.
 """
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 
 from shared import events as ev
-from shared.ports import PreconditionFailed
+from shared.privacy import SIGNOFFS, SignoffMissing, record_in_manifest
 from shared.runtime import publish_event
 
 from ftpipe.client import RUNS, Client, ClientError
 
-SIGNOFFS = "privacy_signoffs"
 AWAITING = "awaiting_privacy_review"
-SIGNOFF_FILE = "privacy_signoff.json"
 
 
 def awaiting(client: Client) -> list[dict]:
@@ -75,14 +72,11 @@ def approve(client: Client, run_id: str, approver: str, note: str | None = None)
     if doc["decision"] != "approved":
         raise ClientError(f"run {run_id} was already rejected by {doc.get('approver')}: {doc.get('note')}")
     signoff = _public(doc)
-    store, requested = client.adapters.store, doc["event"]
-    bucket, prefix = store.parse_url(requested["dataset_uri"])
+    requested = doc["event"]
     try:
-        store.write(bucket, f"{prefix.rstrip('/')}/{SIGNOFF_FILE}",
-                    json.dumps(signoff, indent=2, sort_keys=True).encode(), if_generation_match=0,
-                    content_type="application/json")
-    except PreconditionFailed:
-        pass  # written by an earlier approval of this dataset
+        record_in_manifest(client.adapters.store, requested["dataset_uri"], signoff)
+    except SignoffMissing as exc:
+        raise ClientError(str(exc)) from exc
     fields = {k: v for k, v in requested.items() if k != "pii"}
     publish_event(client.adapters.bus, ev.DatasetPrepared(**fields, privacy_signoff=signoff))
     return signoff

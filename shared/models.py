@@ -145,7 +145,5 @@ def ensure_tiny_random() -> Path:
 
 
 if __name__ == "__main__":
-    import sys
-
     for ref in sys.argv[1:] or [SMOLLM2]:
         print(f"{ref}: {resolve_model(ref)}")

@@ -250,7 +250,8 @@ def gen_email(rng: random.Random, first: str, last: str) -> tuple[str, str]:
     f, l = first.lower(), last.lower().replace(" ", "")
     local = rng.choice((f"{f}.{l}", f"{f}{l}{rng.randint(1, 99)}", f"{f[0]}{l}", f"{f}_{l}", f"{l}.{f}+orders",
                         f"{f}{rng.randint(1970, 2005)}"))
-    return f"{local}@{rng.choice(_EMAIL_DOMAINS)}", "email"
+    shape = "email, apostrophe in local part" if "'" in local else "email"
+    return f"{local}@{rng.choice(_EMAIL_DOMAINS)}", shape
 
 
 # region -> (number generators: national significant numbers as digit strings)
@@ -550,7 +551,9 @@ class Generator:
         for _ in range(edits):
             mi = rng.randrange(len(msgs))
             text = msgs[mi]["content"]
-            protected = [(s[1], s[2]) for s in pii_spans + distractors if s[0] == mi]
+            # PII values keep their context ("my TFN is", "date of birth"): 40 characters before each
+            protected = [(max(0, s[1] - 40), s[2]) for s in pii_spans if s[0] == mi]
+            protected += [(s[1], s[2]) for s in distractors if s[0] == mi]
             # word positions outside PII spans
             words = [(i, i + len(w)) for i, w in _word_spans(text)
                      if all(i >= e or i + len(w) <= s for s, e in protected)]

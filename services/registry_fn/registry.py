@@ -7,7 +7,7 @@ import json
 import time
 
 from shared import events as ev
-from shared.ports import ObjectNotFound
+from shared.privacy import read_manifest
 from shared.runtime import Context, Service
 
 MODELS = "models"                  # models/{name}: version counter, aliases
@@ -79,17 +79,13 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
 
 
 def _privacy_signoff(store, dataset_uri: str) -> dict | None:
-    """The privacy sign-off recorded next to the dataset's manifest (`ftpipe privacy approve`), if any.
+    """The privacy sign-off recorded in the dataset's manifest (`ftpipe privacy approve`), if any.
     Read from the dataset folder rather than carried through TrainingCompleted/EvaluationCompleted."""
     try:
-        bucket, prefix = store.parse_url(dataset_uri)
-        data = store.read(bucket, prefix.rstrip("/") + "/privacy_signoff.json")
-    except (ObjectNotFound, ValueError):
-        return None
-    try:
-        return json.loads(data)
+        manifest = read_manifest(store, dataset_uri)
     except ValueError:
         return None
+    return (manifest or {}).get("privacy_signoff")
 
 
 def _move_alias(txn, name: str, alias: str, version: str) -> None:

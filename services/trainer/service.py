@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from shared import events as ev
+from shared.privacy import SignoffMissing, verify_signed_off
 from shared.runtime import Context, Reject, Retry, Service
 from shared.storage import download_dir, upload_dir
 
@@ -50,6 +51,9 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
 def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
     from services.trainer.training import TrainingError, TrainingStopped, train
 
+    if recipe.data_kind != "chat":
+        raise Reject(f"recipe {recipe.name} asks for method {recipe.method!r} on {recipe.data_kind} rows; this "
+                     "trainer version trains chat SFT only (preference and classification training: issue 4)")
     bucket, dataset_prefix = ctx.store.parse_url(dataset_uri)
     adapter_prefix = f"{run_prefix(run_id)}/adapter"
     done = ctx.store.stat(bucket, f"{adapter_prefix}/{COMPLETE}")
@@ -66,6 +70,11 @@ def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
         with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat:
             data_dir = Path(tmp) / "data"
             download_dir(ctx.store, bucket, dataset_prefix, data_dir)
+            if recipe.data.privacy_review:
+                try:
+                    verify_signed_off(ctx.docs, data_dir)
+                except SignoffMissing as exc:
+                    raise Reject(str(exc)) from exc
             resume_dir, resumed_step = None, 0
             found = latest_checkpoint(ctx.store, bucket, run_id)
             if found:

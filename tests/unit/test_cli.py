@@ -51,7 +51,7 @@ def state(tmp_path, monkeypatch):
 KNOWN = ", ".join(available_recipes())
 MISUSE = [
     (["drop", "missing.jsonl", "--recipe", "tiny-sft"], "missing.jsonl: no such file"),
-    (["drop", "data.jsonl", "--recipe", "nope"], f"recipe 'nope' not found"),
+    (["drop", "data.jsonl", "--recipe", "nope"], "recipe 'nope' not found"),
     (["drop", "data.jsonl", "--recipe", "nope"], f"known recipes: {KNOWN}"),
     (["drop", "data.jsonl", "--recipe", "mine.yaml"], "recipe file mine.yaml does not exist"),
     (["drop", "odd[bold]name.jsonl", "--recipe", "tiny-sft"], "odd[bold]name.jsonl: no such file"),
@@ -66,7 +66,7 @@ MISUSE = [
     (["submit", "baddataset.yaml"], "'dataset' must be a string"),
     (["submit", "badrunid.yaml"], "run_id '../../etc' must be"),
     (["submit", "missingdata.yaml"], "missing.jsonl: no such file"),
-    (["submit", "badrecipe.yaml"], f"recipe 'nope' not found"),
+    (["submit", "badrecipe.yaml"], "recipe 'nope' not found"),
     (["status", "run-nope"], "no run run-nope; `ftpipe runs` lists them"),
     (["watch", "run-nope"], "no run run-nope"),
     (["cancel", "run-nope"], "no run run-nope; `ftpipe runs` lists them"),

@@ -98,8 +98,8 @@ def test_approve_records_signoff_then_publishes_dataset_prepared_once(state, cap
     signoff = json.loads(capsys.readouterr().out)
     assert signoff["approver"] == "ann" and signoff["decision"] == "approved" and signoff["residual_rate_seen"] == 0.0005
     assert state.docs.get("privacy_signoffs", "run-priv")["approver"] == "ann"
-    on_disk = json.loads(state.store.read("ftpipe", "datasets/d1/privacy_signoff.json"))
-    assert on_disk == signoff
+    manifest = json.loads(state.store.read("ftpipe", "datasets/d1/manifest.json"))
+    assert manifest["privacy_signoff"] == signoff
 
     # approving twice is harmless: the identical event, which the ledgers drop
     assert main(["privacy", "approve", "run-priv", "--approver", "bob"]) == 0
@@ -188,3 +188,53 @@ def test_drop_legal_basis_travels_in_the_job_source(state, tmp_path):
     submitted = ev.decode(job.data, job.attributes)
     assert submitted.run_id == run_id and submitted.source["legal_basis"] == "DPA-2026-04"
     assert submitted.source["legal_basis_uri"].endswith("incoming/tiny-sft/chats.jsonl.legal.json")
+
+
+def _signed_dataset(state, tmp_path) -> tuple[str, "Path"]:
+    """A dataset folder as preprocess writes it, awaiting review, then approved through the CLI."""
+    import hashlib
+
+    folder = tmp_path / "d1"
+    folder.mkdir()
+    files = {}
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
+        data = b'{"id": "1", "messages": []}\n'
+        (folder / name).write_bytes(data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps({"dataset_id": "d1", "files": files}))
+    from shared.storage import upload_dir
+    upload_dir(state.store, folder, "ftpipe", "datasets/d1")
+    uri = state.store.url("ftpipe", "datasets/d1/")
+    publish_event(state.bus, awaiting(uri=uri))
+    _track(state)
+    return uri, folder
+
+
+def test_a_prepared_submission_cannot_skip_the_review(state, tmp_path, capsys):
+    from services.trainer.service import SERVICE as TRAINER
+    from shared.privacy import SignoffMissing, verify_signed_off
+    from shared.storage import download_dir
+
+    uri, folder = _signed_dataset(state, tmp_path)
+    # the CLI refuses a local prepared folder for a review recipe at once
+    (tmp_path / "job.yaml").write_text(f"recipe: {tmp_path / 'r.yaml'}\ndataset: {folder}\nprepared: true\n")
+    (tmp_path / "r.yaml").write_text("name: tiny-sft\nversion: 1\nbase_model: tiny-random-smollm2\n"
+                                     "model_name: tiny-sft\ndata: {privacy_review: true}\n")
+    assert main(["submit", str(tmp_path / "job.yaml")]) == 2
+    assert "requires a privacy sign-off" in capsys.readouterr().err
+    # a JobSubmitted naming the folder directly, before any approval: the trainer dead-letters it
+    publish_event(state.bus, ev.JobSubmitted(run_id="run-direct", recipe=RECIPE, dataset_uri=uri, prepared=True))
+    [msg] = state.bus.pull(ev.subscription_name("trainer", ev.JOBS), timeout_s=2)
+    assert handle_message(TRAINER, state, ev.JOBS, msg) == "dead-lettered"
+    from shared.topology import dlq_subscription
+    [dead] = state.bus.pull(dlq_subscription(ev.JOBS), max_messages=10, timeout_s=2)
+    assert "requires a privacy sign-off (data.privacy_review) and dataset d1 has none" in \
+        dead.attributes["dead_letter_reason"]
+    # once approved, the same folder verifies; a split file changed after the review does not
+    assert main(["privacy", "approve", "run-priv", "--approver", "ann"]) == 0
+    got = tmp_path / "got"
+    download_dir(state.store, "ftpipe", "datasets/d1/", got)
+    assert verify_signed_off(state.docs, got)["approver"] == "ann"
+    (got / "train.jsonl").write_text('{"id": "2", "messages": []}\n')
+    with pytest.raises(SignoffMissing, match="train.jsonl of dataset d1 is not the file the approver signed off"):
+        verify_signed_off(state.docs, got)
