@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -140,29 +141,64 @@ def _opener(path: Path):
     return {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix.lower(), open)
 
 
-def _is_json_array(path: Path) -> bool:
-    """Whether a .json file holds one JSON array (else it is read as JSONL)."""
-    with _opener(path)(path, "rb") as fh:
+def _gcs_blob(uri: str):
+    from google.cloud import storage
+
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    return storage.Client().bucket(bucket).blob(name)
+
+
+def _open_input(uri: str, local: Path | None):
+    """The input's bytes, decompressed by suffix: a local file, or a gs:// object streamed (Dataproc)."""
+    if local is not None:
+        return _opener(local)(local, "rb")
+    raw = _gcs_blob(uri).open("rb")
+    suffix = Path(uri).suffix.lower()
+    return gzip.GzipFile(fileobj=raw) if suffix == ".gz" else bz2.BZ2File(raw) if suffix == ".bz2" else raw
+
+
+def _is_json_array(uri: str, local: Path | None) -> bool:
+    """Whether a .json input holds one JSON array (else it is read as JSONL)."""
+    with _open_input(uri, local) as fh:
         head = fh.read(_SNIFF_BYTES).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(b"[")
 
 
-def _json_array_to_jsonl(src: Path, dst: Path) -> int:
-    """Stream a JSON array's elements into a JSONL file, one element per line (ijson: the array is
-    never held in memory). Element N becomes line N. A syntax error rejects the whole file."""
+def _json_array_to_jsonl(src, out) -> int:
+    """Stream a JSON array's elements (binary file `src`) into JSONL (text file `out`), one element
+    per line (ijson: the array is never held in memory). Element N becomes line N. A syntax error
+    rejects the whole file."""
     import ijson
 
     n = 0
-    with _opener(src)(src, "rb") as fh, open(dst, "w", encoding="utf-8") as out:
-        try:
-            for item in ijson.items(fh, "item", use_float=True):
-                out.write(json.dumps(item, ensure_ascii=False) + "\n")
-                n += 1
-        except (ijson.JSONError, UnicodeDecodeError, ValueError):
-            # the parser's message can quote the data: say where, not what
-            raise _Rejected(f"input is not a valid JSON array: a syntax or encoding error after element {n}; "
-                            "fix the file or drop it as JSONL (one object per line)") from None
+    try:
+        for item in ijson.items(src, "item", use_float=True):
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
+            n += 1
+    except (ijson.JSONError, UnicodeDecodeError, ValueError, EOFError, OSError):
+        # the parser's message can quote the data: say where, not what
+        raise _Rejected(f"input is not a valid JSON array: a syntax or encoding error after element {n}; "
+                        "fix the file or drop it as JSONL (one object per line)") from None
     return n
+
+
+def _stage_json_array(uri: str, local: Path | None, cleanup: list) -> str:
+    """The JSON array input as a JSONL file Spark can read: a local temp file, or on Dataproc an
+    object beside the input under tmp/ (executors cannot see the driver's disk); removed after."""
+    if local is not None:
+        staging = Path(tempfile.mkdtemp(prefix="ftpipe-json-"))
+        cleanup.append(lambda: shutil.rmtree(staging, ignore_errors=True))
+        target = staging / "elements.jsonl"
+        with _open_input(uri, local) as src, open(target, "w", encoding="utf-8") as out:
+            _json_array_to_jsonl(src, out)
+        return str(target)
+    bucket = uri.removeprefix("gs://").partition("/")[0]
+    target = f"gs://{bucket}/tmp/ftpipe-staging/{uuid.uuid4().hex}/elements.jsonl"
+    blob = _gcs_blob(target)
+    cleanup.append(lambda: blob.delete() if blob.exists() else None)
+    with _open_input(uri, None) as src, blob.open("w", encoding="utf-8") as out:
+        _json_array_to_jsonl(src, out)
+    return target
 
 
 def _local_path(path: str) -> Path | None:
@@ -307,7 +343,7 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
                          "python": ".".join(map(str, sys.version_info[:3]))},
     }
     cached = []
-    cleanup: list[Path] = []
+    cleanup: list = []   # callables that remove staged files
 
     def lap(name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -343,15 +379,13 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         if problem := provenance.legal_basis_problem(recipe, source):
             raise _Rejected(problem)
         if kind == "json":  # a JSON array (streamed into JSONL, element N as line N) or JSONL named .json
-            if local is None:
-                raise _Rejected("JSON array inputs are read by the local runner only; drop the data as JSONL "
-                                "(one object per line) or set FTPIPE_PREPROCESS_RUNNER=local")
             kind = "jsonl"
-            if _is_json_array(local):
-                staging = Path(tempfile.mkdtemp(prefix="ftpipe-json-"))
-                cleanup.append(staging)
-                input_path = str(staging / "elements.jsonl")
-                _json_array_to_jsonl(local, Path(input_path))
+            try:
+                is_array = _is_json_array(input_path, local)
+            except Exception as exc:  # noqa: BLE001 - a missing or unreadable object
+                raise _Rejected(f"input unreadable: {_describe_exception(exc)}") from None
+            if is_array:
+                input_path = _stage_json_array(input_path, local, cleanup)
                 manifest["input"]["type"] = "json_array"
                 manifest["input"]["record_numbering"] = "array element, from 1 (the 'line' of rejected.jsonl)"
         manifest["kind"] = recipe.data_kind
@@ -551,8 +585,8 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         sc.setJobDescription(None)
         for rdd in cached:
             rdd.unpersist()
-        for folder in cleanup:
-            shutil.rmtree(folder, ignore_errors=True)
+        for remove in cleanup:
+            remove()
 
     digest_hex = manifest["input"]["digest"] or hashlib.sha256(input_path.encode()).hexdigest()
     dataset_id = hashlib.sha256(f"{digest_hex}:{recipe.hash}".encode()).hexdigest()[:16]

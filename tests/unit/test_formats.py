@@ -245,3 +245,27 @@ def test_parquet_preference_columns(spark, tmp_path):
     unmapped = prepare(spark, src, job_recipe(method="orpo"), tmp_path / "unmapped")
     assert unmapped.rejected and "PARQUET columns (question, good, bad): match no known shape" in unmapped.reason
     assert "'prompt' + 'chosen' + 'rejected'" in unmapped.reason and "data.columns" in unmapped.reason
+
+
+def test_json_array_staged_through_cloud_storage(gcs_emulator, monkeypatch):
+    """On Dataproc the driver streams a gs:// JSON array into a JSONL object the executors can
+    read (here against fake-gcs-server), and removes it afterwards."""
+    from services.preprocess import job
+    from tests.emulators import make_gcs_store
+
+    for key, value in gcs_emulator.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", gcs_emulator.project)
+    store = make_gcs_store(gcs_emulator, ("ftpipe-json",))
+    rows = preference_rows(3)
+    store.write("ftpipe-json", "incoming/dpo/pairs.json.gz", gzip.compress(json.dumps(rows).encode()))
+    uri = "gs://ftpipe-json/incoming/dpo/pairs.json.gz"
+    assert job._is_json_array(uri, None)
+    cleanup: list = []
+    staged = job._stage_json_array(uri, None, cleanup)
+    bucket, _, name = staged.removeprefix("gs://").partition("/")
+    assert bucket == "ftpipe-json" and name.startswith("tmp/ftpipe-staging/")
+    assert [json.loads(x) for x in store.read(bucket, name).decode().splitlines()] == rows
+    for remove in cleanup:
+        remove()
+    assert store.stat(bucket, name) is None
