@@ -246,6 +246,56 @@ def cmd_dlq(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ recipes
+def _recipe_row(recipe, source: str) -> dict:
+    return {"name": recipe.name, "version": recipe.version, "task": recipe.task, "method": recipe.method,
+            "data_kind": recipe.data_kind, "adapter": recipe.adapter.kind, "base_model": recipe.base_model,
+            "hash": recipe.hash, "source": source, "description": recipe.description}
+
+
+def cmd_recipes(args) -> int:
+    from shared.recipe import RECIPES_DIR, RecipeError, available_recipes, load_recipe
+
+    if args.action == "list":
+        rows = [_recipe_row(load_recipe(name), str(RECIPES_DIR / f"{name}.yaml")) for name in available_recipes()]
+        if args.json:
+            _print_json(rows)
+        for r in rows if not args.json else ():
+            out.print(f"[bold]{escape(r['name'])}[/bold] v{r['version']}  {r['task']} / {r['method']} / "
+                      f"{r['adapter']}  on {escape(r['base_model'])}  (hash {r['hash']})")
+            if r["description"]:
+                out.print(f"  {escape(r['description'].strip().splitlines()[0])}")
+        return 0
+    if not args.recipes:
+        raise UsageError(f"recipes {args.action} needs a recipe name or YAML file; `ftpipe recipes list` shows them")
+    if args.action == "show":
+        [ref] = args.recipes[:1]
+        recipe = load_recipe(ref)
+        full = {**recipe.model_dump(mode="json"), "hash": recipe.hash, "data_kind": recipe.data_kind}
+        if args.json:
+            _print_json(full)
+        else:
+            print(yaml.safe_dump(full, sort_keys=False, allow_unicode=True, width=100), end="")
+        return 0
+    bad = 0
+    results = []
+    for ref in args.recipes:  # validate: every file, each problem named
+        try:
+            recipe = load_recipe(ref)
+            results.append({"recipe": ref, "valid": True, **_recipe_row(recipe, ref)})
+            if not args.json:
+                out.print(f"[green]valid[/green]  {escape(ref)}: {recipe.name} v{recipe.version} "
+                          f"({recipe.data_kind} rows, hash {recipe.hash})")
+        except RecipeError as exc:
+            bad += 1
+            results.append({"recipe": ref, "valid": False, "error": str(exc)})
+            if not args.json:
+                err.print(f"[red]invalid[/red] {escape(str(exc))}", soft_wrap=True)
+    if args.json:
+        _print_json(results)
+    return 1 if bad else 0
+
+
 # ------------------------------------------------------------------ stages without the bus
 def cmd_prepare(args) -> int:
     from ftpipe.stages import prepare_file
@@ -366,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("--topic")
     p.add_argument("--message-id", help="replay only this message")
+    p.add_argument("--json", action="store_true")
+    p = add("recipes", cmd_recipes, "list, show or validate recipes (built-in names or YAML files)")
+    p.add_argument("action", choices=["list", "show", "validate"])
+    p.add_argument("recipes", nargs="*", help="show: one recipe; validate: one or more")
     p.add_argument("--json", action="store_true")
     p = add("prepare", cmd_prepare, "run the preprocess stage alone, in-process")
     p.add_argument("file")

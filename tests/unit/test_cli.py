@@ -229,3 +229,19 @@ def test_cancel_marks_a_running_run_and_later_events_are_skipped(state, adapters
     # A run that has ended cannot be cancelled again.
     proc = cli(state, "cancel", run_id)
     assert proc.returncode == 2 and f"run {run_id} already ended (cancelled)" in proc.stderr
+
+
+def test_recipes_list_show_validate(tmp_path, capsys):
+    assert main(["recipes", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tiny-sft"]["data_kind"] == "chat" and len(rows["tiny-sft"]["hash"]) == 16
+    assert main(["recipes", "show", "tiny-sft", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["hash"] == rows["tiny-sft"]["hash"] and shown["training"]["batch_size"] >= 1  # defaults filled in
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: Bad\nversion: 1\nbase_model: m\nmodel_name: x\ntraining: {epochz: 2}\n")
+    assert main(["recipes", "validate", "tiny-sft", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "valid  tiny-sft" in captured.out
+    assert "name: String should match pattern" in captured.err and "training.epochz: Extra inputs" in captured.err
+    assert main(["recipes", "show"]) == 2
