@@ -35,7 +35,7 @@ BACKENDS = ("rules", "dlp", "presidio")
 # Ties between spans of the same length: the earlier category here wins (most specific first).
 PRIORITY = {c: i for i, c in enumerate(
     ("card", "iban", "medicare", "abn", "tfn", "ssn", "email", "ip", "dob", "phone", "address", "person"))}
-PHONE_REGIONS = ("US", "GB", "AU", "DE", "FR", "IN")
+PHONE_REGIONS = ("US", "GB", "AU", "NZ", "DE", "FR", "IN")
 
 Span = tuple[int, int, str]  # (start, end, category), end exclusive
 
@@ -103,7 +103,7 @@ def ssn_ok(area: str, group: str, serial: str) -> bool:
 
 _EMAIL = re.compile(
     r"(?<![\w.%+-])"  # not glued to a longer token
-    r"[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"  # local part
+    r"[A-Za-z0-9](?:[A-Za-z0-9._%+'’-]{0,62}[A-Za-z0-9_%+-])?"  # local part (o'brien@ too)
     r"@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"  # domain
     r"(?![\w-])"
@@ -116,11 +116,14 @@ _IBAN_LEN = {"AD": 24, "AT": 20, "BE": 16, "CH": 21, "CZ": 24, "DE": 22, "DK": 1
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
 _SSN = re.compile(r"(?<![\w-])(\d{3})([- ])(\d{2})\2(\d{4})(?![\w-]|[ -]\d)")
-_SSN_BARE = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\W{0,4}(\d{9})(?!\w)")
+# Between a keyword and its number: punctuation and a few linking words ("my TFN is", "SSN: ",
+# "social security number, it is", "ABN no. ").
+_GAP = r"\W{0,4}(?:(?:is|was|it|it's|number|num|no|of|=)\W{1,4}){0,3}"
+_SSN_BARE = re.compile(rf"(?i)\b(?:ssn|social security(?: number| no\.?)?){_GAP}(\d{{9}}|\d{{3}}[ -]\d{{2}}[ -]\d{{4}})(?![\w-])")
 _TFN = re.compile(r"(?<![\w-])(\d{3} \d{3} \d{2,3})(?![\w-]|[ -]\d)")
-_TFN_CTX = re.compile(r"(?i)(?:tfn|tax file(?: number| no\.?)?)\W{0,4}(\d{8,9}|\d{3}[ -]\d{3}[ -]\d{2,3})(?![\w-])")
-_ABN = re.compile(r"(?<![\w-])(\d{2} \d{3} \d{3} \d{3}|(?<=ABN)\W{0,3}\d{11})(?![\w-]|[ -]\d)")
-_ABN_CTX = re.compile(r"(?i)\babn\W{0,4}(\d{11}|\d{2}[ -]?\d{3}[ -]?\d{3}[ -]?\d{3})(?![\w-])")
+_TFN_CTX = re.compile(rf"(?i)\b(?:tfn|tax file(?: number| no\.?)?){_GAP}(\d{{8,9}}|\d{{3}}[ -]\d{{3}}[ -]\d{{2,3}})(?![\w-])")
+_ABN = re.compile(r"(?<![\w-])(\d{2} \d{3} \d{3} \d{3})(?![\w-]|[ -]\d)")
+_ABN_CTX = re.compile(rf"(?i)\babn{_GAP}(\d{{11}}|\d{{2}}[ -]?\d{{3}}[ -]?\d{{3}}[ -]?\d{{3}})(?![\w-])")
 _MEDICARE = re.compile(r"(?<![\w-])([2-6]\d{3}[ -]?\d{5}[ -]?\d(?:[ /-]?\d)?)(?![\w-]|[ -]\d)")
 
 # Cheap pre-filter before phonenumbers (slow): some 7+ digits written as one number-like run.
@@ -141,7 +144,7 @@ _ADDRESS = re.compile(
     # 12 Main Street, 5/27 George St, Unit 3, 14B Baker Street, 1600 Pennsylvania Avenue NW
     r"(?:(?i:unit|apt\.?|apartment|suite|flat|level) \d{1,4}[A-Za-z]?,? )?"
     rf"(?<![\w/.-])\d{{1,5}}[A-Za-z]?(?:[/-]\d{{1,5}}[A-Za-z]?)?,? (?:[A-Z][A-Za-z'’-]+ ){{1,4}}{_STREET_TYPES}"
-    r"(?: (?:N|S|E|W|NE|NW|SE|SW)\b)?"
+    r"(?: (?:N|S|E|W|NE|NW|SE|SW|North|South|East|West)\b)?"
     # Hauptstraße 12, Musterstr. 5a, Lindenweg 7 (DE, AT, CH)
     r"|\b[A-ZÄÖÜ][a-zäöüß-]*(?:straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s\d{1,4}[a-z]?(?!\w)"
     # 12 rue de la Paix, 8 bis avenue Victor Hugo (FR)
@@ -150,8 +153,24 @@ _ADDRESS = re.compile(
 )
 
 _NAME = r"[A-Z][a-zà-öø-ÿ]+(?:[-'’][A-Z][a-zà-öø-ÿ]+)?"
-_NAME_INTRO = re.compile(rf"(?i:\b(?:my name is|my name's|name:|i am|i'm|this is|call me)\s+)(?P<n>{_NAME}(?: {_NAME}){{0,2}})")
-_NAME_STRONG = re.compile(rf"(?i:\b(?:my name is|my name's|name:)\s+)(?P<n>{_NAME}(?: {_NAME}){{0,2}})")
+_NAMES = rf"{_NAME}(?: {_NAME}){{0,2}}"
+# Contexts that introduce a person whatever the name: "my name is", "under the name", "I spoke to".
+_NAME_STRONG = re.compile(rf"(?i:\b(?:my name is|my name's|name:|under the name(?: of)?|in the name of|named|"
+                          rf"spoke to|spoke with|speak to|speak with|talked to|talking to|ask for|asked for)\s+)"
+                          rf"(?P<n>{_NAMES})")
+# Self-introductions: a gazetteer name, or any capitalised name closed by punctuation or a link word
+# ("This is Aroha again.", "I'm Tam from accounts") — "I'm Happy to help" stays text.
+_NAME_INTRO = re.compile(rf"(?i:\b(?:i am|i'm|this is|it's|call me)\s+)(?P<n>{_NAMES})"
+                         rf"(?P<closed>(?=\s*(?:[,.!?;:\n]|$))|\s+(?i:from|here|again|speaking|calling|and|at|with|of)\b)?")
+# A greeting names its reader: "Hi Aroha,", "Thanks Tom!", "Dear Aroha Ngata".
+_NAME_GREETING = re.compile(rf"(?i:\b(?:hi|hello|hey|dear|thanks|thank you|cheers|good (?:morning|afternoon|evening))),?"
+                            rf" (?P<n>{_NAMES})(?=\s*(?:[,!.:;\n]|$))")
+# Capitalised words these contexts meet that are not names ("Hi Team,", "Thanks Again!", "I'm Australian.").
+NOT_NAMES = frozenset("""There Team All Everyone Everybody Folks Guys Ladies Gentlemen Support Again Sir Madam Mate
+    Friend Friends Customer Customers Service Sales Someone Anyone You So Very Much For In Advance Ok Okay Yes No Both
+    The A An Your Our My This That It Heaps Lots Manager Staff Agent Admin Billing Accounts Reception Guest Sorry
+    Monday Tuesday Wednesday Thursday Friday Saturday Sunday Australian English American British French German Indian
+    Canadian Irish Scottish Welsh New Here Back Done Good Great Fine""".split())
 _NAME_TITLE = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame)\.? (?P<n>{_NAME}(?: {_NAME}){{0,2}})")
 _NAME_SIGN = re.compile(rf"(?i:\b(?:regards|best|thanks|thank you|cheers|sincerely|yours truly|yours)),?[ \t]*\n+[ \t]*"
                         rf"(?P<n>{_NAME}(?: {_NAME}){{0,2}})[ \t]*(?=\n|$)")
@@ -209,6 +228,7 @@ class RulesDetector:
     def detect(self, text: str) -> list[Span]:
         cats = self.categories
         spans: list[Span] = []
+        keyed: list[Span] = []  # numbers named by their keyword ("ABN", "TFN", "SSN"): their category wins
         add = spans.append
         has_digit = any(ch.isdigit() for ch in text)
         if "email" in cats and "@" in text:
@@ -233,20 +253,23 @@ class RulesDetector:
                     if ssn_ok(m.group(1), m.group(3), m.group(4)):
                         add((m.start(), m.end(), "ssn"))
                 for m in _SSN_BARE.finditer(text):
-                    d = m.group(1)
+                    d = _digits(m.group(1))
                     if ssn_ok(d[:3], d[3:5], d[5:]):
-                        add((m.start(1), m.end(1), "ssn"))
+                        keyed.append((m.start(1), m.end(1), "ssn"))
             if "tfn" in cats:
-                for pattern in (_TFN, _TFN_CTX):
-                    for m in pattern.finditer(text):
-                        if tfn_ok(_digits(m.group(1))):
-                            add((m.start(1), m.end(1), "tfn"))
+                for m in _TFN.finditer(text):
+                    if tfn_ok(_digits(m.group(1))):
+                        add((m.start(1), m.end(1), "tfn"))
+                for m in _TFN_CTX.finditer(text):
+                    if tfn_ok(_digits(m.group(1))):
+                        keyed.append((m.start(1), m.end(1), "tfn"))
             if "abn" in cats:
-                for pattern in (_ABN, _ABN_CTX):
-                    for m in pattern.finditer(text):
-                        if abn_ok(_digits(m.group(1))):
-                            s = m.start(1) + len(m.group(1)) - len(m.group(1).lstrip(" :-#"))
-                            add((s, m.end(1), "abn"))
+                for m in _ABN.finditer(text):
+                    if abn_ok(_digits(m.group(1))):
+                        add((m.start(1), m.end(1), "abn"))
+                for m in _ABN_CTX.finditer(text):
+                    if abn_ok(_digits(m.group(1))):
+                        keyed.append((m.start(1), m.end(1), "abn"))
             if "medicare" in cats:
                 for m in _MEDICARE.finditer(text):
                     if medicare_ok(_digits(m.group(1))):
@@ -261,6 +284,9 @@ class RulesDetector:
                     add((m.start(), m.end(), "address"))
         if "person" in cats:
             self._persons(text, add)
+        if keyed:  # a number its keyword names is that, even where another checksum also passes
+            spans = [s for s in spans if not any(k[0] - 2 <= s[0] and s[1] <= k[1] + 2 for k in keyed)]
+            spans += keyed
         return spans
 
     @staticmethod
@@ -318,11 +344,20 @@ class RulesDetector:
             parts = name.split(" ")
             return parts[0] in first or parts[0] in last or parts[-1] in last
 
+        def add_name(m: re.Match) -> None:
+            # cut the name at the first word that is not one ("Hi Tom Again" -> Tom)
+            words = m.group("n").split(" ")
+            n = next((i for i, w in enumerate(words) if w in NOT_NAMES), len(words))
+            if n:
+                add((m.start("n"), m.start("n") + len(" ".join(words[:n])), "person"))
+
         for m in _NAME_STRONG.finditer(text):
-            add((m.start("n"), m.end("n"), "person"))
+            add_name(m)
+        for m in _NAME_GREETING.finditer(text):
+            add_name(m)
         for m in _NAME_INTRO.finditer(text):
-            if known(m.group("n")):
-                add((m.start("n"), m.end("n"), "person"))
+            if known(m.group("n")) or m.group("closed") is not None:
+                add_name(m)
         for m in _NAME_TITLE.finditer(text):
             add((m.start("n"), m.end("n"), "person"))
         for m in _NAME_SIGN.finditer(text):

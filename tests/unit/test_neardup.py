@@ -136,7 +136,7 @@ def test_job_removes_near_duplicates_and_reports(spark, tmp_path):
     assert on.counts["deduplicated"] == 12 == on.counts["train"] + on.counts["val"] + on.counts["test"]
     manifest = json.loads((tmp_path / "on" / "manifest.json").read_text())
     assert manifest["near_dedup"]["cluster_size_histogram"] == {"2": 2}
-    assert manifest["near_dedup"]["shingle_words"] == 3 and manifest["counts"]["near_duplicates_removed"] == 2
+    assert manifest["near_dedup"]["shingle_words"] == 2 and manifest["counts"]["near_duplicates_removed"] == 2
     off = run(False, "off")
     assert off.counts["near_duplicates_removed"] == 0 and off.counts["deduplicated"] == 14
     assert "near_dedup" not in json.loads((tmp_path / "off" / "manifest.json").read_text())

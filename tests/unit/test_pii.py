@@ -189,8 +189,42 @@ def test_residual_scan_catches_unmasked_values_and_not_masked_text():
     assert pii_residual.scan(masked) == {}
     assert pii_residual.scan("reach me at someone@somewhere.example") == {"email_like": 1}
     assert pii_residual.scan("ref 123456789012") == {"digit_run_9plus": 1}
-    assert pii_residual.scan("acct XX12 ABCD 1234 5678 90") == {"iban_like": 1, "digit_run_9plus": 1}
+    assert pii_residual.scan("acct DE12 ABCD 1234 5678 90") == {"iban_like": 1, "digit_run_9plus": 1}
     assert pii_residual.scan("Open Settings and follow step 3 at 10:30, v1.2.3") == {}
+    # order and tracking codes are not identifiers of people; a greeted name is
+    assert pii_residual.scan("order ORD-2024-001234, tracking AP123456789012AU, Hi Team, hi there") == {}
+    assert pii_residual.scan("Thanks Aroha, it ships today") == {"name_after_greeting": 1}
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("Hi Aroha, thanks for reaching out.", "Hi [PERSON], thanks for reaching out."),
+    ("Thanks Tam Nguyen, I have updated the order.", "Thanks [PERSON], I have updated the order."),
+    ("This is Siobhan again.", "This is [PERSON] again."),
+    ("The order is under the name Kiri Waititi.", "The order is under the name [PERSON]."),
+    ("I spoke to Liam in your store", "I spoke to [PERSON] in your store"),
+    ("my TFN is 123456782 thanks", "my TFN is [TFN] thanks"),
+    ("my tax file number is 123-456-782.", "my tax file number is [TFN]."),
+    ("social security number, it is 536228726", "social security number, it is [SSN]"),
+    ("ABN is 51824753556", "ABN is [ABN]"),
+    ("Email o'brien@example.com now", "Email [EMAIL] now"),
+    ("call 021 123 4567", "call [PHONE]"),
+    ("Send it to 42 King Rd East please", "Send it to [ADDRESS] please"),
+])
+def test_names_and_numbers_in_context(text, masked):
+    assert pii.mask(text)[0] == masked
+
+
+@pytest.mark.parametrize("text", ["Hi there, thanks", "Hey Team, the parcel", "I'm Happy to help.",
+                                  "I spoke to Customer Service yesterday", "I'm Australian.", "Thanks Again!"])
+def test_capitalised_words_that_are_not_names(text):
+    assert pii.mask(text) == (text, {})
+
+
+def test_a_keyword_decides_between_two_checksums():
+    # 11 digits that pass both the ABN and the Medicare checks: "ABN" says which
+    value = next(f"{n:011d}" for n in range(51824753556, 51824853556) if pii.abn_ok(f"{n:011d}")
+                 and pii.medicare_ok(f"{n:011d}"))
+    assert pii.mask(f"ABN: {value}") == ("ABN: [ABN]", {"abn": 1})
 
 
 def test_residual_summary_rate():
