@@ -20,7 +20,9 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from typing import Any
 
 from shared.datasets import SPLITS, with_system_prompt
 from shared.recipe import GPU_TABLE, Recipe
@@ -99,41 +101,77 @@ def sequences(tokenizer, record: dict, system_prompt: str | None) -> list[str]:
     return [_render(tokenizer, prompt + record[side]) for side in ("chosen", "rejected")]
 
 
-def count_tokens(tokenizer, split_files: dict[str, Path], *, system_prompt: str | None, max_seq_len: int,
-                 batch: int = 256) -> dict[str, Any]:
-    """{split: {rows, tokens, training_tokens, max_tokens, truncated_rows}} plus totals. A row's
-    tokens are those of all its sequences (both sides of a preference pair); training_tokens cut
-    each sequence at max_seq_len."""
-    out: dict[str, Any] = {}
-    for split in SPLITS:
-        path = split_files.get(split)
-        stats = {"rows": 0, "tokens": 0, "training_tokens": 0, "max_tokens": 0, "truncated_rows": 0}
-        if path is not None and Path(path).is_file():
-            groups: list[list[str]] = []
+def _zero() -> dict[str, int]:
+    return {"rows": 0, "tokens": 0, "training_tokens": 0, "max_tokens": 0, "truncated_rows": 0}
 
-            def flush() -> None:
-                if not groups:
-                    return
-                lengths = iter(len(ids) for ids in
-                               tokenizer([t for g in groups for t in g], add_special_tokens=False)["input_ids"])
-                for group in groups:
-                    ns = [next(lengths) for _ in group]
-                    stats["rows"] += 1
-                    stats["tokens"] += sum(ns)
-                    stats["training_tokens"] += sum(min(n, max_seq_len) for n in ns)
-                    stats["max_tokens"] = max(stats["max_tokens"], *ns)
-                    stats["truncated_rows"] += any(n > max_seq_len for n in ns)
-                groups.clear()
 
-            for record in _records(Path(path)):
-                groups.append(sequences(tokenizer, record, system_prompt))
-                if len(groups) >= batch:
-                    flush()
+def count_records(tokenizer, records: Iterable[tuple[int, dict]], *, system_prompt: str | None, max_seq_len: int,
+                  batch: int = 256) -> list[dict[str, int]]:
+    """(split index, record) pairs -> [{rows, tokens, training_tokens, max_tokens, truncated_rows}]
+    per split. A row's tokens are those of all its sequences (both sides of a preference pair);
+    training_tokens cut each sequence at max_seq_len."""
+    stats = [_zero() for _ in SPLITS]
+    groups: list[tuple[int, list[str]]] = []
+
+    def flush() -> None:
+        if not groups:
+            return
+        lengths = iter(len(ids) for ids in
+                       tokenizer([t for _, g in groups for t in g], add_special_tokens=False)["input_ids"])
+        for split, group in groups:
+            ns = [next(lengths) for _ in group]
+            st = stats[split]
+            st["rows"] += 1
+            st["tokens"] += sum(ns)
+            st["training_tokens"] += sum(min(n, max_seq_len) for n in ns)
+            st["max_tokens"] = max(st["max_tokens"], *ns)
+            st["truncated_rows"] += any(n > max_seq_len for n in ns)
+        groups.clear()
+
+    for split, record in records:
+        groups.append((split, sequences(tokenizer, record, system_prompt)))
+        if len(groups) >= batch:
             flush()
-        out[split] = stats
-    out["total"] = sum(out[s]["tokens"] for s in SPLITS)
+    flush()
+    return stats
+
+
+def merge_counts(parts: Iterable[list[dict[str, int]]]) -> list[dict[str, int]]:
+    total = [_zero() for _ in SPLITS]
+    for part in parts:
+        for t, p in zip(total, part):
+            for k, v in p.items():
+                t[k] = max(t[k], v) if k == "max_tokens" else t[k] + v
+    return total
+
+
+def token_totals(per_split: list[dict[str, int]], max_seq_len: int) -> dict[str, Any]:
+    out: dict[str, Any] = dict(zip(SPLITS, per_split))
+    out["total"] = sum(s["tokens"] for s in per_split)
     out["max_seq_len"] = max_seq_len
     return out
+
+
+def count_tokens(tokenizer, split_files: dict[str, Path], *, system_prompt: str | None, max_seq_len: int,
+                 batch: int = 256) -> dict[str, Any]:
+    """Token figures of prepared split files: {split: {...}} plus totals."""
+    parts = [count_records(tokenizer, ((i, r) for r in _records(Path(split_files[name]))),
+                           system_prompt=system_prompt, max_seq_len=max_seq_len, batch=batch)
+             for i, name in enumerate(SPLITS) if split_files.get(name) and Path(split_files[name]).is_file()]
+    return token_totals(merge_counts(parts), max_seq_len)
+
+
+@lru_cache(maxsize=4)
+def cached_tokenizer(base_model: str):
+    """One tokenizer per model and process (Spark reuses its Python workers across tasks)."""
+    return load_tokenizer(base_model)
+
+
+def count_partition(lines: Iterable[tuple[int, str]], *, base_model: str, system_prompt: str | None,
+                    max_seq_len: int) -> Iterator[list[dict[str, int]]]:
+    """Spark: (split index, output JSON line) -> one per-split count for the partition."""
+    yield count_records(cached_tokenizer(base_model), ((i, json.loads(line)) for i, line in lines),
+                        system_prompt=system_prompt, max_seq_len=max_seq_len)
 
 
 def _render(tokenizer, messages: list[dict]) -> str:
@@ -182,15 +220,15 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def tokens_and_cost(recipe: Recipe, split_files: dict[str, Path]) -> tuple[dict | None, dict | None, str | None]:
-    """(tokens, cost_estimate, error): an unavailable tokenizer is reported, never fatal."""
+def tokens_and_cost(recipe: Recipe, count: Callable[[Any], dict[str, Any]]) -> tuple[dict | None, dict | None, str | None]:
+    """(tokens, cost_estimate, error): `count(tokenizer)` gives the token figures (count_tokens over
+    files, or job.py's Spark count). An unavailable tokenizer is reported, never fatal."""
     try:
-        tokenizer = load_tokenizer(recipe.base_model)
+        tokenizer = cached_tokenizer(recipe.base_model)
     except TokenizerUnavailable as exc:
         return None, None, str(exc)
     try:
-        tokens = count_tokens(tokenizer, split_files, system_prompt=recipe.data.system_prompt,
-                              max_seq_len=recipe.training.max_seq_len)
+        tokens = count(tokenizer)
     except Exception as exc:  # noqa: BLE001 - an estimate must never fail the dataset
         return None, None, f"token count failed: {type(exc).__name__}: {str(exc)[:200]}"
     tokens["tokenizer"] = recipe.base_model

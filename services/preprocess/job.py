@@ -61,6 +61,7 @@ SPLIT_FILES = tuple(f"{name}.jsonl" for name in split.SPLITS)
 INPUT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2")
 CORRUPT_COLUMN = "_ftpipe_corrupt_record"
+TOKENS_ON_DRIVER_ROWS = 20_000  # up to this many rows, token counts run on the driver (see prepare)
 
 
 @dataclass
@@ -533,9 +534,9 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         # 7. write the splits, sorted by id, streaming one partition at a time
         sc.setJobDescription("preprocess: write splits")
         outs = [_OutFile(out_dir / name) for name in SPLIT_FILES]
+        placed = prepared.map(lambda r, m=moved: (r[1], (m.get(r[1], r[0]), r[3])))  # (id, (split, line))
         try:
-            keyed = prepared.map(lambda r, m=moved: (r[1], (m.get(r[1], r[0]), r[3])))
-            for _, (split_index, line) in keyed.sortByKey().toLocalIterator():
+            for _, (split_index, line) in placed.sortByKey().toLocalIterator():
                 outs[split_index].write_line(line)
         except BaseException:
             for out in outs:
@@ -567,8 +568,22 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         manifest["pii"]["residual"] = pii_report["residual"]
         rejected, reason = False, None
         t0 = time.perf_counter()
-        tokens, cost_estimate, token_error = cost.tokens_and_cost(
-            recipe, {name: out_dir / f"{name}.jsonl" for name in split.SPLITS})
+        # token counts with the base model's tokenizer: on the workers in parallel for large datasets;
+        # on the driver for small ones, where starting transformers in every worker costs more
+        sc.setJobDescription("preprocess: token counts")
+        max_seq_len = recipe.training.max_seq_len
+
+        def count(tokenizer) -> dict:
+            if n <= TOKENS_ON_DRIVER_ROWS:
+                lines = ((i, json.loads(line)) for i, line in placed.values().toLocalIterator())
+                return cost.token_totals(cost.count_records(tokenizer, lines, system_prompt=data.system_prompt,
+                                                            max_seq_len=max_seq_len), max_seq_len)
+            per_partition = partial(cost.count_partition, base_model=recipe.base_model,
+                                    system_prompt=data.system_prompt, max_seq_len=max_seq_len)
+            return cost.token_totals(cost.merge_counts(placed.values().mapPartitions(per_partition).collect()),
+                                     max_seq_len)
+
+        tokens, cost_estimate, token_error = cost.tokens_and_cost(recipe, count)
         manifest.update(tokens=tokens or {"error": token_error}, cost_estimate=cost_estimate)
         lap("tokens_s", t0)
     except _Rejected as rej:

@@ -128,6 +128,7 @@ _MEDICARE = re.compile(r"(?<![\w-])([2-6]\d{3}[ -]?\d{5}[ -]?\d(?:[ /-]?\d)?)(?!
 
 # Cheap pre-filter before phonenumbers (slow): some 7+ digits written as one number-like run.
 _PHONE_SHAPED = re.compile(r"\(\d{3}\) ?\d{3}[-. ]\d{4}|(?<![\d-])\d{3}[-.]\d{3}[-.]\d{4}(?![\d-])")
+_ANY_DIGIT = re.compile(r"\d")
 _PHONE_HINT = re.compile(r"(?:\+|\(?\d)[\d ().\-/]{5,}\d")
 
 _MONTHS = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
@@ -230,7 +231,7 @@ class RulesDetector:
         spans: list[Span] = []
         keyed: list[Span] = []  # numbers named by their keyword ("ABN", "TFN", "SSN"): their category wins
         add = spans.append
-        has_digit = any(ch.isdigit() for ch in text)
+        has_digit = _ANY_DIGIT.search(text) is not None
         if "email" in cats and "@" in text:
             for m in _EMAIL.finditer(text):
                 add((m.start(), m.end(), "email"))
@@ -278,7 +279,7 @@ class RulesDetector:
                 for m in _DOB.finditer(text):
                     add((m.start("date"), m.end("date"), "dob"))
             if "phone" in cats:
-                self._phones(text, add)
+                self._phones(text, add, spans)
             if "address" in cats:
                 for m in _ADDRESS.finditer(text):
                     add((m.start(), m.end(), "address"))
@@ -313,23 +314,31 @@ class RulesDetector:
         return True
 
     @staticmethod
-    def _phones(text: str, add) -> None:
+    def _phones(text: str, add, found: list[Span]) -> None:
         import phonenumbers
 
         seen: set[tuple[int, int]] = set()
-        # phonenumbers is slow on long texts: run it only on windows around number-like runs of 7+
-        # digits (one character of context each side), with offsets mapped back
+        # phonenumbers is slow: run it only on windows around number-like runs of 7+ digits (one
+        # character of context each side), with offsets mapped back; skip runs a checksummed
+        # category already covers (cards, IBANs, ABNs... win over a phone of the same length), and
+        # stop trying regions once one match covers the whole run
         for hint in _PHONE_HINT.finditer(text):
-            if sum(ch.isdigit() for ch in hint.group(0)) < 7:
+            if len(_ANY_DIGIT.findall(hint.group(0))) < 7:
+                continue
+            if any(s[0] <= hint.start() and hint.end() <= s[1] for s in found):
                 continue
             ws, we = max(0, hint.start() - 1), min(len(text), hint.end() + 1)
             window = text[ws:we]
             for region in PHONE_REGIONS:
+                whole = False
                 for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=phonenumbers.Leniency.VALID):
                     key = (ws + m.start, ws + m.end)
                     if key not in seen and _boundary_ok(text, *key):
                         seen.add(key)
                         add((*key, "phone"))
+                        whole = whole or (key[0] <= hint.start() and hint.end() <= key[1])
+                if whole:
+                    break
         # North-American formatting is a phone whatever the area code: VALID leniency refuses
         # unassigned codes (and 555 numbers), which people still type and which still identify.
         for m in _PHONE_SHAPED.finditer(text):

@@ -109,9 +109,12 @@ def symbol_ratio(text: str, n_words: int) -> float:
     return symbols / max(n_words, 1)
 
 
+_DIGIT = re.compile(r"\d")
+_NON_SPACE = re.compile(r"\S")
+
+
 def digit_ratio(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
-    return sum(c.isdigit() for c in chars) / max(len(chars), 1)
+    return len(_DIGIT.findall(text)) / max(len(_NON_SPACE.findall(text)), 1)
 
 
 def duplicate_line_fraction(text: str) -> tuple[float, int]:
@@ -139,6 +142,8 @@ def top_ngram_fraction(ws: list[str], n: int) -> float:
 
 
 def non_printable_ratio(text: str) -> float:
+    if text.replace("\n", " ").replace("\t", " ").replace("\r", " ").isprintable():
+        return 0.0  # the common case, in C; isprintable() is stricter than the rule below
     bad = sum(
         1 for c in text
         if c == "\ufffd" or (c not in _ALLOWED_CONTROL and unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn"))

@@ -86,8 +86,21 @@ def test_count_tokens_per_split_with_truncation(tmp_path):
     assert counted["total"] == counted["train"]["tokens"] + counted["val"]["tokens"]
 
 
+def test_preference_and_classification_records_count_every_sequence():
+    pair = {"prompt": [{"role": "user", "content": "q q"}], "chosen": [{"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "assistant", "content": "no no no"}]}
+    text = {"text": "one two three", "label": "x"}
+    [train, val, _] = cost.count_records(FakeTokenizer(), [(0, pair), (1, text)], system_prompt=None, max_seq_len=5)
+    # "user: q q" (3) + "assistant: yes" (2) = 5; + "assistant: no no no" (4) = 7, cut at 5
+    assert (train["rows"], train["tokens"], train["training_tokens"], train["max_tokens"]) == (1, 12, 10, 7)
+    assert train["truncated_rows"] == 1 and (val["rows"], val["tokens"]) == (1, 3)
+    merged = cost.merge_counts([[train, val, cost._zero()], [val, val, cost._zero()]])
+    assert merged[0]["rows"] == 2 and merged[0]["max_tokens"] == 7 and merged[1]["tokens"] == 6
+
+
 def test_an_unknown_base_model_is_reported_not_fatal(tmp_path):
-    got_tokens, estimate, error = cost.tokens_and_cost(recipe().model_copy(update={"base_model": "nope"}), {})
+    got_tokens, estimate, error = cost.tokens_and_cost(recipe().model_copy(update={"base_model": "nope"}),
+                                                       lambda tokenizer: {})
     assert got_tokens is None and estimate is None and "no tokenizer for base_model 'nope'" in error
 
 

@@ -269,3 +269,17 @@ def test_json_array_staged_through_cloud_storage(gcs_emulator, monkeypatch):
     for remove in cleanup:
         remove()
     assert store.stat(bucket, name) is None
+
+
+def test_token_counts_on_the_workers_equal_those_on_the_driver(spark, tmp_path, monkeypatch):
+    from services.preprocess import job
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(12)))
+    recipe = Recipe(name="tokens-test", version=1, base_model="tiny-random-smollm2", model_name="tokens-test",
+                    method="dpo", data=DataSpec(min_rows=3))
+    on_driver = prepare(spark, src, recipe, tmp_path / "driver")
+    monkeypatch.setattr(job, "TOKENS_ON_DRIVER_ROWS", 0)
+    on_workers = prepare(spark, src, recipe, tmp_path / "workers")
+    assert on_driver.tokens["total"] > 0 and on_driver.tokens == on_workers.tokens
+    assert on_driver.cost_estimate["trained_tokens"] == on_workers.cost_estimate["trained_tokens"] > 0
