@@ -46,7 +46,7 @@ def prepare(recipe: Recipe, sample: Path, out: Path) -> list[int]:
     for rec in records:
         if rec[0] == "ok":
             key, value = stages.dedup_key(rec)
-            unique[key] = stages.keep_first(unique[key], value) if key in unique else value
+            unique[key] = stages.keep_representative(unique[key], value) if key in unique else value
     out.mkdir(parents=True, exist_ok=True)
     splits: list[list[str]] = [[], [], []]
     for index, _, _, line, _ in stages.mask_and_place(unique.items(), recipe.data.pii_categories, recipe.data.split):

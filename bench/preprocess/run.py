@@ -83,7 +83,7 @@ def deduped_rdd(spark, path: str, recipe):
                              max_row_bytes=recipe.data.max_row_bytes)
     validated = spark.sparkContext.textFile(path).zipWithIndex().mapPartitions(
         partial(formats.validate_jsonl, rules=rules))
-    return validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key).reduceByKey(stages.keep_first)
+    return validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key).reduceByKey(stages.keep_representative)
 
 
 def ftpipe_neardup(spark, rdd, params: neardup.Params) -> tuple[set[int], dict, float]:
@@ -182,6 +182,7 @@ class PiiScore:
         groups = {c: (c,) for c in pii.CATEGORIES}
         groups["checksummed"] = CHECKSUMMED
         groups["overall"] = pii.CATEGORIES
+        groups["overall_without_person"] = tuple(c for c in pii.CATEGORIES if c != "person")
         for name, cats in groups.items():
             n, rec = sum(self.truth[c] for c in cats), sum(self.recalled[c] for c in cats)
             pred, cor = sum(self.predicted[c] for c in cats), sum(self.correct[c] for c in cats)
@@ -288,7 +289,8 @@ def main() -> None:
     ap.add_argument("--presidio-docs", type=int, default=0,
                     help="score PII (both detectors) on this many documents, a deterministic every-k-th "
                          "subsample of the scorable rows (0: all)")
-    ap.add_argument("--sweep-docs", type=int, default=40_000, help="rows for the dedup sweep (0: no sweep)")
+    ap.add_argument("--sweep-docs", type=int, default=40_000,
+                    help="about this many rows (whole clusters) for the dedup sweep (0: no sweep)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ftpipe-bench-preprocess")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--driver-memory", default="6g")
@@ -356,24 +358,29 @@ def main() -> None:
     rdd.unpersist()
     print("near-dup:", json.dumps({k: v for k, v in nd.items() if k != "ftpipe"}), flush=True)
 
-    # --- sweep on a prefix of the corpus (ftpipe's stage only)
+    # --- sweep on a cluster-preserving subsample (every row of every k-th cluster, so that the
+    # duplicate density is the full corpus's), ftpipe's stage only
     if args.sweep_docs:
         sub = args.work / "sweep.jsonl"
-        with open(corpus_path, encoding="utf-8") as src, open(sub, "w", encoding="utf-8") as dst:
-            for i, line in zip(range(args.sweep_docs), src):
-                dst.write(line)
+        k = max(1, round(args.docs / args.sweep_docs))
+        picked = [t["line"] for t in truths if t["cluster"] % k == 0]
+        with open(sub, "w", encoding="utf-8") as dst:
+            for line in picked:
+                dst.write(json.dumps(rows[line], ensure_ascii=False) + "\n")
+        sub_line = dict(enumerate(picked))  # subsample line -> corpus line
         srdd = deduped_rdd(spark, str(sub), recipe).cache()
-        slines = set(srdd.map(lambda r: r[1][0] - 1).collect())
+        slines = {sub_line[i] for i in srdd.map(lambda r: r[1][0] - 1).collect()}
         sweep = []
         for k in SWEEP_SHINGLES:
             for bands, nrows in SWEEP_BANDS:
                 p = neardup.Params(shingle_words=k, num_perm=bands * nrows, bands=bands, rows=nrows, threshold=0.7)
                 skept, _, secs = ftpipe_neardup(spark, srdd, p)
+                skept = {sub_line[i] for i in skept}
                 sweep.append({"shingle_words": k, "bands": bands, "rows": nrows, **score_removals(skept, slines, cluster),
                               "seconds": round(secs, 1)})
                 print("sweep:", json.dumps(sweep[-1]), flush=True)
         srdd.unpersist()
-        res["sweep"] = {"docs": args.sweep_docs, "rows": sweep}
+        res["sweep"] = {"docs": len(picked), "rows": sweep}
     spark.stop()
 
     # --- PII: rules vs Presidio on the same documents
@@ -402,6 +409,17 @@ def main() -> None:
     res["residual"] = {"scanner_rate": residual.get("rate"), "scanner_hits_by_rule": residual.get("hits_by_rule"),
                        "documents_with_hits": residual.get("documents_with_hits"),
                        "true_leak": true_leak_rate(out_dir, id_to_line, rows, truths) if not result.rejected else None}
+
+    # which look-alikes (not PII) the residual scan flags by itself: its hits per distractor shape
+    from services.preprocess import pii_residual
+
+    dis_hits, dis_n = Counter(), Counter()
+    for t in truths:
+        if t["kind"] == "original":
+            for mi, s, e, shape in t["distractors"]:
+                dis_n[shape] += 1
+                dis_hits[shape] += bool(pii_residual.scan(rows[t["line"]]["messages"][mi]["content"][s:e]))
+    res["residual"]["scanner_hits_on_distractors"] = {sh: f"{dis_hits[sh]}/{dis_n[sh]}" for sh in sorted(dis_n)}
 
     # --- targets
     r_tab, p_tab = res["pii"]["rules"]["by_category"], res["pii"]["presidio"]["by_category"]

@@ -437,10 +437,10 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
             raise _Rejected(f"{bad} of {raw} rows rejected ({bad / raw:.0%}), above "
                             f"data.max_rejected_fraction={data.max_rejected_fraction:g} ({top}; see rejected.jsonl)")
 
-        # 3-5. dedup on the content hash (lowest line wins), then mask and place
+        # 3-5. dedup on the content hash (natural casing, then the lowest line wins), then mask and place
         sc.setJobDescription("preprocess: dedup + PII + split")
         deduped = (validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key)
-                   .reduceByKey(stages.keep_first))
+                   .reduceByKey(stages.keep_representative))
         # 3b. near-duplicates (MinHash LSH + connected components), then 3c. quality filters
         near_removed, quality_removed = 0, 0
         if recipe.dedup.near:

@@ -103,14 +103,14 @@ def ssn_ok(area: str, group: str, serial: str) -> bool:
 
 _EMAIL = re.compile(
     r"(?<![\w.%+-])"  # not glued to a longer token
-    r"[A-Za-z0-9](?:[A-Za-z0-9._%+'’-]{0,62}[A-Za-z0-9_%+-])?"  # local part (o'brien@ too)
+    r"[^\W_](?:[\w.%+'’-]{0,62}[\w%+-])?"  # local part, any script (chloé@, o'brien@)
     r"@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"  # domain
+    r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,24}"  # domain
     r"(?![\w-])"
 )
 # 13-19 digits, optionally grouped by single spaces or dashes, not part of a longer number.
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)")
-_IBAN = re.compile(r"(?<![\w-])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+_IBAN = re.compile(r"(?i)(?<![\w-])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 _IBAN_LEN = {"AD": 24, "AT": 20, "BE": 16, "CH": 21, "CZ": 24, "DE": 22, "DK": 18, "ES": 24, "FI": 18, "FR": 27,
              "GB": 22, "GR": 27, "IE": 22, "IT": 27, "LU": 20, "NL": 18, "NO": 15, "PL": 28, "PT": 25, "SE": 24}
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
@@ -135,8 +135,8 @@ _MONTHS = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?
            r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
 _DATE = (r"(?:\d{1,2}[/.-]\d{1,2}[/.-](?:\d{4}|\d{2})|\d{4}-\d{1,2}-\d{1,2}"
          rf"|\d{{1,2}}(?:st|nd|rd|th)?(?: of)? {_MONTHS},? \d{{4}}|{_MONTHS} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}})")
-_DOB = re.compile(rf"(?i:\b(?:born(?: on| in)?|d\.?o\.?b\.?|date of birth|birth ?date|birthday)"
-                  rf"(?: is| was)?\s*[:=-]?\s*)(?P<date>{_DATE})(?!\d)")
+_DOB = re.compile(rf"(?i)\b(?:born(?:\s+on|\s+in)?|d\.?o\.?b\.?|date\s+of\s+birth|birth\s?date|birthday)"
+                  rf"(?:\s+is|\s+was)?\s*[:=-]?\s*(?P<date>{_DATE})(?!\d)")
 
 _STREET_TYPES = (r"(?i:Street|St|Road|Rd|Avenue|Ave|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|"
                  r"Terrace|Tce|Crescent|Cres|Way|Highway|Hwy|Parade|Pde|Close|Cl|Parkway|Pkwy|Square|Sq|"
@@ -154,28 +154,45 @@ _ADDRESS = re.compile(
 )
 
 _NAME = r"[A-Z][a-zà-öø-ÿ]+(?:[-'’][A-Z][a-zà-öø-ÿ]+)?"
-_NAMES = rf"{_NAME}(?: {_NAME}){{0,2}}"
+_NAMES = rf"{_NAME}(?:[ \t]+{_NAME}){{0,2}}"
+
+
+def _phrases(*phrases: str) -> str:
+    """Keyword phrases as one alternation that accepts any run of spaces between their words
+    ("my  name is": a copy with doubled spaces names a person just the same)."""
+    return "|".join(p.replace(" ", r"\s+") for p in phrases)
+
+
+_STRONG_CONTEXTS = _phrases("my name is", "my name's", "name:", "under the name of", "under the name",
+                            "in the name of", "named", "spoke to", "spoke with", "speak to", "speak with",
+                            "talked to", "talking to", "ask for", "asked for")
 # Contexts that introduce a person whatever the name: "my name is", "under the name", "I spoke to".
-_NAME_STRONG = re.compile(rf"(?i:\b(?:my name is|my name's|name:|under the name(?: of)?|in the name of|named|"
-                          rf"spoke to|spoke with|speak to|speak with|talked to|talking to|ask for|asked for)\s+)"
-                          rf"(?P<n>{_NAMES})")
+_NAME_STRONG = re.compile(rf"(?i:\b(?:{_STRONG_CONTEXTS})\s+)(?P<n>{_NAMES})")
+# The same contexts in a copy written in one case ("my name is peter ramos", "MY NAME IS ..."):
+# only gazetteer names, since capitals no longer tell a name from a word.
+_NAME_STRONG_ANY_CASE = re.compile(rf"(?i)\b(?:{_STRONG_CONTEXTS})\s+(?P<n>[a-zà-öø-ÿ]+(?:[ \t]+[a-zà-öø-ÿ]+)?)")
 # Self-introductions: a gazetteer name, or any capitalised name closed by punctuation or a link word
 # ("This is Aroha again.", "I'm Tam from accounts") — "I'm Happy to help" stays text.
-_NAME_INTRO = re.compile(rf"(?i:\b(?:i am|i'm|this is|it's|call me)\s+)(?P<n>{_NAMES})"
+_INTRO_CONTEXTS = _phrases("i am", "i'm", "this is", "it's", "call me")
+_GREETINGS = _phrases("hi", "hello", "hey", "dear", "thanks", "thank you", "cheers", "good morning", "good afternoon",
+                      "good evening")
+_SIGN_OFFS = _phrases("regards", "best", "thanks", "thank you", "cheers", "sincerely", "yours truly", "yours")
+_NAME_INTRO = re.compile(rf"(?i:\b(?:{_INTRO_CONTEXTS})\s+)(?P<n>{_NAMES})"
                          rf"(?P<closed>(?=\s*(?:[,.!?;:\n]|$))|\s+(?i:from|here|again|speaking|calling|and|at|with|of)\b)?")
 # A greeting names its reader: "Hi Aroha,", "Thanks Tom!", "Dear Aroha Ngata".
-_NAME_GREETING = re.compile(rf"(?i:\b(?:hi|hello|hey|dear|thanks|thank you|cheers|good (?:morning|afternoon|evening))),?"
-                            rf" (?P<n>{_NAMES})(?=\s*(?:[,!.:;\n]|$))")
+_NAME_GREETING = re.compile(rf"(?i:\b(?:{_GREETINGS})),?"
+                            rf"\s+(?P<n>{_NAMES})(?=\s*(?:[,!.:;\n]|$))")
 # Capitalised words these contexts meet that are not names ("Hi Team,", "Thanks Again!", "I'm Australian.").
 NOT_NAMES = frozenset("""There Team All Everyone Everybody Folks Guys Ladies Gentlemen Support Again Sir Madam Mate
     Friend Friends Customer Customers Service Sales Someone Anyone You So Very Much For In Advance Ok Okay Yes No Both
     The A An Your Our My This That It Heaps Lots Manager Staff Agent Admin Billing Accounts Reception Guest Sorry
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday Australian English American British French German Indian
     Canadian Irish Scottish Welsh New Here Back Done Good Great Fine""".split())
-_NAME_TITLE = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame)\.? (?P<n>{_NAME}(?: {_NAME}){{0,2}})")
-_NAME_SIGN = re.compile(rf"(?i:\b(?:regards|best|thanks|thank you|cheers|sincerely|yours truly|yours)),?[ \t]*\n+[ \t]*"
-                        rf"(?P<n>{_NAME}(?: {_NAME}){{0,2}})[ \t]*(?=\n|$)")
-_NAME_PAIR = re.compile(rf"(?=\b(?P<a>{_NAME}) (?P<b>{_NAME})\b)")  # lookahead: overlapping pairs
+_NAME_TITLE = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame)\.?[ \t]+(?P<n>{_NAMES})")
+_NAME_SIGN = re.compile(rf"(?i:\b(?:{_SIGN_OFFS})),?[ \t]*\n+[ \t]*"
+                        rf"(?P<n>{_NAMES})[ \t]*(?=\n|$)")
+_NAME_PAIR = re.compile(rf"(?=\b(?P<a>{_NAME})[ \t]+(?P<b>{_NAME})\b)")  # lookahead: overlapping pairs
+_WORD_SPAN = re.compile(r"\S+")
 
 
 @lru_cache(maxsize=1)
@@ -295,7 +312,7 @@ class RulesDetector:
         for m in _IBAN.finditer(text):
             raw = m.group(0)
             pos = [i for i, ch in enumerate(raw) if ch != " "]
-            compact = raw.replace(" ", "")
+            compact = raw.replace(" ", "").upper()
             want = _IBAN_LEN.get(compact[:2])
             lengths = [want] if want else range(len(compact), 14, -1)
             for n in lengths:
@@ -350,18 +367,24 @@ class RulesDetector:
         first, last = gazetteer()
 
         def known(name: str) -> bool:
-            parts = name.split(" ")
+            parts = name.split()
             return parts[0] in first or parts[0] in last or parts[-1] in last
 
-        def add_name(m: re.Match) -> None:
+        def add_name(m: re.Match, words: list[re.Match] | None = None) -> None:
             # cut the name at the first word that is not one ("Hi Tom Again" -> Tom)
-            words = m.group("n").split(" ")
-            n = next((i for i, w in enumerate(words) if w in NOT_NAMES), len(words))
+            words = words or list(_WORD_SPAN.finditer(m.group("n")))
+            n = next((i for i, w in enumerate(words) if w.group(0) in NOT_NAMES), len(words))
             if n:
-                add((m.start("n"), m.start("n") + len(" ".join(words[:n])), "person"))
+                add((m.start("n"), m.start("n") + words[n - 1].end(), "person"))
 
         for m in _NAME_STRONG.finditer(text):
             add_name(m)
+        for m in _NAME_STRONG_ANY_CASE.finditer(text):
+            words = list(_WORD_SPAN.finditer(m.group("n")))
+            while words and not all(w.group(0).title() in first or w.group(0).title() in last for w in words):
+                words.pop()  # "peter ramos" -> both if both are known names; "liam in" -> liam
+            if words:
+                add_name(m, words)
         for m in _NAME_GREETING.finditer(text):
             add_name(m)
         for m in _NAME_INTRO.finditer(text):
@@ -370,7 +393,7 @@ class RulesDetector:
         for m in _NAME_TITLE.finditer(text):
             add((m.start("n"), m.end("n"), "person"))
         for m in _NAME_SIGN.finditer(text):
-            if known(m.group("n")) or len(m.group("n").split(" ")) >= 2:
+            if known(m.group("n")) or len(m.group("n").split()) >= 2:
                 add((m.start("n"), m.end("n"), "person"))
         for m in _NAME_PAIR.finditer(text):
             if m.group("a") in first and m.group("b") in last:

@@ -14,10 +14,18 @@ from collections.abc import Iterable, Iterator
 
 from services.preprocess import formats
 
-# Countries that issue IBANs (ISO 13616 registry): "AP12 3456 7890 12AU" is a tracking code, not an IBAN.
-_IBAN_COUNTRIES = ("AD AE AL AT AZ BA BE BG BH BI BR BY CH CR CY CZ DE DJ DK DO EE EG ES FI FK FO FR GB GE GI GL "
-                   "GR GT HR HU IE IL IQ IS IT JO KW KZ LB LC LI LT LU LV LY MC MD ME MK MN MR MT MU NI NL NO OM "
-                   "PK PL PS PT QA RO RS RU SA SC SD SE SI SK SM SO ST SV TL TN TR UA VA VG XK YE").split()
+# IBAN lengths by country (ISO 13616 registry): "ST45 8885 0713 13AU" (16 characters) is a tracking
+# code, not a São Tomé IBAN (25).
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27, "BR": 29,
+    "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29,
+    "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28,
+    "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28,
+    "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20,
+    "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29, "PT": 25,
+    "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27,
+    "SO": 23, "ST": 25, "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30}
+_IBAN_COUNTRIES = list(IBAN_LENGTHS)
 # Capitalised words after a greeting that are not names.
 _GREETING_WORDS = "There|Team|All|Everyone|Everybody|Folks|Guys|Again|Support|So|Very|Much|For|You"
 
@@ -26,7 +34,7 @@ RULES: dict[str, re.Pattern[str]] = {
     # a run of 9+ digits standing alone (codes such as ORD-2024-001234 or AP123456789012AU are glued
     # to letters or dashes: product and order codes, not identifiers of people)
     "digit_run_9plus": re.compile(r"(?<![\w-])\d(?:[ .()/-]{0,2}\d){8,}(?!\w)"),
-    "iban_like": re.compile(rf"\b(?:{'|'.join(_IBAN_COUNTRIES)})\d{{2}}(?:[ -]?[A-Za-z0-9]{{4}}){{2,}}"),
+    "iban_like": re.compile(rf"(?i)\b(?:{'|'.join(_IBAN_COUNTRIES)})\d{{2}}(?:[ -]?[A-Za-z0-9]){{11,30}}\b"),
     "ipv4_like": re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b"),
     "ipv6_like": re.compile(r"\b[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{0,4}){3,}"),
     "phone_like": re.compile(r"\+\d[\d ().-]{6,}\d|\(\d{2,5}\) ?\d{3,4}[ .-]?\d{3,4}"),
@@ -39,11 +47,16 @@ RULES: dict[str, re.Pattern[str]] = {
 }
 
 
+def _iban_sized(match: re.Match) -> bool:
+    compact = re.sub(r"[ -]", "", match.group(0)).upper()
+    return len(compact) >= IBAN_LENGTHS[compact[:2]]  # a longer run may hold the IBAN and more
+
+
 def scan(text: str) -> dict[str, int]:
     """Hits per rule in one text (only rules with hits)."""
     hits: dict[str, int] = {}
     for name, pattern in RULES.items():
-        n = sum(1 for _ in pattern.finditer(text))
+        n = sum(1 for m in pattern.finditer(text) if name != "iban_like" or _iban_sized(m))
         if n:
             hits[name] = n
     return hits

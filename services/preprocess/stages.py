@@ -71,9 +71,17 @@ def dedup_key(rec: tuple) -> tuple[str, tuple[int, tuple]]:
     return rec[3], (rec[1], rec[4])
 
 
-def keep_first(a: tuple[int, tuple], b: tuple[int, tuple]) -> tuple[int, tuple]:
-    """Of two rows with the same content hash keep the one with the lower line number."""
-    return a if a[0] <= b[0] else b
+def _one_case(segments: tuple) -> bool:
+    """Whether a row's text is all lower or all upper case (a mangled copy: PII rules and the model
+    both read natural casing better)."""
+    text = "".join(content for _, content in formats.text_segments(segments))
+    return text.islower() or text.isupper()
+
+
+def keep_representative(a: tuple[int, tuple], b: tuple[int, tuple]) -> tuple[int, tuple]:
+    """Of two rows with the same content hash (equal up to case and spacing) keep the one in natural
+    casing, then the one with the lower line number (commutative and associative, as reduceByKey needs)."""
+    return a if (_one_case(a[1]), a[0]) <= (_one_case(b[1]), b[0]) else b
 
 
 # ------------------------------------------------------------------ masking and placement

@@ -189,7 +189,8 @@ def test_residual_scan_catches_unmasked_values_and_not_masked_text():
     assert pii_residual.scan(masked) == {}
     assert pii_residual.scan("reach me at someone@somewhere.example") == {"email_like": 1}
     assert pii_residual.scan("ref 123456789012") == {"digit_run_9plus": 1}
-    assert pii_residual.scan("acct DE12 ABCD 1234 5678 90") == {"iban_like": 1, "digit_run_9plus": 1}
+    assert pii_residual.scan("acct DE12 ABCD 1234 5678 9012 34") == {"iban_like": 1, "digit_run_9plus": 1}
+    assert pii_residual.scan("tracking ST458885071313AU") == {}  # an IBAN country, not an IBAN length
     assert pii_residual.scan("Open Settings and follow step 3 at 10:30, v1.2.3") == {}
     # order and tracking codes are not identifiers of people; a greeted name is
     assert pii_residual.scan("order ORD-2024-001234, tracking AP123456789012AU, Hi Team, hi there") == {}
@@ -209,12 +210,20 @@ def test_residual_scan_catches_unmasked_values_and_not_masked_text():
     ("Email o'brien@example.com now", "Email [EMAIL] now"),
     ("call 021 123 4567", "call [PHONE]"),
     ("Send it to 42 King Rd East please", "Send it to [ADDRESS] please"),
+    # copies with doubled spaces or in one case, and addresses in other scripts
+    ("Hi  Lily, thanks for reaching out", "Hi  [PERSON], thanks for reaching out"),
+    ("My  name  is  Kiri Waititi.", "My  name  is  [PERSON]."),
+    ("MY NAME IS OLIVIA BENNETT.", "MY NAME IS [PERSON]."),
+    ("my iban is gb82 west 1234 5698 7654 32 thanks", "my iban is [IBAN] thanks"),
+    ("DATE OF BIRTH 21 JANUARY 2004, AS", "DATE OF BIRTH [DOB], AS"),
+    ("email me at chloé2001@orange.fr if easier", "email me at [EMAIL] if easier"),
 ])
 def test_names_and_numbers_in_context(text, masked):
     assert pii.mask(text)[0] == masked
 
 
 @pytest.mark.parametrize("text", ["Hi there, thanks", "Hey Team, the parcel", "I'm Happy to help.",
+                                  "my name is on the order", "MY NAME IS ON THE ORDER",
                                   "I spoke to Customer Service yesterday", "I'm Australian.", "Thanks Again!"])
 def test_capitalised_words_that_are_not_names(text):
     assert pii.mask(text) == (text, {})
