@@ -43,8 +43,6 @@ def test_signatures_deterministic_and_estimate_jaccard():
     assert (neardup.signatures(sh[:1], 112) == sigs[:1]).all()  # same with other documents in the block
     true = len(set(sh[0]) & set(sh[2])) / len(set(sh[0]) | set(sh[2]))
     assert abs(float(np.mean(sigs[0] == sigs[2])) - true) < 0.15  # equal slots estimate the Jaccard
-    exact = neardup.jaccard(*(np.unique(x).astype(np.uint32).tobytes() for x in (sh[0], sh[2])))
-    assert exact == pytest.approx(true)
     bands = neardup.band_hashes(sigs, 14, 8)
     assert bands.shape == (3, 14) and (bands[0] == bands[1]).all()
 
