@@ -6,14 +6,15 @@ Validation records come from `formats.validate_*`:
     ("bad",   line_no, digest, code, reason, excerpt)
     ("blank", line_no, digest)
 Prepared records (after dedup and masking), from `mask_and_place`:
-    (split_index, id, line_no, json_line, pii_counts, placed_by)   placed_by: user | stratified | hash
+    (split_index, id, line_no, json_line, pii_counts, placed_by, residual_hits)
+    placed_by: user | stratified | hash; residual_hits: pii_residual's scan of the masked row
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
 
-from services.preprocess import formats, pii, split
+from services.preprocess import formats, pii, pii_residual, split
 
 ID_CHARS = 16
 _MOD = 1 << 256
@@ -99,7 +100,8 @@ def strata_key(pair: tuple[str, tuple[int, tuple]]) -> tuple[str, str] | None:
 def mask_and_place(pairs: Iterable[tuple[str, tuple[int, tuple]]], categories: tuple[str, ...],
                    fractions: tuple[float, float, float], backend: str = "rules",
                    cuts: dict[str, tuple] | None = None) -> Iterator[tuple]:
-    """(hash, (line, segments)) -> (split_index, id, line_no, json_line, pii_counts, placed_by).
+    """(hash, (line, segments)) -> (split_index, id, line_no, json_line, pii_counts, placed_by,
+    residual_hits).
 
     The id is a prefix of the content hash of the unmasked, normalised row (unique after dedup).
     The split: the row's own split column where it has one; else, with `cuts` (stratified
@@ -124,7 +126,8 @@ def mask_and_place(pairs: Iterable[tuple[str, tuple[int, tuple]]], categories: t
         else:
             index, placed_by = split.assign(row_id, fractions), "hash"
         line = json.dumps(formats.to_record(row_id, out), ensure_ascii=False)
-        yield (index, row_id, line_no, line, counts, placed_by)
+        residual = pii_residual.scan_texts(c for _, c in formats.text_segments(out))
+        yield (index, row_id, line_no, line, counts, placed_by, residual)
 
 
 def summarise_prepared(records: Iterable[tuple]) -> Iterator[dict]:
@@ -132,7 +135,7 @@ def summarise_prepared(records: Iterable[tuple]) -> Iterator[dict]:
     pii_counts: dict[str, int] = {}
     placed: dict[str, int] = {}
     masked_rows = 0
-    for split_index, _, _, _, counts, placed_by in records:
+    for split_index, _, _, _, counts, placed_by, _ in records:
         splits[split_index] += 1
         placed[placed_by] = placed.get(placed_by, 0) + 1
         if counts:

@@ -52,10 +52,11 @@ def test_short_text_single_shingle_and_empty():
     assert len(neardup.shingle_hashes("  ...  ", 3)) == 0
 
 
-def test_bucket_pairs_all_or_star():
-    assert list(neardup.bucket_pairs([3, 1, 2])) == [(1, 2), (1, 3), (2, 3)]
-    big = list(range(100, 120))
-    assert list(neardup.bucket_pairs(big)) == [(100, b) for b in big[1:]]
+def test_candidate_pairs_all_or_star(spark):
+    big = list(range(100, 120))  # 190 pairs > MAX_BUCKET_PAIRS: star edges from its lowest line
+    buckets = spark.createDataFrame([([1, 2, 3],), ([2, 3],), (big,)], "l array<long>")
+    got = {(r["a"], r["b"]) for r in neardup.candidate_pairs(buckets).collect()}
+    assert got == {(1, 2), (1, 3), (2, 3)} | {(100, b) for b in big[1:]}
 
 
 def test_recipe_validates_bands_rows():

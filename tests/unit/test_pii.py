@@ -237,10 +237,13 @@ def test_a_keyword_decides_between_two_checksums():
 
 
 def test_residual_summary_rate():
-    def rec(text):
-        return (0, "id", 1, json.dumps({"id": "0123456789abcdef0123", "messages": [{"role": "user", "content": text}]}), {})
+    from services.preprocess import stages
 
-    parts = list(pii_residual.summarise([rec("fine"), rec("id 1234567890"), rec("[EMAIL] ok"), rec("x@y.io")]))
+    # unmasked (no categories), so the residual scan of mask_and_place sees the values
+    rows = [(f"{i:064x}", (i, (("user", text), ("assistant", "Sure.")))) for i, text in
+            enumerate(["fine", "id 1234567890", "[EMAIL] ok", "x@y.io"])]
+    records = list(stages.mask_and_place(rows, categories=(), fractions=(0.8, 0.1, 0.1)))
+    parts = list(pii_residual.summarise(records))
     total = pii_residual.merge(parts + [{"documents": 4, "documents_with_hits": 0, "hits": {}}])
     assert total["documents"] == 8 and total["documents_with_hits"] == 2 and total["rate"] == 0.25
     assert total["hits"] == {"digit_run_9plus": 1, "email_like": 1}
