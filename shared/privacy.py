@@ -13,11 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from shared.datasets import SPLITS
 from shared.ports import DocStore, ObjectNotFound, ObjectStore, PreconditionFailed
 
 SIGNOFFS = "privacy_signoffs"
 MANIFEST = "manifest.json"
-SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
+SPLIT_FILES = tuple(f"{name}.jsonl" for name in SPLITS)
 
 
 class SignoffMissing(Exception):
