@@ -9,12 +9,12 @@ submitted directly cannot skip the review.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from shared.datasets import SPLITS
 from shared.ports import DocStore, ObjectNotFound, ObjectStore, PreconditionFailed
+from shared.storage import file_sha256
 
 SIGNOFFS = "privacy_signoffs"
 MANIFEST = "manifest.json"
@@ -68,14 +68,6 @@ def approved_signoff(docs: DocStore, dataset_id: str) -> dict | None:
     return found[0] if found else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_signed_off(docs: DocStore, data_dir: Path) -> dict:
     """The sign-off for a downloaded dataset folder, after checking that an approver signed off this
     dataset and that its split files are the reviewed ones; raises SignoffMissing otherwise."""
@@ -93,7 +85,7 @@ def verify_signed_off(docs: DocStore, data_dir: Path) -> dict:
                              f"{dataset_id or '(unnamed)'} has none; {how}")
     for name in SPLIT_FILES:
         expected = (manifest.get("files") or {}).get(name, {}).get("sha256")
-        if not (data_dir / name).is_file() or expected != _sha256(data_dir / name):
+        if not (data_dir / name).is_file() or expected != file_sha256(data_dir / name):
             raise SignoffMissing(f"{name} of dataset {dataset_id} is not the file the approver signed off "
                                  f"(its sha256 differs from the manifest's); {how}")
     return manifest["privacy_signoff"]

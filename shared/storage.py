@@ -2,11 +2,21 @@
 upload/download (checkpoints and datasets are folders)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from shared.ports import InvalidObjectName, ObjectStore, PreconditionFailed
 
 MAX_NAME_BYTES = 1024
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a local file, read in 1 MiB chunks (files can be larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def validate_object_name(name: str) -> str:

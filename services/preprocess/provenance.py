@@ -11,11 +11,11 @@ it before the data file) and stays auditable beside the input.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from shared.recipe import Recipe
+from shared.storage import file_sha256
 
 LEGAL_SUFFIX = ".legal.json"
 
@@ -26,14 +26,6 @@ def sidecar_name(object_name: str) -> str:
 
 def is_sidecar(object_name: str) -> bool:
     return object_name.endswith(LEGAL_SUFFIX)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_source(source: dict[str, Any], local: Path | None, recipe: Recipe) -> dict[str, Any]:

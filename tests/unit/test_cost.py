@@ -7,6 +7,7 @@ import pytest
 
 from services.preprocess import cost, provenance
 from shared.recipe import GPU_TABLE, DataSpec, HardwareSpec, Recipe, TrainingSpec, load_recipe
+from shared.storage import file_sha256
 
 
 def recipe(**kw) -> Recipe:
@@ -161,7 +162,7 @@ def test_manifest_has_tokens_cost_provenance_and_timings(spark, tmp_path):
     assert not result.rejected, result.reason
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["source_uri"] == source["uri"] and manifest["source_generation"] == "3"
-    assert manifest["input_sha256"] == provenance.file_sha256(data)
+    assert manifest["input_sha256"] == file_sha256(data)
     assert manifest["legal_basis"] == "DPA-7" and manifest["config_hash"] == r.hash
     assert manifest["code_version"]["ftpipe"]
     assert manifest["tokens"]["train"]["rows"] == result.counts["train"]
