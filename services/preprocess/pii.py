@@ -232,6 +232,12 @@ def _digits(s: str) -> str:
     return "".join(ch for ch in s if ch.isdigit())
 
 
+# Australian identifiers: (category, its usual written shape, the number after its keyword, checksum).
+# A number its keyword names goes to `keyed` in detect(), where its category wins.
+_AU_NUMBERS = (("tfn", _TFN, _TFN_CTX, tfn_ok), ("abn", _ABN, _ABN_CTX, abn_ok),
+               ("medicare", _MEDICARE, None, medicare_ok))
+
+
 class RulesDetector:
     """The default offline backend: regexes, checksums, phonenumbers, a name gazetteer."""
 
@@ -274,24 +280,13 @@ class RulesDetector:
                     d = _digits(m.group(1))
                     if ssn_ok(d[:3], d[3:5], d[5:]):
                         keyed.append((m.start(1), m.end(1), "ssn"))
-            if "tfn" in cats:
-                for m in _TFN.finditer(text):
-                    if tfn_ok(_digits(m.group(1))):
-                        add((m.start(1), m.end(1), "tfn"))
-                for m in _TFN_CTX.finditer(text):
-                    if tfn_ok(_digits(m.group(1))):
-                        keyed.append((m.start(1), m.end(1), "tfn"))
-            if "abn" in cats:
-                for m in _ABN.finditer(text):
-                    if abn_ok(_digits(m.group(1))):
-                        add((m.start(1), m.end(1), "abn"))
-                for m in _ABN_CTX.finditer(text):
-                    if abn_ok(_digits(m.group(1))):
-                        keyed.append((m.start(1), m.end(1), "abn"))
-            if "medicare" in cats:
-                for m in _MEDICARE.finditer(text):
-                    if medicare_ok(_digits(m.group(1))):
-                        add((m.start(1), m.end(1), "medicare"))
+            for cat, shaped, after_keyword, checksum_ok in _AU_NUMBERS:
+                if cat not in cats:
+                    continue
+                for pattern, found in ((shaped, spans), (after_keyword, keyed)):
+                    for m in pattern.finditer(text) if pattern is not None else ():
+                        if checksum_ok(_digits(m.group(1))):
+                            found.append((m.start(1), m.end(1), cat))
             if "dob" in cats:
                 for m in _DOB.finditer(text):
                     add((m.start("date"), m.end("date"), "dob"))
