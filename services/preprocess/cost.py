@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import math
 import struct
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from shared.datasets import SPLITS, with_system_prompt
@@ -82,13 +82,6 @@ def count_parameters(base_model: str) -> int | None:
 
 
 # ------------------------------------------------------------------ tokens
-
-def _records(path: Path) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
-
 
 def sequences(tokenizer, record: dict, system_prompt: str | None) -> list[str]:
     """The texts the trainer feeds the model for one prepared record: a chat row's conversation, a
@@ -152,15 +145,6 @@ def token_totals(per_split: list[dict[str, int]], max_seq_len: int) -> dict[str,
     return out
 
 
-def count_tokens(tokenizer, split_files: dict[str, Path], *, system_prompt: str | None, max_seq_len: int,
-                 batch: int = 256) -> dict[str, Any]:
-    """Token figures of prepared split files: {split: {...}} plus totals."""
-    parts = [count_records(tokenizer, ((i, r) for r in _records(Path(split_files[name]))),
-                           system_prompt=system_prompt, max_seq_len=max_seq_len, batch=batch)
-             for i, name in enumerate(SPLITS) if split_files.get(name) and Path(split_files[name]).is_file()]
-    return token_totals(merge_counts(parts), max_seq_len)
-
-
 @lru_cache(maxsize=4)
 def cached_tokenizer(base_model: str):
     """One tokenizer per model and process (Spark reuses its Python workers across tasks)."""
@@ -221,8 +205,8 @@ def _sig(x: float) -> float:
 
 
 def tokens_and_cost(recipe: Recipe, count: Callable[[Any], dict[str, Any]]) -> tuple[dict | None, dict | None, str | None]:
-    """(tokens, cost_estimate, error): `count(tokenizer)` gives the token figures (count_tokens over
-    files, or job.py's Spark count). An unavailable tokenizer is reported, never fatal."""
+    """(tokens, cost_estimate, error): `count(tokenizer)` gives the token figures (job.py counts
+    on the driver or on the Spark workers). An unavailable tokenizer is reported, never fatal."""
     try:
         tokenizer = cached_tokenizer(recipe.base_model)
     except TokenizerUnavailable as exc:

@@ -428,15 +428,6 @@ def to_record(row_id: str, segments: Iterable[tuple[str, Any]]) -> dict:
             "rejected": [{"role": "assistant", "content": segment(segments, "rejected")}]}
 
 
-def record_texts(record: dict) -> Iterator[str]:
-    """Every text of a canonical output record (for scanners of the written rows)."""
-    if "text" in record:
-        yield record["text"]
-    for key in ("messages", "prompt", "chosen", "rejected"):
-        for msg in record.get(key) or ():
-            yield msg["content"]
-
-
 def record_digest(line_no: int, raw: str) -> int:
     """One record's share of the input digest (summed mod 2**256, so independent of partitioning)."""
     return int.from_bytes(hashlib.sha256(f"{line_no}\x1f{raw}".encode("utf-8", "surrogatepass")).digest(), "big")

@@ -72,13 +72,12 @@ class FakeTokenizer:
         return {"input_ids": [t.split() for t in texts]}
 
 
-def test_count_tokens_per_split_with_truncation(tmp_path):
+def test_count_tokens_per_split_with_truncation():
     rows = [{"id": str(i), "messages": [{"role": "user", "content": "a " * i}, {"role": "assistant", "content": "b"}]}
             for i in range(1, 6)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "val.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    counted = cost.count_tokens(FakeTokenizer(), {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")},
-                                system_prompt="sys", max_seq_len=6, batch=2)
+    per_split = cost.count_records(FakeTokenizer(), [(0, r) for r in rows] + [(1, rows[0])],
+                                   system_prompt="sys", max_seq_len=6, batch=2)
+    counted = cost.token_totals(per_split, 6)
     # "system: sys" (2) + "user: a…" (1 + i) + "assistant: b" (2) = 5 + i tokens
     assert counted["train"]["tokens"] == sum(5 + i for i in range(1, 6))
     assert counted["train"]["training_tokens"] == sum(min(5 + i, 6) for i in range(1, 6))
