@@ -141,17 +141,22 @@ _DOB = re.compile(rf"(?i)\b(?:born(?:\s+on|\s+in)?|d\.?o\.?b\.?|date\s+of\s+birt
 _STREET_TYPES = (r"(?i:Street|St|Road|Rd|Avenue|Ave|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|"
                  r"Terrace|Tce|Crescent|Cres|Way|Highway|Hwy|Parade|Pde|Close|Cl|Parkway|Pkwy|Square|Sq|"
                  r"Circuit|Cct|Grove|Gr|Esplanade|Row|Mews|Gardens|Walk)\b")
-_ADDRESS = re.compile(
-    # 12 Main Street, 5/27 George St, Unit 3, 14B Baker Street, 1600 Pennsylvania Avenue NW
-    r"(?:(?i:unit|apt\.?|apartment|suite|flat|level) \d{1,4}[A-Za-z]?,? )?"
-    rf"(?<![\w/.-])\d{{1,5}}[A-Za-z]?(?:[/-]\d{{1,5}}[A-Za-z]?)?,? (?:[A-Z][A-Za-z'’-]+ ){{1,4}}{_STREET_TYPES}"
-    r"(?: (?:N|S|E|W|NE|NW|SE|SW|North|South|East|West)\b)?"
+# Street addresses, one pattern per convention. Each starts with a plain character class and puts
+# its boundary check in a lookbehind after that first character: Python's re then skips ahead to
+# candidate characters in C instead of trying every position (10x faster than one alternation).
+_ADDRESSES = (
+    # 12 Main Street, 5/27 George St, 14B Baker Street, 1600 Pennsylvania Avenue NW (a unit before
+    # it, "Unit 3, ", is joined by _UNIT_BEFORE)
+    re.compile(rf"\d(?<![\w/.-]\d)\d{{0,4}}[A-Za-z]?(?:[/-]\d{{1,5}}[A-Za-z]?)?,? (?:[A-Z][A-Za-z'’-]+ ){{1,4}}"
+               rf"{_STREET_TYPES}(?: (?:N|S|E|W|NE|NW|SE|SW|North|South|East|West)\b)?"),
     # Hauptstraße 12, Musterstr. 5a, Lindenweg 7 (DE, AT, CH)
-    r"|\b[A-ZÄÖÜ][a-zäöüß-]*(?:straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s\d{1,4}[a-z]?(?!\w)"
+    re.compile(r"[A-ZÄÖÜ](?<!\w[A-ZÄÖÜ])[a-zäöüß-]*(?:straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)"
+               r"\s\d{1,4}[a-z]?(?!\w)"),
     # 12 rue de la Paix, 8 bis avenue Victor Hugo (FR)
-    r"|(?<![\w/.-])\d{1,4}(?: ?(?:bis|ter))?,? (?i:rue|avenue|av\.|boulevard|bd|place|chemin|allée|impasse|quai|cours)"
-    r" (?:(?:de la|de|du|des|la|le|l'|d') ?)?[A-ZÉÈ][\w'’-]+(?: [A-ZÉÈ][\w'’-]+){0,3}"
+    re.compile(r"\d(?<![\w/.-]\d)\d{0,3}(?: ?(?:bis|ter))?,? (?i:rue|avenue|av\.|boulevard|bd|place|chemin|allée|"
+               r"impasse|quai|cours) (?:(?:de la|de|du|des|la|le|l'|d') ?)?[A-ZÉÈ][\w'’-]+(?: [A-ZÉÈ][\w'’-]+){0,3}"),
 )
+_UNIT_BEFORE = re.compile(r"(?i:unit|apt\.?|apartment|suite|flat|level) \d{1,4}[A-Za-z]?,? \Z")
 
 _NAME = r"[A-Z][a-zà-öø-ÿ]+(?:[-'’][A-Z][a-zà-öø-ÿ]+)?"
 _NAMES = rf"{_NAME}(?:[ \t]+{_NAME}){{0,2}}"
@@ -163,9 +168,10 @@ def _phrases(*phrases: str) -> str:
     return "|".join(p.replace(" ", r"\s+") for p in phrases)
 
 
-_STRONG_CONTEXTS = _phrases("my name is", "my name's", "name:", "under the name of", "under the name",
-                            "in the name of", "named", "spoke to", "spoke with", "speak to", "speak with",
-                            "talked to", "talking to", "ask for", "asked for")
+_STRONG_PHRASES = ("my name is", "my name's", "name:", "under the name of", "under the name", "in the name of",
+                   "named", "spoke to", "spoke with", "speak to", "speak with", "talked to", "talking to", "ask for",
+                   "asked for")
+_STRONG_CONTEXTS = _phrases(*_STRONG_PHRASES)
 # Contexts that introduce a person whatever the name: "my name is", "under the name", "I spoke to".
 _NAME_STRONG = re.compile(rf"(?i:\b(?:{_STRONG_CONTEXTS})\s+)(?P<n>{_NAMES})")
 # The same contexts in a copy written in one case ("my name is peter ramos", "MY NAME IS ..."):
@@ -173,10 +179,13 @@ _NAME_STRONG = re.compile(rf"(?i:\b(?:{_STRONG_CONTEXTS})\s+)(?P<n>{_NAMES})")
 _NAME_STRONG_ANY_CASE = re.compile(rf"(?i)\b(?:{_STRONG_CONTEXTS})\s+(?P<n>[a-zà-öø-ÿ]+(?:[ \t]+[a-zà-öø-ÿ]+)?)")
 # Self-introductions: a gazetteer name, or any capitalised name closed by punctuation or a link word
 # ("This is Aroha again.", "I'm Tam from accounts") — "I'm Happy to help" stays text.
-_INTRO_CONTEXTS = _phrases("i am", "i'm", "this is", "it's", "call me")
-_GREETINGS = _phrases("hi", "hello", "hey", "dear", "thanks", "thank you", "cheers", "good morning", "good afternoon",
-                      "good evening")
-_SIGN_OFFS = _phrases("regards", "best", "thanks", "thank you", "cheers", "sincerely", "yours truly", "yours")
+_INTRO_PHRASES = ("i am", "i'm", "this is", "it's", "call me")
+_INTRO_CONTEXTS = _phrases(*_INTRO_PHRASES)
+_GREETING_PHRASES = ("hi", "hello", "hey", "dear", "thanks", "thank you", "cheers", "good morning", "good afternoon",
+                     "good evening")
+_GREETINGS = _phrases(*_GREETING_PHRASES)
+_SIGN_OFF_PHRASES = ("regards", "best", "thanks", "thank you", "cheers", "sincerely", "yours truly", "yours")
+_SIGN_OFFS = _phrases(*_SIGN_OFF_PHRASES)
 _NAME_INTRO = re.compile(rf"(?i:\b(?:{_INTRO_CONTEXTS})\s+)(?P<n>{_NAMES})"
                          rf"(?P<closed>(?=\s*(?:[,.!?;:\n]|$))|\s+(?i:from|here|again|speaking|calling|and|at|with|of)\b)?")
 # A greeting names its reader: "Hi Aroha,", "Thanks Tom!", "Dear Aroha Ngata".
@@ -188,7 +197,14 @@ NOT_NAMES = frozenset("""There Team All Everyone Everybody Folks Guys Ladies Gen
     The A An Your Our My This That It Heaps Lots Manager Staff Agent Admin Billing Accounts Reception Guest Sorry
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday Australian English American British French German Indian
     Canadian Irish Scottish Welsh New Here Back Done Good Great Fine""".split())
+_TITLES = ("Mr", "Ms", "Miss", "Mx", "Dr", "Prof", "Sir", "Dame")  # "Mrs" contains "Mr"
 _NAME_TITLE = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Dame)\.?[ \t]+(?P<n>{_NAMES})")
+# The keyword phrases as the folded, space-collapsed text of _persons has them (a necessary
+# condition for the context regexes, checked before running them)
+_STRONG_NEEDLES = tuple(p.casefold() for p in _STRONG_PHRASES)
+_GREETING_NEEDLES = tuple(p.casefold() for p in _GREETING_PHRASES)
+_INTRO_NEEDLES = tuple(p.casefold() for p in _INTRO_PHRASES)
+_SIGN_OFF_NEEDLES = tuple(p.casefold() for p in _SIGN_OFF_PHRASES)
 _NAME_SIGN = re.compile(rf"(?i:\b(?:{_SIGN_OFFS})),?[ \t]*\n+[ \t]*"
                         rf"(?P<n>{_NAMES})[ \t]*(?=\n|$)")
 _NAME_PAIR = re.compile(rf"(?=\b(?P<a>{_NAME})[ \t]+(?P<b>{_NAME})\b)")  # lookahead: overlapping pairs
@@ -293,8 +309,10 @@ class RulesDetector:
             if "phone" in cats:
                 self._phones(text, add, spans)
             if "address" in cats:
-                for m in _ADDRESS.finditer(text):
-                    add((m.start(), m.end(), "address"))
+                for pattern in _ADDRESSES:
+                    for m in pattern.finditer(text):
+                        unit = _UNIT_BEFORE.search(text, max(0, m.start() - 24), m.start())
+                        add((unit.start() if unit else m.start(), m.end(), "address"))
         if "person" in cats:
             self._persons(text, add)
         if keyed:  # a number its keyword names is that, even where another checksum also passes
@@ -372,24 +390,36 @@ class RulesDetector:
             if n:
                 add((m.start("n"), m.start("n") + words[n - 1].end(), "person"))
 
-        for m in _NAME_STRONG.finditer(text):
-            add_name(m)
-        for m in _NAME_STRONG_ANY_CASE.finditer(text):
-            words = list(_WORD_SPAN.finditer(m.group("n")))
-            while words and not all(w.group(0).title() in first or w.group(0).title() in last for w in words):
-                words.pop()  # "peter ramos" -> both if both are known names; "liam in" -> liam
-            if words:
-                add_name(m, words)
-        for m in _NAME_GREETING.finditer(text):
-            add_name(m)
-        for m in _NAME_INTRO.finditer(text):
-            if known(m.group("n")) or m.group("closed") is not None:
+        # Each context regex runs only where its keyword occurs: a substring test on the folded,
+        # space-collapsed text is a necessary condition for a match and far cheaper than the scan
+        folded = " ".join(text.casefold().split())
+
+        def mentions(needles: tuple[str, ...]) -> bool:
+            return any(n in folded for n in needles)
+
+        if mentions(_STRONG_NEEDLES):
+            for m in _NAME_STRONG.finditer(text):
                 add_name(m)
-        for m in _NAME_TITLE.finditer(text):
-            add((m.start("n"), m.end("n"), "person"))
-        for m in _NAME_SIGN.finditer(text):
-            if known(m.group("n")) or len(m.group("n").split()) >= 2:
+            for m in _NAME_STRONG_ANY_CASE.finditer(text):
+                words = list(_WORD_SPAN.finditer(m.group("n")))
+                while words and not all(w.group(0).title() in first or w.group(0).title() in last for w in words):
+                    words.pop()  # "peter ramos" -> both if both are known names; "liam in" -> liam
+                if words:
+                    add_name(m, words)
+        if mentions(_GREETING_NEEDLES):
+            for m in _NAME_GREETING.finditer(text):
+                add_name(m)
+        if mentions(_INTRO_NEEDLES):
+            for m in _NAME_INTRO.finditer(text):
+                if known(m.group("n")) or m.group("closed") is not None:
+                    add_name(m)
+        if any(t in text for t in _TITLES):
+            for m in _NAME_TITLE.finditer(text):
                 add((m.start("n"), m.end("n"), "person"))
+        if "\n" in text and mentions(_SIGN_OFF_NEEDLES):
+            for m in _NAME_SIGN.finditer(text):
+                if known(m.group("n")) or len(m.group("n").split()) >= 2:
+                    add((m.start("n"), m.end("n"), "person"))
         for m in _NAME_PAIR.finditer(text):
             if m.group("a") in first and m.group("b") in last:
                 add((m.start("a"), m.end("b"), "person"))

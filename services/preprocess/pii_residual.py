@@ -50,10 +50,21 @@ def _iban_sized(match: re.Match) -> bool:
     return len(compact) >= IBAN_LENGTHS.get(compact[:2], 99)
 
 
+# What a rule cannot match without (a character every match contains): checked with `in` first,
+# which is ~100x cheaper than letting the regex walk the text. Rules not listed always run.
+_NEEDS_DIGIT = frozenset({"digit_run_9plus", "iban_like", "ipv4_like", "phone_like", "ssn_like", "dob_like",
+                          "street_like"})
+_NEEDS_CHAR = {"email_like": "@", "ipv6_like": ":"}
+_DIGIT = re.compile(r"\d")
+
+
 def scan(text: str) -> dict[str, int]:
     """Hits per rule in one text (only rules with hits)."""
     hits: dict[str, int] = {}
+    has_digit = _DIGIT.search(text) is not None
     for name, pattern in RULES.items():
+        if (name in _NEEDS_DIGIT and not has_digit) or _NEEDS_CHAR.get(name, "") not in text:
+            continue
         n = sum(1 for m in pattern.finditer(text) if name != "iban_like" or _iban_sized(m))
         if n:
             hits[name] = n
