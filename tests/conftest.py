@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Tests never reach a model hub; everything they load is local or generated.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -7,3 +9,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["tests.emulators"]
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local SparkSession for every test that needs Spark (a process holds one anyway); the
+    quick JVM (C1 only) starts sooner and the tests' jobs are small."""
+    pytest.importorskip("pyspark")
+    from services.preprocess.spark import build_session
+
+    return build_session(cores=2, shuffle_partitions=2, quick_jvm=True)

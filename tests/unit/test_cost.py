@@ -141,13 +141,6 @@ def _chats(path: Path, n: int = 12) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    from services.preprocess.spark import build_session
-
-    return build_session(cores=2, shuffle_partitions=2)
-
 
 @needs_model
 def test_manifest_has_tokens_cost_provenance_and_timings(spark, tmp_path):

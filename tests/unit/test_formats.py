@@ -130,12 +130,6 @@ def test_recipe_checks_format_against_method_and_columns():
 pytest.importorskip("pyspark")
 
 
-@pytest.fixture(scope="module")
-def spark():
-    from services.preprocess.spark import build_session
-
-    return build_session(cores=2, shuffle_partitions=2)
-
 
 def job_recipe(**kw) -> Recipe:
     data = kw.pop("data", {})

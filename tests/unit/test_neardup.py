@@ -68,12 +68,6 @@ def test_recipe_validates_bands_rows():
 # ------------------------------------------------------------------ Spark
 
 
-@pytest.fixture(scope="module")
-def spark():
-    from services.preprocess.spark import build_session
-
-    return build_session(cores=2, shuffle_partitions=2)
-
 
 def test_connected_components_merges_transitively(spark):
     edges = spark.sparkContext.parallelize([(3, 4), (1, 2), (2, 3), (10, 11), (11, 12), (20, 21)], 3)

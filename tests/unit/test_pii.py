@@ -278,13 +278,6 @@ def _write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    from services.preprocess.spark import build_session
-
-    return build_session(cores=2, shuffle_partitions=2)
-
 
 def test_prepare_reports_residual_rate_and_rejects_residual_pii(spark, tmp_path):
     from services.preprocess.job import prepare

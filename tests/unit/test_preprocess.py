@@ -46,12 +46,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def spark():
-    from services.preprocess.spark import build_session
-
-    return build_session(cores=2, shuffle_partitions=2)
-
 
 # ------------------------------------------------------------------ the mixed JSONL dataset
 

@@ -3,6 +3,7 @@
 state folder, with the real runtime's handle_message driving the tracker and the trainer's guard."""
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -190,7 +191,7 @@ def test_drop_legal_basis_travels_in_the_job_source(state, tmp_path):
     assert submitted.source["legal_basis_uri"].endswith("incoming/tiny-sft/chats.jsonl.legal.json")
 
 
-def _signed_dataset(state, tmp_path) -> tuple[str, "Path"]:
+def _signed_dataset(state, tmp_path) -> tuple[str, Path]:
     """A dataset folder as preprocess writes it, awaiting review, then approved through the CLI."""
     import hashlib
 

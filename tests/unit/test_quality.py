@@ -133,10 +133,8 @@ def test_recipe_spec_and_unknown_rule():
 # ------------------------------------------------------------------ in the job
 
 
-def test_job_writes_filtered_and_report(tmp_path):
-    pytest.importorskip("pyspark")
+def test_job_writes_filtered_and_report(tmp_path, spark):
     from services.preprocess.job import prepare
-    from services.preprocess.spark import build_session
     from shared.recipe import DataSpec, Recipe
 
     rows = [{"messages": [{"role": "user", "content": f"How do I reset device {i} model {i * 7}?"},
@@ -150,7 +148,7 @@ def test_job_writes_filtered_and_report(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = Recipe(name="q-test", version=1, base_model="tiny", model_name="q-bot", data=DataSpec(min_rows=5))
-    result = prepare(build_session(cores=2, shuffle_partitions=2), str(src), recipe, tmp_path / "out",
+    result = prepare(spark, str(src), recipe, tmp_path / "out",
                      source={})
     assert not result.rejected, result.reason
     assert result.counts["quality_filtered"] == 2 and result.counts["near_duplicates_removed"] == 0
