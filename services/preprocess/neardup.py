@@ -17,10 +17,10 @@ Defaults (shared/recipe.py DedupSpec): 2-word shingles, 112 permutations = 16 ba
 row of every 5th cluster (40,109 rows), precision / recall / F1 and seconds:
 
     shingle  bands x rows   precision  recall   F1      s
-    2        16 x 7         0.9999     0.9989   0.9994  10.9   <- default
-    2        28 x 4         0.9999     1.0000   0.9999  16.9
-    3        14 x 8         1.0000     0.9726   0.9861   9.3   (the earlier default)
-    5        28 x 4         1.0000     0.8649   0.9275  13.8
+    2        16 x 7         0.9998     0.9993   0.9995   8.2   <- default
+    2        28 x 4         0.9998     1.0000   0.9999  10.1
+    3        14 x 8         1.0000     0.9759   0.9878   8.5   (the earlier default)
+    5        28 x 4         1.0000     0.8861   0.9396   8.4
 
 A small edit of a short row leaves few long shingles intact: 5-word shingles suit web pages, not
 chat rows. Recall is bounded by the Jaccard check, not the banding; 2-word shingles make templated
