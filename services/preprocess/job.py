@@ -52,6 +52,7 @@ from services.preprocess import cost, provenance
 from services.preprocess import neardup, quality
 from services.preprocess.pii import mask_excerpt
 from services.preprocess import pii, pii_residual
+from shared.build_info import ftpipe_version, git_commit
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 log = logging.getLogger("ftpipe.preprocess")
@@ -90,23 +91,6 @@ class _Rejected(Exception):
 
 
 # ------------------------------------------------------------------------------ small helpers
-
-
-def code_version() -> str:
-    """The ftpipe package version (installed metadata, else pyproject.toml)."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("ftpipe")
-    except PackageNotFoundError:
-        pass
-    try:
-        import tomllib
-
-        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
-    except (OSError, KeyError, ValueError):
-        return "unknown"
 
 
 def input_type(path: str) -> str | None:
@@ -340,7 +324,7 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         "input": {"uri": input_path, "type": input_type(input_path), "digest": None,
                   "digest_method": "sum mod 2^256 of sha256(record number, record), over all records"},
         "recipe": {"name": recipe.name, "version": recipe.version, "hash": recipe.hash},
-        "code_version": {"ftpipe": code_version(), "pyspark": spark.version,
+        "code_version": {"ftpipe": ftpipe_version(), **git_commit(), "pyspark": spark.version,
                          "python": ".".join(map(str, sys.version_info[:3]))},
     }
     cached = []

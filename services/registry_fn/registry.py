@@ -7,6 +7,7 @@ import json
 import time
 
 from shared import events as ev
+from shared.build_info import RUN_RECORD
 from shared.privacy import read_manifest
 from shared.runtime import Context, Service
 
@@ -57,6 +58,8 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
         "evaluation": {"passed": event.passed, "scores": event.scores, "reasons": event.reasons,
                        "report_uri": event.report_uri},
         "training_metrics": event.training_metrics, "files": files,
+        # seed, code commit, dataset hashes and the package lockfile of the run (services/trainer/run_record.py)
+        "run_record": next((f["name"] for f in files if f["name"] == f"adapter/{RUN_RECORD}"), None),
         "privacy_signoff": _privacy_signoff(ctx.store, event.dataset_uri),
         "registered_at": previous["registered_at"] if previous else time.time(),
     }

@@ -27,9 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.build_info import RUN_RECORD
 from shared.datasets import DatasetContractError, read_split, with_system_prompt
 from shared.models import ModelNotAvailable, resolve_model
 from shared.recipe import Recipe, TrainingSpec
+
+from services.trainer import run_record
 
 logger = logging.getLogger(__name__)
 
@@ -548,5 +551,10 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         log.warning("no val split in %s: val_loss is not measured", data_dir)
     log.info("training done: %d steps, %d tokens, %.1f s, train_loss %s, val_loss %s", state.global_step,
              state.tokens_seen, state.seconds, train_loss, val_loss)
-    return TrainResult(adapter_dir=adapter_dir, metrics={"train_loss": train_loss, "val_loss": val_loss},
-                       steps=state.global_step, tokens=state.tokens_seen, seconds=round(state.seconds, 3))
+    result = TrainResult(adapter_dir=adapter_dir, metrics={"train_loss": train_loss, "val_loss": val_loss},
+                         steps=state.global_step, tokens=state.tokens_seen, seconds=round(state.seconds, 3))
+    run_record.write(adapter_dir / RUN_RECORD, run_record.build(
+        recipe, data_dir, device=str(device),
+        result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,
+                "loss_curve": [m["loss"] for m in state.metrics]}))
+    return result

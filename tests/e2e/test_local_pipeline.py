@@ -1,5 +1,6 @@
 """The whole flow on the embedded defaults: every service its own OS process, a drop through the
 CLI, a registered version at the end — and a trainer SIGKILLed mid-run that resumes."""
+import hashlib
 import json
 import os
 import signal
@@ -47,6 +48,10 @@ def test_drop_to_registered_model(stack, tmp_path):
     bundle = json.loads(store.read(bucket, prefix + "bundle.json"))
     assert bundle["run_id"] == record["run_id"] and bundle["status"] == "promoted"
     assert any(f["name"].endswith("adapter_model.safetensors") for f in bundle["files"])
+    run_record = json.loads(store.read(bucket, prefix + bundle["run_record"]))
+    assert run_record["recipe"]["hash"] == bundle["recipe_hash"] and run_record["packages"]["torch"]
+    assert run_record["dataset"]["manifest_sha256"] == hashlib.sha256(
+        store.read(bucket, store.parse_url(record["artefacts"]["dataset"])[1] + "manifest.json")).hexdigest()
     # Masked PII never reaches the prepared data.
     _, dataset = store.parse_url(record["artefacts"]["dataset"])
     train = store.read(bucket, dataset + "train.jsonl").decode()

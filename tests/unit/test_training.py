@@ -152,6 +152,29 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert result.steps == 7
 
 
+def test_rerun_gives_the_same_loss_curve_and_the_run_record_names_what_ran(data_dir, tmp_path):
+    (data_dir / "manifest.json").write_text(json.dumps({"dataset_id": "d0123456789abcdef"}))
+    recipe = _recipe(**{"training.max_steps": 4, "adapter.dropout": 0.1})
+    records = []
+    for work in ("a", "b"):
+        result = train(recipe, data_dir, tmp_path / work)
+        records.append(json.loads((result.adapter_dir / "run_record.json").read_text()))
+    a, b = records
+    assert len(a["result"]["loss_curve"]) == 4
+    assert a["result"]["loss_curve"] == pytest.approx(b["result"]["loss_curve"], abs=1e-7)
+    assert a["recipe"] == {"name": "tiny-sft", "version": recipe.version, "hash": recipe.hash,
+                           "base_model": recipe.base_model, "method": "sft", "adapter": "lora"}
+    assert a["seed"] == recipe.training.seed
+    import hashlib
+    assert a["dataset"] == {"dataset_id": "d0123456789abcdef",
+                            "manifest_sha256": hashlib.sha256((data_dir / "manifest.json").read_bytes()).hexdigest(),
+                            "train_sha256": hashlib.sha256((data_dir / "train.jsonl").read_bytes()).hexdigest()}
+    assert a["packages"]["torch"] == torch.__version__ and "transformers" in a["packages"]
+    commit = a["code"]["git_commit"]
+    assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+    assert a["machine"]["device"] == "cpu" and a["code"]["ftpipe"]
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(data_dir, tmp_path):
     with pytest.raises(TrainingStopped) as stopped:
         train(_recipe(), data_dir, tmp_path / "w", should_stop=lambda: True)

@@ -1,0 +1,55 @@
+"""The run record: what a training run needs to be reproduced, written beside its adapter.
+
+`run_record.json` names the recipe (name, version, hash), the dataset (its manifest's sha256 and
+id, the train split's sha256), the seed, the code (git commit, and whether the tree had local
+changes), the machine (device, torch threads, Python) and every installed package with its version
+(a lockfile of the environment the run used). The registry copies it into the model bundle.
+Rerunning the same record on CPU gives the same loss curve (tests/unit/test_training.py).
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from shared.build_info import ftpipe_version, git_commit, installed_packages
+from shared.recipe import Recipe
+from shared.storage import file_sha256
+
+
+def dataset_identity(data_dir: Path) -> dict:
+    """The prepared dataset the run trained on: its manifest (as preprocess wrote it) and train split."""
+    data_dir = Path(data_dir)
+    manifest = data_dir / "manifest.json"
+    identity = {"manifest_sha256": None, "dataset_id": None,
+                "train_sha256": file_sha256(data_dir / "train.jsonl")}
+    if manifest.is_file():
+        identity["manifest_sha256"] = file_sha256(manifest)
+        try:
+            identity["dataset_id"] = json.loads(manifest.read_text()).get("dataset_id")
+        except (ValueError, AttributeError):
+            pass  # the hash still identifies it; preprocess writes a JSON object
+    return identity
+
+
+def build(recipe: Recipe, data_dir: Path, *, device: str, result: dict) -> dict:
+    """The record of one finished run (`result`: steps, tokens, seconds, metrics)."""
+    return {
+        "recipe": {"name": recipe.name, "version": recipe.version, "hash": recipe.hash,
+                   "base_model": recipe.base_model, "method": recipe.method, "adapter": recipe.adapter.kind},
+        "dataset": dataset_identity(data_dir),
+        "seed": recipe.training.seed,
+        "code": {"ftpipe": ftpipe_version(), **git_commit()},
+        "machine": {"device": device, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "result": result,
+        "packages": installed_packages(),
+    }
+
+
+def write(path: Path, record: dict) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
