@@ -343,11 +343,33 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.render_k8s:
+        return _render_k8s(args)
+    if not (args.data and args.out):
+        raise UsageError("ftpipe train needs --data (a prepared dataset folder) and --out, or --render-k8s")
     from ftpipe.stages import train_folder
 
     result = train_folder(args.recipe, args.data, args.out, console=err)
     _print_json(result) if args.json else out.print(f"adapter → {result['adapter_dir']}\n  " +
                                                    ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
+    return 0
+
+
+def _render_k8s(args) -> int:
+    """Print the Kubernetes Job / JobSet that trains a run of this recipe on GKE (services/trainer/k8s.py)."""
+    import yaml
+
+    from services.trainer.k8s import render
+    from shared.build_info import ftpipe_version
+    from shared.recipe import load_recipe
+
+    settings = _settings(args)
+    manifest = render(load_recipe(args.recipe), args.run_id,
+                      args.dataset_uri or f"gs://{settings.bucket}/datasets/DATASET_ID/", tenant=args.tenant,
+                      image=args.image or os.environ.get("FTPIPE_TRAINER_IMAGE") or f"ftpipe/trainer:{ftpipe_version()}",
+                      namespace=args.namespace,
+                      env={"FTPIPE_BUCKET": settings.bucket, "FTPIPE_PROJECT": settings.project})
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
     return 0
 
 
@@ -433,11 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="approve: a note kept with the sign-off")
     p.add_argument("--reason", help="reject: why")
     p.add_argument("--json", action="store_true")
-    p = add("train", cmd_train, "run the training stage alone, in-process")
+    p = add("train", cmd_train, "run the training stage alone, in-process (or print its GKE Job: --render-k8s)")
     p.add_argument("--recipe", required=True)
-    p.add_argument("--data", required=True, help="a prepared dataset folder (train/val/test.jsonl)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="a prepared dataset folder (train/val/test.jsonl)")
+    p.add_argument("--out", help="where the checkpoints and the adapter go")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--render-k8s", action="store_true",
+                   help="print the Kubernetes Job (one node) or JobSet (several) that trains a run of the recipe on GKE")
+    p.add_argument("--run-id", default="preview", help="--render-k8s: the run (default: preview)")
+    p.add_argument("--dataset-uri", help="--render-k8s: the prepared dataset (default: gs://BUCKET/datasets/DATASET_ID/)")
+    p.add_argument("--tenant", default="default", help="--render-k8s: the tenant the run is billed to")
+    p.add_argument("--image", help="--render-k8s: the trainer image (default: $FTPIPE_TRAINER_IMAGE or ftpipe/trainer:VERSION)")
+    p.add_argument("--namespace", default="ftpipe", help="--render-k8s: the namespace (default: ftpipe)")
     p = add("evaluate", cmd_evaluate, "run the evaluation stage alone, in-process")
     p.add_argument("--recipe", required=True)
     p.add_argument("--data", required=True)

@@ -128,12 +128,45 @@ GPU_TABLE: dict[str, dict[str, float]] = {
 }
 
 
+# GKE's accelerator label values (node selector `cloud.google.com/gke-accelerator`).
+GKE_ACCELERATORS = {"l4": "nvidia-l4", "a100": "nvidia-tesla-a100", "h100": "nvidia-h100-80gb"}
+
+
 class HardwareSpec(_Strict):
-    """The hardware training is costed on (the estimate only; scheduling is the trainer's)."""
+    """Where training runs: the cost estimate (services/preprocess/cost.py) and the GKE Job the
+    trainer renders (services/trainer/k8s.py)."""
     gpu: Literal["l4", "a100", "h100"] = "l4"
-    count: int = Field(1, ge=1)
+    count: int = Field(1, ge=1)                              # GPUs per node
+    nodes: int = Field(1, ge=1)                              # > 1: a JobSet of `nodes` pods
+    spot: bool = True                                        # spot VMs: preemptible, ~60-70% cheaper
+    node_pool: str | None = None                             # default: ftpipe-<gpu>[-spot]
     price_per_gpu_hour: float | None = Field(None, ge=0.0)   # default: GPU_TABLE
     sustained_tflops: float | None = Field(None, gt=0.0)     # per GPU; default: GPU_TABLE
+
+    @property
+    def total_gpus(self) -> int:
+        return self.count * self.nodes
+
+    @property
+    def pool(self) -> str:
+        return self.node_pool or f"ftpipe-{self.gpu}{'-spot' if self.spot else ''}"
+
+
+DISTRIBUTION_STRATEGIES = ("single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+class DistributionSpec(_Strict):
+    """How training spreads over hardware.count x hardware.nodes processes (torchrun)."""
+    strategy: Literal[DISTRIBUTION_STRATEGIES] = "single"
+
+
+PRIORITIES = ("batch", "interactive", "production")  # lowest first
+
+
+class SchedulingSpec(_Strict):
+    """Scheduling of the training job: its priority class and, on GKE, the Kueue queue it waits in."""
+    priority: Literal[PRIORITIES] = "batch"
+    queue: str = Field("ftpipe", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class AdapterSpec(_Strict):
@@ -187,6 +220,8 @@ class Recipe(_Strict):
     training: TrainingSpec = TrainingSpec()
     eval: EvalSpec = EvalSpec()
     hardware: HardwareSpec = HardwareSpec()
+    distribution: DistributionSpec = DistributionSpec()
+    scheduling: SchedulingSpec = SchedulingSpec()
 
     @property
     def hash(self) -> str:
@@ -208,6 +243,10 @@ class Recipe(_Strict):
         if self.data.format not in ("auto", *wanted):
             raise ValueError(f"data.format {self.data.format!r} does not fit task {self.task!r} with method "
                              f"{self.method!r}, which train on {self.data_kind} rows; use auto or one of {list(wanted)}")
+        gpus = self.hardware.total_gpus
+        if self.distribution.strategy == "single" and gpus > 1:
+            raise ValueError(f"hardware asks for {gpus} GPUs ({self.hardware.count} x {self.hardware.nodes} nodes) "
+                             "with distribution.strategy 'single'; pick ddp, fsdp, deepspeed_zero2 or deepspeed_zero3")
         known = {"messages", "conversations", "instruction", "input", "output", "response", "prompt",
                  "completion", "chosen", "rejected", "text", "label"}
         if unknown := sorted(set(self.data.columns) - known):

@@ -11,7 +11,7 @@ Estimate:  trained tokens = training tokens of train.jsonl x epochs (capped by m
 x grad_accum rows at the mean row length);  FLOPs = 6 x params x tokens for a full fine-tune, and
 ~4 x params x tokens for LoRA (the forward pass 2NT plus the backward pass through the activations
 2NT; the frozen weights get no gradient, so the third 2NT of full training is skipped — the
-adapter's own parameters are negligible);  GPU hours = FLOPs / (sustained FLOP/s x GPU count);
+adapter's own parameters are negligible);  GPU hours = FLOPs / (sustained FLOP/s x GPUs, hardware.count x hardware.nodes);
 cost = GPU hours x GPU count x price per GPU-hour.
 """
 from __future__ import annotations
@@ -194,15 +194,15 @@ def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None) ->
     result: dict[str, Any] = {
         "trained_tokens": int(round(trained)), "epochs": t.epochs, "limited_by": capped_by,
         "method": recipe.adapter.kind, "flops_per_param_token": factor, "params": params,
-        "hardware": {"gpu": hw.gpu, "count": hw.count, "sustained_tflops_per_gpu": tflops,
+        "hardware": {"gpu": hw.gpu, "count": hw.total_gpus, "sustained_tflops_per_gpu": tflops,
                      "price_per_gpu_hour": price, "currency": "USD"},
         "flops": None, "gpu_hours": None, "cost": None,
         "formula": f"{factor} x params x trained_tokens / (sustained TFLOP/s x count) -> GPU hours x price",
     }
     if params:
         flops = factor * params * trained
-        wall_h = flops / (tflops * 1e12 * hw.count) / 3600
-        gpu_hours = wall_h * hw.count
+        wall_h = flops / (tflops * 1e12 * hw.total_gpus) / 3600
+        gpu_hours = wall_h * hw.total_gpus
         result.update(flops=flops, wall_hours=_sig(wall_h), gpu_hours=_sig(gpu_hours),
                       cost=_sig(gpu_hours * price))
     return result

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from services.preprocess import cost, provenance
-from shared.recipe import GPU_TABLE, DataSpec, HardwareSpec, Recipe, TrainingSpec, load_recipe
+from shared.recipe import GPU_TABLE, DataSpec, DistributionSpec, HardwareSpec, Recipe, TrainingSpec, load_recipe
 from shared.storage import file_sha256
 
 
@@ -35,8 +35,9 @@ def test_lora_estimate_is_four_flops_per_param_token_times_epochs():
 
 
 def test_hardware_overrides_and_gpu_count():
-    hw = HardwareSpec(gpu="h100", count=4, price_per_gpu_hour=2.0, sustained_tflops=100.0)
-    est = cost.estimate_cost(recipe(hardware=hw, training=TrainingSpec(epochs=1)), tokens(), params=10**9)
+    hw = HardwareSpec(gpu="h100", count=2, nodes=2, price_per_gpu_hour=2.0, sustained_tflops=100.0)  # 4 GPUs
+    est = cost.estimate_cost(recipe(hardware=hw, distribution=DistributionSpec(strategy="ddp"),
+                                    training=TrainingSpec(epochs=1)), tokens(), params=10**9)
     flops = 4 * 10**9 * 50_000
     wall = flops / (100e12 * 4) / 3600
     assert est["wall_hours"] == pytest.approx(wall, rel=1e-3)

@@ -1,0 +1,194 @@
+"""The GKE Job / JobSet a run renders to (services/trainer/k8s.py), and the entrypoint its pods run
+(services/trainer/run_job.py), trained for real on the local adapters."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import yaml
+
+from ftpipe.cli import main
+from shared import events as ev
+from shared.config import Settings, bootstrap
+from shared.recipe import RecipeError, apply_overrides, load_recipe
+from services.trainer import run_job
+from services.trainer.k8s import object_name, render
+
+DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _pod(manifest: dict) -> dict:
+    if manifest["kind"] == "Job":
+        return manifest["spec"]["template"]["spec"]
+    return manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+
+
+def _env(pod: dict) -> dict:
+    return {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+
+
+def test_one_node_recipe_renders_a_suspended_job_on_spot_gpus():
+    recipe = load_recipe("support-assistant")
+    manifest = render(recipe, "run-42", "gs://b/datasets/d1/", tenant="team-a", image="reg/trainer:1")
+    assert manifest["apiVersion"] == "batch/v1" and manifest["kind"] == "Job"
+    assert manifest["spec"]["suspend"] is True  # Kueue admits it
+    labels = manifest["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "ftpipe"
+    assert labels["kueue.x-k8s.io/priority-class"] == "ftpipe-batch"
+    assert labels["ftpipe.dev/tenant"] == "team-a" and labels["ftpipe.dev/run-id"] == "run-42"
+    rules = manifest["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[1]["onExitCodes"]["values"] == [run_job.EXIT_REJECTED]
+
+    pod = _pod(manifest)
+    assert pod["priorityClassName"] == "ftpipe-batch" and pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] < 30  # inside GKE's spot notice
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4",
+                                   "cloud.google.com/gke-nodepool": "ftpipe-l4-spot",
+                                   "cloud.google.com/gke-spot": "true"}
+    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+            "effect": "NoSchedule"} in pod["tolerations"]
+    container = pod["containers"][0]
+    assert container["image"] == "reg/trainer:1"
+    assert container["command"] == ["torchrun", "--nnodes=1", "--nproc-per-node=1", "--standalone",
+                                    "-m", "services.trainer.run_job"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    # the run travels in the environment and reads back as the same job
+    job = run_job.read_job({run_job.JOB_ENV: _env(pod)[run_job.JOB_ENV]})
+    assert job.run_id == "run-42" and job.recipe == recipe and job.tenant == "team-a"
+    assert job.dataset_uri == "gs://b/datasets/d1/"
+    # plain YAML: no anchors, loads back to the same object
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    assert "&id" not in text and yaml.safe_load(text) == manifest
+
+
+def test_multi_node_recipe_renders_a_jobset_with_torchrun_rendezvous_on_its_first_pod():
+    recipe = apply_overrides(load_recipe("support-assistant"), {
+        "hardware.gpu": "h100", "hardware.count": 8, "hardware.nodes": 2, "hardware.spot": False,
+        "distribution.strategy": "fsdp", "scheduling.priority": "production", "scheduling.queue": "team-a"})
+    manifest = render(recipe, "run-7", "gs://b/datasets/d1/", image="reg/trainer:1")
+    assert manifest["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and manifest["kind"] == "JobSet"
+    name = manifest["metadata"]["name"]
+    assert manifest["spec"]["network"] == {"enableDNSHostnames": True, "subdomain": name}
+    [workers] = manifest["spec"]["replicatedJobs"]
+    job = workers["template"]["spec"]
+    assert (job["parallelism"], job["completions"], job["completionMode"]) == (2, 2, "Indexed")
+    pod = _pod(manifest)
+    assert pod["priorityClassName"] == "ftpipe-production"
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb",
+                                   "cloud.google.com/gke-nodepool": "ftpipe-h100"}
+    assert all(t["key"] != "cloud.google.com/gke-spot" for t in pod["tolerations"])
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert container["command"][:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=8"]
+    assert f"--rdzv-endpoint={name}-workers-0-0.{name}:29500" in container["command"]
+    assert "--rdzv-id=run-7" in container["command"]
+    assert len(f"{name}-workers-0-0") <= 63  # the pod's host name
+
+
+@pytest.mark.parametrize("run_id", ["run-42", "Run_With.CAPS/and:colons" * 4, "---", "x"])
+def test_object_names_are_dns_labels(run_id):
+    name = object_name(run_id)
+    assert DNS_1123.match(name) and len(name) <= 50, name
+    assert object_name(run_id) == name and object_name(run_id + "1") != name
+
+
+def test_several_gpus_need_a_distribution_strategy():
+    with pytest.raises(RecipeError, match="distribution.strategy 'single'; pick ddp, fsdp"):
+        apply_overrides(load_recipe("tiny-sft"), {"hardware.count": 2})
+
+
+def test_cli_prints_the_manifest_and_needs_data_without_it(capsys):
+    assert main(["train", "--recipe", "tiny-sft", "--render-k8s", "--run-id", "r1", "--image", "img:1"]) == 0
+    manifest = yaml.safe_load(capsys.readouterr().out)
+    assert manifest["kind"] == "Job" and _pod(manifest)["containers"][0]["image"] == "img:1"
+    assert main(["train", "--recipe", "tiny-sft"]) == 2
+    assert "needs --data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the pods' entrypoint
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    for var in ("FTPIPE_PROFILE", "FTPIPE_BUCKET", "FTPIPE_LOG_LEVEL", "FTPIPE_LOG_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield Settings(state_dir=tmp_path / "state")
+    root.handlers[:], root.level = handlers, level
+
+
+def _chat(i: int) -> dict:
+    return {"id": f"c{i}", "messages": [{"role": "user", "content": f"Where is order {i}?"},
+                                        {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."}]}
+
+
+def test_run_job_trains_the_run_in_its_environment_and_publishes_the_result(settings, tmp_path, monkeypatch):
+    from shared.storage import upload_dir
+
+    folder = tmp_path / "d1"
+    folder.mkdir()
+    for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8)), ("test.jsonl", range(8, 9))):
+        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+    adapters = bootstrap(settings)
+    upload_dir(adapters.store, folder, settings.bucket, "datasets/d1")
+    uri = adapters.store.url(settings.bucket, "datasets/d1/")
+    recipe = apply_overrides(load_recipe("tiny-sft"), {"training.max_steps": 2})
+    manifest = render(recipe, "run-k8s", uri, image="img:1")
+
+    monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
+    assert run_job.run(settings) == run_job.EXIT_DONE
+    assert adapters.store.stat(settings.bucket, "runs/run-k8s/adapter/COMPLETE") is not None
+    record = json.loads(adapters.store.read(settings.bucket, "runs/run-k8s/adapter/run_record.json"))
+    assert record["recipe"]["hash"] == recipe.hash and record["result"]["steps"] == 2
+    events = [ev.decode(m.data, m.attributes)
+              for m in adapters.bus.pull(ev.subscription_name("evaluator", ev.TRAINING), max_messages=20, timeout_s=2)]
+    [done] = [e for e in events if e.type == "TrainingCompleted"]
+    assert done.run_id == "run-k8s" and done.steps == 2
+
+    # a second pod for the same run (a Job retry after the upload) finds it done and says so again
+    assert run_job.run(settings) == run_job.EXIT_DONE
+    adapters.close()
+
+
+def test_a_preempted_pod_checkpoints_exits_75_and_the_next_pod_resumes(settings, tmp_path, monkeypatch):
+    import threading
+
+    from shared.storage import upload_dir
+
+    folder = tmp_path / "d2"
+    folder.mkdir()
+    for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8))):
+        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+    adapters = bootstrap(settings)
+    upload_dir(adapters.store, folder, settings.bucket, "datasets/d2")
+    recipe = apply_overrides(load_recipe("tiny-sft"), {"training.max_steps": 3})
+    manifest = render(recipe, "run-spot", adapters.store.url(settings.bucket, "datasets/d2/"), image="img:1")
+    monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
+
+    sigterm = threading.Event()
+    sigterm.set()  # GKE's spot notice arrived: the first step ends with a checkpoint, then the pod exits
+    assert run_job.run(settings, sigterm) == run_job.EXIT_RETRY
+    assert adapters.store.stat(settings.bucket, "runs/run-spot/checkpoints/step-000001/COMPLETE") is not None
+    assert run_job.run(settings) == run_job.EXIT_DONE
+    started = [e for e in (ev.decode(m.data, m.attributes) for m in adapters.bus.pull(
+        ev.subscription_name("evaluator", ev.TRAINING), max_messages=50, timeout_s=2)) if e.type == "TrainingStarted"]
+    assert [e.resumed_from_step for e in started] == [0, 1]
+    adapters.close()
+
+
+def test_run_job_exits_rejected_when_retrying_cannot_help(settings, monkeypatch, caplog):
+    monkeypatch.delenv(run_job.JOB_ENV, raising=False)
+    assert run_job.run(settings) == run_job.EXIT_REJECTED
+    monkeypatch.setenv(run_job.JOB_ENV, json.dumps({"run_id": "r"}))
+    assert run_job.run(settings) == run_job.EXIT_REJECTED
+    recipe = apply_overrides(load_recipe("tiny-sft"), {"distribution.strategy": "ddp"})
+    monkeypatch.setenv(run_job.JOB_ENV, json.dumps({"run_id": "r", "recipe": recipe.model_dump(mode="json"),
+                                                    "dataset_uri": "file:///nowhere/"}))
+    with caplog.at_level(logging.ERROR):
+        assert run_job.run(settings) == run_job.EXIT_REJECTED
+    assert "distribution.strategy 'ddp'" in caplog.text
