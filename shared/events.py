@@ -144,6 +144,21 @@ class CheckpointSaved(Event):
         return str(self.step)
 
 
+class TrainingAlert(Event):
+    """Something the trainer's monitor saw (services/trainer/monitor.py): a warning, or why it stopped."""
+    type: ClassVar[str] = "TrainingAlert"
+    topic: ClassVar[str] = TRAINING
+    step: int
+    kind: Literal["non_finite_loss", "grad_norm", "val_loss_rising", "budget"]
+    message: str
+    value: float | None = None
+    threshold: float | None = None
+    stop: bool = False
+
+    def step_key(self) -> str:
+        return f"{self.step}-{self.kind}"
+
+
 class TrainingCompleted(Event):
     type: ClassVar[str] = "TrainingCompleted"
     topic: ClassVar[str] = TRAINING
@@ -239,7 +254,7 @@ class ObjectFinalized(_Body):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
-                              CheckpointSaved, TrainingCompleted, TrainingFailed, EvaluationCompleted,
+                              CheckpointSaved, TrainingAlert, TrainingCompleted, TrainingFailed, EvaluationCompleted,
                               ModelRegistered, ModelPromoted, ModelQuarantined)
 }
 

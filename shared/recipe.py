@@ -189,9 +189,21 @@ class TrainingSpec(_Strict):
     group_by_length: bool = True              # batch similar lengths together: less padding, same randomness per epoch
     max_seq_len: int = Field(256, ge=16)
     checkpoint_every: int = Field(20, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)    # the latest ones; the best (lowest val loss) is kept as well
     metrics_every: int = Field(5, ge=1)
+    # Validation loss every this many steps (default: at each checkpoint), and early stop when it
+    # rises this many evaluations in a row (0: never); see services/trainer/monitor.py.
+    eval_every: int | None = Field(None, ge=1)
+    early_stop_evals: int = Field(3, ge=0)
+    grad_norm_alert: float = Field(10.0, gt=0)   # a pre-clipping gradient norm above this raises an alert
     seed: int = 0
+
+
+class BudgetSpec(_Strict):
+    """What a run may cost (USD, at the recipe's hardware prices): the trainer stops a run whose
+    projected cost passes max_cost x overrun."""
+    max_cost: float | None = Field(None, ge=0.0)
+    overrun: float = Field(1.2, ge=1.0)
 
 
 class EvalSpec(_Strict):
@@ -220,6 +232,7 @@ class Recipe(_Strict):
     training: TrainingSpec = TrainingSpec()
     eval: EvalSpec = EvalSpec()
     hardware: HardwareSpec = HardwareSpec()
+    budget: BudgetSpec = BudgetSpec()
     distribution: DistributionSpec = DistributionSpec()
     scheduling: SchedulingSpec = SchedulingSpec()
 

@@ -74,6 +74,9 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
                 update["training"] = training
         case ev.CheckpointSaved():
             update["checkpoints"] = {str(event.step): {"uri": event.uri, "metrics": event.metrics}}
+        case ev.TrainingAlert():
+            update["alerts"] = {event.step_key(): {"step": event.step, "kind": event.kind, "message": event.message,
+                                                   "stop": event.stop, "at": now}}
         case ev.TrainingCompleted():
             update.update(_progress(run, "running", "evaluating"), final_metrics=event.metrics,
                           adapter_uri=event.adapter_uri, training={"step": event.steps, "progress": 1.0})
@@ -150,6 +153,8 @@ def summarise(event: ev.Event) -> str:
             return f"steps {event.metrics[0].step}-{last.step}, loss {last.loss:.4f}"
         case ev.CheckpointSaved():
             return f"checkpoint at step {event.step}"
+        case ev.TrainingAlert():
+            return f"{'stopped' if event.stop else 'alert'} at step {event.step}: {event.message}"
         case ev.TrainingStarted():
             return f"training from step {event.resumed_from_step}"
         case ev.EvaluationCompleted():

@@ -95,16 +95,30 @@ def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
                 prefix = f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
                 upload_dir(ctx.store, path, bucket, prefix, overwrite=True)
                 ctx.store.write(bucket, f"{prefix}/{COMPLETE}", json.dumps(metrics).encode())
-                prune_checkpoints(ctx.store, bucket, run_id, keep=recipe.training.keep_checkpoints)
+                prune_checkpoints(ctx.store, bucket, run_id, keep=recipe.training.keep_checkpoints,
+                                  best=metrics.get("best_step"))
                 ctx.publish(ev.CheckpointSaved(run_id=run_id, step=step, uri=ctx.store.url(bucket, prefix + "/"),
                                                metrics={k: float(v) for k, v in metrics.items() if _is_number(v)}))
 
             def should_stop() -> bool:
                 return ctx.stopping.is_set() or beat.lost.is_set() or ctx.cancelled(run_id)
 
+            def on_alert(alert) -> None:
+                ctx.publish(ev.TrainingAlert(run_id=run_id, step=alert.step, kind=alert.kind, message=alert.message,
+                                             value=alert.value, threshold=alert.threshold, stop=alert.stop))
+
+            def fetch_checkpoint(step: int) -> Path | None:
+                prefix = f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+                if ctx.store.stat(bucket, f"{prefix}/{COMPLETE}") is None:
+                    return None
+                target = Path(tmp) / f"best-{step}"
+                download_dir(ctx.store, bucket, prefix, target)
+                return target
+
             try:
                 result = train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir,
-                               on_metrics=on_metrics, on_checkpoint=on_checkpoint, should_stop=should_stop)
+                               on_metrics=on_metrics, on_checkpoint=on_checkpoint, should_stop=should_stop,
+                               on_alert=on_alert, fetch_checkpoint=fetch_checkpoint)
             except TrainingStopped as stopped:
                 if ctx.cancelled(run_id):
                     return [ev.TrainingFailed(run_id=run_id, reason="cancelled by request", step=stopped.step,
@@ -127,10 +141,11 @@ def completed_event(run_id, recipe, dataset_uri, tenant, adapter_uri, summary: d
                                 steps=int(summary.get("steps", 0)), tenant=tenant)
 
 
-def prune_checkpoints(store, bucket: str, run_id: str, keep: int) -> None:
+def prune_checkpoints(store, bucket: str, run_id: str, keep: int, best: int | None = None) -> None:
+    """Keep the latest `keep` complete checkpoints of the run and its best one (lowest val loss)."""
     steps = sorted({int(m.group(1)) for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")
                     if (m := _STEP.search(info.name))})
-    for step in steps[:-keep]:
+    for step in [s for s in steps[:-keep] if s != best]:
         for info in list(store.list(bucket, f"{run_prefix(run_id)}/checkpoints/step-{step:06d}/")):
             store.delete(bucket, info.name)
 

@@ -33,13 +33,15 @@ from shared.models import ModelNotAvailable, resolve_model
 from shared.recipe import Recipe, TrainingSpec
 
 from services.trainer import run_record
+from services.trainer.monitor import Alert, Monitor
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that cross_entropy skips: prompt, system and padding tokens
 # Recipe fields that only change bookkeeping, not the numbers: a checkpoint written under other
 # values of these can still be resumed exactly.
-_BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "metrics_every")
+_BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "metrics_every", "eval_every", "early_stop_evals",
+                       "grad_norm_alert")
 
 
 class TrainingError(RuntimeError):
@@ -84,9 +86,14 @@ class _State:
     tokens_seen: int = 0
     seconds: float = 0.0
     metrics: list[dict] = field(default_factory=list)
+    monitor: dict = field(default_factory=dict)   # the Monitor's state: best evaluation, rising streak
 
 
 def _ignore(*_args) -> None:
+    return None
+
+
+def _no_checkpoint(_step: int) -> Path | None:
     return None
 
 
@@ -221,6 +228,15 @@ def _collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[st
 
 
 # ------------------------------------------------------------------------------------ model
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,7 +380,7 @@ def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, schedul
         "global_step": state.global_step, "total_steps": total_steps, "tokens_seen": state.tokens_seen,
         "seconds": round(state.seconds, 3), "fingerprint": fingerprint,
         "data_position": {"epoch": state.epoch, "next_batch": state.next_batch, "shuffle_seed": seed},
-        "metrics": state.metrics,
+        "metrics": state.metrics, "monitor": state.monitor,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -372,10 +388,12 @@ def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, schedul
     return final
 
 
-def _prune_checkpoints(checkpoints: Path, keep: int) -> None:
+def _prune_checkpoints(checkpoints: Path, keep: int, best_step: int | None) -> None:
+    """Keep the latest `keep` checkpoints and the best one."""
     steps = sorted((int(p.name.split("-", 1)[1]), p) for p in checkpoints.glob("step-*") if p.is_dir())
-    for _, path in steps[:-keep]:
-        shutil.rmtree(path)
+    for step, path in steps[:-keep]:
+        if step != best_step:
+            shutil.rmtree(path)
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: str) -> _State:
@@ -400,7 +418,8 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: st
     _restore_rng(torch.load(path / "rng.pt", weights_only=True))
     position = saved["data_position"]
     return _State(global_step=saved["global_step"], epoch=position["epoch"], next_batch=position["next_batch"],
-                  tokens_seen=saved["tokens_seen"], seconds=saved["seconds"], metrics=saved["metrics"])
+                  tokens_seen=saved["tokens_seen"], seconds=saved["seconds"], metrics=saved["metrics"],
+                  monitor=saved.get("monitor") or {})
 
 
 # ------------------------------------------------------------------------------------ training
@@ -428,6 +447,8 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
           on_metrics: Callable[[list[dict]], None] = _ignore,
           on_checkpoint: Callable[[int, Path, dict], None] = _ignore,
           should_stop: Callable[[], bool] = _never,
+          on_alert: Callable[[Alert], None] = _ignore,
+          fetch_checkpoint: Callable[[int], Path | None] = _no_checkpoint,
           log: logging.Logger = logger) -> TrainResult:
     """LoRA SFT of recipe.base_model on data_dir/train.jsonl; the adapter lands in work_dir/adapter.
 
@@ -438,6 +459,12 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     is delivered before it is announced; steps after it are replayed by a resume). should_stop() is
     polled after every step: when it is true the loop checkpoints and raises TrainingStopped.
     resume_from continues a run exactly from one of its checkpoints.
+
+    Validation loss is measured every training.eval_every steps (default: at each checkpoint) and
+    rides on that step's metrics. The monitor's alerts (services/trainer/monitor.py) reach
+    on_alert; a stop alert ends the run: early stop (validation loss rising) returns the best
+    checkpoint's adapter (fetch_checkpoint(step) supplies it when it is no longer on local disk,
+    e.g. after a resume), a non-finite loss or the budget raise TrainingError.
     """
     spec = recipe.training
     data_dir, work_dir = Path(data_dir), Path(work_dir)
@@ -477,6 +504,8 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         log.info("resumed from %s at step %d", resume_from, state.global_step)
     else:
         state = _State()
+    monitor = Monitor(recipe, total_steps, Monitor.load_state(state.monitor))
+    eval_every = spec.eval_every or spec.checkpoint_every
 
     checkpoints = work_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -488,18 +517,22 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         if pending:  # metrics up to the checkpoint reach the caller before it is announced
             on_metrics(list(pending))
             pending.clear()
+        state.monitor = monitor.state_dict()
         path = _save_checkpoint(checkpoints, state, model, optimizer, scheduler, fingerprint=fingerprint,
                                 seed=spec.seed, total_steps=total_steps)
         summary = {**(state.metrics[-1] if state.metrics else {}), "tokens_seen": state.tokens_seen}
+        if monitor.state.best_step is not None:
+            summary["best_step"] = monitor.state.best_step
         log.info("checkpoint step %d -> %s", state.global_step, path)
         on_checkpoint(state.global_step, path, summary)
-        _prune_checkpoints(checkpoints, spec.keep_checkpoints)
+        _prune_checkpoints(checkpoints, spec.keep_checkpoints, monitor.state.best_step)
         last_checkpoint = (state.global_step, path)
         return path
 
     model.train()
     step_batches = _steps(state, examples, spec)
-    while state.global_step < total_steps:
+    stopped_early = monitor.stopped_early()  # a resume of a run that had already stopped early
+    while state.global_step < total_steps and not stopped_early:
         micro = next(step_batches)
         started = time.perf_counter()
         collated = [_collate(b, pad_id, device) for b in micro]
@@ -525,34 +558,63 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         metrics = {"step": state.global_step, "total_steps": total_steps, "loss": round(step_loss / targets, 6),
                    "grad_norm": round(float(grad_norm), 6), "lr": lr,
                    "tokens_per_s": round(tokens / seconds, 1),
-                   "epoch": round(state.epoch + batches_done / n_batches, 4)}
+                   "epoch": round(state.epoch + batches_done / n_batches, 4),
+                   "peak_memory_mb": _peak_memory_mb(device), "cost": monitor.cost(state.seconds)}
         if state.next_batch >= n_batches:
             state.epoch, state.next_batch = state.epoch + 1, 0
-        if not math.isfinite(metrics["loss"]):
-            raise TrainingError(f"loss became {metrics['loss']} at step {state.global_step}; lower "
-                                f"training.learning_rate (now {spec.learning_rate}) or add warmup_steps")
+        alerts = monitor.on_step(state.global_step, metrics["loss"], float(grad_norm), state.seconds)
+        if val_examples and not any(a.stop for a in alerts) and (
+                state.global_step % eval_every == 0 or state.global_step == total_steps):
+            metrics["val_loss"] = round(_evaluate_loss(model, val_examples, batch_size=spec.batch_size,
+                                                       pad_id=pad_id), 6)
+            alerts += monitor.on_eval(state.global_step, metrics["val_loss"])
+        for alert in alerts:
+            (log.error if alert.stop else log.warning)("%s: %s", alert.kind, alert.message)
+            on_alert(alert)
+        stop = next((a for a in alerts if a.stop), None)
+        if stop is not None and stop.kind == "non_finite_loss":
+            raise TrainingError(stop.message)  # nothing after a NaN is worth a checkpoint
         state.metrics.append(metrics)
         pending.append(metrics)
         if len(pending) >= spec.metrics_every:
             on_metrics(list(pending))
             pending.clear()
-        if state.global_step % spec.checkpoint_every == 0 or state.global_step == total_steps:
+        if stop is not None or state.global_step % spec.checkpoint_every == 0 or state.global_step == total_steps:
             checkpoint()
+        if stop is not None and stop.kind == "budget":
+            raise TrainingError(stop.message)
+        stopped_early = stop is not None
         if should_stop():
             path = last_checkpoint[1] if last_checkpoint and last_checkpoint[0] == state.global_step else checkpoint()
             raise TrainingStopped(state.global_step, path)
 
     adapter_dir = work_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    val_loss = _evaluate_loss(model, val_examples, batch_size=spec.batch_size, pad_id=pad_id)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    best = monitor.state
+    if stopped_early:  # the run's result is its best checkpoint, not its last step
+        found = checkpoints / f"step-{best.best_step}"
+        found = found if found.is_dir() else fetch_checkpoint(best.best_step)
+        if found is None or not (found / "adapter").is_dir():
+            raise TrainingError(f"stopped early at step {state.global_step}, but the best checkpoint (step "
+                                f"{best.best_step}) is neither in {checkpoints} nor in the run's store")
+        shutil.copytree(found / "adapter", adapter_dir)
+        val_loss = best.best_val_loss
+    else:
+        model.save_pretrained(adapter_dir)
+        last_eval = state.metrics[-1].get("val_loss") if state.metrics else None
+        val_loss = last_eval if last_eval is not None else _evaluate_loss(
+            model, val_examples, batch_size=spec.batch_size, pad_id=pad_id)
     final_epoch = state.metrics[-min(steps_per_epoch, len(state.metrics)):]
     train_loss = sum(m["loss"] for m in final_epoch) / len(final_epoch) if final_epoch else None
     if val_loss is None:
         log.warning("no val split in %s: val_loss is not measured", data_dir)
     log.info("training done: %d steps, %d tokens, %.1f s, train_loss %s, val_loss %s", state.global_step,
              state.tokens_seen, state.seconds, train_loss, val_loss)
-    result = TrainResult(adapter_dir=adapter_dir, metrics={"train_loss": train_loss, "val_loss": val_loss},
-                         steps=state.global_step, tokens=state.tokens_seen, seconds=round(state.seconds, 3))
+    metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": monitor.cost(state.seconds)}
+    if stopped_early:
+        metrics.update(best_step=best.best_step, early_stopped_at=state.global_step)
+    result = TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
+                         seconds=round(state.seconds, 3))
     run_record.write(adapter_dir / RUN_RECORD, run_record.build(
         recipe, data_dir, device=str(device),
         result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,

@@ -192,3 +192,25 @@ def test_run_job_exits_rejected_when_retrying_cannot_help(settings, monkeypatch,
     with caplog.at_level(logging.ERROR):
         assert run_job.run(settings) == run_job.EXIT_REJECTED
     assert "distribution.strategy 'ddp'" in caplog.text
+
+
+def test_an_over_budget_run_fails_and_its_alert_reaches_the_bus(settings, tmp_path, monkeypatch):
+    from shared.storage import upload_dir
+
+    folder = tmp_path / "d3"
+    folder.mkdir()
+    for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8))):
+        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+    adapters = bootstrap(settings)
+    upload_dir(adapters.store, folder, settings.bucket, "datasets/d3")
+    recipe = apply_overrides(load_recipe("tiny-sft"), {"training.max_steps": 3, "budget.max_cost": 1e-12})
+    manifest = render(recipe, "run-budget", adapters.store.url(settings.bucket, "datasets/d3/"), image="img:1")
+    monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
+    assert run_job.run(settings) == run_job.EXIT_DONE
+    events = [ev.decode(m.data, m.attributes) for m in adapters.bus.pull(
+        ev.subscription_name("tracker", ev.TRAINING), max_messages=50, timeout_s=2)]
+    [alert] = [e for e in events if e.type == "TrainingAlert"]
+    assert (alert.kind, alert.step, alert.stop) == ("budget", 1, True)
+    [failed] = [e for e in events if e.type == "TrainingFailed"]
+    assert "above budget.max_cost" in failed.reason
+    adapters.close()

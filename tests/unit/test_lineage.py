@@ -43,3 +43,16 @@ def test_failure_is_terminal(tmp_path):
     record(docs, ev.TrainingStarted(run_id="r", dataset_uri="file:///d/", resumed_from_step=3))
     run = docs.get(RUNS, "r")
     assert run["status"] == "failed" and run["error"] == "diverged"
+
+
+def test_alerts_are_kept_once_each_on_the_run(tmp_path):
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    spike = ev.TrainingAlert(run_id="r", step=7, kind="grad_norm", message="gradient norm 12 at step 7", value=12.0,
+                             threshold=10.0)
+    stop = ev.TrainingAlert(run_id="r", step=9, kind="budget", message="projected cost 3.1 above 2.4", stop=True)
+    assert [record(docs, e) for e in (spike, spike, stop)] == [True, False, True]
+    alerts = docs.get(RUNS, "r")["alerts"]
+    assert {k: (a["kind"], a["stop"]) for k, a in alerts.items()} == {"7-grad_norm": ("grad_norm", False),
+                                                                      "9-budget": ("budget", True)}
+    summaries = [e["summary"] for _, e in docs.query(RUN_EVENTS, where=[("run_id", "==", "r")], order_by=[("seq", "asc")])]
+    assert summaries == ["alert at step 7: gradient norm 12 at step 7", "stopped at step 9: projected cost 3.1 above 2.4"]

@@ -189,7 +189,11 @@ def test_metrics_arrive_in_batches_of_metrics_every(data_dir, tmp_path):
           data_dir, tmp_path / "w", on_metrics=batches.append)
     assert [[m["step"] for m in b] for b in batches] == [[1, 2], [3, 4], [5]]
     for m in (m for b in batches for m in b):
-        assert set(m) == {"step", "total_steps", "loss", "grad_norm", "lr", "tokens_per_s", "epoch"}
+        every_step = {"step", "total_steps", "loss", "grad_norm", "lr", "tokens_per_s", "epoch", "peak_memory_mb",
+                      "cost"}
+        # validation loss at each eval interval (by default the checkpoint interval) and at the end
+        assert set(m) == (every_step | {"val_loss"} if m["step"] == 5 else every_step)
+        assert m["peak_memory_mb"] > 0 and m["cost"] >= 0
         assert m["total_steps"] == 5
         assert m["loss"] > 0 and m["tokens_per_s"] > 0
     assert batches[1][1]["epoch"] == 1.0  # 4 micro-batches an epoch

@@ -1,0 +1,110 @@
+"""Watching a training run: the alerts that stop money being wasted, as a pure state machine.
+
+The loop feeds it every step's metrics and every validation loss; it answers with alerts, each
+either a warning or a stop:
+
+- `non_finite_loss`  loss is NaN or inf: stop (nothing after it can be trusted);
+- `grad_norm`        the pre-clipping gradient norm above `training.grad_norm_alert`: warning
+                     (clipping keeps the step bounded, but a run that keeps spiking is diverging);
+- `val_loss_rising`  validation loss higher than the evaluation before it, `early_stop_evals` times
+                     in a row: stop early, and the run's result is its best checkpoint;
+- `budget`           the cost so far extrapolated to the last step above `budget.max_cost` x
+                     `budget.overrun`: stop (the run fails; its checkpoints stay for inspection).
+
+Cost so far = training seconds x hardware.count x hardware.nodes x price per GPU-hour / 3600
+(`hardware.price_per_gpu_hour` or the GPU table's).
+
+Its state (best evaluation, the rising streak, warnings already given) travels in checkpoints so
+that a resumed run makes the same decisions as one that never stopped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from shared.recipe import GPU_TABLE, Recipe
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str          # non_finite_loss | grad_norm | val_loss_rising | budget
+    step: int
+    message: str
+    value: float | None
+    threshold: float | None
+    stop: bool
+
+
+@dataclass
+class MonitorState:
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    rising: int = 0                                  # evaluations in a row with a higher val loss
+    evaluations: list[dict] = field(default_factory=list)
+
+
+def cost_per_second(recipe: Recipe) -> float:
+    hw = recipe.hardware
+    price = hw.price_per_gpu_hour if hw.price_per_gpu_hour is not None else GPU_TABLE[hw.gpu]["price_per_gpu_hour"]
+    return hw.total_gpus * price / 3600
+
+
+class Monitor:
+    def __init__(self, recipe: Recipe, total_steps: int, state: MonitorState | None = None):
+        self.spec = recipe.training
+        self.budget = recipe.budget
+        self.total_steps = total_steps
+        self.rate = cost_per_second(recipe)
+        self.state = state or MonitorState()
+
+    def cost(self, seconds: float) -> float:
+        return round(seconds * self.rate, 6)
+
+    def on_step(self, step: int, loss: float, grad_norm: float, seconds: float) -> list[Alert]:
+        """After each optimizer step (seconds: training time so far, resumes included)."""
+        alerts = []
+        if not math.isfinite(loss):
+            alerts.append(Alert("non_finite_loss", step, f"loss became {loss} at step {step}; lower "
+                                f"training.learning_rate (now {self.spec.learning_rate}) or add warmup_steps",
+                                None, None, stop=True))
+        if math.isfinite(grad_norm) and grad_norm > self.spec.grad_norm_alert:
+            alerts.append(Alert("grad_norm", step, f"gradient norm {grad_norm:.3g} at step {step} is above "
+                                f"{self.spec.grad_norm_alert:g} (clipped to {self.spec.max_grad_norm:g}); a run that "
+                                "keeps spiking is diverging: lower training.learning_rate", grad_norm,
+                                self.spec.grad_norm_alert, stop=False))
+        if self.budget.max_cost is not None and step:
+            projected = self.cost(seconds) / step * self.total_steps
+            limit = self.budget.max_cost * self.budget.overrun
+            if projected > limit:
+                alerts.append(Alert("budget", step, f"projected cost {projected:.2f} for {self.total_steps} steps is "
+                                    f"above budget.max_cost {self.budget.max_cost:g} x {self.budget.overrun:g}; "
+                                    "stopped (raise the budget, or lower training.epochs / max_steps)",
+                                    round(projected, 4), limit, stop=True))
+        return alerts
+
+    def on_eval(self, step: int, val_loss: float) -> list[Alert]:
+        """After a validation pass at `step`."""
+        st = self.state
+        st.evaluations.append({"step": step, "val_loss": val_loss})
+        if st.best_val_loss is None or val_loss < st.best_val_loss:
+            st.best_step, st.best_val_loss = step, val_loss
+        st.rising = st.rising + 1 if st.last_val_loss is not None and val_loss > st.last_val_loss else 0
+        st.last_val_loss = val_loss
+        patience = self.spec.early_stop_evals
+        if patience and st.rising >= patience:
+            return [Alert("val_loss_rising", step, f"validation loss rose {st.rising} evaluations in a row "
+                          f"(now {val_loss:.4f}); stopped early, keeping the best checkpoint (step {st.best_step}, "
+                          f"val_loss {st.best_val_loss:.4f})", val_loss, st.best_val_loss, stop=True)]
+        return []
+
+    def stopped_early(self) -> bool:
+        """Whether the evaluations so far already ended the run (a resume after the early stop)."""
+        return bool(self.spec.early_stop_evals) and self.state.rising >= self.spec.early_stop_evals
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    @staticmethod
+    def load_state(data: dict | None) -> MonitorState:
+        return MonitorState(**data) if data else MonitorState()
