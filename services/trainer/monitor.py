@@ -27,7 +27,7 @@ from shared.recipe import GPU_TABLE, Recipe
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str          # non_finite_loss | grad_norm | val_loss_rising | budget
+    kind: str          # non_finite_loss | grad_norm | val_loss_rising | budget | out_of_memory (training.train)
     step: int
     message: str
     value: float | None

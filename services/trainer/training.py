@@ -11,6 +11,7 @@ test.jsonl, one {"id": str, "messages": [{"role", "content"}, ...]} per line.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -64,6 +65,9 @@ class TrainResult:
     steps: int
     tokens: int                # non-padding tokens fed to the model, over the whole run (resumes included)
     seconds: float             # time spent in training steps, over the whole run (resumes included)
+    loss_curve: list[float]    # the loss of every step, resumes included
+    micro_batch: tuple[int, int]  # (batch_size, grad_accum) the run ended with (the OOM back-off may lower it)
+    device: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class _State:
     """Everything besides weights, optimizer and RNG that a checkpoint must carry to resume exactly."""
     global_step: int = 0
     epoch: int = 0
-    next_batch: int = 0        # index of the next micro-batch in this epoch's shuffled order
+    next_step: int = 0         # index of the next step batch in this epoch's shuffled order
     tokens_seen: int = 0
     seconds: float = 0.0
     metrics: list[dict] = field(default_factory=list)
@@ -193,23 +197,26 @@ def _encode_split(tokenizer, rows: list[dict], recipe: Recipe, split: str, log: 
     return examples
 
 
-def _micro_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                   group_by_length: bool) -> list[list[int]]:
-    """Example indices of each micro-batch of one epoch, a function of (seed, epoch) only: a
-    resumed run recomputes the very same batches instead of storing them. (A string seed is
+def _step_batches(lengths: list[int], step_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """Example indices of each optimizer step of one epoch (`step_size` = batch_size x grad_accum),
+    a function of (seed, epoch) only: a resumed run recomputes the very same batches instead of
+    storing them. What a step holds does not depend on how it is cut into micro-batches, so the
+    OOM back-off (smaller micro-batches, more of them) trains on the same steps. (A string seed is
     hashed with SHA-512 by `random`, so this does not depend on PYTHONHASHSEED.)"""
     rng = random.Random(f"ftpipe/{seed}/{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if not group_by_length:
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    # Sort by length inside windows of 16 batches, cut, then shuffle the batches: each batch holds
-    # similar lengths, so far less compute goes to padding (a quarter of it on short chats), while
-    # which examples meet, and in what order, stays random at the scale of the epoch.
-    window = batch_size * 16
+        return [order[start:start + step_size] for start in range(0, len(order), step_size)]
+    # Sort by length inside windows of 16 steps, cut, then shuffle the steps: each step (and each
+    # micro-batch cut from it) holds similar lengths, so far less compute goes to padding (a
+    # quarter of it on short chats), while which examples meet, and in what order, stays random at
+    # the scale of the epoch.
+    window = step_size * 16
     grouped = [i for start in range(0, len(order), window)
                for i in sorted(order[start:start + window], key=lambda i: lengths[i])]
-    batches = [grouped[start:start + batch_size] for start in range(0, len(grouped), batch_size)]
+    batches = [grouped[start:start + step_size] for start in range(0, len(grouped), step_size)]
     rng.shuffle(batches)
     return batches
 
@@ -338,6 +345,8 @@ def _evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: i
 def _fingerprint(recipe: Recipe, train_file: Path) -> str:
     """What must be equal for a checkpoint to resume exactly: the numbers-relevant recipe fields and the data."""
     training = {k: v for k, v in recipe.training.model_dump(mode="json").items() if k not in _BOOKKEEPING_FIELDS}
+    # the effective batch, not how it is cut: the OOM back-off resumes with smaller micro-batches
+    training["effective_batch"] = training.pop("batch_size") * training.pop("grad_accum")
     material = {"base_model": recipe.base_model, "system_prompt": recipe.data.system_prompt,
                 "adapter": recipe.adapter.model_dump(mode="json"), "training": training,
                 "train_sha256": hashlib.sha256(train_file.read_bytes()).hexdigest()}
@@ -379,7 +388,7 @@ def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, schedul
     trainer_state = {
         "global_step": state.global_step, "total_steps": total_steps, "tokens_seen": state.tokens_seen,
         "seconds": round(state.seconds, 3), "fingerprint": fingerprint,
-        "data_position": {"epoch": state.epoch, "next_batch": state.next_batch, "shuffle_seed": seed},
+        "data_position": {"epoch": state.epoch, "next_step": state.next_step, "shuffle_seed": seed},
         "metrics": state.metrics, "monitor": state.monitor,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -417,7 +426,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: st
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _restore_rng(torch.load(path / "rng.pt", weights_only=True))
     position = saved["data_position"]
-    return _State(global_step=saved["global_step"], epoch=position["epoch"], next_batch=position["next_batch"],
+    return _State(global_step=saved["global_step"], epoch=position["epoch"], next_step=position["next_step"],
                   tokens_seen=saved["tokens_seen"], seconds=saved["seconds"], metrics=saved["metrics"],
                   monitor=saved.get("monitor") or {})
 
@@ -434,22 +443,86 @@ def _steps(state: _State, examples: list[Example], spec: TrainingSpec) -> Iterat
     """The micro-batches of each optimizer step from the state's data position on, forever; the
     state's position is advanced by the caller once the step is done."""
     lengths = [len(ex.input_ids) for ex in examples]
-    epoch, start = state.epoch, state.next_batch
+    epoch, start = state.epoch, state.next_step
     while True:
-        batches = _micro_batches(lengths, spec.batch_size, spec.seed, epoch, spec.group_by_length)
-        for first in range(start, len(batches), spec.grad_accum):
-            yield [[examples[i] for i in batch] for batch in batches[first:first + spec.grad_accum]]
+        for batch in _step_batches(lengths, spec.batch_size * spec.grad_accum, spec.seed, epoch,
+                                   spec.group_by_length)[start:]:
+            yield [[examples[i] for i in batch[first:first + spec.batch_size]]
+                   for first in range(0, len(batch), spec.batch_size)]
         epoch, start = epoch + 1, 0
 
 
-def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
-          resume_from: Path | None = None,
-          on_metrics: Callable[[list[dict]], None] = _ignore,
-          on_checkpoint: Callable[[int, Path, dict], None] = _ignore,
-          should_stop: Callable[[], bool] = _never,
-          on_alert: Callable[[Alert], None] = _ignore,
-          fetch_checkpoint: Callable[[int], Path | None] = _no_checkpoint,
-          log: logging.Logger = logger) -> TrainResult:
+class _OutOfMemory(Exception):
+    def __init__(self, step: int, batch_size: int, detail: str):
+        super().__init__(f"out of memory at step {step} with micro-batches of {batch_size}: {detail}")
+        self.step, self.batch_size = step, batch_size
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError saying so)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def backed_off(spec: TrainingSpec) -> tuple[int, int] | None:
+    """(batch_size, grad_accum) after an out-of-memory step: the largest divisor of the batch size
+    up to half of it, with the accumulation raised to keep the effective batch; None at 1."""
+    if spec.batch_size == 1:
+        return None
+    smaller = max(d for d in range(1, spec.batch_size // 2 + 1) if spec.batch_size % d == 0)
+    return smaller, spec.grad_accum * (spec.batch_size // smaller)
+
+
+def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path | None = None,
+          on_alert: Callable[[Alert], None] = _ignore, log: logging.Logger = logger, **hooks) -> TrainResult:
+    """Train (see `_train_attempt` for the hooks and what a run does), backing off on out of memory:
+    the micro-batch is halved and the accumulation doubled (the same effective batch, so the same
+    steps: see `_step_batches`), and training resumes from the latest checkpoint; at a micro-batch
+    of 1 the run fails with what to change."""
+    checkpoints = Path(work_dir) / "checkpoints"
+    attempt = recipe
+    while True:
+        try:
+            result = _train_attempt(attempt, data_dir, work_dir, resume_from=resume_from, on_alert=on_alert, log=log,
+                                    **hooks)
+            break
+        except _OutOfMemory as oom:
+            smaller = backed_off(attempt.training)
+            if smaller is None:
+                raise TrainingError(f"{oom}; nothing smaller to try: lower training.max_seq_len (now "
+                                    f"{attempt.training.max_seq_len}) or train on a GPU with more memory") from oom
+            message = (f"out of memory at step {oom.step} with micro-batches of {oom.batch_size}; resuming with "
+                       f"{smaller[0]} x {smaller[1]} accumulation (the same effective batch)")
+            log.warning(message)
+            on_alert(Alert("out_of_memory", oom.step, message, float(oom.batch_size), None, stop=False))
+            attempt = attempt.model_copy(update={"training": attempt.training.model_copy(
+                update={"batch_size": smaller[0], "grad_accum": smaller[1]})})
+            resume_from = _latest_checkpoint(checkpoints) or resume_from
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    run_record.write(result.adapter_dir / RUN_RECORD, run_record.build(
+        recipe, data_dir, device=result.device,
+        result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,
+                "micro_batch": {"batch_size": result.micro_batch[0], "grad_accum": result.micro_batch[1]},
+                "loss_curve": result.loss_curve}))
+    return result
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    found = sorted((int(p.name.split("-", 1)[1]), p) for p in checkpoints.glob("step-*")
+                   if (p / "trainer_state.json").is_file())
+    return found[-1][1] if found else None
+
+
+def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
+                   resume_from: Path | None = None,
+                   on_metrics: Callable[[list[dict]], None] = _ignore,
+                   on_checkpoint: Callable[[int, Path, dict], None] = _ignore,
+                   should_stop: Callable[[], bool] = _never,
+                   on_alert: Callable[[Alert], None] = _ignore,
+                   fetch_checkpoint: Callable[[int], Path | None] = _no_checkpoint,
+                   log: logging.Logger = logger) -> TrainResult:
     """LoRA SFT of recipe.base_model on data_dir/train.jsonl; the adapter lands in work_dir/adapter.
 
     Checkpoints go to work_dir/checkpoints/step-N every training.checkpoint_every steps and at the
@@ -487,8 +560,7 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
 
     examples = _encode_split(tokenizer, train_rows, recipe, "train", log)
     val_examples = _encode_split(tokenizer, val_rows, recipe, "val", log)
-    n_batches = math.ceil(len(examples) / spec.batch_size)
-    steps_per_epoch = math.ceil(n_batches / spec.grad_accum)
+    steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.grad_accum))
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
     log.info("train split: %d conversations, %d tokens (%d trained); %d steps of %d x %d examples",
              len(examples), sum(len(e.input_ids) for e in examples), sum(e.trained_tokens for e in examples),
@@ -540,10 +612,15 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         tokens = sum(int(c["attention_mask"].sum()) for c in collated)
         lr = scheduler.get_last_lr()[0]
         step_loss = 0.0
-        for batch in collated:
-            loss_sum, _ = _batch_loss_sum(model, batch, plain_head)
-            (loss_sum / targets).backward()
-            step_loss += loss_sum.item()
+        try:
+            for batch in collated:
+                loss_sum, _ = _batch_loss_sum(model, batch, plain_head)
+                (loss_sum / targets).backward()
+                step_loss += loss_sum.item()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            raise _OutOfMemory(state.global_step + 1, spec.batch_size, str(exc).splitlines()[0][:200]) from exc
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -553,15 +630,14 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         state.global_step += 1
         state.tokens_seen += tokens
         state.seconds += seconds
-        state.next_batch += len(micro)
-        batches_done = min(state.next_batch, n_batches)
+        state.next_step += 1
         metrics = {"step": state.global_step, "total_steps": total_steps, "loss": round(step_loss / targets, 6),
                    "grad_norm": round(float(grad_norm), 6), "lr": lr,
                    "tokens_per_s": round(tokens / seconds, 1),
-                   "epoch": round(state.epoch + batches_done / n_batches, 4),
+                   "epoch": round(state.epoch + state.next_step / steps_per_epoch, 4),
                    "peak_memory_mb": _peak_memory_mb(device), "cost": monitor.cost(state.seconds)}
-        if state.next_batch >= n_batches:
-            state.epoch, state.next_batch = state.epoch + 1, 0
+        if state.next_step >= steps_per_epoch:
+            state.epoch, state.next_step = state.epoch + 1, 0
         alerts = monitor.on_step(state.global_step, metrics["loss"], float(grad_norm), state.seconds)
         if val_examples and not any(a.stop for a in alerts) and (
                 state.global_step % eval_every == 0 or state.global_step == total_steps):
@@ -613,10 +689,6 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": monitor.cost(state.seconds)}
     if stopped_early:
         metrics.update(best_step=best.best_step, early_stopped_at=state.global_step)
-    result = TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
-                         seconds=round(state.seconds, 3))
-    run_record.write(adapter_dir / RUN_RECORD, run_record.build(
-        recipe, data_dir, device=str(device),
-        result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,
-                "loss_curve": [m["loss"] for m in state.metrics]}))
-    return result
+    return TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
+                       seconds=round(state.seconds, 3), loss_curve=[m["loss"] for m in state.metrics],
+                       micro_batch=(spec.batch_size, spec.grad_accum), device=str(device))

@@ -110,7 +110,7 @@ def test_checkpoint_contents_retention_and_final_adapter(data_dir, tmp_path):
     assert set(rng) >= {"python", "numpy", "torch"}
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["total_steps"] == 5
-    assert state["data_position"] == {"epoch": 1, "next_batch": 0, "shuffle_seed": 0}
+    assert state["data_position"] == {"epoch": 1, "next_step": 0, "shuffle_seed": 0}
     assert [m["step"] for m in state["metrics"]] == [1, 2, 3, 4]
     assert state["tokens_seen"] > 0
 
@@ -207,7 +207,7 @@ def test_should_stop_checkpoints_then_raises(data_dir, tmp_path):
     assert stopped.value.step == 1 and announced == [1]
     assert [m["step"] for m in delivered] == [1]  # pending metrics are flushed before the stop
     state = json.loads((stopped.value.checkpoint / "trainer_state.json").read_text())
-    assert state["global_step"] == 1 and state["data_position"]["next_batch"] == 1
+    assert state["global_step"] == 1 and state["data_position"]["next_step"] == 1
     assert not (tmp_path / "w" / "adapter").exists()
 
 
@@ -256,12 +256,12 @@ def test_logits_at_trained_positions_only_give_the_full_loss(tokenizer):
 
 
 def test_length_grouped_batches_cover_the_epoch_once_and_depend_only_on_seed_and_epoch():
-    from services.trainer.training import _micro_batches
+    from services.trainer.training import _step_batches
 
     lengths = [(i * 37) % 101 + 5 for i in range(500)]
-    batches = _micro_batches(lengths, 8, seed=3, epoch=1, group_by_length=True)
+    batches = _step_batches(lengths, 8, seed=3, epoch=1, group_by_length=True)
     assert sorted(i for b in batches for i in b) == list(range(500))
-    assert batches == _micro_batches(lengths, 8, seed=3, epoch=1, group_by_length=True)
-    assert batches != _micro_batches(lengths, 8, seed=3, epoch=2, group_by_length=True)
+    assert batches == _step_batches(lengths, 8, seed=3, epoch=1, group_by_length=True)
+    assert batches != _step_batches(lengths, 8, seed=3, epoch=2, group_by_length=True)
     spread = lambda bs: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs)  # noqa: E731
-    assert spread(batches) < spread(_micro_batches(lengths, 8, seed=3, epoch=1, group_by_length=False)) / 4
+    assert spread(batches) < spread(_step_batches(lengths, 8, seed=3, epoch=1, group_by_length=False)) / 4
