@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast clean down bench-preprocess
+.PHONY: setup demo test test-fast clean down bench-venv bench-preprocess bench-train
 
 setup: $(MODELS_STAMP)
 
@@ -33,14 +33,19 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# The preprocess benchmark (bench/README.md) against Presidio, which is not an ftpipe dependency:
-# its own venv, so the test suite keeps checking the "presidio missing" error.
+# The benchmarks (bench/README.md) run against Presidio and TRL, which are not ftpipe dependencies:
+# their own venv, so the test suite keeps checking the "presidio missing" error.
 BENCH_VENV ?= .venv-bench
-bench-preprocess: $(MODELS_STAMP)
+bench-venv: $(MODELS_STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+
+bench-preprocess: bench-venv
 	$(BENCH_VENV)/bin/python bench/preprocess/run.py --docs 200000 --out bench/preprocess/results.json
+
+bench-train: bench-venv
+	HF_HUB_OFFLINE=1 $(BENCH_VENV)/bin/python bench/train/run.py --out bench/train/results.json
 
 down:
 	$(VENV)/bin/ftpipe down

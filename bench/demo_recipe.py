@@ -49,7 +49,7 @@ def prepare(recipe: Recipe, sample: Path, out: Path) -> list[int]:
             unique[key] = stages.keep_representative(unique[key], value) if key in unique else value
     out.mkdir(parents=True, exist_ok=True)
     splits: list[list[str]] = [[], [], []]
-    for index, _, _, line, _ in stages.mask_and_place(unique.items(), recipe.data.pii_categories, recipe.data.split):
+    for index, _, _, line, *_ in stages.mask_and_place(unique.items(), recipe.data.pii_categories, recipe.data.split):
         splits[index].append(line)
     for name, rows in zip(split.SPLITS, splits):
         (out / f"{name}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")

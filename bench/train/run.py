@@ -1,0 +1,159 @@
+"""The trainer benchmark: throughput against a plain TRL SFTTrainer script, and recovery from SIGKILL.
+
+    HF_HUB_OFFLINE=1 python bench/train/run.py [--recipe support-assistant] [--kill-at 25] [--out results.json]
+
+Data: examples/support prepared as the demo prepares it (bench/demo_recipe.py), the recipe's base
+model (SmolLM2-135M-Instruct by default), its LoRA and hyperparameters, fp32 on CPU.
+
+1. Throughput, one epoch each, same model, rows, LoRA, batch, sequence cut, learning rate and
+   schedule: ftpipe's `training.train` (loss on assistant turns, logits at trained positions only)
+   against TRL's SFTTrainer on the same conversations (loss on every token: TRL needs generation
+   markers in the chat template for assistant-only loss, and SmolLM2's has none). tokens/s =
+   non-padding tokens of the epoch / seconds of the training loop (ftpipe: the steps' time;
+   TRL: `train_runtime`). TRL runs twice: with SFTConfig's defaults (gradient checkpointing on) and
+   without gradient checkpointing, as ftpipe trains; the ratio is against the faster of the two.
+2. SIGKILL: a training process (bench/train/worker.py, checkpoint every
+   training.checkpoint_every steps) is killed with SIGKILL once it reports step --kill-at; a new
+   process resumes from the latest checkpoint. Reported: steps lost (trained again), seconds from
+   the new process's start to its first finished step, and whether the resumed losses equal an
+   uninterrupted run's.
+
+Packing (on against off) is not measured yet: packing is not built (issue 4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
+from services.trainer.training import load_base, load_split, train  # noqa: E402
+from shared.datasets import with_system_prompt  # noqa: E402
+from shared.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def ftpipe_epoch(recipe: Recipe, data: Path, work: Path) -> dict:
+    result = train(recipe, data, work)
+    return {"tokens": result.tokens, "seconds": result.seconds, "steps": result.steps,
+            "tokens_per_s": round(result.tokens / result.seconds, 1), "final_loss": result.loss_curve[-1]}
+
+
+def trl_epoch(recipe: Recipe, data: Path, work: Path, *, gradient_checkpointing: bool) -> dict:
+    """The plain TRL script a user would write for the same job (SFTConfig turns gradient
+    checkpointing on by default: measured both ways)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    t = recipe.training
+    tokenizer, model = load_base(recipe)
+    rows = [{"messages": with_system_prompt(r["messages"], recipe.data.system_prompt)}
+            for r in load_split(data / "train.jsonl")]
+    config = SFTConfig(output_dir=str(work), per_device_train_batch_size=t.batch_size,
+                       gradient_accumulation_steps=t.grad_accum, num_train_epochs=1, learning_rate=t.learning_rate,
+                       lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, max_length=t.max_seq_len,
+                       max_grad_norm=t.max_grad_norm, weight_decay=0.0, packing=False, logging_steps=10,
+                       save_strategy="no", report_to=[], seed=t.seed, use_cpu=True, dataloader_num_workers=0,
+                       gradient_checkpointing=gradient_checkpointing)
+    lora = LoraConfig(r=recipe.adapter.r, lora_alpha=recipe.adapter.alpha, lora_dropout=recipe.adapter.dropout,
+                      target_modules=recipe.adapter.target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora)
+    tokens = sum(min(len(ids), t.max_seq_len) for ids in trainer.train_dataset["input_ids"])
+    out = trainer.train()
+    seconds = out.metrics["train_runtime"]
+    return {"tokens": tokens, "seconds": round(seconds, 3), "steps": out.global_step,
+            "tokens_per_s": round(tokens / seconds, 1), "final_loss": out.training_loss}
+
+
+def worker(recipe: Recipe, data: Path, work: Path, *, resume: bool) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), recipe.model_dump_json(), str(data), str(work),
+                             "resume" if resume else "fresh"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+
+
+def steps_of(proc: subprocess.Popen, until: int | None = None) -> list[tuple[int, float, float]]:
+    """(step, loss, seconds since the process started) lines until `until` or the end."""
+    seen = []
+    for line in proc.stdout:
+        if line.startswith("STEP "):
+            _, step, loss, at = line.split()
+            seen.append((int(step), float(loss), float(at)))
+            if until is not None and int(step) >= until:
+                break
+    return seen
+
+
+def sigkill(recipe: Recipe, data: Path, work: Path, kill_at: int) -> dict:
+    reference = {s: loss for s, loss, _ in steps_of(worker(recipe, data, work / "reference", resume=False))}
+    victim = worker(recipe, data, work / "run", resume=False)
+    before = steps_of(victim, until=kill_at)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = before[-1][0]
+    resumed = worker(recipe, data, work / "run", resume=True)
+    after = steps_of(resumed)
+    resumed.wait()
+    first_step, _, first_at = after[0]
+    same = all(abs(loss - reference[step]) <= 1e-5 for step, loss, _ in after)
+    return {"checkpoint_every": recipe.training.checkpoint_every, "killed_after_step": killed_at,
+            "resumed_at_step": first_step - 1, "steps_lost": killed_at - (first_step - 1),
+            "seconds_to_first_step_after_restart": round(first_at, 1),
+            "losses_equal_uninterrupted_run": same, "steps_total": after[-1][0]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="support-assistant")
+    ap.add_argument("--kill-at", type=int, default=25)
+    ap.add_argument("--kill-steps", type=int, default=40, help="length of the SIGKILL runs (steps)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    args = ap.parse_args()
+
+    base = load_recipe(args.recipe)
+    epoch = apply_overrides(base, {"training.epochs": 1, "training.early_stop_evals": 0,
+                                   "training.checkpoint_every": 10_000})
+    res: dict = {"date": date.today().isoformat(), "cores": os.cpu_count(), "recipe": args.recipe,
+                 "base_model": base.base_model}
+    with tempfile.TemporaryDirectory(prefix="ftpipe-bench-train-") as tmp:
+        tmp = Path(tmp)
+        res["rows"] = dict(zip(("train", "val", "test"), prepare(base, SAMPLE, tmp / "data")))
+        res["throughput"] = {
+            "ftpipe": ftpipe_epoch(epoch, tmp / "data", tmp / "ftpipe"),
+            "trl_sft_trainer_defaults": trl_epoch(epoch, tmp / "data", tmp / "trl", gradient_checkpointing=True),
+            "trl_sft_trainer_no_checkpointing": trl_epoch(epoch, tmp / "data", tmp / "trl2",
+                                                          gradient_checkpointing=False)}
+        fastest_trl = max(res["throughput"]["trl_sft_trainer_defaults"]["tokens_per_s"],
+                          res["throughput"]["trl_sft_trainer_no_checkpointing"]["tokens_per_s"])
+        res["throughput"]["ratio"] = round(res["throughput"]["ftpipe"]["tokens_per_s"] / fastest_trl, 3)
+        print("throughput:", json.dumps(res["throughput"]), flush=True)
+        killed = apply_overrides(base, {"training.max_steps": args.kill_steps, "training.checkpoint_every": 10,
+                                        "training.metrics_every": 1, "training.early_stop_evals": 0})
+        res["sigkill"] = sigkill(killed, tmp / "data", tmp / "kill", args.kill_at)
+        print("sigkill:", json.dumps(res["sigkill"]), flush=True)
+    res["targets"] = {"throughput_vs_trl": {"value": res["throughput"]["ratio"], "target": ">= 0.97",
+                                            "pass": res["throughput"]["ratio"] >= 0.97},
+                      "steps_lost": {"value": res["sigkill"]["steps_lost"],
+                                     "target": f"<= {res['sigkill']['checkpoint_every']}",
+                                     "pass": res["sigkill"]["steps_lost"] <= res["sigkill"]["checkpoint_every"]},
+                      "packing_speedup": {"value": None, "target": ">= 1.5", "pass": None,
+                                          "note": "packing is not built yet (issue 4)"}}
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["targets"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
