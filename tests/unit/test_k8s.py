@@ -127,20 +127,31 @@ def _chat(i: int) -> dict:
                                         {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."}]}
 
 
-def test_run_job_trains_the_run_in_its_environment_and_publishes_the_result(settings, tmp_path, monkeypatch):
+@pytest.fixture
+def pod_env(settings, tmp_path, monkeypatch):
+    """A prepared dataset in the local bucket, and a function that renders a run of it and puts the
+    run's $FTPIPE_JOB in this process's environment, as the pod would have it: returns (adapters, recipe)."""
     from shared.storage import upload_dir
 
-    folder = tmp_path / "d1"
+    folder = tmp_path / "dataset"
     folder.mkdir()
     for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8)), ("test.jsonl", range(8, 9))):
         (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
     adapters = bootstrap(settings)
     upload_dir(adapters.store, folder, settings.bucket, "datasets/d1")
-    uri = adapters.store.url(settings.bucket, "datasets/d1/")
-    recipe = apply_overrides(load_recipe("tiny-sft"), {"training.max_steps": 2})
-    manifest = render(recipe, "run-k8s", uri, image="img:1")
 
-    monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
+    def as_pod(run_id: str, overrides: dict):
+        recipe = apply_overrides(load_recipe("tiny-sft"), overrides)
+        manifest = render(recipe, run_id, adapters.store.url(settings.bucket, "datasets/d1/"), image="img:1")
+        monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
+        return adapters, recipe
+
+    yield as_pod
+    adapters.close()
+
+
+def test_run_job_trains_the_run_in_its_environment_and_publishes_the_result(settings, pod_env):
+    adapters, recipe = pod_env("run-k8s", {"training.max_steps": 2})
     assert run_job.run(settings) == run_job.EXIT_DONE
     assert adapters.store.stat(settings.bucket, "runs/run-k8s/adapter/COMPLETE") is not None
     record = json.loads(adapters.store.read(settings.bucket, "runs/run-k8s/adapter/run_record.json"))
@@ -152,24 +163,12 @@ def test_run_job_trains_the_run_in_its_environment_and_publishes_the_result(sett
 
     # a second pod for the same run (a Job retry after the upload) finds it done and says so again
     assert run_job.run(settings) == run_job.EXIT_DONE
-    adapters.close()
 
 
-def test_a_preempted_pod_checkpoints_exits_75_and_the_next_pod_resumes(settings, tmp_path, monkeypatch):
+def test_a_preempted_pod_checkpoints_exits_75_and_the_next_pod_resumes(settings, pod_env):
     import threading
 
-    from shared.storage import upload_dir
-
-    folder = tmp_path / "d2"
-    folder.mkdir()
-    for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8))):
-        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
-    adapters = bootstrap(settings)
-    upload_dir(adapters.store, folder, settings.bucket, "datasets/d2")
-    recipe = apply_overrides(load_recipe("tiny-sft"), {"training.max_steps": 3})
-    manifest = render(recipe, "run-spot", adapters.store.url(settings.bucket, "datasets/d2/"), image="img:1")
-    monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
-
+    adapters, _ = pod_env("run-spot", {"training.max_steps": 3})
     sigterm = threading.Event()
     sigterm.set()  # GKE's spot notice arrived: the first step ends with a checkpoint, then the pod exits
     assert run_job.run(settings, sigterm) == run_job.EXIT_RETRY
@@ -178,7 +177,6 @@ def test_a_preempted_pod_checkpoints_exits_75_and_the_next_pod_resumes(settings,
     started = [e for e in (ev.decode(m.data, m.attributes) for m in adapters.bus.pull(
         ev.subscription_name("evaluator", ev.TRAINING), max_messages=50, timeout_s=2)) if e.type == "TrainingStarted"]
     assert [e.resumed_from_step for e in started] == [0, 1]
-    adapters.close()
 
 
 def test_run_job_exits_rejected_when_retrying_cannot_help(settings, monkeypatch, caplog):
@@ -194,18 +192,8 @@ def test_run_job_exits_rejected_when_retrying_cannot_help(settings, monkeypatch,
     assert "distribution.strategy 'ddp'" in caplog.text
 
 
-def test_an_over_budget_run_fails_and_its_alert_reaches_the_bus(settings, tmp_path, monkeypatch):
-    from shared.storage import upload_dir
-
-    folder = tmp_path / "d3"
-    folder.mkdir()
-    for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8))):
-        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
-    adapters = bootstrap(settings)
-    upload_dir(adapters.store, folder, settings.bucket, "datasets/d3")
-    recipe = apply_overrides(load_recipe("tiny-sft"), {"training.max_steps": 3, "budget.max_cost": 1e-12})
-    manifest = render(recipe, "run-budget", adapters.store.url(settings.bucket, "datasets/d3/"), image="img:1")
-    monkeypatch.setenv(run_job.JOB_ENV, _env(_pod(manifest))[run_job.JOB_ENV])
+def test_an_over_budget_run_fails_and_its_alert_reaches_the_bus(settings, pod_env):
+    adapters, _ = pod_env("run-budget", {"training.max_steps": 3, "budget.max_cost": 1e-12})
     assert run_job.run(settings) == run_job.EXIT_DONE
     events = [ev.decode(m.data, m.attributes) for m in adapters.bus.pull(
         ev.subscription_name("tracker", ev.TRAINING), max_messages=50, timeout_s=2)]
@@ -213,4 +201,3 @@ def test_an_over_budget_run_fails_and_its_alert_reaches_the_bus(settings, tmp_pa
     assert (alert.kind, alert.step, alert.stop) == ("budget", 1, True)
     [failed] = [e for e in events if e.type == "TrainingFailed"]
     assert "above budget.max_cost" in failed.reason
-    adapters.close()
