@@ -26,13 +26,17 @@ def run_prefix(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
+def checkpoint_prefix(run_id: str, step: int) -> str:
+    return f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+
+
 def latest_checkpoint(store, bucket: str, run_id: str) -> tuple[int, str] | None:
     steps = [int(m.group(1)) for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")
              if (m := _STEP.search(info.name))]
     if not steps:
         return None
     step = max(steps)
-    return step, f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+    return step, checkpoint_prefix(run_id, step)
 
 
 def on_dataset(event: ev.DatasetPrepared, ctx: Context):
@@ -92,7 +96,7 @@ def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
                 ctx.publish(ev.TrainingProgress(run_id=run_id, metrics=rows, total_steps=rows[-1].get("total_steps")))
 
             def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
-                prefix = f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+                prefix = checkpoint_prefix(run_id, step)
                 upload_dir(ctx.store, path, bucket, prefix, overwrite=True)
                 ctx.store.write(bucket, f"{prefix}/{COMPLETE}", json.dumps(metrics).encode())
                 prune_checkpoints(ctx.store, bucket, run_id, keep=recipe.training.keep_checkpoints,
@@ -108,7 +112,7 @@ def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
                                              value=alert.value, threshold=alert.threshold, stop=alert.stop))
 
             def fetch_checkpoint(step: int) -> Path | None:
-                prefix = f"{run_prefix(run_id)}/checkpoints/step-{step:06d}"
+                prefix = checkpoint_prefix(run_id, step)
                 if ctx.store.stat(bucket, f"{prefix}/{COMPLETE}") is None:
                     return None
                 target = Path(tmp) / f"best-{step}"
@@ -146,7 +150,7 @@ def prune_checkpoints(store, bucket: str, run_id: str, keep: int, best: int | No
     steps = sorted({int(m.group(1)) for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")
                     if (m := _STEP.search(info.name))})
     for step in [s for s in steps[:-keep] if s != best]:
-        for info in list(store.list(bucket, f"{run_prefix(run_id)}/checkpoints/step-{step:06d}/")):
+        for info in list(store.list(bucket, checkpoint_prefix(run_id, step) + "/")):
             store.delete(bucket, info.name)
 
 
