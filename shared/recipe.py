@@ -148,6 +148,11 @@ class HardwareSpec(_Strict):
         return self.count * self.nodes
 
     @property
+    def gpu_price(self) -> float:
+        """USD per GPU-hour: the recipe's, else the GPU table's."""
+        return self.price_per_gpu_hour if self.price_per_gpu_hour is not None else GPU_TABLE[self.gpu]["price_per_gpu_hour"]
+
+    @property
     def pool(self) -> str:
         return self.node_pool or f"ftpipe-{self.gpu}{'-spot' if self.spot else ''}"
 

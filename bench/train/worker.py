@@ -8,17 +8,14 @@ STARTED = time.perf_counter()  # before the imports: a restarted pod pays for th
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from services.trainer.training import train  # noqa: E402
+from services.trainer.training import local_checkpoints, train  # noqa: E402
 from shared.recipe import Recipe  # noqa: E402
 
 
 def main() -> None:
     recipe, data, work, mode = Recipe.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-    resume = None
-    if mode == "resume":
-        done = sorted((int(p.name.split("-", 1)[1]), p) for p in (work / "checkpoints").glob("step-*")
-                      if (p / "trainer_state.json").is_file())
-        resume = done[-1][1] if done else None
+    done = local_checkpoints(work / "checkpoints") if mode == "resume" else []
+    resume = done[-1][1] if done else None
 
     def show(rows: list[dict]) -> None:
         for m in rows:

@@ -179,7 +179,7 @@ def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None) ->
     hw = recipe.hardware
     gpu = GPU_TABLE[hw.gpu]
     tflops = hw.sustained_tflops if hw.sustained_tflops is not None else gpu["sustained_tflops"]
-    price = hw.price_per_gpu_hour if hw.price_per_gpu_hour is not None else gpu["price_per_gpu_hour"]
+    price = hw.gpu_price
     t = recipe.training
     train = tokens["train"]
     epoch_tokens = train["training_tokens"]

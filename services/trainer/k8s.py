@@ -17,12 +17,11 @@ created once with the cluster (infra/), not per run.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 
 from shared.recipe import GKE_ACCELERATORS, Recipe
 
-from services.trainer.run_job import EXIT_REJECTED, JOB_ENV
+from services.trainer.run_job import EXIT_REJECTED, JOB_ENV, JobSpec
 
 RDZV_PORT = 29500
 GRACE_PERIOD_S = 25         # GKE gives a spot VM 30 s of notice; the SIGTERM checkpoint must fit in it
@@ -56,7 +55,7 @@ def torchrun_command(recipe: Recipe, run_id: str, leader: str | None) -> list[st
     return command + ["-m", "services.trainer.run_job"]
 
 
-def _pod_spec(recipe: Recipe, run_id: str, job: dict, *, image: str, env: dict[str, str],
+def _pod_spec(recipe: Recipe, run_id: str, job: JobSpec, *, image: str, env: dict[str, str],
               service_account: str, leader: str | None) -> dict:
     hw = recipe.hardware
     selector = {"cloud.google.com/gke-accelerator": GKE_ACCELERATORS[hw.gpu], "cloud.google.com/gke-nodepool": hw.pool}
@@ -65,7 +64,7 @@ def _pod_spec(recipe: Recipe, run_id: str, job: dict, *, image: str, env: dict[s
         selector["cloud.google.com/gke-spot"] = "true"
         tolerations.append({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
                             "effect": "NoSchedule"})
-    container_env = [{"name": k, "value": v} for k, v in {**env, JOB_ENV: json.dumps(job)}.items()]
+    container_env = [{"name": k, "value": v} for k, v in {**env, JOB_ENV: job.model_dump_json()}.items()]
     return {
         "restartPolicy": "Never",
         "serviceAccountName": service_account,
@@ -97,7 +96,7 @@ def render(recipe: Recipe, run_id: str, dataset_uri: str, *, tenant: str = "defa
     """The Job (one node) or JobSet (several) that trains `run_id` (a plain dict, ready for YAML)."""
     name = object_name(run_id)
     hw = recipe.hardware
-    job = {"run_id": run_id, "recipe": recipe.model_dump(mode="json"), "dataset_uri": dataset_uri, "tenant": tenant}
+    job = JobSpec(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri, tenant=tenant)
     labels = {
         "app.kubernetes.io/name": "ftpipe-trainer", "app.kubernetes.io/part-of": "ftpipe",
         "ftpipe.dev/run-id": label_value(run_id), "ftpipe.dev/tenant": label_value(tenant),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from shared.recipe import GPU_TABLE, Recipe
+from shared.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ class MonitorState:
 
 
 def cost_per_second(recipe: Recipe) -> float:
-    hw = recipe.hardware
-    price = hw.price_per_gpu_hour if hw.price_per_gpu_hour is not None else GPU_TABLE[hw.gpu]["price_per_gpu_hour"]
-    return hw.total_gpus * price / 3600
+    return recipe.hardware.total_gpus * recipe.hardware.gpu_price / 3600
 
 
 class Monitor:

@@ -397,9 +397,15 @@ def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, schedul
     return final
 
 
+def local_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the whole checkpoints in a work folder's checkpoints/, oldest first."""
+    return sorted((int(p.name.split("-", 1)[1]), p) for p in checkpoints.glob("step-*")
+                  if (p / "trainer_state.json").is_file())
+
+
 def _prune_checkpoints(checkpoints: Path, keep: int, best_step: int | None) -> None:
     """Keep the latest `keep` checkpoints and the best one."""
-    steps = sorted((int(p.name.split("-", 1)[1]), p) for p in checkpoints.glob("step-*") if p.is_dir())
+    steps = local_checkpoints(checkpoints)
     for step, path in steps[:-keep]:
         if step != best_step:
             shutil.rmtree(path)
@@ -497,7 +503,8 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
             on_alert(Alert("out_of_memory", oom.step, message, float(oom.batch_size), None, stop=False))
             attempt = attempt.model_copy(update={"training": attempt.training.model_copy(
                 update={"batch_size": smaller[0], "grad_accum": smaller[1]})})
-            resume_from = _latest_checkpoint(checkpoints) or resume_from
+            done = local_checkpoints(checkpoints)
+            resume_from = done[-1][1] if done else resume_from
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -507,12 +514,6 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
                 "micro_batch": {"batch_size": result.micro_batch[0], "grad_accum": result.micro_batch[1]},
                 "loss_curve": result.loss_curve}))
     return result
-
-
-def _latest_checkpoint(checkpoints: Path) -> Path | None:
-    found = sorted((int(p.name.split("-", 1)[1]), p) for p in checkpoints.glob("step-*")
-                   if (p / "trainer_state.json").is_file())
-    return found[-1][1] if found else None
 
 
 def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
