@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 from services.evaluator.probes import fact_rate, load_probes  # noqa: E402
 from services.preprocess import formats, split, stages  # noqa: E402
-from services.trainer.training import load_base, train  # noqa: E402
+from services.trainer.modeling import load_base  # noqa: E402
+from services.trainer.training import train  # noqa: E402
 from shared.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
 SAMPLE = ROOT / "examples" / "support" / "support_chats.jsonl"

@@ -174,12 +174,21 @@ class SchedulingSpec(_Strict):
     queue: str = Field("ftpipe", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+ADAPTER_KINDS = ("lora", "qlora", "prefix", "full")
+
+
 class AdapterSpec(_Strict):
-    kind: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1)
+    """What trains (services/trainer/modeling.py): LoRA on a float32 base; QLoRA, LoRA on a 4-bit
+    (NF4) base through bitsandbytes; prefix tuning (trained key/value prefixes in every layer);
+    full, every weight of the base (the result is a whole model, not an adapter)."""
+    kind: Literal[ADAPTER_KINDS] = "lora"
+    r: int = Field(16, ge=1)                         # LoRA / QLoRA rank
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | tuple[str, ...] = "all-linear"
+    quant_type: Literal["nf4", "fp4"] = "nf4"        # QLoRA: the 4-bit data type of the frozen base
+    double_quant: bool = True                        # QLoRA: quantise the quantisation constants too
+    num_virtual_tokens: int = Field(16, ge=1)        # prefix tuning: trained positions per layer
 
 
 class TrainingSpec(_Strict):
@@ -192,6 +201,10 @@ class TrainingSpec(_Strict):
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)   # gradients are clipped to this global norm each step
     group_by_length: bool = True              # batch similar lengths together: less padding, same randomness per epoch
+    # SFT: several conversations per row of max_seq_len tokens, each attending only to itself (no padding).
+    packing: bool = False
+    # DPO: strength of the pull towards the base model (TRL's beta); ORPO: weight of the odds-ratio term (lambda).
+    beta: float = Field(0.1, gt=0)
     max_seq_len: int = Field(256, ge=16)
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)    # the latest ones; the best (lowest val loss) is kept as well
@@ -261,6 +274,11 @@ class Recipe(_Strict):
         if self.data.format not in ("auto", *wanted):
             raise ValueError(f"data.format {self.data.format!r} does not fit task {self.task!r} with method "
                              f"{self.method!r}, which train on {self.data_kind} rows; use auto or one of {list(wanted)}")
+        if self.training.packing and self.data_kind != "chat":
+            raise ValueError(f"training.packing applies to chat SFT; this recipe trains {self.data_kind} rows "
+                             f"(task {self.task!r}, method {self.method!r}); set packing: false")
+        if self.adapter.kind == "prefix" and self.task == "classification":
+            raise ValueError("adapter.kind 'prefix' is for causal LMs; use lora, qlora or full for classification")
         gpus = self.hardware.total_gpus
         if self.distribution.strategy == "single" and gpus > 1:
             raise ValueError(f"hardware asks for {gpus} GPUs ({self.hardware.count} x {self.hardware.nodes} nodes) "

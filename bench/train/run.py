@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
-from services.trainer.training import load_base, load_split, train  # noqa: E402
+from services.trainer.modeling import load_base  # noqa: E402
+from services.trainer.training import load_split, train  # noqa: E402
 from shared.datasets import with_system_prompt  # noqa: E402
 from shared.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 

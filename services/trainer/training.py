@@ -1,13 +1,16 @@
-"""The trainer's domain logic: LoRA supervised fine-tuning of a recipe's base model on a prepared
-dataset, as plain functions (no bus, no object store; `main.py` wires those in via the callbacks).
+"""The trainer's domain logic: fine-tuning of a recipe's base model on a prepared dataset, as plain
+functions (no bus, no object store; `main.py` wires those in via the callbacks). What trains is in
+`modeling.py` (LoRA, QLoRA, prefix tuning, full), what is learned from the rows in `objectives.py`
+(chat SFT, DPO, ORPO, classification); this module is the loop they share.
 
 The loop is a plain torch loop in the style of torchtune recipes rather than the Hugging Face
 `Trainer`: we need exact resume (same step, same batch, same loss curve after a pod is replaced),
 our own checkpoint layout that the caller uploads to the object store, and batched metrics
-callbacks. All three are a few lines each here and would be overrides and workarounds there.
+callbacks. All three are a few lines each here and would be overrides and workarounds there. It
+is also faster: bench/train measures it against a plain TRL SFTTrainer script.
 
 Data contract (produced by the preprocess service): a folder with train.jsonl / val.jsonl /
-test.jsonl, one {"id": str, "messages": [{"role", "content"}, ...]} per line.
+test.jsonl of the recipe's kind of rows (shared/datasets.py, DESIGN.md "The stages").
 """
 from __future__ import annotations
 
@@ -26,19 +29,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shared.build_info import RUN_RECORD
-from shared.datasets import DatasetContractError, read_split, with_system_prompt
-from shared.models import ModelNotAvailable, resolve_model
+from shared.datasets import DatasetContractError, read_split
 from shared.recipe import Recipe, TrainingSpec
 
-from services.trainer import run_record
+from services.trainer import modeling, objectives, run_record
 from services.trainer.monitor import Alert, Monitor
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that cross_entropy skips: prompt, system and padding tokens
 # Recipe fields that only change bookkeeping, not the numbers: a checkpoint written under other
 # values of these can still be resumed exactly.
 _BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "metrics_every", "eval_every", "early_stop_evals",
@@ -68,17 +68,6 @@ class TrainResult:
     loss_curve: list[float]    # the loss of every step, resumes included
     micro_batch: tuple[int, int]  # (batch_size, grad_accum) the run ended with (the OOM back-off may lower it)
     device: str
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]          # IGNORE_INDEX everywhere but assistant content + end-of-turn tokens
-
-    @property
-    def trained_tokens(self) -> int:
-        # Labels are shifted by one in the loss, so the first token is never a target.
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
 @dataclass
@@ -115,88 +104,6 @@ def load_split(path: Path) -> list[dict]:
         raise TrainingError(f"{exc}; re-run the preprocess stage") from exc
 
 
-def encode_conversation(tokenizer, messages: list[dict], *, system_prompt: str | None,
-                        max_seq_len: int) -> Example:
-    """Token ids and labels of one conversation, trained on assistant turns only.
-
-    The chat template is rendered prefix by prefix (the template has no generation markers to
-    ask it for an assistant mask): the text an assistant message adds after the generation
-    prompt is its content and end-of-turn token, which are trained; everything else is
-    IGNORE_INDEX. Each segment is tokenized on its own, exactly as at inference, where the
-    prompt is tokenized and the reply generated after it.
-    """
-    messages = with_system_prompt(messages, system_prompt)
-
-    def render(upto: int, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-
-    end_of_turn = tokenizer.eos_token_id
-    input_ids: list[int] = []
-    labels: list[int] = []
-
-    def append(text: str, trained: bool) -> None:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        if not trained:
-            labels.extend([IGNORE_INDEX] * len(ids))
-            return
-        # Train through the last end-of-turn token; what the template adds after it (a newline)
-        # is formatting the model never has to produce.
-        last = max((i for i, tok in enumerate(ids) if tok == end_of_turn), default=len(ids) - 1)
-        labels.extend(ids[:last + 1] + [IGNORE_INDEX] * (len(ids) - last - 1))
-
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            if i == 0:
-                raise TrainingError("a conversation starts with an assistant turn; there is no prompt to "
-                                    "answer (fix the data, or set data.system_prompt in the recipe)")
-            prompt = render(i, generation_prompt=True)
-            _check_prefix(rendered, prompt)
-            append(prompt[len(rendered):], trained=False)
-            rendered = prompt
-        text = render(i + 1, generation_prompt=False)
-        _check_prefix(rendered, text)
-        append(text[len(rendered):], trained=message["role"] == "assistant")
-        rendered = text
-    return Example(input_ids[:max_seq_len], labels[:max_seq_len])
-
-
-def _check_prefix(rendered: str, longer: str) -> None:
-    if not longer.startswith(rendered):
-        raise TrainingError("the base model's chat template does not render a conversation as an extension of "
-                            "its prefix, so assistant turns cannot be masked; use a model whose template appends "
-                            "one message at a time (ChatML, Llama, ...)")
-
-
-def _encode_split(tokenizer, rows: list[dict], recipe: Recipe, split: str, log: logging.Logger) -> list[Example]:
-    examples, no_assistant, truncated_away = [], 0, 0
-    for row in rows:
-        if not any(m["role"] == "assistant" for m in row["messages"]):
-            no_assistant += 1
-            continue
-        try:
-            example = encode_conversation(tokenizer, row["messages"], system_prompt=recipe.data.system_prompt,
-                                          max_seq_len=recipe.training.max_seq_len)
-        except TrainingError as exc:
-            raise TrainingError(f"{split} row {row.get('id', '?')}: {exc}") from None
-        if example.trained_tokens == 0:
-            truncated_away += 1
-            continue
-        examples.append(example)
-    if rows and not examples:
-        if no_assistant == len(rows):
-            raise TrainingError(f"{split} split: none of its {len(rows)} conversations has an assistant turn, so "
-                                "there is nothing to learn; check the dataset format (chat rows need assistant messages)")
-        raise TrainingError(f"{split} split: every assistant turn lies beyond training.max_seq_len="
-                            f"{recipe.training.max_seq_len} tokens; raise max_seq_len or shorten the prompts")
-    if no_assistant or truncated_away:
-        log.warning("%s split: skipped %d conversations without assistant turns and %d whose assistant turns "
-                    "lie beyond max_seq_len", split, no_assistant, truncated_away)
-    return examples
-
-
 def _step_batches(lengths: list[int], step_size: int, seed: int, epoch: int,
                   group_by_length: bool) -> list[list[int]]:
     """Example indices of each optimizer step of one epoch (`step_size` = batch_size x grad_accum),
@@ -221,19 +128,6 @@ def _step_batches(lengths: list[int], step_size: int, seed: int, epoch: int,
     return batches
 
 
-def _collate(batch: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
-
-
 # ------------------------------------------------------------------------------------ model
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -249,42 +143,6 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_base(recipe: Recipe, log: logging.Logger = logger):
-    """(tokenizer, float32 model) of the recipe's base model, or a TrainingError saying why not."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        path = resolve_model(recipe.base_model)
-    except ModelNotAvailable as exc:
-        raise TrainingError(f"base_model {recipe.base_model!r}: {exc}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        # float32 throughout: training is reproducible to the bit on one machine, which exact resume needs.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as exc:  # bad config, missing or truncated weights, unknown architecture: all "not loadable"
-        raise TrainingError(f"base_model {recipe.base_model!r} ({path}) could not be loaded as a causal LM: {exc}; "
-                            "point base_model at a Hugging Face model folder with config, weights and tokenizer") from exc
-    if tokenizer.chat_template is None:
-        raise TrainingError(f"base_model {recipe.base_model!r} has no chat template; chat SFT needs an instruct "
-                            "model (or a tokenizer_config.json with chat_template)")
-    log.info("loaded base model %s from %s", recipe.base_model, path)
-    return tokenizer, model
-
-
-def _with_lora(model, recipe: Recipe):
-    from peft import LoraConfig, get_peft_model
-
-    spec = recipe.adapter
-    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise TrainingError(f"adapter.target_modules={spec.target_modules!r} does not match the base model's "
-                            f"modules: {exc}; use 'all-linear' or names such as q_proj, v_proj") from exc
-
-
 def _lr_scheduler(optimizer, recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
@@ -293,51 +151,20 @@ def _lr_scheduler(optimizer, recipe: Recipe, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def _plain_head(model) -> bool:
-    """Whether the logits are just the output embedding of the decoder's last hidden state (Llama,
-    Mistral, Qwen, SmolLM, ...), not scaled or soft-capped afterwards (Gemma 2, Cohere, Granite)."""
-    config = model.get_base_model().config
-    return not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-
-
-def _batch_loss_sum(model, batch: dict[str, torch.Tensor], plain_head: bool) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained positions, and how many there were. The step
-    divides by its total, so every trained token weighs the same whatever the accumulation.
-
-    With a plain head the logits are computed at trained positions only: the LM head over a 49k
-    vocabulary costs a sixth of a small model's compute per position, and three quarters of the
-    positions (system, user, prompt) are not trained. About 15% faster on CPU."""
-    targets = batch["labels"][:, 1:]
-    trained = targets != IGNORE_INDEX
-    if plain_head:
-        backbone = model.get_base_model()
-        hidden = backbone.get_decoder()(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = backbone.get_output_embeddings()(hidden[:, :-1][trained])
-        loss = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int(trained.sum())
-
-
 @torch.no_grad()
-def _evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: int) -> float | None:
-    """Token-weighted mean loss over examples (None when there are none)."""
+def _evaluate_loss(model, objective, examples: list, *, batch_size: int, device: torch.device) -> float | None:
+    """Weighted mean loss over examples (per trained token, pair or example; None when there are none)."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    plain_head = _plain_head(model)
-    total, count = 0.0, 0
+    total, weight = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        loss, n = _batch_loss_sum(model, _collate(examples[start:start + batch_size], pad_id, device), plain_head)
-        total += loss.item()
-        count += n
+        batch = examples[start:start + batch_size]
+        total += objective.loss_sum(model, batch, device).item()
+        weight += sum(objective.weight(e) for e in batch)
     model.train(was_training)
-    return total / count
+    return total / weight
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -347,7 +174,8 @@ def _fingerprint(recipe: Recipe, train_file: Path) -> str:
     training = {k: v for k, v in recipe.training.model_dump(mode="json").items() if k not in _BOOKKEEPING_FIELDS}
     # the effective batch, not how it is cut: the OOM back-off resumes with smaller micro-batches
     training["effective_batch"] = training.pop("batch_size") * training.pop("grad_accum")
-    material = {"base_model": recipe.base_model, "system_prompt": recipe.data.system_prompt,
+    material = {"base_model": recipe.base_model, "task": recipe.task, "method": recipe.method,
+                "system_prompt": recipe.data.system_prompt,
                 "adapter": recipe.adapter.model_dump(mode="json"), "training": training,
                 "train_sha256": hashlib.sha256(train_file.read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
@@ -374,14 +202,14 @@ def _restore_rng(states: dict) -> None:
 
 
 def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, scheduler, *, fingerprint: str,
-                     seed: int, total_steps: int) -> Path:
+                     seed: int, total_steps: int, labels: list[str] | None) -> Path:
     """Write step-N/ next to a temporary name and rename it into place, so a crash mid-write never
     leaves a half checkpoint that looks complete."""
     final = checkpoints / f"step-{state.global_step}"
     tmp = checkpoints / f".step-{state.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
+    modeling.save_trained(model, tmp / "adapter", labels=labels)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_states(), tmp / "rng.pt")
@@ -412,9 +240,6 @@ def _prune_checkpoints(checkpoints: Path, keep: int, best_step: int | None) -> N
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: str) -> _State:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise TrainingError(f"resume_from={path} is not a checkpoint (no trainer_state.json); pass a "
@@ -424,10 +249,10 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: st
         raise TrainingError(f"checkpoint {path} was written for another recipe or dataset (fingerprint "
                             f"{saved['fingerprint']} != {fingerprint}); resume with the run's own recipe and data, "
                             "or start a new run")
-    weights = load_file(path / "adapter" / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise TrainingError(f"checkpoint {path}: adapter weights do not fit the model ({result.unexpected_keys[:3]} ...)")
+    try:
+        modeling.restore_trained(model, path / "adapter")
+    except modeling.ModelError as exc:
+        raise TrainingError(str(exc)) from exc
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _restore_rng(torch.load(path / "rng.pt", weights_only=True))
@@ -445,10 +270,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _steps(state: _State, examples: list[Example], spec: TrainingSpec) -> Iterator[list[list[Example]]]:
+def _steps(state: _State, examples: list, lengths: list[int], spec: TrainingSpec) -> Iterator[list[list]]:
     """The micro-batches of each optimizer step from the state's data position on, forever; the
     state's position is advanced by the caller once the step is done."""
-    lengths = [len(ex.input_ids) for ex in examples]
     epoch, start = state.epoch, state.next_step
     while True:
         for batch in _step_batches(lengths, spec.batch_size * spec.grad_accum, spec.seed, epoch,
@@ -524,7 +348,8 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
                    on_alert: Callable[[Alert], None] = _ignore,
                    fetch_checkpoint: Callable[[int], Path | None] = _no_checkpoint,
                    log: logging.Logger = logger) -> TrainResult:
-    """LoRA SFT of recipe.base_model on data_dir/train.jsonl; the adapter lands in work_dir/adapter.
+    """Fine-tune recipe.base_model on data_dir/train.jsonl with the recipe's objective and adapter;
+    the result (a PEFT adapter, or the whole model for adapter.kind 'full') lands in work_dir/adapter.
 
     Checkpoints go to work_dir/checkpoints/step-N every training.checkpoint_every steps and at the
     end; on_checkpoint(step, path, metrics) runs after each (the caller uploads it). Per-step metrics
@@ -554,20 +379,27 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     val_rows = load_split(val_file) if val_file.is_file() else []
 
     _seed_everything(spec.seed)
-    tokenizer, model = load_base(recipe, log)
     device = _device()
-    model = _with_lora(model, recipe).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    examples = _encode_split(tokenizer, train_rows, recipe, "train", log)
-    val_examples = _encode_split(tokenizer, val_rows, recipe, "val", log)
+    try:
+        tokenizer = modeling.load_tokenizer(recipe)
+        labels = objectives.split_labels(recipe, train_rows) if recipe.task == "classification" else None
+        model = modeling.build_model(recipe, labels=labels, log=log)
+        if recipe.adapter.kind != "qlora":  # a 4-bit model is placed while it loads
+            model = model.to(device)
+        objective = objectives.for_recipe(recipe, tokenizer, labels=labels)
+        examples = objective.prepare(model, objective.encode(train_rows, "train", log), device)
+        val_examples = objective.prepare(model, objective.encode(val_rows, "val", log), device)
+    except (modeling.ModelError, objectives.DataError) as exc:
+        raise TrainingError(str(exc)) from exc
+    if not examples:
+        raise TrainingError(f"the train split {train_file} has no row this recipe can train on (see the warnings "
+                            "above); check the dataset against the recipe's task and method")
     steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.grad_accum))
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
-    log.info("train split: %d conversations, %d tokens (%d trained); %d steps of %d x %d examples",
-             len(examples), sum(len(e.input_ids) for e in examples), sum(e.trained_tokens for e in examples),
+    log.info("train split: %d examples, %d tokens (weight %d); %d steps of %d x %d examples",
+             len(examples), sum(objective.tokens(e) for e in examples), sum(objective.weight(e) for e in examples),
              total_steps, spec.grad_accum, spec.batch_size)
 
-    plain_head = _plain_head(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
     scheduler = _lr_scheduler(optimizer, recipe, total_steps)
@@ -592,7 +424,7 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
             pending.clear()
         state.monitor = monitor.state_dict()
         path = _save_checkpoint(checkpoints, state, model, optimizer, scheduler, fingerprint=fingerprint,
-                                seed=spec.seed, total_steps=total_steps)
+                                seed=spec.seed, total_steps=total_steps, labels=labels)
         summary = {**(state.metrics[-1] if state.metrics else {}), "tokens_seen": state.tokens_seen}
         if monitor.state.best_step is not None:
             summary["best_step"] = monitor.state.best_step
@@ -603,19 +435,18 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         return path
 
     model.train()
-    step_batches = _steps(state, examples, spec)
+    step_batches = _steps(state, examples, [objective.length(e) for e in examples], spec)
     stopped_early = monitor.stopped_early()  # a resume of a run that had already stopped early
     while state.global_step < total_steps and not stopped_early:
         micro = next(step_batches)
         started = time.perf_counter()
-        collated = [_collate(b, pad_id, device) for b in micro]
-        targets = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in collated)
-        tokens = sum(int(c["attention_mask"].sum()) for c in collated)
+        targets = sum(objective.weight(e) for batch in micro for e in batch)
+        tokens = sum(objective.tokens(e) for batch in micro for e in batch)
         lr = scheduler.get_last_lr()[0]
         step_loss = 0.0
         try:
-            for batch in collated:
-                loss_sum, _ = _batch_loss_sum(model, batch, plain_head)
+            for batch in micro:
+                loss_sum = objective.loss_sum(model, batch, device)
                 (loss_sum / targets).backward()
                 step_loss += loss_sum.item()
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -642,8 +473,8 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         alerts = monitor.on_step(state.global_step, metrics["loss"], float(grad_norm), state.seconds)
         if val_examples and not any(a.stop for a in alerts) and (
                 state.global_step % eval_every == 0 or state.global_step == total_steps):
-            metrics["val_loss"] = round(_evaluate_loss(model, val_examples, batch_size=spec.batch_size,
-                                                       pad_id=pad_id), 6)
+            metrics["val_loss"] = round(_evaluate_loss(model, objective, val_examples, batch_size=spec.batch_size,
+                                                       device=device), 6)
             alerts += monitor.on_eval(state.global_step, metrics["val_loss"])
         for alert in alerts:
             (log.error if alert.stop else log.warning)("%s: %s", alert.kind, alert.message)
@@ -677,10 +508,10 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         shutil.copytree(found / "adapter", adapter_dir)
         val_loss = best.best_val_loss
     else:
-        model.save_pretrained(adapter_dir)
+        modeling.save_trained(model, adapter_dir, labels=labels)
         last_eval = state.metrics[-1].get("val_loss") if state.metrics else None
         val_loss = last_eval if last_eval is not None else _evaluate_loss(
-            model, val_examples, batch_size=spec.batch_size, pad_id=pad_id)
+            model, objective, val_examples, batch_size=spec.batch_size, device=device)
     final_epoch = state.metrics[-min(steps_per_epoch, len(state.metrics)):]
     train_loss = sum(m["loss"] for m in final_epoch) / len(final_epoch) if final_epoch else None
     if val_loss is None:

@@ -27,7 +27,8 @@ import json, resource, sys
 from pathlib import Path
 import torch
 from shared.recipe import apply_overrides, load_recipe
-from services.trainer.training import TrainingError, load_base, train
+from services.trainer.modeling import load_base
+from services.trainer.training import TrainingError, train
 
 data, work, headroom, overrides = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 recipe = apply_overrides(load_recipe("tiny-sft"), overrides)

@@ -15,8 +15,14 @@ torch = pytest.importorskip("torch")
 
 from shared.models import resolve_model  # noqa: E402
 from shared.recipe import apply_overrides, load_recipe  # noqa: E402
-from services.trainer.training import (  # noqa: E402
-    IGNORE_INDEX, TrainingError, TrainingStopped, encode_conversation, train)
+from services.trainer.chat_templates import training_template  # noqa: E402
+from services.trainer.objectives import IGNORE_INDEX  # noqa: E402
+from services.trainer.objectives import encode_conversation as _encode  # noqa: E402
+from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
+
+
+def encode_conversation(tokenizer, messages, **kwargs):
+    return _encode(tokenizer, training_template(tokenizer), messages, **kwargs)
 
 
 def _chat(i: int) -> dict:
@@ -60,7 +66,7 @@ def test_label_mask_trains_only_assistant_content_and_end_of_turn(tokenizer):
     messages = _chat(1)["messages"]
     ex = encode_conversation(tokenizer, messages, system_prompt="Be brief.", max_seq_len=512)
 
-    # Segment-wise tokenization equals tokenizing the whole rendered conversation.
+    # The ids are those of the whole conversation as the model's own template renders it.
     full = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, *messages], tokenize=False)
     assert ex.input_ids == tokenizer(full, add_special_tokens=False)["input_ids"]
@@ -244,15 +250,19 @@ def test_unloadable_model_is_a_clear_error(data_dir, tmp_path):
 
 def test_logits_at_trained_positions_only_give_the_full_loss(tokenizer):
     from transformers import AutoModelForCausalLM
-    from services.trainer.training import _batch_loss_sum, _collate, _with_lora
+    from services.trainer.objectives import _pad, target_logps
 
-    model = _with_lora(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-smollm2")), _recipe())
-    batch = _collate([encode_conversation(tokenizer, _chat(i)["messages"], system_prompt=None, max_seq_len=512)
-                      for i in range(3)], tokenizer.pad_token_id, torch.device("cpu"))
-    fast, n_fast = _batch_loss_sum(model, batch, plain_head=True)
-    full, n_full = _batch_loss_sum(model, batch, plain_head=False)
-    assert n_fast == n_full > 0
-    assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-smollm2"))
+    examples = [encode_conversation(tokenizer, _chat(i)["messages"], system_prompt=None, max_seq_len=512)
+                for i in range(3)]
+    ids, labels = _pad([e.input_ids for e in examples], 0), _pad([e.labels for e in examples], IGNORE_INDEX)
+    mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
+    fast, rows = target_logps(model, ids, labels, attention_mask=mask)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    full = -torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    assert len(fast) == sum(e.trained_tokens for e in examples) and rows.tolist() == sorted(rows.tolist())
+    assert fast.sum().item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def test_length_grouped_batches_cover_the_epoch_once_and_depend_only_on_seed_and_epoch():
