@@ -33,7 +33,10 @@ from services.trainer.training import TrainingError, train
 data, work, headroom, overrides = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 recipe = apply_overrides(load_recipe("tiny-sft"), overrides)
 torch.randn(256, 256) @ torch.randn(256, 256)
-load_base(recipe)
+tokenizer, _ = load_base(recipe)
+# what training imports before its first step (TRL's template tables map ~1.5 GB of address space)
+from services.trainer import objectives
+objectives.for_recipe(recipe, tokenizer)
 mapped = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (mapped + headroom * 2**20, resource.RLIM_INFINITY))
 alerts = []
