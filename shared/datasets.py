@@ -1,8 +1,10 @@
 """The prepared-dataset contract, read in one place by every stage that consumes it.
 
 A prepared dataset is a folder with train.jsonl, val.jsonl and test.jsonl (plus manifest.json,
-pii_report.json, rejected.jsonl); each split line is {"id": str, "messages": [{"role": "system" |
-"user" | "assistant", "content": str}, ...]}.
+pii_report.json, rejected.jsonl). Each split line is one row of the recipe's kind
+(Recipe.data_kind): chat {"id", "messages": [{"role": "system" | "user" | "assistant", "content"},
+...]}, preference (TRL's conversational format) {"id", "prompt": [messages], "chosen": [messages],
+"rejected": [messages]}, or classification {"id", "text": str, "label": str | int}.
 """
 from __future__ import annotations
 
@@ -11,7 +13,24 @@ from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
-_SHAPE = '{"id": str, "messages": [{"role": system|user|assistant, "content": str}, ...]}'
+SHAPES = {
+    "chat": '{"id": str, "messages": [{"role": system|user|assistant, "content": str}, ...]}',
+    "preference": '{"id": str, "prompt": [messages], "chosen": [messages], "rejected": [messages]}',
+    "classification": '{"id": str, "text": str, "label": str | int}',
+}
+
+
+def _messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
+
+
+_VALID = {
+    "chat": lambda row: _messages(row.get("messages")),
+    "preference": lambda row: all(_messages(row.get(k)) for k in ("prompt", "chosen", "rejected")),
+    "classification": lambda row: isinstance(row.get("text"), str) and isinstance(row.get("label"), (str, int))
+    and not isinstance(row.get("label"), bool),
+}
 
 
 class DatasetContractError(ValueError):
@@ -31,14 +50,12 @@ def iter_jsonl(path: Path, *, shape: str):
                 raise DatasetContractError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {shape}") from exc
 
 
-def read_split(path: Path) -> list[dict]:
-    """Every row of one split, validated; blank lines are skipped."""
+def read_split(path: Path, kind: str = "chat") -> list[dict]:
+    """Every row of one split of the given kind, validated; blank lines are skipped."""
     rows = []
-    for lineno, row in iter_jsonl(path, shape=_SHAPE):
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-            raise DatasetContractError(f"{path}:{lineno}: expected {_SHAPE}")
+    for lineno, row in iter_jsonl(path, shape=SHAPES[kind]):
+        if not isinstance(row, dict) or not _VALID[kind](row):
+            raise DatasetContractError(f"{path}:{lineno}: expected a {kind} row {SHAPES[kind]}")
         rows.append(row)
     return rows
 

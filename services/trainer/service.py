@@ -55,9 +55,6 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
 def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
     from services.trainer.training import TrainingError, TrainingStopped, train
 
-    if recipe.data_kind != "chat":
-        raise Reject(f"recipe {recipe.name} asks for method {recipe.method!r} on {recipe.data_kind} rows; this "
-                     "trainer version trains chat SFT only (preference and classification training: issue 4)")
     if recipe.distribution.strategy != "single":
         raise Reject(f"recipe {recipe.name} asks for distribution.strategy {recipe.distribution.strategy!r}; this "
                      "trainer version trains in one process (distributed training: issue 4)")

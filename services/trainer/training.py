@@ -96,12 +96,12 @@ def _never() -> bool:
 
 # ------------------------------------------------------------------------------------ data
 
-def load_split(path: Path) -> list[dict]:
+def load_split(path: Path, kind: str = "chat") -> list[dict]:
     """Rows of one prepared split; a malformed line is an error (the preprocess should not emit it)."""
     try:
-        return read_split(path)
+        return read_split(path, kind)
     except DatasetContractError as exc:
-        raise TrainingError(f"{exc}; re-run the preprocess stage") from exc
+        raise TrainingError(f"{exc}; re-run the preprocess stage with this recipe (its kind of rows)") from exc
 
 
 def _step_batches(lengths: list[int], step_size: int, seed: int, epoch: int,
@@ -371,12 +371,12 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     if not train_file.is_file():
         raise TrainingError(f"no train split at {train_file}; data_dir must be a prepared dataset folder "
                             "(train.jsonl, val.jsonl, test.jsonl) written by the preprocess stage")
-    train_rows = load_split(train_file)
+    train_rows = load_split(train_file, recipe.data_kind)
     if not train_rows:
         raise TrainingError(f"the train split {train_file} is empty; the preprocess stage kept no rows "
                             "(see its quality_report.json and rejected.jsonl)")
     val_file = data_dir / "val.jsonl"
-    val_rows = load_split(val_file) if val_file.is_file() else []
+    val_rows = load_split(val_file, recipe.data_kind) if val_file.is_file() else []
 
     _seed_everything(spec.seed)
     device = _device()
