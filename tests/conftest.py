@@ -19,3 +19,13 @@ def spark():
     from services.preprocess.spark import build_session
 
     return build_session(cores=2, shuffle_partitions=2, quick_jvm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny random model's tokenizer (SmolLM2's vocabulary and chat template)."""
+    from transformers import AutoTokenizer
+
+    from shared.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("tiny-random-smollm2"))

@@ -236,9 +236,8 @@ class PairExample:
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
     """TRL's DPO loss (DPOTrainer, loss_type 'sigmoid', reverse KL), per pair. TRL 1.16 computes it
-    inline in DPOTrainer._compute_loss, with no function of its own to call, so it is restated here
-    (one line); the rest of DPO, the reference and the data, follow TRL's precompute_ref_log_probs
-    and conversational format."""
+    inline in DPOTrainer._compute_loss, with no function of its own to call, so it is restated here;
+    a test checks that our objective gives DPOTrainer's loss on the same batch."""
     delta = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
     return -F.logsigmoid(beta * delta)
 
@@ -262,11 +261,10 @@ class Preference:
             raise DataError(f"base_model {recipe.base_model!r} has no chat template; preference training renders "
                             "conversational pairs with it, so it needs an instruct model")
 
-    def _completion(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Train through the last end-of-turn token, not the formatting the template adds after it.
-        last = max((i for i, tok in enumerate(ids) if tok == self.tokenizer.eos_token_id), default=len(ids) - 1)
-        return ids[:last + 1]
+    def _ids(self, text: str) -> list[int]:
+        # Prompt and answers are tokenized apart and joined, as TRL's DPOTrainer does, so that the
+        # loss of a batch is the loss TRL computes on it (tests/unit/test_methods.py checks it).
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, rows: list[dict], split: str, log: logging.Logger) -> list[PairExample]:
         from trl.data_utils import apply_chat_template
@@ -281,13 +279,12 @@ class Preference:
             except Exception as exc:  # noqa: BLE001 - jinja / shape errors of one row
                 raise DataError(f"{split} row {row.get('id', '?')}: not a conversational preference pair "
                                 f"(prompt, chosen, rejected message lists): {exc}") from None
-            prompt = self.tokenizer(text["prompt"], add_special_tokens=False)["input_ids"]
+            prompt = self._ids(text["prompt"])
             room = max_len - len(prompt)
             if room < 2:
                 too_long += 1
                 continue
-            examples.append(PairExample(prompt, self._completion(text["chosen"])[:room],
-                                        self._completion(text["rejected"])[:room]))
+            examples.append(PairExample(prompt, self._ids(text["chosen"])[:room], self._ids(text["rejected"])[:room]))
         if rows and not examples:
             raise DataError(f"{split} split: every prompt is longer than training.max_seq_len={max_len} tokens; "
                             "raise max_seq_len or shorten the prompts")

@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
+from shared.datasets import with_system_prompt  # noqa: E402
 from shared.models import resolve_model  # noqa: E402
 from shared.recipe import RecipeError, apply_overrides, load_recipe  # noqa: E402
 from services.trainer import modeling, objectives  # noqa: E402
@@ -39,10 +40,9 @@ def _chat(i: int, turns: int = 1) -> dict:
     return {"id": f"c{i}", "messages": messages}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(resolve_model("tiny-random-smollm2"))
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture
@@ -162,14 +162,32 @@ def test_orpo_loss_is_trls_odds_ratio_term_plus_the_chosen_nll():
     assert torch.allclose(ours, -chosen - trl_terms)
 
 
-def test_dpo_loss_is_trls_sigmoid_loss():
-    chosen, rejected = torch.tensor([-4.0, -2.0]), torch.tensor([-5.0, -1.0])
-    ref_chosen, ref_rejected = torch.tensor([-4.5, -2.5]), torch.tensor([-4.0, -1.5])
-    loss = objectives.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
-    # TRL's DPOTrainer (loss_type "sigmoid", reverse KL): -logsigmoid(beta * (chosen - rejected log-ratios))
-    expected = -torch.nn.functional.logsigmoid(0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected)))
-    assert torch.allclose(loss, expected)
-    assert loss[0] < loss[1]  # the pair whose chosen answer gained on the reference costs less
+def test_dpo_objective_gives_trls_dpo_trainer_loss_on_the_same_batch(tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    recipe = _recipe(**{"method": "dpo", "training.beta": 0.3})
+    rows = [_pair(i) for i in range(3)]
+    model = modeling.build_model(recipe)
+    trl_rows = [{k: with_system_prompt(v, recipe.data.system_prompt) if k == "prompt" else v
+                 for k, v in r.items() if k != "id"} for r in rows]
+    # TRL copies the adapter as it is now into a "ref" adapter: the base, since LoRA B starts at zero
+    trainer = DPOTrainer(model=model, train_dataset=Dataset.from_list(trl_rows), processing_class=tokenizer,
+                         args=DPOConfig(output_dir=str(tmp_path), beta=0.3, report_to=[], use_cpu=True,
+                                        max_length=None))
+    torch.manual_seed(1)
+    with torch.no_grad():  # the policy moves off the base
+        for name, param in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                param.normal_(0, 0.05)
+    model.eval()
+    dpo = objectives.for_recipe(recipe, tokenizer)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        ours = dpo.loss_sum(model, dpo.prepare(model, dpo.encode(rows, "train", LOG), cpu), cpu).item() / len(rows)
+        theirs = trainer.compute_loss(model, trainer.data_collator([trainer.train_dataset[i] for i in range(3)])).item()
+    assert ours == pytest.approx(theirs, abs=1e-5)
+    assert abs(ours - 0.693147) > 1e-3  # not the trivial policy == reference value
 
 
 def test_orpo_trains_without_a_reference_and_resumes_exactly(pair_dir, tmp_path):
