@@ -96,7 +96,6 @@ class Bus(Protocol):
     def create_subscription(self, subscription: str, topic: str, policy: SubscriptionPolicy,
                             dead_letter_topic: str | None = None,
                             filter: AttributeFilter | None = None) -> None: ...  # idempotent; filter fixed
-
     def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str: ...
     def subscribe(self, subscription: str, callback: Callable[[Message], None], *,
                   max_messages: int = 1, max_lease_s: float = 3600.0) -> Subscription: ...
