@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -246,6 +247,61 @@ def cmd_dlq(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ tenants
+def _limit(option: str, text: str | None, kind):
+    """A quota limit from the command line: a number >= 0, or `unlimited`."""
+    if text is None or text == "unlimited":
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{option} {text!r}: give a {'whole ' if kind is int else ''}number >= 0, or 'unlimited'")
+    return value
+
+
+def _print_tenant(t: dict) -> None:
+    def shown(limit):
+        return "unlimited" if limit is None else f"{limit:g}"
+
+    out.print(f"[bold]{escape(t['tenant'])}[/bold]  concurrent jobs {len(t['running'])} / "
+              f"{shown(t['max_concurrent_jobs'])}   GPU-hours {t['month']} {t['gpu_hours_used']:g} / "
+              f"{shown(t['gpu_hours_per_month'])}")
+    for run_id in t["running"]:
+        out.print(f"  training: {run_id}")
+
+
+def cmd_tenants(args) -> int:
+    client = _client(args)
+    if args.action == "list":
+        rows = client.tenants()
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            err.print("no tenant has a quota (every tenant is unlimited); set one with "
+                      "`ftpipe tenants set TENANT --max-concurrent N --gpu-hours-per-month H`")
+        for t in rows if not args.json else ():
+            _print_tenant(t)
+        return 0
+    if not args.tenant:
+        raise UsageError(f"tenants {args.action} needs a TENANT name; `ftpipe tenants list` shows those with a quota")
+    if args.action == "set":
+        if args.max_concurrent is None and args.gpu_hours_per_month is None:
+            raise UsageError("tenants set needs --max-concurrent N and/or --gpu-hours-per-month H "
+                             "(a number, or 'unlimited')")
+        limits = {}
+        if args.max_concurrent is not None:
+            limits["max_concurrent_jobs"] = _limit("--max-concurrent", args.max_concurrent, int)
+        if args.gpu_hours_per_month is not None:
+            limits["gpu_hours_per_month"] = _limit("--gpu-hours-per-month", args.gpu_hours_per_month, float)
+        row = client.set_tenant_quota(args.tenant, **limits)
+    else:
+        row = client.tenant(args.tenant)
+    _print_json(row) if args.json else _print_tenant(row)
+    return 0
+
+
 # ------------------------------------------------------------------ recipes
 def _recipe_row(recipe, source: str) -> dict:
     return {"name": recipe.name, "version": recipe.version, "task": recipe.task, "method": recipe.method,
@@ -439,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic")
     p.add_argument("--message-id", help="replay only this message")
     p.add_argument("--json", action="store_true")
+    p = add("tenants", cmd_tenants, "per-tenant quotas: list, show one with its usage, or set its limits")
+    p.add_argument("action", choices=["list", "show", "set"])
+    p.add_argument("tenant", nargs="?")
+    p.add_argument("--max-concurrent", metavar="N", help="set: runs training at once (a number, or 'unlimited')")
+    p.add_argument("--gpu-hours-per-month", metavar="H",
+                   help="set: GPU-hours per calendar month, UTC (a number, or 'unlimited')")
+    p.add_argument("--json", action="store_true")
     p = add("recipes", cmd_recipes, "list, show or validate recipes (built-in names or YAML files)")
     p.add_argument("action", choices=["list", "show", "validate"])
     p.add_argument("recipes", nargs="*", help="show: one recipe; validate: one or more")
@@ -490,10 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     from ftpipe.stages import StageInputError
     from shared.models import ModelNotAvailable
     from shared.recipe import RecipeError
+    from shared.tenants import TenantError
 
     try:
         return args.fn(args)
-    except (UsageError, ClientError, StackError, StageInputError, RecipeError, ModelNotAvailable, TimeoutError) as exc:
+    except (UsageError, ClientError, StackError, StageInputError, RecipeError, ModelNotAvailable, TimeoutError,
+            TenantError) as exc:
         # Messages carry file names and lists ("[...]"): not rich markup. Not wrapped either, so that
         # a message stays one line for whoever greps a log.
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)

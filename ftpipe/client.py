@@ -11,6 +11,7 @@ from shared import events as ev
 from shared.config import Adapters, Settings, bootstrap
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from shared.runtime import CANCELLATIONS, REPLAY_FOR, publish_event
+from shared.tenants import TenantError, check_name, get_quota, list_quotas, set_quota
 from shared.topology import dlq_subscription
 
 RUNS, MODEL_VERSIONS, MODELS = "runs", "model_versions", "models"
@@ -94,8 +95,11 @@ class Client:
         if "run_id" in job and not _RUN_ID.fullmatch(job["run_id"]):
             raise ClientError(f"job file: run_id {job['run_id']!r} must be 1-128 of A-Z a-z 0-9 . _ -, "
                               "starting with a letter or digit")
-        if "tenant" in job and not job["tenant"]:
-            raise ClientError("job file: 'tenant' must not be empty")
+        if "tenant" in job:
+            try:
+                check_name(job["tenant"])
+            except TenantError as exc:
+                raise ClientError(f"job file: {exc}") from exc
         try:
             recipe = self._recipe(str(job["recipe"]))
             if job.get("overrides"):
@@ -181,6 +185,26 @@ class Client:
         for row in rows:
             row["aliases"] = aliases.get((row["name"], row["version"]), [])
         return rows
+
+    # ------------------------------------------------------------ tenants
+    def tenants(self) -> list[dict]:
+        """Every tenant with a quota, and what it uses now."""
+        return [self.tenant(name) for name, _ in list_quotas(self.adapters.docs)]
+
+    def tenant(self, name: str) -> dict:
+        """A tenant's quota (None: unlimited) and what it uses now: the runs training, the GPU-hours
+        of this calendar month (UTC)."""
+        from services.trainer.quota import gpu_hours_used, month_of, running_runs
+
+        docs, now = self.adapters.docs, time.time()
+        quota, month = get_quota(docs, name), month_of(now)
+        return {"tenant": name, **quota.describe(), "running": running_runs(docs, name, now), "month": month,
+                "gpu_hours_used": round(gpu_hours_used(docs, name, month), 3)}
+
+    def set_tenant_quota(self, name: str, **limits) -> dict:
+        """Change the given limits (max_concurrent_jobs, gpu_hours_per_month; None: unlimited)."""
+        set_quota(self.adapters.docs, name, **limits)
+        return self.tenant(name)
 
     # ------------------------------------------------------------ dead letters
     def dlq_list(self, topic: str | None = None) -> list[dict]:

@@ -25,6 +25,8 @@ class Settings(BaseModel):
     min_backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     trainer_lease_s: float = 60.0          # a run's ownership lease; stale after this without heartbeat
+    # A lower priority class passed over this many times in a row is tried first (shared/scheduling.py).
+    priority_starvation_limit: int = Field(3, ge=1)
     create_resources: bool = True          # topics/subscriptions/buckets; Terraform owns them in gcp
     # Where the preprocess Spark job runs: in the service process (local Spark) or as a Dataproc
     # Serverless batch (services/preprocess/dataproc.py); the dataproc_* settings are for the latter.
@@ -51,6 +53,7 @@ class Settings(BaseModel):
             "max_delivery_attempts": env.get("FTPIPE_MAX_DELIVERY_ATTEMPTS"),
             "min_backoff_s": env.get("FTPIPE_MIN_BACKOFF_S"),
             "trainer_lease_s": env.get("FTPIPE_TRAINER_LEASE_S"),
+            "priority_starvation_limit": env.get("FTPIPE_PRIORITY_STARVATION_LIMIT"),
             "create_resources": env.get("FTPIPE_CREATE_RESOURCES"),
             "preprocess_runner": env.get("FTPIPE_PREPROCESS_RUNNER"),
             "dataproc_region": env.get("FTPIPE_DATAPROC_REGION"),
@@ -75,7 +78,8 @@ class Settings(BaseModel):
                 "FTPIPE_ACK_DEADLINE_S": str(self.ack_deadline_s),
                 "FTPIPE_MAX_DELIVERY_ATTEMPTS": str(self.max_delivery_attempts),
                 "FTPIPE_MIN_BACKOFF_S": str(self.min_backoff_s),
-                "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s)}
+                "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s),
+                "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit)}
 
     def subscription_policy(self) -> SubscriptionPolicy:
         return SubscriptionPolicy(ack_deadline_s=self.ack_deadline_s, max_delivery_attempts=self.max_delivery_attempts,

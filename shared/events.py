@@ -1,6 +1,7 @@
 """Event contracts: every message on the bus is one of these pydantic models, JSON in the body,
 with attributes `type`, `schema_version`, `run_id` and a deterministic `event_id` so that a
-redelivered or re-published message is recognised by the consumers' ledgers."""
+redelivered or re-published message is recognised by the consumers' ledgers (and `priority` on
+events that carry a recipe)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,11 @@ TRAINING = "training"
 EVALUATIONS = "evaluations"
 MODELS = "models"
 TOPICS = (DATASET_UPLOADS, JOBS, DATASETS, TRAINING, EVALUATIONS, MODELS)
+
+
+# The attribute that carries a run's priority class (its recipe's scheduling.priority) on every
+# event with a recipe; a message without it counts as batch.
+PRIORITY = "priority"
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -263,8 +269,12 @@ AnyEvent = Event | ObjectFinalized
 
 def encode(event: Event) -> tuple[bytes, dict[str, str]]:
     body = event.model_dump_json().encode()
-    return body, {"type": event.type, "schema_version": str(SCHEMA_VERSION), "run_id": event.run_id,
+    attributes = {"type": event.type, "schema_version": str(SCHEMA_VERSION), "run_id": event.run_id,
                   "event_id": event.event_id}
+    recipe = getattr(event, "recipe", None)
+    if recipe is not None:  # the trainer's subscriptions are filtered on it (shared/scheduling.py)
+        attributes[PRIORITY] = recipe.scheduling.priority
+    return body, attributes
 
 
 def decode(data: bytes, attributes: Mapping[str, str]) -> AnyEvent:

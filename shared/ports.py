@@ -2,6 +2,7 @@
 and are chosen once, from settings, in shared/config.py."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -35,10 +36,66 @@ class SubscriptionPolicy:
     retention_s: int = 7 * 24 * 3600
 
 
+_ATTRIBUTE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EQUALS_TERM = re.compile(r'attributes\.(?P<key>[A-Za-z_][A-Za-z0-9_]*) = "(?P<value>[^"\\]*)"')
+_MISSING_TERM = re.compile(r"NOT attributes:(?P<key>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class AttributeFilter:
+    """A subscription filter: deliver only the messages whose attribute `key` is one of `values`,
+    or, with `or_missing`, that lack the attribute. It is the subset of Pub/Sub's filter language
+    that ftpipe needs (`expression()`); the SQLite bus applies the same rule. A message a filter
+    rejects never reaches that subscription (Pub/Sub acknowledges it itself). As on Pub/Sub, a
+    subscription's filter is fixed when it is created."""
+    key: str
+    values: tuple[str, ...]
+    or_missing: bool = False
+
+    def __post_init__(self):
+        if not _ATTRIBUTE_KEY.match(self.key):
+            raise ValueError(f"filter attribute {self.key!r}: use letters, digits and '_', not starting with a digit")
+        if not self.values and not self.or_missing:
+            raise ValueError(f"filter on {self.key!r} matches nothing: give values or or_missing=True")
+        for value in self.values:
+            if '"' in value or "\\" in value:
+                raise ValueError(f"filter value {value!r} on {self.key!r}: quotes and backslashes are not supported")
+
+    def matches(self, attributes: Mapping[str, str]) -> bool:
+        if self.key not in attributes:
+            return self.or_missing
+        return attributes[self.key] in self.values
+
+    def expression(self) -> str:
+        """In Pub/Sub's filter syntax, e.g. `attributes.priority = "batch" OR NOT attributes:priority`."""
+        terms = [f'attributes.{self.key} = "{value}"' for value in self.values]
+        if self.or_missing:
+            terms.append(f"NOT attributes:{self.key}")
+        return " OR ".join(terms)
+
+    @classmethod
+    def parse(cls, expression: str) -> "AttributeFilter | None":
+        """The inverse of expression(); None for a filter outside that subset."""
+        keys, values, or_missing = set(), [], False
+        for term in expression.split(" OR "):
+            if m := _EQUALS_TERM.fullmatch(term.strip()):
+                keys.add(m["key"])
+                values.append(m["value"])
+            elif m := _MISSING_TERM.fullmatch(term.strip()):
+                keys.add(m["key"])
+                or_missing = True
+            else:
+                return None
+        if len(keys) != 1:
+            return None
+        return cls(keys.pop(), tuple(values), or_missing)
+
+
 class Bus(Protocol):
     def create_topic(self, topic: str) -> None: ...            # idempotent
     def create_subscription(self, subscription: str, topic: str, policy: SubscriptionPolicy,
-                            dead_letter_topic: str | None = None) -> None: ...  # idempotent
+                            dead_letter_topic: str | None = None,
+                            filter: AttributeFilter | None = None) -> None: ...  # idempotent; filter fixed
     def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str: ...
     def subscribe(self, subscription: str, callback: Callable[[Message], None], *,
                   max_messages: int = 1, max_lease_s: float = 3600.0) -> Subscription: ...

@@ -23,11 +23,14 @@ from typing import Any, Callable, Iterable
 from shared import events as ev
 from shared.config import Adapters
 from shared.ports import Message
+from shared.scheduling import PriorityPicker, class_subscription
+from shared.topology import priority_classes
 
 LEDGER = "processed"
 CANCELLATIONS = "cancellations"
 # Set on a replayed dead letter: only the subscription that dead-lettered it processes it again.
 REPLAY_FOR = "replay_for"
+IDLE_POLL_S = 0.5              # a prioritized service's workers look again this often when all is empty
 
 
 class Retry(Exception):
@@ -106,9 +109,10 @@ def dead_letter(adapters: Adapters, topic: str, subscription: str, msg: Message,
 
 
 def handle_message(service: Service, adapters: Adapters, topic: str, msg: Message,
-                   stopping: threading.Event | None = None) -> str:
-    """Process one delivery end to end; returns what happened (for logs and tests)."""
-    subscription = ev.subscription_name(service.name, topic)
+                   stopping: threading.Event | None = None, subscription: str | None = None) -> str:
+    """Process one delivery (from `subscription`, by default the service's one on the topic) end
+    to end; returns what happened (for logs and tests)."""
+    subscription = subscription or ev.subscription_name(service.name, topic)
     log = logging.getLogger(f"ftpipe.{service.name}")
     base = {"service": service.name, "topic": topic, "message_id": msg.message_id, "attempt": msg.delivery_attempt}
     target = msg.attributes.get(REPLAY_FOR)
@@ -188,9 +192,12 @@ def run_service(service: Service, adapters: Adapters, *, stop: threading.Event |
             counters["handled"] += 1
         return callback
 
-    subscriptions = [adapters.bus.subscribe(ev.subscription_name(service.name, topic), callback_for(topic),
-                                            max_messages=service.max_messages, max_lease_s=service.max_lease_s)
-                     for topic in service.handlers]
+    classes = priority_classes(service.name)
+    subscriptions = [] if classes else [
+        adapters.bus.subscribe(ev.subscription_name(service.name, topic), callback_for(topic),
+                               max_messages=service.max_messages, max_lease_s=service.max_lease_s)
+        for topic in service.handlers]
+    workers = start_priority_workers(service, adapters, classes, stop, counters) if classes else []
     server = start_health_server(service.name, adapters, counters, health_port)
     log.info("service started", extra={"service": service.name, "topics": ",".join(service.handlers),
                                        "pid": os.getpid(), "health_port": server.server_address[1]})
@@ -198,8 +205,83 @@ def run_service(service: Service, adapters: Adapters, *, stop: threading.Event |
     log.info("stopping: finishing in-flight work", extra={"service": service.name})
     for sub in subscriptions:
         sub.stop()
+    for worker in workers:
+        worker.join()
     server.shutdown()
     log.info("service stopped", extra={"service": service.name})
+
+
+def start_priority_workers(service: Service, adapters: Adapters, classes: tuple[str, ...], stop: threading.Event,
+                           counters: dict) -> list[threading.Thread]:
+    """`service.max_messages` worker threads, each taking one message at a time from the priority
+    class that PriorityPicker chooses (shared/scheduling.py) with a synchronous pull, and keeping it
+    leased while the handler runs, as a streaming pull would."""
+    log = logging.getLogger(f"ftpipe.{service.name}")
+    picker = PriorityPicker(classes, adapters.settings.priority_starvation_limit)
+    sources = {c: [(topic, class_subscription(service.name, topic, c)) for topic in service.handlers] for c in classes}
+
+    def pull(priority: str):
+        for topic, subscription in sources[priority]:
+            if got := adapters.bus.pull(subscription, max_messages=1, timeout_s=0):
+                return topic, subscription, got[0]
+        return None
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                taken = picker.take(pull)
+            except Exception:  # the bus is briefly unavailable: try again
+                log.exception("pull failed; retrying", extra={"service": service.name})
+                stop.wait(IDLE_POLL_S)
+                continue
+            if taken is None:
+                stop.wait(IDLE_POLL_S)
+                continue
+            priority, (topic, subscription, msg) = taken
+            if stop.is_set():  # shutting down: let another worker take it
+                msg.nack(0)
+                return
+            log.info("took a %s message", priority, extra={"service": service.name, "subscription": subscription,
+                                                           "message_id": msg.message_id})
+            try:
+                with KeepLeased(msg, adapters.settings.ack_deadline_s, service.max_lease_s):
+                    handle_message(service, adapters, topic, msg, stop, subscription)
+            except Exception:  # handle_message owns error handling; an escape is a bug, so redeliver
+                log.exception("handling failed; nacking", extra={"service": service.name, "message_id": msg.message_id})
+                msg.nack()
+            counters["handled"] += 1
+
+    workers = [threading.Thread(target=work, name=f"{service.name}-worker-{i}", daemon=True)
+               for i in range(service.max_messages)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+class KeepLeased:
+    """Extends a pulled message's ack deadline every third of it while the block runs, for up to
+    `max_lease_s` (then the bus redelivers it, as after a streaming pull's max lease)."""
+
+    def __init__(self, msg: Message, ack_deadline_s: float, max_lease_s: float):
+        self.msg, self.ack_deadline_s, self.max_lease_s = msg, ack_deadline_s, max_lease_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{msg.message_id}")
+
+    def _run(self) -> None:
+        until = time.monotonic() + self.max_lease_s
+        while not self._done.wait(self.ack_deadline_s / 3) and time.monotonic() < until:
+            try:
+                self.msg.extend(self.ack_deadline_s)
+            except Exception:  # transient: the next beat comes well before the deadline
+                logging.getLogger("ftpipe.runtime").warning("could not extend the lease of %s", self.msg.message_id)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
 
 
 def start_health_server(name: str, adapters: Adapters, counters: dict, port: int | None) -> ThreadingHTTPServer:

@@ -16,6 +16,7 @@ from shared.runtime import Context, Reject, Retry, Service
 from shared.storage import download_dir, upload_dir
 
 from services.trainer.lease import Heartbeat, Lease, LeaseHeld
+from services.trainer.quota import OverQuota, UsageMeter, admit
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 COMPLETE = "COMPLETE"          # written last into a checkpoint or adapter folder: it is whole
@@ -71,7 +72,13 @@ def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
     except LeaseHeld as exc:
         raise Retry(str(exc), delay_s=min(exc.expires_in + 1, 60)) from exc
     try:
-        with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat:
+        try:
+            admit(ctx.docs, tenant, run_id, recipe.hardware.total_gpus)
+        except OverQuota as exc:
+            ctx.log.warning("refused: %s", exc)
+            return [ev.TrainingFailed(run_id=run_id, reason=f"over quota: {exc}")]
+        with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat, \
+                UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3):
             data_dir = Path(tmp) / "data"
             download_dir(ctx.store, bucket, dataset_prefix, data_dir)
             if recipe.data.privacy_review:

@@ -23,6 +23,12 @@ and the server-side policy gets clamp(N, 5, 100) attempts. Then:
 A consumer that cannot read the subscription (no pubsub.subscriptions.get) leaves it all to the
 server policy.
 
+Filters. A subscription's AttributeFilter becomes its Pub/Sub `filter` expression, and Pub/Sub
+acknowledges the messages that do not match without delivering them. The emulator of the SDK
+installed here (528) stores a filter but delivers every message anyway (filtering came to the
+emulator in SDK 555), so the adapter applies the filter too: a delivery the subscription's filter
+does not match is acknowledged and never handed out — what Pub/Sub itself does, and a no-op there.
+
 `delivery_attempt` is only filled by Pub/Sub on subscriptions with a dead-letter policy. Without
 one, the adapter counts deliveries per message id in-process: exact for a single consumer process,
 an undercount when several processes share the subscription.
@@ -45,7 +51,7 @@ from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from shared.ports import SubscriptionPolicy
+from shared.ports import AttributeFilter, SubscriptionPolicy
 
 log = logging.getLogger("ftpipe.bus.pubsub")
 
@@ -72,6 +78,7 @@ class _SubInfo:
     max_attempts: int | None        # the ftpipe limit (label), None = leave it to the server
     dead_letter_topic: str | None   # full path
     fetched_at: float
+    filter: AttributeFilter | None = None
 
 
 class _AttemptCounter:
@@ -239,22 +246,29 @@ class PubSubBus:
             pass
 
     def create_subscription(self, subscription: str, topic: str, policy: SubscriptionPolicy,
-                            dead_letter_topic: str | None = None) -> None:
+                            dead_letter_topic: str | None = None, filter: AttributeFilter | None = None) -> None:
         """Create (or bring up to date) a pull subscription. Idempotent. The topic and the
         dead-letter topic are created when missing. On Cloud Pub/Sub the dead-letter topic also
         needs the Pub/Sub service agent to be allowed to publish to it and subscribe to the source
-        (Terraform grants that); the emulator has no IAM."""
+        (Terraform grants that); the emulator has no IAM. Pub/Sub cannot change a subscription's
+        filter, so an existing one with another filter is an error."""
         self.create_topic(topic)
         if dead_letter_topic:
             self.create_topic(dead_letter_topic)
         sub = self._subscription_resource(subscription, topic, policy, dead_letter_topic)
+        expression = filter.expression() if filter else ""
         try:
-            self._subscriber.create_subscription(request=sub)
+            self._subscriber.create_subscription(request={**sub, "filter": expression})
         except gexc.AlreadyExists:
             existing = self._subscriber.get_subscription(request={"subscription": sub["name"]})
             if existing.topic != sub["topic"]:
                 raise ValueError(f"subscription {subscription!r} already exists on topic "
                                  f"{existing.topic!r}, not {sub['topic']!r}") from None
+            if existing.filter != expression:
+                raise ValueError(f"subscription {subscription!r} already exists with filter {existing.filter or '(none)'!r}, "
+                                 f"not {expression or '(none)'!r}; Pub/Sub cannot change a filter: delete it "
+                                 f"(gcloud pubsub subscriptions delete {subscription}; its undelivered messages go "
+                                 "with it) and create it again") from None
             self._update_subscription(sub)
         with self._lock:
             self._sub_info.pop(subscription, None)
@@ -320,7 +334,8 @@ class PubSubBus:
         else:
             dlt = sub.dead_letter_policy.dead_letter_topic or None
             label = sub.labels.get(MAX_ATTEMPTS_LABEL)
-            info = _SubInfo(path, int(label) if (label and dlt) else None, dlt, time.monotonic())
+            info = _SubInfo(path, int(label) if (label and dlt) else None, dlt, time.monotonic(),
+                            AttributeFilter.parse(sub.filter) if sub.filter else None)
         with self._lock:
             self._sub_info[subscription] = info
         return info
@@ -361,6 +376,13 @@ class PubSubBus:
         log.warning("message %s on %s dead-lettered to %s after %d attempts", msg.message_id, msg.subscription,
                     info.dead_letter_topic.rsplit("/", 1)[-1], failed_attempts)
 
+    def _filtered_out(self, info: _SubInfo, msg: PubSubMessage) -> bool:
+        """A delivery the subscription's filter does not match (module docstring): ack it."""
+        if info.filter is None or info.filter.matches(msg.attributes):
+            return False
+        msg.ack()
+        return True
+
     def _dead_letter_if_exhausted(self, info: _SubInfo, msg: PubSubMessage) -> bool:
         """A delivery beyond the last allowed attempt: dead-letter it instead of handing it out."""
         if info.max_attempts is None or info.dead_letter_topic is None or msg.delivery_attempt <= info.max_attempts:
@@ -398,7 +420,7 @@ class PubSubBus:
                 msg = self._wrap(subscription, data=m.data, attributes=m.attributes, message_id=m.message_id,
                                  delivery_attempt=rm.delivery_attempt, publish_time=m.publish_time, ack_id=rm.ack_id,
                                  info=info)
-                if not self._dead_letter_if_exhausted(info, msg):
+                if not self._filtered_out(info, msg) and not self._dead_letter_if_exhausted(info, msg):
                     out.append(msg)
             if out or time.monotonic() >= deadline:
                 return out
@@ -416,7 +438,7 @@ class PubSubBus:
             msg = self._wrap(subscription, data=raw.data, attributes=raw.attributes, message_id=raw.message_id,
                              delivery_attempt=raw.delivery_attempt, publish_time=raw.publish_time,
                              ack_id=raw.ack_id, raw=raw, info=info)
-            if self._dead_letter_if_exhausted(info, msg):
+            if self._filtered_out(info, msg) or self._dead_letter_if_exhausted(info, msg):
                 return
             try:
                 callback(msg)

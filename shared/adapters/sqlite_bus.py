@@ -3,7 +3,8 @@
 Fan-out happens at publish time (one delivery row per subscription, like Pub/Sub: a subscription
 sees only what is published after it exists). A pull leases a delivery until its ack deadline; an
 unacked delivery becomes visible again when the lease expires; nack applies exponential backoff;
-after `max_delivery_attempts` deliveries the message is moved to the dead-letter topic.
+after `max_delivery_attempts` deliveries the message is moved to the dead-letter topic. A
+subscription with an AttributeFilter gets a delivery row only for the messages the filter matches.
 """
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from shared.ports import SubscriptionPolicy
+from shared.ports import AttributeFilter, SubscriptionPolicy
 
 log = logging.getLogger("ftpipe.bus")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS subscriptions (
-  name TEXT PRIMARY KEY, topic TEXT NOT NULL, policy TEXT NOT NULL, dead_letter_topic TEXT);
+  name TEXT PRIMARY KEY, topic TEXT NOT NULL, policy TEXT NOT NULL, dead_letter_topic TEXT, filter TEXT);
 CREATE TABLE IF NOT EXISTS messages (
   id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, data BLOB NOT NULL,
   attributes TEXT NOT NULL, publish_time REAL NOT NULL);
@@ -43,7 +44,10 @@ class SqliteBus:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.poll_interval_s = poll_interval_s
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        if "filter" not in {row[1] for row in conn.execute("PRAGMA table_info(subscriptions)")}:
+            conn.execute("ALTER TABLE subscriptions ADD COLUMN filter TEXT")  # a bus file from before filters
 
     # ------------------------------------------------------------ plumbing
     def _conn(self) -> sqlite3.Connection:
@@ -76,18 +80,24 @@ class SqliteBus:
             db.execute("INSERT OR IGNORE INTO topics(name) VALUES (?)", (topic,))
 
     def create_subscription(self, subscription: str, topic: str, policy: SubscriptionPolicy,
-                            dead_letter_topic: str | None = None) -> None:
+                            dead_letter_topic: str | None = None, filter: AttributeFilter | None = None) -> None:
+        stored_filter = _filter_json(filter)
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO topics(name) VALUES (?)", (topic,))
             if dead_letter_topic:
                 db.execute("INSERT OR IGNORE INTO topics(name) VALUES (?)", (dead_letter_topic,))
-            row = db.execute("SELECT topic FROM subscriptions WHERE name=?", (subscription,)).fetchone()
+            row = db.execute("SELECT topic, filter FROM subscriptions WHERE name=?", (subscription,)).fetchone()
             if row and row[0] != topic:
                 raise ValueError(f"subscription {subscription!r} already exists on topic {row[0]!r}, not {topic!r}")
+            if row and row[1] != stored_filter:
+                raise ValueError(
+                    f"subscription {subscription!r} already exists with filter {_expression(row[1])!r}, not "
+                    f"{_expression(stored_filter)!r}; a filter is fixed at creation (as on Pub/Sub): with the "
+                    f"stack down, delete {self.path} (its undelivered messages go with it) and start again")
             db.execute(
-                "INSERT INTO subscriptions(name, topic, policy, dead_letter_topic) VALUES (?,?,?,?) "
+                "INSERT INTO subscriptions(name, topic, policy, dead_letter_topic, filter) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET policy=excluded.policy, dead_letter_topic=excluded.dead_letter_topic",
-                (subscription, topic, json.dumps(policy.__dict__), dead_letter_topic))
+                (subscription, topic, json.dumps(policy.__dict__), dead_letter_topic, stored_filter))
 
     def _policy(self, db, subscription: str) -> tuple[SubscriptionPolicy, str | None]:
         row = db.execute("SELECT policy, dead_letter_topic FROM subscriptions WHERE name=?", (subscription,)).fetchone()
@@ -106,8 +116,12 @@ class SqliteBus:
         now = time.time()
         cur = db.execute("INSERT INTO messages(topic, data, attributes, publish_time) VALUES (?,?,?,?)",
                          (topic, bytes(data), json.dumps(dict(attributes)), now))
-        db.execute("INSERT INTO deliveries(subscription, message_id, visible_at) "
-                   "SELECT name, ?, ? FROM subscriptions WHERE topic=?", (cur.lastrowid, now, topic))
+        matching = [(name, cur.lastrowid, now) for name, stored in
+                    db.execute("SELECT name, filter FROM subscriptions WHERE topic=?", (topic,))
+                    if stored is None or _load_filter(stored).matches(attributes)]
+        db.executemany("INSERT INTO deliveries(subscription, message_id, visible_at) VALUES (?,?,?)", matching)
+        if not matching:  # like Pub/Sub: nobody (left) to deliver it to
+            db.execute("DELETE FROM messages WHERE id=?", (cur.lastrowid,))
         return cur.lastrowid
 
     # ------------------------------------------------------------ pull / ack
@@ -195,6 +209,22 @@ class SqliteBus:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _filter_json(f: AttributeFilter | None) -> str | None:
+    return None if f is None else json.dumps({"key": f.key, "values": list(f.values), "or_missing": f.or_missing})
+
+
+def _load_filter(stored: str | None) -> AttributeFilter | None:
+    if stored is None:
+        return None
+    raw = json.loads(stored)
+    return AttributeFilter(raw["key"], tuple(raw["values"]), raw["or_missing"])
+
+
+def _expression(stored: str | None) -> str:
+    f = _load_filter(stored)
+    return f.expression() if f else "(none)"
 
 
 @dataclass

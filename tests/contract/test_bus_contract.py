@@ -2,7 +2,10 @@
 import threading
 import time
 
-from shared.ports import SubscriptionPolicy
+import pytest
+
+from shared.ports import AttributeFilter, SubscriptionPolicy
+from shared.runtime import KeepLeased
 
 POLICY = SubscriptionPolicy(ack_deadline_s=10, max_delivery_attempts=5, min_backoff_s=0.5, max_backoff_s=2)
 
@@ -129,3 +132,69 @@ def test_streaming_subscribe_flow_control(bus, name):
         stream.stop()
     assert sorted(seen) == [str(i).encode() for i in range(6)]
     assert peak[0] <= 2
+
+
+PRODUCTION = AttributeFilter("priority", ("production",))
+BATCH_OR_UNMARKED = AttributeFilter("priority", ("batch",), or_missing=True)
+
+
+def test_a_filtered_subscription_gets_only_the_messages_its_filter_matches(bus, name):
+    bus.create_topic(name)
+    subs = {f"{name}-prod": PRODUCTION, f"{name}-batch": BATCH_OR_UNMARKED, f"{name}-all": None}
+    for sub, attribute_filter in subs.items():
+        bus.create_subscription(sub, name, POLICY, filter=attribute_filter)
+        bus.create_subscription(sub, name, POLICY, filter=attribute_filter)  # idempotent
+    for data, attributes in ((b"p", {"priority": "production"}), (b"b", {"priority": "batch"}), (b"u", {}),
+                             (b"i", {"priority": "interactive"})):
+        bus.publish(name, data, attributes)
+
+    def received(sub, n):
+        msgs = pull_until(bus, sub, n)
+        for m in msgs:
+            m.ack()
+        assert pull_until(bus, sub, timeout=1) == []  # and nothing else
+        return sorted(m.data for m in msgs)
+
+    assert received(f"{name}-prod", 1) == [b"p"]
+    assert received(f"{name}-batch", 2) == [b"b", b"u"]
+    assert received(f"{name}-all", 4) == [b"b", b"i", b"p", b"u"]
+
+
+def test_streaming_subscribe_honours_the_filter(bus, name):
+    bus.create_subscription(f"{name}-sub", name, POLICY, filter=PRODUCTION)
+    got, done = [], threading.Event()
+
+    def take(msg):
+        got.append(msg.data)
+        msg.ack()
+        if len(got) == 2:
+            done.set()
+
+    stream = bus.subscribe(f"{name}-sub", take)
+    try:
+        for data, priority in ((b"b", "batch"), (b"p1", "production"), (b"i", "interactive"), (b"p2", "production")):
+            bus.publish(name, data, {"priority": priority})
+        assert done.wait(20)
+        time.sleep(1)
+    finally:
+        stream.stop()
+    assert sorted(got) == [b"p1", b"p2"]
+
+
+def test_a_subscription_filter_is_fixed_at_creation(bus, name):
+    bus.create_subscription(f"{name}-sub", name, POLICY, filter=PRODUCTION)
+    with pytest.raises(ValueError, match="filter"):
+        bus.create_subscription(f"{name}-sub", name, POLICY)
+    with pytest.raises(ValueError, match="filter"):
+        bus.create_subscription(f"{name}-sub", name, POLICY, filter=BATCH_OR_UNMARKED)
+
+
+def test_a_pulled_message_kept_leased_is_not_redelivered_until_released(bus, name):
+    sub = setup(bus, name, policy=SubscriptionPolicy(ack_deadline_s=2, max_delivery_attempts=5))
+    bus.publish(name, b"long job", {})
+    [msg] = pull_until(bus, sub)
+    with KeepLeased(msg, ack_deadline_s=2, max_lease_s=3600):
+        time.sleep(4)  # twice the 2 s ack deadline
+        assert bus.pull(sub, max_messages=1, timeout_s=1.0) == []
+    msg.ack()
+    assert pull_until(bus, sub, timeout=3) == []  # acked for good (not merely leased)

@@ -1,0 +1,161 @@
+"""Tenant quotas: admission (services/trainer/quota.py) on the real local document store, the
+trainer ending an over-quota run as failed, and `ftpipe tenants`."""
+import calendar
+import json
+
+import pytest
+
+from ftpipe.cli import main
+from shared import events as ev
+from shared.config import Settings, bootstrap
+from shared.recipe import load_recipe
+from shared.runtime import handle_message, publish_event
+from shared.scheduling import class_subscription
+from shared.tenants import get_quota, set_quota
+
+from services.tracker.service import SERVICE as TRACKER
+from services.trainer.lease import Lease
+from services.trainer.quota import (GPU_USAGE, OverQuota, UsageMeter, admit, gpu_hours_used, month_of,
+                                    running_runs, split_by_month)
+from services.trainer.service import SERVICE as TRAINER
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    a = bootstrap(Settings(state_dir=tmp_path))
+    yield a
+    a.close()
+
+
+def leased(docs, run_id: str) -> Lease:
+    lease = Lease(docs, run_id, f"worker-{run_id}", ttl_s=60)
+    lease.acquire()
+    return lease
+
+
+def test_no_quota_document_is_unlimited(adapters):
+    docs = adapters.docs
+    for i in range(5):
+        leased(docs, f"run-{i}")
+        admit(docs, "acme", f"run-{i}", gpus=8)
+    assert running_runs(docs, "acme") == [f"run-{i}" for i in range(5)]
+
+
+def test_concurrent_jobs_are_counted_from_live_leases(adapters):
+    docs = adapters.docs
+    set_quota(docs, "acme", max_concurrent_jobs=1)
+    first = leased(docs, "run-a")
+    admit(docs, "acme", "run-a", gpus=1)
+    leased(docs, "run-b")
+    with pytest.raises(OverQuota) as refused:
+        admit(docs, "acme", "run-b", gpus=1)
+    message = str(refused.value)
+    assert "tenant 'acme' already has 1 of its 1 concurrent training jobs running (run-a)" in message
+    assert "ftpipe tenants set acme --max-concurrent N" in message
+    admit(docs, "other", "run-o", gpus=1)  # another tenant is not affected
+
+    first.release()  # run-a ended: its slot is free
+    admit(docs, "acme", "run-b", gpus=1)
+    assert running_runs(docs, "acme") == ["run-b"]
+    # run-a comes back (preempted, redelivered): admitted before, so it is not refused half-trained
+    leased(docs, "run-a")
+    admit(docs, "acme", "run-a", gpus=1)
+
+
+def test_a_dead_workers_lease_frees_its_slot(adapters):
+    docs = adapters.docs
+    set_quota(docs, "acme", max_concurrent_jobs=1)
+    Lease(docs, "run-a", "dead-worker", ttl_s=-1).acquire()  # its heartbeat stopped: expired
+    admit(docs, "acme", "run-a", gpus=1)
+    leased(docs, "run-b")
+    admit(docs, "acme", "run-b", gpus=1)
+    assert running_runs(docs, "acme") == ["run-b"]
+
+
+def test_gpu_hours_are_recorded_per_attempt_idempotently_and_limit_new_runs(adapters):
+    docs = adapters.docs
+    t0 = calendar.timegm((2030, 5, 10, 12, 0, 0))
+    first = UsageMeter(docs, "run-a", "acme", gpus=4, interval_s=60)
+    first.started = t0
+    first.record(now=t0 + 1800)
+    first.record(now=t0 + 1800)  # written again, not added
+    assert gpu_hours_used(docs, "acme", "2030-05") == pytest.approx(2.0)   # 0.5 h x 4 GPUs
+    second = UsageMeter(docs, "run-a", "acme", gpus=4, interval_s=60)   # the run resumed on another worker
+    second.started = t0 + 3600
+    second.record(now=t0 + 3600 + 900)
+    assert gpu_hours_used(docs, "acme", "2030-05") == pytest.approx(3.0)
+    assert gpu_hours_used(docs, "acme", "2030-06") == 0 and gpu_hours_used(docs, "other", "2030-05") == 0
+
+    set_quota(docs, "acme", gpu_hours_per_month=3)
+    with pytest.raises(OverQuota, match=r"tenant 'acme' has used 3.00 of its 3 GPU-hours for 2030-05 .*"
+                                        r"ftpipe tenants set acme --gpu-hours-per-month H"):
+        admit(docs, "acme", "run-b", gpus=1, now=t0 + 7200)
+    admit(docs, "acme", "run-b", gpus=1, now=calendar.timegm((2030, 6, 1, 0, 0, 0)))  # a new month
+
+
+def test_the_meter_records_while_the_run_holds_its_gpus(adapters):
+    with UsageMeter(adapters.docs, "run-m", "acme", gpus=2, interval_s=0.05) as meter:
+        pass
+    [(doc_id, doc)] = adapters.docs.query(GPU_USAGE)
+    assert doc_id == f"run-m:{month_of(meter.started)}"
+    assert doc["tenant"] == "acme" and doc["gpus"] == 2 and list(doc["seconds"]) == [meter.attempt]
+
+
+def test_time_is_split_at_month_boundaries_utc():
+    new_year = calendar.timegm((2031, 1, 1, 0, 0, 0))
+    assert split_by_month(new_year - 3600, new_year + 7200) == {"2030-12": 3600, "2031-01": 7200}
+    assert split_by_month(new_year, new_year) == {"2031-01": 0.0}
+
+
+def test_a_job_over_quota_ends_its_run_as_failed_with_the_reason(adapters):
+    docs, store, bucket = adapters.docs, adapters.store, adapters.settings.bucket
+    set_quota(docs, "acme", max_concurrent_jobs=1)
+    leased(docs, "run-busy")
+    admit(docs, "acme", "run-busy", gpus=1)
+    job = ev.JobSubmitted(run_id="run-q", recipe=load_recipe("tiny-sft"), dataset_uri=store.url(bucket, "datasets/d/"),
+                          prepared=True, tenant="acme")
+    publish_event(adapters.bus, job)
+
+    [msg] = adapters.bus.pull(class_subscription("trainer", ev.JOBS, job.recipe.scheduling.priority), timeout_s=5)
+    assert handle_message(TRAINER, adapters, ev.JOBS, msg) == "acked"
+    for topic in (ev.JOBS, ev.TRAINING):  # the tracker records what was published
+        for m in adapters.bus.pull(ev.subscription_name("tracker", topic), max_messages=10, timeout_s=2):
+            handle_message(TRACKER, adapters, topic, m)
+
+    run = docs.get("runs", "run-q")
+    assert run["status"] == "failed"
+    assert run["error"].startswith("over quota: tenant 'acme' already has 1 of its 1 concurrent training jobs")
+    assert "--max-concurrent" in run["error"]
+    assert "training" not in run                                   # never started
+    assert list(store.list(bucket, "runs/run-q/")) == []           # nothing partial
+    assert docs.query(GPU_USAGE) == []
+
+
+def test_cli_tenants_set_show_list(adapters, tmp_path, capsys):
+    state = ["--state", str(tmp_path)]
+    assert main(["tenants", "list", *state]) == 0
+    assert "every tenant is unlimited" in capsys.readouterr().err
+    assert main(["tenants", "set", "acme", "--max-concurrent", "2", "--gpu-hours-per-month", "100", *state]) == 0
+    assert main(["tenants", "set", "acme", "--gpu-hours-per-month", "unlimited", *state]) == 0
+    capsys.readouterr()
+    assert get_quota(adapters.docs, "acme").describe() == {"max_concurrent_jobs": 2, "gpu_hours_per_month": None}
+    leased(adapters.docs, "run-a")
+    admit(adapters.docs, "acme", "run-a", gpus=1)
+    assert main(["tenants", "show", "acme", "--json", *state]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["running"] == ["run-a"] and shown["max_concurrent_jobs"] == 2 and shown["gpu_hours_used"] >= 0
+    assert main(["tenants", "list", *state]) == 0
+    assert "acme" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tenants", "set", "acme"], "needs --max-concurrent N and/or --gpu-hours-per-month H"),
+    (["tenants", "set", "acme", "--max-concurrent", "-1"], "--max-concurrent '-1': give a whole number >= 0"),
+    (["tenants", "set", "acme", "--gpu-hours-per-month", "lots"], "--gpu-hours-per-month 'lots'"),
+    (["tenants", "set", "acme", "--gpu-hours-per-month", "nan"], "--gpu-hours-per-month 'nan'"),
+    (["tenants", "show"], "tenants show needs a TENANT name"),
+    (["tenants", "set", "a/b", "--max-concurrent", "1"], "tenant 'a/b': use 1-63 letters"),
+])
+def test_cli_tenants_misuse_exits_2_with_what_to_fix(tmp_path, capsys, argv, message):
+    assert main([*argv, "--state", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err.replace("\n", "")
