@@ -33,8 +33,8 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# The benchmarks (bench/README.md) run against Presidio and TRL, which are not ftpipe dependencies:
-# their own venv, so the test suite keeps checking the "presidio missing" error.
+# The benchmarks (bench/README.md) run against Presidio, which is not an ftpipe dependency, in
+# their own venv, so that the test suite keeps checking the "presidio missing" error.
 BENCH_VENV ?= .venv-bench
 bench-venv: $(MODELS_STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)

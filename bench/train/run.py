@@ -7,8 +7,9 @@ model (SmolLM2-135M-Instruct by default), its LoRA and hyperparameters, fp32 on 
 
 1. Throughput, one epoch each, same model, rows, LoRA, batch, sequence cut, learning rate and
    schedule: ftpipe's `training.train` (loss on assistant turns, logits at trained positions only)
-   against TRL's SFTTrainer on the same conversations (loss on every token: TRL needs generation
-   markers in the chat template for assistant-only loss, and SmolLM2's has none). tokens/s =
+   against TRL's SFTTrainer on the same conversations, also with loss on assistant turns only
+   (`assistant_only_loss`, through ftpipe's generation-marked copy of SmolLM2's template, which
+   renders the same text). tokens/s =
    non-padding tokens of the epoch / seconds of the training loop (ftpipe: the steps' time;
    TRL: `train_runtime`). TRL runs twice: with SFTConfig's defaults (gradient checkpointing on) and
    without gradient checkpointing, as ftpipe trains; the ratio is against the faster of the two.
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
+from services.trainer.chat_templates import training_template  # noqa: E402
 from services.trainer.modeling import load_base  # noqa: E402
 from services.trainer.training import load_split, train  # noqa: E402
 from shared.datasets import with_system_prompt  # noqa: E402
@@ -64,6 +66,7 @@ def trl_epoch(recipe: Recipe, data: Path, work: Path, *, gradient_checkpointing:
 
     t = recipe.training
     tokenizer, model = load_base(recipe)
+    tokenizer.chat_template = training_template(tokenizer)  # generation markers for assistant_only_loss
     rows = [{"messages": with_system_prompt(r["messages"], recipe.data.system_prompt)}
             for r in load_split(data / "train.jsonl")]
     config = SFTConfig(output_dir=str(work), per_device_train_batch_size=t.batch_size,
@@ -71,7 +74,7 @@ def trl_epoch(recipe: Recipe, data: Path, work: Path, *, gradient_checkpointing:
                        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, max_length=t.max_seq_len,
                        max_grad_norm=t.max_grad_norm, weight_decay=0.0, packing=False, logging_steps=10,
                        save_strategy="no", report_to=[], seed=t.seed, use_cpu=True, dataloader_num_workers=0,
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, assistant_only_loss=True)
     lora = LoraConfig(r=recipe.adapter.r, lora_alpha=recipe.adapter.alpha, lora_dropout=recipe.adapter.dropout,
                       target_modules=recipe.adapter.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
