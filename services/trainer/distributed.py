@@ -223,7 +223,7 @@ class World:
                                                                        param.placements)
         optimizer.load_state_dict(state)
 
-    def _deepspeed_params(self, optimizer) -> list:
+    def _deepspeed_params(self) -> list:
         # The client optimizer's groups now hold ZeRO's flat partitions; the model's parameters, in
         # the order they were given to it, are the engine's trainable ones.
         return [p for p in self.engine.module.parameters() if p.requires_grad]
@@ -233,13 +233,13 @@ class World:
 
         steps = [s["step"] for s in self.engine.optimizer.optimizer.state.values() if "step" in s]
         state = {}
-        for index, param in enumerate(self._deepspeed_params(optimizer) if steps else ()):
+        for index, param in enumerate(self._deepspeed_params() if steps else ()):
             state[index] = {"step": torch.tensor(float(steps[0]))}
             for key in ("exp_avg", "exp_avg_sq"):
                 value = safe_get_full_optimizer_state(param, key)
                 state[index][key] = value.detach().cpu().clone().reshape(getattr(param, "ds_shape", param.shape))
         groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        groups[0]["params"] = list(range(len(self._deepspeed_params(optimizer))))  # training.py's one group
+        groups[0]["params"] = list(range(len(self._deepspeed_params())))  # training.py's one group
         return {"state": state, "param_groups": groups}
 
     def _deepspeed_load_optimizer_state(self, optimizer, state: dict) -> None:
@@ -249,12 +249,19 @@ class World:
             group.update({k: v for k, v in saved.items() if k != "params"})
         if not state["state"]:
             return
-        for index, param in enumerate(self._deepspeed_params(optimizer)):
+        # Adam's state over ZeRO's flat partitions, created as AdamW creates it at its first step
+        # (ZeRO-3 leaves it to that step), then filled from the full state, slice by slice.
+        steps = next(iter(state["state"].values()))["step"]
+        zero = self.engine.optimizer
+        base = zero.optimizer
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups  # 3, 2
+        for flat in flats:
+            base.state[flat].update(step=steps.clone(), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links its views at its first step
+            zero._lazy_init_hp_params_optimizer_state()
+        for index, param in enumerate(self._deepspeed_params()):
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, state["state"][index][key].to(self.device), key)
-        steps = next(iter(state["state"].values()))["step"]
-        for slot in self.engine.optimizer.optimizer.state.values():
-            slot["step"] = steps.clone() if torch.is_tensor(slot.get("step")) else float(steps)
 
     def describe(self, model, optimizer) -> dict:
         """How the run was spread: parameter and optimizer-state elements each rank holds (a
