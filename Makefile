@@ -13,12 +13,15 @@ export OMP_WAIT_POLICY := PASSIVE
 setup: $(MODELS_STAMP)
 
 # torch first, from the local CPU wheel: anything that depends on torch then finds it satisfied
-# and pip never pulls the CUDA build.
+# and pip never pulls the CUDA build. DeepSpeed next (distribution.strategy deepspeed_zero2/3): its
+# sdist imports torch to build, so it builds without isolation against that torch (in an isolated
+# build pip would fetch a CUDA torch); on CPU it compiles nothing at install time.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation 'deepspeed>=0.19,<0.20'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,deepspeed]'
 	touch $@
 
 # The demo model (SmolLM2-135M-Instruct, GGUF from PyPI, converted once into the shared model cache)

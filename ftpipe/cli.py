@@ -403,9 +403,17 @@ def cmd_train(args) -> int:
         return _render_k8s(args)
     if not (args.data and args.out):
         raise UsageError("ftpipe train needs --data (a prepared dataset folder) and --out, or --render-k8s")
-    from ftpipe.stages import train_folder
+    from ftpipe.stages import train_folder, train_processes
+    from services.trainer import distributed
 
-    result = train_folder(args.recipe, args.data, args.out, console=err)
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: the number of processes is at least 1")
+    if args.nproc > 1:
+        result = train_processes(args.recipe, args.data, args.out, args.nproc)
+    else:
+        result = train_folder(args.recipe, args.data, args.out, console=err)
+        if distributed.rank() != 0:  # one of torchrun's processes: rank 0 reports
+            return 0
     _print_json(result) if args.json else out.print(f"adapter → {result['adapter_dir']}\n  " +
                                                    ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
     return 0
@@ -522,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True)
     p.add_argument("--data", help="a prepared dataset folder (train/val/test.jsonl)")
     p.add_argument("--out", help="where the checkpoints and the adapter go")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train in N processes on this machine (torchrun) with the recipe's distribution.strategy")
     p.add_argument("--json", action="store_true")
     p.add_argument("--render-k8s", action="store_true",
                    help="print the Kubernetes Job (one node) or JobSet (several) that trains a run of the recipe on GKE")

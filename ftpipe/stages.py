@@ -1,6 +1,9 @@
 """Each stage alone, in-process, without the bus: `ftpipe prepare | train | evaluate`."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -53,6 +56,29 @@ def train_folder(recipe: str, data: str, out: str, *, console: Console) -> dict:
         raise StageInputError(str(exc)) from exc
     return {"adapter_dir": str(result.adapter_dir), "metrics": {k: v for k, v in result.metrics.items() if v is not None},
             "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds}
+
+
+def train_processes(recipe: str, data: str, out: str, nproc: int) -> dict:
+    """train_folder in `nproc` processes on this machine, started by torchrun (gloo on CPU, nccl on
+    GPUs) with the recipe's distribution.strategy; the result as train_folder's, from the run record
+    rank 0 writes. The ranks' output (progress, logs, errors) goes to stderr as it comes."""
+    from shared.build_info import RUN_RECORD
+
+    _existing(data, "prepared dataset", folder=True)
+    strategy = load_recipe(recipe).distribution.strategy
+    if strategy == "single":
+        raise StageInputError(f"--nproc {nproc}: recipe {recipe} has distribution.strategy 'single'; set it to ddp, "
+                              "fsdp, deepspeed_zero2 or deepspeed_zero3 (e.g. in a copy of the recipe), or drop --nproc")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ftpipe.cli", "train", "--recipe", recipe, "--data", data, "--out", out]
+    code = subprocess.call(command, stdout=2)  # the ranks print to our stderr: our stdout is the result
+    if code != 0:
+        raise StageInputError(f"training in {nproc} processes ({strategy}) failed (torchrun exited {code}); the "
+                              "ranks' errors are above")
+    adapter_dir = Path(out) / "adapter"
+    result = json.loads((adapter_dir / RUN_RECORD).read_text())["result"]
+    return {"adapter_dir": str(adapter_dir), "metrics": {k: v for k, v in result["metrics"].items() if v is not None},
+            **{k: result[k] for k in ("steps", "tokens", "seconds", "distribution")}}
 
 
 def evaluate_adapter(recipe: str, data: str, adapter: str, *, probes: str | None = None) -> dict:

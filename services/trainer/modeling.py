@@ -152,9 +152,10 @@ def _peft_config(recipe: Recipe):
 
 # ------------------------------------------------------------------------------ saving and restoring
 
-def save_trained(model, folder: Path, *, labels: list[str] | None = None) -> None:
-    """The trained weights in a loadable folder: a PEFT adapter, or (full) the whole model."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_trained(model, folder: Path, *, labels: list[str] | None = None, state_dict: dict | None = None) -> None:
+    """The trained weights in a loadable folder: a PEFT adapter, or (full) the whole model;
+    state_dict: the trained weights gathered from shards (services/trainer/distributed.py)."""
+    model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if labels is not None:
         (Path(folder) / LABELS_FILE).write_text(json.dumps(labels))
 

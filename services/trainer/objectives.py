@@ -24,6 +24,7 @@ from shared.datasets import with_system_prompt
 from shared.recipe import Recipe
 
 from services.trainer.chat_templates import TemplateError, training_template
+from services.trainer.distributed import shards_parameters
 
 IGNORE_INDEX = -100  # label value the losses skip: prompt, system and padding tokens
 
@@ -60,7 +61,10 @@ def _backbone(model):
 def _plain_head(model) -> bool:
     """Whether logits can be computed from the decoder's last hidden state at chosen positions
     only: the output embedding not scaled or soft-capped afterwards (Llama, Mistral, Qwen, SmolLM,
-    not Gemma 2, Cohere, Granite), and no prompt-learning adapter that must run the PEFT forward."""
+    not Gemma 2, Cohere, Granite), with whole parameters, and no prompt-learning adapter that must run
+    the PEFT forward."""
+    if shards_parameters(model):  # sharded parameters are gathered only by the model's own forward
+        return False
     if getattr(model, "peft_type", None) is not None and str(model.peft_type).endswith("PREFIX_TUNING"):
         return False
     config = _backbone(model).config

@@ -4,7 +4,10 @@ services/trainer/k8s.py renders for a run that needs its own GPU node(s).
 The trainer service pulls its runs from the bus; a run whose recipe asks for several GPUs or nodes
 is started by torchrun on each node instead, and every process must train that same run, so the
 job travels in the pod's environment rather than as a message. The handler is the service's
-(`service.train_run`): same lease, checkpoints, resume and events.
+(`service.train_run`): same lease, checkpoints, resume and events. It is rank-aware: rank 0 takes the
+lease, publishes the events and uploads checkpoints and the adapter; the other ranks follow rank 0's
+plan and train their share (services/trainer/distributed.py). A SIGTERM to any rank (torchrun passes
+the pod's on to all) stops every rank after one checkpoint of the same step.
 
 $FTPIPE_JOB: {"run_id", "recipe" (the recipe as JSON), "dataset_uri", "tenant"}.
 

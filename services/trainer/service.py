@@ -54,45 +54,99 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
 
 
 def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
+    """Train the run. Under torchrun (a GKE Job's pods, services/trainer/run_job.py) every process
+    calls this for the same run: rank 0 owns the lease, decides whether and where from to train,
+    publishes the events and uploads checkpoints and the adapter; the other ranks follow its plan,
+    train their share and return no events."""
+    from services.trainer import distributed
+
+    strategy = recipe.distribution.strategy
+    if strategy != "single" and not distributed.launched():
+        raise Reject(f"recipe {recipe.name} asks for distribution.strategy {strategy!r}, which trains in several "
+                     "processes started by torchrun: on GKE the Job that `ftpipe train --render-k8s` prints, on one "
+                     "machine `ftpipe train --nproc N`; this trainer worker is one process")
+    try:
+        world = distributed.join(strategy)
+    except distributed.DistributedError as exc:
+        raise Reject(str(exc)) from exc
+    if not world.main:
+        return _follow(ctx, world, run_id, recipe, dataset_uri)
+    return _lead(ctx, world, run_id, recipe, dataset_uri, tenant)
+
+
+def _download_inputs(ctx: Context, dataset_uri: str, resume_prefix: str | None, tmp: Path) -> tuple[Path, Path | None]:
+    """The prepared dataset, and the checkpoint to resume from (None: from the start), into tmp."""
+    bucket, dataset_prefix = ctx.store.parse_url(dataset_uri)
+    data_dir = tmp / "data"
+    download_dir(ctx.store, bucket, dataset_prefix, data_dir)
+    if resume_prefix is None:
+        return data_dir, None
+    resume_dir = tmp / "resume"
+    download_dir(ctx.store, bucket, resume_prefix, resume_dir)
+    (resume_dir / COMPLETE).unlink(missing_ok=True)
+    return data_dir, resume_dir
+
+
+def _follow(ctx: Context, world, run_id: str, recipe, dataset_uri: str) -> list:
+    """A rank other than 0: rank 0's plan (train, and from which checkpoint; or done, retry, reject)."""
     from services.trainer.training import TrainingError, TrainingStopped, train
 
-    if recipe.distribution.strategy != "single":
-        raise Reject(f"recipe {recipe.name} asks for distribution.strategy {recipe.distribution.strategy!r}; this "
-                     "trainer version trains in one process (distributed training: issue 4)")
-    bucket, dataset_prefix = ctx.store.parse_url(dataset_uri)
+    plan = world.broadcast(None)
+    if plan["action"] == "retry":
+        raise Retry(plan["reason"], delay_s=0)
+    if plan["action"] == "reject":
+        raise Reject(plan["reason"])
+    if plan["action"] != "train":
+        return []
+    with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp:
+        data_dir, resume_dir = _download_inputs(ctx, dataset_uri, plan["resume"], Path(tmp))
+        try:
+            train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir, should_stop=ctx.stopping.is_set)
+        except TrainingStopped as stopped:
+            outcome = world.broadcast(None)  # rank 0 knows whether the stop was a cancel or a preemption
+            if outcome == "retry":
+                raise Retry(f"stopped at step {stopped.step} with rank 0", delay_s=0) from stopped
+        except TrainingError:
+            pass  # every rank meets it (it comes from all-reduced numbers); rank 0 reports it
+    return []
+
+
+def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: str) -> list:
+    from services.trainer.training import TrainingError, TrainingStopped, train
+
+    bucket, _ = ctx.store.parse_url(dataset_uri)
     adapter_prefix = f"{run_prefix(run_id)}/adapter"
     done = ctx.store.stat(bucket, f"{adapter_prefix}/{COMPLETE}")
     if done is not None:
         # Trained before, but the completion was not recorded (crash after upload): publish it again.
+        world.broadcast({"action": "done"})
         return [completed_event(run_id, recipe, dataset_uri, tenant, ctx.store.url(bucket, adapter_prefix + "/"),
                                 json.loads(ctx.store.read(bucket, f"{adapter_prefix}/{COMPLETE}")))]
     lease = Lease(ctx.docs, run_id, WORKER_ID, ctx.settings.trainer_lease_s)
     try:
         lease.acquire()
     except LeaseHeld as exc:
+        world.broadcast({"action": "retry", "reason": str(exc)})
         raise Retry(str(exc), delay_s=min(exc.expires_in + 1, 60)) from exc
     try:
         try:
             admit(ctx.docs, tenant, run_id, recipe.hardware.total_gpus)
         except OverQuota as exc:
             ctx.log.warning("refused: %s", exc)
+            world.broadcast({"action": "done"})
             return [ev.TrainingFailed(run_id=run_id, reason=f"over quota: {exc}")]
         with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat, \
                 UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3):
-            data_dir = Path(tmp) / "data"
-            download_dir(ctx.store, bucket, dataset_prefix, data_dir)
+            found = latest_checkpoint(ctx.store, bucket, run_id)
+            resumed_step, resume_prefix = found or (0, None)
+            data_dir, resume_dir = _download_inputs(ctx, dataset_uri, resume_prefix, Path(tmp))
             if recipe.data.privacy_review:
                 try:
                     verify_signed_off(ctx.docs, data_dir)
                 except SignoffMissing as exc:
+                    world.broadcast({"action": "reject", "reason": str(exc)})
                     raise Reject(str(exc)) from exc
-            resume_dir, resumed_step = None, 0
-            found = latest_checkpoint(ctx.store, bucket, run_id)
-            if found:
-                resumed_step, prefix = found
-                resume_dir = Path(tmp) / "resume"
-                download_dir(ctx.store, bucket, prefix, resume_dir)
-                (resume_dir / COMPLETE).unlink(missing_ok=True)
+            world.broadcast({"action": "train", "resume": resume_prefix})
             ctx.publish(ev.TrainingStarted(run_id=run_id, dataset_uri=dataset_uri, resumed_from_step=resumed_step))
             ctx.log.info("training", extra={"resumed_from_step": resumed_step, "worker": WORKER_ID})
 
@@ -129,9 +183,11 @@ def train_run(ctx: Context, run_id: str, recipe, dataset_uri: str, tenant: str):
                                on_alert=on_alert, fetch_checkpoint=fetch_checkpoint)
             except TrainingStopped as stopped:
                 if ctx.cancelled(run_id):
+                    world.broadcast("done")
                     return [ev.TrainingFailed(run_id=run_id, reason="cancelled by request", step=stopped.step,
                                               cancelled=True)]
                 # Preempted (SIGTERM) or lease lost: checkpointed; whoever gets the redelivery resumes.
+                world.broadcast("retry")
                 raise Retry(f"stopped at step {stopped.step}; will resume from its checkpoint", delay_s=0) from stopped
             except TrainingError as exc:
                 return [ev.TrainingFailed(run_id=run_id, reason=str(exc))]

@@ -34,7 +34,7 @@ from shared.build_info import RUN_RECORD
 from shared.datasets import DatasetContractError, read_split
 from shared.recipe import Recipe, TrainingSpec
 
-from services.trainer import modeling, objectives, run_record
+from services.trainer import distributed, modeling, objectives, run_record
 from services.trainer.monitor import Alert, Monitor
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class TrainResult:
     loss_curve: list[float]    # the loss of every step, resumes included
     micro_batch: tuple[int, int]  # (batch_size, grad_accum) the run ended with (the OOM back-off may lower it)
     device: str
+    distribution: dict = field(default_factory=dict)  # World.describe: strategy, processes, what each holds
 
 
 @dataclass
@@ -139,10 +140,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _lr_scheduler(optimizer, recipe: Recipe, total_steps: int):
     from transformers import get_scheduler
 
@@ -202,17 +199,24 @@ def _restore_rng(states: dict) -> None:
 
 
 def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, scheduler, *, fingerprint: str,
-                     seed: int, total_steps: int, labels: list[str] | None) -> Path:
+                     seed: int, total_steps: int, labels: list[str] | None, world: distributed.World) -> Path:
     """Write step-N/ next to a temporary name and rename it into place, so a crash mid-write never
-    leaves a half checkpoint that looks complete."""
+    leaves a half checkpoint that looks complete. Every rank calls it (gathering the shards is a
+    collective); rank 0 writes, each rank's RNG state included."""
     final = checkpoints / f"step-{state.global_step}"
     tmp = checkpoints / f".step-{state.global_step}.tmp"
+    optimizer_state, rng_states = world.optimizer_state(optimizer), world.gather(_rng_states())
+    weights = world.full_state(model)
+    if not world.main:
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    modeling.save_trained(model, tmp / "adapter", labels=labels)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    modeling.save_trained(model, tmp / "adapter", labels=labels, state_dict=weights)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_states(), tmp / "rng.pt")
+    torch.save(rng_states[0], tmp / "rng.pt")
+    for rank, states in enumerate(rng_states[1:], start=1):
+        torch.save(states, tmp / f"rng-rank{rank}.pt")
     trainer_state = {
         "global_step": state.global_step, "total_steps": total_steps, "tokens_seen": state.tokens_seen,
         "seconds": round(state.seconds, 3), "fingerprint": fingerprint,
@@ -239,7 +243,9 @@ def _prune_checkpoints(checkpoints: Path, keep: int, best_step: int | None) -> N
             shutil.rmtree(path)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: str) -> _State:
+def _load_checkpoint(path: Path, model, *, fingerprint: str) -> _State:
+    """The trained weights into the (not yet sharded) model, and the trainer's state;
+    `_load_optimizer` loads the rest once the optimizer is built."""
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise TrainingError(f"resume_from={path} is not a checkpoint (no trainer_state.json); pass a "
@@ -253,13 +259,17 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, *, fingerprint: st
         modeling.restore_trained(model, path / "adapter")
     except modeling.ModelError as exc:
         raise TrainingError(str(exc)) from exc
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _restore_rng(torch.load(path / "rng.pt", weights_only=True))
     position = saved["data_position"]
     return _State(global_step=saved["global_step"], epoch=position["epoch"], next_step=position["next_step"],
                   tokens_seen=saved["tokens_seen"], seconds=saved["seconds"], metrics=saved["metrics"],
                   monitor=saved.get("monitor") or {})
+
+
+def _load_optimizer(path: Path, optimizer, scheduler, world: distributed.World) -> None:
+    world.load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    own = path / f"rng-rank{world.rank}.pt"  # absent when the checkpoint was written by fewer processes
+    _restore_rng(torch.load(own if own.is_file() else path / "rng.pt", weights_only=True))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -270,15 +280,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _steps(state: _State, examples: list, lengths: list[int], spec: TrainingSpec) -> Iterator[list[list]]:
-    """The micro-batches of each optimizer step from the state's data position on, forever; the
-    state's position is advanced by the caller once the step is done."""
+def _steps(state: _State, examples: list, lengths: list[int], spec: TrainingSpec) -> Iterator[list]:
+    """The examples of each optimizer step from the state's data position on, forever; the state's
+    position is advanced by the caller once the step is done."""
     epoch, start = state.epoch, state.next_step
     while True:
         for batch in _step_batches(lengths, spec.batch_size * spec.grad_accum, spec.seed, epoch,
                                    spec.group_by_length)[start:]:
-            yield [[examples[i] for i in batch[first:first + spec.batch_size]]
-                   for first in range(0, len(batch), spec.batch_size)]
+            yield [examples[i] for i in batch]
         epoch, start = epoch + 1, 0
 
 
@@ -309,14 +318,23 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
     the micro-batch is halved and the accumulation doubled (the same effective batch, so the same
     steps: see `_step_batches`), and training resumes from the latest checkpoint; at a micro-batch
     of 1 the run fails with what to change."""
+    try:
+        world = distributed.join(recipe.distribution.strategy)
+    except distributed.DistributedError as exc:
+        raise TrainingError(str(exc)) from exc
+    if not world.main:  # metrics, checkpoint uploads and alerts are rank 0's
+        on_alert, hooks = _ignore, {**hooks, "on_metrics": _ignore, "on_checkpoint": _ignore}
     checkpoints = Path(work_dir) / "checkpoints"
     attempt = recipe
     while True:
         try:
             result = _train_attempt(attempt, data_dir, work_dir, resume_from=resume_from, on_alert=on_alert, log=log,
-                                    **hooks)
+                                    world=world, **hooks)
             break
         except _OutOfMemory as oom:
+            if world.size > 1:  # the other ranks wait in a collective: no agreed back-off
+                raise TrainingError(f"{oom} (rank {world.rank}); a run of several processes does not back off: lower "
+                                    "training.batch_size (the effective batch is batch_size x grad_accum)") from oom
             smaller = backed_off(attempt.training)
             if smaller is None:
                 raise TrainingError(f"{oom}; nothing smaller to try: lower training.max_seq_len (now "
@@ -332,11 +350,12 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    run_record.write(result.adapter_dir / RUN_RECORD, run_record.build(
-        recipe, data_dir, device=result.device,
-        result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,
-                "micro_batch": {"batch_size": result.micro_batch[0], "grad_accum": result.micro_batch[1]},
-                "loss_curve": result.loss_curve}))
+    if world.main:
+        run_record.write(result.adapter_dir / RUN_RECORD, run_record.build(
+            recipe, data_dir, device=result.device,
+            result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,
+                    "micro_batch": {"batch_size": result.micro_batch[0], "grad_accum": result.micro_batch[1]},
+                    "loss_curve": result.loss_curve, "distribution": result.distribution}))
     return result
 
 
@@ -347,7 +366,7 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
                    should_stop: Callable[[], bool] = _never,
                    on_alert: Callable[[Alert], None] = _ignore,
                    fetch_checkpoint: Callable[[int], Path | None] = _no_checkpoint,
-                   log: logging.Logger = logger) -> TrainResult:
+                   log: logging.Logger = logger, world: distributed.World | None = None) -> TrainResult:
     """Fine-tune recipe.base_model on data_dir/train.jsonl with the recipe's objective and adapter;
     the result (a PEFT adapter, or the whole model for adapter.kind 'full') lands in work_dir/adapter.
 
@@ -364,8 +383,11 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     on_alert; a stop alert ends the run: early stop (validation loss rising) returns the best
     checkpoint's adapter (fetch_checkpoint(step) supplies it when it is no longer on local disk,
     e.g. after a resume), a non-finite loss or the budget raise TrainingError.
+
+    Under torchrun every rank runs this with its own share of each step (services/trainer/distributed.py).
     """
     spec = recipe.training
+    world = world or distributed.World()
     data_dir, work_dir = Path(data_dir), Path(work_dir)
     train_file = data_dir / "train.jsonl"
     if not train_file.is_file():
@@ -379,7 +401,7 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     val_rows = load_split(val_file, recipe.data_kind) if val_file.is_file() else []
 
     _seed_everything(spec.seed)
-    device = _device()
+    device = world.device
     try:
         tokenizer = modeling.load_tokenizer(recipe)
         labels = objectives.split_labels(recipe, train_rows) if recipe.task == "classification" else None
@@ -400,15 +422,15 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
              len(examples), sum(objective.tokens(e) for e in examples), sum(objective.weight(e) for e in examples),
              total_steps, spec.grad_accum, spec.batch_size)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
-    scheduler = _lr_scheduler(optimizer, recipe, total_steps)
     fingerprint = _fingerprint(recipe, train_file)
+    state = _load_checkpoint(Path(resume_from), model, fingerprint=fingerprint) if resume_from is not None else _State()
+    model, optimizer = world.wrap(model, lambda params: torch.optim.AdamW(params, lr=spec.learning_rate,
+                                                                         weight_decay=0.0),
+                                  max_grad_norm=spec.max_grad_norm)
+    scheduler = _lr_scheduler(optimizer, recipe, total_steps)
     if resume_from is not None:
-        state = _load_checkpoint(Path(resume_from), model, optimizer, scheduler, fingerprint=fingerprint)
+        _load_optimizer(Path(resume_from), optimizer, scheduler, world)
         log.info("resumed from %s at step %d", resume_from, state.global_step)
-    else:
-        state = _State()
     monitor = Monitor(recipe, total_steps, Monitor.load_state(state.monitor))
     eval_every = spec.eval_every or spec.checkpoint_every
 
@@ -424,13 +446,14 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
             pending.clear()
         state.monitor = monitor.state_dict()
         path = _save_checkpoint(checkpoints, state, model, optimizer, scheduler, fingerprint=fingerprint,
-                                seed=spec.seed, total_steps=total_steps, labels=labels)
+                                seed=spec.seed, total_steps=total_steps, labels=labels, world=world)
         summary = {**(state.metrics[-1] if state.metrics else {}), "tokens_seen": state.tokens_seen}
         if monitor.state.best_step is not None:
             summary["best_step"] = monitor.state.best_step
         log.info("checkpoint step %d -> %s", state.global_step, path)
         on_checkpoint(state.global_step, path, summary)
-        _prune_checkpoints(checkpoints, spec.keep_checkpoints, monitor.state.best_step)
+        if world.main:
+            _prune_checkpoints(checkpoints, spec.keep_checkpoints, monitor.state.best_step)
         last_checkpoint = (state.global_step, path)
         return path
 
@@ -438,25 +461,26 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     step_batches = _steps(state, examples, [objective.length(e) for e in examples], spec)
     stopped_early = monitor.stopped_early()  # a resume of a run that had already stopped early
     while state.global_step < total_steps and not stopped_early:
-        micro = next(step_batches)
+        step = next(step_batches)
         started = time.perf_counter()
-        targets = sum(objective.weight(e) for batch in micro for e in batch)
-        tokens = sum(objective.tokens(e) for batch in micro for e in batch)
+        # this rank's share; the loss is divided by the weight of the whole step, over all ranks
+        micro = world.micro_batches(step, spec.batch_size)
+        targets = sum(objective.weight(e) for e in step)
+        tokens = sum(objective.tokens(e) for e in step)
         lr = scheduler.get_last_lr()[0]
         step_loss = 0.0
         try:
-            for batch in micro:
+            for batch, weight in micro:
                 loss_sum = objective.loss_sum(model, batch, device)
-                (loss_sum / targets).backward()
-                step_loss += loss_sum.item()
+                world.backward(loss_sum * weight / targets)
+                step_loss += loss_sum.item() * weight
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_out_of_memory(exc):
                 raise
             raise _OutOfMemory(state.global_step + 1, spec.batch_size, str(exc).splitlines()[0][:200]) from exc
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
-        optimizer.step()
+        grad_norm = world.step(optimizer, spec.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss = world.sum(step_loss)
         seconds = time.perf_counter() - started
 
         state.global_step += 1
@@ -492,23 +516,27 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         if stop is not None and stop.kind == "budget":
             raise TrainingError(stop.message)
         stopped_early = stop is not None
-        if should_stop():
+        if world.any(should_stop()):
             path = last_checkpoint[1] if last_checkpoint and last_checkpoint[0] == state.global_step else checkpoint()
             raise TrainingStopped(state.global_step, path)
 
     adapter_dir = work_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
+    if world.main:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
     best = monitor.state
-    if stopped_early:  # the run's result is its best checkpoint, not its last step
+    if stopped_early and world.main:  # the run's result is its best checkpoint, not its last step
         found = checkpoints / f"step-{best.best_step}"
         found = found if found.is_dir() else fetch_checkpoint(best.best_step)
         if found is None or not (found / "adapter").is_dir():
             raise TrainingError(f"stopped early at step {state.global_step}, but the best checkpoint (step "
                                 f"{best.best_step}) is neither in {checkpoints} nor in the run's store")
         shutil.copytree(found / "adapter", adapter_dir)
+    if stopped_early:
         val_loss = best.best_val_loss
     else:
-        modeling.save_trained(model, adapter_dir, labels=labels)
+        weights = world.full_state(model)
+        if world.main:
+            modeling.save_trained(model, adapter_dir, labels=labels, state_dict=weights)
         last_eval = state.metrics[-1].get("val_loss") if state.metrics else None
         val_loss = last_eval if last_eval is not None else _evaluate_loss(
             model, objective, val_examples, batch_size=spec.batch_size, device=device)
@@ -523,4 +551,5 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
         metrics.update(best_step=best.best_step, early_stopped_at=state.global_step)
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
                        seconds=round(state.seconds, 3), loss_curve=[m["loss"] for m in state.metrics],
-                       micro_batch=(spec.batch_size, spec.grad_accum), device=str(device))
+                       micro_batch=(spec.batch_size, spec.grad_accum), device=str(device),
+                       distribution=world.describe(model, optimizer))

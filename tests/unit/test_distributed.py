@@ -1,0 +1,172 @@
+"""Distributed training for real: torchrun with 2 processes on gloo, the tiny random model, every
+strategy. Each run is checked against one in-process run of the same recipe (same effective batch,
+so the same loss curve), and the run record says what each rank held: fsdp and ZeRO-3 must shard
+the parameters, ZeRO-2 the optimizer state. ddp runs through `ftpipe train --nproc 2`; the sharded
+strategies (whose checkpoints gather and re-scatter shards) through the pods' entrypoint
+(services/trainer/run_job.py), interrupted by SIGTERM as GKE preempts a pod, and resumed by a
+second launch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+
+from ftpipe.cli import main  # noqa: E402
+from shared import events as ev  # noqa: E402
+from shared.config import Settings, bootstrap  # noqa: E402
+from shared.recipe import load_recipe  # noqa: E402
+from shared.storage import upload_dir  # noqa: E402
+from services.trainer import run_job  # noqa: E402
+from services.trainer.training import train  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+CLOSE = 1e-4  # float sums in another order (per rank, then all-reduced): equal to about 1e-6
+
+
+def _chat(i: int) -> dict:
+    return {"id": f"c{i}", "messages": [
+        {"role": "user", "content": f"Where is order {i}?"},
+        {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."},
+        {"role": "user", "content": "Thanks, and my email is [EMAIL]."},
+        {"role": "assistant", "content": "Noted, we will write to you."},
+    ]}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A prepared dataset and a recipe file per strategy. 9 conversations in steps of 2 x 2: the
+    last step of each epoch has one example, so rank 1 runs a padding micro-batch there."""
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "data"
+    data.mkdir()
+    for name, ids in (("train.jsonl", range(9)), ("val.jsonl", range(9, 11)), ("test.jsonl", range(11, 12))):
+        (data / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+    base = yaml.safe_load(Path("recipes/tiny-sft.yaml").read_text())
+    base["training"].update(grad_accum=2, max_steps=STEPS, checkpoint_every=2)
+    for strategy in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        recipe = {**base, "name": f"tiny-{strategy.replace('_', '-')}", "distribution": {"strategy": strategy}}
+        (root / f"{strategy}.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(workspace) -> dict:
+    """The same recipe in this one process: its loss curve and adapter weights."""
+    from safetensors.torch import load_file
+
+    result = train(load_recipe(str(workspace / "ddp.yaml")), workspace / "data", workspace / "one")
+    return {"loss_curve": result.loss_curve,
+            "adapter": load_file(result.adapter_dir / "adapter_model.safetensors")}
+
+
+def _assert_like_one_process(curve: list[float], adapter_dir: Path, reference: dict) -> None:
+    from safetensors.torch import load_file
+
+    assert len(curve) == STEPS
+    assert curve == pytest.approx(reference["loss_curve"], abs=CLOSE)
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    assert weights.keys() == reference["adapter"].keys()
+    for name, tensor in weights.items():  # gathered from the shards where they were sharded
+        torch.testing.assert_close(tensor, reference["adapter"][name], atol=1e-4, rtol=1e-3)
+
+
+def _assert_spread(distribution: dict, strategy: str) -> None:
+    total, params = distribution["param_elements"], distribution["param_elements_per_rank"]
+    states = distribution["optimizer_state_elements_per_rank"]
+    assert distribution["world_size"] == 2 and len(params) == len(states) == 2
+    if strategy in ("fsdp", "deepspeed_zero3"):  # each rank holds its half of every parameter, no more
+        assert all(total / 2 <= n <= total / 2 + 1024 for n in params) and sum(params) >= total
+    else:
+        assert params == [total, total]
+    if strategy == "ddp":  # Adam's two moments of every LoRA parameter, on each rank
+        assert states[0] == states[1] > 0
+    else:  # partitioned: the two halves add up to one whole optimizer state
+        assert states[0] == states[1] and states[0] % 2 == 0
+
+
+# ------------------------------------------------------------------ ftpipe train --nproc 2
+
+
+@pytest.mark.parametrize("strategy", ["ddp"])
+def test_two_processes_train_the_one_process_loss_curve(strategy, workspace, reference, capsys):
+    out = workspace / f"cli-{strategy}"
+    code = main(["train", "--recipe", str(workspace / f"{strategy}.yaml"), "--data", str(workspace / "data"),
+                 "--out", str(out), "--nproc", "2", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == STEPS and result["distribution"]["strategy"] == strategy
+    _assert_spread(result["distribution"], strategy)
+    record = json.loads((out / "adapter" / "run_record.json").read_text())
+    _assert_like_one_process(record["result"]["loss_curve"], out / "adapter", reference)
+
+
+def test_nproc_needs_a_distributed_strategy(capsys):
+    assert main(["train", "--recipe", "tiny-sft", "--data", ".", "--out", "/tmp/unused", "--nproc", "2"]) == 2
+    assert "distribution.strategy 'single'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the pods' entrypoint, preempted
+
+
+@pytest.fixture
+def cluster(tmp_path, workspace, monkeypatch):
+    """The local profile's store and bus in tmp_path, the dataset uploaded; start(strategy, run_id)
+    launches run_job under torchrun in 2 processes, as a GKE pod does."""
+    for var in ("FTPIPE_PROFILE", "FTPIPE_BUCKET", "FTPIPE_LOG_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    settings = Settings(state_dir=tmp_path / "state")
+    adapters = bootstrap(settings)
+    upload_dir(adapters.store, workspace / "data", settings.bucket, "datasets/d1")
+
+    def start(strategy: str, run_id: str) -> subprocess.Popen:
+        job = run_job.JobSpec(run_id=run_id, recipe=load_recipe(str(workspace / f"{strategy}.yaml")),
+                              dataset_uri=adapters.store.url(settings.bucket, "datasets/d1/"))
+        env = {**os.environ, run_job.JOB_ENV: job.model_dump_json(), "FTPIPE_STATE": str(settings.state_dir),
+               "HF_HUB_OFFLINE": "1"}
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "services.trainer.run_job"], env=env)
+
+    yield settings, adapters, start
+    adapters.close()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_a_preempted_two_process_run_checkpoints_and_resumes_exactly(strategy, cluster, reference):
+    settings, adapters, start = cluster
+    run_id = f"run-{strategy.replace('_', '-')}"
+    first_checkpoint = f"runs/{run_id}/checkpoints/step-000002/COMPLETE"
+
+    pods = start(strategy, run_id)
+    while adapters.store.stat(settings.bucket, first_checkpoint) is None:
+        assert pods.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    pods.send_signal(signal.SIGTERM)  # the spot notice: torchrun passes it to both ranks
+    assert pods.wait(timeout=120) != 0  # both ranks stopped (exit 75) after a checkpoint of the same step
+    assert adapters.store.stat(settings.bucket, f"runs/{run_id}/adapter/COMPLETE") is None
+
+    assert start(strategy, run_id).wait(timeout=600) == 0  # the next pod resumes and finishes
+    events = [ev.decode(m.data, m.attributes) for m in adapters.bus.pull(
+        ev.subscription_name("evaluator", ev.TRAINING), max_messages=100, timeout_s=2)]
+    resumed = [e.resumed_from_step for e in events if e.type == "TrainingStarted"]
+    assert resumed[0] == 0 and 2 <= resumed[1] < STEPS
+    [done] = [e for e in events if e.type == "TrainingCompleted"]
+    assert done.steps == STEPS
+
+    adapter = settings.state_dir / "adapter"
+    from shared.storage import download_dir
+
+    download_dir(adapters.store, settings.bucket, f"runs/{run_id}/adapter", adapter)
+    record = json.loads((adapter / "run_record.json").read_text())
+    _assert_spread(record["result"]["distribution"], strategy)
+    _assert_like_one_process(record["result"]["loss_curve"], adapter, reference)
