@@ -1,8 +1,10 @@
 """Base-model references and the model cache.
 
 A reference is one of:
-- a built-in alias (`smollm2-135m-instruct`, `tiny-random-smollm2`), materialised once into the cache;
+- a built-in alias (`smollm2-135m-instruct`, `tiny-random-smollm2`, `all-minilm-l6-v2`), materialised once
+  into the cache;
 - a path to a Hugging Face model folder (config.json + weights + tokenizer);
+- a path to a GGUF file, imported once into a safetensors folder in the cache;
 - a hub id (`org/name`), which only works when the hub is reachable.
 
 The cache (default `~/.cache/ftpipe/models`, or `FTPIPE_MODEL_CACHE`) is shared across state
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -49,6 +52,10 @@ def resolve_model(ref: str) -> Path | str:
     if ref == MINILM:
         return ensure_minilm()
     path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotAvailable(f"GGUF file {path} not found; base_model may name a .gguf file, which is imported once")
+        return ensure_gguf(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotAvailable(f"model folder {path} has no config.json; point base_model at a Hugging Face model folder")
@@ -59,7 +66,8 @@ def resolve_model(ref: str) -> Path | str:
                 f"base_model {ref!r} is a hub id but HF_HUB_OFFLINE=1; download it to a folder and use its path")
         return ref
     raise ModelNotAvailable(
-        f"base_model {ref!r} is neither a built-in ({SMOLLM2}, {TINY}, {MINILM}), a model folder, nor a hub id")
+        f"base_model {ref!r} is neither a built-in ({SMOLLM2}, {TINY}, {MINILM}), a model folder, a .gguf file, "
+        "nor a hub id")
 
 
 @contextmanager
@@ -131,6 +139,28 @@ def ensure_minilm() -> Path:
                     with zf.open(name) as src, open(out / rel, "wb") as dst:
                         shutil.copyfileobj(src, dst, 16 << 20)
             os.replace(out, target)
+    return target
+
+
+def ensure_gguf(path: Path) -> Path:
+    """A GGUF file (llama.cpp's format) imported once into a float32 safetensors folder in the
+    cache, keyed by the file's path, size and modification time."""
+    path = path.resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = f"gguf-{path.stem}-{key}"
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    with _locked(name):
+        if (target / "config.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            try:
+                _convert_gguf(path.parent, path.name, Path(tmp) / "out")
+            except Exception as exc:  # unsupported architecture or quantisation, truncated file
+                raise ModelNotAvailable(f"GGUF file {path} could not be imported by transformers: {exc}") from exc
+            os.replace(Path(tmp) / "out", target)
     return target
 
 

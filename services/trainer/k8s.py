@@ -47,12 +47,13 @@ def priority_class(recipe: Recipe) -> str:
 
 def torchrun_command(recipe: Recipe, run_id: str, leader: str | None) -> list[str]:
     hw = recipe.hardware
-    command = ["torchrun", f"--nnodes={hw.nodes}", f"--nproc-per-node={hw.count}"]
+    # torchrun through ftpipe's launcher, which keeps run_job's exit code (torchrun's is 1 for any failure)
+    command = ["python", "-m", "services.trainer.launch", f"--nnodes={hw.nodes}", f"--nproc-per-node={hw.count}"]
     if hw.nodes == 1:
         command.append("--standalone")
     else:
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={leader}:{RDZV_PORT}", f"--rdzv-id={run_id}"]
-    return command + ["-m", "services.trainer.run_job"]
+    return command
 
 
 def _pod_spec(recipe: Recipe, run_id: str, job: JobSpec, *, image: str, env: dict[str, str],

