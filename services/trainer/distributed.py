@@ -26,7 +26,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

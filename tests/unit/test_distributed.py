@@ -27,20 +27,12 @@ from shared.recipe import load_recipe  # noqa: E402
 from shared.storage import upload_dir  # noqa: E402
 from services.trainer import run_job  # noqa: E402
 from services.trainer.training import train  # noqa: E402
+from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12
 CLOSE = 1e-4  # float sums in another order (per rank, then all-reduced): equal to about 1e-6
-
-
-def _chat(i: int) -> dict:
-    return {"id": f"c{i}", "messages": [
-        {"role": "user", "content": f"Where is order {i}?"},
-        {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."},
-        {"role": "user", "content": "Thanks, and my email is [EMAIL]."},
-        {"role": "assistant", "content": "Noted, we will write to you."},
-    ]}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def workspace(tmp_path_factory) -> Path:
     data = root / "data"
     data.mkdir()
     for name, ids in (("train.jsonl", range(9)), ("val.jsonl", range(9, 11)), ("test.jsonl", range(11, 12))):
-        (data / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+        write_jsonl(data / name, [order_chat(i, follow_up=True) for i in ids])
     base = yaml.safe_load(Path("recipes/tiny-sft.yaml").read_text())
     base["training"].update(grad_accum=2, max_steps=STEPS, checkpoint_every=2)
     for strategy in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):

@@ -15,6 +15,7 @@ from shared.config import Settings, bootstrap
 from shared.recipe import RecipeError, apply_overrides, load_recipe
 from services.trainer import run_job
 from services.trainer.k8s import object_name, render
+from tests.unit.chats import order_chat, write_jsonl
 
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -122,11 +123,6 @@ def settings(tmp_path, monkeypatch):
     root.handlers[:], root.level = handlers, level
 
 
-def _chat(i: int) -> dict:
-    return {"id": f"c{i}", "messages": [{"role": "user", "content": f"Where is order {i}?"},
-                                        {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."}]}
-
-
 @pytest.fixture
 def pod_env(settings, tmp_path, monkeypatch):
     """A prepared dataset in the local bucket, and a function that renders a run of it and puts the
@@ -136,7 +132,7 @@ def pod_env(settings, tmp_path, monkeypatch):
     folder = tmp_path / "dataset"
     folder.mkdir()
     for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8)), ("test.jsonl", range(8, 9))):
-        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+        write_jsonl(folder / name, [order_chat(i) for i in ids])
     adapters = bootstrap(settings)
     upload_dir(adapters.store, folder, settings.bucket, "datasets/d1")
 

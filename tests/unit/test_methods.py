@@ -20,16 +20,13 @@ from shared.recipe import RecipeError, apply_overrides, load_recipe  # noqa: E40
 from services.trainer import modeling, objectives  # noqa: E402
 from services.trainer.chat_templates import SMOLLM2, training_template  # noqa: E402
 from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
+from tests.unit.chats import write_jsonl  # noqa: E402
 
 LOG = __import__("logging").getLogger("test")
 
 
 def _recipe(**overrides):
     return apply_overrides(load_recipe("tiny-sft"), overrides)
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _chat(i: int, turns: int = 1) -> dict:
@@ -49,8 +46,8 @@ def tokenizer(tiny_tokenizer):
 def chat_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "chat"
     folder.mkdir()
-    _write(folder / "train.jsonl", [_chat(i, turns=1 + i % 3) for i in range(12)])
-    _write(folder / "val.jsonl", [_chat(i) for i in range(12, 14)])
+    write_jsonl(folder / "train.jsonl", [_chat(i, turns=1 + i % 3) for i in range(12)])
+    write_jsonl(folder / "val.jsonl", [_chat(i) for i in range(12, 14)])
     return folder
 
 
@@ -64,8 +61,8 @@ def _pair(i: int) -> dict:
 def pair_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "pairs"
     folder.mkdir()
-    _write(folder / "train.jsonl", [_pair(i) for i in range(8)])
-    _write(folder / "val.jsonl", [_pair(i) for i in range(8, 10)])
+    write_jsonl(folder / "train.jsonl", [_pair(i) for i in range(8)])
+    write_jsonl(folder / "val.jsonl", [_pair(i) for i in range(8, 10)])
     return folder
 
 
@@ -285,8 +282,8 @@ def _tickets(seed: int, per_topic: int) -> list[dict]:
 def test_ticket_classifier_on_minilm_learns_the_topics(tmp_path):
     data = tmp_path / "tickets"
     data.mkdir()
-    _write(data / "train.jsonl", _tickets(0, 16))
-    _write(data / "val.jsonl", _tickets(1, 4))
+    write_jsonl(data / "train.jsonl", _tickets(0, 16))
+    write_jsonl(data / "val.jsonl", _tickets(1, 4))
     recipe = load_recipe("ticket-classifier", overrides={"training.epochs": 4})
     result = train(recipe, data, tmp_path / "w")
     assert json.loads((result.adapter_dir / modeling.LABELS_FILE).read_text()) == ["account", "billing", "shipping"]

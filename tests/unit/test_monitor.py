@@ -3,7 +3,6 @@ training loop on the tiny random model: early stop returns the best checkpoint, 
 run, gradient spikes warn."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shared.recipe import apply_overrides, load_recipe  # noqa: E402
 from services.trainer.monitor import Monitor, cost_per_second  # noqa: E402
+from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
 
 
 def _recipe(**overrides):
@@ -57,17 +57,12 @@ def test_val_loss_rising_n_evaluations_in_a_row_stops_and_remembers_the_best():
 
 # ------------------------------------------------------------------ in the loop
 
-def _chat(i: int) -> dict:
-    return {"id": f"c{i}", "messages": [{"role": "user", "content": f"Where is order {i}?"},
-                                        {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."}]}
-
-
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "data"
     folder.mkdir()
     for name, ids in (("train.jsonl", range(8)), ("val.jsonl", range(20, 24))):
-        (folder / name).write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+        write_jsonl(folder / name, [order_chat(i) for i in ids])
     return folder
 
 

@@ -19,23 +19,11 @@ from services.trainer.chat_templates import training_template  # noqa: E402
 from services.trainer.objectives import IGNORE_INDEX  # noqa: E402
 from services.trainer.objectives import encode_conversation as _encode  # noqa: E402
 from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
+from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
 
 
 def encode_conversation(tokenizer, messages, **kwargs):
     return _encode(tokenizer, training_template(tokenizer), messages, **kwargs)
-
-
-def _chat(i: int) -> dict:
-    return {"id": f"c{i}", "messages": [
-        {"role": "user", "content": f"Where is order {i}?"},
-        {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."},
-        {"role": "user", "content": "Thanks, and my email is [EMAIL]."},
-        {"role": "assistant", "content": "Noted, we will write to you."},
-    ]}
-
-
-def _write_split(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture
@@ -49,9 +37,9 @@ def data_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     # 7 conversations at batch_size 2 -> 4 micro-batches an epoch, the last one short: runs cross
     # epoch boundaries and meet a ragged batch.
-    _write_split(folder / "train.jsonl", [_chat(i) for i in range(7)])
-    _write_split(folder / "val.jsonl", [_chat(i) for i in range(7, 9)])
-    _write_split(folder / "test.jsonl", [_chat(9)])
+    write_jsonl(folder / "train.jsonl", [order_chat(i, follow_up=True) for i in range(7)])
+    write_jsonl(folder / "val.jsonl", [order_chat(i, follow_up=True) for i in range(7, 9)])
+    write_jsonl(folder / "test.jsonl", [order_chat(9, follow_up=True)])
     return folder
 
 
@@ -62,7 +50,7 @@ def _recipe(**overrides):
 # ------------------------------------------------------------------------------------ label mask
 
 def test_label_mask_trains_only_assistant_content_and_end_of_turn(tokenizer):
-    messages = _chat(1)["messages"]
+    messages = order_chat(1, follow_up=True)["messages"]
     ex = encode_conversation(tokenizer, messages, system_prompt="Be brief.", max_seq_len=512)
 
     # The ids are those of the whole conversation as the model's own template renders it.
@@ -78,18 +66,18 @@ def test_label_mask_trains_only_assistant_content_and_end_of_turn(tokenizer):
 
 
 def test_system_prompt_is_inserted_only_when_the_conversation_has_none(tokenizer):
-    with_prompt = encode_conversation(tokenizer, _chat(1)["messages"], system_prompt="Be brief.", max_seq_len=512)
+    with_prompt = encode_conversation(tokenizer, order_chat(1, follow_up=True)["messages"], system_prompt="Be brief.", max_seq_len=512)
     assert tokenizer.decode(with_prompt.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
-    own = [{"role": "system", "content": "Own prompt."}, *_chat(1)["messages"]]
+    own = [{"role": "system", "content": "Own prompt."}, *order_chat(1, follow_up=True)["messages"]]
     kept = encode_conversation(tokenizer, own, system_prompt="Be brief.", max_seq_len=512)
     text = tokenizer.decode(kept.input_ids)
     assert text.startswith("<|im_start|>system\nOwn prompt.<|im_end|>") and "Be brief." not in text
 
 
 def test_truncation_to_max_seq_len(tokenizer):
-    full = encode_conversation(tokenizer, _chat(1)["messages"], system_prompt=None, max_seq_len=512)
-    short = encode_conversation(tokenizer, _chat(1)["messages"], system_prompt=None, max_seq_len=20)
+    full = encode_conversation(tokenizer, order_chat(1, follow_up=True)["messages"], system_prompt=None, max_seq_len=512)
+    short = encode_conversation(tokenizer, order_chat(1, follow_up=True)["messages"], system_prompt=None, max_seq_len=20)
     assert len(short.input_ids) == len(short.labels) == 20
     assert short.input_ids == full.input_ids[:20] and short.labels == full.labels[:20]
 
@@ -225,7 +213,7 @@ def test_empty_train_split_is_a_clear_error(data_dir, tmp_path):
 
 
 def test_no_assistant_turns_is_a_clear_error(data_dir, tmp_path):
-    _write_split(data_dir / "train.jsonl",
+    write_jsonl(data_dir / "train.jsonl",
                  [{"id": "u", "messages": [{"role": "user", "content": "hello"}]}] * 3)
     with pytest.raises(TrainingError, match="none of its 3 conversations has an assistant turn"):
         train(_recipe(), data_dir, tmp_path / "w")
@@ -252,7 +240,7 @@ def test_logits_at_trained_positions_only_give_the_full_loss(tokenizer):
     from services.trainer.objectives import _pad, target_logps
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-smollm2"))
-    examples = [encode_conversation(tokenizer, _chat(i)["messages"], system_prompt=None, max_seq_len=512)
+    examples = [encode_conversation(tokenizer, order_chat(i, follow_up=True)["messages"], system_prompt=None, max_seq_len=512)
                 for i in range(3)]
     ids, labels = _pad([e.input_ids for e in examples], 0), _pad([e.labels for e in examples], IGNORE_INDEX)
     mask = _pad([[1] * len(e.input_ids) for e in examples], 0)

@@ -1,0 +1,19 @@
+"""Small generated support chats for the trainer's tests, and writing them as split files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def order_chat(i: int, *, follow_up: bool = False) -> dict:
+    """A chat about order i: one exchange, or two with `follow_up` (a second user and assistant turn)."""
+    messages = [{"role": "user", "content": f"Where is order {i}?"},
+                {"role": "assistant", "content": f"Order {i} ships on day {i % 3 + 1}."}]
+    if follow_up:
+        messages += [{"role": "user", "content": "Thanks, and my email is [EMAIL]."},
+                     {"role": "assistant", "content": "Noted, we will write to you."}]
+    return {"id": f"c{i}", "messages": messages}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
