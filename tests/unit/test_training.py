@@ -27,11 +27,6 @@ def encode_conversation(tokenizer, messages, **kwargs):
 
 
 @pytest.fixture
-def tokenizer(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "data"
     folder.mkdir()
