@@ -277,6 +277,11 @@ class Recipe(_Strict):
         if self.training.packing and self.data_kind != "chat":
             raise ValueError(f"training.packing applies to chat SFT; this recipe trains {self.data_kind} rows "
                              f"(task {self.task!r}, method {self.method!r}); set packing: false")
+        if self.training.packing and self.adapter.kind == "prefix":
+            # the virtual tokens are a cache every conversation of a packed row attends through, and
+            # transformers only separates packed conversations when there is no cache
+            raise ValueError("training.packing does not combine with adapter.kind 'prefix'; set packing: false, "
+                             "or use lora")
         if self.adapter.kind == "prefix" and self.task == "classification":
             raise ValueError("adapter.kind 'prefix' is for causal LMs; use lora, qlora or full for classification")
         gpus = self.hardware.total_gpus

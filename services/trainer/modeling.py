@@ -16,6 +16,7 @@ import torch
 
 from shared.models import ModelNotAvailable, resolve_model
 from shared.recipe import Recipe
+from services.trainer.packed_attention import use_packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ def _load_base(recipe: Recipe, labels: list[str] | None):
                 label2id={label: i for i, label in enumerate(labels)}, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if recipe.training.packing:
+                use_packed_attention(model)
     except ModelError:
         raise
     except ImportError as exc:  # bitsandbytes missing for qlora

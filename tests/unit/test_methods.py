@@ -19,6 +19,7 @@ from shared.models import resolve_model  # noqa: E402
 from shared.recipe import RecipeError, apply_overrides, load_recipe  # noqa: E402
 from services.trainer import modeling, objectives  # noqa: E402
 from services.trainer.chat_templates import SMOLLM2, training_template  # noqa: E402
+from services.trainer.packed_attention import PACKED_ATTENTION  # noqa: E402
 from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
 from tests.unit.chats import write_jsonl  # noqa: E402
 
@@ -99,8 +100,8 @@ def test_a_template_without_markers_that_nobody_knows_is_a_clear_error(chat_dir,
 # ------------------------------------------------------------------------------ packing
 
 def test_packed_rows_give_each_conversation_the_loss_it_has_alone(tokenizer):
-    """Positions restart at each conversation, so attention stays inside it: the summed loss of a
-    packed batch equals that of the same conversations padded one to a row."""
+    """Positions restart at each conversation and ftpipe's packed attention runs each one alone: the
+    summed loss of a packed batch equals that of the same conversations padded one to a row."""
     recipe = _recipe(**{"training.packing": True, "training.max_seq_len": 160})
     sft = objectives.ChatSFT(recipe, tokenizer)
     rows = [_chat(i, turns=1 + i % 3) for i in range(9)]
@@ -110,6 +111,7 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(tokenizer):
     assert all(len(p.input_ids) <= 160 for p in packed)
     assert sum(sft.weight(p) for p in packed) == sum(sft.weight(e) for e in single)
     model = modeling.build_model(recipe)
+    assert model.config._attn_implementation == PACKED_ATTENTION
     cpu = torch.device("cpu")
     with torch.no_grad():
         alone = sum(sft.loss_sum(model, [e], cpu).item() for e in single)
@@ -128,6 +130,8 @@ def test_packing_trains_fewer_rows_per_epoch(chat_dir, tmp_path):
 def test_packing_is_refused_where_it_does_not_apply():
     with pytest.raises(RecipeError, match="packing applies to chat SFT"):
         _recipe(**{"method": "dpo", "training.packing": True, "data.format": "auto"})
+    with pytest.raises(RecipeError, match="packing does not combine with adapter.kind 'prefix'"):
+        _recipe(**{"adapter.kind": "prefix", "training.packing": True})
 
 
 # ------------------------------------------------------------------------------ DPO and ORPO
