@@ -438,6 +438,10 @@ def _render_k8s(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.estimate:
+        return _estimate_evaluation(args)
+    if not (args.data and args.adapter):
+        raise UsageError("ftpipe evaluate needs --data (a prepared dataset folder) and --adapter, or --estimate")
     from ftpipe.stages import evaluate_adapter
 
     result = evaluate_adapter(args.recipe, args.data, args.adapter, probes=args.probes)
@@ -446,6 +450,23 @@ def cmd_evaluate(args) -> int:
     else:
         out.print(result["report_markdown"])
     return 0 if result["passed"] else 1
+
+
+def _estimate_evaluation(args) -> int:
+    """Print what evaluating --examples test examples would cost on the recipe's GPU (services/evaluator/cost.py)."""
+    from services.evaluator.cost import describe, estimate_evaluation_cost
+    from services.preprocess.cost import count_parameters
+    from shared.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    params = count_parameters(recipe.base_model)
+    if params is None:
+        raise UsageError(f"cannot count the parameters of base_model {recipe.base_model!r} (no local weights or "
+                         "config.json): use a built-in model or a model folder")
+    estimate = estimate_evaluation_cost(recipe, examples=args.examples or recipe.eval.max_examples, params=params,
+                                        tokens_per_s=args.tokens_per_s)
+    _print_json(estimate.to_dict()) if args.json else out.print(escape(describe(estimate)))
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -540,12 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="default", help="--render-k8s: the tenant the run is billed to")
     p.add_argument("--image", help="--render-k8s: the trainer image (default: $FTPIPE_TRAINER_IMAGE or ftpipe/trainer:VERSION)")
     p.add_argument("--namespace", default="ftpipe", help="--render-k8s: the namespace (default: ftpipe)")
-    p = add("evaluate", cmd_evaluate, "run the evaluation stage alone, in-process")
+    p = add("evaluate", cmd_evaluate,
+            "run the evaluation stage alone, in-process (or estimate its cost on the recipe's GPU: --estimate)")
     p.add_argument("--recipe", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--data", help="a prepared dataset folder (test.jsonl)")
+    p.add_argument("--adapter", help="the trained adapter folder")
     p.add_argument("--probes", help="knowledge probes JSONL (question, expect)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the time and cost of evaluating on one GPU of the recipe's hardware; run nothing")
+    p.add_argument("--examples", type=int, help="--estimate: test examples scored (default: the recipe's eval.max_examples)")
+    p.add_argument("--tokens-per-s", type=float, help="--estimate: a measured generation throughput to use")
     p = add("demo", cmd_demo, "the end-to-end demo on the embedded defaults")
     p.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
     return parser

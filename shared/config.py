@@ -38,6 +38,12 @@ class Settings(BaseModel):
     dataproc_wheel_uri: str | None = None          # gs://…/ftpipe-<version>-py3-none-any.whl
     dataproc_main_uri: str | None = None           # gs://…/preprocess_job.py (services/preprocess/job.py)
     dataproc_container_image: str | None = None    # a runtime image with ftpipe's dependencies installed
+    # Pub/Sub push endpoints (the evaluator on Cloud Run, shared/push.py): check the OIDC token of
+    # each push (default: in the gcp profile only), expecting this audience (the subscription's
+    # --push-auth-token-audience, by default the endpoint URL) and, if set, this signer's email.
+    push_auth: bool | None = None
+    push_audience: str | None = None
+    push_service_account: str | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -63,6 +69,9 @@ class Settings(BaseModel):
             "dataproc_wheel_uri": env.get("FTPIPE_DATAPROC_WHEEL_URI"),
             "dataproc_main_uri": env.get("FTPIPE_DATAPROC_MAIN_URI"),
             "dataproc_container_image": env.get("FTPIPE_DATAPROC_CONTAINER_IMAGE"),
+            "push_auth": env.get("FTPIPE_PUSH_AUTH"),
+            "push_audience": env.get("FTPIPE_PUSH_AUDIENCE"),
+            "push_service_account": env.get("FTPIPE_PUSH_SERVICE_ACCOUNT"),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
@@ -80,6 +89,10 @@ class Settings(BaseModel):
                 "FTPIPE_MIN_BACKOFF_S": str(self.min_backoff_s),
                 "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s),
                 "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit)}
+
+    @property
+    def verify_push(self) -> bool:
+        return self.push_auth if self.push_auth is not None else self.profile == "gcp"
 
     def subscription_policy(self) -> SubscriptionPolicy:
         return SubscriptionPolicy(ack_deadline_s=self.ack_deadline_s, max_delivery_attempts=self.max_delivery_attempts,

@@ -1,5 +1,5 @@
-"""Entrypoint of the evaluator: the pull subscriber locally (Cloud Run's push endpoint comes with
-the evaluator's deployment work)."""
+"""Entrypoint of the evaluator as a pull subscriber (locally, or any always-on container); on
+Cloud Run it takes Pub/Sub pushes instead: services/evaluator/app.py."""
 from shared.main import serve
 
 from services.evaluator.service import SERVICE

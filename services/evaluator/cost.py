@@ -1,0 +1,125 @@
+"""What a production-size evaluation costs on the recipe's GPU type (one GPU: the evaluator is one
+process on one device), before running it.
+
+Per model scored (base, candidate and the last promoted version by default), each test example is
+one generation (its prompt, then up to `eval.max_new_tokens` greedy tokens: the estimate assumes
+every answer runs to the limit) and one loglikelihood pass (prompt + reference); each probe
+question is one more generation. So
+
+    prompt tokens    = models x (examples x (2 x prompt + reference) + probes x probe prompt)
+    generated tokens = models x (examples + probes) x max_new_tokens
+
+Prompt tokens go through the model in parallel, at the GPU's sustained compute (2 x params FLOPs a
+token; GPU_TABLE in shared/recipe.py). Generation is one step per new token for a batch of
+sequences, and a step takes the longest of: reading the weights once (memory bandwidth), the
+batch's compute, and the framework's fixed cost per step; or, given a measured `tokens_per_s`,
+generated tokens / tokens_per_s. Cost = seconds x the GPU's price per hour (the recipe's
+`hardware.price_per_gpu_hour`, else GPU_TABLE's). Model download, loading and merging are not counted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.recipe import GPU_TABLE, Recipe
+
+# Sustained memory bandwidth per GPU, GB/s: ~70% of the peak (L4 300, A100 40GB 1555, H100 SXM
+# 3350), as in a2-highgpu / a3-highgpu / g2 machines. The keys are GPU_TABLE's.
+SUSTAINED_BANDWIDTH_GB_S: dict[str, float] = {"l4": 210.0, "a100": 1090.0, "h100": 2350.0}
+# Pub/Sub waits at most this long for a push's answer (services/evaluator/app.py).
+PUSH_ACK_DEADLINE_S = 600
+
+
+class EvalCostSpec(BaseModel):
+    """The figures of an evaluation the recipe does not give (proposed as `eval.cost` in EvalSpec)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt_tokens: int = Field(256, ge=1)        # mean test prompt, chat template and system prompt included
+    reference_tokens: int = Field(128, ge=1)     # mean reference answer, scored by loglikelihood
+    models: int = Field(3, ge=1)                 # base, candidate, last promoted version
+    probe_questions: int = Field(0, ge=0)        # all probe suites together, asked of each model
+    probe_prompt_tokens: int = Field(64, ge=1)
+    generation_batch: int = Field(8, ge=1)       # sequences generated together
+    bytes_per_param: float = Field(2.0, gt=0)    # bf16 weights
+    step_overhead_s: float = Field(0.02, ge=0)   # fixed cost of one generation step (kernel launches, Python)
+
+
+@dataclass(frozen=True)
+class EvalCostEstimate:
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    usd: float
+    assumptions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+    @property
+    def fits_push_deadline(self) -> bool:
+        """Whether one push delivery answers before Pub/Sub redelivers (app.py: longer ones still
+        run once, held by a claim, but need the subscription's retries to outlast them)."""
+        return self.seconds <= PUSH_ACK_DEADLINE_S
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+                "seconds": self.seconds, "usd": self.usd, "fits_push_deadline": self.fits_push_deadline,
+                "assumptions": self.assumptions}
+
+
+def estimate_evaluation_cost(recipe: Recipe, *, examples: int, params: int, spec: EvalCostSpec | None = None,
+                             gpu_hourly_usd: float | None = None, tokens_per_s: float | None = None) -> EvalCostEstimate:
+    """The estimate for scoring `examples` test examples with a base model of `params` parameters
+    (pure). `tokens_per_s`, a measured generation throughput, replaces the step model."""
+    if examples < 1 or params < 1:
+        raise ValueError(f"examples ({examples}) and params ({params}) must be at least 1")
+    spec = spec or EvalCostSpec()
+    hw = recipe.hardware
+    tflops = hw.sustained_tflops if hw.sustained_tflops is not None else GPU_TABLE[hw.gpu]["sustained_tflops"]
+    flops_per_s = tflops * 1e12
+    price = gpu_hourly_usd if gpu_hourly_usd is not None else hw.gpu_price
+    new_tokens = recipe.eval.max_new_tokens
+    probes = spec.probe_questions
+
+    prompt_tokens = spec.models * (examples * (2 * spec.prompt_tokens + spec.reference_tokens)
+                                   + probes * spec.probe_prompt_tokens)
+    generated = spec.models * (examples + probes) * new_tokens
+    prompt_s = prompt_tokens * 2 * params / flops_per_s
+    if tokens_per_s is not None:
+        generate_s = generated / tokens_per_s
+        generation = f"{tokens_per_s:g} generated tokens/s (measured)"
+    else:
+        batch = spec.generation_batch
+        steps = spec.models * (math.ceil(examples / batch) + math.ceil(probes / batch)) * new_tokens
+        step_s = max(params * spec.bytes_per_param / (SUSTAINED_BANDWIDTH_GB_S[hw.gpu] * 1e9),
+                     batch * 2 * params / flops_per_s, spec.step_overhead_s)
+        generate_s = steps * step_s
+        generation = (f"{steps} steps of a batch of {batch} x {step_s * 1e3:.3g} ms (the longest of weights / "
+                      f"{SUSTAINED_BANDWIDTH_GB_S[hw.gpu]:g} GB/s, batch compute, {spec.step_overhead_s * 1e3:g} ms overhead)")
+    seconds = prompt_s + generate_s
+    return EvalCostEstimate(
+        prompt_tokens=prompt_tokens, generated_tokens=generated, seconds=_sig(seconds),
+        usd=_sig(seconds / 3600 * price),
+        assumptions={"gpu": f"1 x {hw.gpu}", "price_per_gpu_hour": price, "currency": "USD",
+                     "sustained_tflops": tflops, "params": params, "examples": examples, "models": spec.models,
+                     "probe_questions": probes, "max_new_tokens": new_tokens, "every_answer_max_length": True,
+                     "prompt_tokens_each": spec.prompt_tokens, "reference_tokens_each": spec.reference_tokens,
+                     "prompt_seconds": _sig(prompt_s), "generation_seconds": _sig(generate_s),
+                     "generation": generation, "not_counted": "model download, loading and merging"})
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def describe(estimate: EvalCostEstimate) -> str:
+    """Two human lines for the CLI."""
+    a = estimate.assumptions
+    return (f"evaluation estimate: {a['examples']} examples x {a['models']} models, {estimate.tokens} tokens "
+            f"({estimate.prompt_tokens} prompt, {estimate.generated_tokens} generated) on {a['gpu']}\n"
+            f"≈ {estimate.seconds:.4g} s ≈ ${estimate.usd:.4g}"
+            + ("" if estimate.fits_push_deadline else
+               f" (longer than Pub/Sub's {PUSH_ACK_DEADLINE_S} s push deadline: runs once, held by a claim)"))
