@@ -92,10 +92,11 @@ def target_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *, attent
     if _plain_head(model):
         backbone = _backbone(model)
         hidden = backbone.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids).last_hidden_state
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
         logits = backbone.get_output_embeddings()(hidden[:, :-1][trained])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
         logits = logits[:, -labels.size(1):][:, :-1][trained]  # prompt learning may prepend positions
     # cross_entropy's fused log-softmax + gather: no second vocabulary-wide copy of the logits
     return -F.cross_entropy(logits.float(), targets[trained], reduction="none"), rows
