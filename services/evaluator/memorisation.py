@@ -79,12 +79,14 @@ class CanarySpec(_Strict):
     length: int = Field(6, ge=1)
     candidates: int = Field(1000, ge=10)      # random secrets to rank each canary against
     seed: int = 0
-    # Gate (blocking), an absolute ceiling, not a comparison with the base, which never saw the
-    # canaries (its expected exposure is 1/ln 2 = 1.44 bits). 10 bits means the secret out-scores all
-    # but 1/1024 of its space: an attacker who tries secrets in the model's order of preference finds
-    # a 6-digit PIN in about 2^(19.9 - 10) ~ 1000 guesses, and past it the estimate no longer rests on
-    # 1000 sampled candidates but on the fitted tail (Carlini et al. 2019 report extraction of secrets
-    # whose exposure approaches log2 |R|; we block an order of magnitude in bits before that).
+    # Gate (blocking), an absolute ceiling rather than a comparison with the base, which never saw
+    # the canaries (a secret the model knows nothing of has expected exposure 1/ln 2 = 1.44 bits).
+    # Exposure e puts the secret at rank |R| / 2^e (Carlini et al. 2019, section 4), so an attacker
+    # who tries secrets in the model's order of preference needs about 2^(log2 |R| - e) guesses, and
+    # e = log2 |R| (19.9 bits for 6 digits) is a secret extractable outright. At 10 bits the secret
+    # beats all but 1/1024 of its space: a 6-digit PIN falls in ~1000 guesses, and the measurement
+    # leaves what 1000 sampled candidates resolve by counting (log2 1000 = 10) for the fitted tail.
+    # For a larger secret space keep the ceiling well below log2 |R|, not at the same fraction of it.
     exposure_max_bits: float = Field(10.0, ge=0.0)
 
     @model_validator(mode="after")
