@@ -411,7 +411,7 @@ def main() -> None:
                        "true_leak": true_leak_rate(out_dir, id_to_line, rows, truths) if not result.rejected else None}
 
     # which look-alikes (not PII) the residual scan flags by itself: its hits per distractor shape
-    from services.preprocess import pii_residual
+    from shared import pii_residual
 
     dis_hits, dis_n = Counter(), Counter()
     for t in truths:

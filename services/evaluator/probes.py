@@ -55,25 +55,32 @@ def load_probes(path: Path | str) -> list[Probe]:
     return probes
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: str | None,
                      max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy answers, one per question, each asked as a fresh single-turn chat.
+    """Greedy answers, one per question, each asked as a fresh single-turn chat."""
+    prompts = []
+    for question in questions:
+        messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size)]
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                         batch_size: int = 32) -> list[list[int]]:
+    """The greedy continuation of each prompt (token ids), up to and without the first EOS.
 
     Prompts are left-padded by hand (not by flipping tokenizer.padding_side, which the caller
     may rely on) so that a batch generates from aligned ends.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = []
-    for question in questions:
-        messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-
     was_training = model.training
     model.eval()
-    answers = []
+    continuations = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         width = max(len(p) for p in batch)
@@ -81,9 +88,11 @@ def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: s
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out)
+        for row in out[:, width:].tolist():
+            # a finished row is padded to the batch's length after its EOS
+            continuations.append(row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
     model.train(was_training)
-    return answers
+    return continuations
 
 
 def fact_rate(model, tokenizer, probes: list[Probe], *, system_prompt: str | None,

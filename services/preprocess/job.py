@@ -51,7 +51,8 @@ from services.preprocess import formats, split, stages
 from services.preprocess import cost, provenance
 from services.preprocess import neardup, quality
 from services.preprocess.pii import mask_excerpt
-from services.preprocess import pii, pii_residual
+from services.preprocess import pii
+from shared import pii_residual
 from shared.build_info import ftpipe_version, git_commit
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 
-from services.preprocess import formats, pii, pii_residual, split
+from services.preprocess import formats, pii, split
+from shared import pii_residual
 
 ID_CHARS = 16
 _MOD = 1 << 256

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.preprocess import pii, pii_residual
+from services.preprocess import pii
+from shared import pii_residual
 from shared.recipe import DataSpec, Recipe
 
 # ------------------------------------------------------------------ rules backend, per category

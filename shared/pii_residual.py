@@ -5,6 +5,9 @@ rules are high-recall shapes (any run of 9+ digits, anything@anything.tld, IBAN-
 capitalised word after "my name is", a greeting or a title, ...). A hit is not necessarily PII (an order number
 with a bad checksum also is a 9+ digit run): the residual rate is an upper bound on what masking
 missed, and the recipe's `data.pii_residual_threshold` bounds it. Reports counts only, never values.
+
+It lives in `shared` because two services use it: preprocess (on its masked outputs) and the
+evaluator (on what a fine-tuned model generates where the training data had a mask token).
 """
 from __future__ import annotations
 

@@ -1,0 +1,173 @@
+"""Counterfactual fairness probes: does the model treat a customer differently when only a
+demographic term changes?
+
+A template file is JSONL with two kinds of line (data/fairness_templates.jsonl is the default):
+  {"axis": "religion", "terms": ["Christian", "Muslim", ...]}            a demographic axis
+  {"template": "The {group} customer asked ... was", "continuation": " helpful."}
+Every template is filled with every term of every axis (terms are adjectives, so one template
+serves all axes).
+
+- Language models (`likelihood_disparity`): the log-likelihood of the continuation for each term;
+  a template's disparity on an axis is the spread (max - min) across the terms, in nats per
+  continuation token, so long continuations do not outweigh short ones.
+- Classifiers (`flip_rate`): the predicted label of the filled template and its continuation; a
+  template flips on an axis when the terms do not all get the same label.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.datasets import DatasetContractError, iter_jsonl
+
+from .likelihood import continuation_logprobs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = Path(__file__).parent / "data" / "fairness_templates.jsonl"
+SLOT = "{group}"
+_SHAPE = ('{"axis": str, "terms": [str, str, ...]} or '
+          '{"template": "... {group} ...", "continuation": str}')
+_AXIS_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")   # it becomes part of a metric name
+
+
+class FairnessSpec(BaseModel):
+    """Counterfactual probes (recipe: eval.fairness)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+    templates: str | None = None    # a template file named relative to the bucket; None: the shipped one
+    # Gate (blocking), relative: fairness_disparity (or fairness_flip_rate for a classifier) may grow
+    # by at most this fraction of the base's.
+    tolerance: float = Field(0.2, ge=0.0)
+
+
+class FairnessTemplateError(ValueError):
+    """A template file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str            # with one {group} slot
+    continuation: str
+    line: int            # where it is in its file, to name it in details
+
+    def filled(self, term: str) -> str:
+        return self.text.replace(SLOT, term)
+
+
+@dataclass(frozen=True)
+class FairnessProbes:
+    axes: dict[str, tuple[str, ...]]
+    templates: tuple[Template, ...]
+
+
+def _axis(path: Path, lineno: int, row: dict, axes: dict) -> None:
+    name, terms = row.get("axis"), row.get("terms")
+    if not isinstance(name, str) or not _AXIS_NAME.match(name):
+        raise FairnessTemplateError(f"{path}:{lineno}: 'axis' must be a lower-case name such as \"age\" "
+                                    f"(letters, digits, _), got {name!r}")
+    if name in axes:
+        raise FairnessTemplateError(f"{path}:{lineno}: axis {name!r} is declared twice; keep one line per axis")
+    if (not isinstance(terms, list) or len(terms) < 2 or not all(isinstance(t, str) and t.strip() for t in terms)
+            or len(set(terms)) != len(terms)):
+        raise FairnessTemplateError(f"{path}:{lineno}: 'terms' of axis {name!r} must be two or more distinct "
+                                    "non-empty strings")
+    axes[name] = tuple(terms)
+
+
+def _template(path: Path, lineno: int, row: dict) -> Template:
+    text, continuation = row.get("template"), row.get("continuation")
+    if not isinstance(text, str) or text.count(SLOT) != 1:
+        raise FairnessTemplateError(f"{path}:{lineno}: 'template' must be a string with {SLOT} exactly once")
+    if not isinstance(continuation, str) or not continuation.strip():
+        raise FairnessTemplateError(f"{path}:{lineno}: 'continuation' must be a non-empty string "
+                                    "(with its leading space, e.g. \" helpful.\")")
+    return Template(text, continuation, lineno)
+
+
+def load_templates(path: Path | str = DEFAULT_TEMPLATES) -> FairnessProbes:
+    path = Path(path)
+    axes: dict[str, tuple[str, ...]] = {}
+    templates = []
+    try:
+        for lineno, row in iter_jsonl(path, shape=_SHAPE):
+            keys = set(row) if isinstance(row, dict) else set()
+            if keys == {"axis", "terms"}:
+                _axis(path, lineno, row, axes)
+            elif keys == {"template", "continuation"}:
+                templates.append(_template(path, lineno, row))
+            else:
+                raise FairnessTemplateError(f"{path}:{lineno}: expected {_SHAPE}, got keys {sorted(keys)}")
+    except DatasetContractError as exc:
+        raise FairnessTemplateError(str(exc)) from exc
+    if not axes or not templates:
+        raise FairnessTemplateError(f"{path}: needs at least one axis and one template line; write {_SHAPE}")
+    return FairnessProbes(axes, tuple(templates))
+
+
+def _summary(name: str, per_pair: list[dict], key: str, axes) -> dict[str, float]:
+    metrics = {f"fairness_{name}": sum(d[key] for d in per_pair) / len(per_pair)}
+    for axis in axes:
+        values = [d[key] for d in per_pair if d["axis"] == axis]
+        metrics[f"fairness_{name}_{axis}"] = sum(values) / len(values)
+    return metrics
+
+
+def likelihood_disparity(model, tokenizer, probes: FairnessProbes, *,
+                         batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
+    """({fairness_disparity, fairness_disparity_<axis>..., fairness_max_disparity}, one
+    {template (line), axis, disparity, lowest, highest} per template and axis) for a causal LM."""
+    pairs = [(t, axis) for t in probes.templates for axis in probes.axes]
+    scored = [(t.filled(term), t.continuation) for t, axis in pairs for term in probes.axes[axis]]
+    # templates are plain text, not chat: the tokenizer's BOS where it adds one, as for any document
+    logprobs, counts = continuation_logprobs(model, tokenizer, scored, batch_size=batch_size, add_special_tokens=True)
+    details, at = [], 0
+    for t, axis in pairs:
+        terms = probes.axes[axis]
+        per_token = [lp / n for lp, n in zip(logprobs[at:at + len(terms)], counts[at:at + len(terms)])]
+        at += len(terms)
+        details.append({"template": t.line, "axis": axis, "disparity": max(per_token) - min(per_token),
+                        "lowest": terms[per_token.index(min(per_token))],
+                        "highest": terms[per_token.index(max(per_token))]})
+    metrics = _summary("disparity", details, "disparity", probes.axes)
+    metrics["fairness_max_disparity"] = max(d["disparity"] for d in details)
+    logger.info("fairness: mean disparity %.4f, max %.4f nats/token over %d template-axis pairs",
+                metrics["fairness_disparity"], metrics["fairness_max_disparity"], len(details))
+    return metrics, details
+
+
+@torch.no_grad()
+def _labels(model, tokenizer, texts: list[str], batch_size: int) -> list[int]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    labels = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+        labels += model(**batch.to(device)).logits.argmax(-1).tolist()
+    model.train(was_training)
+    return labels
+
+
+def flip_rate(model, tokenizer, probes: FairnessProbes, *,
+              batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
+    """({fairness_flip_rate, fairness_flip_rate_<axis>...}, one {template (line), axis, flipped,
+    labels: {term: label id}} per template and axis) for a sequence classifier."""
+    pairs = [(t, axis) for t in probes.templates for axis in probes.axes]
+    labels = _labels(model, tokenizer, [t.filled(term) + t.continuation for t, axis in pairs
+                                        for term in probes.axes[axis]], batch_size)
+    details, at = [], 0
+    for t, axis in pairs:
+        terms = probes.axes[axis]
+        got = dict(zip(terms, labels[at:at + len(terms)]))
+        at += len(terms)
+        details.append({"template": t.line, "axis": axis, "flipped": len(set(got.values())) > 1, "labels": got})
+    metrics = _summary("flip_rate", details, "flipped", probes.axes)
+    logger.info("fairness: %d of %d template-axis pairs flip their label", sum(d["flipped"] for d in details),
+                len(details))
+    return metrics, details

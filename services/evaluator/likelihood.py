@@ -1,0 +1,58 @@
+"""How likely a causal LM finds a continuation after a prompt: the one scorer behind the canary
+exposure and fairness probes.
+
+The prompt and the continuation are tokenized separately and concatenated (as lm-eval does), so a
+continuation's tokens are the same whatever prompt it follows and candidates compare like with
+like; write the continuation with its leading space (" helpful."). Whitespace that ends the prompt
+moves to the continuation, where the tokenizer expects it (" 123456" is one space token and six
+digits; "is " + "123456" would not be).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _split_ids(tokenizer, prompt: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    stripped = prompt.rstrip()
+    continuation = prompt[len(stripped):] + continuation
+    prompt_ids = tokenizer(stripped, add_special_tokens=add_special_tokens)["input_ids"]
+    continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not prompt_ids or not continuation_ids:
+        raise ValueError(f"continuation_logprobs needs a non-empty prompt and continuation; got prompt "
+                         f"{len(prompt_ids)} tokens, continuation {len(continuation_ids)} tokens")
+    return prompt_ids, continuation_ids
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
+                          add_special_tokens: bool = False) -> tuple[list[float], list[int]]:
+    """(summed natural-log probability of each continuation given its prompt, its token count).
+
+    `add_special_tokens` is for plain-text prompts (a BOS where the tokenizer adds one); leave it
+    off for chat-template text, which carries its own special tokens. Batches are right-padded,
+    which leaves every real position's attention unchanged in a causal model. The model must take
+    `logits_to_keep` (transformers' causal LMs and PEFT wrappers of them do).
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [_split_ids(tokenizer, p, c, add_special_tokens) for p, c in pairs]
+    # longest first, so that rows of similar length share a batch and padding stays small
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    logprobs = [0.0] * len(encoded)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        batch = [encoded[i] for i in order[start:start + batch_size]]
+        width = max(len(p) + len(c) for p, c in batch)
+        ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c in batch], device=device)
+        mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in batch],
+                            device=device)
+        # position t predicts token t + 1, so a continuation is predicted from len(prompt) - 1 on;
+        # projecting only those positions onto the vocabulary (logits_to_keep) saves most of the work
+        first = min(len(p) for p, _ in batch) - 1
+        scores = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.float().log_softmax(-1)
+        for row, (i, (p, c)) in enumerate(zip(order[start:start + batch_size], batch)):
+            at = len(p) - 1 - first
+            logprobs[i] = scores[row, at:at + len(c)].gather(-1, torch.tensor(c, device=device)[:, None]).sum().item()
+    model.train(was_training)
+    return logprobs, [len(c) for _, c in encoded]
