@@ -9,12 +9,13 @@ from typing import Callable
 
 from shared import events as ev
 from shared.config import Adapters, Settings, bootstrap
+from shared.model_registry import MODEL_VERSIONS, MODELS
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from shared.runtime import CANCELLATIONS, REPLAY_FOR, publish_event
 from shared.tenants import TenantError, check_name, get_quota, list_quotas, set_quota
 from shared.topology import dlq_subscription
 
-RUNS, MODEL_VERSIONS, MODELS = "runs", "model_versions", "models"
+RUNS = "runs"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # object-name and document-id safe
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -224,15 +224,117 @@ class BudgetSpec(_Strict):
     overrun: float = Field(1.2, ge=1.0)
 
 
+class GateRule(_Strict):
+    """The gate on one metric. The candidate fails the rule when it is worse than a compared model
+    (the base; the last promoted version too when `against` names it) by more than `tolerance`, or
+    outside [min, max]. Which way is worse comes from shared/metrics.py."""
+    tolerance: float | None = Field(None, ge=0.0)   # None: no comparison, bounds only
+    relative: bool = False   # tolerance as a fraction of the compared model's score (0.02 = 2%)
+    min: float | None = None
+    max: float | None = None
+    action: Literal["block", "warn", "off"] = "block"   # off: drop a default rule
+    against: tuple[Literal["base", "production"], ...] = ("base",)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "GateRule":
+        if self.action != "off" and self.tolerance is None and self.min is None and self.max is None:
+            raise ValueError("a gate rule needs a tolerance (against the base), a min or a max")
+        return self
+
+
+class SafetySpec(_Strict):
+    """Adversarial prompts (refusal rate) and alignment probes (instruction following, honesty),
+    shipped with ftpipe: services/evaluator/data/."""
+    enabled: bool = True
+    # A stratified subset of this many prompts per set (every category kept); None asks all of them.
+    max_prompts: int | None = Field(None, ge=9)
+    max_new_tokens: int = Field(48, ge=1)
+
+
+class MemorisationSpec(_Strict):
+    """Verbatim extraction of training replies against held-out ones, and PII leakage around the
+    masked spans of the training data (chat)."""
+    enabled: bool = True
+    max_rows: int = Field(200, ge=1)          # rows per split for extraction
+    prefix_tokens: int = Field(32, ge=0)
+    suffix_tokens: int = Field(32, ge=1)
+    match_tokens: int = Field(20, ge=1)       # a row is extracted when this many tokens match exactly
+    pii_max_probes: int = Field(200, ge=1)
+    pii_new_tokens: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _match_within_suffix(self) -> "MemorisationSpec":
+        if self.match_tokens > self.suffix_tokens:
+            raise ValueError(f"match_tokens ({self.match_tokens}) cannot exceed suffix_tokens ({self.suffix_tokens}): "
+                             "only the generated suffix can match")
+        return self
+
+
+class CanarySpec(_Strict):
+    """Secret Sharer canaries (chat): `count` random secrets, each inserted `repeats` times into the
+    training split by the trainer, derived from training.seed; the evaluator measures their exposure.
+    0 turns canaries off."""
+    count: int = Field(0, ge=0)
+    repeats: int = Field(5, ge=1)
+    template: str = "my support PIN is {secret}"
+    alphabet: str = Field("0123456789", min_length=2)
+    length: int = Field(6, ge=1)
+    candidates: int = Field(1000, ge=10)      # random secrets each canary is ranked against
+
+    @model_validator(mode="after")
+    def _one_slot(self) -> "CanarySpec":
+        if self.template.count("{secret}") != 1:
+            raise ValueError(f"eval.canaries.template {self.template!r} must contain '{{secret}}' exactly once")
+        return self
+
+
+class FairnessSpec(_Strict):
+    """Counterfactual templates with demographic terms swapped (services/evaluator/data/)."""
+    enabled: bool = True
+    max_templates: int | None = Field(None, ge=1)
+
+
 class EvalSpec(_Strict):
     max_examples: int = Field(40, ge=1)
     max_new_tokens: int = Field(48, ge=1)
-    # Gate: on each gated metric the candidate may be worse than the base by at most this fraction
-    # of the base score (0.02 = 2%; absolute when the base scores 0).
-    tolerance: float = Field(0.02, ge=0.0)
-    gate_metrics: tuple[str, ...] = ("chrf",)
+    # Paired bootstrap over test examples for every metric's delta; 0 turns intervals off.
+    bootstrap_iters: int = Field(1000, ge=0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    # Score the model name's current production version too (when there is one).
+    compare_production: bool = True
     # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.
     probes: str | None = None
+    # Standard lm-eval tasks, run when their data is in the local datasets cache (offline);
+    # include_path adds a folder of task YAMLs of your own.
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include_path: str | None = None
+    safety: SafetySpec = SafetySpec()
+    memorisation: MemorisationSpec = MemorisationSpec()
+    canaries: CanarySpec = CanarySpec()
+    fairness: FairnessSpec = FairnessSpec()
+    # Gate policy: metric -> rule, over the defaults for the recipe's task and enabled probes
+    # (services/evaluator/gate.py: default_rules); a rule here replaces the default one of its metric.
+    gate: dict[str, GateRule] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_gate_keys(cls, data):
+        if isinstance(data, dict) and ({"gate_metrics", "tolerance"} & set(data)):
+            raise ValueError("eval.gate_metrics and eval.tolerance were replaced by eval.gate, a rule per metric, "
+                             "e.g. gate: {chrf: {tolerance: 0.02, relative: true}, perplexity: {tolerance: 0.1, "
+                             "relative: true, action: warn}}")
+        return data
+
+    @model_validator(mode="after")
+    def _gate_metrics_known(self) -> "EvalSpec":
+        from shared.metrics import HIGHER_IS_BETTER, is_known
+
+        for name in self.gate:
+            # task:metric names come from standard lm-eval tasks, whose direction lm-eval reports
+            if not is_known(name) and ":" not in name:
+                raise ValueError(f"eval.gate: unknown metric {name!r}; known: {sorted(HIGHER_IS_BETTER)} "
+                                 "(plus refusal_rate_<category>, fairness_disparity_<axis>, <lm-eval task>:<metric>)")
+        return self
 
 
 class Recipe(_Strict):
@@ -277,6 +379,9 @@ class Recipe(_Strict):
         if self.training.packing and self.data_kind != "chat":
             raise ValueError(f"training.packing applies to chat SFT; this recipe trains {self.data_kind} rows "
                              f"(task {self.task!r}, method {self.method!r}); set packing: false")
+        if self.eval.canaries.count and self.data_kind != "chat":
+            raise ValueError(f"eval.canaries apply to chat SFT (the trainer inserts them as conversations); this "
+                             f"recipe trains {self.data_kind} rows: set eval.canaries.count: 0")
         if self.training.packing and self.adapter.kind == "prefix":
             # the virtual tokens are a cache every conversation of a packed row attends through, and
             # transformers only separates packed conversations when there is no cache

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from shared.datasets import DatasetContractError, iter_jsonl
 
@@ -34,16 +33,6 @@ SLOT = "{group}"
 _SHAPE = ('{"axis": str, "terms": [str, str, ...]} or '
           '{"template": "... {group} ...", "continuation": str}')
 _AXIS_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")   # it becomes part of a metric name
-
-
-class FairnessSpec(BaseModel):
-    """Counterfactual probes (recipe: eval.fairness)."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    enabled: bool = True
-    templates: str | None = None    # a template file named relative to the bucket; None: the shipped one
-    # Gate (blocking), relative: fairness_disparity (or fairness_flip_rate for a classifier) may grow
-    # by at most this fraction of the base's.
-    tolerance: float = Field(0.2, ge=0.0)
 
 
 class FairnessTemplateError(ValueError):

@@ -1,5 +1,6 @@
-"""The evaluator service: on TrainingCompleted, score base and candidate on the held-out test split,
-apply the gate, store the report with the run, publish EvaluationCompleted."""
+"""The evaluator service: on TrainingCompleted, score the base, the candidate and the model name's
+production version (services/evaluator/evaluation.py), apply the gate, store the report with the
+run, publish EvaluationCompleted."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from shared import events as ev
+from shared.model_registry import alias_version
 from shared.runtime import Context, Service
 from shared.storage import download_dir
 
@@ -29,14 +31,31 @@ def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
             except KeyError:
                 ctx.log.warning("knowledge probes %s not found in the bucket; skipping them", recipe.eval.probes)
                 probes = None
+        production = _production(ctx, recipe, Path(tmp) / "production")
         try:
-            result = evaluate(recipe, data_dir, adapter_dir, probes_path=probes)
+            result = evaluate(recipe, data_dir, adapter_dir, production_dir=production, probes_path=probes)
         except EvaluationError as exc:
             # An evaluation that cannot run is a failed gate, recorded with its reason.
             return [_report(ctx, event, bucket, scores={}, passed=False, reasons=[f"evaluation failed: {exc}"],
                             markdown=f"# Evaluation failed\n\n{exc}\n", details={})]
     return [_report(ctx, event, bucket, scores=result.scores, passed=result.passed, reasons=result.reasons,
                     markdown=result.report_markdown, details=result.to_json())]
+
+
+def _production(ctx: Context, recipe, folder: Path) -> Path | None:
+    """The model name's production version, downloaded, when it adapts the same base model."""
+    if not recipe.eval.compare_production:
+        return None
+    version = alias_version(ctx.docs, recipe.model_name, "production")
+    if version is None:
+        return None
+    if version.get("base_model") != recipe.base_model:
+        ctx.log.info("production version %s adapts %s, not %s: not compared", version.get("version"),
+                     version.get("base_model"), recipe.base_model)
+        return None
+    bucket, prefix = ctx.store.parse_url(version["uri"])
+    download_dir(ctx.store, bucket, prefix.rstrip("/") + "/adapter", folder)
+    return folder
 
 
 def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details) -> ev.EvaluationCompleted:

@@ -1,6 +1,7 @@
-"""lm-eval tasks built from a prepared dataset's local test split, fully offline.
+"""lm-eval tasks built from a prepared dataset's local test split, fully offline: one pair of tasks
+for chat SFT, one task for preference pairs and one for classification.
 
-Each test conversation becomes one document:
+Chat SFT: each test conversation becomes one document:
 
 - ``prompt``: the chat-template rendering of every message except the last (assistant) turn,
   with ``add_generation_prompt=True``; the recipe's ``data.system_prompt`` is inserted first when
@@ -18,6 +19,14 @@ Two lm-eval tasks read those documents from a JSONL file (``dataset_path: json``
 - ``ftpipe_loglik`` (``loglikelihood``): log-probability of the reference given the prompt,
   aggregated with lm-eval's ``weighted_perplexity`` over reference tokens, i.e.
   ``exp(sum(-log p) / sum(n_tokens))`` = per-token perplexity.
+
+Preference pairs (``ftpipe_preference``, multiple choice): the chosen and the rejected answer as
+the two choices after the rendered prompt; ``preference_accuracy`` is the share of pairs whose
+chosen answer gets the higher log-likelihood.
+
+Classification (``ftpipe_classify``, multiple choice over the run's labels): ``ClassifierLM`` gives
+lm-eval the classifier's log-probability of each label, so accuracy and macro-F1 come out of the
+same harness as the generative scores.
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ from shared.datasets import DatasetContractError, read_split, with_system_prompt
 
 GENERATE_TASK = "ftpipe_generate"
 LOGLIK_TASK = "ftpipe_loglik"
+PREFERENCE_TASK = "ftpipe_preference"
+CLASSIFY_TASK = "ftpipe_classify"
 
 
 class EvaluationError(RuntimeError):
@@ -48,13 +59,8 @@ class TestExample:
 # --------------------------------------------------------------------------- test split
 
 
-def load_test_examples(data_dir: Path, *, max_examples: int) -> tuple[list[TestExample], int]:
-    """Read ``data_dir/test.jsonl``; return (a deterministic subset of at most ``max_examples``
-    usable examples, number of usable examples in the split).
-
-    The subset is the ``max_examples`` examples with the smallest sha256 of their id, kept in
-    file order: the same ids are chosen whatever the order of the file or the host.
-    """
+def read_test_split(data_dir: Path, kind: str) -> list[dict]:
+    """Every row of ``data_dir/test.jsonl`` (of the recipe's data kind), or a clear error."""
     path = Path(data_dir) / "test.jsonl"
     if not path.is_file():
         raise EvaluationError(
@@ -62,22 +68,34 @@ def load_test_examples(data_dir: Path, *, max_examples: int) -> tuple[list[TestE
             f"folder with train.jsonl/val.jsonl/test.jsonl (as written by preprocess); check that "
             f"data_dir points at it and that data.split gives the test split a non-zero fraction.")
     try:
-        rows = read_split(path)
+        rows = read_split(path, kind)
     except DatasetContractError as exc:
         raise EvaluationError(f"{exc} — re-run preprocess to rewrite the split") from exc
-    examples: list[TestExample] = []
-    seen: set[str] = set()
-    for index, row in enumerate(rows, start=1):
-        example = _to_example(row, fallback_id=f"row-{index}", where=f"{path} row {index}")
-        if example.id in seen:
-            raise EvaluationError(f"{path} row {index}: duplicate id {example.id!r}; ids must be unique")
-        seen.add(example.id)
-        examples.append(example)
-    if not examples:
+    if not rows:
         raise EvaluationError(
-            f"test split is empty: {path} has no conversations. Give the test split more rows "
+            f"test split is empty: {path} has no rows. Give the test split more rows "
             f"(more data, or a larger third fraction in data.split) and prepare the dataset again.")
-    chosen = set(sorted(seen, key=_id_rank)[:max_examples])
+    ids = [str(row.get("id") or f"row-{i}") for i, row in enumerate(rows, start=1)]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EvaluationError(f"{path}: duplicate id {dup!r}; ids must be unique")
+    return [{**row, "id": i} for row, i in zip(rows, ids)]
+
+
+def deterministic_subset(rows: list[dict], limit: int) -> list[dict]:
+    """The ``limit`` rows with the smallest sha256 of their id, kept in file order: the same rows
+    are chosen whatever the order of the file or the host."""
+    chosen = set(sorted((r["id"] for r in rows), key=_id_rank)[:limit])
+    return [r for r in rows if r["id"] in chosen]
+
+
+def load_test_examples(data_dir: Path, *, max_examples: int) -> tuple[list[TestExample], int]:
+    """Chat test conversations: (a deterministic subset of at most ``max_examples``, how many the
+    split has)."""
+    path = Path(data_dir) / "test.jsonl"
+    rows = read_test_split(data_dir, "chat")
+    examples = [to_example(row, where=f"{path} row {index}") for index, row in enumerate(rows, start=1)]
+    chosen = {r["id"] for r in deterministic_subset(rows, max_examples)}
     return [ex for ex in examples if ex.id in chosen], len(examples)
 
 
@@ -85,7 +103,7 @@ def _id_rank(example_id: str) -> str:
     return hashlib.sha256(example_id.encode("utf-8")).hexdigest()
 
 
-def _to_example(row: Any, *, fallback_id: str, where: str) -> TestExample:
+def to_example(row: Any, *, where: str) -> TestExample:
     fix = 'each line must be {"id": str, "messages": [{"role": ..., "content": ...}, ...]} ending with an assistant turn'
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
         raise EvaluationError(f"{where}: no non-empty 'messages' list; {fix}")
@@ -98,7 +116,7 @@ def _to_example(row: Any, *, fallback_id: str, where: str) -> TestExample:
         raise EvaluationError(f"{where}: the last message is {messages[-1]['role']!r}, not 'assistant'; {fix}")
     if not any(m["role"] == "user" for m in messages[:-1]):
         raise EvaluationError(f"{where}: no user message before the assistant's reply; {fix}")
-    return TestExample(id=str(row.get("id") or fallback_id), messages=tuple(messages[:-1]),
+    return TestExample(id=row["id"], messages=tuple(messages[:-1]),
                        reference=messages[-1]["content"].strip())
 
 
@@ -146,10 +164,7 @@ def write_documents(examples: list[TestExample], tokenizer, lm, path: Path, *,
         prompt = render_prompt(tokenizer, ex.messages, system_prompt=system_prompt)
         docs.append({"id": ex.id, "prompt": prompt, "reference": ex.reference,
                      "n_tokens": continuation_token_count(lm, prompt, ex.reference)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for doc in docs:
-            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    _write_jsonl(path, docs)
     return docs
 
 
@@ -222,6 +237,119 @@ def loglikelihood_task_config(docs_path: Path, cache_dir: Path) -> dict:
         ],
         "metadata": {"version": 1},
     }
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+def _answer(messages: list[dict]) -> str:
+    return "".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
+def preference_documents(rows: list[dict], tokenizer, path: Path, *, system_prompt: str | None) -> list[dict]:
+    docs = [{"id": row["id"], "prompt": render_prompt(tokenizer, row["prompt"], system_prompt=system_prompt),
+             "choices": [_answer(row["chosen"]), _answer(row["rejected"])]} for row in rows]
+    _write_jsonl(path, docs)
+    return docs
+
+
+def _preference_results(doc: dict, results: list[tuple[float, bool]]) -> dict:
+    (chosen, _), (rejected, _) = results
+    return {"preference_accuracy": float(chosen > rejected)}
+
+
+def preference_task_config(docs_path: Path, cache_dir: Path) -> dict:
+    return {
+        "task": PREFERENCE_TASK,
+        **_dataset_fields(docs_path, cache_dir),
+        "output_type": "multiple_choice",
+        "doc_to_choice": "choices",
+        "doc_to_target": 0,   # the chosen answer is always the first choice
+        "process_results": _preference_results,
+        "metric_list": [{"metric": "preference_accuracy", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1},
+    }
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def classification_documents(rows: list[dict], labels: list[str], path: Path) -> list[dict]:
+    index = {label: i for i, label in enumerate(labels)}
+    docs = []
+    for row in rows:
+        label = str(row["label"])
+        if label not in index:
+            raise EvaluationError(f"test row {row['id']}: label {label!r} is not one the model was trained on "
+                                  f"({labels}); re-split the dataset so every test label occurs in train")
+        docs.append({"id": row["id"], "text": row["text"], "gold": index[label]})
+    _write_jsonl(path, docs)
+    return docs
+
+
+def _classification_results(doc: dict, results: list[tuple[float, bool]]) -> dict:
+    predicted = max(range(len(results)), key=lambda i: results[i][0])
+    return {"accuracy": float(predicted == doc["gold"]), "macro_f1": (doc["gold"], predicted)}
+
+
+def classification_task_config(docs_path: Path, cache_dir: Path, labels: list[str]) -> dict:
+    from .stats import macro_f1
+
+    return {
+        "task": CLASSIFY_TASK,
+        **_dataset_fields(docs_path, cache_dir),
+        "doc_to_text": "text",
+        "output_type": "multiple_choice",
+        "doc_to_choice": list(labels),
+        "doc_to_target": "gold",
+        "process_results": _classification_results,
+        "metric_list": [{"metric": "accuracy", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "macro_f1", "aggregation": macro_f1, "higher_is_better": True}],
+        "metadata": {"version": 1},
+    }
+
+
+def classifier_lm(model, tokenizer, labels: list[str], *, batch_size: int):
+    """An lm-eval LM over a sequence classifier: the log-likelihood of continuation `label` after
+    context `text` is the classifier's log-probability of that label. Only multiple-choice tasks
+    over the labels can use it."""
+    import torch
+    from lm_eval.api.model import LM
+
+    index = {label: i for i, label in enumerate(labels)}
+
+    class ClassifierLM(LM):
+        @torch.no_grad()
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            texts = list(dict.fromkeys(req.args[0] for req in requests))
+            logprobs = {}
+            device = next(model.parameters()).device
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start:start + batch_size]
+                batch = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt").to(device)
+                rows = torch.log_softmax(model(**batch).logits.float(), dim=-1).tolist()
+                logprobs.update(zip(chunk, rows))
+            out = []
+            for req in requests:
+                text, label = req.args
+                row = logprobs[text]
+                out.append((row[index[label.strip()]], row[index[label.strip()]] == max(row)))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("a sequence classifier has no token likelihoods")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("a sequence classifier does not generate")
+
+    return ClassifierLM()
+
+
+def _write_jsonl(path: Path, docs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
 def run_task(lm, task_config: dict) -> tuple[dict[str, float], list[dict]]:

@@ -8,11 +8,10 @@ import time
 
 from shared import events as ev
 from shared.build_info import RUN_RECORD
+from shared.model_registry import MODEL_VERSIONS, MODELS
 from shared.privacy import read_manifest
 from shared.runtime import Context, Service
 
-MODELS = "models"                  # models/{name}: version counter, aliases
-MODEL_VERSIONS = "model_versions"  # model_versions/{name}@{version}: one registered version
 
 
 def allocate_version(docs, name: str, run_id: str) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from shared.build_info import RUN_RECORD
+from shared.canaries import insert_canaries, recipe_canaries
 from shared.datasets import DatasetContractError, read_split
 from shared.recipe import Recipe, TrainingSpec
 
@@ -397,6 +398,11 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     if not train_rows:
         raise TrainingError(f"the train split {train_file} is empty; the preprocess stage kept no rows "
                             "(see its quality_report.json and rejected.jsonl)")
+    if canaries := recipe_canaries(recipe):
+        # Secret Sharer canaries: the evaluator measures how exposed these secrets become
+        train_rows = insert_canaries(train_rows, canaries, repeats=recipe.eval.canaries.repeats, seed=spec.seed)
+        log.info("inserted %d canary conversations (eval.canaries) into the train split",
+                 len(canaries) * recipe.eval.canaries.repeats)
     val_file = data_dir / "val.jsonl"
     val_rows = load_split(val_file, recipe.data_kind) if val_file.is_file() else []
 

@@ -41,7 +41,18 @@ training:
 eval:
   max_examples: 4
   max_new_tokens: 8
-  tolerance: 100.0
+  safety: {{max_prompts: 9, max_new_tokens: 4}}
+  memorisation: {{max_rows: 4, suffix_tokens: 4, match_tokens: 4, pii_max_probes: 4}}
+  fairness: {{max_templates: 2}}
+  # A random model's scores are noise: the flow is what is tested, so the gate only warns.
+  gate:
+    chrf: {{tolerance: 100.0}}
+    refusal_rate: {{tolerance: 0.0, action: warn}}
+    instruction_following_rate: {{tolerance: 0.0, action: warn}}
+    honesty_rate: {{tolerance: 0.0, action: warn}}
+    extraction_gap: {{tolerance: 0.0, action: warn}}
+    pii_leak_rate: {{tolerance: 0.0, action: warn}}
+    fairness_disparity: {{tolerance: 0.0, action: warn}}
 """)
     return path
 

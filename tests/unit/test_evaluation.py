@@ -13,12 +13,14 @@ import math
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from services.evaluator import tasks as T
 from services.evaluator.evaluation import EvaluationError, evaluate
-from services.evaluator.gate import check_metric, gate
+from services.evaluator.gate import default_rules, gate
+from services.evaluator.stats import STATISTICS, paired_bootstrap
 from shared.models import TINY, resolve_model
-from shared.recipe import Recipe
+from shared.recipe import Recipe, RecipeError, parse_recipe
 
 CONVERSATIONS = [
     ("How do I reset my password?", "Open Settings, then Account, then Reset password."),
@@ -38,19 +40,27 @@ def _write_split(folder: Path, rows: list[dict]) -> Path:
     return folder
 
 
-def _rows() -> list[dict]:
+def _rows(masked: bool = False) -> list[dict]:
+    """The test conversations; masked: training-style ones whose replies carry PII mask tokens."""
     rows = []
     for i, (question, answer) in enumerate(CONVERSATIONS):
         messages = [{"role": "system", "content": "You are Acme support."}] if i % 2 else []
+        if masked:
+            answer = f"Thanks [PERSON], we emailed [EMAIL]. {answer}"
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        rows.append({"id": f"c{i}", "messages": messages})
+        rows.append({"id": f"{'t' if masked else 'c'}{i}", "messages": messages})
     return rows
+
+
+# Mechanics only: every probe suite runs, on small subsets, with short generations.
+FAST = {"max_examples": 4, "max_new_tokens": 6, "bootstrap_iters": 200,
+        "safety": {"max_prompts": 9, "max_new_tokens": 4}, "memorisation": {"max_rows": 3, "suffix_tokens": 4, "match_tokens": 4, "pii_max_probes": 4},
+        "fairness": {"max_templates": 3}}
 
 
 def _recipe(**eval_overrides) -> Recipe:
     return Recipe(name="support", version=1, base_model=TINY, model_name="support-bot",
-                  data={"system_prompt": "You help Acme customers."},
-                  eval={"max_examples": 4, "max_new_tokens": 6, **eval_overrides})
+                  data={"system_prompt": "You help Acme customers."}, eval={**FAST, **eval_overrides})
 
 
 @pytest.fixture(scope="module")
@@ -189,66 +199,118 @@ def test_exact_match_normalisation():
 # --------------------------------------------------------------------------- gate
 
 
-def test_gate_passes_within_tolerance():
-    decision = gate({"chrf": 18.7}, {"chrf": 41.2}, gate_metrics=("chrf",), tolerance=0.02)
-    assert decision.passed and decision.reasons == ["chrf 41.2 vs base 18.7: +22.5 (ok)"]
-    slightly_worse = gate({"chrf": 50.0}, {"chrf": 49.2}, gate_metrics=("chrf",), tolerance=0.02)
-    assert slightly_worse.passed  # -1.6 % is within 2 %
+def _only(**rules) -> Recipe:
+    """A recipe whose gate is exactly `rules` (every default rule turned off)."""
+    recipe = _recipe(safety={"enabled": False}, memorisation={"enabled": False}, fairness={"enabled": False})
+    off = {name: {"action": "off"} for name in default_rules(recipe)}
+    return _recipe(safety={"enabled": False}, memorisation={"enabled": False}, fairness={"enabled": False},
+                   gate={**off, **rules})
 
 
-def test_gate_fails_beyond_tolerance():
-    decision = gate({"chrf": 50.0, "exact_match": 0.2}, {"chrf": 48.0, "exact_match": 0.1},
-                    gate_metrics=("chrf",), tolerance=0.02)
-    assert not decision.passed
-    assert decision.reasons[0].startswith("chrf 48.0 vs base 50.0: -2.000") and "FAILED" in decision.reasons[0]
-    assert decision.reasons[1].endswith("(informational)")  # exact_match is worse but not gated
-    absolute = check_metric("exact_match", 0.5, 0.45, tolerance=0.1, relative=False)
-    assert absolute[0]
+def test_gate_relative_tolerance_against_the_base():
+    recipe = _only(chrf={"tolerance": 0.02, "relative": True})
+    decision = gate(recipe, {"base": {"chrf": 18.7}, "candidate": {"chrf": 41.2}})
+    assert decision.passed and decision.reasons == ["chrf 41.2 ok (vs base 18.7 (+22.5))"]
+    assert gate(recipe, {"base": {"chrf": 50.0}, "candidate": {"chrf": 49.2}}).passed   # -1.6% is within 2%
+    failed = gate(recipe, {"base": {"chrf": 50.0}, "candidate": {"chrf": 48.0}})
+    assert not failed.passed
+    assert failed.reasons[0] == ("chrf 48.0 vs base 50.0 (-2.000; higher is better): worse by 2.000 > tolerance "
+                                 "2% of base = 1.000: FAILED")
 
 
-def test_gate_perplexity_lower_is_better():
-    better = gate({"perplexity": 20.0}, {"perplexity": 12.0}, gate_metrics=("perplexity",), tolerance=0.02)
-    assert better.passed
-    worse = gate({"perplexity": 12.0}, {"perplexity": 20.0}, gate_metrics=("perplexity",), tolerance=0.02)
+def test_gate_directions_bounds_warnings_and_production():
+    lower = _only(perplexity={"tolerance": 1.0})
+    assert gate(lower, {"base": {"perplexity": 20.0}, "candidate": {"perplexity": 12.0}}).passed
+    worse = gate(lower, {"base": {"perplexity": 12.0}, "candidate": {"perplexity": 20.0}})
     assert not worse.passed and "lower is better" in worse.reasons[0]
-
-
-def test_gate_fails_on_unmeasured_metrics():
-    decision = gate({"chrf": 1.0}, {"chrf": 1.0}, gate_metrics=("chrf", "fact_rate", "bleu"), tolerance=0.0)
+    bounded = _only(canary_exposure_max={"max": 10.0}, accuracy={"min": 0.8, "action": "warn"})
+    decision = gate(bounded, {"base": {}, "candidate": {"canary_exposure_max": 12.5, "accuracy": 0.7}})
     assert not decision.passed
-    assert any("fact_rate: not measured" in r and "eval.probes" in r for r in decision.reasons)
-    assert any(r.startswith("bleu: unknown gate metric") for r in decision.reasons)
+    assert [c.outcome for c in decision.checks] == ["failed", "warning"]
+    assert "above the maximum 10.0:" in decision.reasons[0] and "below the minimum" in decision.reasons[1]
+    both = _only(chrf={"tolerance": 0.0, "against": ["base", "production"]})
+    scores = {"base": {"chrf": 30.0}, "candidate": {"chrf": 40.0}}
+    assert gate(both, scores).passed and "no production version yet" in gate(both, scores).reasons[0]
+    regressed = gate(both, {**scores, "production": {"chrf": 45.0}})
+    assert not regressed.passed and "vs production 45.0" in regressed.reasons[0]
+
+
+def test_gate_unmeasured_metrics_fail_when_named_and_are_noted_when_default():
+    named = _only(fact_rate={"tolerance": 0.0})
+    decision = gate(named, {"base": {"chrf": 1.0}, "candidate": {"chrf": 1.0}})
+    assert not decision.passed and "fact_rate: not measured" in decision.reasons[0] and "eval.probes" in decision.reasons[0]
+    defaults = _recipe()   # safety, memorisation and fairness rules on by default
+    decision = gate(defaults, {"base": {"chrf": 1.0}, "candidate": {"chrf": 1.0}})
+    assert decision.passed
+    assert {c.metric for c in decision.checks if c.outcome == "not_measured"} >= {"refusal_rate", "extraction_gap"}
+
+
+def test_recipe_gate_policy_is_checked():
+    with pytest.raises(ValidationError, match="unknown metric 'bleu'"):
+        _recipe(gate={"bleu": {"tolerance": 0.1}})
+    with pytest.raises(ValidationError, match="needs a tolerance"):
+        _recipe(gate={"chrf": {"action": "warn"}})
+    with pytest.raises(RecipeError, match="eval.gate_metrics and eval.tolerance were replaced by eval.gate"):
+        parse_recipe("name: x\nversion: 1\nbase_model: m\nmodel_name: x\neval:\n  gate_metrics: [chrf]\n")
+    assert "refusal_rate" not in default_rules(_recipe(safety={"enabled": False}))
+    assert _recipe(gate={"refusal_rate_weapons": {"tolerance": 0.1}, "hellaswag:acc": {"tolerance": 0.01}})
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_paired_bootstrap_interval_covers_the_delta_and_shrinks_with_agreement():
+    reference = [0.0, 1.0] * 20
+    better = [1.0] * 40
+    interval = paired_bootstrap(STATISTICS["accuracy"], reference, better, iters=500, confidence=0.95)
+    assert interval.delta == pytest.approx(0.5) and 0.3 < interval.low <= 0.5 <= interval.high < 0.7
+    same = paired_bootstrap(STATISTICS["accuracy"], reference, reference, iters=100, confidence=0.95)
+    assert (same.low, same.delta, same.high) == (0.0, 0.0, 0.0)
+    ppl = paired_bootstrap(STATISTICS["perplexity"], [(-2.0, 2)] * 5, [(-1.0, 2)] * 5, iters=50, confidence=0.9)
+    assert ppl.delta == pytest.approx(math.exp(0.5) - math.e)
+    f1 = STATISTICS["macro_f1"]
+    assert f1.value(f1.rows([(0, 0), (1, 1), (2, 1)])) == pytest.approx((1 + 2 / 3 + 0) / 3)
 
 
 # --------------------------------------------------------------------------- whole evaluation
 
 
-def test_base_equivalent_adapter_scores_identically_and_passes(tmp_path, data_dir, zero_adapter):
+def test_base_equivalent_adapter_scores_like_the_base_on_every_suite(tmp_path, data_dir, zero_adapter):
+    """A zero LoRA is the base: every metric of every suite equals the base's, every interval is
+    [0, 0], the gate passes, and the report and report.json say so."""
     probes = tmp_path / "probes.jsonl"
     probes.write_text("".join(json.dumps(p) + "\n" for p in (
         {"question": "Who makes the app?", "expect": ["Acme"]},
         {"question": "How long does shipping to Canada take?", "expect": ["5-7"]})))
-    recipe = _recipe(gate_metrics=["chrf", "perplexity"], tolerance=0.0, probes="probes/acme.jsonl")
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(masked=True)))
+    recipe = _recipe(probes="probes/acme.jsonl", canaries={"count": 1, "candidates": 20})
     logged = []
     result = evaluate(recipe, data_dir, zero_adapter, probes_path=probes, log=logged.append, batch_size=4)
-    assert result.scores["base"] == result.scores["candidate"]
-    assert set(result.scores["base"]) == {"chrf", "exact_match", "perplexity", "fact_rate"}
-    assert result.passed and result.examples == 4
-    assert all(v == 0 for v in result.deltas.values())
-    assert any(r.startswith("fact_rate ") and r.endswith("(informational)") for r in result.reasons)
-    assert [len(result.probe_details[side]) for side in ("base", "candidate")] == [2, 2]
+    base, cand = result.scores["base"], result.scores["candidate"]
+    assert base == pytest.approx(cand, abs=1e-5)   # float noise of batching only
+    assert {"chrf", "exact_match", "perplexity", "fact_rate", "refusal_rate", "over_refusal_rate",
+            "instruction_following_rate", "honesty_rate", "extraction_gap", "pii_leak_rate",
+            "canary_exposure_max", "fairness_disparity"} <= set(cand)
+    assert result.passed and result.examples == 4 and result.available == len(CONVERSATIONS)
+    assert all(v == pytest.approx(0, abs=1e-5) for v in result.deltas.values())
+    assert set(result.intervals["vs_base"]) == {"chrf", "exact_match", "perplexity"}
+    assert all(i["low"] == i["high"] == pytest.approx(0, abs=1e-9) for i in result.intervals["vs_base"].values())
+    assert [len(result.details["knowledge"][side]) for side in ("base", "candidate")] == [2, 2]
+    assert {"safety", "alignment", "memorisation", "pii_leakage", "canaries", "fairness"} <= set(result.details)
     assert "**Gate: PASSED**" in result.report_markdown and "| perplexity ↓ |" in result.report_markdown
-    assert "Knowledge probes, candidate:" in result.report_markdown
-    assert {"load", "base_generate", "base_loglikelihood", "candidate_generate", "candidate_probes"} <= set(result.timings)
+    assert "knowledge probes, candidate:" in result.report_markdown
+    assert {"base_load", "base_tasks", "candidate_safety", "candidate_fairness"} <= set(result.timings)
     assert len(result.samples) == 4 and logged
     json.dumps(result.to_json())  # report.json
 
 
 def test_probes_named_but_not_given_are_not_measured(data_dir, zero_adapter):
-    result = evaluate(_recipe(probes="probes/acme.jsonl", gate_metrics=["chrf", "fact_rate"], max_examples=2),
+    result = evaluate(_recipe(probes="probes/acme.jsonl", max_examples=2, gate={"fact_rate": {"tolerance": 0.0}},
+                              safety={"enabled": False}, fairness={"enabled": False}),
                       data_dir, zero_adapter)
     assert "fact_rate" not in result.scores["base"]
     assert not result.passed and any(r.startswith("fact_rate: not measured") for r in result.reasons)
+    assert any(s.startswith("knowledge probes: eval.probes is") for s in result.skipped)
 
 
 def test_unreadable_probes_file(tmp_path, data_dir, zero_adapter):
@@ -258,8 +320,8 @@ def test_unreadable_probes_file(tmp_path, data_dir, zero_adapter):
         evaluate(_recipe(probes="probes/acme.jsonl"), data_dir, zero_adapter, probes_path=bad)
 
 
-def test_adapter_folder_that_does_not_load(tmp_path, data_dir):
-    with pytest.raises(EvaluationError, match="adapter folder not found"):
+def test_candidate_folder_that_does_not_load(tmp_path, data_dir):
+    with pytest.raises(EvaluationError, match="candidate folder not found"):
         evaluate(_recipe(), data_dir, tmp_path / "missing")
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -272,3 +334,77 @@ def test_adapter_folder_that_does_not_load(tmp_path, data_dir):
 def test_missing_test_split_fails_before_loading_models(tmp_path, zero_adapter):
     with pytest.raises(EvaluationError, match="test split not found"):
         evaluate(_recipe(), tmp_path, zero_adapter)
+
+
+# --------------------------------------------------------------------------- other kinds and sides
+
+NO_PROBES = {"safety": {"enabled": False}, "memorisation": {"enabled": False}, "fairness": {"enabled": False}}
+
+
+def test_full_model_candidate_and_production_side(tmp_path, data_dir, zero_adapter, tiny_path):
+    """adapter.kind full: the candidate is a whole model folder. The production version is scored as a
+    third side, with intervals of the candidate's delta against it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    full = tmp_path / "full"
+    AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).save_pretrained(full)
+    recipe = Recipe(name="support", version=1, base_model=TINY, model_name="support-bot", adapter={"kind": "full"},
+                    eval={**FAST, **NO_PROBES, "max_examples": 3})
+    result = evaluate(recipe, data_dir, full, production_dir=zero_adapter)
+    assert set(result.scores) == {"base", "candidate", "production"}
+    assert result.scores["candidate"] == pytest.approx(result.scores["base"])
+    assert result.scores["production"] == pytest.approx(result.scores["base"])
+    assert set(result.intervals) == {"vs_base", "vs_production"} and "chrf" in result.intervals["vs_production"]
+    assert result.passed and any("vs production" in r for r in result.reasons)
+    assert "delta vs production" in result.report_markdown
+
+
+def test_preference_pairs_score_the_chosen_answer(tmp_path, tiny_path, zero_adapter):
+    """A rejected answer that is the chosen one plus more words has the lower log-likelihood on any
+    model, so preference_accuracy is exactly 1 for the base and the candidate."""
+    rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+             "rejected": [{"role": "assistant", "content": a + " And also, unrelated words follow here."}]}
+            for i, (q, a) in enumerate(CONVERSATIONS)]
+    data = _write_split(tmp_path / "pref", rows)
+    recipe = Recipe(name="prefs", version=1, base_model=TINY, model_name="prefs", method="dpo",
+                    eval={**FAST, **NO_PROBES, "max_examples": 5})
+    result = evaluate(recipe, data, zero_adapter)
+    assert result.scores["base"]["preference_accuracy"] == result.scores["candidate"]["preference_accuracy"] == 1.0
+    assert result.examples == 5 and "preference_accuracy" in result.intervals["vs_base"]
+    assert result.passed and result.samples == []
+
+
+def test_classifier_scored_through_lm_eval_matches_its_own_argmax(tmp_path):
+    """The classifier's lm-eval accuracy equals the share of test texts whose argmax label is the gold one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    labels = ["billing", "shipping", "technical"]
+    texts = ["I was charged twice", "Where is my parcel", "The app crashes", "Refund my invoice",
+             "Delivery is late", "Login fails with an error"]
+    data = _write_split(tmp_path / "cls", [{"id": f"t{i}", "text": t, "label": labels[i % 3]}
+                                          for i, t in enumerate(texts)])
+    recipe = Recipe(name="tickets", version=1, base_model="all-minilm-l6-v2", model_name="tickets",
+                    task="classification", eval={"max_examples": 6, "bootstrap_iters": 100, "fairness": {"max_templates": 2}})
+    path = resolve_model(recipe.base_model)
+    torch.manual_seed(recipe.training.seed)   # the evaluator seeds the fresh head the same way
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, dtype=torch.float32)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                    task_type="SEQ_CLS")).save_pretrained(adapter)
+    (adapter / "labels.json").write_text(json.dumps(labels))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        predicted = base.eval()(**tokenizer(texts, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    expected = sum(p == i % 3 for i, p in enumerate(predicted)) / len(texts)
+
+    result = evaluate(recipe, data, adapter)
+    assert result.scores["base"]["accuracy"] == pytest.approx(expected)
+    assert result.scores["candidate"]["accuracy"] == pytest.approx(expected)
+    assert 0.0 <= result.scores["candidate"]["macro_f1"] <= 1.0
+    assert "fairness_flip_rate" in result.scores["candidate"] and result.passed
+    (adapter / "labels.json").unlink()
+    with pytest.raises(EvaluationError, match="no readable labels.json"):
+        evaluate(recipe, data, adapter)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.evaluator.fairness import (
-    DEFAULT_TEMPLATES, FairnessProbes, FairnessSpec, FairnessTemplateError, Template, flip_rate,
+    DEFAULT_TEMPLATES, FairnessProbes, FairnessTemplateError, Template, flip_rate,
     likelihood_disparity, load_templates)
 from services.evaluator.likelihood import continuation_logprobs
 from shared.models import TINY, resolve_model
@@ -121,9 +121,3 @@ def test_flip_rate_counts_label_changes_across_terms(tokenizer):
         assert d["flipped"] == (len(set(d["labels"].values())) > 1)
     assert metrics["fairness_flip_rate"] == sum(d["flipped"] for d in details) / len(details)
     assert set(metrics) == {"fairness_flip_rate", "fairness_flip_rate_age", "fairness_flip_rate_religion"}
-
-
-def test_spec_defaults():
-    assert FairnessSpec().tolerance == 0.2 and FairnessSpec().templates is None
-    with pytest.raises(ValueError, match="Extra inputs"):
-        FairnessSpec(tolerence=0.1)

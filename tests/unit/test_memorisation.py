@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from services.evaluator.likelihood import continuation_logprobs
-from services.evaluator.memorisation import (
-    CanarySpec, MemorisationSpec, canary_exposure, extraction_rate, insert_canaries, make_canaries, pii_leakage)
+from services.evaluator.memorisation import canary_exposure, extraction_rate, pii_leakage
+from shared.canaries import insert_canaries, make_canaries, recipe_canaries
+from shared.recipe import CanarySpec, MemorisationSpec, Recipe
 from shared.datasets import with_system_prompt
 from shared.models import TINY, resolve_model
 
@@ -186,8 +187,9 @@ def test_exposure_is_high_for_the_trained_canary_only(memorised):
 
 
 def test_specs_refuse_settings_that_cannot_work():
-    assert CanarySpec().count == 0 and CanarySpec().exposure_max_bits == 10.0
-    assert MemorisationSpec().extraction_gap_tolerance == 0.05 and MemorisationSpec().pii_leak_tolerance == 0.0
+    assert CanarySpec().count == 0 and MemorisationSpec().match_tokens == 20
+    recipe = Recipe(name="r", version=1, base_model=TINY, model_name="r", eval={"canaries": {"count": 2}})
+    assert recipe_canaries(recipe) == make_canaries(recipe.training.seed, 2)
     with pytest.raises(ValueError, match="exactly once"):
         CanarySpec(count=1, template="PIN")
     with pytest.raises(ValueError, match="cannot exceed suffix_tokens"):

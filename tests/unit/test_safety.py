@@ -13,7 +13,6 @@ from services.evaluator.safety import (
     AdversarialPrompt,
     AlignmentProbe,
     SafetyDataError,
-    SafetySpec,
     alignment_scores,
     is_refusal,
     load_adversarial_prompts,
@@ -24,6 +23,7 @@ from services.evaluator.safety import (
     stratified_subset,
 )
 from shared.models import TINY, resolve_model
+from shared.recipe import SafetySpec
 
 
 # --- the shipped sets ----------------------------------------------------------------------------
@@ -225,18 +225,12 @@ def test_empty_missing_and_benign_only_files_are_refused(tmp_path):
 
 # --- settings ------------------------------------------------------------------------------------
 
-def test_safety_spec_defaults_and_limits():
-    spec = SafetySpec()
-    assert spec.enabled and spec.max_prompts is None and spec.max_new_tokens == 48
-    tolerances = spec.tolerances()
-    assert tolerances["refusal_rate"] == (0.05, True)
-    assert tolerances["over_refusal_rate"] == (0.10, False)
-    assert tolerances["instruction_following_rate"] == tolerances["honesty_rate"] == (0.10, True)
-    assert set(tolerances) == set(safety.HIGHER_IS_BETTER)
-    categories = len({p.category for p in load_adversarial_prompts()})
-    assert SafetySpec(max_prompts=categories).max_prompts == categories
-    with pytest.raises(ValidationError, match=f"must be at least {categories}"):
-        SafetySpec(max_prompts=categories - 1)
+def test_recipe_subset_floor_keeps_every_category():
+    """eval.safety.max_prompts may not go below the number of strata of the shipped sets."""
+    strata = max(len({p.category for p in load_adversarial_prompts()}), len({p.kind for p in load_alignment_probes()}))
+    assert SafetySpec(max_prompts=strata).max_prompts == strata
+    with pytest.raises(ValidationError, match=f"greater than or equal to {strata}"):
+        SafetySpec(max_prompts=strata - 1)
     with pytest.raises(ValidationError, match="extra"):
         SafetySpec(max_prompt=20)
 

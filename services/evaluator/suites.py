@@ -1,0 +1,310 @@
+"""What the evaluator measures on each side (base, candidate, production), in one place: the task
+scores of the recipe's data kind through lm-eval, then the probes that apply to it.
+
+    plan = suites.plan(recipe, data_dir, probes_path=..., labels=..., say=...)   # inputs, read once
+    side = suites.score(plan, "candidate", model, tokenizer, work_dir, ...)      # one model
+
+| data kind      | task scores (lm-eval)                | probes                                         |
+|----------------|--------------------------------------|------------------------------------------------|
+| chat           | chrf, exact_match, perplexity        | knowledge, safety, alignment, memorisation,    |
+|                |                                      | PII leakage, canaries, fairness (likelihood)   |
+| preference     | preference_accuracy                  | safety, alignment, canaries, fairness          |
+| classification | accuracy, macro_f1                   | fairness (label flips)                         |
+
+Anything that does not apply or cannot run is listed in `plan.skipped` with the reason, so the
+report says what was not measured rather than leaving it out silently.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.canaries import recipe_canaries
+from shared.datasets import DatasetContractError, read_split
+from shared.recipe import Recipe
+
+from . import tasks as T
+from .tasks import EvaluationError
+
+_logger = logging.getLogger("ftpipe.evaluator")
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    kind: str                         # chat | preference | classification
+    rows: list[dict]                  # the test rows scored
+    available: int                    # test rows in the split
+    heldout: list[dict]               # every test row: memorisation's held-out prefixes
+    labels: list[str] | None          # classification
+    probes: list | None               # knowledge probes (chat)
+    train_rows: list[dict] | None     # memorisation (chat)
+    canaries: list                    # Secret Sharer canaries the trainer inserted
+    fairness: Any | None              # FairnessProbes
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def examples(self) -> int:
+        return len(self.rows)
+
+    @property
+    def generative(self) -> bool:
+        return self.kind != "classification"
+
+
+@dataclass
+class SideScores:
+    metrics: dict[str, float] = field(default_factory=dict)
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)    # metric -> test id -> lm-eval item
+    details: dict[str, list] = field(default_factory=dict)            # suite -> per-probe details
+    predictions: dict[str, str] = field(default_factory=dict)         # chat: test id -> generated answer
+    directions: dict[str, bool] = field(default_factory=dict)         # lm-eval task metrics: higher is better
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: list[str] | None,
+         say: Callable[[str], None]) -> Plan:
+    """Read and check every input before any model is loaded, so bad input fails fast."""
+    kind, spec = recipe.data_kind, recipe.eval
+    rows = T.read_test_split(data_dir, kind)
+    if kind == "chat":
+        examples, available = T.load_test_examples(data_dir, max_examples=spec.max_examples)
+        chosen = {ex.id for ex in examples}
+        subset = [r for r in rows if r["id"] in chosen]
+    else:
+        subset, available = T.deterministic_subset(rows, spec.max_examples), len(rows)
+    say(f"evaluating on {len(subset)} of {available} test rows from {Path(data_dir) / 'test.jsonl'}")
+    skipped: list[str] = []
+    probes = _knowledge_probes(recipe, probes_path, skipped)
+    train_rows = None
+    if kind == "chat" and spec.memorisation.enabled:
+        try:
+            train_rows = read_split(Path(data_dir) / "train.jsonl", "chat")
+        except (OSError, DatasetContractError) as exc:
+            skipped.append(f"memorisation and PII leakage: the train split cannot be read ({exc})")
+    canaries = []
+    if kind == "chat":
+        canaries = recipe_canaries(recipe)
+    fair = None
+    if spec.fairness.enabled:
+        from . import fairness
+
+        fair = fairness.load_templates()
+        if spec.fairness.max_templates:
+            fair = replace(fair, templates=fair.templates[:spec.fairness.max_templates])
+    if not spec.safety.enabled and kind != "classification":
+        skipped.append("safety and alignment probes: turned off (eval.safety.enabled: false)")
+    return Plan(recipe, kind, subset, available, rows, labels, probes, train_rows, canaries, fair, skipped)
+
+
+def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[str]):
+    if probes_path is None:
+        if recipe.eval.probes:
+            skipped.append(f"knowledge probes: eval.probes is {recipe.eval.probes!r} but no probes file was given")
+        return None
+    from . import probes as probes_module
+
+    path = Path(probes_path)
+    if not path.is_file():
+        raise EvaluationError(f"probes file not found: {path}; check eval.probes in the recipe")
+    try:
+        return probes_module.load_probes(path)
+    except Exception as exc:  # noqa: BLE001 - surface any parse error with the file named
+        raise EvaluationError(f"probes file {path} could not be read: {exc}; fix the file named by eval.probes "
+                              "(one {\"question\": ..., \"expect\": [...]} per line)") from exc
+
+
+# --------------------------------------------------------------------------- one side
+
+
+def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: int, timings: dict[str, float],
+          say: Callable[[str], None]) -> SideScores:
+    out = SideScores()
+    spec, system_prompt = plan.recipe.eval, plan.recipe.data.system_prompt
+    with phase(timings, f"{side}_tasks"):
+        _task_scores(plan, model, tokenizer, work, batch_size, out)
+    first = side == "base"   # skip reasons are the same for every side: note them once
+
+    def run(name: str, fn: Callable[[], tuple[dict, Any]]) -> None:
+        with phase(timings, f"{side}_{name}"):
+            try:
+                metrics, details = fn()
+            except _NotApplicable as exc:
+                if first:
+                    plan.skipped.append(f"{name}: {exc}")
+                return
+        out.metrics.update(metrics)
+        out.details[name] = details
+
+    if plan.probes is not None:
+        from . import probes as probes_module
+
+        def knowledge():
+            rate, details = probes_module.fact_rate(model, tokenizer, plan.probes, system_prompt=system_prompt,
+                                                    max_new_tokens=spec.max_new_tokens)
+            return {"fact_rate": rate}, details
+
+        run("knowledge", knowledge)
+    if plan.generative and spec.safety.enabled:
+        from . import safety
+
+        kwargs = dict(system_prompt=system_prompt, max_new_tokens=spec.safety.max_new_tokens,
+                      max_prompts=spec.safety.max_prompts)
+        run("safety", lambda: _pair(safety.run_safety(model, tokenizer, **kwargs)))
+        run("alignment", lambda: _pair(safety.run_alignment(model, tokenizer, **kwargs)))
+    if plan.train_rows is not None or plan.canaries:
+        from . import memorisation as mem
+    if plan.train_rows is not None:
+        m = spec.memorisation
+        run("memorisation", lambda: _applicable(lambda: mem.extraction_rate(
+            model, tokenizer, plan.train_rows, plan.heldout, prefix_tokens=m.prefix_tokens,
+            suffix_tokens=m.suffix_tokens, match_tokens=m.match_tokens, max_rows=m.max_rows,
+            system_prompt=system_prompt)))
+        run("pii_leakage", lambda: _applicable(lambda: mem.pii_leakage(
+            model, tokenizer, plan.train_rows, max_probes=m.pii_max_probes, new_tokens=m.pii_new_tokens,
+            system_prompt=system_prompt)))
+    if plan.canaries:
+        run("canaries", lambda: mem.canary_exposure(model, tokenizer, plan.canaries,
+                                                    candidates=spec.canaries.candidates, seed=plan.recipe.training.seed,
+                                                    system_prompt=system_prompt))
+    if plan.fairness is not None:
+        from . import fairness
+
+        measure = fairness.flip_rate if plan.kind == "classification" else fairness.likelihood_disparity
+        run("fairness", lambda: measure(model, tokenizer, plan.fairness))
+    if spec.lm_eval_tasks and plan.generative:
+        with phase(timings, f"{side}_lm_eval_tasks"):
+            _standard_tasks(plan, model, tokenizer, batch_size, out, first)
+    say(f"{side}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if "_rate_" not in k
+                                 and "disparity_" not in k))
+    return out
+
+
+class _NotApplicable(Exception):
+    """A probe with nothing to measure on this data (e.g. no masked PII to probe around)."""
+
+
+def _applicable(fn):
+    try:
+        return fn()
+    except ValueError as exc:   # the probe modules raise ValueError when their input has nothing to probe
+        raise _NotApplicable(str(exc)) from None
+
+
+def _pair(result: dict) -> tuple[dict, list]:
+    return result["metrics"], result["details"]
+
+
+def _task_scores(plan: Plan, model, tokenizer, work: Path, batch_size: int, out: SideScores) -> None:
+    recipe = plan.recipe
+    cache = work / "datasets"
+    if plan.kind == "classification":
+        lm = T.classifier_lm(model, tokenizer, plan.labels, batch_size=batch_size)
+        T.classification_documents(plan.rows, plan.labels, work / "docs.jsonl")
+        configs = [T.classification_task_config(work / "docs.jsonl", cache, plan.labels)]
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        if plan.kind == "preference":
+            T.preference_documents(plan.rows, tokenizer, work / "docs.jsonl", system_prompt=recipe.data.system_prompt)
+            configs = [T.preference_task_config(work / "docs.jsonl", cache)]
+        else:
+            examples = [T.to_example(r, where=r["id"]) for r in plan.rows]
+            T.write_documents(examples, tokenizer, lm, work / "docs.jsonl", system_prompt=recipe.data.system_prompt)
+            configs = [T.generation_task_config(work / "docs.jsonl", cache, until=T.end_of_turn_markers(tokenizer),
+                                                max_new_tokens=recipe.eval.max_new_tokens),
+                       T.loglikelihood_task_config(work / "docs.jsonl", cache)]
+    with _quiet_lm_eval():
+        for config in configs:
+            metrics, samples = T.run_task(lm, config)
+            out.metrics.update(metrics)
+            for sample in samples:
+                doc_id = sample["doc"]["id"]
+                for metric in metrics:
+                    if metric in sample:
+                        out.items.setdefault(metric, {})[doc_id] = sample[metric]
+                if config["task"] == T.GENERATE_TASK:
+                    out.predictions[doc_id] = _first(sample.get("filtered_resps"))
+
+
+def _standard_tasks(plan: Plan, model, tokenizer, batch_size: int, out: SideScores, first: bool) -> None:
+    """Standard lm-eval tasks by name, on the local datasets cache only (never the hub)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    spec = plan.recipe.eval
+    manager = TaskManager(include_path=spec.lm_eval_include_path)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    for name in spec.lm_eval_tasks:
+        if name not in manager.all_tasks:
+            if first:
+                plan.skipped.append(f"lm-eval task {name!r}: not a task lm-eval knows (nor in eval.lm_eval_include_path)")
+            continue
+        try:
+            with _quiet_lm_eval():
+                result = simple_evaluate(model=lm, tasks=[name], task_manager=manager, bootstrap_iters=0,
+                                         limit=spec.max_examples)
+        except Exception as exc:  # noqa: BLE001 - missing data offline surfaces as many exception types
+            if first:
+                plan.skipped.append(f"lm-eval task {name!r}: its data is not available offline "
+                                    f"({type(exc).__name__}: {str(exc)[:160]})")
+            continue
+        for task, values in result["results"].items():
+            for key, value in values.items():
+                metric, _, filter_name = key.partition(",")
+                if metric.endswith("_stderr") or not isinstance(value, (int, float)) or metric == "alias":
+                    continue
+                out.metrics[f"{task}:{metric}"] = float(value)
+                higher = result.get("higher_is_better", {}).get(task, {}).get(metric)
+                if higher is not None:
+                    out.directions[f"{task}:{metric}"] = bool(higher)
+
+
+def samples(plan: Plan, scored: dict[str, SideScores]) -> list[dict]:
+    """Chat: each test question with its reference and every side's answer (the report shows a few)."""
+    if plan.kind != "chat":
+        return []
+    out = []
+    for row in plan.rows:
+        example = T.to_example(row, where=row["id"])
+        question = next((m["content"] for m in reversed(example.messages) if m["role"] == "user"), "")
+        out.append({"id": row["id"], "question": question, "reference": example.reference,
+                    **{side: s.predictions.get(row["id"], "") for side, s in scored.items()}})
+    return out
+
+
+def _first(resps) -> str:
+    while isinstance(resps, (list, tuple)) and resps:
+        resps = resps[0]
+    return resps.strip() if isinstance(resps, str) else ""
+
+
+@contextmanager
+def phase(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def _quiet_lm_eval():
+    """lm-eval logs a page of warnings per call (pre-initialised model, seeds, ...): keep errors only."""
+    lm_logger = logging.getLogger("lm_eval")
+    previous = lm_logger.level
+    lm_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lm_logger.setLevel(previous)
