@@ -4,9 +4,9 @@ process on one device), before running it.
 Per model scored (base, candidate and the last promoted version by default), each test example is
 one generation (its prompt, then up to `eval.max_new_tokens` greedy tokens: the estimate assumes
 every answer runs to the limit) and one loglikelihood pass (prompt + reference); each probe
-question is one more generation. So
+question is one more generation, each scored probe sequence one more pass (`probe_workload`). So
 
-    prompt tokens    = models x (examples x (2 x prompt + reference) + probes x probe prompt)
+    prompt tokens    = models x (examples x (2 x prompt + reference) + (probes + scored) x probe prompt)
     generated tokens = models x (examples + probes) x max_new_tokens
 
 Prompt tokens go through the model in parallel, at the GPU's sustained compute (2 x params FLOPs a
@@ -39,7 +39,10 @@ class EvalCostSpec(BaseModel):
     prompt_tokens: int = Field(256, ge=1)        # mean test prompt, chat template and system prompt included
     reference_tokens: int = Field(128, ge=1)     # mean reference answer, scored by loglikelihood
     models: int = Field(3, ge=1)                 # base, candidate, last promoted version
-    probe_questions: int = Field(0, ge=0)        # all probe suites together, asked of each model
+    # generations of all probe suites together, asked of each model; None: from the recipe's suites
+    probe_questions: int | None = Field(None, ge=0)
+    # sequences only scored (fairness templates, canary candidates); None: from the recipe's suites
+    probe_sequences: int | None = Field(None, ge=0)
     probe_prompt_tokens: int = Field(64, ge=1)
     generation_batch: int = Field(8, ge=1)       # sequences generated together
     bytes_per_param: float = Field(2.0, gt=0)    # bf16 weights
@@ -82,10 +85,12 @@ def estimate_evaluation_cost(recipe: Recipe, *, examples: int, params: int, spec
     flops_per_s = tflops * 1e12
     price = gpu_hourly_usd if gpu_hourly_usd is not None else hw.gpu_price
     new_tokens = recipe.eval.max_new_tokens
-    probes = spec.probe_questions
+    derived = probe_workload(recipe)
+    probes = spec.probe_questions if spec.probe_questions is not None else derived["generations"]
+    scored = spec.probe_sequences if spec.probe_sequences is not None else derived["sequences"]
 
     prompt_tokens = spec.models * (examples * (2 * spec.prompt_tokens + spec.reference_tokens)
-                                   + probes * spec.probe_prompt_tokens)
+                                   + (probes + scored) * spec.probe_prompt_tokens)
     generated = spec.models * (examples + probes) * new_tokens
     prompt_s = prompt_tokens * 2 * params / flops_per_s
     if tokens_per_s is not None:
@@ -105,10 +110,35 @@ def estimate_evaluation_cost(recipe: Recipe, *, examples: int, params: int, spec
         usd=_sig(seconds / 3600 * price),
         assumptions={"gpu": f"1 x {hw.gpu}", "price_per_gpu_hour": price, "currency": "USD",
                      "sustained_tflops": tflops, "params": params, "examples": examples, "models": spec.models,
-                     "probe_questions": probes, "max_new_tokens": new_tokens, "every_answer_max_length": True,
+                     "probe_questions": probes, "probe_sequences": scored, "max_new_tokens": new_tokens, "every_answer_max_length": True,
                      "prompt_tokens_each": spec.prompt_tokens, "reference_tokens_each": spec.reference_tokens,
                      "prompt_seconds": _sig(prompt_s), "generation_seconds": _sig(generate_s),
                      "generation": generation, "not_counted": "model download, loading and merging"})
+
+
+def probe_workload(recipe: Recipe) -> dict[str, int]:
+    """Per model: the probe suites' generations (safety, alignment, extraction, PII) and the
+    sequences they only score (fairness templates x terms, canaries x candidates), from the recipe's
+    settings and the shipped sets (services/evaluator/suites.py runs them). Knowledge probes live in
+    the bucket and are not counted."""
+    spec, kind = recipe.eval, recipe.data_kind
+    generations = sequences = 0
+    if kind != "classification" and spec.safety.enabled:
+        from .safety import load_adversarial_prompts, load_alignment_probes
+
+        for items in (load_adversarial_prompts(), load_alignment_probes()):
+            generations += min(len(items), spec.safety.max_prompts or len(items))
+    if kind == "chat" and spec.memorisation.enabled:
+        generations += 2 * spec.memorisation.max_rows + spec.memorisation.pii_max_probes
+    if kind == "chat":
+        sequences += spec.canaries.count * (spec.canaries.candidates + 1)
+    if spec.fairness.enabled:
+        from .fairness import load_templates
+
+        probes = load_templates()
+        templates = min(len(probes.templates), spec.fairness.max_templates or len(probes.templates))
+        sequences += templates * sum(len(terms) for terms in probes.axes.values())
+    return {"generations": generations, "sequences": sequences}
 
 
 def _sig(x: float) -> float:

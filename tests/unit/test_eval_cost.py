@@ -6,13 +6,15 @@ import pytest
 from ftpipe.cli import main
 from shared.recipe import GPU_TABLE, HardwareSpec, load_recipe
 
-from services.evaluator.cost import SUSTAINED_BANDWIDTH_GB_S, EvalCostSpec, estimate_evaluation_cost
+from services.evaluator.cost import SUSTAINED_BANDWIDTH_GB_S, EvalCostSpec, estimate_evaluation_cost, probe_workload
+from services.evaluator.fairness import load_templates
 
 BASE = load_recipe("tiny-sft")
 # 10 new tokens an answer, on an A100 at 100 TFLOP/s (1090 GB/s) and $3.60 an hour.
 RECIPE = BASE.model_copy(update={"eval": BASE.eval.model_copy(update={"max_new_tokens": 10}),
                                  "hardware": HardwareSpec(gpu="a100", sustained_tflops=100.0, price_per_gpu_hour=3.6)})
-SPEC = EvalCostSpec(prompt_tokens=100, reference_tokens=50, models=3, probe_questions=4, probe_prompt_tokens=20,
+SPEC = EvalCostSpec(prompt_tokens=100, reference_tokens=50, models=3, probe_questions=4, probe_sequences=0,
+                    probe_prompt_tokens=20,
                     generation_batch=4, step_overhead_s=0.01)
 
 
@@ -70,3 +72,14 @@ def test_cli_estimate(capsys):
     assert "4 examples x 3 models" in capsys.readouterr().out  # the recipe's eval.max_examples
     assert main(["evaluate", "--recipe", "tiny-sft"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_probe_workload_follows_the_recipes_suites():
+    """tiny-sft: 9 adversarial + 9 alignment prompts, 2 x 4 extraction rows + 4 PII probes; 4 fairness
+    templates x every term of every axis; no canaries."""
+    terms = sum(len(t) for t in load_templates().axes.values())
+    assert probe_workload(BASE) == {"generations": 9 + 9 + 2 * 4 + 4, "sequences": 4 * terms}
+    off = BASE.model_copy(update={"eval": BASE.eval.model_copy(update={
+        "safety": BASE.eval.safety.model_copy(update={"enabled": False}),
+        "canaries": BASE.eval.canaries.model_copy(update={"count": 2, "candidates": 99})})})
+    assert probe_workload(off) == {"generations": 2 * 4 + 4, "sequences": 2 * 100 + 4 * terms}
