@@ -444,7 +444,7 @@ def cmd_evaluate(args) -> int:
         raise UsageError("ftpipe evaluate needs --data (a prepared dataset folder) and --adapter, or --estimate")
     from ftpipe.stages import evaluate_adapter
 
-    result = evaluate_adapter(args.recipe, args.data, args.adapter, probes=args.probes)
+    result = evaluate_adapter(args.recipe, args.data, args.adapter, probes=args.probes, production=args.production)
     if args.json:
         _print_json(result)
     else:
@@ -565,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
             "run the evaluation stage alone, in-process (or estimate its cost on the recipe's GPU: --estimate)")
     p.add_argument("--recipe", required=True)
     p.add_argument("--data", help="a prepared dataset folder (test.jsonl)")
-    p.add_argument("--adapter", help="the trained adapter folder")
+    p.add_argument("--adapter", help="the trained adapter folder (or, for adapter.kind full, the model folder)")
+    p.add_argument("--production", help="the production version's adapter folder, scored as a third side")
     p.add_argument("--probes", help="knowledge probes JSONL (question, expect)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--estimate", action="store_true",

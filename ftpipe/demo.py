@@ -6,9 +6,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.config import Settings
+from shared.metrics import HIGHER_IS_BETTER
 from shared.models import resolve_model
 from shared.recipe import load_recipe
 
@@ -56,15 +58,19 @@ def show_result(client, run: dict, console: Console) -> None:
     console.print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     evaluation = run["evaluation"]
     base, cand = evaluation["scores"].get("base", {}), evaluation["scores"].get("candidate", {})
-    table = Table("metric", "base model", "fine-tuned", title="held-out evaluation")
-    for metric in sorted(cand):
-        table.add_row(metric, f"{base.get(metric, float('nan')):.3f}", f"{cand[metric]:.3f}")
+    table = Table("metric", "base model", "fine-tuned", title="held-out evaluation and probes")
+    for metric in HIGHER_IS_BETTER:   # the headline metrics; per-category ones are in the report
+        if metric in cand:
+            table.add_row(metric, f"{base.get(metric, float('nan')):.3f}", f"{cand[metric]:.3f}")
     console.print(table)
     if "fact_rate" in cand:
         console.print(f"[bold]company facts stated correctly on held-out rephrasings: base {base['fact_rate']:.0%}, "
                       f"fine-tuned {cand['fact_rate']:.0%}[/bold]")
     model = run["model"]
     colour = "green" if model["status"] == "promoted" else "yellow"
-    console.print(f"gate {'passed' if evaluation['passed'] else 'failed'}: " + "; ".join(evaluation["reasons"]))
+    console.print(f"gate {'passed' if evaluation['passed'] else 'failed'} ({len(evaluation['reasons'])} rules):")
+    for reason in evaluation["reasons"]:
+        console.print(f"  - {escape(reason)}")
+    console.print(f"report: {evaluation.get('report_uri', '')}report.md")
     console.print(f"registered [bold]{model['name']} {model['version']}[/bold] ([{colour}]{model['status']}[/{colour}])")
     console.print(f"files (adapter, bundle.json, MODEL_CARD.md): {model['uri']}")

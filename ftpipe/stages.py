@@ -81,12 +81,14 @@ def train_processes(recipe: str, data: str, out: str, nproc: int) -> dict:
             **{k: result[k] for k in ("steps", "tokens", "seconds", "distribution")}}
 
 
-def evaluate_adapter(recipe: str, data: str, adapter: str, *, probes: str | None = None) -> dict:
+def evaluate_adapter(recipe: str, data: str, adapter: str, *, probes: str | None = None,
+                     production: str | None = None) -> dict:
     from services.evaluator.evaluation import EvaluationError, evaluate
 
     try:
-            result = evaluate(load_recipe(recipe), _existing(data, "prepared dataset", folder=True),
+        result = evaluate(load_recipe(recipe), _existing(data, "prepared dataset", folder=True),
                           _existing(adapter, "adapter", folder=True),
+                          production_dir=_existing(production, "production version", folder=True) if production else None,
                           probes_path=_existing(probes, "probes file", folder=False) if probes else None)
     except EvaluationError as exc:
         raise StageInputError(str(exc)) from exc

@@ -85,11 +85,10 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
     _check_model_folder(candidate_dir, "candidate")
     plan = suites.plan(recipe, data_dir, probes_path=probes_path, labels=_labels(recipe, candidate_dir), say=say)
     sides = [("base", None), ("candidate", candidate_dir)]
-    skipped = list(plan.skipped)
     if production_dir is not None:
         reason = _production_unusable(recipe, Path(production_dir), candidate_dir)
         if reason:
-            skipped.append(f"production version: {reason}")
+            plan.skipped.append(f"production version: {reason}")
         else:
             sides.append(("production", Path(production_dir)))
 
@@ -119,7 +118,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
         timings={k: round(v, 2) for k, v in timings.items()}, samples=suites.samples(plan, scored),
         details={suite: {side: s.details[suite] for side, s in scored.items() if suite in s.details}
                  for suite in sorted({k for s in scored.values() for k in s.details})},
-        skipped=skipped)
+        skipped=plan.skipped)
     result.report_markdown = render_report(recipe, result)
     say(f"gate {'PASSED' if result.passed else 'FAILED'} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))
     return result

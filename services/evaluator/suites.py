@@ -47,6 +47,7 @@ class Plan:
     canaries: list                    # Secret Sharer canaries the trainer inserted
     fairness: Any | None              # FairnessProbes
     skipped: list[str] = field(default_factory=list)
+    task_manager: Any | None = None   # lm-eval's index of standard tasks (eval.lm_eval_tasks), built once
 
     @property
     def examples(self) -> int:
@@ -99,9 +100,18 @@ def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: li
         fair = fairness.load_templates()
         if spec.fairness.max_templates:
             fair = replace(fair, templates=fair.templates[:spec.fairness.max_templates])
+    manager = None
+    if spec.lm_eval_tasks:
+        if kind == "classification":
+            skipped.append("lm-eval tasks: a sequence classifier cannot run generative or likelihood tasks")
+        else:
+            from lm_eval.tasks import TaskManager
+
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # the local datasets cache only, never the hub
+            manager = TaskManager(include_path=spec.lm_eval_include_path)
     if not spec.safety.enabled and kind != "classification":
         skipped.append("safety and alignment probes: turned off (eval.safety.enabled: false)")
-    return Plan(recipe, kind, subset, available, rows, labels, probes, train_rows, canaries, fair, skipped)
+    return Plan(recipe, kind, subset, available, rows, labels, probes, train_rows, canaries, fair, skipped, manager)
 
 
 def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[str]):
@@ -179,7 +189,7 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
 
         measure = fairness.flip_rate if plan.kind == "classification" else fairness.likelihood_disparity
         run("fairness", lambda: measure(model, tokenizer, plan.fairness))
-    if spec.lm_eval_tasks and plan.generative:
+    if plan.task_manager is not None:
         with phase(timings, f"{side}_lm_eval_tasks"):
             _standard_tasks(plan, model, tokenizer, batch_size, out, first)
     say(f"{side}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if "_rate_" not in k
@@ -237,13 +247,10 @@ def _task_scores(plan: Plan, model, tokenizer, work: Path, batch_size: int, out:
 
 def _standard_tasks(plan: Plan, model, tokenizer, batch_size: int, out: SideScores, first: bool) -> None:
     """Standard lm-eval tasks by name, on the local datasets cache only (never the hub)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    spec = plan.recipe.eval
-    manager = TaskManager(include_path=spec.lm_eval_include_path)
+    spec, manager = plan.recipe.eval, plan.task_manager
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     for name in spec.lm_eval_tasks:
         if name not in manager.all_tasks:

@@ -408,3 +408,37 @@ def test_classifier_scored_through_lm_eval_matches_its_own_argmax(tmp_path):
     (adapter / "labels.json").unlink()
     with pytest.raises(EvaluationError, match="no readable labels.json"):
         evaluate(recipe, data, adapter)
+
+
+def test_standard_lm_eval_tasks_run_from_local_data_and_the_rest_is_skipped(tmp_path, data_dir, zero_adapter):
+    """eval.lm_eval_tasks: a task of the team's own (a YAML in eval.lm_eval_include_path over a local
+    file) is scored on every side; a standard task whose data is not in the local cache, and a name
+    lm-eval does not know, are listed as not measured with the reason."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"Is {n} even?", "choices": ["yes", "no"], "gold": n % 2}) + "\n"
+                          for n in range(6)))
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "acme_qa.yaml").write_text(f"""task: acme_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {qa}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    recipe = _recipe(max_examples=2, lm_eval_tasks=["acme_qa", "hellaswag", "no_such_task"],
+                     lm_eval_include_path=str(tasks_dir), gate={"acme_qa:acc": {"tolerance": 0.0}}, **NO_PROBES)
+    result = evaluate(recipe, data_dir, zero_adapter)
+    assert 0.0 <= result.scores["candidate"]["acme_qa:acc"] <= 1.0
+    assert result.scores["base"]["acme_qa:acc"] == result.scores["candidate"]["acme_qa:acc"]
+    assert result.passed and any(r.startswith("acme_qa:acc ") for r in result.reasons), result.reasons
+    assert any(s.startswith("lm-eval task 'hellaswag': its data is not available offline") for s in result.skipped), result.skipped
+    assert any(s.startswith("lm-eval task 'no_such_task': not a task lm-eval knows") for s in result.skipped)
