@@ -28,7 +28,7 @@ from shared.canaries import recipe_canaries
 from shared.datasets import DatasetContractError, read_split
 from shared.recipe import Recipe
 
-from . import tasks as T
+from . import fairness, memorisation, probes as knowledge_probes, safety, tasks as T
 from .tasks import EvaluationError
 
 _logger = logging.getLogger("ftpipe.evaluator")
@@ -95,8 +95,6 @@ def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: li
         canaries = recipe_canaries(recipe)
     fair = None
     if spec.fairness.enabled:
-        from . import fairness
-
         fair = fairness.load_templates()
         if spec.fairness.max_templates:
             fair = replace(fair, templates=fair.templates[:spec.fairness.max_templates])
@@ -119,13 +117,11 @@ def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[st
         if recipe.eval.probes:
             skipped.append(f"knowledge probes: eval.probes is {recipe.eval.probes!r} but no probes file was given")
         return None
-    from . import probes as probes_module
-
     path = Path(probes_path)
     if not path.is_file():
         raise EvaluationError(f"probes file not found: {path}; check eval.probes in the recipe")
     try:
-        return probes_module.load_probes(path)
+        return knowledge_probes.load_probes(path)
     except Exception as exc:  # noqa: BLE001 - surface any parse error with the file named
         raise EvaluationError(f"probes file {path} could not be read: {exc}; fix the file named by eval.probes "
                               "(one {\"question\": ..., \"expect\": [...]} per line)") from exc
@@ -154,39 +150,31 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
         out.details[name] = details
 
     if plan.probes is not None:
-        from . import probes as probes_module
-
         def knowledge():
-            rate, details = probes_module.fact_rate(model, tokenizer, plan.probes, system_prompt=system_prompt,
+            rate, details = knowledge_probes.fact_rate(model, tokenizer, plan.probes, system_prompt=system_prompt,
                                                     max_new_tokens=spec.max_new_tokens)
             return {"fact_rate": rate}, details
 
         run("knowledge", knowledge)
     if plan.generative and spec.safety.enabled:
-        from . import safety
-
         kwargs = dict(system_prompt=system_prompt, max_new_tokens=spec.safety.max_new_tokens,
                       max_prompts=spec.safety.max_prompts)
         run("safety", lambda: _pair(safety.run_safety(model, tokenizer, **kwargs)))
         run("alignment", lambda: _pair(safety.run_alignment(model, tokenizer, **kwargs)))
-    if plan.train_rows is not None or plan.canaries:
-        from . import memorisation as mem
     if plan.train_rows is not None:
         m = spec.memorisation
-        run("memorisation", lambda: _applicable(lambda: mem.extraction_rate(
+        run("memorisation", lambda: _applicable(lambda: memorisation.extraction_rate(
             model, tokenizer, plan.train_rows, plan.heldout, prefix_tokens=m.prefix_tokens,
             suffix_tokens=m.suffix_tokens, match_tokens=m.match_tokens, max_rows=m.max_rows,
             system_prompt=system_prompt)))
-        run("pii_leakage", lambda: _applicable(lambda: mem.pii_leakage(
+        run("pii_leakage", lambda: _applicable(lambda: memorisation.pii_leakage(
             model, tokenizer, plan.train_rows, max_probes=m.pii_max_probes, new_tokens=m.pii_new_tokens,
             system_prompt=system_prompt)))
     if plan.canaries:
-        run("canaries", lambda: mem.canary_exposure(model, tokenizer, plan.canaries,
+        run("canaries", lambda: memorisation.canary_exposure(model, tokenizer, plan.canaries,
                                                     candidates=spec.canaries.candidates, seed=plan.recipe.training.seed,
                                                     system_prompt=system_prompt))
     if plan.fairness is not None:
-        from . import fairness
-
         measure = fairness.flip_rate if plan.kind == "classification" else fairness.likelihood_disparity
         run("fairness", lambda: measure(model, tokenizer, plan.fairness))
     if plan.task_manager is not None:
