@@ -106,7 +106,11 @@ def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: li
             from lm_eval.tasks import TaskManager
 
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # the local datasets cache only, never the hub
-            manager = TaskManager(include_path=spec.lm_eval_include_path)
+            # lm-eval's own index (~15k task YAMLs) takes seconds to build: only when a task is not the team's own
+            if spec.lm_eval_include_path:
+                manager = TaskManager(include_path=spec.lm_eval_include_path, include_defaults=False)
+            if manager is None or any(name not in manager.all_tasks for name in spec.lm_eval_tasks):
+                manager = TaskManager(include_path=spec.lm_eval_include_path)
     if not spec.safety.enabled and kind != "classification":
         skipped.append("safety and alignment probes: turned off (eval.safety.enabled: false)")
     return Plan(recipe, kind, subset, available, rows, labels, probes, train_rows, canaries, fair, skipped, manager)
