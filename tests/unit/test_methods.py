@@ -116,7 +116,16 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(tokenizer):
     with torch.no_grad():
         alone = sum(sft.loss_sum(model, [e], cpu).item() for e in single)
         together = sft.loss_sum(model, packed, cpu).item()
+        # A random model's loss is ~ln(vocabulary) whatever it attends to: the hidden states are what
+        # show a conversation attending to its neighbours (off by ~2 when it does).
+        row = max(packed, key=lambda p: p.position_ids.count(0))   # the row of most conversations
+        starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+        decoder = objectives._backbone(model).get_decoder()
+        ids = torch.tensor([row.input_ids])
+        joint = decoder(input_ids=ids, position_ids=torch.tensor([row.position_ids])).last_hidden_state
+        each = torch.cat([decoder(input_ids=ids[:, a:b]).last_hidden_state for a, b in zip(starts, starts[1:])], dim=1)
     assert together == pytest.approx(alone, rel=1e-4)
+    assert len(starts) > 2 and torch.allclose(joint, each, atol=1e-4)
 
 
 def test_packing_trains_fewer_rows_per_epoch(chat_dir, tmp_path):
