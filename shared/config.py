@@ -44,6 +44,12 @@ class Settings(BaseModel):
     push_auth: bool | None = None
     push_audience: str | None = None
     push_service_account: str | None = None
+    # People-facing HTTP (shared/auth.py): in the gcp profile, the dashboard is reached through IAP
+    # (its backend's audience) and the registry's approval function through IAM (its URL), and only
+    # `approvers` (emails) may approve a version. Locally, the token in <state>/auth-token.
+    dashboard_audience: str | None = None
+    approval_audience: str | None = None
+    approvers: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -72,6 +78,10 @@ class Settings(BaseModel):
             "push_auth": env.get("FTPIPE_PUSH_AUTH"),
             "push_audience": env.get("FTPIPE_PUSH_AUDIENCE"),
             "push_service_account": env.get("FTPIPE_PUSH_SERVICE_ACCOUNT"),
+            "dashboard_audience": env.get("FTPIPE_DASHBOARD_AUDIENCE"),
+            "approval_audience": env.get("FTPIPE_APPROVAL_AUDIENCE"),
+            "approvers": tuple(e.strip() for e in env["FTPIPE_APPROVERS"].split(",") if e.strip())
+            if env.get("FTPIPE_APPROVERS") else None,
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
