@@ -157,3 +157,19 @@ def test_models_export_command(adapters, lora, tmp_path, monkeypatch, capsys):
         assert "is not empty: export into a new folder" in capsys.readouterr().err
     finally:
         root.handlers[:], root.level = handlers, level
+
+
+def test_the_base_model_hash_covers_every_file_of_the_folder(tmp_path):
+    """What the trainer records in the run record and the export checks (shared/models.py)."""
+    import hashlib
+    import shutil
+
+    tiny = base_model_identity(TINY)
+    assert tiny["ref"] == TINY and tiny["files"]["model.safetensors"] == hashlib.sha256(
+        (resolve_model(TINY) / "model.safetensors").read_bytes()).hexdigest()
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_model(TINY), copy)
+    assert base_model_identity(str(copy))["sha256"] == tiny["sha256"]   # the content, not the folder's name
+    (copy / "generation_config.json").write_text("{}")
+    assert base_model_identity(str(copy))["sha256"] != tiny["sha256"]
+    assert base_model_identity("org/not-downloaded")["sha256"] is None
