@@ -456,7 +456,8 @@ def _retire(docs, bus, name: str, version: str, status: str, *, actor: str, reas
     def run(txn):
         edit = _Edit(txn, name)
         doc = edit.version(version)
-        if doc["status"] == status:
+        staging = edit.model["aliases"].get("staging") == version
+        if doc["status"] == status and not staging:  # e.g. archived when production moved on: done already
             return doc, edit.events(_last_op(edit, version, status), version), edit.model["aliases"]
         if doc["status"] == "quarantined":
             raise RegistryError(409, f"{name} {version} is quarantined ({_reason(doc)}), which is final")
@@ -466,7 +467,7 @@ def _retire(docs, bus, name: str, version: str, status: str, *, actor: str, reas
         op = f"{verb}:{version}-{len(doc.get('history', []))}"
         extra = {"reasons": [reason]} if status == "quarantined" else {}
         edit.status(version, status, op=op, actor=actor, reason=reason, **extra)
-        if edit.model["aliases"].get("staging") == version:
+        if staging:
             edit.move("staging", None, op=op, actor=actor, reason=verb)
         edit.save()
         return doc, edit.events(op, version), edit.model["aliases"]

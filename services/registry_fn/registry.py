@@ -23,7 +23,7 @@ import json
 from shared import events as ev
 from shared.build_info import RUN_RECORD
 from shared.model_registry import (MODEL_VERSIONS, MODELS, allocate_version, register_version,
-                                   registration_status)
+                                   registration_status, version_id)
 from shared.ports import ObjectNotFound
 from shared.runtime import Context, Reject, Service
 
@@ -52,8 +52,9 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     for rel, data in parts["files"].items():
         files.append(_put(store, bucket, f"{target}/{rel}", rel, data))
     uri = store.url(bucket, target + "/")
-    status = registration_status(ctx.docs.get(MODELS, name), version, passed=event.passed,
-                                 approval=recipe.registry.approval)
+    existing = ctx.docs.get(MODEL_VERSIONS, version_id(name, version))   # a redelivery: registered already
+    status = existing["registered_status"] if existing else registration_status(
+        ctx.docs.get(MODELS, name), version, passed=event.passed, approval=recipe.registry.approval)
     bundle = {
         "name": name, "version": version, "status": status, "run_id": event.run_id, "uri": uri,
         "base_model": recipe.base_model, "base_model_sha256": parts["base_model"]["sha256"],
@@ -121,7 +122,8 @@ def _gather(store, event: ev.EvaluationCompleted, bucket: str, adapter_prefix: s
     privacy = {"required": recipe.data.privacy_review, "signoff": signoff, "dataset_id": manifest.get("dataset_id")}
     lockfile = "".join(f"{name}=={version}\n" for name, version in sorted(packages.items()))
     return {
-        "base_model": base, "manifest": manifest, "pii": _parse(pii_raw, event.dataset_uri + "pii_report.json"),
+        "base_model": base, "manifest": manifest,
+        "pii": _parse(pii_raw, store.url(dataset_bucket, dataset_prefix + "pii_report.json")),
         "privacy": privacy, "record": record,
         "files": {
             "recipe.json": json.dumps(recipe.model_dump(mode="json"), indent=2).encode(),

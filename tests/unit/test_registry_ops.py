@@ -232,3 +232,34 @@ def test_models_commands(state, capsys):
                           (["models", "archive", NAME, "1.2", "--reason", "x"], "is in production: roll back")]:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+def any_docs(request, tmp_path, adapters):
+    """The registry's documents on each DocStore adapter (the emulator's Firestore where it is installed)."""
+    if request.param == "sqlite":
+        yield adapters.docs
+        return
+    from tests.emulators import make_firestore_docs
+
+    docs = make_firestore_docs(request.getfixturevalue("firestore_emulator"))
+    yield docs
+    docs.close()
+
+
+def test_the_lifecycle_on_every_document_store(adapters, any_docs):
+    """Version maps keyed by "1.2" and run ids, alias histories, transactions that read after they
+    write: the same on Firestore as on SQLite."""
+    on = type("Adapters", (), {"docs": any_docs, "bus": adapters.bus})()
+    add(on, "run.1")
+    candidate = add(on, "run.2", approval=True)
+    add(on, "run.3", base="smollm2-135m-instruct", passed=False)
+    reg.approve(any_docs, adapters.bus, NAME, candidate, approver="ann")
+    assert reg.rollback(any_docs, adapters.bus, NAME, actor="ann")["version"] == "1.1"
+    reg.archive(any_docs, adapters.bus, NAME, candidate, actor="ann", reason="retired")
+    model = reg.get_model(any_docs, NAME)
+    assert model["runs"] == {"run.1": "1.1", "run.2": "1.2", "run.3": "2.1"}
+    assert model["aliases"] == {"production": "1.1"}
+    assert [e["version"] for e in model["alias_history"]["production"]] == ["1.1", "1.2", "1.1"]
+    assert [(v["version"], v["status"]) for v in model["versions"]] == [
+        ("2.1", "quarantined"), ("1.2", "archived"), ("1.1", "promoted")]
