@@ -185,8 +185,8 @@ class _Edit:
                                           uri=subject_doc["uri"], status=subject_doc["registered_status"]))
         out += _status_events(self.name, subject_doc, op)
         displaced = []
-        for alias, entries in self.model["alias_history"].items():
-            for move, entry in enumerate(entries, start=1):
+        for alias in ALIASES:   # a fixed order: a document store need not keep a map's order
+            for move, entry in enumerate(self.model["alias_history"].get(alias, []), start=1):
                 if entry.get("op") != op:
                     continue
                 if entry["version"] is not None:

@@ -177,6 +177,8 @@ def _write_bundle(store, bucket: str, target: str, bundle: dict, parts: dict) ->
     store.write(bucket, f"{target}/bundle.json", json.dumps({**bundle, "files": files}, indent=2).encode())
 
 
+_KINDS = {"lora": "A LoRA adapter", "qlora": "A QLoRA adapter", "prefix": "A prefix-tuning adapter",
+          "full": "A whole fine-tuned model"}
 _TASKS = {"chat_sft": "a chat assistant", "classification": "a text classifier"}
 _METHODS = {"sft": "supervised fine-tuning", "dpo": "direct preference optimisation (DPO)",
             "orpo": "odds-ratio preference optimisation (ORPO)"}
@@ -186,10 +188,9 @@ def model_card(bundle: dict, parts: dict) -> str:
     """MODEL_CARD.md: what the version is for, what it was trained on, how it compares with the base
     and production models, why the gate decided as it did, and what it cannot be trusted with."""
     recipe, evaluation = bundle["recipe"], bundle["evaluation"]
-    adapter = recipe.get("adapter", {}).get("kind", "lora")
-    what = "a whole fine-tuned model" if adapter == "full" else f"a {adapter.upper() if adapter != 'prefix' else 'prefix-tuning'} adapter"
+    what = _KINDS.get(recipe.get("adapter", {}).get("kind"), "An adapter")
     lines = [f"# {bundle['name']} {bundle['version']}", "",
-             f"Status at registration: **{bundle['status']}**. {what[0].upper() + what[1:]} for `{bundle['base_model']}` "
+             f"Status at registration: **{bundle['status']}**. {what} for `{bundle['base_model']}` "
              f"(base model sha256 `{bundle['base_model_sha256'][:16]}…`), trained by ftpipe run `{bundle['run_id']}` "
              f"with recipe `{recipe['name']}` v{recipe['version']} (hash {bundle['recipe_hash']}): "
              f"{_TASKS.get(recipe.get('task'), recipe.get('task'))}, {_METHODS.get(recipe.get('method'), recipe.get('method'))}.",
