@@ -124,7 +124,7 @@ def _gather(store, event: ev.EvaluationCompleted, bucket: str, adapter_prefix: s
     return {
         "base_model": base, "manifest": manifest,
         "pii": _parse(pii_raw, store.url(dataset_bucket, dataset_prefix + "pii_report.json")),
-        "privacy": privacy, "record": record,
+        "privacy": privacy,
         "files": {
             "recipe.json": json.dumps(recipe.model_dump(mode="json"), indent=2).encode(),
             "requirements.lock": lockfile.encode(),
