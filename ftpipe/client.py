@@ -1,7 +1,6 @@
 """The Python SDK: what the CLI does, as functions over the same ports the services use."""
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -194,11 +193,7 @@ class Client:
     def model_version(self, name: str, version: str) -> dict:
         """A version's document plus its `bundle` (bundle.json) and `model_card` (MODEL_CARD.md)."""
         doc = model_registry.get_version(self.adapters.docs, name, version)
-        store = self.adapters.store
-        bucket, prefix = store.parse_url(doc["uri"])
-        prefix = prefix.rstrip("/") + "/"
-        return {**doc, "bundle": json.loads(store.read(bucket, prefix + "bundle.json")),
-                "model_card": store.read(bucket, prefix + "MODEL_CARD.md").decode()}
+        return {**doc, **model_registry.read_bundle(self.adapters.store, doc)}
 
     def approve_model(self, name: str, version: str, *, approver: str, note: str = "") -> dict:
         return model_registry.approve(self.adapters.docs, self.adapters.bus, name, version, approver=approver, note=note)

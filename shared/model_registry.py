@@ -21,6 +21,7 @@ caller retrying after a crash between the transaction and the publish needs.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from shared import events as ev
@@ -100,6 +101,15 @@ def get_version(docs, name: str, version: str) -> dict:
             raise _no_model(docs, name)
         raise _no_version(name, version, model)
     return _with_aliases(doc, (docs.get(MODELS, name) or {}).get("aliases", {}))
+
+
+def read_bundle(store, doc: dict) -> dict:
+    """A version's bundle.json (every part of it, with the files' hashes) and its MODEL_CARD.md, from
+    the object store: `{"bundle": {...}, "model_card": "..."}`."""
+    bucket, prefix = store.parse_url(doc["uri"])
+    prefix = prefix.rstrip("/") + "/"
+    return {"bundle": json.loads(store.read(bucket, prefix + "bundle.json")),
+            "model_card": store.read(bucket, prefix + "MODEL_CARD.md").decode()}
 
 
 def _no_model(docs, name: str) -> RegistryError:

@@ -144,7 +144,7 @@ def test_adapters_vllm_cannot_load_are_refused(tmp_path, lora):
         vllm_adapter(head, tmp_path / "out2")
 
 
-def test_models_export_command(adapters, lora, tmp_path, monkeypatch, capsys):
+def test_models_export_and_show_commands(adapters, lora, tmp_path, monkeypatch, capsys):
     version = registered(adapters, lora)
     monkeypatch.setenv("FTPIPE_STATE", str(adapters.settings.state_dir))
     root = logging.getLogger()
@@ -155,6 +155,12 @@ def test_models_export_command(adapters, lora, tmp_path, monkeypatch, capsys):
         assert not (tmp_path / "e" / "merged").exists()
         assert main(["models", "export", NAME, version, "--out", str(tmp_path / "e")]) == 2
         assert "is not empty: export into a new folder" in capsys.readouterr().err
+        assert main(["models", "show", NAME, version]) == 0
+        assert f"# {NAME} {version}" in capsys.readouterr().out
+        assert main(["models", "show", NAME, version, "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["bundle"]["base_model_sha256"] == base_model_identity(TINY)["sha256"]
+        assert shown["model_card"].startswith(f"# {NAME} {version}") and shown["aliases"] == ["production", "staging"]
     finally:
         root.handlers[:], root.level = handlers, level
 
