@@ -219,7 +219,46 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    models = _client(args).models(args.name)
+    """The model registry (shared/model_registry.py): list, show, and the changes people make."""
+    client = _client(args)
+    action = getattr(args, "action", None) or "list"
+    if action == "list":
+        return _models_list(client, args)
+    if action == "show":
+        return _models_show(client, args)
+    if action == "export":
+        result = client.export_model(args.name, args.version, args.out, merged=not args.no_merged,
+                                     adapter=not args.no_adapter)
+        _print_json(result) if args.json else err.print(escape(
+            f"{args.name} {args.version} exported to {args.out}: "
+            + ", ".join(f"{kind} {result[kind]}" for kind in ("merged", "adapter") if kind in result)))
+        return 0
+    actor = args.actor or os.environ.get("USER") or "unknown"
+    if action == "approve":
+        doc = client.approve_model(args.name, args.version, approver=actor, note=args.note or "")
+        message = (f"{args.name} {args.version} approved by {actor}; "
+                   + ("now in production" if "production" in doc["aliases"] else
+                      f"not moved to production, where a later version is (`ftpipe models promote {args.name} "
+                      f"{args.version}` puts it there anyway)"))
+    elif action == "promote":
+        doc = client.promote_model(args.name, args.version, alias=args.alias, actor=actor)
+        message = f"{args.name} {args.alias} → {args.version}"
+    elif action == "rollback":
+        doc = client.rollback_model(args.name, alias=args.alias, to=args.to, actor=actor)
+        message = f"{args.name} {args.alias} rolled back → {doc['version']}"
+    else:  # archive, quarantine
+        change = client.archive_model if action == "archive" else client.quarantine_model
+        doc = change(args.name, args.version, actor=actor, reason=args.reason)
+        message = f"{args.name} {args.version} {doc['status']}"
+    _print_json(doc) if args.json else err.print(escape(message))
+    return 0
+
+
+def _models_list(client, args) -> int:
+    name = getattr(args, "name", None)
+    models = client.models(name)
+    if name and not models:
+        client.model(name)  # says which models exist
     if args.json:
         _print_json(models)
         return 0
@@ -229,6 +268,31 @@ def cmd_models(args) -> int:
     for m in models:
         table.add_row(m["name"], m["version"], m["status"], ",".join(m.get("aliases", [])), m["run_id"], m["uri"])
     out.print(table)
+    return 0
+
+
+def _models_show(client, args) -> int:
+    if args.version:
+        doc = client.model_version(args.name, args.version)
+        _print_json(doc) if args.json else out.print(escape(doc["model_card"]))
+        return 0
+    model = client.model(args.name)
+    if args.json:
+        _print_json(model)
+        return 0
+    out.print(escape(f"{model['name']}: " + (", ".join(f"{a} → {v}" for a, v in sorted(model.get("aliases", {}).items()))
+                                             or "no aliases")))
+    for line in model.get("lineages", []):
+        out.print(escape(f"  {line['major']}.x: fine-tunes of {line['base_model']}"))
+    for v in model["versions"]:
+        score = (v.get("evaluation") or {}).get("passed")
+        out.print(escape(f"  {v['version']:>6}  {v['status']:<11} {','.join(v['aliases']):<18} run {v['run_id']}  gate "
+                         + {True: "passed", False: "failed", None: "?"}[score]))
+    for alias, entries in sorted(model.get("alias_history", {}).items()):
+        out.print(escape(f"  {alias} history:"))
+        for e in entries:
+            out.print(escape(f"    {e['previous'] or '-'} → {e['version'] or '-'}  ({e['reason']}"
+                             + (f", by {e['actor']}" if e.get("actor") else "") + ")"))
     return 0
 
 
@@ -516,9 +580,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
-    p = add("models", cmd_models, "list registered model versions")
-    p.add_argument("name", nargs="?")
+    p = add("models", cmd_models, "the model registry: list, show, approve, promote, roll back, archive, export")
     p.add_argument("--json", action="store_true")
+    models = p.add_subparsers(dest="action", metavar="ACTION")
+    # SUPPRESS: an option given before the action is not reset by the action's own default.
+    nested = argparse.ArgumentParser(add_help=False)
+    nested.add_argument("--state", default=argparse.SUPPRESS, help="state folder")
+    nested.add_argument("--profile", choices=["local", "emulators", "gcp"], default=argparse.SUPPRESS)
+    nested.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+    def model_action(name, help_, *, version=True):
+        q = models.add_parser(name, parents=[nested], help=help_, description=help_)
+        q.add_argument("name", help="the model name (a recipe's model_name)")
+        if version:
+            q.add_argument("version", help="MAJOR.MINOR, e.g. 1.2")
+        return q
+
+    q = models.add_parser("list", parents=[nested], help="registered versions, newest first (the default)",
+                          description="registered versions, newest first (the default)")
+    q.add_argument("name", nargs="?", help="only this model's versions")
+    q = model_action("show", "a model's versions, aliases and their history; with VERSION, its model card",
+                     version=False)
+    q.add_argument("version", nargs="?")
+    q = model_action("approve", "approve a candidate (recipe registry.approval): it goes to production")
+    q.add_argument("--note", help="a note kept with the approval")
+    q.add_argument("--actor", help="who approves (default: $USER)")
+    q = model_action("promote", "point an alias (default production) at a version")
+    q.add_argument("--alias", choices=["production", "staging"], default="production")
+    q.add_argument("--actor", help="who promotes (default: $USER)")
+    q = model_action("rollback", "point an alias back at its previous version, or at --to VERSION", version=False)
+    q.add_argument("--to", metavar="VERSION", help="the version to roll back to")
+    q.add_argument("--alias", choices=["production", "staging"], default="production")
+    q.add_argument("--actor", help="who rolls back (default: $USER)")
+    for name, help_ in (("archive", "retire a version (it can come back by rollback or promote)"),
+                        ("quarantine", "bar a version for good: never promoted or served")):
+        q = model_action(name, help_)
+        q.add_argument("--reason", required=True, help="why")
+        q.add_argument("--actor", help="who does it (default: $USER)")
+    q = model_action("export", "merged safetensors weights and the adapter in the layout vLLM loads")
+    q.add_argument("--out", required=True, help="a new folder: merged/, adapter/, export.json")
+    q.add_argument("--no-merged", action="store_true", help="only the adapter")
+    q.add_argument("--no-adapter", action="store_true", help="only the merged weights")
     p = add("dlq", cmd_dlq, "list or replay dead-lettered messages")
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("--topic")
@@ -588,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     from ftpipe.client import ClientError
     from ftpipe.stack import StackError
     from ftpipe.stages import StageInputError
+    from shared.model_export import ExportError
+    from shared.model_registry import RegistryError
     from shared.models import ModelNotAvailable
     from shared.recipe import RecipeError
     from shared.tenants import TenantError
@@ -595,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (UsageError, ClientError, StackError, StageInputError, RecipeError, ModelNotAvailable, TimeoutError,
-            TenantError) as exc:
+            TenantError, RegistryError, ExportError) as exc:
         # Messages carry file names and lists ("[...]"): not rich markup. Not wrapped either, so that
         # a message stays one line for whoever greps a log.
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from shared import events as ev
 from shared.config import Adapters, Settings, bootstrap
-from shared.model_registry import MODEL_VERSIONS, MODELS
+from shared import model_registry
 from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from shared.runtime import CANCELLATIONS, REPLAY_FOR, publish_event
 from shared.tenants import TenantError, check_name, get_quota, list_quotas, set_quota
@@ -175,17 +175,48 @@ class Client:
             return doc
         return self.adapters.docs.transaction(mark)
 
-    # ------------------------------------------------------------ models
+    # ------------------------------------------------------------ models (shared/model_registry.py)
     def models(self, name: str | None = None) -> list[dict]:
-        where = [("name", "==", name)] if name else []
-        rows = [doc for _, doc in self.adapters.docs.query(MODEL_VERSIONS, where=where, order_by=[("registered_at", "desc")])]
-        aliases = {}
-        for _, doc in self.adapters.docs.query(MODELS):
-            for alias, version in doc.get("aliases", {}).items():
-                aliases.setdefault((doc["name"], version), []).append(alias)
-        for row in rows:
-            row["aliases"] = aliases.get((row["name"], row["version"]), [])
-        return rows
+        """Registered versions (of one model, or all), newest first, each with its `aliases`."""
+        rows = []
+        for model in model_registry.list_models(self.adapters.docs):
+            if name is None or model["name"] == name:
+                rows += model_registry.get_model(self.adapters.docs, model["name"])["versions"]
+        return sorted(rows, key=lambda row: row.get("registered_at") or 0, reverse=True)
+
+    def model_list(self) -> list[dict]:
+        return model_registry.list_models(self.adapters.docs)
+
+    def model(self, name: str) -> dict:
+        return model_registry.get_model(self.adapters.docs, name)
+
+    def model_version(self, name: str, version: str) -> dict:
+        """A version's document plus its `bundle` (bundle.json) and `model_card` (MODEL_CARD.md)."""
+        doc = model_registry.get_version(self.adapters.docs, name, version)
+        return {**doc, **model_registry.read_bundle(self.adapters.store, doc)}
+
+    def approve_model(self, name: str, version: str, *, approver: str, note: str = "") -> dict:
+        return model_registry.approve(self.adapters.docs, self.adapters.bus, name, version, approver=approver, note=note)
+
+    def promote_model(self, name: str, version: str, *, alias: str = "production", actor: str) -> dict:
+        return model_registry.promote(self.adapters.docs, self.adapters.bus, name, version, alias=alias, actor=actor)
+
+    def rollback_model(self, name: str, *, alias: str = "production", to: str | None = None, actor: str) -> dict:
+        return model_registry.rollback(self.adapters.docs, self.adapters.bus, name, alias=alias, to=to, actor=actor)
+
+    def archive_model(self, name: str, version: str, *, actor: str, reason: str) -> dict:
+        return model_registry.archive(self.adapters.docs, self.adapters.bus, name, version, actor=actor, reason=reason)
+
+    def quarantine_model(self, name: str, version: str, *, actor: str, reason: str) -> dict:
+        return model_registry.quarantine(self.adapters.docs, self.adapters.bus, name, version, actor=actor,
+                                         reason=reason)
+
+    def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
+                     adapter: bool = True) -> dict:
+        from shared.model_export import export_version
+
+        return export_version(self.adapters.store, self.adapters.docs, name, version, Path(out), merged=merged,
+                              adapter=adapter)
 
     # ------------------------------------------------------------ tenants
     def tenants(self) -> list[dict]:

@@ -1,22 +1,33 @@
-"""The registry as a 2nd-gen Cloud Function (functions-framework CloudEvent handler on the
-`evaluations` topic), and as a local pull subscriber with the same handler.
+"""The registry as 2nd-gen Cloud Functions — `on_evaluation`, a CloudEvent handler on the
+`evaluations` topic, and `approve`, the authenticated HTTP approval step — and, locally, one
+process that pulls `evaluations` with the same handler and serves the approval endpoint on a free
+port (written to <state>/services/registry-approval.json).
 
-Deploy: `gcloud functions deploy registry --gen2 --entry-point on_evaluation --trigger-topic evaluations`.
+Deploy: `gcloud functions deploy registry --gen2 --entry-point on_evaluation --trigger-topic evaluations`
+and `gcloud functions deploy registry-approve --gen2 --entry-point approve --trigger-http --no-allow-unauthenticated`
+(FTPIPE_APPROVAL_AUDIENCE: its URL; FTPIPE_APPROVERS: who may approve).
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
+import threading
 
 import functions_framework
+from werkzeug.serving import make_server
 
 from shared import events as ev
+from shared.auth import authenticator
 from shared.config import Settings, bootstrap
 from shared.logs import configure_logging
-from shared.main import serve
 from shared.push import PushedMessage, Undecodable
-from shared.runtime import dead_letter, handle_message
+from shared.runtime import dead_letter, handle_message, run_service
 
+from services.registry_fn.approval import create_app, respond
 from services.registry_fn.registry import SERVICE
+
+APPROVAL_FILE = "registry-approval.json"
 
 
 @functools.cache
@@ -24,6 +35,12 @@ def _adapters():
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
     return bootstrap(settings)
+
+
+@functools.cache
+def _authenticator():
+    settings = _adapters().settings
+    return authenticator(settings, audience=settings.approval_audience, allowed=settings.approvers)
 
 
 @functions_framework.cloud_event
@@ -41,5 +58,32 @@ def on_evaluation(cloud_event) -> None:
         raise RuntimeError("handler asked for redelivery")
 
 
+@functions_framework.http
+def approve(request):
+    adapters = _adapters()
+    return respond(adapters.docs, adapters.bus, _authenticator(), request)
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    adapters = bootstrap(settings)
+    server = None
+    if settings.profile != "gcp":  # in the cloud the approval step is its own function (above)
+        app = create_app(adapters.docs, adapters.bus,
+                         authenticator(settings, audience=settings.approval_audience, allowed=settings.approvers))
+        server = make_server("127.0.0.1", int(os.environ.get("FTPIPE_APPROVAL_PORT", "0")), app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True, name="approval").start()
+        services = settings.state_dir / "services"
+        services.mkdir(parents=True, exist_ok=True)
+        (services / APPROVAL_FILE).write_text(json.dumps({"url": f"http://127.0.0.1:{server.server_port}/approve"}))
+    try:
+        run_service(SERVICE, adapters)
+    finally:
+        if server is not None:
+            server.shutdown()
+        adapters.close()
+
+
 if __name__ == "__main__":
-    serve(SERVICE)
+    main()

@@ -163,10 +163,16 @@ def test_the_signoff_goes_into_the_model_bundle(state, capsys):
     publish_event(state.bus, awaiting(uri=uri))
     _track(state)
     assert main(["privacy", "approve", "run-priv", "--approver", "ann"]) == 0
+    from tests.unit.test_registry import RUN_RECORD, write_report
+
+    # the other parts of a version's bundle: the run record, the PII report, the evaluation report
     state.store.write("ftpipe", "runs/run-priv/adapter/adapter_config.json", b"{}")
+    state.store.write("ftpipe", "runs/run-priv/adapter/run_record.json", json.dumps(RUN_RECORD).encode())
+    state.store.write("ftpipe", "datasets/d1/pii_report.json", b"{}")
     publish_event(state.bus, ev.EvaluationCompleted(
         run_id="run-priv", recipe=RECIPE, dataset_uri=uri, adapter_uri=state.store.url("ftpipe", "runs/run-priv/adapter/"),
-        scores={"base": {"chrf": 1.0}, "candidate": {"chrf": 2.0}}, passed=True, reasons=[], report_uri=uri))
+        scores={"base": {"chrf": 1.0}, "candidate": {"chrf": 2.0}}, passed=True, reasons=[],
+        report_uri=write_report(state, "run-priv")))
     [msg] = state.bus.pull(ev.subscription_name("registry", ev.EVALUATIONS), timeout_s=2)
     assert handle_message(REGISTRY, state, ev.EVALUATIONS, msg) == "acked"
     bundle = json.loads(state.store.read("ftpipe", "models/tiny-sft/1.1/bundle.json"))

@@ -1,0 +1,64 @@
+"""The manual approval step: `POST {"name", "version", "note"}` by an authenticated person approves
+a candidate version (recipe `registry.approval`), which then goes to production
+(shared/model_registry.py: approve).
+
+In Google Cloud it is the HTTP Cloud Function `approve` (services/registry_fn/main.py) behind IAM:
+the caller's Google ID token is verified again here, and only FTPIPE_APPROVERS may approve. Locally
+the registry process serves the same app on a free port (<state>/services/registry-approval.json),
+and callers show the stack's bearer token (<state>/auth-token). The approver recorded is the
+caller's identity, never a name from the body.
+"""
+from __future__ import annotations
+
+from flask import Flask, Request, Response, jsonify
+
+from shared import model_registry
+from shared.auth import Authenticator
+from shared.push import AuthError
+
+
+def _error(status: int, message: str) -> Response:
+    response = jsonify({"error": message, "status": status})
+    response.status_code = status
+    return response
+
+
+def respond(docs, bus, authenticate: Authenticator, request: Request) -> Response:
+    """Answer one approval request: the approved version document, or a JSON error."""
+    if request.method != "POST":
+        return _error(405, 'approve with POST {"name": MODEL, "version": "MAJOR.MINOR", "note": TEXT}')
+    try:
+        identity = authenticate(request.headers)
+    except AuthError as exc:
+        return _error(exc.status, exc.reason)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, 'the body must be a JSON object {"name": MODEL, "version": "MAJOR.MINOR", "note": TEXT}')
+    name, version, note = body.get("name"), body.get("version"), body.get("note", "")
+    for field, value in (("name", name), ("version", version)):
+        if not isinstance(value, str) or not value:
+            # a JSON number would lose the version: 1.10 arrives as 1.1
+            return _error(400, f"'{field}' must be a non-empty string, e.g. "
+                               + ('"support-bot"' if field == "name" else '"1.2"'))
+    if not isinstance(note, str):
+        return _error(400, "'note' must be a string")
+    try:
+        doc = model_registry.approve(docs, bus, name, version, approver=identity.email, note=note)
+    except model_registry.RegistryError as exc:
+        return _error(exc.status, str(exc))
+    return jsonify(doc)
+
+
+def create_app(docs, bus, authenticate: Authenticator) -> Flask:
+    """The approval endpoint as its own app (the local registry process serves it): POST / or /approve."""
+    app = Flask(__name__)
+
+    def view():
+        from flask import request
+
+        return respond(docs, bus, authenticate, request)
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    app.add_url_rule("/", "approve", view, methods=methods)
+    app.add_url_rule("/approve", "approve_path", view, methods=methods)
+    return app

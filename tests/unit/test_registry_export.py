@@ -1,0 +1,181 @@
+"""Exporting a registered version (shared/model_export.py) of a real LoRA adapter on the tiny random
+model: merged safetensors weights whose logits are the adapter-on-base logits, and the adapter in the
+layout vLLM loads; integrity checks against the bundle and the base model's recorded hash."""
+import json
+import logging
+
+import pytest
+import torch
+
+from ftpipe.cli import main
+from shared import model_registry as reg
+from shared.config import Settings, bootstrap
+from shared.model_export import ExportError, export_version, merge, vllm_adapter
+from shared.models import TINY, base_model_identity, resolve_model
+from shared.runtime import Context
+from shared.storage import upload_dir
+from tests.unit.test_registry import BUCKET, RECIPE, RUN_RECORD, SCORES, write_dataset, write_report
+
+from services.registry_fn.registry import register
+
+NAME = RECIPE.model_name
+VLLM_NAMES = r"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.lora_[AB]\.weight$"
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    """A LoRA adapter of the tiny model with random A and B (an initial adapter, B = 0, would merge
+    into the base unchanged and prove nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    out = tmp_path_factory.mktemp("lora")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    a = bootstrap(Settings(state_dir=tmp_path / "state"))
+    yield a
+    a.close()
+
+
+def registered(adapters, lora, run_id="run-x", passed=True) -> str:
+    """The adapter trained by `run_id`, registered by the registry's handler; returns its version."""
+    import shared.events as ev
+
+    upload_dir(adapters.store, lora, BUCKET, f"runs/{run_id}/adapter")
+    record = {**RUN_RECORD, "base_model": base_model_identity(TINY)}
+    adapters.store.write(BUCKET, f"runs/{run_id}/adapter/run_record.json", json.dumps(record).encode())
+    event = ev.EvaluationCompleted(run_id=run_id, recipe=RECIPE, dataset_uri=write_dataset(adapters),
+                                   adapter_uri=adapters.store.url(BUCKET, f"runs/{run_id}/adapter/"), scores=SCORES,
+                                   passed=passed, reasons=[], report_uri=write_report(adapters, run_id))
+    register(event, Context("registry", adapters, None, None, logging.LoggerAdapter(logging.getLogger("t"), {})))
+    return adapters.docs.get(reg.MODELS, NAME)["runs"][run_id]
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["Where is my order?", "Refund, please."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_export_merged_weights_equal_the_adapter_on_the_base_and_the_adapter_is_vllm_shaped(adapters, lora, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    version = registered(adapters, lora)
+    out = tmp_path / "export"
+    result = export_version(adapters.store, adapters.docs, NAME, version, out)
+
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    assert names and all(__import__("re").match(VLLM_NAMES, n) for n in names), names[:3]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    merged_dir = out / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+    assert not (merged_dir / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32).eval()
+    base_logits = logits(base, tokenizer)
+    on_base = PeftModel.from_pretrained(base, str(lora)).eval()
+    expected = logits(on_base, tokenizer)
+    assert not torch.allclose(expected, base_logits, atol=1e-3)   # the adapter changes the model…
+    torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-5, rtol=1e-5)   # … and merging keeps it
+
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["version"] == version and manifest["base_model_sha256"] == base_model_identity(TINY)["sha256"]
+    assert set(manifest["files"]) >= {"adapter/adapter_model.safetensors", "merged/model.safetensors"}
+    assert result["merged"] == str(merged_dir)
+
+
+def test_export_refuses_what_must_not_be_served_or_was_altered(adapters, lora, tmp_path):
+    version = registered(adapters, lora)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ExportError, match="is not empty"):
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "full")
+    with pytest.raises(reg.RegistryError, match="has no version '4.4'"):
+        export_version(adapters.store, adapters.docs, NAME, "4.4", tmp_path / "a")
+
+    weights = f"models/{NAME}/{version}/adapter/adapter_model.safetensors"
+    original = adapters.store.read(BUCKET, weights)
+    adapters.store.write(BUCKET, weights, original[:-8] + b"\0" * 8)
+    with pytest.raises(ExportError, match="does not match the sha256 in bundle.json"):
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "b", merged=False)
+    adapters.store.write(BUCKET, weights, original)
+
+    bad = registered(adapters, lora, run_id="run-bad", passed=False)
+    with pytest.raises(reg.RegistryError, match="quarantined: it must not be served") as exc:
+        export_version(adapters.store, adapters.docs, NAME, bad, tmp_path / "c")
+    assert exc.value.status == 409
+
+    with pytest.raises(ExportError, match="the reference now names other weights"):
+        merge(TINY, lora, tmp_path / "d", base_sha256="0" * 64)
+
+
+def test_adapters_vllm_cannot_load_are_refused(tmp_path, lora):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path / "prefix")
+    with pytest.raises(ExportError, match="vLLM serves LoRA adapters only"):
+        vllm_adapter(tmp_path / "prefix", tmp_path / "out")
+    with pytest.raises(ExportError, match="has no weights to merge"):
+        merge(TINY, tmp_path / "prefix", tmp_path / "merged")
+
+    head = tmp_path / "with-head"
+    head.mkdir()
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (head / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["score"]}))
+    (head / "adapter_model.safetensors").write_bytes((lora / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ExportError, match="classifier head"):
+        vllm_adapter(head, tmp_path / "out2")
+
+
+def test_models_export_and_show_commands(adapters, lora, tmp_path, monkeypatch, capsys):
+    version = registered(adapters, lora)
+    monkeypatch.setenv("FTPIPE_STATE", str(adapters.settings.state_dir))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["models", "export", NAME, version, "--out", str(tmp_path / "e"), "--no-merged", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["adapter"] == str(tmp_path / "e" / "adapter")
+        assert not (tmp_path / "e" / "merged").exists()
+        assert main(["models", "export", NAME, version, "--out", str(tmp_path / "e")]) == 2
+        assert "is not empty: export into a new folder" in capsys.readouterr().err
+        assert main(["models", "show", NAME, version]) == 0
+        assert f"# {NAME} {version}" in capsys.readouterr().out
+        assert main(["models", "show", NAME, version, "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["bundle"]["base_model_sha256"] == base_model_identity(TINY)["sha256"]
+        assert shown["model_card"].startswith(f"# {NAME} {version}") and shown["aliases"] == ["production", "staging"]
+    finally:
+        root.handlers[:], root.level = handlers, level
+
+
+def test_the_base_model_hash_covers_every_file_of_the_folder(tmp_path):
+    """What the trainer records in the run record and the export checks (shared/models.py)."""
+    import hashlib
+    import shutil
+
+    tiny = base_model_identity(TINY)
+    assert tiny["ref"] == TINY and tiny["files"]["model.safetensors"] == hashlib.sha256(
+        (resolve_model(TINY) / "model.safetensors").read_bytes()).hexdigest()
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_model(TINY), copy)
+    assert base_model_identity(str(copy))["sha256"] == tiny["sha256"]   # the content, not the folder's name
+    (copy / "generation_config.json").write_text("{}")
+    assert base_model_identity(str(copy))["sha256"] != tiny["sha256"]
+    assert base_model_identity("org/not-downloaded")["sha256"] is None

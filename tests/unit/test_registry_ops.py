@@ -1,0 +1,265 @@
+"""The model registry's operations (shared/model_registry.py) on the real local adapters: approve,
+promote, roll back, archive, quarantine; their rules, their alias history, the events they publish
+and that a retry republishes the same ids — and the `ftpipe models` commands over them."""
+import json
+import logging
+
+import pytest
+
+from ftpipe.cli import main
+from shared import events as ev
+from shared import model_registry as reg
+from shared.config import Settings, bootstrap
+
+NAME = "support-bot"
+BASE = "tiny-random-smollm2"
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    a = bootstrap(Settings(state_dir=tmp_path / "state"))
+    yield a
+    a.close()
+
+
+def add(adapters, run_id: str, *, passed: bool = True, approval: bool = False, base: str = BASE) -> str:
+    """A version as the registry's handler records it once its bundle is written."""
+    version = reg.allocate_version(adapters.docs, NAME, run_id, base)
+    doc = {"name": NAME, "version": version, "run_id": run_id, "uri": f"file:///b/models/{NAME}/{version}/",
+           "base_model": base, "evaluation": {"passed": passed}}
+    reg.register_version(adapters.docs, doc, passed=passed, reasons=[] if passed else ["worse than base"],
+                         approval=approval)
+    return version
+
+
+def published(adapters) -> list:
+    out = []
+    while msgs := adapters.bus.pull(ev.subscription_name("tracker", ev.MODELS), max_messages=50, timeout_s=0.2):
+        for m in msgs:
+            out.append(ev.decode(m.data, m.attributes))
+            m.ack()
+    return out
+
+
+def status(adapters, version: str) -> str:
+    return reg.get_version(adapters.docs, NAME, version)["status"]
+
+
+def production(adapters) -> str | None:
+    return reg.get_model(adapters.docs, NAME)["aliases"].get("production")
+
+
+def test_promote_moves_production_archives_the_previous_and_records_the_move(adapters):
+    for run in ("r1", "r2"):
+        add(adapters, run)
+    published(adapters)
+    assert production(adapters) == "1.2" and status(adapters, "1.1") == "archived"
+
+    doc = reg.promote(adapters.docs, adapters.bus, NAME, "1.1", actor="ann")
+    assert doc["status"] == "promoted" and doc["aliases"] == ["production"]
+    assert status(adapters, "1.2") == "archived"
+    model = reg.get_model(adapters.docs, NAME)
+    assert [(e["version"], e["previous"], e["reason"], e["actor"]) for e in model["alias_history"]["production"]] == [
+        ("1.1", None, "gate", None), ("1.2", "1.1", "gate", None), ("1.1", "1.2", "manual", "ann")]
+    assert [v["version"] for v in model["versions"]] == ["1.2", "1.1"]
+    events = published(adapters)
+    assert [(e.type, e.version) for e in events] == [("ModelPromoted", "1.1"), ("ModelArchived", "1.2")]
+    promoted, archived = events
+    assert (promoted.alias, promoted.previous_version, promoted.reason, promoted.actor, promoted.move) == (
+        "production", "1.2", "manual", "ann", 3)
+    assert promoted.run_id == "r1" and archived.run_id == "r2" and archived.reason == "superseded by 1.1 in production"
+
+    # The same call again: nothing changes, the same event ids are published again.
+    assert reg.promote(adapters.docs, adapters.bus, NAME, "1.1", actor="ann")["status"] == "promoted"
+    assert [e.event_id for e in published(adapters)] == [e.event_id for e in events]
+    assert len(reg.get_model(adapters.docs, NAME)["alias_history"]["production"]) == 3
+
+
+def test_rollback_goes_to_the_previous_production_version_each_time_and_to_a_named_one(adapters):
+    for run in ("r1", "r2", "r3"):
+        add(adapters, run)
+    doc = reg.rollback(adapters.docs, adapters.bus, NAME, actor="bob")
+    assert doc["version"] == "1.2" and production(adapters) == "1.2" and status(adapters, "1.3") == "archived"
+    assert reg.rollback(adapters.docs, adapters.bus, NAME, actor="bob")["version"] == "1.1"
+    with pytest.raises(reg.RegistryError, match="no earlier version to roll back to") as exc:
+        reg.rollback(adapters.docs, adapters.bus, NAME, actor="bob")
+    assert exc.value.status == 409
+    published(adapters)
+    assert reg.rollback(adapters.docs, adapters.bus, NAME, to="1.3", actor="bob")["version"] == "1.3"
+    [promoted, archived] = published(adapters)
+    assert (promoted.version, promoted.reason, promoted.previous_version, archived.version) == ("1.3", "rollback", "1.1", "1.1")
+    assert archived.reason == "rolled back to 1.3 in production"
+    with pytest.raises(reg.RegistryError, match="no version '9.9'") as exc:
+        reg.rollback(adapters.docs, adapters.bus, NAME, to="9.9", actor="bob")
+    assert exc.value.status == 404
+
+
+def test_a_quarantined_version_is_never_promoted(adapters):
+    add(adapters, "r1")
+    bad = add(adapters, "r2", passed=False)
+    assert status(adapters, bad) == "quarantined" and production(adapters) == "1.1"
+    for attempt in (lambda: reg.promote(adapters.docs, adapters.bus, NAME, bad, actor="ann"),
+                    lambda: reg.promote(adapters.docs, adapters.bus, NAME, bad, alias="staging", actor="ann"),
+                    lambda: reg.rollback(adapters.docs, adapters.bus, NAME, to=bad, actor="ann"),
+                    lambda: reg.approve(adapters.docs, adapters.bus, NAME, bad, approver="ann"),
+                    lambda: reg.archive(adapters.docs, adapters.bus, NAME, bad, actor="ann", reason="tidy")):
+        with pytest.raises(reg.RegistryError, match="quarantined") as exc:
+            attempt()
+        assert exc.value.status == 409
+    # … nor by rollback's own choice: quarantining an earlier production version takes it out of reach
+    add(adapters, "r3")
+    reg.quarantine(adapters.docs, adapters.bus, NAME, "1.1", actor="ann", reason="leaks a phone number")
+    with pytest.raises(reg.RegistryError, match="no earlier version"):
+        reg.rollback(adapters.docs, adapters.bus, NAME, actor="ann")
+
+
+def test_approval_promotes_a_candidate_and_a_candidate_needs_it(adapters):
+    add(adapters, "r1")
+    candidate = add(adapters, "r2", approval=True)
+    assert status(adapters, candidate) == "candidate" and production(adapters) == "1.1"
+    assert reg.get_model(adapters.docs, NAME)["aliases"]["staging"] == candidate
+    with pytest.raises(reg.RegistryError, match="waits for approval") as exc:
+        reg.promote(adapters.docs, adapters.bus, NAME, candidate, actor="ann")
+    assert exc.value.status == 409
+    published(adapters)
+
+    doc = reg.approve(adapters.docs, adapters.bus, NAME, candidate, approver="ann@example.com", note="looks good")
+    assert doc["status"] == "promoted" and production(adapters) == candidate and status(adapters, "1.1") == "archived"
+    assert doc["approval"]["approver"] == "ann@example.com" and doc["approval"]["note"] == "looks good"
+    assert [h["status"] for h in doc["history"]] == ["candidate", "approved", "promoted"]
+    events = published(adapters)
+    assert [(e.type, e.version) for e in events] == [("ModelApproved", "1.2"), ("ModelPromoted", "1.2"),
+                                                     ("ModelArchived", "1.1")]
+    assert events[0].approver == "ann@example.com" and events[1].reason == "approval" and events[1].actor == "ann@example.com"
+    # approving again: no change, the same events
+    reg.approve(adapters.docs, adapters.bus, NAME, candidate, approver="someone else")
+    assert [e.event_id for e in published(adapters)] == [e.event_id for e in events]
+    with pytest.raises(reg.RegistryError, match="does not wait for approval"):
+        reg.approve(adapters.docs, adapters.bus, NAME, "1.1", approver="ann")
+
+
+def test_approving_an_older_candidate_leaves_the_later_production_version(adapters):
+    older = add(adapters, "r1", approval=True)
+    newer = add(adapters, "r2", approval=True)
+    reg.approve(adapters.docs, adapters.bus, NAME, newer, approver="ann")
+    doc = reg.approve(adapters.docs, adapters.bus, NAME, older, approver="ann")
+    assert doc["status"] == "approved" and production(adapters) == newer
+    assert reg.promote(adapters.docs, adapters.bus, NAME, older, actor="ann")["status"] == "promoted"
+
+
+def test_archive_and_quarantine_refuse_the_production_version_and_take_staging_away(adapters):
+    add(adapters, "r1")
+    candidate = add(adapters, "r2", approval=True)
+    for retire in (reg.archive, reg.quarantine):
+        with pytest.raises(reg.RegistryError, match="is in production: roll back") as exc:
+            retire(adapters.docs, adapters.bus, NAME, "1.1", actor="ann", reason="old")
+        assert exc.value.status == 409
+    with pytest.raises(reg.RegistryError, match="a reason is required") as exc:
+        reg.archive(adapters.docs, adapters.bus, NAME, candidate, actor="ann", reason=" ")
+    assert exc.value.status == 400
+    published(adapters)
+    doc = reg.archive(adapters.docs, adapters.bus, NAME, candidate, actor="ann", reason="superseded by a retrain")
+    assert doc["status"] == "archived" and "staging" not in reg.get_model(adapters.docs, NAME)["aliases"]
+    [archived] = published(adapters)
+    assert (archived.type, archived.reason, archived.actor) == ("ModelArchived", "superseded by a retrain", "ann")
+    cleared = reg.get_model(adapters.docs, NAME)["alias_history"]["staging"][-1]
+    assert (cleared["version"], cleared["previous"], cleared["reason"]) == (None, candidate, "archive")
+    # an archived version comes back by promotion (to staging: it still waits for approval for production)
+    assert reg.promote(adapters.docs, adapters.bus, NAME, candidate, alias="staging", actor="ann")["aliases"] == ["staging"]
+    assert [(e.type, e.alias) for e in published(adapters)] == [("ModelPromoted", "staging")]
+    doc = reg.quarantine(adapters.docs, adapters.bus, NAME, candidate, actor="ann", reason="leaks PII")
+    assert doc["status"] == "quarantined" and doc["aliases"] == []
+    [quarantined] = published(adapters)
+    assert quarantined.reasons == ["leaks PII"] and quarantined.actor == "ann"
+
+
+def test_reads_and_their_errors(adapters):
+    assert reg.list_models(adapters.docs) == []
+    with pytest.raises(reg.RegistryError, match="no model 'nope'; registered models: none yet") as exc:
+        reg.get_model(adapters.docs, "nope")
+    assert exc.value.status == 404
+    add(adapters, "r1")
+    add(adapters, "r2", base="smollm2-135m-instruct")
+    [model] = reg.list_models(adapters.docs)
+    assert model["name"] == NAME and model["versions"] == ["2.1", "1.1"]
+    assert model["latest"]["version"] == "2.1" and model["latest"]["aliases"] == ["production", "staging"]
+    with pytest.raises(reg.RegistryError, match=r"has no version '1.9'; its versions: 1.1, 2.1"):
+        reg.get_version(adapters.docs, NAME, "1.9")
+    with pytest.raises(reg.RegistryError, match="unknown alias 'prod'") as exc:
+        reg.promote(adapters.docs, adapters.bus, NAME, "1.1", alias="prod", actor="ann")
+    assert exc.value.status == 400
+
+
+# ------------------------------------------------------------------ ftpipe models
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch, adapters):
+    for var in ("FTPIPE_PROFILE", "FTPIPE_BUCKET", "FTPIPE_LOG_LEVEL", "FTPIPE_LOG_FORMAT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FTPIPE_STATE", str(adapters.settings.state_dir))
+    monkeypatch.setenv("USER", "carol")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level   # main() configures logging
+    yield adapters
+    root.handlers[:], root.level = handlers, level
+
+
+def test_models_commands(state, capsys):
+    add(state, "r1")
+    add(state, "r2", approval=True)
+    assert main(["models", "--json"]) == 0   # no action: list
+    assert [(v["version"], v["status"]) for v in json.loads(capsys.readouterr().out)] == [
+        ("1.2", "candidate"), ("1.1", "promoted")]
+    assert main(["models", "approve", NAME, "1.2", "--note", "ok"]) == 0
+    assert "1.2 approved by carol; now in production" in capsys.readouterr().err
+    assert main(["models", "rollback", NAME, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "1.1"
+    assert main(["models", "promote", NAME, "1.2", "--actor", "dave"]) == 0
+    assert f"{NAME} production → 1.2" in capsys.readouterr().err
+    assert main(["models", "archive", NAME, "1.1", "--reason", "retired"]) == 0
+    assert main(["models", "show", NAME]) == 0
+    shown = capsys.readouterr().out
+    assert "production → 1.2" in shown and "1.x: fine-tunes of tiny-random-smollm2" in shown
+    assert "1.1 → 1.2  (manual, by dave)" in shown
+    assert main(["models", "list", NAME, "--json"]) == 0
+    assert {v["version"]: v["status"] for v in json.loads(capsys.readouterr().out)} == {"1.1": "archived",
+                                                                                        "1.2": "promoted"}
+    for argv, message in [(["models", "promote", NAME, "7.7"], "has no version '7.7'"),
+                          (["models", "show", "nope"], f"no model 'nope'; registered models: {NAME}"),
+                          (["models", "list", "nope"], "no model 'nope'"),
+                          (["models", "approve", NAME, "1.1"], "does not wait for approval"),
+                          (["models", "archive", NAME, "1.2", "--reason", "x"], "is in production: roll back")]:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+
+
+@pytest.fixture(params=["sqlite", "firestore"])
+def any_docs(request, tmp_path, adapters):
+    """The registry's documents on each DocStore adapter (the emulator's Firestore where it is installed)."""
+    if request.param == "sqlite":
+        yield adapters.docs
+        return
+    from tests.emulators import make_firestore_docs
+
+    docs = make_firestore_docs(request.getfixturevalue("firestore_emulator"))
+    yield docs
+    docs.close()
+
+
+def test_the_lifecycle_on_every_document_store(adapters, any_docs):
+    """Version maps keyed by "1.2" and run ids, alias histories, transactions that read after they
+    write: the same on Firestore as on SQLite."""
+    on = type("Adapters", (), {"docs": any_docs, "bus": adapters.bus})()
+    add(on, "run.1")
+    candidate = add(on, "run.2", approval=True)
+    add(on, "run.3", base="smollm2-135m-instruct", passed=False)
+    reg.approve(any_docs, adapters.bus, NAME, candidate, approver="ann")
+    assert reg.rollback(any_docs, adapters.bus, NAME, actor="ann")["version"] == "1.1"
+    reg.archive(any_docs, adapters.bus, NAME, candidate, actor="ann", reason="retired")
+    model = reg.get_model(any_docs, NAME)
+    assert model["runs"] == {"run.1": "1.1", "run.2": "1.2", "run.3": "2.1"}
+    assert model["aliases"] == {"production": "1.1"}
+    assert [e["version"] for e in model["alias_history"]["production"]] == ["1.1", "1.2", "1.1"]
+    assert [(v["version"], v["status"]) for v in model["versions"]] == [
+        ("2.1", "quarantined"), ("1.2", "archived"), ("1.1", "promoted")]
