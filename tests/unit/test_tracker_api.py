@@ -420,3 +420,28 @@ def test_privacy_reject_through_the_api(api, adapters, monkeypatch):
     assert api.post("/api/privacy/run-nope/approve").status_code == 404
     assert api.post("/api/privacy/run-a/approve").status_code == 409  # not awaiting review
     assert api.post("/api/privacy/run-p2/approve", data="note", content_type="text/plain").status_code == 400
+
+
+# ------------------------------------------------------------------ ftpipe dashboard
+
+def test_ftpipe_dashboard_prints_the_link_with_the_token(tmp_path, capsys, monkeypatch):
+    import logging
+    import os
+
+    from ftpipe.cli import main
+
+    monkeypatch.delenv("FTPIPE_PROFILE", raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level   # main() configures logging
+    state = tmp_path / "state"
+    assert main(["dashboard", "--state", str(state)]) == 2
+    assert "the tracker is not running" in capsys.readouterr().err
+    # What `ftpipe up` leaves for a running tracker (this process stands in for it).
+    (state / "services").mkdir(parents=True)
+    (state / "pids").mkdir()
+    (state / "services" / "tracker-api.json").write_text(json.dumps({"url": "http://127.0.0.1:8123"}))
+    (state / "pids" / "tracker.pid").write_text(str(os.getpid()))
+    (state / "auth-token").write_text("s3cret\n")
+    assert main(["dashboard", "--state", str(state)]) == 0
+    assert capsys.readouterr().out.strip() == "http://127.0.0.1:8123/#token=s3cret"
+    root.handlers[:], root.level = handlers, level
