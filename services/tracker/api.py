@@ -20,7 +20,6 @@ from werkzeug.exceptions import HTTPException
 from shared import jobs, model_registry, privacy
 from shared.auth import Authenticator
 from shared.config import Adapters
-from shared.model_registry import MODELS
 from shared.ports import ObjectNotFound
 from shared.push import AuthError
 from shared.recipe import RecipeError, available_recipes, load_recipe
@@ -269,8 +268,6 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     @app.get("/api/lineage/<name>/<version>")
     def lineage(name: str, version: str):
         doc = model_registry.get_version(docs, name, version)
-        aliases = ((docs.get(MODELS, name) or {}).get("aliases") or {}).items()
-        doc = {**doc, "aliases": sorted(a for a, v in aliases if v == version)}
         run = docs.get(RUNS, doc["run_id"]) if doc.get("run_id") else None
         dataset_id = ((run or {}).get("dataset") or {}).get("id")
         return jsonify(aggregates.lineage_graph(doc, run, docs.get(DATASETS, dataset_id) if dataset_id else None))

@@ -45,15 +45,17 @@ def lifecycle(run_id: str, recipe: Recipe, *, val_loss: float | None, end: str, 
     if end == "running":
         return events
     metrics = {"train_loss": 1.0, "cost": 0.085} | ({"val_loss": val_loss} if val_loss is not None else {})
-    return events + [
+    events += [
         ev.TrainingCompleted(run_id=run_id, recipe=recipe, dataset_uri=data, adapter_uri=adapter, metrics=metrics,
                              steps=6),
         ev.EvaluationCompleted(run_id=run_id, recipe=recipe, dataset_uri=data, adapter_uri=adapter,
                                scores={"base": {"chrf": 20.0}, "candidate": {"chrf": 30.0 - 10 * (val_loss or 0)}},
                                passed=True, reasons=["chrf improved"], report_uri=f"{root}runs/{run_id}/eval/"),
-        ev.ModelRegistered(run_id=run_id, model_name=recipe.model_name, version="1.1", uri="file:///b/models/x/1.1/",
-                           status="promoted"),
     ]
+    if end == "evaluated":
+        return events
+    return events + [ev.ModelRegistered(run_id=run_id, model_name=recipe.model_name, version="1.1",
+                                        uri="file:///b/models/x/1.1/", status="promoted")]
 
 
 RUNS = {  # run -> (recipe, val_loss, how it ends, tenant)
@@ -167,14 +169,19 @@ def test_runs_limit(api):
 @pytest.mark.parametrize("store", ["sqlite", "firestore"])
 def test_runs_with_the_lowest_validation_loss_for_a_recipe(store, request, tmp_path):
     """Ordering by a metric leaves out the runs without it, on both document stores alike."""
-    if store == "sqlite":
-        from shared.adapters.sqlite_docs import SqliteDocStore
-        docs = SqliteDocStore(tmp_path / "docs.db")
-    else:
+    from shared.adapters.sqlite_docs import SqliteDocStore
+
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    record_runs(docs)
+    if store == "firestore":
+        # The run documents the lineage wrote, copied over (the emulator's transactions take ~0.25 s each).
         from tests.emulators import make_firestore_docs
+        runs_written = docs.query("runs")
+        docs.close()
         docs = make_firestore_docs(request.getfixturevalue("firestore_emulator"))
+        for run_id, doc in runs_written:
+            docs.set("runs", run_id, doc)
     try:
-        record_runs(docs)
 
         def runs(**args) -> list[str]:
             return [r["run_id"] for r in query_runs(docs, args)]
@@ -445,3 +452,115 @@ def test_ftpipe_dashboard_prints_the_link_with_the_token(tmp_path, capsys, monke
     assert main(["dashboard", "--state", str(state)]) == 0
     assert capsys.readouterr().out.strip() == "http://127.0.0.1:8123/#token=s3cret"
     root.handlers[:], root.level = handlers, level
+
+
+# ------------------------------------------------------------------ models and lineage
+
+HELPDESK = Recipe(name="helpdesk", version=1, base_model="tiny-random-smollm2", model_name="helpdesk",
+                  registry={"approval": True})
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """Two evaluated runs of a recipe that asks for approval, registered by the registry's own
+    functions, with every event reaching the lineage through the tracker service's runtime."""
+    from shared import model_registry as reg
+    from shared.runtime import handle_message, publish_event
+    from services.tracker.service import SERVICE as TRACKER
+
+    adapters = bootstrap(Settings(state_dir=tmp_path / "state"))
+    root = adapters.store.url("ftpipe", "")
+
+    def track() -> None:
+        while msgs := adapters.bus.pull(ev.subscription_name("tracker", ev.MODELS), max_messages=10, timeout_s=0.2):
+            assert [handle_message(TRACKER, adapters, ev.MODELS, m) for m in msgs] == ["acked"] * len(msgs)
+
+    for run_id, val_loss in (("run-m1", 0.5), ("run-m2", 0.3)):
+        for event in lifecycle(run_id, HELPDESK, val_loss=val_loss, end="evaluated", tenant="acme", root=root):
+            record(adapters.docs, event)
+        version = reg.allocate_version(adapters.docs, "helpdesk", run_id, HELPDESK.base_model)
+        uri = adapters.store.url("ftpipe", f"models/helpdesk/{version}/")
+        adapters.store.write("ftpipe", f"models/helpdesk/{version}/bundle.json",
+                             json.dumps({"name": "helpdesk", "version": version, "run_id": run_id}).encode())
+        _, events = reg.register_version(adapters.docs, {
+            "name": "helpdesk", "version": version, "run_id": run_id, "uri": uri, "base_model": HELPDESK.base_model,
+            "evaluation": {"passed": True, "scores": {"base": {"chrf": 20.0}, "candidate": {"chrf": 30.0}},
+                           "reasons": ["chrf improved"]}}, passed=True, reasons=[], approval=True)
+        for event in events:
+            publish_event(adapters.bus, event)
+    track()
+    yield adapters, Api(create_app(adapters, token_authenticator(TOKEN))), track
+    adapters.close()
+
+
+def test_models_versions_and_their_bundle(registry):
+    _, api, _ = registry
+    [model] = api.json("/api/models")
+    assert model["name"] == "helpdesk" and model["versions"] == ["1.2", "1.1"] and model["aliases"] == {"staging": "1.2"}
+    detail = api.json("/api/models/helpdesk")
+    assert [v["status"] for v in detail["versions"]] == ["candidate", "candidate"]
+    version = api.json("/api/models/helpdesk/1.2")
+    assert version["run_id"] == "run-m2" and version["aliases"] == ["staging"]
+    assert version["bundle"] == {"name": "helpdesk", "version": "1.2", "run_id": "run-m2"}
+    assert version["evaluation"]["scores"]["candidate"]["chrf"] == 30.0 and version["evaluation"]["reasons"]
+    assert api.json("/api/models/nope", status=404)["error"].startswith("no model 'nope'")
+    assert "has no version '9.9'" in api.json("/api/models/helpdesk/9.9", status=404)["error"]
+    model = api.json("/api/runs/run-m2")["model"]
+    assert (model["name"], model["version"], model["status"], model["uri"]) == ("helpdesk", "1.2", "candidate",
+                                                                                version["uri"])
+    assert model["promotions"]["staging"] | {"at": 0} == {"reason": "gate", "actor": None, "previous_version": "1.1",
+                                                          "at": 0}
+
+
+def test_model_writes_act_as_the_caller_and_reach_the_runs(registry, monkeypatch):
+    adapters, api, track = registry
+    monkeypatch.setenv("USER", "ann@example.com")
+    resp = api.post("/api/models/helpdesk/1.1/approve", json={"note": "spot-checked"})
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["status"] == "promoted" and resp.get_json()["aliases"] == ["production"]
+    assert resp.get_json()["approval"]["approver"] == "ann@example.com"
+    resp = api.post("/api/models/helpdesk/1.2/approve", json={})
+    assert resp.get_json()["status"] == "promoted"   # allocated later: it takes production
+    track()
+    assert api.json("/api/runs/run-m1")["model"]["status"] == "archived"   # superseded by 1.2
+    run = api.json("/api/runs/run-m2")
+    assert run["model"]["status"] == "promoted" and run["model"]["approval"]["approver"] == "ann@example.com"
+    assert run["model"]["promotions"]["production"]["actor"] == "ann@example.com"
+
+    resp = api.post("/api/models/helpdesk/rollback", json={})
+    assert resp.status_code == 200 and resp.get_json()["version"] == "1.1" and resp.get_json()["status"] == "promoted"
+    track()
+    assert api.json("/api/runs/run-m1")["model"]["promotions"]["production"]["reason"] == "rollback"
+    assert api.json("/api/runs/run-m2")["model"]["status"] == "archived"
+    resp = api.post("/api/models/helpdesk/1.2/quarantine", json={"reason": "leaks PII"})
+    assert resp.status_code == 200 and resp.get_json()["status"] == "quarantined"
+    track()
+    assert api.json("/api/runs/run-m2")["model"]["status"] == "quarantined"
+
+    # The registry's refusals, with its status and message.
+    resp = api.post("/api/models/helpdesk/1.2/promote", json={"alias": "production"})
+    assert resp.status_code == 409 and "quarantined versions are never promoted" in resp.get_json()["error"]
+    resp = api.post("/api/models/helpdesk/1.1/archive", json={})
+    assert resp.status_code == 400 and "'reason' is required" in resp.get_json()["error"]
+    resp = api.post("/api/models/helpdesk/1.1/promote", json={"alias": "canary"})
+    assert resp.status_code == 400 and "unknown alias 'canary'" in resp.get_json()["error"]
+    assert api.post("/api/models/nope/1.1/approve").status_code == 404
+    assert api.post("/api/models/helpdesk/1.1/explode").status_code == 404
+    assert api.post("/api/models/helpdesk/1.1/approve", json=["x"]).status_code == 400
+
+
+def test_lineage_from_a_model_version_back_to_the_dropped_file(registry):
+    adapters, api, _ = registry
+    graph = api.json("/api/lineage/helpdesk/1.2")
+    assert [(n["kind"], n["id"]) for n in graph["nodes"]] == [
+        ("model", "model:helpdesk@1.2"), ("run", "run:run-m2"), ("dataset", "dataset:ds-run-m2"),
+        ("drop", f"drop:{adapters.store.url('ftpipe', 'incoming/helpdesk/run-m2.jsonl')}")]
+    assert graph["edges"] == [{"from": a["id"], "to": b["id"]} for a, b in zip(graph["nodes"], graph["nodes"][1:])]
+    model, run, dataset, drop = graph["nodes"]
+    assert model["details"]["status"] == "candidate" and model["details"]["aliases"] == ["staging"]
+    assert run["details"]["recipe"]["name"] == "helpdesk" and run["details"]["final_metrics"]["val_loss"] == 0.3
+    assert dataset["uri"] == adapters.store.url("ftpipe", "datasets/ds-run-m2/") and dataset["details"]["counts"] == COUNTS
+    assert drop["label"] == "incoming/helpdesk/run-m2.jsonl"
+    assert drop["details"] == {"via": "drop", "recipe": "helpdesk", "bucket": "ftpipe",
+                               "object": "incoming/helpdesk/run-m2.jsonl", "generation": "7", "size": 1234}
+    assert api.json("/api/lineage/helpdesk/3.1", status=404)["status"] == 404
