@@ -1,0 +1,138 @@
+// #/runs/<id> — one run, live: charts grow from /metrics?after_step=N and the events list from
+// /events?after_seq=N every two seconds; a new event (the only way a run changes) refetches the run
+// for its status, checkpoints, alerts and evaluation.
+
+import { api, qs } from "../api.js";
+import { stepChart } from "../charts.js";
+import {
+  action, badge, dash, errorBox, facts, fill, fmtDuration, fmtNum, fmtTime, h, link, section, table,
+} from "../dom.js";
+import { costText, progressOf } from "./runs.js";
+import { scoresTable } from "./scores.js";
+
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+const CHARTS = [ // [title, keys plotted, test id]
+  ["Loss", ["loss", "val_loss"], "chart-loss"],
+  ["Gradient norm", ["grad_norm"], "chart-grad-norm"],
+  ["Learning rate", ["lr"], "chart-lr"],
+  ["Throughput (tokens/s)", ["tokens_per_s"], "chart-throughput"],
+];
+
+/** The API gives lists; a run document straight from the store keys them by step. */
+function listOf(value) {
+  if (Array.isArray(value)) return value;
+  return Object.values(value || {}).sort((a, b) => (a.step ?? 0) - (b.step ?? 0));
+}
+
+export default async function runPage(view, ctx) {
+  const [runId] = ctx.params;
+  const path = `runs/${encodeURIComponent(runId)}`;
+  let run = await api(path);
+  let lastStep = null;
+  let lastSeq = Math.max(0, ...(run.events || []).map((e) => e.seq));
+
+  const header = h("div");
+  const details = h("div", { class: "grid-2" });
+  const charts = CHARTS.map(([title, keys, testid]) => ({ keys, chart: stepChart(title, keys, { testid }) }));
+  const eventRows = h("tbody");
+  const live = h("span", { class: "muted", testid: "live" });
+
+  function addEvents(events) {
+    for (const e of events) {
+      eventRows.prepend(h("tr", { testid: "event-row", data: { seq: e.seq } },
+        h("td", null, e.seq), h("td", null, fmtTime(e.at)), h("td", null, e.type), h("td", null, e.summary ?? "")));
+    }
+  }
+
+  function renderRun() {
+    const t = run.training || {};
+    const cancel = action({
+      label: "Cancel run", testid: "cancel-run", danger: true, disabled: TERMINAL.includes(run.status),
+      question: `Cancel ${runId}? The trainer checkpoints and stops.`,
+      run: () => api(`${path}/cancel`, { method: "POST", json: {} }),
+      done: reload,
+    });
+    fill(header,
+      h("div", { class: "toolbar" },
+        h("h1", null, "Run ", h("span", { testid: "run-id" }, runId)), badge(run.status, "run-status"),
+        h("span", { class: "muted", testid: "run-sub-state" }, run.sub_state ?? ""),
+        h("span", { class: "spacer" }),
+        h("a", { href: `#/compare?runs=${encodeURIComponent(runId)}` }, "compare with…"),
+        run.model ? link(["lineage", run.model.name, run.model.version], "lineage") : null,
+        cancel),
+      run.error ? errorBox(run.error, "run-error") : null,
+      facts([
+        ["progress", progressOf(run)],
+        ["step", t.total_steps ? `${t.step ?? 0} of ${t.total_steps}` : fmtNum(t.step)],
+        ["ETA", run.status === "running" ? fmtDuration(t.eta_s) : dash],
+        ["cost", costText(run)],
+        ["recipe", run.recipe ? `${run.recipe.name} v${run.recipe.version} (${run.recipe.hash ?? ""})` : dash],
+        ["base model", run.base_model ?? dash],
+        ["tenant", run.tenant ?? dash],
+        ["dataset", run.dataset?.id ? link(["datasets", run.dataset.id], run.dataset.id) : dash],
+        ["model", run.model ? [link(["models", run.model.name], `${run.model.name} ${run.model.version}`), " ",
+          badge(run.model.status, "model-status")] : dash],
+        ["created", fmtTime(run.created_at)],
+        ["updated", fmtTime(run.updated_at)],
+      ], "run-facts"),
+    );
+    const evaluation = run.evaluation;
+    fill(details,
+      section("Evaluation", evaluation
+        ? h("div", { testid: "evaluation" },
+          h("p", null, "Gate ", badge(evaluation.passed ? "passed" : "failed", "gate")),
+          scoresTable(evaluation.scores || {}),
+          h("h3", null, "Gate reasons"),
+          h("ul", { testid: "gate-reasons" }, (evaluation.reasons || []).map((r) => h("li", null, r))))
+        : h("p", { class: "muted" }, "not evaluated yet")),
+      section("Checkpoints", table([
+        ["step", (c) => c.step],
+        ["metrics", (c) => Object.entries(c.metrics || {}).map(([k, v]) => `${k} ${fmtNum(v)}`).join(", ") || dash],
+        ["uri", (c) => h("code", null, c.uri)],
+      ], listOf(run.checkpoints), { testid: "checkpoints", empty: "no checkpoint yet" })),
+      section("Alerts", table([
+        ["step", (a) => a.step],
+        ["kind", (a) => a.kind],
+        ["", (a) => (a.stop ? badge("stopped") : "")],
+        ["message", (a) => a.message],
+      ], listOf(run.alerts), { testid: "alerts", empty: "no alerts" })),
+      section("Hyperparameters", table([["key", ([k]) => k], ["value", ([, v]) => JSON.stringify(v)]],
+        Object.entries(run.hyperparameters || {}).sort(), { testid: "hyperparameters" })),
+    );
+  }
+
+  async function reload() {
+    run = await api(path);
+    renderRun();
+  }
+
+  async function poll() {
+    const [rows, events] = await Promise.all([
+      api(`${path}/metrics${qs({ after_step: lastStep })}`),
+      api(`${path}/events${qs({ after_seq: lastSeq })}`),
+    ]);
+    if (rows.length) {
+      charts.forEach(({ keys, chart }) => chart.append(rows, keys));
+      lastStep = rows[rows.length - 1].step;
+    }
+    if (events.length) {
+      addEvents(events);
+      lastSeq = events[events.length - 1].seq;
+      await reload();
+    }
+    live.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
+  }
+
+  renderRun();
+  addEvents(run.events || []);
+  view.append(
+    header,
+    h("section", { class: "charts", testid: "charts" }, charts.map(({ chart }) => chart.el)),
+    live,
+    details,
+    section("Events", h("div", { class: "scroll" }, h("table", { testid: "events" },
+      h("thead", null, h("tr", null, ["seq", "at", "type", "summary"].map((c) => h("th", null, c)))), eventRows))),
+  );
+  await poll();
+  ctx.every(poll, 2000, (err) => { live.textContent = `live updates failing: ${err.message}`; });
+}
