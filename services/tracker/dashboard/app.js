@@ -38,6 +38,8 @@ function context(params, query, current) {
   return {
     params,
     query,
+    /** False once the page has been left: a page's own loops stop on it. */
+    alive: () => current.alive,
     /** Call `fn` every `ms` (after the previous call finished) until the page is left; skipped
      * while the tab is hidden. A failing poll shows its error and keeps polling. */
     every(fn, ms = POLL_MS, onError) {

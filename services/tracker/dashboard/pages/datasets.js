@@ -17,18 +17,25 @@ export async function datasetsPage(view) {
                  empty: "no prepared datasets yet" }));
 }
 
+/** What a stage's entry says besides its rows: removed, masked, or the split's parts. */
+function stageNote(stage) {
+  const notes = [];
+  if (stage.removed) notes.push(`${fmtNum(stage.removed)} removed`);
+  if (stage.masked) notes.push(`${fmtNum(stage.masked)} masked`);
+  for (const split of ["train", "val", "test"]) if (stage[split] !== undefined) notes.push(`${split} ${fmtNum(stage[split])}`);
+  return notes.length ? h("span", { class: "muted" }, ` (${notes.join(", ")})`) : null;
+}
+
 /** Horizontal bars, each as long as its stage's share of the raw rows. */
 function funnel(stages) {
   const max = Math.max(1, ...stages.map((s) => s.rows ?? 0));
   return h("div", { class: "funnel", testid: "funnel" }, stages.map((stage) => {
     const bar = h("span", { class: "funnel-bar" });
-    bar.style.width = `${((stage.rows ?? 0) / max) * 100}%`;
-    const parts = stage.parts || stage.splits; // the split stage may say how its rows divide
+    bar.style.width = `${((stage.rows ?? 0) / max) * 100}%`; // CSSOM: allowed by the page's CSP
     return h("div", { class: "funnel-stage", testid: "funnel-stage", data: { stage: stage.stage, rows: stage.rows ?? "" } },
       h("span", { class: "funnel-name" }, stage.stage),
       h("span", { class: "funnel-track" }, bar),
-      h("span", { class: "funnel-rows" }, fmtNum(stage.rows),
-        parts ? h("span", { class: "muted" }, " (" + Object.entries(parts).map(([k, v]) => `${k} ${fmtNum(v)}`).join(", ") + ")") : null));
+      h("span", { class: "funnel-rows" }, fmtNum(stage.rows), stageNote(stage)));
   }));
 }
 

@@ -2,17 +2,25 @@
 // version, as boxes in columns (one column per hop) joined by arrows.
 
 import { api } from "../api.js";
-import { h, link } from "../dom.js";
+import { fmtNum, fmtTime, h, link } from "../dom.js";
 
 const KIND_LABEL = { model: "model version", run: "training run", dataset: "dataset", drop: "dropped file" };
 
-function linkFor(node) {
-  if (node.kind === "run") return link(["runs", node.id], "open run");
-  if (node.kind === "dataset") return link(["datasets", node.id], "open dataset");
-  if (node.kind === "model") {
-    const name = node.details?.name ?? node.id.split("@")[0];
-    return link(["models", name], "open model");
+/** A detail's value as one line: lists joined, maps as "key value", times as dates. */
+function compact(key, value) {
+  if (Array.isArray(value)) return value.map((v) => compact("", v)).join(", ");
+  if (value && typeof value === "object") {
+    return Object.entries(value).filter(([, v]) => v !== null && v !== undefined)
+      .map(([k, v]) => `${k} ${compact(k, v)}`).join(", ");
   }
+  if (typeof value === "number") return key.endsWith("_at") ? fmtTime(value) : fmtNum(value);
+  return String(value);
+}
+
+function linkFor(node, model) {
+  if (node.kind === "run") return link(["runs", node.label], "open run");
+  if (node.kind === "dataset") return link(["datasets", node.label], "open dataset");
+  if (node.kind === "model") return link(["models", model], "open model");
   return null;
 }
 
@@ -56,9 +64,9 @@ export default async function lineagePage(view, ctx) {
         h("header", null, KIND_LABEL[node.kind] ?? node.kind),
         h("strong", null, node.label ?? node.id),
         node.uri ? h("code", null, node.uri) : null,
-        h("dl", null, Object.entries(node.details || {}).filter(([, v]) => typeof v !== "object" || v === null)
-          .map(([k, v]) => [h("dt", null, k), h("dd", null, String(v))])),
-        linkFor(node)))),
+        h("dl", null, Object.entries(node.details || {}).filter(([, v]) => v !== null && v !== undefined)
+          .map(([k, v]) => [h("dt", null, k), h("dd", null, compact(k, v))])),
+        linkFor(node, name)))),
     ])),
   );
 }

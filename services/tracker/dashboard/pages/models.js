@@ -40,21 +40,22 @@ export async function modelPage(view, ctx) {
     const versionPath = (v) => `${base}/${encodeURIComponent(v.version)}`;
     const post = (v, verb, json) => api(`${versionPath(v)}/${verb}`, { method: "POST", json });
     const actions = (v) => {
-      const pointedBy = Object.keys(aliases).filter((a) => aliases[a] === v.version);
+      const inProduction = aliases.production === v.version;
       return h("span", { class: "actions" },
         v.status === "candidate" ? action({
           label: "Approve", testid: "action-approve", question: `Approve ${name} ${v.version}?`,
           input: { placeholder: "note" }, run: (note) => post(v, "approve", { note: note || "" }), done: render,
         }) : null,
-        v.status !== "quarantined" && !pointedBy.includes("production") ? action({
+        v.status !== "quarantined" && !inProduction ? action({
           label: "Promote", testid: "action-promote", question: `Point production at ${name} ${v.version}?`,
           run: () => post(v, "promote", { alias: "production" }), done: render,
         }) : null,
-        !["archived", "quarantined"].includes(v.status) ? action({
+        // The production version is retired by promoting or rolling back to another one first.
+        !["archived", "quarantined"].includes(v.status) && !inProduction ? action({
           label: "Archive", testid: "action-archive", question: `Archive ${name} ${v.version}?`,
           input: { placeholder: "reason", required: true }, run: (reason) => post(v, "archive", { reason }), done: render,
         }) : null,
-        v.status !== "quarantined" ? action({
+        v.status !== "quarantined" && !inProduction ? action({
           label: "Quarantine", testid: "action-quarantine", danger: true,
           question: `Quarantine ${name} ${v.version}? It can never be promoted or served again.`,
           input: { placeholder: "reason", required: true }, run: (reason) => post(v, "quarantine", { reason }), done: render,

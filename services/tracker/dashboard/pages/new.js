@@ -32,7 +32,8 @@ export default async function newRunPage(view) {
   function showRecipe() {
     const r = byName.get(recipe.value);
     if (!r) return;
-    description.textContent = [r.description, r.method && `method ${r.method}`, r.adapter && `adapter ${r.adapter}`]
+    description.textContent = [r.description, r.base_model && `base ${r.base_model}`, r.method && `method ${r.method}`,
+      r.adapter && `adapter ${r.adapter}`, r.privacy_review && "held for privacy sign-off"]
       .filter(Boolean).join(" · ");
     hyper.replaceChildren(...Object.entries(r.hyperparameters || {}).map(([key, value]) => {
       const input = typeof value === "boolean"

@@ -2,7 +2,7 @@
 // /events?after_seq=N every two seconds; a new event (the only way a run changes) refetches the run
 // for its status, checkpoints, alerts and evaluation.
 
-import { api, qs } from "../api.js";
+import { api, ApiError, qs } from "../api.js";
 import { stepChart } from "../charts.js";
 import {
   action, badge, dash, errorBox, facts, fill, fmtDuration, fmtNum, fmtTime, h, link, section, table,
@@ -24,10 +24,36 @@ function listOf(value) {
   return Object.values(value || {}).sort((a, b) => (a.step ?? 0) - (b.step ?? 0));
 }
 
+/**
+ * The run, or null when the page is left first. A run just started from the no-code form exists
+ * once the tracker has recorded its JobSubmitted (a moment later): until then the page says so and
+ * keeps asking.
+ */
+async function firstLoad(view, ctx, path, runId) {
+  let waiting = null;
+  for (;;) {
+    try {
+      const run = await api(path);
+      if (waiting) waiting.remove();
+      return run;
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 404)) throw err;
+    }
+    if (!waiting) {
+      waiting = h("p", { class: "muted", testid: "run-waiting" }, `No run ${runId} yet: a run just started appears `
+        + "as soon as the tracker records it, and this page keeps looking. The Runs page lists every run.");
+      view.append(waiting);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    if (!ctx.alive()) return null;
+  }
+}
+
 export default async function runPage(view, ctx) {
   const [runId] = ctx.params;
   const path = `runs/${encodeURIComponent(runId)}`;
-  let run = await api(path);
+  let run = await firstLoad(view, ctx, path, runId);
+  if (!run) return;
   let lastStep = null;
   let lastSeq = Math.max(0, ...(run.events || []).map((e) => e.seq));
 

@@ -68,6 +68,7 @@ export default async function runsPage(view, ctx) {
     return h("label", null, name, control);
   }
 
+  await refresh(); // first, so that a refused request (no token) leaves no empty table behind
   view.append(
     h("div", { class: "toolbar" },
       h("h1", null, "Runs"),
@@ -80,6 +81,5 @@ export default async function runsPage(view, ctx) {
                                          placeholder: "tenant" })),
       compare, updated),
     runs);
-  await refresh();
   ctx.every(refresh, 3000, (err) => { updated.textContent = `refresh failed: ${err.message}`; });
 }
