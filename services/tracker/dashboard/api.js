@@ -13,12 +13,14 @@ export class ApiError extends Error {
   }
 }
 
-/** Move a `#token=...` fragment into sessionStorage; the address bar shows the runs page instead. */
+/** Move a `#token=...` fragment into sessionStorage (true if there was one); the address bar
+ * shows the runs page instead. */
 export function adoptTokenFromUrl() {
   const match = /^#token=([^&]*)/.exec(location.hash);
-  if (!match) return;
+  if (!match) return false;
   setToken(decodeURIComponent(match[1]));
   history.replaceState(null, "", location.pathname + location.search + "#/runs");
+  return true;
 }
 
 export function setToken(token) {

@@ -67,6 +67,12 @@ function context(params, query, current) {
 }
 
 async function route() {
+  // A link from `ftpipe dashboard` opened in a tab that already shows the dashboard arrives as a
+  // hash change, not a page load.
+  if (adoptTokenFromUrl()) {
+    authBox.hidden = true;
+    showWhoami();
+  }
   if (visit) {
     visit.alive = false;
     visit.timers.forEach(clearTimeout);

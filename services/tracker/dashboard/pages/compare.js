@@ -58,10 +58,11 @@ export default async function comparePage(view, ctx) {
 
   const hyper = [...new Set(runs.flatMap((r) => Object.keys(r.hyperparameters || {})))].sort();
   const differing = new Set(data.differing || []);
-  const onlyDiffering = h("input", { type: "checkbox", testid: "only-differing", onchange: (e) => {
-    hyperTable.classList.toggle("only-differing", e.target.checked);
-  } });
   const hyperTable = sideBySide(runs, hyper, (r, k) => r.hyperparameters?.[k], { testid: "hyperparameters", differing });
+  // A resolved recipe has a hundred settings: show the ones that differ, the rest on request.
+  hyperTable.classList.toggle("only-differing", differing.size > 0);
+  const onlyDiffering = h("input", { type: "checkbox", testid: "only-differing", checked: differing.size > 0,
+                                     onchange: (e) => hyperTable.classList.toggle("only-differing", e.target.checked) });
   // Final training metrics and the candidate's evaluation scores, one row each.
   const scoreKeys = [...new Set(runs.flatMap((r) => [
     ...Object.keys(r.final_metrics || {}).map((k) => `final_metrics.${k}`),
@@ -73,6 +74,8 @@ export default async function comparePage(view, ctx) {
   };
   view.append(
     section("Scores", sideBySide(runs, scoreKeys, scoreOf, { testid: "scores-diff" })),
-    section("Hyperparameters", h("label", null, onlyDiffering, ` only the ${differing.size} that differ`), hyperTable),
+    section("Hyperparameters", differing.size
+      ? [h("label", null, onlyDiffering, ` only the ${differing.size} of ${hyper.length} that differ`), hyperTable]
+      : h("details", null, h("summary", null, `all ${hyper.length} are the same`), hyperTable)),
   );
 }

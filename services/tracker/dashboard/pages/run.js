@@ -49,6 +49,13 @@ async function firstLoad(view, ctx, path, runId) {
   }
 }
 
+/** The run's resolved recipe (fixed for the run's life), folded away: it has a hundred settings. */
+function hyperparametersOf(run) {
+  const rows = Object.entries(run.hyperparameters || {}).sort();
+  return section("Hyperparameters", h("details", null, h("summary", null, `the resolved recipe: ${rows.length} settings`),
+    table([["key", ([k]) => k], ["value", ([, v]) => JSON.stringify(v)]], rows, { testid: "hyperparameters" })));
+}
+
 export default async function runPage(view, ctx) {
   const [runId] = ctx.params;
   const path = `runs/${encodeURIComponent(runId)}`;
@@ -122,8 +129,6 @@ export default async function runPage(view, ctx) {
         ["", (a) => (a.stop ? badge("stopped") : "")],
         ["message", (a) => a.message],
       ], listOf(run.alerts), { testid: "alerts", empty: "no alerts" })),
-      section("Hyperparameters", table([["key", ([k]) => k], ["value", ([, v]) => JSON.stringify(v)]],
-        Object.entries(run.hyperparameters || {}).sort(), { testid: "hyperparameters" })),
     );
   }
 
@@ -158,6 +163,7 @@ export default async function runPage(view, ctx) {
     details,
     section("Events", h("div", { class: "scroll" }, h("table", { testid: "events" },
       h("thead", null, h("tr", null, ["seq", "at", "type", "summary"].map((c) => h("th", null, c)))), eventRows))),
+    hyperparametersOf(run),
   );
   await poll();
   ctx.every(poll, 2000, (err) => { live.textContent = `live updates failing: ${err.message}`; });
