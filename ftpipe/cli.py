@@ -44,13 +44,27 @@ def _print_json(obj) -> None:
 
 # ------------------------------------------------------------------ stack
 def cmd_up(args) -> int:
-    from ftpipe.stack import tracker_url, up
+    from ftpipe.stack import dashboard_url, tracker_url, up
 
     settings = _settings(args)
     with err.status("starting the local stack…"):
         procs = up(settings)
     err.print(f"[green]up[/green]: {', '.join(f'{n} (pid {p})' for n, p in procs.items())}")
     err.print(f"state: {settings.state_dir}   logs: {settings.state_dir / 'logs'}   API: {tracker_url(settings)}")
+    err.print(f"dashboard: {escape(dashboard_url(settings))}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from ftpipe.stack import dashboard_url
+
+    url = dashboard_url(_settings(args))
+    print(url)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            err.print("no browser to open here: copy the link above")
     return 0
 
 
@@ -490,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("up", cmd_up, "start the local stack (each service its own process)")
     add("down", cmd_down, "stop the local stack")
+    p = add("dashboard", cmd_dashboard, "print the local dashboard's link (it carries the stack's access token)")
+    p.add_argument("--open", action="store_true", help="open it in a web browser as well")
     for name, fn, help_ in (("drop", cmd_drop, "drop a dataset file into incoming/<recipe>/ to start a run"),
                             ("submit", cmd_submit, "submit a job file (recipe, dataset, overrides)")):
         p = add(name, fn, help_)

@@ -1,23 +1,18 @@
 """The Python SDK: what the CLI does, as functions over the same ports the services use."""
 from __future__ import annotations
 
-import re
 import time
-import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
 from shared import events as ev
+from shared import jobs
 from shared.config import Adapters, Settings, bootstrap
+from shared.jobs import RUNS, TERMINAL
 from shared.model_registry import MODEL_VERSIONS, MODELS
-from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from shared.runtime import CANCELLATIONS, REPLAY_FOR, publish_event
-from shared.tenants import TenantError, check_name, get_quota, list_quotas, set_quota
+from shared.runtime import REPLAY_FOR
+from shared.tenants import get_quota, list_quotas, set_quota
 from shared.topology import dlq_subscription
-
-RUNS = "runs"
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # object-name and document-id safe
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class ClientError(RuntimeError):
@@ -40,102 +35,21 @@ class Client:
             self._adapters.close()
 
     # ------------------------------------------------------------ starting runs
-    def _recipe(self, ref: str) -> Recipe:
-        """A built-in recipe by name, or a YAML file, which is uploaded to the bucket's recipes/ so
-        the services (which only see the bucket) resolve the same recipe."""
-        path = Path(ref)
-        if path.suffix in (".yaml", ".yml"):
-            if not path.is_file():
-                raise ClientError(f"recipe file {ref} does not exist")
-            recipe = parse_recipe(path.read_text(), source=str(path))
-            self.adapters.store.write(self.settings.bucket, f"recipes/{recipe.name}.yaml", path.read_bytes())
-            return recipe
-        return load_recipe(ref)
-
     def drop(self, file: str | Path, recipe: str, *, legal_basis: str | None = None) -> str:
-        """Upload a dataset to incoming/<recipe>/<file>, as a team would drop it into the bucket.
-        Returns the run id the drop starts (derived exactly as the preprocess service derives it).
-        `legal_basis` (a legal basis / consent reference) is written first, as the sidecar object
-        incoming/<recipe>/<file>.legal.json that the preprocess service reads with the drop."""
-        path = Path(file)
-        if not path.is_file():
-            raise ClientError(f"{file}: no such file")
+        """Upload a dataset to incoming/<recipe>/<file>; returns the run id the drop starts
+        (shared/jobs.py: drop)."""
         try:
-            parsed = self._recipe(recipe)
-        except RecipeError as exc:
+            return jobs.drop(self.adapters.store, self.settings.bucket, file, recipe, legal_basis=legal_basis)
+        except jobs.JobError as exc:
             raise ClientError(str(exc)) from exc
-        name = f"incoming/{parsed.name}/{_safe_name(path.name)}"
-        if legal_basis is not None:
-            if not legal_basis.strip():
-                raise ClientError("--legal-basis must not be empty")
-            import json
-
-            self.adapters.store.write(self.settings.bucket, f"{name}.legal.json",
-                                      json.dumps({"legal_basis": legal_basis.strip(), "at": time.time()}).encode(),
-                                      content_type="application/json")
-        info = self.adapters.store.upload_file(self.settings.bucket, name, str(path))
-        return ev.derive_run_id(info.bucket, info.name, str(info.generation), parsed.name, parsed.version)
 
     def submit(self, job: dict) -> str:
         """Publish a JobSubmitted. `job`: recipe (name or YAML path), dataset (local file or folder, or
-        a store URL), optional prepared, overrides, tenant, run_id."""
-        unknown = set(job) - {"recipe", "dataset", "prepared", "overrides", "tenant", "run_id"}
-        if unknown:
-            raise ClientError(f"job file: unknown keys {sorted(unknown)}; allowed: recipe, dataset, prepared, overrides, tenant, run_id")
-        for key in ("recipe", "dataset"):
-            if not job.get(key):
-                raise ClientError(f"job file: '{key}' is required")
-        for key in ("recipe", "dataset", "tenant", "run_id"):
-            if key in job and not isinstance(job[key], str):
-                raise ClientError(f"job file: '{key}' must be a string, got {type(job[key]).__name__}")
-        if "prepared" in job and not isinstance(job["prepared"], bool):
-            raise ClientError(f"job file: 'prepared' must be true or false, got {job['prepared']!r}")
-        if not isinstance(job.get("overrides") or {}, dict):
-            raise ClientError("job file: 'overrides' must be a mapping of dotted keys to values, "
-                              "e.g. {training.epochs: 1}")
-        if "run_id" in job and not _RUN_ID.fullmatch(job["run_id"]):
-            raise ClientError(f"job file: run_id {job['run_id']!r} must be 1-128 of A-Z a-z 0-9 . _ -, "
-                              "starting with a letter or digit")
-        if "tenant" in job:
-            try:
-                check_name(job["tenant"])
-            except TenantError as exc:
-                raise ClientError(f"job file: {exc}") from exc
+        a store URL), optional prepared, overrides, tenant, run_id (shared/jobs.py: submit)."""
         try:
-            recipe = self._recipe(str(job["recipe"]))
-            if job.get("overrides"):
-                from shared.recipe import apply_overrides
-                recipe = apply_overrides(recipe, job["overrides"])
-        except RecipeError as exc:
+            return jobs.submit(self.adapters.store, self.adapters.bus, self.settings.bucket, job)
+        except jobs.JobError as exc:
             raise ClientError(str(exc)) from exc
-        run_id = job.get("run_id") or ev.derive_run_id("submit", recipe.hash, job["dataset"], uuid.uuid4().hex)
-        prepared = bool(job.get("prepared", False))
-        if prepared and recipe.data.privacy_review and "://" not in str(job["dataset"]):
-            raise ClientError(f"recipe {recipe.name} requires a privacy sign-off (data.privacy_review): a local "
-                              "prepared folder has none. Submit the raw data (dataset: the file, prepared: false) "
-                              "so it is prepared and reviewed, or the store URL of a dataset already signed off")
-        dataset_uri = self._dataset_uri(str(job["dataset"]), run_id, prepared)
-        publish_event(self.adapters.bus, ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri,
-                                                         prepared=prepared, tenant=job.get("tenant", "default"),
-                                                         source={"submitted": str(job["dataset"])}))
-        return run_id
-
-    def _dataset_uri(self, dataset: str, run_id: str, prepared: bool) -> str:
-        store, bucket = self.adapters.store, self.settings.bucket
-        if "://" in dataset:
-            store.parse_url(dataset)  # raises if the URL is not this store's
-            return dataset
-        path = Path(dataset)
-        if prepared:
-            if not (path / "train.jsonl").is_file():
-                raise ClientError(f"{dataset}: a prepared dataset is a folder with train.jsonl, val.jsonl and test.jsonl")
-            from shared.storage import upload_dir
-            upload_dir(store, path, bucket, f"uploads/{run_id}/dataset")
-            return store.url(bucket, f"uploads/{run_id}/dataset/")
-        if not path.is_file():
-            raise ClientError(f"{dataset}: no such file")
-        store.upload_file(bucket, f"uploads/{run_id}/{_safe_name(path.name)}", str(path))
-        return store.url(bucket, f"uploads/{run_id}/{_safe_name(path.name)}")
 
     # ------------------------------------------------------------ reading runs
     def run(self, run_id: str) -> dict | None:
@@ -160,20 +74,10 @@ class Client:
             time.sleep(poll_s)
 
     def cancel(self, run_id: str) -> dict:
-        run = self.run(run_id)
-        if run is None:
-            raise ClientError(f"no run {run_id}; `ftpipe runs` lists them")
-        if run.get("status") in TERMINAL:
-            raise ClientError(f"run {run_id} already ended ({run['status']})")
-        self.adapters.docs.set(CANCELLATIONS, run_id, {"requested_at": time.time()})
-
-        def mark(txn):
-            doc = txn.get(RUNS, run_id)
-            if doc.get("status") not in TERMINAL:
-                doc.update(status="cancelled", sub_state="done", error="cancelled by request")
-                txn.set(RUNS, run_id, doc)
-            return doc
-        return self.adapters.docs.transaction(mark)
+        try:
+            return jobs.cancel(self.adapters.docs, run_id)
+        except jobs.JobError as exc:
+            raise ClientError(str(exc)) from exc
 
     # ------------------------------------------------------------ models
     def models(self, name: str | None = None) -> list[dict]:
@@ -273,10 +177,3 @@ def _describe(topic: str, msg) -> dict:
     return {"topic": topic, "message_id": msg.message_id, "type": a.get("type") or a.get("eventType"),
             "run_id": a.get("run_id"), "reason": reason, "source": _dead_letter_source(a)}
 
-
-def _safe_name(filename: str) -> str:
-    name = PurePosixPath(filename.replace("\\", "/")).name
-    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".")
-    if not name:
-        raise ClientError(f"{filename!r} has no usable file name")
-    return name

@@ -111,3 +111,17 @@ def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
 def tracker_url(settings: Settings) -> str | None:
     path = settings.state_dir / "services" / "tracker-api.json"
     return json.loads(path.read_text())["url"] if path.is_file() else None
+
+
+def dashboard_url(settings: Settings) -> str:
+    """The local dashboard's link, carrying the stack's bearer token (<state>/auth-token) in the URL
+    fragment: the page reads it from there, and a fragment never reaches a server or a log."""
+    if settings.profile == "gcp":
+        raise StackError("in the gcp profile the dashboard is the tracker's Cloud Run service behind Identity-Aware "
+                         "Proxy: open the URL of its load balancer and sign in with Google")
+    url = tracker_url(settings)
+    if url is None or "tracker" not in running(settings):
+        raise StackError(f"the tracker is not running for {settings.state_dir}; `ftpipe up` starts the stack")
+    from shared.auth import local_token
+
+    return f"{url}/#token={local_token(settings.state_dir)}"

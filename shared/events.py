@@ -201,6 +201,15 @@ class EvaluationCompleted(Event):
 
 
 # ---------------------------------------------------------------- models
+# What the registry (services/registry_fn/, shared/model_registry.py) did to a model version. Each
+# carries the run that trained the version. A version changes status several times in its life
+# (promoted, archived, rolled back to, archived again), so the events that record a change carry
+# its index in the version's `history` (`change`), and ModelPromoted the index of the move in the
+# alias's history (`move`): the ids stay unique, and a redelivery republishes the same id.
+
+MODEL_STATUSES = ("candidate", "approved", "promoted", "quarantined", "archived")
+ALIASES = ("staging", "production")
+
 
 class ModelRegistered(Event):
     type: ClassVar[str] = "ModelRegistered"
@@ -208,15 +217,40 @@ class ModelRegistered(Event):
     model_name: str
     version: str
     uri: str
-    status: Literal["candidate", "promoted", "quarantined"]
+    # candidate: passed the gate, waits for approval; promoted: passed, in production; quarantined:
+    # failed the gate; archived: passed, but a later version of the same model was in production already
+    status: Literal["candidate", "promoted", "quarantined", "archived"]
+
+
+class ModelApproved(Event):
+    type: ClassVar[str] = "ModelApproved"
+    topic: ClassVar[str] = MODELS
+    model_name: str
+    version: str
+    uri: str
+    approver: str
+    note: str = ""
+    change: int = 0
+
+    def step_key(self) -> str:
+        return f"{self.version}-{self.change}"
 
 
 class ModelPromoted(Event):
+    """An alias now points at this version (production: the version serves)."""
     type: ClassVar[str] = "ModelPromoted"
     topic: ClassVar[str] = MODELS
     model_name: str
     version: str
     uri: str
+    alias: Literal["staging", "production"] = "production"
+    previous_version: str | None = None
+    reason: Literal["gate", "approval", "manual", "rollback"] = "gate"
+    actor: str | None = None               # who moved it (None: the gate, nobody)
+    move: int = 1                          # 1 for the alias's first move, 2 for its second, …
+
+    def step_key(self) -> str:
+        return f"{self.alias}-{self.move}"
 
 
 class ModelQuarantined(Event):
@@ -226,6 +260,25 @@ class ModelQuarantined(Event):
     version: str
     uri: str
     reasons: list[str]
+    actor: str | None = None               # None: the gate quarantined it
+    change: int = 0
+
+    def step_key(self) -> str:
+        return f"{self.version}-{self.change}"
+
+
+class ModelArchived(Event):
+    type: ClassVar[str] = "ModelArchived"
+    topic: ClassVar[str] = MODELS
+    model_name: str
+    version: str
+    uri: str
+    reason: str
+    actor: str | None = None               # None: superseded when another version was promoted
+    change: int = 0
+
+    def step_key(self) -> str:
+        return f"{self.version}-{self.change}"
 
 
 # ---------------------------------------------------------------- GCS notifications
@@ -261,7 +314,7 @@ class ObjectFinalized(_Body):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
                               CheckpointSaved, TrainingAlert, TrainingCompleted, TrainingFailed, EvaluationCompleted,
-                              ModelRegistered, ModelPromoted, ModelQuarantined)
+                              ModelRegistered, ModelApproved, ModelPromoted, ModelQuarantined, ModelArchived)
 }
 
 AnyEvent = Event | ObjectFinalized

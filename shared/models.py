@@ -24,6 +24,8 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from shared.storage import file_sha256
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-smollm2"
 MINILM = "all-minilm-l6-v2"       # a BERT-style encoder (22M parameters) for classification fine-tunes
@@ -192,6 +194,25 @@ def ensure_tiny_random() -> Path:
         tokenizer.save_pretrained(out)
 
     return _materialised(TINY, build)
+
+
+def base_model_identity(ref: str) -> dict:
+    """The base model a run loaded: `ref` as the recipe names it, the folder it resolved to, the
+    sha256 of each file in it, and `sha256`, one hash over those (relative path and hash, sorted),
+    which identifies the weights, configuration and tokenizer whatever the folder is called. A hub
+    id is hashed in the local hub cache, where loading it put it; None where it cannot be found."""
+    try:
+        path = resolve_model(ref)
+        if isinstance(path, str):
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(path, local_files_only=True))
+    except (ModelNotAvailable, OSError, ValueError):  # huggingface_hub's LocalEntryNotFoundError is an OSError
+        return {"ref": ref, "path": None, "sha256": None, "files": {}}
+    files = {str(f.relative_to(path)): file_sha256(f) for f in sorted(Path(path).rglob("*"))
+             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)}
+    digest = hashlib.sha256("".join(f"{rel}\t{sha}\n" for rel, sha in sorted(files.items())).encode()).hexdigest()
+    return {"ref": ref, "path": str(path), "sha256": digest, "files": files}
 
 
 if __name__ == "__main__":

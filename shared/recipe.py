@@ -337,6 +337,14 @@ class EvalSpec(_Strict):
         return self
 
 
+class RegistrySpec(_Strict):
+    """What the registry does with a version that passed the gate (services/registry_fn/): promote it
+    to production at once, or, with `approval`, register it as a `candidate` (the `staging` alias moves
+    to it) that waits until someone approves it (`ftpipe models approve`, the dashboard, or the
+    registry's authenticated approval function) and only then goes to production."""
+    approval: bool = False
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     version: int = Field(ge=1)
@@ -355,6 +363,7 @@ class Recipe(_Strict):
     budget: BudgetSpec = BudgetSpec()
     distribution: DistributionSpec = DistributionSpec()
     scheduling: SchedulingSpec = SchedulingSpec()
+    registry: RegistrySpec = RegistrySpec()
 
     @property
     def hash(self) -> str:

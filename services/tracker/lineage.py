@@ -1,9 +1,16 @@
 """Lineage: every event folded into documents that the CLI, the read API and dashboards read.
 
-runs/{run_id}                     the run record (status, sub_state, counts, metrics, scores, model)
+runs/{run_id}                     the run record (status, sub_state, counts, metrics, cost, scores,
+                                  model; `source` and `input_uri`: the drop or upload that started it;
+                                  `dataset.id`: the dataset it trained on)
 run_events/{run_id}:{seq}         every event of a run, with a per-run monotonic sequence number
 metrics/{run_id}:{step}           one row per training step (deterministic ids: never duplicated)
-datasets/{dataset_id}             prepared datasets and the runs that used them
+run_recipes/{run_id}              the run's resolved recipe (what compare diffs), written once
+datasets/{dataset_id}             prepared datasets: counts per stage, PII figures, tokens, cost
+                                  estimate, privacy review, and the runs that used them
+
+The model version of a run is the registry's (model_versions/{name}@{version}, shared/model_registry.py);
+the run document keeps a copy of its name, version and status, folded from the `models` events.
 """
 from __future__ import annotations
 
@@ -12,9 +19,9 @@ import time
 
 from shared import events as ev
 from shared.documents import deep_merge
+from shared.jobs import RUNS, TERMINAL
 
-RUNS, RUN_EVENTS, METRICS, DATASETS, SEEN = "runs", "run_events", "metrics", "datasets", "run_event_ids"
-TERMINAL = ("succeeded", "failed", "cancelled")
+RUN_EVENTS, METRICS, DATASETS, SEEN, RECIPES = "run_events", "metrics", "datasets", "run_event_ids", "run_recipes"
 # A run only moves forward through these, whatever order the bus delivers events in.
 # A dataset held for privacy sign-off waits (status "queued") between preparation and training.
 _STAGES = ["preparing_data", "awaiting_privacy_review", "waiting_for_capacity", "training", "evaluating", "registering", "done"]
@@ -33,8 +40,11 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
     recipe = getattr(event, "recipe", None)
     update: dict = {}
     if recipe is not None:
+        hardware = recipe.hardware
         update.update(recipe={"name": recipe.name, "version": recipe.version, "hash": recipe.hash},
-                      model_name=recipe.model_name, base_model=recipe.base_model)
+                      model_name=recipe.model_name, base_model=recipe.base_model,
+                      hardware={"gpu": hardware.gpu, "gpus": hardware.total_gpus,
+                                "price_per_gpu_hour": hardware.gpu_price})
     match event:
         case ev.JobSubmitted():
             update.update(_progress(run, "validating", "preparing_data"), tenant=event.tenant, source=event.source,
@@ -72,6 +82,8 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
                     if last.step:
                         training["eta_s"] = round(elapsed / last.step * (event.total_steps - last.step), 1)
                 update["training"] = training
+                if isinstance(getattr(last, "cost", None), (int, float)):
+                    update["cost"] = _spent(run, update, last.cost)
         case ev.CheckpointSaved():
             update["checkpoints"] = {str(event.step): {"uri": event.uri, "metrics": event.metrics}}
         case ev.TrainingAlert():
@@ -79,7 +91,9 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
                                                    "stop": event.stop, "at": now}}
         case ev.TrainingCompleted():
             update.update(_progress(run, "running", "evaluating"), final_metrics=event.metrics,
-                          adapter_uri=event.adapter_uri, training={"step": event.steps, "progress": 1.0})
+                          adapter_uri=event.adapter_uri, training={"step": event.steps, "progress": 1.0, "eta_s": 0})
+            if "cost" in event.metrics:
+                update["cost"] = _spent(run, update, event.metrics["cost"])
         case ev.TrainingFailed():
             update.update(_progress(run, "cancelled" if event.cancelled else "failed", "done"), error=event.reason)
         case ev.EvaluationCompleted():
@@ -88,9 +102,40 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
                                       "report_uri": event.report_uri})
         case ev.ModelRegistered():
             update.update(_progress(run, "succeeded", "done"),
-                          model={"name": event.model_name, "version": event.version, "status": event.status,
-                                 "uri": event.uri})
+                          model={"name": event.model_name, "version": event.version, "uri": event.uri})
+            if (run.get("model") or {}).get("status") is None:  # a later change that arrived first stands
+                update["model"]["status"] = event.status
+        case ev.ModelApproved():
+            update["model"] = _model(event, "approved", approval={"approver": event.approver, "note": event.note,
+                                                                   "at": now})
+        case ev.ModelPromoted():
+            change = {"at": now, "reason": event.reason, "actor": event.actor, "previous_version": event.previous_version}
+            update["model"] = _model(event, "promoted" if event.alias == "production" else None,
+                                     promotions={event.alias: change})
+        case ev.ModelQuarantined():
+            update["model"] = _model(event, "quarantined", status_reason="; ".join(event.reasons), actor=event.actor)
+        case ev.ModelArchived():
+            update["model"] = _model(event, "archived", status_reason=event.reason, actor=event.actor)
     return update
+
+
+def _model(event, status: str | None, **details) -> dict:
+    """The run's copy of its model version after a registry change (the registry's documents are
+    the authority; this copy lets the runs list show and filter by it)."""
+    out = {"name": event.model_name, "version": event.version, "uri": event.uri, **details}
+    if status is not None:
+        out["status"] = status
+    return out
+
+
+def _spent(run: dict, update: dict, usd: float) -> dict:
+    """What the run has cost so far (the trainer's figure: training seconds x GPUs x price per
+    GPU-hour, services/trainer/monitor.py) and the GPU-hours that are, at the recipe's price."""
+    price = (update.get("hardware") or run.get("hardware") or {}).get("price_per_gpu_hour")
+    out = {"so_far_usd": round(float(usd), 6)}
+    if price:  # unknown without a price (a recipe may set 0 for its own hardware)
+        out["gpu_hours"] = round(float(usd) / price, 6)
+    return out
 
 
 def _estimates(event) -> dict:
@@ -99,7 +144,44 @@ def _estimates(event) -> dict:
         out["tokens"] = event.tokens
     if event.cost_estimate:
         out["cost_estimate"] = event.cost_estimate
+        estimate = {k: event.cost_estimate[v] for k, v in (("estimate_usd", "cost"), ("estimate_gpu_hours", "gpu_hours"))
+                    if event.cost_estimate.get(v) is not None}
+        if estimate:
+            out["cost"] = estimate
     return out
+
+
+def fold_dataset(dataset: dict | None, run: dict, event: ev.Event, now: float) -> dict | None:
+    """The dataset document after `event` (None: the event says nothing of a dataset). `run` is the
+    run document before the event."""
+    if isinstance(event, (ev.DatasetPrepared, ev.DatasetAwaitingReview)):
+        doc = deep_merge(dataset or {"id": event.dataset_id, "created_at": now, "runs": []},
+                         {"uri": event.dataset_uri, "counts": event.counts, "tenant": event.tenant,
+                          "recipe": {"name": event.recipe.name, "version": event.recipe.version},
+                          "updated_at": now, **_estimates(event)})
+        doc.pop("cost", None)  # the run's; the dataset keeps the estimate itself
+        if event.run_id not in doc["runs"]:
+            doc["runs"].append(event.run_id)
+        if isinstance(event, ev.DatasetAwaitingReview):
+            doc["pii"] = event.pii
+            if (doc.get("privacy_review") or {}).get("status") != "approved":
+                doc["privacy_review"] = {"status": "awaiting", "run_id": event.run_id, "requested_at": now}
+        elif event.privacy_signoff is not None:
+            doc["privacy_review"] = {"status": "approved", "run_id": event.run_id, "signoff": event.privacy_signoff}
+        return doc
+    if isinstance(event, ev.DatasetRejected) and dataset is not None \
+            and (run.get("privacy_review") or {}).get("status") == "awaiting":
+        return {**dataset, "privacy_review": {"status": "rejected", "run_id": event.run_id, "reason": event.reason},
+                "updated_at": now}
+    return None
+
+
+def _dataset_id(run: dict, event: ev.Event) -> str | None:
+    if isinstance(event, (ev.DatasetPrepared, ev.DatasetAwaitingReview)):
+        return event.dataset_id
+    if isinstance(event, ev.DatasetRejected):
+        return (run.get("dataset") or {}).get("id")
+    return None
 
 
 def record(docs, event: ev.Event) -> bool:
@@ -107,19 +189,19 @@ def record(docs, event: ev.Event) -> bool:
     if not event.run_id:
         return False
     seen_key = hashlib.sha256(event.event_id.encode()).hexdigest()
+    recipe = getattr(event, "recipe", None)
 
     def apply(txn) -> bool:
         if txn.get(SEEN, seen_key) is not None:
             return False
-        run = txn.get(RUNS, event.run_id) or {"run_id": event.run_id, "status": "validating",
-                                              "sub_state": "preparing_data", "created_at": time.time(), "seq": 0}
-        dataset = None
-        if isinstance(event, ev.DatasetPrepared):
-            dataset = txn.get(DATASETS, event.dataset_id) or {"id": event.dataset_id, "uri": event.dataset_uri,
-                                                              "counts": event.counts, "runs": []}
+        before = txn.get(RUNS, event.run_id) or {"run_id": event.run_id, "status": "validating",
+                                                 "sub_state": "preparing_data", "created_at": time.time(), "seq": 0}
+        dataset_id = _dataset_id(before, event)
+        dataset = txn.get(DATASETS, dataset_id) if dataset_id else None
+        keep_recipe = recipe is not None and txn.get(RECIPES, event.run_id) is None
         now = time.time()
-        seq = run.get("seq", 0) + 1
-        run = deep_merge(run, fold(run, event, now))
+        seq = before.get("seq", 0) + 1
+        run = deep_merge(before, fold(before, event, now))
         run.update(seq=seq, updated_at=now, last_event=event.type)
         txn.set(RUNS, event.run_id, run)
         txn.set(RUN_EVENTS, f"{event.run_id}:{seq:06d}", {"run_id": event.run_id, "seq": seq, "type": event.type,
@@ -130,10 +212,10 @@ def record(docs, event: ev.Event) -> bool:
             for row in event.metrics:
                 txn.set(METRICS, f"{event.run_id}:{row.step:08d}",
                         {"run_id": event.run_id, **row.model_dump(exclude_none=True)})
-        if dataset is not None:
-            if event.run_id not in dataset["runs"]:
-                dataset["runs"].append(event.run_id)
-            txn.set(DATASETS, event.dataset_id, dataset)
+        if dataset_id and (updated := fold_dataset(dataset, before, event, now)) is not None:
+            txn.set(DATASETS, dataset_id, updated)
+        if keep_recipe:
+            txn.set(RECIPES, event.run_id, {"run_id": event.run_id, "recipe": recipe.model_dump(mode="json")})
         return True
 
     return docs.transaction(apply)
@@ -161,4 +243,14 @@ def summarise(event: ev.Event) -> str:
             return ("gate passed" if event.passed else "gate failed") + ": " + "; ".join(event.reasons)
         case ev.ModelRegistered():
             return f"{event.model_name} {event.version} {event.status}"
+        case ev.ModelApproved():
+            return f"{event.model_name} {event.version} approved by {event.approver}" + (f": {event.note}" if event.note else "")
+        case ev.ModelPromoted():
+            return (f"{event.model_name} {event.version} is {event.alias} ({event.reason}"
+                    + (f" by {event.actor}" if event.actor else "")
+                    + (f", was {event.previous_version})" if event.previous_version else ")"))
+        case ev.ModelQuarantined():
+            return f"{event.model_name} {event.version} quarantined: " + "; ".join(event.reasons)
+        case ev.ModelArchived():
+            return f"{event.model_name} {event.version} archived: {event.reason}"
     return event.type

@@ -1,5 +1,6 @@
-"""Entrypoint of the tracker (Cloud Run): the lineage writer plus the read API on $PORT (locally a
-free port, written to <state>/services/tracker-api.json)."""
+"""Entrypoint of the tracker (Cloud Run): the lineage writer plus the API on $PORT (locally a free
+port, written to <state>/services/tracker-api.json), its /api routes behind the authenticator of
+shared/auth.py (locally the token in <state>/auth-token, created here if absent; IAP in the cloud)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import threading
 
 from werkzeug.serving import make_server
 
+from shared.auth import authenticator
 from shared.config import Settings, bootstrap
 from shared.logs import configure_logging
 from shared.runtime import run_service
@@ -20,9 +22,10 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
     adapters = bootstrap(settings)
+    authenticate = authenticator(settings, audience=settings.dashboard_audience, iap=True)
     host = "0.0.0.0" if settings.profile == "gcp" else "127.0.0.1"
     server = make_server(host, int(os.environ.get("FTPIPE_TRACKER_PORT", os.environ.get("PORT", "0"))),
-                         create_app(adapters.docs), threaded=True)
+                         create_app(adapters, authenticate), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True, name="api").start()
     if settings.profile != "gcp":
         services = settings.state_dir / "services"

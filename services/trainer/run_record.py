@@ -1,9 +1,11 @@
 """The run record: what a training run needs to be reproduced, written beside its adapter.
 
-`run_record.json` names the recipe (name, version, hash), the dataset (its manifest's sha256 and
-id, the train split's sha256), the seed, the code (git commit, and whether the tree had local
-changes), the machine (device, torch threads, Python) and every installed package with its version
-(a lockfile of the environment the run used). The registry copies it into the model bundle.
+`run_record.json` names the recipe (name, version, hash), the base model (its reference and a
+content hash of its files: a reference such as a hub id or a cache folder can come to mean other
+weights later), the dataset (its manifest's sha256 and id, the train split's sha256), the seed, the
+code (git commit, and whether the tree had local changes), the machine (device, torch threads,
+Python) and every installed package with its version (a lockfile of the environment the run used).
+The registry copies it into the model bundle.
 Rerunning the same record on CPU gives the same loss curve (tests/unit/test_training.py).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from shared.build_info import ftpipe_version, git_commit, installed_packages
+from shared.models import base_model_identity
 from shared.recipe import Recipe
 from shared.storage import file_sha256
 
@@ -39,6 +42,7 @@ def build(recipe: Recipe, data_dir: Path, *, device: str, result: dict) -> dict:
     return {
         "recipe": {"name": recipe.name, "version": recipe.version, "hash": recipe.hash,
                    "base_model": recipe.base_model, "method": recipe.method, "adapter": recipe.adapter.kind},
+        "base_model": base_model_identity(recipe.base_model),
         "dataset": dataset_identity(data_dir),
         "seed": recipe.training.seed,
         "code": {"ftpipe": ftpipe_version(), **git_commit()},

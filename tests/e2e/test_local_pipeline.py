@@ -11,6 +11,7 @@ import pytest
 
 from ftpipe.client import Client
 from ftpipe.stack import down, running, tracker_url, up
+from shared.auth import local_token
 from shared.config import Settings
 
 from tests.e2e.conftest import ftpipe, tiny_recipe, write_chats
@@ -58,10 +59,14 @@ def test_drop_to_registered_model(stack, tmp_path):
     assert "@example.com" not in train and "[EMAIL]" in train
 
     # Lineage through the tracker's API: contiguous per-run sequence numbers, one row per step.
-    with urllib.request.urlopen(f"{tracker_url(stack)}/runs/{record['run_id']}") as resp:
-        run = json.load(resp)
+    def api(path: str):
+        request = urllib.request.Request(f"{tracker_url(stack)}/api/{path}",
+                                         headers={"Authorization": f"Bearer {local_token(stack.state_dir)}"})
+        with urllib.request.urlopen(request) as resp:
+            return json.load(resp)
+    run = api(f"runs/{record['run_id']}")
     assert [e["seq"] for e in run["events"]] == list(range(1, len(run["events"]) + 1))
-    steps = [m["step"] for m in run["metrics"]]
+    steps = [m["step"] for m in api(f"runs/{record['run_id']}/metrics")]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
 

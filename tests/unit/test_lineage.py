@@ -3,7 +3,7 @@ from shared import events as ev
 from shared.adapters.sqlite_docs import SqliteDocStore
 from shared.recipe import Recipe
 
-from services.tracker.lineage import METRICS, RUN_EVENTS, RUNS, record
+from services.tracker.lineage import DATASETS, METRICS, RECIPES, RUN_EVENTS, RUNS, record
 
 RECIPE = Recipe(name="t", version=1, base_model="tiny-random-smollm2", model_name="t")
 
@@ -56,3 +56,58 @@ def test_alerts_are_kept_once_each_on_the_run(tmp_path):
                                                                       "9-budget": ("budget", True)}
     summaries = [e["summary"] for _, e in docs.query(RUN_EVENTS, where=[("run_id", "==", "r")], order_by=[("seq", "asc")])]
     assert summaries == ["alert at step 7: gradient norm 12 at step 7", "stopped at step 9: projected cost 3.1 above 2.4"]
+
+
+def test_the_registrys_changes_reach_the_runs_model(tmp_path):
+    """ModelRegistered, then the registry's later changes to the version (in the order they come)."""
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    uri = "file:///m/t/1.2/"
+    common = dict(run_id="r", model_name="t", version="1.2", uri=uri)
+    approved = ev.ModelApproved(**common, approver="ann@example.com", note="looks right")
+    for event in (approved,  # delivered before the registration it follows: the registration does not undo it
+                  ev.ModelRegistered(**common, status="candidate")):
+        assert record(docs, event)
+    model = docs.get(RUNS, "r")["model"]
+    assert (model["status"], model["version"], model["approval"]["approver"]) == ("approved", "1.2", "ann@example.com")
+    assert docs.get(RUNS, "r")["status"] == "succeeded"
+
+    record(docs, ev.ModelPromoted(**common, alias="production", previous_version="1.1", reason="approval",
+                                  actor="ann@example.com"))
+    model = docs.get(RUNS, "r")["model"]
+    assert model["status"] == "promoted"
+    assert model["promotions"]["production"] | {"at": 0} == {"reason": "approval", "actor": "ann@example.com",
+                                                            "previous_version": "1.1", "at": 0}
+    record(docs, ev.ModelArchived(**common, reason="superseded by 1.3", change=2))
+    assert docs.get(RUNS, "r")["model"]["status"] == "archived"
+    record(docs, ev.ModelPromoted(**common, alias="production", previous_version="1.3", reason="rollback",
+                                  actor="bob@example.com", move=3))
+    model = docs.get(RUNS, "r")["model"]
+    assert model["status"] == "promoted" and model["promotions"]["production"]["reason"] == "rollback"
+    record(docs, ev.ModelQuarantined(**common, reasons=["leaks PII"], actor="bob@example.com", change=4))
+    model = docs.get(RUNS, "r")["model"]
+    assert (model["status"], model["status_reason"], model["actor"]) == ("quarantined", "leaks PII", "bob@example.com")
+    summaries = [e["summary"] for _, e in docs.query(RUN_EVENTS, where=[("run_id", "==", "r")], order_by=[("seq", "asc")])]
+    assert summaries[2] == "t 1.2 is production (approval by ann@example.com, was 1.1)"
+    assert summaries[-1] == "t 1.2 quarantined: leaks PII"
+
+
+def test_dataset_documents_know_their_runs_review_and_estimates(tmp_path):
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    review = dict(recipe=RECIPE, dataset_id="d1", dataset_uri="file:///d/", counts={"raw": 10, "train": 8},
+                  tokens={"total": 900}, cost_estimate={"cost": 0.02, "gpu_hours": 0.03})
+    record(docs, ev.DatasetAwaitingReview(run_id="r1", **review, pii={"counts": {"email": 2}, "residual_rate": 0.0}))
+    dataset = docs.get(DATASETS, "d1")
+    assert dataset["runs"] == ["r1"] and dataset["privacy_review"]["status"] == "awaiting"
+    assert dataset["pii"]["counts"] == {"email": 2} and dataset["tokens"] == {"total": 900}
+    assert dataset["cost_estimate"]["cost"] == 0.02 and "cost" not in dataset
+    assert docs.get(RUNS, "r1")["cost"] == {"estimate_usd": 0.02, "estimate_gpu_hours": 0.03}
+    record(docs, ev.DatasetPrepared(run_id="r1", **review, privacy_signoff={"approver": "ann"}))
+    record(docs, ev.DatasetPrepared(run_id="r2", **review))  # the same data, dropped again for another run
+    dataset = docs.get(DATASETS, "d1")
+    assert dataset["runs"] == ["r1", "r2"] and dataset["privacy_review"]["signoff"] == {"approver": "ann"}
+    # A rejected review marks the dataset too.
+    record(docs, ev.DatasetAwaitingReview(run_id="r3", **{**review, "dataset_id": "d2"}, pii={}))
+    record(docs, ev.DatasetRejected(run_id="r3", recipe=RECIPE, reason="privacy review rejected by bob: names"))
+    assert docs.get(DATASETS, "d2")["privacy_review"] == {"status": "rejected", "run_id": "r3",
+                                                         "reason": "privacy review rejected by bob: names"}
+    assert docs.get(RECIPES, "r1")["recipe"]["name"] == "t"
