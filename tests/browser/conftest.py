@@ -1,9 +1,9 @@
 """Browser fixtures: Debian's chromium (/usr/bin/chromium, installed by `make setup`) driven by
 Playwright — never Playwright's own browser download. One browser per test module; each test gets a
-fresh context (its own sessionStorage, so no token is carried from one test to the next).
+new tab.
 
 Another module (an e2e test) reuses them by importing them:
-    from tests.browser.conftest import browser, page, open_dashboard, serve  # noqa: F401
+    from tests.browser.conftest import browser, browser_context, page, open_dashboard, serve  # noqa: F401
 """
 from __future__ import annotations
 
@@ -34,16 +34,23 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser):
-    """A new tab in a new context. An uncaught JavaScript error on the page fails the test."""
+@pytest.fixture(scope="module")
+def browser_context(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(browser_context):
+    """A new tab: its own sessionStorage, so no token is carried over from another test (a tab is
+    cheaper to open than a context). An uncaught JavaScript error on the page fails the test."""
+    tab = browser_context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
     yield tab
-    context.close()
+    tab.close()
     assert not errors, f"JavaScript errors on the dashboard: {errors}"
 
 
