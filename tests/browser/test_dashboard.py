@@ -14,6 +14,7 @@ from shared import events as ev
 from shared import model_registry as registry
 from shared.auth import authenticator, local_token
 from shared.config import Settings, bootstrap
+from shared.jobs import CANCELLATIONS, RUNS
 from shared.privacy import SIGNOFFS
 from shared.recipe import Recipe
 
@@ -44,6 +45,7 @@ def seed(adapters) -> None:
         ev.TrainingStarted(run_id="run-live", dataset_uri=data),
         progress("run-live", (1, 2, 3)),
         ev.JobSubmitted(run_id=HOSTILE, recipe=SUPPORT, dataset_uri=store.url(bucket, "incoming/support/b.jsonl")),
+        ev.JobSubmitted(run_id="run-cancel", recipe=SUPPORT, dataset_uri=store.url(bucket, "incoming/support/d.jsonl")),
     ]:
         assert record(docs, event)
 
@@ -96,7 +98,7 @@ def test_runs_page_lists_the_runs_and_keeps_the_token_out_of_the_address_bar(pag
     expect(page.get_by_test_id("whoami")).to_contain_text(ME)
 
     page.get_by_test_id("filter-status").select_option("validating")
-    expect(page.get_by_test_id("run-row")).to_have_count(1)  # the hostile run: only submitted
+    expect(page.get_by_test_id("run-row")).to_have_count(2)  # only submitted: the hostile run and run-cancel
     assert page.url.endswith("#/runs?status=validating")
 
 
@@ -113,6 +115,17 @@ def test_run_page_charts_gain_points_without_a_reload(page, tracker):
     expect(page.get_by_test_id("run-facts").get_by_test_id("progress")).to_have_attribute("data-value", "50.0")
     expect(page.get_by_test_id("event-row").first).to_contain_text("steps 4-5")
     assert page.evaluate("window.sameDocument") is True  # no reload happened
+
+
+def test_cancel_button_cancels_the_run(page, tracker):
+    open_dashboard(page, tracker.url, tracker.token, "/runs/run-cancel")
+    expect(page.get_by_test_id("run-status")).to_have_text("validating")
+    page.get_by_test_id("cancel-run").click()
+    page.get_by_test_id("cancel-run-confirm").click()
+    expect(page.get_by_test_id("run-status")).to_have_text("cancelled")
+    expect(page.get_by_test_id("cancel-run")).to_be_hidden()
+    assert tracker.docs.get(CANCELLATIONS, "run-cancel") is not None
+    assert tracker.docs.get(RUNS, "run-cancel")["status"] == "cancelled"
 
 
 def test_promote_click_moves_the_production_alias(page, tracker):

@@ -18,12 +18,6 @@ const CHARTS = [ // [title, keys plotted, test id]
   ["Throughput (tokens/s)", ["tokens_per_s"], "chart-throughput"],
 ];
 
-/** The API gives lists; a run document straight from the store keys them by step. */
-function listOf(value) {
-  if (Array.isArray(value)) return value;
-  return Object.values(value || {}).sort((a, b) => (a.step ?? 0) - (b.step ?? 0));
-}
-
 /**
  * The run, or null when the page is left first. A run just started from the no-code form exists
  * once the tracker has recorded its JobSubmitted (a moment later): until then the page says so and
@@ -77,22 +71,22 @@ export default async function runPage(view, ctx) {
     }
   }
 
+  // Built once, not with the rest of the header: a poll that brings a new event re-renders the
+  // header, which must not close a confirmation the user is in the middle of.
+  const cancel = action({
+    label: "Cancel run", testid: "cancel-run", danger: true,
+    question: `Cancel ${runId}? The trainer checkpoints and stops.`,
+    run: () => api(`${path}/cancel`, { method: "POST", json: {} }),
+    done: reload,
+  });
+  const status = h("span", { class: "toolbar" });
+
   function renderRun() {
     const t = run.training || {};
-    const cancel = action({
-      label: "Cancel run", testid: "cancel-run", danger: true, disabled: TERMINAL.includes(run.status),
-      question: `Cancel ${runId}? The trainer checkpoints and stops.`,
-      run: () => api(`${path}/cancel`, { method: "POST", json: {} }),
-      done: reload,
-    });
+    cancel.hidden = TERMINAL.includes(run.status);
+    fill(status, badge(run.status, "run-status"), h("span", { class: "muted", testid: "run-sub-state" }, run.sub_state ?? ""),
+      run.model ? link(["lineage", run.model.name, run.model.version], "lineage") : null);
     fill(header,
-      h("div", { class: "toolbar" },
-        h("h1", null, "Run ", h("span", { testid: "run-id" }, runId)), badge(run.status, "run-status"),
-        h("span", { class: "muted", testid: "run-sub-state" }, run.sub_state ?? ""),
-        h("span", { class: "spacer" }),
-        h("a", { href: `#/compare?runs=${encodeURIComponent(runId)}` }, "compare with…"),
-        run.model ? link(["lineage", run.model.name, run.model.version], "lineage") : null,
-        cancel),
       run.error ? errorBox(run.error, "run-error") : null,
       facts([
         ["progress", progressOf(run)],
@@ -122,13 +116,13 @@ export default async function runPage(view, ctx) {
         ["step", (c) => c.step],
         ["metrics", (c) => Object.entries(c.metrics || {}).map(([k, v]) => `${k} ${fmtNum(v)}`).join(", ") || dash],
         ["uri", (c) => h("code", null, c.uri)],
-      ], listOf(run.checkpoints), { testid: "checkpoints", empty: "no checkpoint yet" })),
+      ], run.checkpoints || [], { testid: "checkpoints", empty: "no checkpoint yet" })),
       section("Alerts", table([
         ["step", (a) => a.step],
         ["kind", (a) => a.kind],
         ["", (a) => (a.stop ? badge("stopped") : "")],
         ["message", (a) => a.message],
-      ], listOf(run.alerts), { testid: "alerts", empty: "no alerts" })),
+      ], run.alerts || [], { testid: "alerts", empty: "no alerts" })),
     );
   }
 
@@ -157,6 +151,9 @@ export default async function runPage(view, ctx) {
   renderRun();
   addEvents(run.events || []);
   view.append(
+    h("div", { class: "toolbar" },
+      h("h1", null, "Run ", h("span", { testid: "run-id" }, runId)), status, h("span", { class: "spacer" }),
+      h("a", { href: `#/compare?runs=${encodeURIComponent(runId)}` }, "compare with…"), cancel),
     header,
     h("section", { class: "charts", testid: "charts" }, charts.map(({ chart }) => chart.el)),
     live,
