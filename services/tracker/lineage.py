@@ -223,6 +223,9 @@ def record(docs, event: ev.Event) -> bool:
 
 def summarise(event: ev.Event) -> str:
     match event:
+        case ev.JobSubmitted():
+            started = event.source.get("object") or event.source.get("submitted") or event.dataset_uri
+            return f"{event.recipe.name} v{event.recipe.version} on {started} (tenant {event.tenant})"
         case ev.DatasetAwaitingReview():
             return f"dataset {event.dataset_id} awaiting privacy review: " + ", ".join(
                 f"{k}={v}" for k, v in event.counts.items())
