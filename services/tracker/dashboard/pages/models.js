@@ -65,7 +65,7 @@ export async function modelPage(view, ctx) {
     const history = Object.entries(model.alias_history || {}).flatMap(([alias, moves]) =>
       moves.map((m) => ({ alias, ...m }))).sort((a, b) => (b.at ?? 0) - (a.at ?? 0));
     const rollbackTo = h("select", { testid: "rollback-to" }, h("option", { value: "" }, "the previous production version"),
-      versions.filter((v) => !["quarantined"].includes(v.status) && v.version !== aliases.production)
+      versions.filter((v) => v.status !== "quarantined" && v.version !== aliases.production)
         .map((v) => h("option", { value: v.version }, v.version)));
 
     fill(content,
