@@ -26,6 +26,7 @@ from shared.recipe import RecipeError, available_recipes, load_recipe
 
 from services.tracker import aggregates
 from services.tracker.lineage import DATASETS, METRICS, RECIPES, RUN_EVENTS, RUNS
+from services.tracker.web import dashboard_blueprint
 
 MAX_LIMIT = 500
 MAX_ROWS = 10_000          # metric or event rows in one answer; pollers page on with after_step / after_seq
@@ -295,4 +296,5 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     def recipes():
         return jsonify([aggregates.recipe_form(load_recipe(name)) for name in available_recipes()])
 
+    app.register_blueprint(dashboard_blueprint())  # / and /assets: no auth, the page asks for the token
     return app

@@ -20,7 +20,6 @@ from shared.recipe import Recipe
 
 from services.tracker.api import create_app
 from services.tracker.lineage import record
-from services.tracker.web import dashboard_blueprint
 from tests.browser.conftest import open_dashboard, serve
 
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install -e '.[test]'").expect
@@ -78,8 +77,6 @@ def tracker(tmp_path_factory):
     adapters = bootstrap(settings)
     seed(adapters)
     app = create_app(adapters, authenticator(settings, audience=None, iap=True))
-    if "dashboard" not in app.blueprints:  # until the tracker's create_app serves the dashboard itself
-        app.register_blueprint(dashboard_blueprint())
     with serve(app) as url:
         yield SimpleNamespace(url=url, adapters=adapters, docs=adapters.docs, token=local_token(settings.state_dir))
     adapters.close()
