@@ -13,6 +13,19 @@ from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
+# The registry bundles the manifest and the PII report with every model version, so a prepared
+# dataset without them could be trained on but never registered: refused before any training.
+PREPARED_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + ("manifest.json", "pii_report.json")
+
+
+def missing_prepared_files(folder: Path) -> str | None:
+    """None when `folder` is a whole prepared dataset; otherwise what is missing and how to fix it."""
+    missing = [name for name in PREPARED_FILES if not (Path(folder) / name).is_file()]
+    if not missing:
+        return None
+    return (f"the prepared dataset lacks {', '.join(missing)}: a prepared dataset is what `ftpipe prepare FILE "
+            f"--recipe R --out DIR` writes ({', '.join(PREPARED_FILES)}); prepare the raw data with it, or submit "
+            "the raw file (prepared: false)")
 SHAPES = {
     "chat": '{"id": str, "messages": [{"role": system|user|assistant, "content": str}, ...]}',
     "preference": '{"id": str, "prompt": [messages], "chosen": [messages], "rejected": [messages]}',

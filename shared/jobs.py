@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 
 from shared import events as ev
+from shared.datasets import missing_prepared_files
 from shared.ports import Bus, DocStore, ObjectStore
 from shared.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from shared.runtime import CANCELLATIONS, publish_event
@@ -103,8 +104,8 @@ def _stage_dataset(store: ObjectStore, bucket: str, dataset: str, run_id: str, p
         return dataset
     path = Path(dataset)
     if prepared:
-        if not (path / "train.jsonl").is_file():
-            raise JobError(f"{dataset}: a prepared dataset is a folder with train.jsonl, val.jsonl and test.jsonl")
+        if problem := missing_prepared_files(path):
+            raise JobError(f"{dataset}: {problem}")
         from shared.storage import upload_dir
         upload_dir(store, path, bucket, f"uploads/{run_id}/dataset")
         return store.url(bucket, f"uploads/{run_id}/dataset/")

@@ -192,13 +192,14 @@ def run_service(service: Service, adapters: Adapters, *, stop: threading.Event |
             counters["handled"] += 1
         return callback
 
+    # Health first: its port file tells callers (tests, `ftpipe up`) the service is there before work arrives.
+    server = start_health_server(service.name, adapters, counters, health_port)
     classes = priority_classes(service.name)
     subscriptions = [] if classes else [
         adapters.bus.subscribe(ev.subscription_name(service.name, topic), callback_for(topic),
                                max_messages=service.max_messages, max_lease_s=service.max_lease_s)
         for topic in service.handlers]
     workers = start_priority_workers(service, adapters, classes, stop, counters) if classes else []
-    server = start_health_server(service.name, adapters, counters, health_port)
     log.info("service started", extra={"service": service.name, "topics": ",".join(service.handlers),
                                        "pid": os.getpid(), "health_port": server.server_address[1]})
     stop.wait()

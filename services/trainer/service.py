@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from shared import events as ev
+from shared.datasets import missing_prepared_files
 from shared.privacy import SignoffMissing, verify_signed_off
 from shared.runtime import Context, Reject, Retry, Service
 from shared.storage import download_dir, upload_dir
@@ -146,6 +147,9 @@ def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: st
                 except SignoffMissing as exc:
                     world.broadcast({"action": "reject", "reason": str(exc)})
                     raise Reject(str(exc)) from exc
+            if problem := missing_prepared_files(data_dir):
+                world.broadcast({"action": "done"})
+                return [ev.TrainingFailed(run_id=run_id, reason=f"{dataset_uri}: {problem}")]
             world.broadcast({"action": "train", "resume": resume_prefix})
             ctx.publish(ev.TrainingStarted(run_id=run_id, dataset_uri=dataset_uri, resumed_from_step=resumed_step))
             ctx.log.info("training", extra={"resumed_from_step": resumed_step, "worker": WORKER_ID})

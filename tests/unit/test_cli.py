@@ -39,9 +39,13 @@ def state(tmp_path, monkeypatch):
         "badrunid.yaml": "recipe: tiny-sft\ndataset: data.jsonl\nrun_id: ../../etc\n",
         "missingdata.yaml": "recipe: tiny-sft\ndataset: missing.jsonl\n",
         "badrecipe.yaml": "recipe: nope\ndataset: data.jsonl\n",
+        "handmade.yaml": "recipe: tiny-sft\ndataset: handmade\nprepared: true\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    (tmp_path / "handmade").mkdir()  # splits written by hand: no manifest, no PII report
+    for split in ("train", "val", "test"):
+        (tmp_path / "handmade" / f"{split}.jsonl").write_text(files["data.jsonl"])
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level   # main() configures logging
     yield tmp_path
@@ -67,6 +71,8 @@ MISUSE = [
     (["submit", "badrunid.yaml"], "run_id '../../etc' must be"),
     (["submit", "missingdata.yaml"], "missing.jsonl: no such file"),
     (["submit", "badrecipe.yaml"], "recipe 'nope' not found"),
+    (["submit", "handmade.yaml"], "handmade: the prepared dataset lacks manifest.json, pii_report.json: a prepared "
+                                  "dataset is what `ftpipe prepare FILE --recipe R --out DIR` writes"),
     (["status", "run-nope"], "no run run-nope; `ftpipe runs` lists them"),
     (["watch", "run-nope"], "no run run-nope"),
     (["cancel", "run-nope"], "no run run-nope; `ftpipe runs` lists them"),
@@ -176,6 +182,23 @@ def test_dead_letters_are_listed_without_being_consumed_then_replayed(state, ada
     assert handle_message(TRAINER, adapters, ev.JOBS, copy) == "ignored"
     proc = cli(state, "dlq", "list", "--topic", "jobs")
     assert proc.returncode == 0 and "no dead-lettered messages" in proc.stderr
+
+
+def test_a_prepared_job_without_manifest_fails_before_training(state, adapters):
+    """Published straight onto `jobs` (past the CLI's check): the trainer ends the run with the reason
+    instead of training a model the registry could never bundle."""
+    from services.trainer.service import SERVICE as TRAINER
+    from shared.storage import upload_dir
+
+    upload_dir(adapters.store, state / "handmade", "ftpipe", "uploads/handmade")
+    uri = adapters.store.url("ftpipe", "uploads/handmade/")
+    publish_event(adapters.bus, ev.JobSubmitted(run_id="run-handmade", recipe=RECIPE, dataset_uri=uri, prepared=True))
+    [msg] = adapters.bus.pull(ev.subscription_name("trainer", ev.JOBS), timeout_s=5)
+    assert handle_message(TRAINER, adapters, ev.JOBS, msg) == "acked"
+    [out] = adapters.bus.pull(ev.subscription_name("tracker", ev.TRAINING), max_messages=5, timeout_s=5)
+    failed = ev.decode(out.data, out.attributes)
+    assert failed.type == "TrainingFailed" and "lacks manifest.json, pii_report.json" in failed.reason
+    assert not list(adapters.store.list("ftpipe", "runs/run-handmade/"))
 
 
 def test_replay_of_one_message_leaves_the_others(state, adapters):
