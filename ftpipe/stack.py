@@ -104,7 +104,9 @@ def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
         _pid_file(settings, name).unlink(missing_ok=True)
-        (settings.state_dir / "services" / f"{name}.json").unlink(missing_ok=True)
+    # Every address a service published (health ports, the tracker's API, the approval endpoint) is stale now.
+    for path in (settings.state_dir / "services").glob("*.json"):
+        path.unlink(missing_ok=True)
     return list(procs)
 
 

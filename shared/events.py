@@ -248,6 +248,9 @@ class ModelPromoted(Event):
     reason: Literal["gate", "approval", "manual", "rollback"] = "gate"
     actor: str | None = None               # who moved it (None: the gate, nobody)
     move: int = 1                          # 1 for the alias's first move, 2 for its second, …
+    # production: the index of the version's "promoted" entry in its history, which orders this
+    # change among the version's others (ModelApproved's `change`, …) however the bus delivers them
+    change: int | None = None
 
     def step_key(self) -> str:
         return f"{self.alias}-{self.move}"

@@ -201,10 +201,12 @@ class _Edit:
                     continue
                 if entry["version"] is not None:
                     doc = self.version(entry["version"])
+                    change = next((i for i, e in enumerate(doc.get("history", [])) if alias == "production"
+                                   and e.get("op") == op and e["status"] == "promoted"), None)
                     out.append(ev.ModelPromoted(
                         run_id=doc["run_id"], model_name=self.name, version=entry["version"], uri=doc["uri"],
                         alias=alias, previous_version=entry["previous"], reason=entry["reason"],
-                        actor=entry["actor"], move=move))
+                        actor=entry["actor"], move=move, change=change))
                 if entry["previous"] not in (None, subject, entry["version"]):
                     displaced.append(entry["previous"])
         for version in dict.fromkeys(displaced):

@@ -106,25 +106,27 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
             if (run.get("model") or {}).get("status") is None:  # a later change that arrived first stands
                 update["model"]["status"] = event.status
         case ev.ModelApproved():
-            update["model"] = _model(event, "approved", approval={"approver": event.approver, "note": event.note,
-                                                                   "at": now})
+            update["model"] = _model(run, event, "approved", approval={"approver": event.approver,
+                                                                        "note": event.note, "at": now})
         case ev.ModelPromoted():
             change = {"at": now, "reason": event.reason, "actor": event.actor, "previous_version": event.previous_version}
-            update["model"] = _model(event, "promoted" if event.alias == "production" else None,
+            update["model"] = _model(run, event, "promoted" if event.alias == "production" else None,
                                      promotions={event.alias: change})
         case ev.ModelQuarantined():
-            update["model"] = _model(event, "quarantined", status_reason="; ".join(event.reasons), actor=event.actor)
+            update["model"] = _model(run, event, "quarantined", status_reason="; ".join(event.reasons),
+                                     actor=event.actor)
         case ev.ModelArchived():
-            update["model"] = _model(event, "archived", status_reason=event.reason, actor=event.actor)
+            update["model"] = _model(run, event, "archived", status_reason=event.reason, actor=event.actor)
     return update
 
 
-def _model(event, status: str | None, **details) -> dict:
+def _model(run: dict, event, status: str | None, **details) -> dict:
     """The run's copy of its model version after a registry change (the registry's documents are
-    the authority; this copy lets the runs list show and filter by it)."""
+    the authority; this copy lets the runs list show and filter by it). The version's changes are
+    numbered (`change`): one delivered after a later one leaves the status as the later one set it."""
     out = {"name": event.model_name, "version": event.version, "uri": event.uri, **details}
-    if status is not None:
-        out["status"] = status
+    if status is not None and event.change is not None and event.change >= (run.get("model") or {}).get("change", -1):
+        out.update(status=status, change=event.change)
     return out
 
 

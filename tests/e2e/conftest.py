@@ -23,7 +23,7 @@ def write_chats(path: Path, n: int = 40) -> Path:
     return path
 
 
-def tiny_recipe(path: Path, **training) -> Path:
+def tiny_recipe(path: Path, *, approval: bool = False, **training) -> Path:
     settings = {"epochs": 1, "max_steps": 6, "batch_size": 2, "max_seq_len": 96, "checkpoint_every": 2,
                 "metrics_every": 2, "learning_rate": 0.001, **training}
     body = "\n".join(f"  {k}: {v}" for k, v in settings.items())
@@ -31,6 +31,8 @@ def tiny_recipe(path: Path, **training) -> Path:
 version: 1
 base_model: tiny-random-smollm2
 model_name: e2e-tiny
+registry:
+  approval: {"true" if approval else "false"}
 data:
   min_rows: 5
 adapter:

@@ -4,7 +4,10 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -14,7 +17,8 @@ from ftpipe.stack import down, running, tracker_url, up
 from shared.auth import local_token
 from shared.config import Settings
 
-from tests.e2e.conftest import ftpipe, tiny_recipe, write_chats
+from tests.browser.conftest import browser, browser_context, open_dashboard, page  # noqa: F401
+from tests.e2e.conftest import ROOT, ftpipe, tiny_recipe, write_chats
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +32,35 @@ def stack(tmp_path):
     down(settings)
 
 
-def test_drop_to_registered_model(stack, tmp_path):
+def test_drop_to_registered_model_watched_and_approved_in_the_dashboard(stack, tmp_path, page):
+    """A drop through the CLI while someone watches in the dashboard (Debian's chromium): the run
+    appears, its loss chart fills as training reports, and, the recipe asking for approval, an
+    approve click on the model page puts the version in production."""
+    from playwright.sync_api import expect
+
     data = write_chats(tmp_path / "chats.jsonl")
-    recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml")
-    proc = ftpipe("drop", str(data), "--recipe", str(recipe), "--wait", "--json", "--timeout", "600",
-                  env={"FTPIPE_STATE": str(stack.state_dir)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(proc.stdout)
+    recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml", approval=True)
+    drop = subprocess.Popen([sys.executable, "-m", "ftpipe.cli", "drop", str(data), "--recipe", str(recipe), "--wait",
+                             "--json", "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FTPIPE_STATE": str(stack.state_dir)}, cwd=ROOT)
+    token = local_token(stack.state_dir)
+    open_dashboard(page, tracker_url(stack), token)
+    row = page.get_by_test_id("run-row")
+    expect(row).to_have_count(1, timeout=120_000)  # once the drop's JobSubmitted is recorded
+    row.get_by_test_id("run-link").click()
+    chart = page.get_by_test_id("chart-loss")
+    expect(chart).to_have_count(1)
+    # Every value the chart's point count takes, from now on, in this page (no reload).
+    page.evaluate("""el => { window.pointsSeen = [el.dataset.points];
+        new MutationObserver(() => window.pointsSeen.push(el.dataset.points))
+            .observe(el, {attributes: true, attributeFilter: ["data-points"]}); }""", chart.element_handle())
+    expect(chart).to_have_attribute("data-points", "6", timeout=300_000)  # one point per step
+    seen = [int(n) for n in page.evaluate("window.pointsSeen")]
+    assert seen[0] < 6 and seen == sorted(seen), seen  # opened before training reported: it grew live
+
+    out, err = drop.communicate(timeout=600)
+    assert drop.returncode == 0, err[-3000:]
+    record = json.loads(out)
     assert record["status"] == "succeeded"
     counts = record["dataset"]["counts"]
     assert counts["rejected"] == 1 and counts["duplicates_removed"] == 1
@@ -47,7 +73,7 @@ def test_drop_to_registered_model(stack, tmp_path):
     store = client.adapters.store
     bucket, prefix = store.parse_url(record["model"]["uri"])
     bundle = json.loads(store.read(bucket, prefix + "bundle.json"))
-    assert bundle["run_id"] == record["run_id"] and bundle["status"] == "promoted"
+    assert bundle["run_id"] == record["run_id"] and bundle["status"] == "candidate"  # waits for approval
     assert any(f["name"].endswith("adapter_model.safetensors") for f in bundle["files"])
     run_record = json.loads(store.read(bucket, prefix + bundle["run_record"]))
     assert run_record["recipe"]["hash"] == bundle["recipe_hash"] and run_record["packages"]["torch"]
@@ -59,16 +85,32 @@ def test_drop_to_registered_model(stack, tmp_path):
     assert "@example.com" not in train and "[EMAIL]" in train
 
     # Lineage through the tracker's API: contiguous per-run sequence numbers, one row per step.
-    def api(path: str):
-        request = urllib.request.Request(f"{tracker_url(stack)}/api/{path}",
-                                         headers={"Authorization": f"Bearer {local_token(stack.state_dir)}"})
+    def api(path: str, method: str = "GET", auth: bool = True):
+        headers = {"Authorization": f"Bearer {token}"} if auth else {}
+        request = urllib.request.Request(f"{tracker_url(stack)}/api/{path}", method=method, headers=headers)
         with urllib.request.urlopen(request) as resp:
             return json.load(resp)
     run = api(f"runs/{record['run_id']}")
     assert [e["seq"] for e in run["events"]] == list(range(1, len(run["events"]) + 1))
     steps = [m["step"] for m in api(f"runs/{record['run_id']}/metrics")]
     assert steps == sorted(set(steps)) and steps[-1] == 6
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a write without the token
+        api("models/e2e-tiny/1.1/approve", method="POST", auth=False)
+    assert refused.value.code == 401
+    assert client.model("e2e-tiny")["aliases"].get("production") is None
+
+    page.evaluate("location.hash = '#/models/e2e-tiny'")
+    version = page.locator('[data-testid=version-row][data-version="1.1"]')
+    expect(version.get_by_test_id("version-status")).to_have_text("candidate")
+    version.get_by_test_id("action-approve").click()
+    version.get_by_test_id("action-approve-confirm").click()
+    expect(version.get_by_test_id("version-status")).to_have_text("promoted")
+    assert client.model("e2e-tiny")["aliases"]["production"] == "1.1"
     assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
+    deadline = time.monotonic() + 60  # the tracker folds the registry's ModelPromoted into the run
+    while (client.run(record["run_id"])["model"].get("status")) != "promoted":
+        assert time.monotonic() < deadline, client.run(record["run_id"])["model"]
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])

@@ -63,7 +63,7 @@ def test_the_registrys_changes_reach_the_runs_model(tmp_path):
     docs = SqliteDocStore(tmp_path / "docs.db")
     uri = "file:///m/t/1.2/"
     common = dict(run_id="r", model_name="t", version="1.2", uri=uri)
-    approved = ev.ModelApproved(**common, approver="ann@example.com", note="looks right")
+    approved = ev.ModelApproved(**common, approver="ann@example.com", note="looks right", change=1)
     for event in (approved,  # delivered before the registration it follows: the registration does not undo it
                   ev.ModelRegistered(**common, status="candidate")):
         assert record(docs, event)
@@ -72,23 +72,30 @@ def test_the_registrys_changes_reach_the_runs_model(tmp_path):
     assert docs.get(RUNS, "r")["status"] == "succeeded"
 
     record(docs, ev.ModelPromoted(**common, alias="production", previous_version="1.1", reason="approval",
-                                  actor="ann@example.com"))
+                                  actor="ann@example.com", change=2))
     model = docs.get(RUNS, "r")["model"]
     assert model["status"] == "promoted"
     assert model["promotions"]["production"] | {"at": 0} == {"reason": "approval", "actor": "ann@example.com",
                                                             "previous_version": "1.1", "at": 0}
-    record(docs, ev.ModelArchived(**common, reason="superseded by 1.3", change=2))
+    record(docs, ev.ModelArchived(**common, reason="superseded by 1.3", change=3))
     assert docs.get(RUNS, "r")["model"]["status"] == "archived"
     record(docs, ev.ModelPromoted(**common, alias="production", previous_version="1.3", reason="rollback",
-                                  actor="bob@example.com", move=3))
+                                  actor="bob@example.com", move=3, change=4))
     model = docs.get(RUNS, "r")["model"]
     assert model["status"] == "promoted" and model["promotions"]["production"]["reason"] == "rollback"
-    record(docs, ev.ModelQuarantined(**common, reasons=["leaks PII"], actor="bob@example.com", change=4))
+    record(docs, ev.ModelQuarantined(**common, reasons=["leaks PII"], actor="bob@example.com", change=5))
     model = docs.get(RUNS, "r")["model"]
     assert (model["status"], model["status_reason"], model["actor"]) == ("quarantined", "leaks PII", "bob@example.com")
     summaries = [e["summary"] for _, e in docs.query(RUN_EVENTS, where=[("run_id", "==", "r")], order_by=[("seq", "asc")])]
     assert summaries[2] == "t 1.2 is production (approval by ann@example.com, was 1.1)"
     assert summaries[-1] == "t 1.2 quarantined: leaks PII"
+
+    # The bus delivers an approval's two events in either order: the promotion stands.
+    late = dict(common, run_id="r2")
+    record(docs, ev.ModelPromoted(**late, alias="production", reason="approval", actor="ann@example.com", change=2))
+    record(docs, ev.ModelApproved(**late, approver="ann@example.com", change=1))
+    model = docs.get(RUNS, "r2")["model"]
+    assert (model["status"], model["approval"]["approver"]) == ("promoted", "ann@example.com")
 
 
 def test_dataset_documents_know_their_runs_review_and_estimates(tmp_path):

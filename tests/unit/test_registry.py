@@ -145,7 +145,8 @@ def test_passed_evaluation_registers_and_promotes_1_1_with_its_whole_bundle(adap
     assert published_models(adapters) == [
         ev.ModelRegistered(run_id="run-a", model_name=NAME, version="1.1", uri=uri, status="promoted"),
         ev.ModelPromoted(run_id="run-a", model_name=NAME, version="1.1", uri=uri, alias="staging", move=1),
-        ev.ModelPromoted(run_id="run-a", model_name=NAME, version="1.1", uri=uri, alias="production", move=1)]
+        ev.ModelPromoted(run_id="run-a", model_name=NAME, version="1.1", uri=uri, alias="production", move=1,
+                        change=1)]  # its "promoted" entry: index 1 of the version history
 
 
 def test_next_run_gets_1_2_and_redelivery_is_the_same_version(adapters):
