@@ -23,7 +23,7 @@ RECIPE = "support-assistant"
 def run_demo(settings: Settings, *, keep_up: bool, console: Console) -> int:
     from ftpipe.client import Client
     from ftpipe.progress import watch
-    from ftpipe.stack import down, tracker_url, up
+    from ftpipe.stack import dashboard_url, down, up
 
     started = time.monotonic()
     recipe = load_recipe(RECIPE)
@@ -32,8 +32,9 @@ def run_demo(settings: Settings, *, keep_up: bool, console: Console) -> int:
         console.print(f"base model: {resolve_model(recipe.base_model)}")
     with console.status("starting the local stack: notifier, preprocess, trainer, evaluator, registry, tracker…"):
         up(settings)
-    console.print(f"stack up; state in {settings.state_dir}, logs in {settings.state_dir / 'logs'}, "
-                  f"API {tracker_url(settings)}")
+    console.print(f"stack up; state in {settings.state_dir}, logs in {settings.state_dir / 'logs'}")
+    # The link carries the stack's token; --keep-up leaves the dashboard there after the demo.
+    console.print(f"watch it in the dashboard: {escape(dashboard_url(settings))}")
     client = Client(settings)
     try:
         client.adapters.store.upload_file(settings.bucket, recipe.eval.probes, str(PROBES))
