@@ -211,38 +211,36 @@ MODEL_STATUSES = ("candidate", "approved", "promoted", "quarantined", "archived"
 ALIASES = ("staging", "production")
 
 
-class ModelRegistered(Event):
-    type: ClassVar[str] = "ModelRegistered"
+class _ModelEvent(Event):
     topic: ClassVar[str] = MODELS
     model_name: str
     version: str
     uri: str
-    # candidate: passed the gate, waits for approval; promoted: passed, in production; quarantined:
-    # failed the gate; archived: passed, but a later version of the same model was in production already
-    status: Literal["candidate", "promoted", "quarantined", "archived"]
 
 
-class ModelApproved(Event):
-    type: ClassVar[str] = "ModelApproved"
-    topic: ClassVar[str] = MODELS
-    model_name: str
-    version: str
-    uri: str
-    approver: str
-    note: str = ""
-    change: int = 0
+class _StatusChange(_ModelEvent):
+    change: int = 0                        # the change's index in the version's history
 
     def step_key(self) -> str:
         return f"{self.version}-{self.change}"
 
 
-class ModelPromoted(Event):
+class ModelRegistered(_ModelEvent):
+    type: ClassVar[str] = "ModelRegistered"
+    # candidate: passed the gate, waits for approval; promoted: passed, in production; quarantined:
+    # failed the gate; archived: passed, but a later version of the same model was in production already
+    status: Literal["candidate", "promoted", "quarantined", "archived"]
+
+
+class ModelApproved(_StatusChange):
+    type: ClassVar[str] = "ModelApproved"
+    approver: str
+    note: str = ""
+
+
+class ModelPromoted(_ModelEvent):
     """An alias now points at this version (production: the version serves)."""
     type: ClassVar[str] = "ModelPromoted"
-    topic: ClassVar[str] = MODELS
-    model_name: str
-    version: str
-    uri: str
     alias: Literal["staging", "production"] = "production"
     previous_version: str | None = None
     reason: Literal["gate", "approval", "manual", "rollback"] = "gate"
@@ -256,32 +254,16 @@ class ModelPromoted(Event):
         return f"{self.alias}-{self.move}"
 
 
-class ModelQuarantined(Event):
+class ModelQuarantined(_StatusChange):
     type: ClassVar[str] = "ModelQuarantined"
-    topic: ClassVar[str] = MODELS
-    model_name: str
-    version: str
-    uri: str
     reasons: list[str]
     actor: str | None = None               # None: the gate quarantined it
-    change: int = 0
-
-    def step_key(self) -> str:
-        return f"{self.version}-{self.change}"
 
 
-class ModelArchived(Event):
+class ModelArchived(_StatusChange):
     type: ClassVar[str] = "ModelArchived"
-    topic: ClassVar[str] = MODELS
-    model_name: str
-    version: str
-    uri: str
     reason: str
     actor: str | None = None               # None: superseded when another version was promoted
-    change: int = 0
-
-    def step_key(self) -> str:
-        return f"{self.version}-{self.change}"
 
 
 # ---------------------------------------------------------------- GCS notifications

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from shared import events as ev
-from shared.config import Settings, bootstrap
+from shared.config import Settings
 from shared.push import CLAIMS, Claim, OidcVerifier
 from shared.recipe import load_recipe
 from shared.runtime import LEDGER, Retry, Service, ledger_key
@@ -27,13 +27,6 @@ RECIPE = load_recipe("tiny-sft")
 SUBSCRIPTION = ev.subscription_name("evaluator", ev.TRAINING)
 AUDIENCE = "https://evaluator-abc123-ew.a.run.app/pubsub/push"
 PUSHER = "pubsub-push@acme-ml.iam.gserviceaccount.com"
-
-
-@pytest.fixture
-def adapters(tmp_path):
-    a = bootstrap(Settings(state_dir=tmp_path / "state"))
-    yield a
-    a.close()
 
 
 class Handler:

@@ -5,18 +5,8 @@ import os
 import shutil
 import time
 
-import pytest
-
 from shared import events as ev
-from shared.config import Settings, bootstrap
 from shared.notifications import LocalBucketNotifier, scan_incoming
-
-
-@pytest.fixture
-def adapters(tmp_path):
-    a = bootstrap(Settings(state_dir=tmp_path / "state"))
-    yield a
-    a.close()
 
 
 def uploads(adapters):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from shared import events as ev
+from tests.unit.bus_drain import drain
 from shared.config import Settings, bootstrap
 from shared.recipe import load_recipe
 from shared.runtime import LEDGER, Context, handle_message, publish_event
@@ -35,13 +36,6 @@ SCORES = {"base": {"chrf": 20.0, "exact": 0.1}, "candidate": {"chrf": 31.5, "exa
 # What the bundle holds besides the adapter, as the registry writes it.
 PARTS = ["MODEL_CARD.md", "bundle.json", "dataset/manifest.json", "dataset/pii_report.json", "evaluation/report.json",
          "evaluation/report.md", "privacy_review.json", "recipe.json", "requirements.lock"]
-
-
-@pytest.fixture
-def adapters(tmp_path):
-    a = bootstrap(Settings(state_dir=tmp_path / "state"))
-    yield a
-    a.close()
 
 
 def write_adapter(adapters, run_id: str) -> str:
@@ -83,12 +77,7 @@ def deliver(adapters, topic=ev.EVALUATIONS) -> str:
 
 def published_models(adapters) -> list:
     """What the registry published on `models`, as a consumer (the tracker) receives it."""
-    out = []
-    while msgs := adapters.bus.pull(ev.subscription_name("tracker", ev.MODELS), max_messages=20, timeout_s=0.3):
-        for m in msgs:
-            out.append(ev.decode(m.data, m.attributes))
-            m.ack()
-    return out
+    return drain(adapters, ev.subscription_name("tracker", ev.MODELS))
 
 
 def versions(adapters) -> dict:

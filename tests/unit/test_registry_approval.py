@@ -24,13 +24,6 @@ from services.registry_fn.approval import create_app
 
 
 @pytest.fixture
-def adapters(tmp_path):
-    a = bootstrap(Settings(state_dir=tmp_path / "state"))
-    yield a
-    a.close()
-
-
-@pytest.fixture
 def candidate(adapters):
     add(adapters, "r1")
     return add(adapters, "r2", approval=True)

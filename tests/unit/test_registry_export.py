@@ -9,7 +9,6 @@ import torch
 
 from ftpipe.cli import main
 from shared import model_registry as reg
-from shared.config import Settings, bootstrap
 from shared.model_export import ExportError, export_version, merge, vllm_adapter
 from shared.models import TINY, base_model_identity, resolve_model
 from shared.runtime import Context
@@ -36,13 +35,6 @@ def lora(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     peft_model.save_pretrained(out)
     return out
-
-
-@pytest.fixture
-def adapters(tmp_path):
-    a = bootstrap(Settings(state_dir=tmp_path / "state"))
-    yield a
-    a.close()
 
 
 def registered(adapters, lora, run_id="run-x", passed=True) -> str:

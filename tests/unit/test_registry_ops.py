@@ -9,17 +9,10 @@ import pytest
 from ftpipe.cli import main
 from shared import events as ev
 from shared import model_registry as reg
-from shared.config import Settings, bootstrap
+from tests.unit.bus_drain import drain
 
 NAME = "support-bot"
 BASE = "tiny-random-smollm2"
-
-
-@pytest.fixture
-def adapters(tmp_path):
-    a = bootstrap(Settings(state_dir=tmp_path / "state"))
-    yield a
-    a.close()
 
 
 def add(adapters, run_id: str, *, passed: bool = True, approval: bool = False, base: str = BASE) -> str:
@@ -33,12 +26,7 @@ def add(adapters, run_id: str, *, passed: bool = True, approval: bool = False, b
 
 
 def published(adapters) -> list:
-    out = []
-    while msgs := adapters.bus.pull(ev.subscription_name("tracker", ev.MODELS), max_messages=50, timeout_s=0.2):
-        for m in msgs:
-            out.append(ev.decode(m.data, m.attributes))
-            m.ack()
-    return out
+    return drain(adapters, ev.subscription_name("tracker", ev.MODELS))
 
 
 def status(adapters, version: str) -> str:
