@@ -7,6 +7,17 @@ locals {
   evaluator_push_audience = "https://${local.evaluator_name}.${var.project}.ftpipe/pubsub/push"
   dashboard_audience      = "/projects/${data.google_project.this.number}/global/backendServices/${google_compute_backend_service.tracker.generated_id}"
   iap_agent               = "serviceAccount:${google_project_service_identity.agents["iap.googleapis.com"].email}"
+
+  # Each service's settings beyond local.common_env (shared/config.py Settings.from_env).
+  evaluator_env = {
+    FTPIPE_ACK_DEADLINE_S        = tostring(local.push_policy.ack_deadline_seconds)
+    FTPIPE_MAX_DELIVERY_ATTEMPTS = tostring(var.evaluator_max_delivery_attempts)
+    FTPIPE_PUSH_AUDIENCE         = local.evaluator_push_audience
+    FTPIPE_PUSH_SERVICE_ACCOUNT  = google_service_account.sa["push"].email
+  }
+  tracker_env = {
+    FTPIPE_DASHBOARD_AUDIENCE = local.dashboard_audience
+  }
 }
 
 # ------------------------------------------------------------------ evaluator: Pub/Sub push
@@ -38,12 +49,7 @@ resource "google_cloud_run_v2_service" "evaluator" {
         cpu_idle = false
       }
       dynamic "env" {
-        for_each = merge(local.common_env, {
-          FTPIPE_ACK_DEADLINE_S        = tostring(local.push_policy.ack_deadline_seconds)
-          FTPIPE_MAX_DELIVERY_ATTEMPTS = tostring(var.evaluator_max_delivery_attempts)
-          FTPIPE_PUSH_AUDIENCE         = local.evaluator_push_audience
-          FTPIPE_PUSH_SERVICE_ACCOUNT  = google_service_account.sa["push"].email
-        })
+        for_each = merge(local.common_env, local.evaluator_env)
         content {
           name  = env.key
           value = env.value
@@ -94,9 +100,7 @@ resource "google_cloud_run_v2_service" "tracker" {
         cpu_idle = false
       }
       dynamic "env" {
-        for_each = merge(local.common_env, {
-          FTPIPE_DASHBOARD_AUDIENCE = local.dashboard_audience
-        })
+        for_each = merge(local.common_env, local.tracker_env)
         content {
           name  = env.key
           value = env.value

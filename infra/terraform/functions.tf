@@ -5,10 +5,10 @@ locals {
   approve_name  = "ftpipe-registry-approve-${var.env}"
   # A 2nd-gen function's cloudfunctions.net URL is known before it exists; its own environment names it.
   approve_url = "https://${var.region}-${var.project}.cloudfunctions.net/${local.approve_name}"
-  registry_env = merge(local.common_env, {
+  registry_env = {
     FTPIPE_APPROVAL_AUDIENCE = var.approval_audience != "" ? var.approval_audience : local.approve_url
     FTPIPE_APPROVERS         = join(",", var.approvers)
-  })
+  }
   registry_source = {
     bucket = google_storage_bucket.data.name
     object = "${local.dist}/registry-fn.zip"
@@ -38,7 +38,7 @@ resource "google_cloudfunctions2_function" "registry" {
     ingress_settings               = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision = true
     service_account_email          = google_service_account.sa["registry"].email
-    environment_variables          = local.registry_env
+    environment_variables          = merge(local.common_env, local.registry_env)
   }
   event_trigger {
     trigger_region        = var.region
@@ -81,7 +81,7 @@ resource "google_cloudfunctions2_function" "approve" {
     ingress_settings               = "ALLOW_ALL"
     all_traffic_on_latest_revision = true
     service_account_email          = google_service_account.sa["registry"].email
-    environment_variables          = local.registry_env
+    environment_variables          = merge(local.common_env, local.registry_env)
   }
   depends_on = [google_project_service.apis]
 }
