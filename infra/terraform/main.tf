@@ -5,6 +5,7 @@ data "google_project" "this" {
 locals {
   apis = [
     "artifactregistry.googleapis.com",
+    "binaryauthorization.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudfunctions.googleapis.com",
     "compute.googleapis.com",
