@@ -32,7 +32,7 @@ class Settings(BaseModel):
     # Serverless batch (services/preprocess/dataproc.py); the dataproc_* settings are for the latter.
     preprocess_runner: Literal["in_process", "dataproc"] = "in_process"
     dataproc_region: str = "europe-west1"
-    dataproc_runtime_version: str = "2.2"
+    dataproc_runtime_version: str = "3.0"  # Spark 4 (the code is written and tested against PySpark 4); 2.2 is Spark 3.5
     dataproc_service_account: str | None = None
     dataproc_subnetwork: str | None = None
     dataproc_wheel_uri: str | None = None          # gs://…/ftpipe-<version>-py3-none-any.whl

@@ -41,7 +41,7 @@ locals {
   dataproc_env = {
     FTPIPE_PREPROCESS_RUNNER        = "dataproc"
     FTPIPE_DATAPROC_REGION          = var.region
-    FTPIPE_DATAPROC_RUNTIME_VERSION = "2.2"
+    FTPIPE_DATAPROC_RUNTIME_VERSION = "3.0"
     FTPIPE_DATAPROC_SERVICE_ACCOUNT = google_service_account.sa["dataproc"].email
     FTPIPE_DATAPROC_SUBNETWORK      = google_compute_subnetwork.main.id
     FTPIPE_DATAPROC_WHEEL_URI       = "gs://${google_storage_bucket.data.name}/${local.dist}/ftpipe-py3-none-any.whl"

@@ -39,7 +39,7 @@ def test_batch_request():
     assert json.loads(args[args.index("--recipe") + 1]) == RECIPE.model_dump(mode="json")
     assert json.loads(args[args.index("--source-json") + 1]) == SOURCE
     runtime = req.batch.runtime_config
-    assert runtime.version == "2.2" and runtime.properties["spark.executor.instances"] == "4"
+    assert runtime.version == "3.0" and runtime.properties["spark.executor.instances"] == "4"
     execution = req.batch.environment_config.execution_config
     assert execution.service_account == "prep@acme-ml.iam.gserviceaccount.com"
     assert execution.subnetwork_uri.endswith("/subnetworks/ml")
