@@ -6,7 +6,8 @@
 <out>/adapter/   the LoRA adapter as vLLM's LoRA support loads it: adapter_config.json and
                  adapter_model.safetensors at the folder root
                  (`vllm serve BASE --enable-lora --lora-modules NAME=<out>/adapter`)
-<out>/export.json  what was exported from which version, with the sha256 of every file written
+<out>/export.json  what was exported from which version, with the sha256 of every file written,
+                 and `vllm`: the exact `vllm serve` commands for both folders
 
 The adapter files are checked against the hashes in the version's bundle.json before use, and the
 base model against the content hash the trainer recorded: a merge onto other weights than the ones

@@ -209,7 +209,7 @@ def create_app(engine: Engine, router: Router, authenticate: Authenticator, metr
                             seed=req.seed)
         shape = _Shape(kind, target.label)
         started = time.perf_counter()
-        pieces = engine.stream(target, prompt_ids, sampling)
+        pieces = engine.stream(target, prompt_ids, sampling, recheck=lambda t: router.version(t.name, t.version))
         log = {"model": labels[0], "version": labels[1], "endpoint": kind, "stream": req.stream,
                "arm": target.arm, "user": _pseudonym(user)}
 

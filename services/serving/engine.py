@@ -201,9 +201,12 @@ class Engine:
                                f"max_tokens ({max_tokens}) exceeds the model's context of {self.context_length} "
                                "tokens: shorten the prompt or lower max_tokens", "max_tokens")
 
-    def stream(self, target: Target, prompt_ids: list[int], sampling: Sampling) -> Iterator[str | Finished]:
+    def stream(self, target: Target, prompt_ids: list[int], sampling: Sampling,
+               recheck: Callable[[Target], object] | None = None) -> Iterator[str | Finished]:
         """Generate for `target`: yields text pieces as they are decoded, then one Finished. Closing
-        the iterator early (a client that went away) stops the generation at its next token."""
+        the iterator early (a client that went away) stops the generation at its next token.
+        `recheck(target)` runs once the lock is held and raises if the version may no longer be
+        served: a quarantine that arrived while the request waited must not be loaded back in."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -218,6 +221,8 @@ class Engine:
         self.lock.acquire()
         started = time.perf_counter()
         try:
+            if recheck is not None and target.key is not None:
+                recheck(target)
             loaded, evicted = self._activate(target, folder)
         except BaseException:
             self.lock.release()

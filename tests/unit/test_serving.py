@@ -31,8 +31,8 @@ SPLIT = {AB: parse_split(f"{AB}=1.1:3,1.2:1")[1]}
 
 
 @functools.cache
-def tiny_sha256() -> str:
-    return base_model_identity(TINY)["sha256"]
+def base_sha256(ref: str) -> str:
+    return base_model_identity(ref)["sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def loras(tmp_path_factory) -> list[Path]:
     return out
 
 
-def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, approval=False) -> str:
+def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, approval=False, base=TINY) -> str:
     """A version as the registry leaves it: adapter files and bundle.json (with their sha256) in the
     store, the documents written by allocate_version / register_version."""
-    version = reg.allocate_version(adapters.docs, name, run_id, TINY)
+    version = reg.allocate_version(adapters.docs, name, run_id, base)
     prefix = f"models/{name}/{version}"
     files = []
     for path in sorted(lora.iterdir()):
@@ -65,7 +65,7 @@ def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, ap
     adapters.store.write(BUCKET, f"{prefix}/bundle.json", json.dumps({"name": name, "version": version,
                                                                       "files": files}).encode())
     doc = {"name": name, "version": version, "run_id": run_id, "uri": adapters.store.url(BUCKET, prefix + "/"),
-           "base_model": TINY, "base_model_sha256": tiny_sha256(),
+           "base_model": base, "base_model_sha256": base_sha256(base),
            "evaluation": {"passed": passed}}
     reg.register_version(adapters.docs, doc, passed=passed, reasons=[] if passed else ["worse than base"],
                          approval=approval)
