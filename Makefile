@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast clean down bench-venv bench-preprocess bench-train chromium
+.PHONY: setup demo test test-fast clean down bench-venv bench-preprocess bench-train bench-serve chromium
 
 setup: $(MODELS_STAMP)
 
@@ -58,6 +58,9 @@ bench-preprocess: bench-venv
 
 bench-train: bench-venv
 	HF_HUB_OFFLINE=1 $(BENCH_VENV)/bin/python bench/train/run.py --out bench/train/results.json
+
+bench-serve: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/serve/run.py --out bench/serve/results.json
 
 down:
 	$(VENV)/bin/ftpipe down

@@ -547,6 +547,38 @@ def _estimate_evaluation(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible API over one base model and the registry's adapters (services/serving/)."""
+    from services.serving.main import ServingConfig, serve, splits_from
+    from services.serving.routing import ServingError
+    from shared.auth import local_token
+    from shared.logs import configure_logging
+
+    settings = _settings(args)
+    if args.max_adapters is not None and args.max_adapters < 1:
+        raise UsageError(f"--max-adapters {args.max_adapters}: at least 1 adapter must fit in memory")
+    try:
+        splits = splits_from(args.split or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    config = ServingConfig.from_env(settings, base=args.base, max_adapters=args.max_adapters, host=args.host,
+                                    port=args.port, max_tokens_limit=args.max_tokens_limit, splits=splits or None)
+    configure_logging(settings.log_format, settings.log_level)
+
+    def ready(server) -> None:
+        token = "" if settings.profile == "gcp" else f" (bearer token: {settings.state_dir / 'auth-token'})"
+        err.print(escape(f"serving {config.base} and its registered adapters (up to {config.max_adapters} in memory) "
+                         f"at {server.url}/v1{token}; metrics at {server.url}/metrics; Ctrl-C stops"))
+
+    if settings.profile != "gcp":
+        local_token(settings.state_dir)   # created now, so it can be read before the first request
+    try:
+        serve(settings, config, ready=ready)
+    except ServingError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ftpipe.demo import run_demo
 
@@ -691,6 +723,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the time and cost of evaluating on one GPU of the recipe's hardware; run nothing")
     p.add_argument("--examples", type=int, help="--estimate: test examples scored (default: the recipe's eval.max_examples)")
     p.add_argument("--tokens-per-s", type=float, help="--estimate: a measured generation throughput to use")
+    p = add("serve", cmd_serve, "an OpenAI-compatible API over a base model and every registered LoRA adapter on it")
+    p.add_argument("--base", help="the base model reference (default: $FTPIPE_SERVING_BASE or smollm2-135m-instruct)")
+    p.add_argument("--max-adapters", type=int, help="adapters kept in memory, least recently used out first (default 4)")
+    p.add_argument("--split", action="append", metavar="NAME=ARM:W,ARM:W",
+                   help="an A/B split of NAME's traffic by weight, sticky per user (arms: versions or aliases), "
+                        "e.g. support-bot=production:90,staging:10; repeat for other models")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: a free one; written to <state>/services/serving-api.json)")
+    p.add_argument("--max-tokens-limit", type=int, help="the largest max_tokens a request may ask for (default 2048)")
     p = add("demo", cmd_demo, "the end-to-end demo on the embedded defaults")
     p.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
     return parser

@@ -50,6 +50,9 @@ class Settings(BaseModel):
     dashboard_audience: str | None = None
     approval_audience: str | None = None
     approvers: tuple[str, ...] = ()
+    # The serving API (services/serving/) in the gcp profile: callers' Google ID tokens for this
+    # audience (its URL); locally, the token in <state>/auth-token.
+    serving_audience: str | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -80,6 +83,7 @@ class Settings(BaseModel):
             "push_service_account": env.get("FTPIPE_PUSH_SERVICE_ACCOUNT"),
             "dashboard_audience": env.get("FTPIPE_DASHBOARD_AUDIENCE"),
             "approval_audience": env.get("FTPIPE_APPROVAL_AUDIENCE"),
+            "serving_audience": env.get("FTPIPE_SERVING_AUDIENCE"),
             "approvers": tuple(e.strip() for e in env["FTPIPE_APPROVERS"].split(",") if e.strip())
             if env.get("FTPIPE_APPROVERS") else None,
         }

@@ -6,7 +6,8 @@
 <out>/adapter/   the LoRA adapter as vLLM's LoRA support loads it: adapter_config.json and
                  adapter_model.safetensors at the folder root
                  (`vllm serve BASE --enable-lora --lora-modules NAME=<out>/adapter`)
-<out>/export.json  what was exported from which version, with the sha256 of every file written
+<out>/export.json  what was exported from which version, with the sha256 of every file written,
+                 and `vllm`: the exact `vllm serve` commands for both folders
 
 The adapter files are checked against the hashes in the version's bundle.json before use, and the
 base model against the content hash the trainer recorded: a merge onto other weights than the ones
@@ -28,6 +29,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"   # a classifier's label of each class index (services/trainer/modeling.py)
 # The tensor names vLLM's LoRA loader parses (vllm/lora/utils.py: parse_fine_tuned_lora_name).
+# The only values vLLM's --max-lora-rank takes (vllm/config/lora.py: MaxLoRARanks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _VLLM_TENSOR = re.compile(r"^base_model\.model\..+\.(lora_[AB]\.weight|lora_embedding_[AB])$")
 
 
@@ -41,23 +44,12 @@ def export_version(store, docs, name: str, version: str, out_dir: Path, *, merge
     doc = get_version(docs, name, version)
     if doc["status"] == "quarantined":
         raise RegistryError(409, f"{name} {version} is quarantined: it must not be served, so it is not exported")
-    bucket, prefix = store.parse_url(doc["uri"])
-    prefix = prefix.rstrip("/") + "/"
-    bundle = json.loads(store.read(bucket, prefix + "bundle.json"))
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} is not empty: export into a new folder")
     with tempfile.TemporaryDirectory(prefix="ftpipe-export-") as tmp:
         source = Path(tmp) / "adapter"
-        for entry in bundle["files"]:
-            if not entry["name"].startswith("adapter/"):
-                continue
-            path = source / entry["name"][len("adapter/"):]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store.download_file(bucket, prefix + entry["name"], str(path))
-            if file_sha256(path) != entry["sha256"]:
-                raise ExportError(f"{store.url(bucket, prefix + entry['name'])} does not match the sha256 in "
-                                  f"bundle.json: the stored version was altered; do not serve it")
+        bundle = fetch_adapter(store, doc, source)
         recipe = bundle["recipe"]
         kind = recipe["adapter"]["kind"]
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,9 +60,51 @@ def export_version(store, docs, name: str, version: str, out_dir: Path, *, merge
         if merged:
             result["merged"] = str(merge(bundle["base_model"], source, out_dir / "merged", task=recipe["task"],
                                          base_sha256=bundle["base_model_sha256"]))
+    result["vllm"] = vllm_commands(result, name, version)
     result["files"] = {str(p.relative_to(out_dir)): file_sha256(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
     (out_dir / "export.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def fetch_adapter(store, doc: dict, dest: Path) -> dict:
+    """Download version `doc`'s adapter files (the bundle's `adapter/…`) into `dest`, each checked
+    against the sha256 the bundle recorded; returns the bundle. Exporting and serving both go
+    through here, so neither ever uses weights that were altered after registration."""
+    bucket, prefix = store.parse_url(doc["uri"])
+    prefix = prefix.rstrip("/") + "/"
+    bundle = json.loads(store.read(bucket, prefix + "bundle.json"))
+    dest = Path(dest)
+    for entry in bundle["files"]:
+        if not entry["name"].startswith("adapter/"):
+            continue
+        path = dest / entry["name"][len("adapter/"):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.download_file(bucket, prefix + entry["name"], str(path))
+        if file_sha256(path) != entry["sha256"]:
+            raise ExportError(f"{store.url(bucket, prefix + entry['name'])} does not match the sha256 in "
+                              f"bundle.json: the stored version was altered; do not serve it")
+    return bundle
+
+
+def vllm_commands(result: dict, name: str, version: str) -> dict:
+    """The commands that serve an export with vLLM: the merged folder on its own, and the adapter on
+    the base model under the name `ftpipe serve` gives it (NAME@VERSION), so clients need not
+    change. vLLM refuses an adapter whose rank exceeds --max-lora-rank (default 16), so it is set
+    from the adapter's own config."""
+    out = {}
+    if "merged" in result:
+        out["merged"] = f"vllm serve {result['merged']} --served-model-name {name}@{version}"
+    if "adapter" in result:
+        rank = json.loads((Path(result["adapter"]) / ADAPTER_CONFIG).read_text())["r"]
+        base = resolve_model(result["base_model"])
+        out["adapter"] = (f"vllm serve {base} --enable-lora --max-lora-rank {_vllm_rank(rank)} "
+                          f"--lora-modules {name}@{version}={result['adapter']}")
+    return out
+
+
+def _vllm_rank(rank: int) -> int:
+    """The smallest value vLLM's --max-lora-rank accepts that holds `rank`."""
+    return next(r for r in VLLM_MAX_LORA_RANKS if r >= rank)
 
 
 def vllm_adapter(adapter_dir: Path, out_dir: Path) -> Path:
@@ -86,6 +120,9 @@ def vllm_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     if config.get("peft_type") != "LORA":
         raise ExportError(f"the adapter is {config.get('peft_type')}, and vLLM serves LoRA adapters only: export "
                           "the merged weights instead (or train with adapter.kind lora / qlora)")
+    if config.get("r", 0) > VLLM_MAX_LORA_RANKS[-1]:
+        raise ExportError(f"the adapter's rank {config['r']} exceeds vLLM's largest --max-lora-rank "
+                          f"({VLLM_MAX_LORA_RANKS[-1]}): export the merged weights instead")
     if config.get("use_dora"):
         raise ExportError("the adapter uses DoRA, which vLLM does not load: export the merged weights instead")
     if config.get("modules_to_save"):

@@ -12,6 +12,8 @@ SERVICE_TOPICS: dict[str, tuple[str, ...]] = {
     "evaluator": (ev.TRAINING,),
     "registry": (ev.EVALUATIONS,),
     "tracker": (ev.JOBS, ev.DATASETS, ev.TRAINING, ev.EVALUATIONS, ev.MODELS),
+    # `ftpipe serve`: loads newly promoted versions, drops quarantined and archived ones
+    "serving": (ev.MODELS,),
 }
 
 # Services whose workers take the highest priority class first (shared/scheduling.py): one

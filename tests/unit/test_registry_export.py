@@ -88,6 +88,11 @@ def test_export_merged_weights_equal_the_adapter_on_the_base_and_the_adapter_is_
     assert manifest["version"] == version and manifest["base_model_sha256"] == base_model_identity(TINY)["sha256"]
     assert set(manifest["files"]) >= {"adapter/adapter_model.safetensors", "merged/model.safetensors"}
     assert result["merged"] == str(merged_dir)
+    # r = 4 fits vLLM's smallest --max-lora-rank above it (8); the name is the one `ftpipe serve` uses.
+    assert manifest["vllm"] == {
+        "merged": f"vllm serve {merged_dir} --served-model-name {NAME}@{version}",
+        "adapter": f"vllm serve {resolve_model(TINY)} --enable-lora --max-lora-rank 8 "
+                   f"--lora-modules {NAME}@{version}={out / 'adapter'}"}
 
 
 def test_export_refuses_what_must_not_be_served_or_was_altered(adapters, lora, tmp_path):
