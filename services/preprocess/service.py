@@ -37,6 +37,11 @@ def spark_session():
 def on_upload(event: ev.ObjectFinalized, ctx: Context):
     """incoming/<recipe>/<file> → JobSubmitted with a run_id derived from the object and recipe, so
     a duplicated notification can never start a second run."""
+    # GCS allows any name; a drop whose name could reach outside its folder, or whose recipe part is
+    # a path (load_recipe would read a file of that name), is refused with the reason, not followed.
+    if event.name.startswith("incoming/") and (problem := _unsafe_drop(event.name)):
+        return [ev.DatasetRejected(run_id=ev.derive_run_id(event.bucket, event.name, event.generation, "?"),
+                                   reason=f"drop refused: {problem}")]
     parts = PurePosixPath(event.name).parts
     if len(parts) != 3 or parts[0] != "incoming":
         ctx.log.info("ignoring object outside incoming/<recipe>/<file>", extra={"object": event.name})
@@ -44,12 +49,6 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
     if provenance.is_sidecar(event.name):
         return []  # a drop's legal-basis sidecar, read with its data file
     recipe_name = parts[1]
-    # GCS allows any name; a drop whose name could reach outside its folder, or whose recipe part is
-    # a path (load_recipe would read a file of that name), is refused, not followed.
-    problem = _unsafe_drop(event.name, recipe_name)
-    if problem:
-        return [ev.DatasetRejected(run_id=ev.derive_run_id(event.bucket, event.name, event.generation, "?"),
-                                   reason=f"drop refused: {problem}")]
     source = {"bucket": event.bucket, "object": event.name, "generation": event.generation,
               "md5": event.md5Hash, "size": int(event.size or 0), "uploaded_at": event.updated}
     source.update(_legal_sidecar(ctx, event.bucket, event.name))
@@ -63,12 +62,13 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
                             source=source)]
 
 
-def _unsafe_drop(name: str, recipe_name: str) -> str | None:
+def _unsafe_drop(name: str) -> str | None:
     try:
         validate_object_name(name)
     except InvalidObjectName as exc:
         return f"{exc}; drop files as incoming/<recipe>/<file>"
-    if not _RECIPE_NAME.fullmatch(recipe_name):
+    recipe_name = name.split("/")[1]
+    if name.count("/") == 2 and not _RECIPE_NAME.fullmatch(recipe_name):
         return (f"{name!r}: {recipe_name!r} is not a recipe name (a-z, 0-9 and '-', as in "
                 "incoming/support-assistant/chats.jsonl)")
     return None
