@@ -95,11 +95,14 @@ def _json_type(value: Any) -> str:
 
 
 def parse_json_line(line: str) -> dict:
+    # Spark decodes bytes that are not UTF-8 as U+FFFD: such a line's text is already corrupt
+    # (typically Latin-1 / Windows-1252 text), whether or not it still parses as JSON.
+    if "\ufffd" in line:
+        raise RowError("bad_encoding", "not valid UTF-8 text (Latin-1 / Windows-1252, or binary data?); "
+                                       "re-encode the file as UTF-8")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        if "\ufffd" in line:
-            raise RowError("bad_encoding", "not valid UTF-8 text (binary data?)") from None
         raise RowError("bad_json", f"bad JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
         raise RowError("bad_json", "bad JSON: nested too deeply") from None
