@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_addoption(parser):
     parser.addoption("--chaos-seed", type=int, default=7, help="seed of the trials' random choices")
     parser.addoption("--chaos-trials", type=int, default=20, help="crash trials (spread over the five services)")
+    parser.addoption("--chaos-services", default="preprocess,trainer,evaluator,registry,tracker",
+                     help="crash trials go round these services")
+    parser.addoption("--chaos-results", default="crashes", help="crash trials: the results file's name")
     parser.addoption("--chaos-jobs", type=int, default=200, help="job messages in the load scenario")
 
 
