@@ -155,3 +155,34 @@ def test_temp_files_of_a_writer_killed_mid_write_are_swept_when_a_process_starts
     (store._tmp / f"{os.getpid()}-tmpwriting").write_bytes(b"in flight")
     LocalObjectStore(tmp_path / "buckets")
     assert sorted(p.name for p in store._tmp.iterdir() if p.suffix != ".lock") == [f"{os.getpid()}-tmpwriting"]
+
+
+def test_a_replay_that_is_dead_lettered_again_is_not_replayed_again_by_the_same_command(tmp_path):
+    """`ftpipe dlq replay` of a message that is still poison: the consumer dead-letters it again
+    while the command runs; the command replays it once (it used to take the new dead letter and
+    replay it again, forever: found by the chaos suite's poison scenario)."""
+    from dataclasses import replace
+
+    from ftpipe.client import Client
+
+    adapters = adapters_with(tmp_path, None)
+    service = counting_service([])
+    adapters.bus.publish(ev.JOBS, b"{not json", {"type": "JobSubmitted", "schema_version": "1"})
+    assert [o for *_, o in deliver_all(adapters, service)] == ["dead-lettered"]
+    publishes = []
+
+    class ConsumedAtOnce:  # a consumer as quick as a real one: handles each message on `jobs` as it lands
+        def __getattr__(self, name):
+            return getattr(adapters.bus, name)
+
+        def publish(self, topic, data, attributes):
+            publishes.append(topic)
+            assert len(publishes) < 5, "replayed in a loop"
+            message_id = adapters.bus.publish(topic, data, attributes)
+            if topic == ev.JOBS:
+                deliver_all(adapters, service)
+            return message_id
+
+    client = Client(adapters.settings, replace(adapters, bus=ConsumedAtOnce()))
+    assert len(client.dlq_replay(ev.JOBS)) == 1 and publishes == [ev.JOBS]
+    assert [d["reason"] for d in client.dlq_list(ev.JOBS)] == ["malformed: body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"]
