@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast clean down bench-venv bench-preprocess bench-train bench-serve chromium
+.PHONY: setup demo test test-fast chaos clean down bench-venv bench-preprocess bench-train bench-serve chromium
 
 setup: $(MODELS_STAMP)
 
@@ -44,6 +44,13 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The chaos suite (RELIABILITY.md): services SIGKILLed, messages duplicated and reordered, storage
+# faults, poison messages, hostile drops, 200 jobs at once. Long (about an hour on 2 cores); its
+# figures go to chaos/results/. CHAOS_ARGS narrows it, e.g. CHAOS_ARGS='chaos/test_poison.py'.
+CHAOS_ARGS ?= chaos
+chaos: setup
+	$(PY) -m pytest -q -p no:cacheprovider -s $(CHAOS_ARGS)
 
 # The benchmarks (bench/README.md) run against Presidio, which is not an ftpipe dependency, in
 # their own venv, so that the test suite keeps checking the "presidio missing" error.

@@ -155,7 +155,9 @@ class Client:
         """Publish dead-lettered messages back to their topic (after the fix), then drop them."""
         replayed = []
         for t in _topics(topic):
-            for msg in self._drain(t):
+            # Only what is dead-lettered now: a replay that fails again comes back to this topic
+            # while the command runs, and must wait for the next replay, not loop.
+            for msg in list(self._drain(t)):
                 if message_id and msg.message_id != message_id:
                     msg.nack(0)
                     continue

@@ -53,6 +53,10 @@ class Settings(BaseModel):
     # The serving API (services/serving/) in the gcp profile: callers' Google ID tokens for this
     # audience (its URL); locally, the token in <state>/auth-token.
     serving_audience: str | None = None
+    # Transient store / document-store failures are retried this long before the handler sees them
+    # (shared/retrying.py); `faults` injects failures at the adapter boundary (shared/faults.py).
+    transient_retry_s: float = Field(30.0, ge=0)
+    faults: str | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -84,6 +88,8 @@ class Settings(BaseModel):
             "dashboard_audience": env.get("FTPIPE_DASHBOARD_AUDIENCE"),
             "approval_audience": env.get("FTPIPE_APPROVAL_AUDIENCE"),
             "serving_audience": env.get("FTPIPE_SERVING_AUDIENCE"),
+            "transient_retry_s": env.get("FTPIPE_TRANSIENT_RETRY_S"),
+            "faults": env.get("FTPIPE_FAULTS") or None,
             "approvers": tuple(e.strip() for e in env["FTPIPE_APPROVERS"].split(",") if e.strip())
             if env.get("FTPIPE_APPROVERS") else None,
         }
@@ -102,7 +108,9 @@ class Settings(BaseModel):
                 "FTPIPE_MAX_DELIVERY_ATTEMPTS": str(self.max_delivery_attempts),
                 "FTPIPE_MIN_BACKOFF_S": str(self.min_backoff_s),
                 "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s),
-                "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit)}
+                "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit),
+                "FTPIPE_TRANSIENT_RETRY_S": str(self.transient_retry_s),
+                **({"FTPIPE_FAULTS": self.faults} if self.faults else {})}
 
     @property
     def verify_push(self) -> bool:
@@ -148,6 +156,14 @@ def bootstrap(settings: Settings | None = None) -> Adapters:
         bus = PubSubBus(settings.project)
         docs = FirestoreDocStore(settings.project)
         store = GcsObjectStore(settings.project)
+    if settings.faults:  # the chaos suite's faults, below the retries as a real outage would be
+        from shared.faults import FaultPlan, inject
+
+        bus, store, docs = inject(FaultPlan.parse(settings.faults), bus, store, docs)
+    from shared.retrying import DOCS_CALLS, STORE_CALLS, retrying
+
+    store = retrying(store, STORE_CALLS, "store", settings.transient_retry_s)
+    docs = retrying(docs, DOCS_CALLS, "docs", settings.transient_retry_s)
     adapters = Adapters(settings=settings, bus=bus, store=store, docs=docs)
     if settings.create_resources:
         from shared.topology import ensure_topology

@@ -19,6 +19,7 @@ from shared.datasets import missing_prepared_files
 from shared.ports import Bus, DocStore, ObjectStore
 from shared.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from shared.runtime import CANCELLATIONS, publish_event
+from shared.storage import validate_object_name
 from shared.tenants import TenantError, check_name
 
 RUNS = "runs"   # runs/{run_id}: the run documents the tracker writes (services/tracker/lineage.py)
@@ -100,7 +101,12 @@ def submit(store: ObjectStore, bus: Bus, bucket: str, job: dict, *, source: dict
 def _stage_dataset(store: ObjectStore, bucket: str, dataset: str, run_id: str, prepared: bool) -> str:
     """The store URL of the job's data: a URL as it is, a local file or prepared folder uploaded."""
     if "://" in dataset:
-        store.parse_url(dataset)  # raises if the URL is not this store's
+        try:
+            validate_object_name(store.parse_url(dataset)[1].rstrip("/"))
+        except ValueError as exc:  # InvalidObjectName too
+            raise JobError(f"dataset {dataset!r} is not an object of this store ({exc}); give a local file or "
+                           f"folder, or a URL from `ftpipe runs`/`ftpipe status` such as "
+                           f"{store.url(bucket, 'datasets/')}ID/") from None
         return dataset
     path = Path(dataset)
     if prepared:

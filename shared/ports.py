@@ -117,6 +117,12 @@ class InvalidObjectName(ValueError):
     pass
 
 
+class TransientError(Exception):
+    """A store or document-store call that failed for a reason that may pass (unavailable, timed
+    out). Callers go through shared/retrying.py, which retries these for a while before letting
+    them reach the runtime (which then redelivers, and dead-letters after the last attempt)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     bucket: str

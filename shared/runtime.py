@@ -132,11 +132,16 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
         msg.ack()
         return "ignored"
     key = ledger_key(service.name, event.event_id)
-    if adapters.docs.get(LEDGER, key) is not None:
+    try:
+        duplicate = adapters.docs.get(LEDGER, key) is not None
+        cancelled = not duplicate and service.skip_cancelled and is_cancelled(adapters.docs, event.run_id)
+    except Exception as exc:  # the document store is down: as a failed handler (retry, then dead-letter)
+        return _failed(adapters, topic, subscription, msg, exc, log, extra)
+    if duplicate:
         log.info("duplicate delivery acknowledged", extra=extra)
         msg.ack()
         return "duplicate"
-    if service.skip_cancelled and is_cancelled(adapters.docs, event.run_id):
+    if cancelled:
         log.info("run is cancelled; skipping", extra=extra)
         msg.ack()
         return "cancelled"
@@ -154,21 +159,30 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
         msg.ack()
         return "dead-lettered"
     except Exception as exc:  # a bug or a transient fault: retry, then dead-letter
-        if msg.delivery_attempt >= adapters.settings.max_delivery_attempts:
-            log.exception("handler failed on the last attempt; dead-lettered", extra=extra)
-            dead_letter(adapters, topic, subscription, msg, f"handler failed {msg.delivery_attempt} times: {type(exc).__name__}: {exc}")
-            msg.ack()
-            return "dead-lettered"
-        log.exception("handler failed; will retry", extra=extra)
-        msg.nack()
-        return "nacked"
-    for out in outputs:
-        publish_event(adapters.bus, out)
-    adapters.docs.set(LEDGER, key, {"service": service.name, "event_id": event.event_id, "run_id": event.run_id,
-                                    "at": time.time(), "outputs": [o.event_id for o in outputs]})
+        return _failed(adapters, topic, subscription, msg, exc, log, extra)
+    try:
+        for out in outputs:
+            publish_event(adapters.bus, out)
+        adapters.docs.set(LEDGER, key, {"service": service.name, "event_id": event.event_id, "run_id": event.run_id,
+                                        "at": time.time(), "outputs": [o.event_id for o in outputs]})
+    except Exception as exc:  # a redelivery publishes the same ids again and records them
+        return _failed(adapters, topic, subscription, msg, exc, log, extra)
     msg.ack()
     log.info("handled in %.1fs", time.monotonic() - started, extra=extra)
     return "acked"
+
+
+def _failed(adapters: Adapters, topic: str, subscription: str, msg: Message, exc: Exception, log, extra) -> str:
+    """A delivery that failed for a reason a retry may cure: nacked (redelivered with backoff), or
+    on the subscription's last attempt dead-lettered with the error as the reason."""
+    if msg.delivery_attempt >= adapters.settings.max_delivery_attempts:
+        log.error("failed on the last attempt; dead-lettered: %s: %s", type(exc).__name__, exc, exc_info=exc, extra=extra)
+        dead_letter(adapters, topic, subscription, msg, f"handler failed {msg.delivery_attempt} times: {type(exc).__name__}: {exc}")
+        msg.ack()
+        return "dead-lettered"
+    log.warning("failed; will retry: %s: %s", type(exc).__name__, exc, exc_info=exc, extra=extra)
+    msg.nack()
+    return "nacked"
 
 
 def run_service(service: Service, adapters: Adapters, *, stop: threading.Event | None = None,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -94,11 +95,14 @@ def _json_type(value: Any) -> str:
 
 
 def parse_json_line(line: str) -> dict:
+    # Spark decodes bytes that are not UTF-8 as U+FFFD: such a line's text is already corrupt
+    # (typically Latin-1 / Windows-1252 text), whether or not it still parses as JSON.
+    if "\ufffd" in line:
+        raise RowError("bad_encoding", "not valid UTF-8 text (Latin-1 / Windows-1252, or binary data?); "
+                                       "re-encode the file as UTF-8")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        if "\ufffd" in line:
-            raise RowError("bad_encoding", "not valid UTF-8 text (binary data?)") from None
         raise RowError("bad_json", f"bad JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
         raise RowError("bad_json", "bad JSON: nested too deeply") from None
@@ -452,6 +456,14 @@ def _checked(raw: str, rules: RowRules) -> None:
         raise RowError("too_large", f"row is {size} bytes, over data.max_row_bytes={rules.max_row_bytes}")
 
 
+_LONG_LINE = '{"_ftpipe_line_bytes": '
+
+
+def long_line_marker(size: int) -> bytes:
+    """What stands in for a line too long to hand to Spark (job._cap_long_lines)."""
+    return f"{_LONG_LINE}{size}}}".encode()
+
+
 def validate_jsonl(records: Iterable[tuple[str, int]], rules: RowRules) -> Iterator[tuple]:
     """(line, 0-based index) pairs from `textFile().zipWithIndex()` -> validation records."""
     for line, index in records:
@@ -463,12 +475,28 @@ def validate_jsonl(records: Iterable[tuple[str, int]], rules: RowRules) -> Itera
             yield ("blank", line_no, digest)
             continue
         try:
+            if line.startswith(_LONG_LINE):
+                raise RowError("too_large", f"row is {line[len(_LONG_LINE):-1]} bytes, over "
+                                            f"data.max_row_bytes={rules.max_row_bytes}")
             _checked(line, rules)
             segments = normalise(renamed(parse_json_line(line), rules), rules)
         except RowError as err:
             yield _bad(line_no, digest, err, line)
             continue
         yield ("ok", line_no, digest, content_hash(segments), with_system_prompt(segments, rules))
+
+
+# A CSV cell a spreadsheet would run: `=…` or `@…`, or `+` / `-` before a function call or a DDE
+# link (`+cmd|' /C calc'!A0`); a plain "- item" or "+1 555…" is text (OWASP: CSV injection).
+_FORMULA = re.compile(r"\s*(?:[=@]|[+-]\s*(?:[A-Za-z_][\w.]*\s*\(|\w+\|))")
+
+
+def check_formulas(values: dict) -> None:
+    for column, value in values.items():
+        if isinstance(value, str) and _FORMULA.match(value):
+            raise RowError("formula", f"column {column!r} starts like a spreadsheet formula "
+                                      f"({mask_excerpt(value, 12)!r}): CSV injection risk; quote it as text "
+                                      "(e.g. a leading apostrophe) or drop the row")
 
 
 def validate_table(records: Iterable[tuple[Any, int]], rules: RowRules,
@@ -483,6 +511,8 @@ def validate_table(records: Iterable[tuple[Any, int]], rules: RowRules,
         try:
             if corrupt is not None:
                 raise RowError("bad_csv", "malformed CSV record")
+            if corrupt_column:  # CSV input (Parquet cells are typed data, not spreadsheet text)
+                check_formulas(values)
             _checked(raw, rules)
             segments = normalise(table_row_to_object(values, rules), rules)
         except RowError as err:

@@ -187,6 +187,53 @@ def _stage_json_array(uri: str, local: Path | None, cleanup: list) -> str:
     return target
 
 
+def _capped_lines(src, limit: int, out=None) -> bool:
+    """Copy binary lines from `src` to `out`, each line over `limit` bytes replaced by a marker
+    (formats.long_line_marker) that validation rejects as too_large; never more than `limit` bytes
+    of a line in memory. Without `out`, only look: True at the first line over the limit."""
+    line, size, found = bytearray(), 0, False
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:end if end >= 0 else len(chunk)]
+            size += len(piece)
+            if size <= limit:
+                line += piece
+            else:
+                line.clear()
+                if out is None:
+                    return True
+                found = True
+            if end < 0:
+                break
+            if out is not None:
+                out.write(bytes(line) if size <= limit else formats.long_line_marker(size))
+                out.write(b"\n")
+            line.clear()
+            size, start = 0, end + 1
+    if out is not None and size:
+        out.write(bytes(line) if size <= limit else formats.long_line_marker(size))
+    return found
+
+
+def _cap_long_lines(path: str, limit: int, cleanup: list) -> str:
+    """The JSONL input as Spark may read it. Spark holds a whole line in memory (one line of a few
+    hundred MB exhausts the driver's heap and kills its JVM), so when a line is over
+    data.max_row_bytes a copy is staged with that line replaced by a marker, rejected as too_large
+    with its size; otherwise the input itself."""
+    local = Path(path)
+    with _opener(local)(local, "rb") as src:
+        if not _capped_lines(src, limit):
+            return path
+    staging = Path(tempfile.mkdtemp(prefix="ftpipe-lines-"))
+    cleanup.append(lambda: shutil.rmtree(staging, ignore_errors=True))
+    target = staging / "capped.jsonl"
+    with _opener(local)(local, "rb") as src, open(target, "wb") as out:
+        _capped_lines(src, limit, out)
+    return str(target)
+
+
 def _local_path(path: str) -> Path | None:
     if path.startswith("file://"):
         return Path(path[len("file://"):])
@@ -374,6 +421,8 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
                 input_path = _stage_json_array(input_path, local, cleanup)
                 manifest["input"]["type"] = "json_array"
                 manifest["input"]["record_numbering"] = "array element, from 1 (the 'line' of rejected.jsonl)"
+        if kind == "jsonl" and local is not None:
+            input_path = _cap_long_lines(input_path, data.max_row_bytes, cleanup)
         manifest["kind"] = recipe.data_kind
 
         # 1-2. read and validate

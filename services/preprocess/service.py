@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from services.preprocess import provenance
 from shared import events as ev
 from shared.recipe import RecipeError, load_recipe, parse_recipe
+from shared.ports import InvalidObjectName
 from shared.runtime import Context, Service
-from shared.storage import upload_dir
+from shared.storage import upload_dir, validate_object_name
 
 RECIPES_PREFIX = "recipes/"   # a team's own recipes, uploaded to the bucket, override built-ins
+_RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # shared/recipe.py's Recipe.name
 
 
 def resolve_recipe(ctx: Context, bucket: str, name: str):
@@ -34,6 +37,11 @@ def spark_session():
 def on_upload(event: ev.ObjectFinalized, ctx: Context):
     """incoming/<recipe>/<file> → JobSubmitted with a run_id derived from the object and recipe, so
     a duplicated notification can never start a second run."""
+    # GCS allows any name; a drop whose name could reach outside its folder, or whose recipe part is
+    # a path (load_recipe would read a file of that name), is refused with the reason, not followed.
+    if event.name.startswith("incoming/") and (problem := _unsafe_drop(event.name)):
+        return [ev.DatasetRejected(run_id=ev.derive_run_id(event.bucket, event.name, event.generation, "?"),
+                                   reason=f"drop refused: {problem}")]
     parts = PurePosixPath(event.name).parts
     if len(parts) != 3 or parts[0] != "incoming":
         ctx.log.info("ignoring object outside incoming/<recipe>/<file>", extra={"object": event.name})
@@ -52,6 +60,18 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
     run_id = ev.derive_run_id(event.bucket, event.name, event.generation, recipe.name, recipe.version)
     return [ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=ctx.store.url(event.bucket, event.name),
                             source=source)]
+
+
+def _unsafe_drop(name: str) -> str | None:
+    try:
+        validate_object_name(name)
+    except InvalidObjectName as exc:
+        return f"{exc}; drop files as incoming/<recipe>/<file>"
+    recipe_name = name.split("/")[1]
+    if name.count("/") == 2 and not _RECIPE_NAME.fullmatch(recipe_name):
+        return (f"{name!r}: {recipe_name!r} is not a recipe name (a-z, 0-9 and '-', as in "
+                "incoming/support-assistant/chats.jsonl)")
+    return None
 
 
 def _legal_sidecar(ctx: Context, bucket: str, name: str) -> dict:
@@ -88,7 +108,12 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
         return []  # already prepared: the trainer's
     from services.preprocess.job import prepare
 
-    bucket, name = ctx.store.parse_url(event.dataset_uri)
+    try:
+        bucket, name = ctx.store.parse_url(event.dataset_uri)
+        validate_object_name(name)
+    except ValueError as exc:  # InvalidObjectName too: a URL of another store, or a name outside the bucket
+        return [ev.DatasetRejected(run_id=event.run_id, recipe=event.recipe,
+                                   reason=f"dataset {event.dataset_uri!r} cannot be read from this store: {exc}")]
     with tempfile.TemporaryDirectory(prefix="ftpipe-prep-") as tmp:
         out = Path(tmp) / "out"
         if ctx.settings.preprocess_runner == "dataproc":

@@ -30,9 +30,22 @@ class LocalObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(exist_ok=True)
+        self._sweep_temp_files()
         # Called after every successful write: bootstrap wires it to the bucket-notification
         # publisher so writes under incoming/ reach `dataset-uploads` as GCS would send them.
         self.on_finalize = on_finalize
+
+    def _temp_file(self) -> tuple[int, str]:
+        # The writer's pid in the name: a writer killed mid-write leaves its temp file behind.
+        return tempfile.mkstemp(dir=self._tmp, prefix=f"{os.getpid()}-")
+
+    def _sweep_temp_files(self) -> None:
+        """Remove the temp files of writers that died mid-write (each process sweeps as it starts)."""
+        for path in self._tmp.iterdir():
+            pid = path.name.split("-", 1)[0]
+            if path.suffix == ".lock" or not pid.isdigit() or _alive(int(pid)):
+                continue
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ paths
     def _path(self, bucket: str, name: str) -> Path:
@@ -67,14 +80,14 @@ class LocalObjectStore:
     # ------------------------------------------------------------ writes
     def write(self, bucket: str, name: str, data: bytes, *, if_generation_match: int | None = None,
               content_type: str | None = None) -> ObjectInfo:
-        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        fd, tmp = self._temp_file()
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         return self._commit(tmp, bucket, name, if_generation_match, base64.b64encode(hashlib.md5(data).digest()).decode())
 
     def upload_file(self, bucket: str, name: str, path: str, *, if_generation_match: int | None = None,
                     content_type: str | None = None) -> ObjectInfo:
-        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        fd, tmp = self._temp_file()
         digest = hashlib.md5()
         with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
             while chunk := src.read(1 << 20):
@@ -168,3 +181,13 @@ class LocalObjectStore:
         """True when a hand-copied file has not changed for `seconds` (its copy has finished)."""
         st = path.stat()
         return time.time() - st.st_mtime >= seconds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

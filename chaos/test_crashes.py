@@ -1,0 +1,89 @@
+"""Crashes: each of the five services SIGKILLed at a random point of a run's stage on the local
+stack (every service its own OS process), then started again; every run must still end exactly
+once (chaos.harness.run_violations) and leave no orphan in the bucket (store_violations).
+
+A trial's random choices come from (--chaos-seed, trial number): `pytest chaos/test_crashes.py
+--chaos-seed 7 -k 'trial-03'` replays trial 3."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from chaos import harness as h
+from ftpipe.client import Client
+from ftpipe.stack import down, running, up
+
+SERVICES = ("preprocess", "trainer", "evaluator", "registry", "tracker")
+# A trial kills its victim while the victim holds one of the run's messages (its lease on the
+# victim's subscription, read from the local bus): the subscription, the message type, and the most
+# seconds to wait after the victim took it. The waits cover each handler's length on the tiny
+# model on 2 cores: preparing ~15 s, training 40 steps ~8 s, evaluating ~13 s, registering ~0.1 s,
+# recording one event ~10 ms.
+WINDOWS = {"preprocess": ("preprocess.jobs", "JobSubmitted", 15.0),
+           "trainer": ("trainer.jobs", "JobSubmitted", 8.0),
+           "evaluator": ("evaluator.training", "TrainingCompleted", 13.0),
+           "registry": ("registry.evaluations", "EvaluationCompleted", 0.05),
+           "tracker": ("tracker.training", "TrainingProgress", 0.01)}
+FIGURES: list[dict] = []
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crashes")
+    settings = h.stack_settings(tmp / "state")
+    recipe = h.recipe(tmp / "chaos-tiny.yaml")
+    prepared = h.prepared_dataset(tmp, recipe)
+    up(settings)
+    yield settings, tmp, recipe, prepared
+    down(settings)
+
+
+def pytest_generate_tests(metafunc):
+    if "trial" in metafunc.fixturenames:
+        n = metafunc.config.getoption("--chaos-trials")
+        services = metafunc.config.getoption("--chaos-services").split(",")
+        trials = [(i, services[i % len(services)]) for i in range(n)]
+        metafunc.parametrize("trial", trials, ids=[f"trial-{i:02d}-{s}" for i, s in trials])
+
+
+def test_sigkill(stack, trial, chaos_seed, request):
+    settings, tmp, recipe, prepared = stack
+    number, victim = trial
+    rng = random.Random(f"{chaos_seed}:{number}")
+    client = Client(settings)
+    started = time.monotonic()
+    if victim in ("preprocess", "tracker"):  # the whole flow from a drop
+        run_id = client.drop(h.chats(tmp / f"chats-{number}.jsonl", salt=f"-{number}"), str(recipe))
+    else:  # a prepared dataset straight to the trainer: the stages after preprocessing
+        run_id = client.submit({"recipe": str(recipe), "dataset": str(prepared), "prepared": True})
+    subscription, kind, longest = WINDOWS[victim]
+    h.wait_for(lambda: h.in_flight(settings, subscription, kind, run_id), 300, f"{victim} to take the run's {kind}",
+               poll_s=0.01)
+    delay = rng.uniform(0, longest)
+    time.sleep(delay)
+    pid = running(settings)[victim]
+    mid_handler = h.in_flight(settings, subscription, kind, run_id)
+    at = h.run_doc(client, run_id).get("sub_state")
+    os.kill(pid, signal.SIGKILL)
+    h.wait_for(lambda: running(settings).get(victim) != pid, 30, f"{victim} to die")
+    up(settings)  # the replacement (Cloud Run / GKE / the function's runtime restart it in the cloud)
+    run = client.wait(run_id, timeout_s=600, poll_s=0.5)
+    problems = h.run_violations(client, run_id) + h.store_violations(client)
+    problems += [f"{s} is down" for s in h.services_up(settings)]
+    problems += [f"dead letter: {d}" for d in h.dead_letters(client)]
+    FIGURES.append({"trial": number, "service": victim, "seed": f"{chaos_seed}:{number}",
+                    "kill_after_s": round(delay, 2), "mid_handler": mid_handler,
+                    "run_sub_state_at_kill": at, "run_id": run_id,
+                    "status": run["status"], "version": (run.get("model") or {}).get("version"),
+                    "trainer_starts": len([1 for _, e in client.adapters.docs.query(
+                        "run_events", where=[("run_id", "==", run_id), ("type", "==", "TrainingStarted")])]),
+                    "wall_s": round(time.monotonic() - started, 1), "violations": problems})
+    h.save(request.config.getoption("--chaos-results"), {"trials": len(FIGURES), "violations": sum(len(f["violations"]) for f in FIGURES),
+                       "killed_mid_handler": sum(1 for f in FIGURES if f["mid_handler"]),
+                       "by_service": {s: sum(1 for f in FIGURES if f["service"] == s) for s in SERVICES},
+                       "faults_injected": "SIGKILL of the victim service, then a fresh process", "runs": FIGURES})
+    assert not problems, problems
