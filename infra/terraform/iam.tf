@@ -10,6 +10,7 @@ locals {
     push       = "Pub/Sub push to the evaluator (FTPIPE_PUSH_SERVICE_ACCOUNT)"
     registry   = "ftpipe registry: Cloud Functions on_evaluation and approve"
     tracker    = "ftpipe tracker: Cloud Run, lineage writer, API and dashboard"
+    serving    = "ftpipe serving: the OpenAI-compatible API over the registry's adapters"
     gke_nodes  = "ftpipe GKE nodes: logs, metrics, image pulls"
   }
   # Topics each service publishes its own events to (shared/events.py: each event's topic).
@@ -27,6 +28,7 @@ locals {
     evaluator  = ["training"]
     registry   = ["evaluations"]
     tracker    = ["jobs", "datasets", "training", "evaluations", "models"]
+    serving    = ["models"] # promotions preload an adapter, quarantines unload it
   }
   publish_grants = {
     for pair in distinct(flatten([
@@ -90,8 +92,17 @@ resource "google_storage_bucket_iam_member" "data" {
   member   = local.sa_member[each.key]
 }
 
+# Serving only reads the bucket (adapter files through their bundle).
+resource "google_storage_bucket_iam_member" "reads" {
+  for_each = toset(["serving"])
+  bucket   = google_storage_bucket.data.name
+  role     = "roles/storage.objectViewer"
+  member   = local.sa_member[each.key]
+}
+
+# Serving reads the registry's documents and writes its processed-message ledger.
 resource "google_project_iam_member" "firestore" {
-  for_each = toset([for s in local.data_services : s if s != "dataproc"])
+  for_each = toset(concat([for s in local.data_services : s if s != "dataproc"], ["serving"]))
   project  = var.project
   role     = "roles/datastore.user"
   member   = local.sa_member[each.key]

@@ -30,6 +30,7 @@ locals {
     "tracker.training"             = { service = "tracker", topic = "training", filter = "" }
     "tracker.evaluations"          = { service = "tracker", topic = "evaluations", filter = "" }
     "tracker.models"               = { service = "tracker", topic = "models", filter = "" }
+    "serving.models"               = { service = "serving", topic = "models", filter = "" }
   }
 
   # The evaluator takes `training` by push on Cloud Run (services/evaluator/app.py); the registry
