@@ -17,3 +17,15 @@ def order_chat(i: int, *, follow_up: bool = False) -> dict:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_prepared(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    """A whole prepared dataset as the trainer accepts it (shared/datasets.PREPARED_FILES): the split
+    files plus a manifest and a PII report, which the registry bundles with the model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    counts = {split: len(rows) for split, rows in splits.items()}
+    (folder / "manifest.json").write_text(json.dumps({"dataset_id": folder.name, "counts": counts}))
+    (folder / "pii_report.json").write_text(json.dumps({"counts": {}, "residual_rate": 0.0}))
+    return folder

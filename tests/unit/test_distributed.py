@@ -27,7 +27,7 @@ from shared.recipe import load_recipe  # noqa: E402
 from shared.storage import upload_dir  # noqa: E402
 from services.trainer import run_job  # noqa: E402
 from services.trainer.training import train  # noqa: E402
-from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
+from tests.unit.chats import order_chat, write_prepared  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,8 @@ def workspace(tmp_path_factory) -> Path:
     """A prepared dataset and a recipe file per strategy. 9 conversations in steps of 2 x 2: the
     last step of each epoch has one example, so rank 1 runs a padding micro-batch there."""
     root = tmp_path_factory.mktemp("dist")
-    data = root / "data"
-    data.mkdir()
-    for name, ids in (("train.jsonl", range(9)), ("val.jsonl", range(9, 11)), ("test.jsonl", range(11, 12))):
-        write_jsonl(data / name, [order_chat(i, follow_up=True) for i in ids])
+    write_prepared(root / "data", {split: [order_chat(i, follow_up=True) for i in ids] for split, ids in
+                                   (("train", range(9)), ("val", range(9, 11)), ("test", range(11, 12)))})
     base = yaml.safe_load(Path("recipes/tiny-sft.yaml").read_text())
     base["training"].update(grad_accum=2, max_steps=STEPS, checkpoint_every=2)
     for strategy in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):

@@ -15,7 +15,7 @@ from shared.config import Settings, bootstrap
 from shared.recipe import RecipeError, apply_overrides, load_recipe
 from services.trainer import run_job
 from services.trainer.k8s import object_name, render
-from tests.unit.chats import order_chat, write_jsonl
+from tests.unit.chats import order_chat, write_prepared
 
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -129,10 +129,8 @@ def pod_env(settings, tmp_path, monkeypatch):
     run's $FTPIPE_JOB in this process's environment, as the pod would have it: returns (adapters, recipe)."""
     from shared.storage import upload_dir
 
-    folder = tmp_path / "dataset"
-    folder.mkdir()
-    for name, ids in (("train.jsonl", range(6)), ("val.jsonl", range(6, 8)), ("test.jsonl", range(8, 9))):
-        write_jsonl(folder / name, [order_chat(i) for i in ids])
+    folder = write_prepared(tmp_path / "dataset", {split: [order_chat(i) for i in ids] for split, ids in
+                                                   (("train", range(6)), ("val", range(6, 8)), ("test", range(8, 9)))})
     adapters = bootstrap(settings)
     upload_dir(adapters.store, folder, settings.bucket, "datasets/d1")
 
