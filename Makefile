@@ -43,7 +43,7 @@ demo: setup
 	$(VENV)/bin/ftpipe demo
 
 test: setup
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 
 # The chaos suite (RELIABILITY.md): services SIGKILLed, messages duplicated and reordered, storage
 # faults, poison messages, hostile drops, 200 jobs at once. Long (about an hour on 2 cores); its
