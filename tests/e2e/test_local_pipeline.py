@@ -113,10 +113,13 @@ def test_drop_to_registered_model_watched_and_approved_in_the_dashboard(stack, t
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+# SIGKILL (the pod died; the replacement waits out its lease and resumes from the last upload) is
+# the chaos suite's (`make chaos`, chaos/test_crashes.py: every service killed at random points,
+# the trainer among them, with the same checks); it would cost the regular suite 90 s more.
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["sigterm"])
 def test_trainer_stopped_mid_run_resumes_and_registers_once(stack, tmp_path, sig):
-    """SIGKILL: the pod died; the replacement waits out its lease and resumes from the last upload.
-    SIGTERM: spot preemption; the trainer checkpoints where it is, hands the message back, exits."""
+    """SIGTERM: spot preemption; the trainer checkpoints where it is, hands the message back, exits,
+    and the replacement resumes from that checkpoint."""
     data = write_chats(tmp_path / "chats.jsonl", n=60)
     recipe = tiny_recipe(tmp_path / "e2e-tiny.yaml", max_steps=60, checkpoint_every=5, batch_size=4, max_seq_len=128)
     client = Client(stack)

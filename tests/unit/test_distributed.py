@@ -131,7 +131,10 @@ def cluster(tmp_path, workspace, monkeypatch):
     adapters.close()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+# ZeRO-2 goes through the same DeepSpeed code as ZeRO-3 but for the stage number
+# (services/trainer/distributed.py), and ZeRO-3 also partitions the parameters, so ZeRO-3 stands for
+# both here: each run costs about a minute of the suite's 20 on 2 cores.
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
 def test_a_preempted_two_process_run_checkpoints_and_resumes_exactly(strategy, cluster, reference):
     settings, adapters, start = cluster
     run_id = f"run-{strategy.replace('_', '-')}"
