@@ -180,7 +180,15 @@ def run_violations(client: Client, run_id: str, *, max_steps: int = MAX_STEPS, e
     if sorted(e["seq"] for e in events) != list(range(1, len(events) + 1)):
         problems.append("event sequence numbers not contiguous")
     if expect == "succeeded":
-        steps = sorted(doc["step"] for _, doc in docs.query(METRICS, where=[("run_id", "==", run_id)]))
+        def steps() -> list[int]:
+            return sorted(doc["step"] for _, doc in docs.query(METRICS, where=[("run_id", "==", run_id)]))
+        # The tracker is eventually consistent: Pub/Sub may deliver the registry's events before the
+        # last progress events, so the run can read `succeeded` a moment before every row is in.
+        try:
+            wait_for(lambda: steps() == list(range(1, max_steps + 1)), 60, "the metric rows", poll_s=1)
+        except AssertionError:
+            pass
+        steps = steps()
         if steps != list(range(1, max_steps + 1)):
             problems.append(f"metric rows for steps {steps}, expected 1..{max_steps} once each")
         names = {info.name for info in store.list(bucket, f"runs/{run_id}/")}

@@ -43,12 +43,12 @@ def emulators(tmp_path_factory):
     stack.stop()
 
 
-FIGURES: dict = {}
-
-
 def record(name: str, figures: dict) -> None:
-    FIGURES[name] = figures
-    h.save("emulators", FIGURES)
+    """Each scenario's figures under its name in results/emulators.json (other scenarios' kept)."""
+    path = h.RESULTS / "emulators.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    h.save("emulators", {**{k: v for k, v in previous.items() if k not in ("scenario", "recorded_at")},
+                         name: figures})
 
 
 def test_duplicates_and_disorder_on_the_emulators(emulators, chaos_seed):
