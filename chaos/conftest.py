@@ -21,6 +21,8 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(items):
     for item in items:
         item.add_marker(pytest.mark.chaos)
+        if "chaos" in item.nodeid.split("/")[0]:  # scenarios run for up to an hour: over the suite's 900 s
+            item.add_marker(pytest.mark.timeout(4 * 3600))
 
 
 @pytest.fixture(scope="session")
