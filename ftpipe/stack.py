@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from shared.config import Settings, bootstrap
+from shared.processes import alive
 
 PROCESSES = {
     "notifier": "ftpipe.notifier",
@@ -29,30 +30,13 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return settings.state_dir / "pids" / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
-    """True while the process runs. A child of this process that has exited is reaped here, or it
-    would linger as a zombie that still answers signal 0."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: signal 0 tells
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running(settings: Settings) -> dict[str, int]:
     out = {}
     for name in PROCESSES:
         path = _pid_file(settings, name)
         if path.is_file():
             pid = int(path.read_text())
-            if _alive(pid):
+            if alive(pid):
                 out[name] = pid
     return out
 
@@ -83,7 +67,7 @@ def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = N
     deadline = time.monotonic() + timeout_s
     for name, pid in started.items():
         while not (settings.state_dir / "services" / f"{name}.json").is_file():
-            if not _alive(pid):
+            if not alive(pid):
                 raise StackError(f"{name} exited during start-up; see {settings.state_dir / 'logs' / f'{name}.log'}")
             if time.monotonic() > deadline:
                 raise StackError(f"{name} did not become healthy within {timeout_s:.0f}s; "
@@ -99,9 +83,9 @@ def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for name, pid in procs.items():
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGKILL)
         _pid_file(settings, name).unlink(missing_ok=True)
     # Every address a service published (health ports, the tracker's API, the approval endpoint) is stale now.

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from urllib.parse import quote, unquote, urlparse
 
 from shared.ports import InvalidObjectName, ObjectInfo, ObjectNotFound, PreconditionFailed
+from shared.processes import alive
 from shared.storage import validate_bucket_name, validate_object_name
 
 
@@ -43,7 +44,7 @@ class LocalObjectStore:
         """Remove the temp files of writers that died mid-write (each process sweeps as it starts)."""
         for path in self._tmp.iterdir():
             pid = path.name.split("-", 1)[0]
-            if path.suffix == ".lock" or not pid.isdigit() or _alive(int(pid)):
+            if path.suffix == ".lock" or not pid.isdigit() or alive(int(pid)):
                 continue
             path.unlink(missing_ok=True)
 
@@ -182,12 +183,3 @@ class LocalObjectStore:
         st = path.stat()
         return time.time() - st.st_mtime >= seconds
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
