@@ -3,8 +3,9 @@ exit code.
 
 torchrun reports any failed worker as exit 1, so the Job's podFailurePolicy could not tell "retry
 in a new pod" (75) from "rejected, retrying cannot help" (2). Every rank reaches the same verdict
-(rank 0 broadcasts its plan), and the first process of each node writes it to
-$FTPIPE_EXIT_CODE_FILE; this launcher exits with it. A worker that crashed without a verdict
+(rank 0 broadcasts its plan), and the first rank of the node to finish writes it to
+$FTPIPE_EXIT_CODE_FILE; this launcher exits with it. The first one, not a fixed rank: once one rank
+exits, torchrun SIGTERMs the others, and a rank stopped that way reads it as a preemption (75). A worker that crashed without a verdict
 leaves torchrun's own code (the Job retries it within its backoffLimit).
 
     python -m services.trainer.launch [torchrun options]     e.g. --nnodes=1 --nproc-per-node=8 --standalone
@@ -22,10 +23,20 @@ EXIT_CODE_ENV = "FTPIPE_EXIT_CODE_FILE"
 
 
 def record_exit_code(code: int, environ=os.environ) -> None:
-    """Called by run_job: the node's first process leaves the verdict for the launcher."""
+    """Called by run_job: the first rank of the node to finish leaves its verdict for the launcher."""
     path = environ.get(EXIT_CODE_ENV)
-    if path and environ.get("LOCAL_RANK", "0") == "0":
-        Path(path).write_text(str(code))
+    if not path:
+        return
+    # Written whole beside it, then linked into place: link fails if a verdict is there, and a rank
+    # killed mid-write never leaves an empty one.
+    mine = Path(f"{path}.{os.getpid()}")
+    mine.write_text(str(code))
+    try:
+        os.link(mine, path)
+    except FileExistsError:
+        pass
+    finally:
+        mine.unlink()
 
 
 def main(torchrun_args: list[str]) -> int:

@@ -210,3 +210,14 @@ def test_an_over_budget_run_fails_and_its_alert_reaches_the_bus(settings, pod_en
     assert (alert.kind, alert.step, alert.stop) == ("budget", 1, True)
     [failed] = [e for e in events if e.type == "TrainingFailed"]
     assert "above budget.max_cost" in failed.reason
+
+
+def test_the_first_rank_to_finish_gives_the_verdict(tmp_path):
+    """torchrun SIGTERMs the other ranks once one exits; their later 'preempted' must not replace it."""
+    from services.trainer import launch
+
+    environ = {launch.EXIT_CODE_ENV: str(tmp_path / "exit-code"), "LOCAL_RANK": "1"}
+    launch.record_exit_code(run_job.EXIT_REJECTED, environ)
+    launch.record_exit_code(run_job.EXIT_RETRY, {**environ, "LOCAL_RANK": "0"})
+    assert (tmp_path / "exit-code").read_text() == str(run_job.EXIT_REJECTED)
+    assert [p.name for p in tmp_path.iterdir()] == ["exit-code"]
