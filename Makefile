@@ -46,7 +46,7 @@ test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 
 # The chaos suite (RELIABILITY.md): services SIGKILLed, messages duplicated and reordered, storage
-# faults, poison messages, hostile drops, 200 jobs at once. Long (about an hour on 2 cores); its
+# faults, poison messages, hostile drops, 200 jobs at once. Long (about 2 hours on 2 cores); its
 # figures go to chaos/results/. CHAOS_ARGS narrows it, e.g. CHAOS_ARGS='chaos/test_poison.py'.
 CHAOS_ARGS ?= chaos
 chaos: setup
