@@ -11,6 +11,7 @@ import random
 import signal
 import time
 
+import psutil
 import pytest
 
 from chaos import harness as h
@@ -87,3 +88,45 @@ def test_sigkill(stack, trial, chaos_seed, request):
                        "by_service": {s: sum(1 for f in FIGURES if f["service"] == s) for s in SERVICES},
                        "faults_injected": "SIGKILL of the victim service, then a fresh process", "runs": FIGURES})
     assert not problems, problems
+
+
+def spark_jvm(pid: int) -> psutil.Process | None:
+    """The Spark JVM the preprocess service started (a child process named java), if it has one now."""
+    try:
+        return next((p for p in psutil.Process(pid).children(recursive=True) if p.name() == "java"), None)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def test_a_spark_jvm_killed_mid_job_is_started_again_and_the_run_completes(stack, chaos_seed):
+    """The preprocess service's JVM dies under a job (the kernel's OOM killer, say) while the service
+    process lives on: the job fails and is redelivered, and the service starts a new JVM for it
+    (services/preprocess/service.spark_session) instead of failing every job after it."""
+    settings, tmp, recipe, _ = stack
+    client = Client(settings)
+    started = time.monotonic()
+    run_id = client.drop(h.chats(tmp / "chats-jvm.jsonl", salt="-jvm"), str(recipe))
+    h.wait_for(lambda: h.in_flight(settings, "preprocess.jobs", "JobSubmitted", run_id), 300,
+               "preprocess to take the run's JobSubmitted", poll_s=0.01)
+    service = running(settings)["preprocess"]
+    jvm = h.wait_for(lambda: spark_jvm(service), 60, "the preprocess service's Spark JVM", poll_s=0.05)
+    delay = random.Random(f"{chaos_seed}:jvm").uniform(0, 3)  # the Spark part is most of the ~15 s handler
+    time.sleep(delay)
+    mid_handler = h.in_flight(settings, "preprocess.jobs", "JobSubmitted", run_id)
+    jvm.kill()
+    run = client.wait(run_id, timeout_s=600, poll_s=0.5)
+    problems = h.run_violations(client, run_id) + h.store_violations(client)
+    problems += [f"{s} is down" for s in h.services_up(settings)]
+    problems += [f"dead letter: {d}" for d in h.dead_letters(client)]
+    if running(settings).get("preprocess") != service:
+        problems.append("the preprocess service process was replaced")
+    new_jvm = spark_jvm(service)
+    restarts = h.log_count(settings, "the Spark JVM is gone").get("preprocess", 0)
+    h.save("spark_jvm_killed", {
+        "faults_injected": "SIGKILL of the preprocess service's Spark JVM (the service process lives on)",
+        "seed": f"{chaos_seed}:jvm", "kill_after_s": round(delay, 2), "mid_handler": mid_handler, "run_id": run_id,
+        "status": run["status"], "version": (run.get("model") or {}).get("version"),
+        "jvm_restarts_logged": restarts, "new_jvm": bool(new_jvm and new_jvm.pid != jvm.pid),
+        "wall_s": round(time.monotonic() - started, 1), "violations": problems})
+    assert not problems, problems
+    assert restarts >= 1 and new_jvm is not None and new_jvm.pid != jvm.pid

@@ -10,7 +10,7 @@ from shared import jobs
 from shared.config import Adapters, Settings, bootstrap
 from shared import model_registry
 from shared.jobs import RUNS, TERMINAL
-from shared.runtime import REPLAY_FOR
+from shared.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
 from shared.tenants import get_quota, list_quotas, set_quota
 from shared.topology import dlq_subscription
 
@@ -168,6 +168,8 @@ class Client:
                     # subscription on the topic acks this copy unprocessed.
                     attributes[REPLAY_FOR] = source
                 self.adapters.bus.publish(t, msg.data, attributes)
+                if (run_id := msg.attributes.get("run_id")) and (original := msg.attributes.get(DEAD_LETTER_MESSAGE_ID)):
+                    jobs.mark_replayed(self.adapters.docs, run_id, original)
                 msg.ack()
                 replayed.append(_describe(t, msg))
         return replayed

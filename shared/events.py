@@ -296,10 +296,29 @@ class ObjectFinalized(_Body):
                 "notificationConfig": f"projects/_/buckets/{self.bucket}/notificationConfigs/ftpipe"}
 
 
+# ---------------------------------------------------------------- delivery
+
+class MessageDeadLettered(Event):
+    """The runtime gave up on a message of this run (shared/runtime.py): published on `jobs` beside
+    the dead letter itself, so the tracker marks the run failed with the reason instead of leaving it
+    in its last stage. `ftpipe dlq replay` after the fix moves the run on again."""
+    type: ClassVar[str] = "MessageDeadLettered"
+    topic: ClassVar[str] = JOBS
+    message_id: str                        # the dead-lettered message (a replay publishes a new one)
+    message_type: str
+    source_topic: str
+    subscription: str
+    reason: str
+
+    def step_key(self) -> str:
+        return f"{self.subscription}:{self.message_id}"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
                               CheckpointSaved, TrainingAlert, TrainingCompleted, TrainingFailed, EvaluationCompleted,
-                              ModelRegistered, ModelApproved, ModelPromoted, ModelQuarantined, ModelArchived)
+                              ModelRegistered, ModelApproved, ModelPromoted, ModelQuarantined, ModelArchived,
+                              MessageDeadLettered)
 }
 
 AnyEvent = Event | ObjectFinalized

@@ -161,6 +161,22 @@ def cancel(docs: DocStore, run_id: str) -> dict:
     return docs.transaction(mark)
 
 
+def mark_replayed(docs: DocStore, run_id: str, message_id: str) -> None:
+    """`ftpipe dlq replay` of a message of this run: a run the dead letter had failed is back in the
+    state it was in, and a notice of that message the tracker has not folded yet will not fail it."""
+    def mark(txn):
+        run = txn.get(RUNS, run_id)
+        if run is None:
+            return
+        dead_letter = run.setdefault("dead_letter", {})
+        dead_letter.setdefault("replayed", {})[message_id] = time.time()
+        if dead_letter.get("active") and dead_letter.get("message_id") == message_id:
+            run.update(status=dead_letter.get("previous_status", "running"), error=None)
+            dead_letter["active"] = False
+        txn.set(RUNS, run_id, run)
+    docs.transaction(mark)
+
+
 def safe_name(filename: str) -> str:
     """A file name usable as the last part of an object name (no folders, no odd characters)."""
     name = PurePosixPath(filename.replace("\\", "/")).name

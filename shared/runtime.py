@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from pydantic import ValidationError
+
 from shared import events as ev
 from shared.config import Adapters
 from shared.ports import Message
@@ -103,8 +105,27 @@ def ledger_key(service: str, event_id: str) -> str:
     return hashlib.sha256(f"{service}\x1f{event_id}".encode()).hexdigest()
 
 
+# The dead-lettered message's own id (its copy on the dead-letter topic gets a new one): what
+# `ftpipe dlq replay` tells the run record, which knows the message by the notice.
+DEAD_LETTER_MESSAGE_ID = "dead_letter_message_id"
+
+
 def dead_letter(adapters: Adapters, topic: str, subscription: str, msg: Message, reason: str) -> None:
-    attributes = {**msg.attributes, "dead_letter_reason": reason[:1000], "dead_letter_source": subscription}
+    """Move the message to the topic's dead-letter topic with the reason, and tell the tracker its
+    run is stuck (the notice first: its id is deterministic, so a retry after a crash repeats both safely)."""
+    reason = reason[:1000]
+    run_id = msg.attributes.get("run_id", "")
+    kind = msg.attributes.get("type") or msg.attributes.get("eventType") or "unknown"
+    if run_id and kind != ev.MessageDeadLettered.type:  # the tracker failing on a notice must not loop
+        try:
+            notice = ev.MessageDeadLettered(run_id=run_id, message_id=msg.message_id, message_type=kind[:100],
+                                            source_topic=topic, subscription=subscription, reason=reason)
+        except ValidationError:  # a poison message's run_id attribute can be anything
+            notice = None
+        if notice is not None:
+            publish_event(adapters.bus, notice)
+    attributes = {**msg.attributes, "dead_letter_reason": reason, "dead_letter_source": subscription,
+                  DEAD_LETTER_MESSAGE_ID: msg.message_id}
     adapters.bus.publish(ev.dead_letter_topic(topic), msg.data, attributes)
 
 

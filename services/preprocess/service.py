@@ -2,8 +2,8 @@
 JobSubmitted is prepared by the Spark job into datasets/<dataset_id>/."""
 from __future__ import annotations
 
-import functools
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -26,12 +26,24 @@ def resolve_recipe(ctx: Context, bucket: str, name: str):
     return load_recipe(name)
 
 
-@functools.cache
-def spark_session():
-    """One local Spark session per service process, started on first use (its JVM takes seconds)."""
-    from services.preprocess.spark import build_session
+log = logging.getLogger("ftpipe.preprocess")
+_spark = None   # one handler at a time (max_messages=1): no lock needed
 
-    return build_session()
+
+def spark_session():
+    """One local Spark session per service process, started on first use (its JVM takes seconds),
+    and started again if its JVM died: the job that was running when it died failed and is retried
+    by redelivery, and that retry, like every later job, needs a live one."""
+    global _spark
+    from services.preprocess.spark import build_session, discard_session, session_alive
+
+    if _spark is not None and not session_alive(_spark):
+        log.warning("the Spark JVM is gone; starting a new one")
+        discard_session(_spark)
+        _spark = None
+    if _spark is None:
+        _spark = build_session()
+    return _spark
 
 
 def on_upload(event: ev.ObjectFinalized, ctx: Context):

@@ -120,3 +120,39 @@ def build_session(
     last_start_seconds = time.perf_counter() - started
     log.info("spark session %s (%s) ready in %.2fs", app_name, conf["spark.master"], last_start_seconds)
     return spark
+
+
+def session_alive(spark: SparkSession) -> bool:
+    """False once the session's JVM has died (killed, out of memory) or its context was stopped."""
+    try:
+        return not spark.sparkContext._jsc.sc().isStopped()
+    except Exception:  # py4j cannot reach the JVM: connection refused, or the context is gone
+        return False
+
+
+def discard_session(spark: SparkSession) -> None:
+    """Forget a session whose JVM died, so that the next `build_session` starts a new JVM.
+
+    pyspark keeps its gateway and active context in class attributes and has no public call for
+    this: `SparkContext.stop()` raises part-way through when the JVM is gone, leaving the dead
+    context registered, and `getOrCreate` would hand it back."""
+    from pyspark import SparkContext
+
+    context = spark.sparkContext
+    try:
+        context.stop()
+    except Exception:  # expected: the JVM it would tell is gone
+        pass
+    if getattr(context, "_accumulatorServer", None):
+        context._accumulatorServer.shutdown()
+        context._accumulatorServer = None
+    with SparkContext._lock:
+        SparkContext._active_spark_context = None
+        gateway, SparkContext._gateway, SparkContext._jvm = SparkContext._gateway, None, None
+    SparkSession._instantiatedSession = None
+    SparkSession._activeSession = None
+    if gateway is not None:
+        try:
+            gateway.shutdown()
+        except Exception:
+            pass

@@ -28,10 +28,16 @@ _STAGES = ["preparing_data", "awaiting_privacy_review", "waiting_for_capacity", 
 
 
 def _progress(run: dict, status: str, sub_state: str) -> dict:
-    if run.get("status") in TERMINAL:
+    stuck = (run.get("dead_letter") or {}).get("active")
+    if run.get("status") in TERMINAL and not stuck:
         return {}
-    if status not in TERMINAL and _STAGES.index(sub_state) < _STAGES.index(run.get("sub_state", "preparing_data")):
+    at = _STAGES.index(run.get("sub_state", "preparing_data"))
+    if status not in TERMINAL and (_STAGES.index(sub_state) < at or (stuck and _STAGES.index(sub_state) == at)):
+        # A run failed by a dead letter moves on only past the stage it stopped at (after `ftpipe dlq
+        # replay`): an event of that stage may be one published before the message was given up.
         return {}
+    if stuck:
+        return {"status": status, "sub_state": sub_state, "dead_letter": {"active": False}, "error": None}
     return {"status": status, "sub_state": sub_state}
 
 
@@ -117,6 +123,18 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
                                      actor=event.actor)
         case ev.ModelArchived():
             update["model"] = _model(run, event, "archived", status_reason=event.reason, actor=event.actor)
+        case ev.MessageDeadLettered():
+            dead_letter = run.get("dead_letter") or {}
+            # A finished run stays as it ended (e.g. serving failed on its promotion), and a message
+            # already replayed by `ftpipe dlq replay` (shared/jobs.mark_replayed) no longer fails it.
+            active = run.get("status") not in TERMINAL and event.message_id not in dead_letter.get("replayed", {})
+            update["dead_letter"] = {"active": active, "at": now, "message_id": event.message_id,
+                                     "topic": event.source_topic, "subscription": event.subscription,
+                                     "message_type": event.message_type, "reason": event.reason,
+                                     "previous_status": run.get("status")}
+            if active:
+                update.update(status="failed", error=f"{event.message_type} dead-lettered by {event.subscription}: "
+                              f"{event.reason}. Fix the cause, then `ftpipe dlq replay --topic {event.source_topic}`")
     return update
 
 
@@ -196,6 +214,8 @@ def record(docs, event: ev.Event) -> bool:
     def apply(txn) -> bool:
         if txn.get(SEEN, seen_key) is not None:
             return False
+        if isinstance(event, ev.MessageDeadLettered) and txn.get(RUNS, event.run_id) is None:
+            return False  # a poison message's run_id attribute: no run of ours to mark
         before = txn.get(RUNS, event.run_id) or {"run_id": event.run_id, "status": "validating",
                                                  "sub_state": "preparing_data", "created_at": time.time(), "seq": 0}
         dataset_id = _dataset_id(before, event)
@@ -258,4 +278,6 @@ def summarise(event: ev.Event) -> str:
             return f"{event.model_name} {event.version} quarantined: " + "; ".join(event.reasons)
         case ev.ModelArchived():
             return f"{event.model_name} {event.version} archived: {event.reason}"
+        case ev.MessageDeadLettered():
+            return f"{event.message_type} dead-lettered by {event.subscription}: {event.reason}"
     return event.type

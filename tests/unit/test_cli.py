@@ -149,13 +149,22 @@ def adapters(state):
     a.close()
 
 
-def test_dead_letters_are_listed_without_being_consumed_then_replayed(state, adapters):
+def dead_letter_poison(adapters, data: bytes, attributes: dict) -> None:
+    """Publish a poison job; the preprocess service dead-letters it, then ignores the runtime's
+    MessageDeadLettered notice (which is for the tracker)."""
     from services.preprocess.service import SERVICE
 
-    attributes = {"type": "JobSubmitted", "schema_version": "1", "run_id": "run-poison"}
-    adapters.bus.publish(ev.JOBS, b'{"recipe": "tiny-sft", "dataset": ', attributes)
+    adapters.bus.publish(ev.JOBS, data, attributes)
     [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
     assert handle_message(SERVICE, adapters, ev.JOBS, msg) == "dead-lettered"
+    [notice] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
+    assert notice.attributes["type"] == "MessageDeadLettered"
+    assert handle_message(SERVICE, adapters, ev.JOBS, notice) == "ignored"
+
+
+def test_dead_letters_are_listed_without_being_consumed_then_replayed(state, adapters):
+    attributes = {"type": "JobSubmitted", "schema_version": "1", "run_id": "run-poison"}
+    dead_letter_poison(adapters, b'{"recipe": "tiny-sft", "dataset": ', attributes)
 
     # Twice (every topic, then only jobs'): listing does not consume.
     for argv in (["dlq", "list", "--json"], ["dlq", "list", "--topic", "jobs", "--json"]):
@@ -202,12 +211,8 @@ def test_a_prepared_job_without_manifest_fails_before_training(state, adapters):
 
 
 def test_replay_of_one_message_leaves_the_others(state, adapters):
-    from services.preprocess.service import SERVICE
-
     for run_id in ("run-1", "run-2"):
-        adapters.bus.publish(ev.JOBS, b"not json", {"type": "JobSubmitted", "schema_version": "1", "run_id": run_id})
-        [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
-        assert handle_message(SERVICE, adapters, ev.JOBS, msg) == "dead-lettered"
+        dead_letter_poison(adapters, b"not json", {"type": "JobSubmitted", "schema_version": "1", "run_id": run_id})
     listed = json.loads(cli(state, "dlq", "list", "--topic", "jobs", "--json").stdout)
     assert sorted(r["run_id"] for r in listed) == ["run-1", "run-2"]
     first = next(r for r in listed if r["run_id"] == "run-1")

@@ -118,3 +118,23 @@ def test_dataset_documents_know_their_runs_review_and_estimates(tmp_path):
     assert docs.get(DATASETS, "d2")["privacy_review"] == {"status": "rejected", "run_id": "r3",
                                                          "reason": "privacy review rejected by bob: names"}
     assert docs.get(RECIPES, "r1")["recipe"]["name"] == "t"
+
+
+def test_a_dead_letter_fails_a_live_run_only_and_a_replay_must_pass_its_stage(tmp_path):
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    notice = dict(message_type="TrainingCompleted", source_topic=ev.TRAINING, subscription="evaluator.training",
+                  reason="handler failed 5 times: OSError: no space left")
+    record(docs, ev.TrainingStarted(run_id="r", dataset_uri="file:///d/"))
+    record(docs, ev.MessageDeadLettered(run_id="r", message_id="m1", **notice))
+    assert docs.get(RUNS, "r")["status"] == "failed"
+    # A late event of the stage it stopped at (published before the message was given up) leaves it failed.
+    record(docs, ev.TrainingStarted(run_id="r", dataset_uri="file:///d/", resumed_from_step=5))
+    assert (docs.get(RUNS, "r")["status"], docs.get(RUNS, "r")["sub_state"]) == ("failed", "training")
+    record(docs, ev.ModelRegistered(run_id="r", model_name="t", version="1.1", uri="file:///m/", status="promoted"))
+    run = docs.get(RUNS, "r")
+    assert (run["status"], run["error"], run["dead_letter"]["active"]) == ("succeeded", None, False)
+    # A finished run keeps its outcome (serving failing on its promotion is not the run failing).
+    record(docs, ev.MessageDeadLettered(run_id="r", message_id="m2", **{**notice, "subscription": "serving.models"}))
+    run = docs.get(RUNS, "r")
+    assert run["status"] == "succeeded" and run["dead_letter"]["subscription"] == "serving.models"
+    assert run["dead_letter"]["active"] is False

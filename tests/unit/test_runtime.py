@@ -111,3 +111,73 @@ def test_event_ids_are_deterministic_and_attributes_match():
     data, attrs = ev.encode(ev.CheckpointSaved(run_id="r", step=40, uri="file:///c"))
     assert attrs == {"type": "CheckpointSaved", "schema_version": "1", "run_id": "r", "event_id": "r:CheckpointSaved:40"}
     assert json.loads(data)["step"] == 40
+
+
+def test_a_dead_lettered_message_fails_its_run_with_the_reason_until_a_replay_moves_it_on(adapters):
+    from services.tracker.service import SERVICE as TRACKER
+
+    def track(topic):
+        for msg in adapters.bus.pull(ev.subscription_name("tracker", topic), max_messages=10, timeout_s=1):
+            handle_message(TRACKER, adapters, topic, msg)
+
+    def broken(event, ctx):
+        raise RuntimeError("disk on fire")
+
+    publish_event(adapters.bus, job())
+    track(ev.JOBS)
+    assert adapters.docs.get("runs", "run-1")["status"] == "validating"
+    for _ in range(adapters.settings.max_delivery_attempts):
+        [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
+        handle_message(service_with(broken), adapters, ev.JOBS, msg)
+    track(ev.JOBS)  # the runtime's MessageDeadLettered notice
+    run = adapters.docs.get("runs", "run-1")
+    assert run["status"] == "failed" and run["sub_state"] == "preparing_data"
+    assert "JobSubmitted dead-lettered by preprocess.jobs: handler failed 5 times: RuntimeError: disk on fire" in run["error"]
+    assert "ftpipe dlq replay --topic jobs" in run["error"]
+    assert run["dead_letter"]["active"] is True
+
+    # After the fix, `ftpipe dlq replay` puts the run back where it was, and the run goes on.
+    from ftpipe.client import Client
+
+    [replayed] = Client(adapters.settings, adapters).dlq_replay(ev.JOBS)
+    assert replayed["run_id"] == "run-1"
+    run = adapters.docs.get("runs", "run-1")
+    assert (run["status"], run["sub_state"], run["error"]) == ("validating", "preparing_data", None)
+    assert run["dead_letter"]["active"] is False and "disk on fire" in run["dead_letter"]["reason"]
+    publish_event(adapters.bus, ev.DatasetPrepared(run_id="run-1", recipe=RECIPE, dataset_id="d", dataset_uri="file:///d/",
+                                                   counts={"train": 1}))
+    track(ev.DATASETS)
+    assert adapters.docs.get("runs", "run-1")["status"] == "queued"
+
+
+def refuse(event, ctx):
+    raise ev.MalformedMessage("no handler can take this body")
+
+
+def test_a_replay_before_the_tracker_saw_the_dead_letter_does_not_fail_the_run_late(adapters):
+    from ftpipe.client import Client
+    from services.tracker.service import SERVICE as TRACKER
+
+    publish_event(adapters.bus, job())
+    tracker_jobs = ev.subscription_name("tracker", ev.JOBS)
+    [submitted] = adapters.bus.pull(tracker_jobs, timeout_s=5)
+    handle_message(TRACKER, adapters, ev.JOBS, submitted)
+    [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
+    assert handle_message(service_with(refuse), adapters, ev.JOBS, msg) == "dead-lettered"
+    Client(adapters.settings, adapters).dlq_replay(ev.JOBS)  # the tracker was down meanwhile
+    delivered = adapters.bus.pull(tracker_jobs, max_messages=10, timeout_s=2)
+    [notice] = [m for m in delivered if m.attributes["type"] == "MessageDeadLettered"]
+    handle_message(TRACKER, adapters, ev.JOBS, notice)
+    run = adapters.docs.get("runs", "run-1")
+    assert run["status"] == "validating" and run["dead_letter"]["active"] is False
+
+
+def test_a_poison_message_without_a_run_of_ours_marks_no_run(adapters):
+    from services.tracker.service import SERVICE as TRACKER
+
+    adapters.bus.publish(ev.JOBS, b"{not json", {"type": "JobSubmitted", "schema_version": "1", "run_id": "ghost"})
+    assert deliver(adapters, service_with(lambda e, c: [])) == "dead-lettered"
+    delivered = adapters.bus.pull(ev.subscription_name("tracker", ev.JOBS), max_messages=10, timeout_s=2)
+    [notice] = [m for m in delivered if m.attributes["type"] == "MessageDeadLettered"]  # and the poison itself
+    handle_message(TRACKER, adapters, ev.JOBS, notice)
+    assert adapters.docs.get("runs", "ghost") is None
