@@ -69,6 +69,17 @@ def test_transient_store_and_docstore_errors_are_retried(assets, chaos_seed):
     assert sum(figures["injected"].values()) > 0
 
 
+def test_calls_that_acted_but_reported_failure_are_retried_without_doing_the_work_twice(assets, chaos_seed):
+    """The ambiguous failure: a write or a transaction happened, and the caller was told it failed.
+    The retry repeats it: write-if-absent finds the object, a transaction runs again."""
+    tmp, recipe, prepared = assets
+    figures = run_under(tmp, "lost_reply", f"lost_reply=0.05,seed={chaos_seed}", recipe, prepared,
+                        transient_retry_s=30)
+    h.save("lost_replies", figures)
+    assert not figures["violations"], figures["violations"]
+    assert sum(figures["injected"].values()) > 0
+
+
 def test_persistent_store_outage_dead_letters_then_replay_after_the_fix(assets, chaos_seed):
     """Every write under runs/ fails: the trainer's message is retried, dead-lettered with the
     error; the outage ends (the stack restarts without the fault) and `ftpipe dlq replay` finishes

@@ -11,6 +11,9 @@ service process alike; no handler knows. Terms:
   store=P          each ObjectStore call fails (before it acts) with probability P (1 = always)
   store_prefix=X   ... only calls on object names under X
   docs=P           each DocStore call fails (before it acts) with probability P
+  lost_reply=P     each ObjectStore and DocStore call acts, then fails with probability P: the
+                   "ambiguous" failure (the write or the transaction happened, the caller is told
+                   it did not), so the retry repeats work that is already done
   seed=N           the random choices' seed (default 0): a plan replays the same choices
 
 Injected failures are ports.TransientError, which shared/retrying.py retries; what outlasts the
@@ -42,6 +45,7 @@ class FaultPlan:
     store: float = 0.0
     store_prefix: str = ""
     docs: float = 0.0
+    lost_reply: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -66,7 +70,7 @@ class FaultPlan:
             except ValueError:
                 raise ValueError(f"FTPIPE_FAULTS: {term!r}: " + (f"{key} takes no value" if kind == "bool"
                                                                  else f"{key} needs a {kind} value, e.g. {key}=1")) from None
-        for key in ("store", "docs"):
+        for key in ("store", "docs", "lost_reply"):
             if not 0 <= values.get(key, 0) <= 1:
                 raise ValueError(f"FTPIPE_FAULTS: {key}={values[key]} is a probability: give 0..1")
         return cls(**values)
@@ -94,6 +98,18 @@ def inject(plan: FaultPlan, bus, store, docs):
             return fn(*args, **kwargs)
         return guard
 
+    def losing_reply(what: str, p: float):
+        def guard(call: str, fn, *args, **kwargs):
+            result = fn(*args, **kwargs)
+            if chance(p):
+                log.warning("injected fault: %s.%s reply lost", what, call)
+                raise InjectedFault(f"injected lost reply of {what}.{call} (it did act) (FTPIPE_FAULTS)")
+            return result
+        return guard
+
+    if plan.lost_reply:
+        store = Guarded(store, STORE_CALLS, losing_reply("store", plan.lost_reply))
+        docs = Guarded(docs, DOCS_CALLS, losing_reply("docs", plan.lost_reply))
     if plan.store:
         store = Guarded(store, STORE_CALLS, failing("store", plan.store, plan.store_prefix))
     if plan.docs:

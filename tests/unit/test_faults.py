@@ -50,7 +50,8 @@ def test_plan_parses_and_names_what_is_wrong():
     assert FaultPlan.parse("redeliver, reorder=2.5,store=0.1,store_prefix=runs/,seed=3") == FaultPlan(
         redeliver=True, reorder=2.5, store=0.1, store_prefix="runs/", seed=3)
     for text, says in [("explode", "unknown term 'explode'"), ("store=lots", "store needs a float"),
-                       ("docs=2", "probability"), ("redeliver=1", "takes no value")]:
+                       ("docs=2", "probability"), ("lost_reply=-1", "probability"),
+                       ("redeliver=1", "takes no value")]:
         with pytest.raises(ValueError, match=says):
             FaultPlan.parse(text)
 
@@ -188,3 +189,16 @@ def test_a_replay_that_is_dead_lettered_again_is_not_replayed_again_by_the_same_
     client = Client(adapters.settings, replace(adapters, bus=ConsumedAtOnce()))
     assert len(client.dlq_replay(ev.JOBS)) == 1 and publishes == [ev.JOBS]
     assert [d["reason"] for d in client.dlq_list(ev.JOBS)] == ["malformed: body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"]
+
+
+def test_a_lost_reply_means_the_call_acted_and_its_retry_meets_the_result(tmp_path, caplog):
+    """lost_reply: the write happened, the caller was told it failed; the retry of a write-if-absent
+    then finds the object there (what callers must take as done)."""
+    from shared.ports import PreconditionFailed
+
+    adapters = adapters_with(tmp_path, "lost_reply=1.0", transient_retry_s=0.2)
+    with caplog.at_level(logging.WARNING), pytest.raises((InjectedFault, PreconditionFailed)):
+        adapters.store.write("ftpipe", "x/once", b"data", if_generation_match=0)
+    assert any("reply lost" in r.getMessage() for r in caplog.records)
+    clean = bootstrap(Settings(state_dir=tmp_path / "state"))
+    assert clean.store.read("ftpipe", "x/once") == b"data"
