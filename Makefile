@@ -47,7 +47,7 @@ test: setup
 
 # The chaos suite (RELIABILITY.md): services SIGKILLed, messages duplicated and reordered, storage
 # faults, poison messages, hostile drops, 200 jobs at once. Long (about 2 hours on 2 cores); its
-# figures go to chaos/results/. CHAOS_ARGS narrows it, e.g. CHAOS_ARGS='chaos/test_poison.py'.
+# figures go to chaos/results/. CHAOS_ARGS narrows it, e.g. CHAOS_ARGS='chaos/test_delivery.py -k poison'.
 CHAOS_ARGS ?= chaos
 chaos: setup
 	$(PY) -m pytest -q -p no:cacheprovider -s $(CHAOS_ARGS)

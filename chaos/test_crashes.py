@@ -91,9 +91,12 @@ def test_sigkill(stack, trial, chaos_seed, request):
 
 
 def spark_jvm(pid: int) -> psutil.Process | None:
-    """The Spark JVM the preprocess service started (a child process named java), if it has one now."""
+    """The Spark JVM the preprocess service started, if it has one now: spark-submit's shell execs
+    into it, after a short-lived java process (launcher.Main) has built its command line."""
     try:
-        return next((p for p in psutil.Process(pid).children(recursive=True) if p.name() == "java"), None)
+        return next((p for p in psutil.Process(pid).children(recursive=True)
+                     if p.name() == "java" and "org.apache.spark.deploy.SparkSubmit" in p.cmdline()
+                     and "org.apache.spark.launcher.Main" not in p.cmdline()), None)
     except psutil.NoSuchProcess:
         return None
 

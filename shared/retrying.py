@@ -10,7 +10,7 @@ import logging
 
 from google.api_core.retry import exponential_sleep_generator, if_exception_type, retry_target
 
-from shared.ports import TransientError
+from shared.ports import ObjectNotFound, TransientError
 
 log = logging.getLogger("ftpipe.retry")
 
@@ -37,7 +37,21 @@ def retrying(inner, calls: frozenset[str], what: str, deadline_s: float):
         log.warning("%s call failed, retrying: %s", what, exc)
 
     def guard(call: str, fn, *args, **kwargs):
-        return retry_target(lambda: fn(*args, **kwargs), if_exception_type(TransientError),
+        failed = []
+
+        def attempt():
+            try:
+                return fn(*args, **kwargs)
+            except TransientError as exc:
+                failed.append(exc)
+                raise
+            except ObjectNotFound:
+                # The failure may have been the reply's, after the delete was done (chaos: lost_reply).
+                if call == "delete" and failed:
+                    return None
+                raise
+
+        return retry_target(attempt, if_exception_type(TransientError),
                             exponential_sleep_generator(0.05, 2.0, 2.0), timeout=deadline_s, on_error=on_error,
                             exception_factory=_last_error)
     return Guarded(inner, calls, guard)

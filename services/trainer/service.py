@@ -22,6 +22,7 @@ from services.trainer.quota import OverQuota, UsageMeter, admit
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 COMPLETE = "COMPLETE"          # written last into a checkpoint or adapter folder: it is whole
 _STEP = re.compile(r"/checkpoints/step-(\d+)/" + COMPLETE + "$")
+_ANY_STEP = re.compile(r"/checkpoints/step-(\d+)/")
 
 
 def run_prefix(run_id: str) -> str:
@@ -210,11 +211,21 @@ def completed_event(run_id, recipe, dataset_uri, tenant, adapter_uri, summary: d
 
 
 def prune_checkpoints(store, bucket: str, run_id: str, keep: int, best: int | None = None) -> None:
-    """Keep the latest `keep` complete checkpoints of the run and its best one (lowest val loss)."""
-    steps = sorted({int(m.group(1)) for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")
-                    if (m := _STEP.search(info.name))})
-    for step in [s for s in steps[:-keep] if s != best]:
-        for info in list(store.list(bucket, checkpoint_prefix(run_id, step) + "/")):
+    """Keep the latest `keep` complete checkpoints of the run and its best one (lowest val loss).
+    Partial folders older than the latest complete one (an upload or a prune cut short) go too."""
+    names = [info.name for info in store.list(bucket, f"{run_prefix(run_id)}/checkpoints/")]
+    complete = sorted({int(m.group(1)) for name in names if (m := _STEP.search(name))})
+    if not complete:
+        return
+    every = {int(m.group(1)) for name in names if (m := _ANY_STEP.search(name))}
+    kept = set(complete[-keep:]) | {best}
+    for step in sorted(s for s in every if s not in kept and s < complete[-1]):
+        prefix = checkpoint_prefix(run_id, step)
+        marker = f"{prefix}/{COMPLETE}"
+        # The marker first: a folder cut short mid-prune must read as partial, never as whole.
+        if marker in names:
+            store.delete(bucket, marker)
+        for info in list(store.list(bucket, prefix + "/")):
             store.delete(bucket, info.name)
 
 

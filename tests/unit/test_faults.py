@@ -8,6 +8,7 @@ import pytest
 from shared import events as ev
 from shared.config import Settings, bootstrap
 from shared.faults import FaultPlan, InjectedFault
+from shared.ports import PreconditionFailed
 from shared.recipe import Recipe
 from shared.runtime import Service, handle_message, publish_event
 from shared.topology import dlq_subscription
@@ -194,11 +195,37 @@ def test_a_replay_that_is_dead_lettered_again_is_not_replayed_again_by_the_same_
 def test_a_lost_reply_means_the_call_acted_and_its_retry_meets_the_result(tmp_path, caplog):
     """lost_reply: the write happened, the caller was told it failed; the retry of a write-if-absent
     then finds the object there (what callers must take as done)."""
-    from shared.ports import PreconditionFailed
-
     adapters = adapters_with(tmp_path, "lost_reply=1.0", transient_retry_s=0.2)
     with caplog.at_level(logging.WARNING), pytest.raises((InjectedFault, PreconditionFailed)):
         adapters.store.write("ftpipe", "x/once", b"data", if_generation_match=0)
     assert any("reply lost" in r.getMessage() for r in caplog.records)
     clean = bootstrap(Settings(state_dir=tmp_path / "state"))
     assert clean.store.read("ftpipe", "x/once") == b"data"
+
+
+def test_a_delete_whose_reply_was_lost_is_done_when_its_retry_finds_nothing(tmp_path):
+    adapters = adapters_with(tmp_path, "lost_reply=0.5,seed=1", transient_retry_s=5)
+    names = [f"x/{n}" for n in range(8)]
+    for name in names:
+        try:
+            adapters.store.write("ftpipe", name, b"data", if_generation_match=0)
+        except PreconditionFailed:  # its first attempt wrote it
+            pass
+    for name in names:
+        adapters.store.delete("ftpipe", name)  # no ObjectNotFound from a retry of a delete that was done
+    assert list(adapters.store.list("ftpipe", "x/")) == []
+
+
+def test_pruning_removes_the_marker_first_and_sweeps_partial_folders_left_by_a_cut_prune(tmp_path):
+    from services.trainer.service import COMPLETE, checkpoint_prefix, prune_checkpoints
+
+    store = bootstrap(Settings(state_dir=tmp_path / "state")).store
+    for step, whole in [(5, True), (10, False), (15, True), (20, True)]:
+        prefix = checkpoint_prefix("run-p", step)
+        store.write("ftpipe", f"{prefix}/adapter/weights.safetensors", b"w")
+        if whole:
+            store.write("ftpipe", f"{prefix}/{COMPLETE}", b"{}")
+    prune_checkpoints(store, "ftpipe", "run-p", keep=2)
+    left = sorted({info.name.split("/checkpoints/")[1].split("/")[0]
+                   for info in store.list("ftpipe", "runs/run-p/checkpoints/")})
+    assert left == ["step-000015", "step-000020"]
