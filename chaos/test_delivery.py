@@ -91,6 +91,9 @@ def test_persistent_store_outage_dead_letters_then_replay_after_the_fix(assets, 
     try:
         run_id = client.submit({"recipe": str(recipe), "dataset": str(prepared), "prepared": True})
         dead = h.wait_for(lambda: client.dlq_list(ev.JOBS), 300, "the job to be dead-lettered")
+        # The run says so (the runtime's MessageDeadLettered, folded by the tracker), with the reason.
+        while_dead = h.wait_for(lambda: (r := h.run_doc(client, run_id)).get("status") == "failed" and r, 60,
+                                "the run to read failed")
         injected = h.faults_injected(settings)
     finally:
         down(settings)
@@ -105,10 +108,12 @@ def test_persistent_store_outage_dead_letters_then_replay_after_the_fix(assets, 
         h.save("persistent_outage_and_replay", {
             "faults": "store=1.0,store_prefix=runs/ (every object call under runs/ fails), then none",
             "dead_lettered": dead, "dlq_list_cli": json.loads(listed.stdout), "injected": injected,
+            "status_while_dead_lettered": while_dead["status"], "error_while_dead_lettered": while_dead["error"],
             "replayed": json.loads(replay.stdout), "status_after_replay": run["status"],
             "version": (run.get("model") or {}).get("version"), "violations": problems})
         assert len(dead) == 1 and dead[0]["run_id"] == run_id, dead
         assert "handler failed 5 times: InjectedFault: injected store fault" in dead[0]["reason"], dead
+        assert "ftpipe dlq replay --topic jobs" in while_dead["error"], while_dead
         assert not problems, problems
     finally:
         down(settings)
