@@ -60,22 +60,16 @@ def test_every_message_delivered_twice_delayed_and_reordered(assets, chaos_seed)
     assert sum(figures["duplicates_acknowledged"].values()) > 0
 
 
-def test_transient_store_and_docstore_errors_are_retried(assets, chaos_seed):
+@pytest.mark.parametrize("faults, results", [
+    ("store=0.05,docs=0.05", "transient_errors"),
+    # The ambiguous failure: a write or a transaction happened, and the caller was told it failed.
+    # The retry repeats it: write-if-absent finds the object, a transaction runs again.
+    ("lost_reply=0.05", "lost_replies"),
+], ids=["transient", "lost_reply"])
+def test_store_and_docstore_faults_are_retried_below_the_handlers(assets, chaos_seed, faults, results):
     tmp, recipe, prepared = assets
-    figures = run_under(tmp, "transient", f"store=0.05,docs=0.05,seed={chaos_seed}", recipe, prepared,
-                        transient_retry_s=30)
-    h.save("transient_errors", figures)
-    assert not figures["violations"], figures["violations"]
-    assert sum(figures["injected"].values()) > 0
-
-
-def test_calls_that_acted_but_reported_failure_are_retried_without_doing_the_work_twice(assets, chaos_seed):
-    """The ambiguous failure: a write or a transaction happened, and the caller was told it failed.
-    The retry repeats it: write-if-absent finds the object, a transaction runs again."""
-    tmp, recipe, prepared = assets
-    figures = run_under(tmp, "lost_reply", f"lost_reply=0.05,seed={chaos_seed}", recipe, prepared,
-                        transient_retry_s=30)
-    h.save("lost_replies", figures)
+    figures = run_under(tmp, results, f"{faults},seed={chaos_seed}", recipe, prepared, transient_retry_s=30)
+    h.save(results, figures)
     assert not figures["violations"], figures["violations"]
     assert sum(figures["injected"].values()) > 0
 
