@@ -76,6 +76,8 @@ class Undecodable:
         attributes = message.get("attributes") if isinstance(message, dict) else None
         self.attributes = ({k: v for k, v in attributes.items() if isinstance(v, str)}
                            if isinstance(attributes, dict) else {})
+        message_id = message.get("messageId") if isinstance(message, dict) else None
+        self.message_id = message_id if isinstance(message_id, str) else ""
 
 
 # ------------------------------------------------------------------ claims
