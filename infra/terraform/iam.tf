@@ -13,13 +13,15 @@ locals {
     serving    = "ftpipe serving: the OpenAI-compatible API over the registry's adapters"
     gke_nodes  = "ftpipe GKE nodes: logs, metrics, image pulls"
   }
-  # Topics each service publishes its own events to (shared/events.py: each event's topic).
+  # Topics each service publishes its own events to (shared/events.py: each event's topic). Every
+  # consumer also publishes MessageDeadLettered on jobs when it dead-letters a run's message.
   publishes = {
     preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
-    trainer    = ["training"]                   # TrainingStarted ... TrainingCompleted / Failed
-    evaluator  = ["evaluations"]                # EvaluationCompleted
-    registry   = ["models"]                     # ModelRegistered / Promoted / Quarantined / Approved
+    trainer    = ["training", "jobs"]           # TrainingStarted ... TrainingCompleted / Failed
+    evaluator  = ["evaluations", "jobs"]        # EvaluationCompleted
+    registry   = ["models", "jobs"]             # ModelRegistered / Promoted / Quarantined / Approved
     tracker    = ["jobs", "datasets", "models"] # the API's submit, privacy sign-off and registry actions
+    serving    = ["jobs"]                       # only MessageDeadLettered
   }
   # Topics each service consumes, so dead-letters to (shared/topology.py SERVICE_TOPICS).
   consumes = {

@@ -194,6 +194,9 @@ def test_each_service_may_pull_its_subscriptions_and_dead_letter_what_it_consume
     assert set(tf["locals"]["service_accounts"]) >= set(SERVICE_TOPICS)
     for service, topics in tf["locals"]["publishes"].items():
         assert set(topics) <= set(ev.TOPICS), service
+    # shared/runtime.dead_letter tells the tracker with a MessageDeadLettered: every consumer publishes it.
+    for service in SERVICE_TOPICS:
+        assert ev.MessageDeadLettered.topic in tf["locals"]["publishes"].get(service, []), service
 
 
 # ------------------------------------------------------------------ bucket
