@@ -125,13 +125,15 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
             update["model"] = _model(run, event, "archived", status_reason=event.reason, actor=event.actor)
         case ev.MessageDeadLettered():
             dead_letter = run.get("dead_letter") or {}
+            stuck = dead_letter.get("active")  # failed by an earlier dead letter (another subscription's copy)
             # A finished run stays as it ended (e.g. serving failed on its promotion), and a message
             # already replayed by `ftpipe dlq replay` (shared/jobs.mark_replayed) no longer fails it.
-            active = run.get("status") not in TERMINAL and event.message_id not in dead_letter.get("replayed", {})
+            ended = run.get("status") in TERMINAL and not stuck
+            active = not ended and event.message_id not in dead_letter.get("replayed", {})
             update["dead_letter"] = {"active": active, "at": now, "message_id": event.message_id,
                                      "topic": event.source_topic, "subscription": event.subscription,
                                      "message_type": event.message_type, "reason": event.reason,
-                                     "previous_status": run.get("status")}
+                                     "previous_status": dead_letter["previous_status"] if stuck else run.get("status")}
             if active:
                 update.update(status="failed", error=f"{event.message_type} dead-lettered by {event.subscription}: "
                               f"{event.reason}. Fix the cause, then `ftpipe dlq replay --topic {event.source_topic}`")

@@ -138,3 +138,20 @@ def test_a_dead_letter_fails_a_live_run_only_and_a_replay_must_pass_its_stage(tm
     run = docs.get(RUNS, "r")
     assert run["status"] == "succeeded" and run["dead_letter"]["subscription"] == "serving.models"
     assert run["dead_letter"]["active"] is False
+
+
+def test_two_subscriptions_dead_lettering_one_message_leave_the_run_replayable(tmp_path):
+    """A poison JobSubmitted is dead-lettered by each service on `jobs`: the second notice must not
+    take the first one's failure for the run's own ending."""
+    from shared.jobs import mark_replayed
+
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    record(docs, ev.JobSubmitted(run_id="r", recipe=RECIPE, dataset_uri="file:///in"))
+    for subscription in ("preprocess.jobs", "trainer.jobs"):
+        record(docs, ev.MessageDeadLettered(run_id="r", message_id="m1", message_type="JobSubmitted",
+                                            source_topic=ev.JOBS, subscription=subscription, reason="malformed"))
+    run = docs.get(RUNS, "r")
+    assert run["status"] == "failed" and run["dead_letter"]["active"] is True
+    mark_replayed(docs, "r", "m1")
+    run = docs.get(RUNS, "r")
+    assert (run["status"], run["error"], run["dead_letter"]["active"]) == ("validating", None, False)
