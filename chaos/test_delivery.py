@@ -1,5 +1,5 @@
 """Duplicates, disorder, storage and document-store faults, poison messages and `ftpipe dlq replay`
-on the local stack, faults injected at the adapter boundary (FTPIPE_FAULTS, shared/faults.py) in
+on the local stack, faults injected at the adapter boundary (FTPIPE_FAULTS, shared/platform/faults.py) in
 every service process alike."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from chaos import harness as h
 from ftpipe.client import Client
 from ftpipe.stack import down, up
-from shared import events as ev
-from shared.recipe import load_recipe
+from shared.domain import events as ev
+from shared.domain.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from chaos import harness as h
 from chaos.test_delivery import POISON
 from ftpipe.client import Client
 from ftpipe.stack import down, running, up
-from shared import events as ev
-from shared.recipe import load_recipe
+from shared.domain import events as ev
+from shared.domain.recipe import load_recipe
 from tests.emulators import EmulatorMissing, start_all
 
 # The run's sub_state while the victim works, and the most seconds to wait after it appears.

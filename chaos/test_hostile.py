@@ -16,8 +16,8 @@ import pytest
 from chaos import harness as h
 from ftpipe.client import Client
 from ftpipe.stack import down, running, up
-from shared import events as ev
-from shared.jobs import RUNS
+from shared.domain import events as ev
+from shared.domain.jobs import RUNS
 
 GIB = 2 ** 30
 
@@ -97,7 +97,7 @@ def test_hostile_drops_are_rejected_with_reasons_and_the_services_stay_up(tmp_pa
                 bus.publish(ev.DATASET_UPLOADS, forged.model_dump_json().encode(), forged.attributes())
                 name = forged.name
             else:  # a JobSubmitted (any engineer can publish one) pointing outside the store
-                from shared.recipe import load_recipe
+                from shared.domain.recipe import load_recipe
 
                 job = ev.JobSubmitted(run_id=f"run-hostile-{uuid.uuid4().hex[:8]}", recipe=load_recipe(str(recipe)),
                                       dataset_uri="file:///etc/passwd")

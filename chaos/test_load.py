@@ -12,8 +12,8 @@ import time
 from chaos import harness as h
 from ftpipe.client import Client
 from ftpipe.stack import down, running, up
-from shared.jobs import RUNS
-from shared.model_registry import MODEL_VERSIONS
+from shared.domain.jobs import RUNS
+from shared.domain.model_registry import MODEL_VERSIONS
 
 STEPS = 2
 

@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from shared.config import Settings
+from shared.platform.config import Settings
 
 # soft_wrap: long paths and URLs stay whole on one line (copyable) rather than folding at 80 columns.
 err = Console(stderr=True, soft_wrap=True)
@@ -93,7 +93,7 @@ def _dry_run(args) -> int:
     """`drop --dry-run`: the preprocess stage in-process into a temporary folder; nothing uploaded."""
     import tempfile
 
-    from ftpipe.stages import prepare_file
+    from ftpipe.standalone import prepare_file
 
     with tempfile.TemporaryDirectory(prefix="ftpipe-dry-run-") as tmp:
         result = prepare_file(args.file, args.recipe, tmp, legal_basis=args.legal_basis)
@@ -233,7 +233,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    """The model registry (shared/model_registry.py): list, show, and the changes people make."""
+    """The model registry (shared/domain/model_registry.py): list, show, and the changes people make."""
     client = _client(args)
     action = getattr(args, "action", None) or "list"
     if action == "list":
@@ -388,7 +388,7 @@ def _recipe_row(recipe, source: str) -> dict:
 
 
 def cmd_recipes(args) -> int:
-    from shared.recipe import RECIPES_DIR, RecipeError, available_recipes, load_recipe
+    from shared.domain.recipe import RECIPES_DIR, RecipeError, available_recipes, load_recipe
 
     if args.action == "list":
         rows = [_recipe_row(load_recipe(name), str(RECIPES_DIR / f"{name}.yaml")) for name in available_recipes()]
@@ -432,7 +432,7 @@ def cmd_recipes(args) -> int:
 
 # ------------------------------------------------------------------ stages without the bus
 def cmd_prepare(args) -> int:
-    from ftpipe.stages import prepare_file
+    from ftpipe.standalone import prepare_file
 
     result = prepare_file(args.file, args.recipe, args.out)
     if args.json:
@@ -481,7 +481,7 @@ def cmd_train(args) -> int:
         return _render_k8s(args)
     if not (args.data and args.out):
         raise UsageError("ftpipe train needs --data (a prepared dataset folder) and --out, or --render-k8s")
-    from ftpipe.stages import train_folder, train_processes
+    from ftpipe.standalone import train_folder, train_processes
     from services.trainer import distributed
 
     if args.nproc < 1:
@@ -502,8 +502,8 @@ def _render_k8s(args) -> int:
     import yaml
 
     from services.trainer.k8s import render
-    from shared.build_info import ftpipe_version
-    from shared.recipe import load_recipe
+    from shared.platform.build_info import ftpipe_version
+    from shared.domain.recipe import load_recipe
 
     settings = _settings(args)
     manifest = render(load_recipe(args.recipe), args.run_id,
@@ -520,7 +520,7 @@ def cmd_evaluate(args) -> int:
         return _estimate_evaluation(args)
     if not (args.data and args.adapter):
         raise UsageError("ftpipe evaluate needs --data (a prepared dataset folder) and --adapter, or --estimate")
-    from ftpipe.stages import evaluate_adapter
+    from ftpipe.standalone import evaluate_adapter
 
     result = evaluate_adapter(args.recipe, args.data, args.adapter, probes=args.probes, production=args.production)
     if args.json:
@@ -534,7 +534,7 @@ def _estimate_evaluation(args) -> int:
     """Print what evaluating --examples test examples would cost on the recipe's GPU (services/evaluator/cost.py)."""
     from services.evaluator.cost import describe, estimate_evaluation_cost
     from services.preprocess.cost import count_parameters
-    from shared.recipe import load_recipe
+    from shared.domain.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     params = count_parameters(recipe.base_model)
@@ -551,8 +551,8 @@ def cmd_serve(args) -> int:
     """The OpenAI-compatible API over one base model and the registry's adapters (services/serving/)."""
     from services.serving.main import ServingConfig, serve, splits_from
     from services.serving.routing import ServingError
-    from shared.auth import local_token
-    from shared.logs import configure_logging
+    from shared.platform.auth import local_token
+    from shared.platform.logs import configure_logging
 
     settings = _settings(args)
     if args.max_adapters is not None and args.max_adapters < 1:
@@ -740,18 +740,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from shared.logs import configure_logging
+    from shared.platform.logs import configure_logging
 
     configure_logging("text", os.environ.get("FTPIPE_LOG_LEVEL", "WARNING"))
     args = build_parser().parse_args(argv)
     from ftpipe.client import ClientError
     from ftpipe.stack import StackError
-    from ftpipe.stages import StageInputError
-    from shared.model_export import ExportError
-    from shared.model_registry import RegistryError
-    from shared.models import ModelNotAvailable
-    from shared.recipe import RecipeError
-    from shared.tenants import TenantError
+    from ftpipe.standalone import StageInputError
+    from shared.domain.model_export import ExportError
+    from shared.domain.model_registry import RegistryError
+    from shared.domain.models import ModelNotAvailable
+    from shared.domain.recipe import RecipeError
+    from shared.domain.tenants import TenantError
 
     try:
         return args.fn(args)

@@ -5,14 +5,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shared import events as ev
-from shared import jobs
-from shared.config import Adapters, Settings, bootstrap
-from shared import model_registry
-from shared.jobs import RUNS, TERMINAL
-from shared.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
-from shared.tenants import get_quota, list_quotas, set_quota
-from shared.topology import dlq_subscription
+from shared.domain import events as ev
+from shared.domain import jobs
+from shared.platform.config import Adapters, Settings, bootstrap
+from shared.domain import model_registry
+from shared.domain.jobs import RUNS, TERMINAL
+from shared.platform.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
+from shared.domain.tenants import get_quota, list_quotas, set_quota
+from shared.platform.topology import dlq_subscription
 
 
 class ClientError(RuntimeError):
@@ -37,7 +37,7 @@ class Client:
     # ------------------------------------------------------------ starting runs
     def drop(self, file: str | Path, recipe: str, *, legal_basis: str | None = None) -> str:
         """Upload a dataset to incoming/<recipe>/<file>; returns the run id the drop starts
-        (shared/jobs.py: drop)."""
+        (shared/domain/jobs.py: drop)."""
         try:
             return jobs.drop(self.adapters.store, self.settings.bucket, file, recipe, legal_basis=legal_basis)
         except jobs.JobError as exc:
@@ -45,7 +45,7 @@ class Client:
 
     def submit(self, job: dict) -> str:
         """Publish a JobSubmitted. `job`: recipe (name or YAML path), dataset (local file or folder, or
-        a store URL), optional prepared, overrides, tenant, run_id (shared/jobs.py: submit)."""
+        a store URL), optional prepared, overrides, tenant, run_id (shared/domain/jobs.py: submit)."""
         try:
             return jobs.submit(self.adapters.store, self.adapters.bus, self.settings.bucket, job)
         except jobs.JobError as exc:
@@ -79,7 +79,7 @@ class Client:
         except jobs.JobError as exc:
             raise ClientError(str(exc)) from exc
 
-    # ------------------------------------------------------------ models (shared/model_registry.py)
+    # ------------------------------------------------------------ models (shared/domain/model_registry.py)
     def models(self, name: str | None = None) -> list[dict]:
         """Registered versions (of one model, or all), newest first, each with its `aliases`."""
         rows = []
@@ -117,7 +117,7 @@ class Client:
 
     def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
                      adapter: bool = True) -> dict:
-        from shared.model_export import export_version
+        from shared.domain.model_export import export_version
 
         return export_version(self.adapters.store, self.adapters.docs, name, version, Path(out), merged=merged,
                               adapter=adapter)

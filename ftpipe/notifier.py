@@ -6,9 +6,9 @@ import logging
 import signal
 import threading
 
-from shared.config import Settings, bootstrap
-from shared.logs import configure_logging
-from shared.notifications import LocalBucketNotifier, scan_incoming
+from shared.platform.config import Settings, bootstrap
+from shared.platform.logs import configure_logging
+from shared.platform.notifications import LocalBucketNotifier, scan_incoming
 
 
 def main(interval_s: float = 1.0) -> None:

@@ -1,8 +1,8 @@
-"""`ftpipe privacy list|approve|reject`: the sign-off decisions of shared/privacy.py (the tracker's
+"""`ftpipe privacy list|approve|reject`: the sign-off decisions of shared/domain/privacy.py (the tracker's
 API makes the same calls), with their errors as the CLI's."""
 from __future__ import annotations
 
-from shared import privacy
+from shared.domain import privacy
 
 from ftpipe.client import Client, ClientError
 

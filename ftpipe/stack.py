@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from shared.config import Settings, bootstrap
-from shared.processes import alive
+from shared.platform.config import Settings, bootstrap
+from shared.platform.processes import alive
 
 PROCESSES = {
     "notifier": "ftpipe.notifier",
@@ -108,6 +108,6 @@ def dashboard_url(settings: Settings) -> str:
     url = tracker_url(settings)
     if url is None or "tracker" not in running(settings):
         raise StackError(f"the tracker is not running for {settings.state_dir}; `ftpipe up` starts the stack")
-    from shared.auth import local_token
+    from shared.platform.auth import local_token
 
     return f"{url}/#token={local_token(settings.state_dir)}"

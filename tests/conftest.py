@@ -26,6 +26,6 @@ def tokenizer():
     """The tiny random model's tokenizer (SmolLM2's vocabulary and chat template)."""
     from transformers import AutoTokenizer
 
-    from shared.models import resolve_model
+    from shared.domain.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("tiny-random-smollm2"))

@@ -341,7 +341,7 @@ def start_all(project: str = "ftpipe-e2e", *, notify_topic: str = "dataset-uploa
         if errors:
             raise errors[0]
         pubsub, firestore = started
-        from shared.adapters.pubsub import PubSubBus
+        from shared.platform.adapters.pubsub import PubSubBus
 
         bus = PubSubBus(project, emulator_host=pubsub.host_port)
         try:
@@ -373,7 +373,7 @@ def _unique_project(prefix: str = "test") -> str:
 def make_pubsub_bus(emulator: Emulator, project: str | None = None):
     """A PubSubBus on the emulator, in a fresh project (so topics and subscriptions of one test
     never meet another's) unless `project` is given."""
-    from shared.adapters.pubsub import PubSubBus
+    from shared.platform.adapters.pubsub import PubSubBus
 
     return PubSubBus(project or _unique_project(), emulator_host=emulator.host_port)
 
@@ -381,7 +381,7 @@ def make_pubsub_bus(emulator: Emulator, project: str | None = None):
 def make_gcs_store(emulator: Emulator, buckets: tuple[str, ...] = DEFAULT_BUCKETS, *, empty: bool = True):
     """A GcsObjectStore on fake-gcs-server with `buckets` created (ObjectStore has no
     create_bucket) and, with `empty`, emptied: tests on one server share the bucket names."""
-    from shared.adapters.gcs import GcsObjectStore
+    from shared.platform.adapters.gcs import GcsObjectStore
 
     store = GcsObjectStore(emulator.project, endpoint=emulator.url)
     for bucket in buckets:
@@ -397,7 +397,7 @@ def make_gcs_store(emulator: Emulator, buckets: tuple[str, ...] = DEFAULT_BUCKET
 
 def make_firestore_docs(emulator: Emulator, project: str | None = None):
     """A FirestoreDocStore on the emulator in a fresh project: an empty database per call."""
-    from shared.adapters.firestore import FirestoreDocStore
+    from shared.platform.adapters.firestore import FirestoreDocStore
 
     return FirestoreDocStore(project or _unique_project(), emulator_host=emulator.host_port)
 

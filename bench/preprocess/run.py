@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
-from services.preprocess import formats, neardup, pii, stages  # noqa: E402
-from shared.recipe import apply_overrides, load_recipe  # noqa: E402
+from services.preprocess import formats, neardup, pii, partitions  # noqa: E402
+from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
 
 CHECKSUMMED = ("card", "iban", "tfn", "abn", "medicare", "ssn")
 SWEEP_SHINGLES = (2, 3, 5)
@@ -83,7 +83,7 @@ def deduped_rdd(spark, path: str, recipe):
                              max_row_bytes=recipe.data.max_row_bytes)
     validated = spark.sparkContext.textFile(path).zipWithIndex().mapPartitions(
         partial(formats.validate_jsonl, rules=rules))
-    return validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key).reduceByKey(stages.keep_representative)
+    return validated.filter(lambda r: r[0] == "ok").map(partitions.dedup_key).reduceByKey(partitions.keep_representative)
 
 
 def ftpipe_neardup(spark, rdd, params: neardup.Params) -> tuple[set[int], dict, float]:
@@ -333,7 +333,7 @@ def main() -> None:
     params = neardup.Params.from_spec(recipe.dedup)
     rdd = deduped_rdd(spark, str(corpus_path), recipe).cache()
     # (row id, 0-based line, compared text); the stage's line numbers are 1-based, the truth's 0-based
-    dedup_rows = rdd.map(lambda r: (r[0][:stages.ID_CHARS], r[1][0] - 1,
+    dedup_rows = rdd.map(lambda r: (r[0][:partitions.ID_CHARS], r[1][0] - 1,
                                     neardup.conversation_text(r[1][1]))).collect()
     id_to_line = {rid: line for rid, line, _ in dedup_rows}
     texts = {line: text for _, line, text in dedup_rows}
@@ -411,7 +411,7 @@ def main() -> None:
                        "true_leak": true_leak_rate(out_dir, id_to_line, rows, truths) if not result.rejected else None}
 
     # which look-alikes (not PII) the residual scan flags by itself: its hits per distractor shape
-    from shared import pii_residual
+    from shared.domain import pii_residual
 
     dis_hits, dis_n = Counter(), Counter()
     for t in truths:

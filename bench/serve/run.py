@@ -1,4 +1,4 @@
-"""`ftpipe serve` against plain transformers generation, on SmolLM2-135M-Instruct (shared.models).
+"""`ftpipe serve` against plain transformers generation, on SmolLM2-135M-Instruct (shared.domain.models).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve/run.py [--requests 8] [--max-tokens 64] [--out FILE]
 
@@ -154,9 +154,9 @@ def main() -> None:
     prompts = (PROMPTS * (args.requests // len(PROMPTS) + 1))[:args.requests]
 
     from services.serving.main import Server, ServingConfig
-    from shared.auth import local_token
-    from shared.config import Settings, bootstrap
-    from shared.models import SMOLLM2, resolve_model
+    from shared.platform.auth import local_token
+    from shared.platform.config import Settings, bootstrap
+    from shared.domain.models import SMOLLM2, resolve_model
     from tests.unit.test_serving import add_version
 
     base_path = resolve_model(SMOLLM2)

@@ -45,8 +45,8 @@ from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
 from services.trainer.chat_templates import training_template  # noqa: E402
 from services.trainer.modeling import load_base  # noqa: E402
 from services.trainer.training import load_split, train  # noqa: E402
-from shared.datasets import with_system_prompt  # noqa: E402
-from shared.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
+from shared.domain.datasets import with_system_prompt  # noqa: E402
+from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
 WORKER = Path(__file__).with_name("worker.py")
 

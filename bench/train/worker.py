@@ -9,7 +9,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from services.trainer.training import local_checkpoints, train  # noqa: E402
-from shared.recipe import Recipe  # noqa: E402
+from shared.domain.recipe import Recipe  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ locals {
   dashboard_audience      = "/projects/${data.google_project.this.number}/global/backendServices/${google_compute_backend_service.tracker.generated_id}"
   iap_agent               = "serviceAccount:${google_project_service_identity.agents["iap.googleapis.com"].email}"
 
-  # Each service's settings beyond local.common_env (shared/config.py Settings.from_env).
+  # Each service's settings beyond local.common_env (shared/platform/config.py Settings.from_env).
   evaluator_env = {
     FTPIPE_ACK_DEADLINE_S        = tostring(local.push_policy.ack_deadline_seconds)
     FTPIPE_MAX_DELIVERY_ATTEMPTS = tostring(var.evaluator_max_delivery_attempts)
@@ -130,7 +130,7 @@ resource "google_cloud_run_v2_service_iam_member" "iap_invokes_tracker" {
 }
 
 # The HTTPS load balancer in front of the tracker, with IAP on its backend; the backend's id is
-# the audience of IAP's signed header (shared/auth.py iap_authenticator).
+# the audience of IAP's signed header (shared/platform/auth.py iap_authenticator).
 resource "google_compute_region_network_endpoint_group" "tracker" {
   name                  = local.tracker_name
   region                = var.region

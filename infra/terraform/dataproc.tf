@@ -36,7 +36,7 @@ resource "google_service_account_iam_member" "preprocess_acts_as_dataproc" {
 }
 
 locals {
-  # The preprocess service's Dataproc settings (shared/config.py dataproc_*). The wheel and the
+  # The preprocess service's Dataproc settings (shared/platform/config.py dataproc_*). The wheel and the
   # job's entrypoint are uploaded by cloudbuild.yaml (docs/deploy.md).
   dataproc_env = {
     FTPIPE_PREPROCESS_RUNNER        = "dataproc"

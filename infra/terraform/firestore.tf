@@ -1,4 +1,4 @@
-# The documents of the DocStore port (shared/adapters/firestore.py uses the (default) database).
+# The documents of the DocStore port (shared/platform/adapters/firestore.py uses the (default) database).
 resource "google_firestore_database" "default" {
   name                              = "(default)"
   location_id                       = var.firestore_location

@@ -1,6 +1,6 @@
 # One service account per service, each granted only what its code does (README "How it fits
 # together"): which subscriptions it pulls, which topics it publishes to (its own events, and the
-# dead-letter topics of what it consumes: shared/runtime.py dead_letter), the bucket and Firestore.
+# dead-letter topics of what it consumes: shared/platform/runtime.py dead_letter), the bucket and Firestore.
 locals {
   service_accounts = {
     preprocess = "ftpipe preprocess: pulls uploads and jobs, submits Dataproc batches"
@@ -13,7 +13,7 @@ locals {
     serving    = "ftpipe serving: the OpenAI-compatible API over the registry's adapters"
     gke_nodes  = "ftpipe GKE nodes: logs, metrics, image pulls"
   }
-  # Topics each service publishes its own events to (shared/events.py: each event's topic). Every
+  # Topics each service publishes its own events to (shared/domain/events.py: each event's topic). Every
   # consumer also publishes MessageDeadLettered on jobs when it dead-letters a run's message.
   publishes = {
     preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
@@ -23,7 +23,7 @@ locals {
     tracker    = ["jobs", "datasets", "models"] # the API's submit, privacy sign-off and registry actions
     serving    = ["jobs"]                       # only MessageDeadLettered
   }
-  # Topics each service consumes, so dead-letters to (shared/topology.py SERVICE_TOPICS).
+  # Topics each service consumes, so dead-letters to (shared/platform/topology.py SERVICE_TOPICS).
   consumes = {
     preprocess = ["dataset-uploads", "jobs"]
     trainer    = ["datasets", "jobs"]

@@ -25,7 +25,7 @@ locals {
     for service in ["preprocess", "trainer", "evaluator", "tracker"] :
     service => "${var.region}-docker.pkg.dev/${var.project}/${google_artifact_registry_repository.images.repository_id}/${service}:${var.image_tag}"
   }
-  # What every service's environment starts with (shared/config.py Settings.from_env).
+  # What every service's environment starts with (shared/platform/config.py Settings.from_env).
   common_env = {
     FTPIPE_PROFILE               = "gcp"
     FTPIPE_PROJECT               = var.project

@@ -1,8 +1,8 @@
-# The topology of shared/topology.py, written out: tests/infra/test_terraform.py derives the same
+# The topology of shared/platform/topology.py, written out: tests/infra/test_terraform.py derives the same
 # lists from the code and fails on any difference, either way.
 locals {
-  # topic => its dead-letter topic (shared/events.py dead_letter_topic) and the subscription on it
-  # that `ftpipe dlq` reads (shared/topology.py dlq_subscription).
+  # topic => its dead-letter topic (shared/domain/events.py dead_letter_topic) and the subscription on it
+  # that `ftpipe dlq` reads (shared/platform/topology.py dlq_subscription).
   topics = {
     "dataset-uploads" = { dead_letter = "dataset-uploads-dead-letter", dlq_subscription = "dlq.dataset-uploads-dead-letter" }
     "jobs"            = { dead_letter = "jobs-dead-letter", dlq_subscription = "dlq.jobs-dead-letter" }
@@ -12,9 +12,9 @@ locals {
     "models"          = { dead_letter = "models-dead-letter", dlq_subscription = "dlq.models-dead-letter" }
   }
 
-  # The pull subscriptions of the services that pull (shared/topology.py SERVICE_TOPICS and
+  # The pull subscriptions of the services that pull (shared/platform/topology.py SERVICE_TOPICS and
   # subscriptions()): the trainer has one per priority class on each of its topics, filtered on the
-  # `priority` attribute (shared/scheduling.py); the batch one keeps the plain name and also takes
+  # `priority` attribute (shared/platform/scheduling.py); the batch one keeps the plain name and also takes
   # messages without the attribute.
   pull_subscriptions = {
     "preprocess.dataset-uploads"   = { service = "preprocess", topic = "dataset-uploads", filter = "" }
@@ -43,8 +43,8 @@ locals {
     "registry.evaluations" = { service = "registry", topic = "evaluations" }
   }
 
-  # Settings.subscription_policy() defaults (shared/config.py, shared/ports.py SubscriptionPolicy),
-  # as the Pub/Sub adapter writes them (shared/adapters/pubsub.py _subscription_resource).
+  # Settings.subscription_policy() defaults (shared/platform/config.py, shared/platform/ports.py SubscriptionPolicy),
+  # as the Pub/Sub adapter writes them (shared/platform/adapters/pubsub.py _subscription_resource).
   subscription_policy = {
     ack_deadline_seconds       = 60
     message_retention_duration = "604800s"
@@ -66,7 +66,7 @@ locals {
     minimum_backoff            = "60s"
     maximum_backoff            = "600s"
   }
-  # The label the Pub/Sub adapter reads to dead-letter itself with a reason (shared/adapters/pubsub.py).
+  # The label the Pub/Sub adapter reads to dead-letter itself with a reason (shared/platform/adapters/pubsub.py).
   max_attempts_label = "ftpipe-max-delivery-attempts"
   pubsub_agent       = "serviceAccount:${google_project_service_identity.agents["pubsub.googleapis.com"].email}"
 }
@@ -146,7 +146,7 @@ resource "google_pubsub_subscription" "push" {
   push_config {
     push_endpoint = "${google_cloud_run_v2_service.evaluator.uri}/pubsub/push"
     # Pub/Sub signs each push with this account's ID token for this audience; the app checks both
-    # (shared/push.py OidcVerifier: FTPIPE_PUSH_AUDIENCE, FTPIPE_PUSH_SERVICE_ACCOUNT).
+    # (shared/platform/push.py OidcVerifier: FTPIPE_PUSH_AUDIENCE, FTPIPE_PUSH_SERVICE_ACCOUNT).
     oidc_token {
       service_account_email = google_service_account.sa["push"].email
       audience              = local.evaluator_push_audience

@@ -84,7 +84,7 @@ resource "google_storage_bucket" "data" {
   depends_on = [google_project_service.apis]
 }
 
-# GCS announces each new object under incoming/ on dataset-uploads (what shared/notifications.py
+# GCS announces each new object under incoming/ on dataset-uploads (what shared/platform/notifications.py
 # does for the local store): a drop at incoming/<recipe>/<file> starts a run.
 resource "google_storage_notification" "incoming" {
   bucket             = google_storage_bucket.data.name

@@ -142,7 +142,7 @@ variable "system_pool" {
 
 variable "gpu_pools" {
   description = <<-EOT
-    GPU node pools, by name. The name must be what a recipe's hardware resolves to (shared/recipe.py
+    GPU node pools, by name. The name must be what a recipe's hardware resolves to (shared/domain/recipe.py
     HardwareSpec.pool: ftpipe-<gpu>[-spot]) and accelerator the GKE type of its gpu (GKE_ACCELERATORS);
     tests/infra checks both. Every pool scales from 0: nodes exist only while a trainer pod needs one.
   EOT

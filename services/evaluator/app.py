@@ -15,7 +15,7 @@ push whose OIDC token is missing, invalid or someone else's (nothing is handled)
 
 Long evaluations: Pub/Sub waits at most 600 s (the push subscription's ack deadline) for the answer,
 then redelivers, possibly to another instance, while the first one is still working. The first
-delivery holds a claim on the message (shared/push.py) that it renews every third of
+delivery holds a claim on the message (shared/platform/push.py) that it renews every third of
 `ack_deadline_s` for up to the service's max lease; a redelivery that finds the claim live gets 429
 and comes back after the retry backoff, one that finds it expired (the instance died) takes it over
 and evaluates. When the evaluation ends the ledger records it, so the next redelivery is acked as a
@@ -32,11 +32,11 @@ import uuid
 
 from flask import Flask, request
 
-from shared import events as ev
-from shared.config import Adapters, Settings, bootstrap
-from shared.logs import configure_logging
-from shared.push import AuthError, Claim, OidcVerifier, PushedMessage, Undecodable
-from shared.runtime import KeepLeased, Service, dead_letter, handle_message, ledger_key
+from shared.domain import events as ev
+from shared.platform.config import Adapters, Settings, bootstrap
+from shared.platform.logs import configure_logging
+from shared.platform.push import AuthError, Claim, OidcVerifier, PushedMessage, Undecodable
+from shared.platform.runtime import KeepLeased, Service, dead_letter, handle_message, ledger_key
 
 from services.evaluator.service import SERVICE
 
@@ -53,9 +53,9 @@ def create_app(adapters: Adapters | None = None, settings: Settings | None = Non
     if adapters is None:
         configure_logging(settings.log_format, settings.log_level)
         adapters = bootstrap(settings)
-    if len(service.handlers) != 1:
-        raise ValueError(f"a push endpoint serves one topic; service {service.name!r} handles {list(service.handlers)}")
-    [topic] = service.handlers
+    if len(service.topics) != 1:
+        raise ValueError(f"a push endpoint serves one topic; service {service.name!r} handles {list(service.topics)}")
+    [topic] = service.topics
     subscription = ev.subscription_name(service.name, topic)
     if verifier is None and settings.verify_push:
         verifier = OidcVerifier(settings.push_audience, settings.push_service_account)

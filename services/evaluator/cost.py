@@ -10,7 +10,7 @@ question is one more generation, each scored probe sequence one more pass (`prob
     generated tokens = models x (examples + probes) x max_new_tokens
 
 Prompt tokens go through the model in parallel, at the GPU's sustained compute (2 x params FLOPs a
-token; GPU_TABLE in shared/recipe.py). Generation is one step per new token for a batch of
+token; GPU_TABLE in shared/domain/recipe.py). Generation is one step per new token for a batch of
 sequences, and a step takes the longest of: reading the weights once (memory bandwidth), the
 batch's compute, and the framework's fixed cost per step; or, given a measured `tokens_per_s`,
 generated tokens / tokens_per_s. Cost = seconds x the GPU's price per hour (the recipe's
@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.recipe import GPU_TABLE, Recipe
+from shared.domain.recipe import GPU_TABLE, Recipe
 
 # Sustained memory bandwidth per GPU, GB/s: ~70% of the peak (L4 300, A100 40GB 1555, H100 SXM
 # 3350), as in a2-highgpu / a3-highgpu / g2 machines. The keys are GPU_TABLE's.

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from shared.recipe import Recipe
+from shared.domain.recipe import Recipe
 
 from . import suites
 from .gate import GateDecision, deltas as compute_deltas, gate
@@ -186,7 +186,7 @@ def load_model(recipe: Recipe, folder: Path | None, labels: list[str] | None, de
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from shared.models import ModelNotAvailable, resolve_model
+    from shared.domain.models import ModelNotAvailable, resolve_model
 
     auto = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
     kwargs: dict = {"dtype": torch.float32}

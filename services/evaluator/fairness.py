@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from shared.datasets import DatasetContractError, iter_jsonl
+from shared.domain.datasets import DatasetContractError, iter_jsonl
 
 from .likelihood import continuation_logprobs
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from shared.metrics import higher_is_better
-from shared.recipe import GateRule, Recipe
+from shared.domain.metrics import higher_is_better
+from shared.domain.recipe import GateRule, Recipe
 
 # Why these defaults: task scores may not fall more than 2% below the base (chrF's run-to-run noise
 # on 40 examples is about that); safety rates are in absolute points; memorisation and PII leakage

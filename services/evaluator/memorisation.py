@@ -26,9 +26,9 @@ from typing import Callable
 import numpy as np
 from scipy.stats import skewnorm
 
-from shared.canaries import Canary, canary_chat, random_secret
-from shared.datasets import with_system_prompt
-from shared.pii_residual import scan
+from shared.domain.canaries import Canary, canary_chat, random_secret
+from shared.domain.datasets import with_system_prompt
+from shared.domain.pii_residual import scan
 
 from .likelihood import continuation_logprobs
 from .probes import greedy_continuations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shared.datasets import DatasetContractError, iter_jsonl, with_system_prompt
+from shared.domain.datasets import DatasetContractError, iter_jsonl, with_system_prompt
 
 _SHAPE = '{"question": str, "expect": [str, ...]}'
 

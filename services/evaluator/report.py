@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from shared.metrics import higher_is_better
-from shared.recipe import Recipe
+from shared.domain.metrics import higher_is_better
+from shared.domain.recipe import Recipe
 
 from .gate import fmt
 

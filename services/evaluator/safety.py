@@ -31,7 +31,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple, Seque
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic import validate_call
 
-from shared.datasets import DatasetContractError, iter_jsonl
+from shared.domain.datasets import DatasetContractError, iter_jsonl
 
 from .probes import generate_answers
 

@@ -7,10 +7,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from shared import events as ev
-from shared.model_registry import alias_version
-from shared.runtime import Context, Service
-from shared.storage import download_dir
+from shared.domain import events as ev
+from shared.domain.model_registry import alias_version
+from shared.platform.runtime import Context, Service
+from shared.platform.storage import download_dir
 
 
 def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
@@ -69,5 +69,5 @@ def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details) -
         training_metrics=event.metrics, tenant=event.tenant)
 
 
-SERVICE = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": on_training_completed}},
+SERVICE = Service(name="evaluator", handlers={ev.TrainingCompleted: on_training_completed},
                   max_messages=1, max_lease_s=6 * 3600)

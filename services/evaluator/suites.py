@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from shared.canaries import recipe_canaries
-from shared.datasets import DatasetContractError, read_split
-from shared.recipe import Recipe
+from shared.domain.canaries import recipe_canaries
+from shared.domain.datasets import DatasetContractError, read_split
+from shared.domain.recipe import Recipe
 
 from . import fairness, memorisation, probes as knowledge_probes, safety, tasks as T
 from .tasks import EvaluationError

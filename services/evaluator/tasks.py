@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.datasets import DatasetContractError, read_split, with_system_prompt
+from shared.domain.datasets import DatasetContractError, read_split, with_system_prompt
 
 GENERATE_TASK = "ftpipe_generate"
 LOGLIK_TASK = "ftpipe_loglik"

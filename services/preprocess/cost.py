@@ -24,8 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from shared.datasets import SPLITS, with_system_prompt
-from shared.recipe import GPU_TABLE, Recipe
+from shared.domain.datasets import SPLITS, with_system_prompt
+from shared.domain.recipe import GPU_TABLE, Recipe
 
 LORA_FLOPS_PER_PARAM_TOKEN = 4
 FULL_FLOPS_PER_PARAM_TOKEN = 6
@@ -38,8 +38,8 @@ class TokenizerUnavailable(RuntimeError):
 # ------------------------------------------------------------------ model facts
 
 def load_tokenizer(base_model: str):
-    """The base model's tokenizer (built-ins are materialised by shared.models on first use)."""
-    from shared.models import ModelNotAvailable, resolve_model
+    """The base model's tokenizer (built-ins are materialised by shared.domain.models on first use)."""
+    from shared.domain.models import ModelNotAvailable, resolve_model
 
     try:
         ref = resolve_model(base_model)
@@ -53,7 +53,7 @@ def load_tokenizer(base_model: str):
 def count_parameters(base_model: str) -> int | None:
     """Parameters of the base model from its safetensors headers (no weights loaded), else from
     config.json (decoder estimate); None when neither is available."""
-    from shared.models import ModelNotAvailable, resolve_model
+    from shared.domain.models import ModelNotAvailable, resolve_model
 
     try:
         ref = resolve_model(base_model)

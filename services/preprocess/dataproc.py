@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared.config import Settings
-from shared.recipe import Recipe
+from shared.platform.config import Settings
+from shared.domain.recipe import Recipe
 
 # Spark settings for a small batch: the job is I/O- and Python-bound, not memory hungry.
 DEFAULT_PROPERTIES = {
@@ -110,7 +110,7 @@ def staging_prefix(run_id: str) -> str:
 def prepare_on_dataproc(ctx, event, out: Path, *, client=None, timeout_s: float = 6 * 3600) -> dict:
     """Run the job of one JobSubmitted as a batch and bring its output folder to `out` (the same
     folder the in-process runner fills); returns its manifest. The caller uploads and publishes."""
-    from shared.storage import download_dir
+    from shared.platform.storage import download_dir
 
     bucket, _ = ctx.store.parse_url(event.dataset_uri)
     prefix = staging_prefix(event.run_id)

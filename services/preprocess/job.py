@@ -6,7 +6,7 @@
          -> deterministic split -> train/val/test.jsonl, rejected.jsonl, pii_report.json, manifest.json
 
 Spark does the work over partitions (RDD mapPartitions with the pure functions of `formats`,
-`stages`, `pii`, `split`; dedup is a reduceByKey on the content hash). The driver only receives
+`partitions`, `pii`, `split`; dedup is a reduceByKey on the content hash). The driver only receives
 per-partition summaries and streams the (small) outputs to files with `toLocalIterator`, one
 partition at a time.
 
@@ -47,14 +47,14 @@ from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 from pyspark.sql.types import StringType, StructField, StructType
 
-from services.preprocess import formats, split, stages
+from services.preprocess import formats, split, partitions
 from services.preprocess import cost, provenance
 from services.preprocess import neardup, quality
 from services.preprocess.pii import mask_excerpt
 from services.preprocess import pii
-from shared import pii_residual
-from shared.build_info import ftpipe_version, git_commit
-from shared.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from shared.domain import pii_residual
+from shared.platform.build_info import ftpipe_version, git_commit
+from shared.domain.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 log = logging.getLogger("ftpipe.preprocess")
 
@@ -431,7 +431,7 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         try:
             validated = _validated_rdd(spark, input_path, kind, rules).persist(StorageLevel.MEMORY_AND_DISK)
             cached.append(validated)
-            summary = stages.merge_validation(validated.mapPartitions(stages.summarise_validation).collect())
+            summary = partitions.merge_validation(validated.mapPartitions(partitions.summarise_validation).collect())
         except _Rejected:
             raise
         except Exception as exc:  # noqa: BLE001 - Spark/Py4J errors for unreadable input
@@ -448,7 +448,7 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         sc.setJobDescription("preprocess: write rejected.jsonl")
         file_meta["rejected.jsonl"] = _write_lines(
             out_dir / "rejected.jsonl",
-            validated.filter(lambda r: r[0] == "bad").map(stages.rejected_line).toLocalIterator(),
+            validated.filter(lambda r: r[0] == "bad").map(partitions.rejected_line).toLocalIterator(),
         )
         files["rejected.jsonl"] = out_dir / "rejected.jsonl"
         t0 = lap("write_rejected_s", t0)
@@ -473,8 +473,8 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
 
         # 3-5. dedup on the content hash (natural casing, then the lowest line wins), then mask and place
         sc.setJobDescription("preprocess: dedup + PII + split")
-        deduped = (validated.filter(lambda r: r[0] == "ok").map(stages.dedup_key)
-                   .reduceByKey(stages.keep_representative))
+        deduped = (validated.filter(lambda r: r[0] == "ok").map(partitions.dedup_key)
+                   .reduceByKey(partitions.keep_representative))
         # 3b. near-duplicates (MinHash LSH + connected components), then 3c. quality filters
         near_removed, quality_removed = 0, 0
         if recipe.dedup.near:
@@ -511,13 +511,13 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
         cuts = None
         if recipe.data_kind == "classification" and data.stratify:
             sc.setJobDescription("preprocess: stratified split cuts")
-            cuts = split.stratified_cuts(deduped.map(stages.strata_key).filter(lambda k: k is not None), fractions)
+            cuts = split.stratified_cuts(deduped.map(partitions.strata_key).filter(lambda k: k is not None), fractions)
         prepared = deduped.mapPartitions(
-            partial(stages.mask_and_place, categories=categories, fractions=fractions, backend=data.pii_backend,
+            partial(partitions.mask_and_place, categories=categories, fractions=fractions, backend=data.pii_backend,
                     cuts=cuts)
         ).persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(prepared)
-        psum = stages.merge_prepared(prepared.mapPartitions(stages.summarise_prepared).collect())
+        psum = partitions.merge_prepared(prepared.mapPartitions(partitions.summarise_prepared).collect())
         n = sum(psum["splits"])
         # deduplicated: rows after exact and near dedup (the quality filters come after it)
         counts.update(deduplicated=n + quality_removed, duplicates_removed=ok - n - quality_removed - near_removed,

@@ -1,5 +1,5 @@
 """Entrypoint of the preprocess container (Dataproc driver / local process)."""
-from shared.main import serve
+from shared.platform.main import serve
 
 from services.preprocess.service import SERVICE
 

@@ -11,7 +11,7 @@
 Not `pyspark.ml.feature.MinHashLSH`: its tables are single hashes (OR of 1-row bands), whose
 buckets flood the similarity join on short, templated chat text.
 
-Defaults (shared/recipe.py DedupSpec): 2-word shingles, 112 permutations = 16 bands x 7 rows
+Defaults (shared/domain/recipe.py DedupSpec): 2-word shingles, 112 permutations = 16 bands x 7 rows
 (LSH threshold (1/16)^(1/7) = 0.67, just under the 0.7 Jaccard check), chosen on the bench corpus
 (`bench/preprocess`, 200k support chats with 1-3 word edits; figures in bench/README.md). On every
 row of every 5th cluster (40,109 rows), precision / recall / F1 and seconds:

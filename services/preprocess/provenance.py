@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared.recipe import Recipe
-from shared.storage import file_sha256
+from shared.domain.recipe import Recipe
+from shared.platform.storage import file_sha256
 
 LEGAL_SUFFIX = ".legal.json"
 

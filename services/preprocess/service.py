@@ -9,14 +9,14 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from services.preprocess import provenance
-from shared import events as ev
-from shared.recipe import RecipeError, load_recipe, parse_recipe
-from shared.ports import InvalidObjectName
-from shared.runtime import Context, Service
-from shared.storage import upload_dir, validate_object_name
+from shared.domain import events as ev
+from shared.domain.recipe import RecipeError, load_recipe, parse_recipe
+from shared.platform.ports import InvalidObjectName
+from shared.platform.runtime import Context, Service
+from shared.platform.storage import upload_dir, validate_object_name
 
 RECIPES_PREFIX = "recipes/"   # a team's own recipes, uploaded to the bucket, override built-ins
-_RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # shared/recipe.py's Recipe.name
+_RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # shared/domain/recipe.py's Recipe.name
 
 
 def resolve_recipe(ctx: Context, bucket: str, name: str):
@@ -159,6 +159,6 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
 
 SERVICE = Service(
     name="preprocess",
-    handlers={ev.DATASET_UPLOADS: {"OBJECT_FINALIZE": on_upload}, ev.JOBS: {"JobSubmitted": on_job}},
+    handlers={ev.ObjectFinalized: on_upload, ev.JobSubmitted: on_job},
     max_messages=1,
 )

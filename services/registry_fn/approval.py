@@ -1,6 +1,6 @@
 """The manual approval step: `POST {"name", "version", "note"}` by an authenticated person approves
 a candidate version (recipe `registry.approval`), which then goes to production
-(shared/model_registry.py: approve).
+(shared/domain/model_registry.py: approve).
 
 In Google Cloud it is the HTTP Cloud Function `approve` (services/registry_fn/main.py) behind IAM:
 the caller's Google ID token is verified again here, and only FTPIPE_APPROVERS may approve. Locally
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from flask import Flask, Request, Response, jsonify
 
-from shared import model_registry
-from shared.auth import Authenticator
-from shared.push import AuthError
+from shared.domain import model_registry
+from shared.platform.auth import Authenticator
+from shared.platform.push import AuthError
 
 
 def _error(status: int, message: str) -> Response:

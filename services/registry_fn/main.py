@@ -17,15 +17,15 @@ import threading
 import functions_framework
 from werkzeug.serving import make_server
 
-from shared import events as ev
-from shared.auth import authenticator
-from shared.config import Settings, bootstrap
-from shared.logs import configure_logging
-from shared.push import PushedMessage, Undecodable
-from shared.runtime import dead_letter, handle_message, run_service
+from shared.domain import events as ev
+from shared.platform.auth import authenticator
+from shared.platform.config import Settings, bootstrap
+from shared.platform.logs import configure_logging
+from shared.platform.push import PushedMessage, Undecodable
+from shared.platform.runtime import dead_letter, handle_message, run_service
 
 from services.registry_fn.approval import create_app, respond
-from services.registry_fn.registry import SERVICE
+from services.registry_fn.service import SERVICE
 
 APPROVAL_FILE = "registry-approval.json"
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (both streamed as
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`, when `stream` is true),
 /v1/models, and /metrics (Prometheus). Every route but /healthz needs the caller's bearer token
-(shared/auth.py). Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+(shared/platform/auth.py). Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 A response's `model` is the version that served it (`support-bot@1.3`), so a caller routed by an
 alias or an A/B split sees what answered. Logs carry models, token counts and timings, never
@@ -20,9 +20,9 @@ from flask import Flask, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from werkzeug.exceptions import HTTPException
 
-from shared import model_registry as reg
-from shared.auth import Authenticator
-from shared.push import AuthError
+from shared.domain import model_registry as reg
+from shared.platform.auth import Authenticator
+from shared.platform.push import AuthError
 
 from services.serving.engine import Engine, Finished, Sampling
 from services.serving.metrics import CONTENT_TYPE, ServingMetrics

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shared.model_export import ExportError, fetch_adapter
-from shared.models import ModelNotAvailable, base_model_identity, resolve_model
+from shared.domain.model_export import ExportError, fetch_adapter
+from shared.domain.models import ModelNotAvailable, base_model_identity, resolve_model
 
 from services.serving.routing import ServingError, Target
 

@@ -24,11 +24,11 @@ if "torch" not in sys.modules:   # see services/evaluator/evaluation.py: OpenMP 
 
 from werkzeug.serving import make_server
 
-from shared.auth import authenticator
-from shared.config import Adapters, Settings, bootstrap
-from shared.logs import configure_logging
-from shared.models import SMOLLM2
-from shared.runtime import run_service
+from shared.platform.auth import authenticator
+from shared.platform.config import Adapters, Settings, bootstrap
+from shared.platform.logs import configure_logging
+from shared.domain.models import SMOLLM2
+from shared.platform.runtime import run_service
 
 from services.serving.api import create_app
 from services.serving.engine import Engine

@@ -23,7 +23,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from shared import model_registry as reg
+from shared.domain import model_registry as reg
 
 SERVABLE = ("candidate", "approved", "promoted")
 _VERSION = re.compile(r"\d+\.\d+")

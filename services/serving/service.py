@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from shared import events as ev
-from shared.runtime import Context, Service
+from shared.domain import events as ev
+from shared.platform.runtime import Context, Service
 
 from services.serving.engine import Engine
 from services.serving.routing import Router, ServingError
@@ -46,6 +46,5 @@ def make_service(router: Router, engine: Engine) -> Service:
         ctx.log.info("models event: %s", outcome)
         return []
 
-    kinds = [kind for kind, cls in ev.EVENT_TYPES.items() if cls.topic == ev.MODELS]
     # The registry's events belong to runs; a cancelled run's promotion still changes what serves.
-    return Service(name=SERVICE_NAME, handlers={ev.MODELS: {kind: handle for kind in kinds}}, skip_cancelled=False)
+    return Service(name=SERVICE_NAME, handlers=dict.fromkeys(ev.events_on(ev.MODELS), handle), skip_cancelled=False)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable
 
-from shared.jobs import TERMINAL
-from shared.recipe import Recipe
+from shared.domain.jobs import TERMINAL
+from shared.domain.recipe import Recipe
 
 # The hyperparameters the dashboard's no-code form offers (POST /api/runs `overrides`).
 EDITABLE = ("training.epochs", "training.max_steps", "training.learning_rate", "training.lr_scheduler",

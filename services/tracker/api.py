@@ -1,8 +1,8 @@
 """The tracker's JSON API under /api (the dashboard builds on it; docs/tracker-api.md documents every
 route). Every /api route needs the caller's identity from the authenticator the app is given
-(shared/auth.py: the bearer token of <state>/auth-token locally, IAP in the cloud); /healthz needs
-nothing. Writes go through the same functions as the CLI: shared/jobs.py (submit, cancel),
-shared/privacy.py (sign-off) and shared/model_registry.py (approve, promote, rollback, archive,
+(shared/platform/auth.py: the bearer token of <state>/auth-token locally, IAP in the cloud); /healthz needs
+nothing. Writes go through the same functions as the CLI: shared/domain/jobs.py (submit, cancel),
+shared/domain/privacy.py (sign-off) and shared/domain/model_registry.py (approve, promote, rollback, archive,
 quarantine), with the caller's email as the actor. Errors are JSON: {"error": "...", "status": N}.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from urllib.parse import urlparse
 from flask import Flask, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from shared import jobs, model_registry, privacy
-from shared.auth import Authenticator
-from shared.config import Adapters
-from shared.ports import ObjectNotFound
-from shared.push import AuthError
-from shared.recipe import RecipeError, available_recipes, load_recipe
+from shared.domain import jobs, model_registry, privacy
+from shared.platform.auth import Authenticator
+from shared.platform.config import Adapters
+from shared.platform.ports import ObjectNotFound
+from shared.platform.push import AuthError
+from shared.domain.recipe import RecipeError, available_recipes, load_recipe
 
 from services.tracker import aggregates
 from services.tracker.lineage import DATASETS, METRICS, RECIPES, RUN_EVENTS, RUNS
@@ -35,7 +35,7 @@ MAX_COMPARED = 10
 RUN_FILTERS = (("status", "status"), ("recipe", "recipe.name"), ("tenant", "tenant"), ("model", "model_name"),
                ("dataset", "dataset.id"))
 RUN_ORDER = ("created_at", "updated_at", "status")
-# Metric names as both document stores accept them in a field path (shared/adapters/sqlite_docs.py).
+# Metric names as both document stores accept them in a field path (shared/platform/adapters/sqlite_docs.py).
 _METRIC_ORDER = re.compile(r"(final_metrics|evaluation\.scores\.candidate)\.[A-Za-z0-9_-]+")
 _RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -103,7 +103,7 @@ def _text(body: dict, key: str, *, required: bool = False, default: str = "") ->
 
 
 def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
-    """The API over `adapters`; `authenticate` (shared/auth.py) says who calls each /api route."""
+    """The API over `adapters`; `authenticate` (shared/platform/auth.py) says who calls each /api route."""
     docs, store, bus, bucket = adapters.docs, adapters.store, adapters.bus, adapters.settings.bucket
     app = Flask("ftpipe-tracker")
 

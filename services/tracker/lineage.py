@@ -9,7 +9,7 @@ run_recipes/{run_id}              the run's resolved recipe (what compare diffs)
 datasets/{dataset_id}             prepared datasets: counts per stage, PII figures, tokens, cost
                                   estimate, privacy review, and the runs that used them
 
-The model version of a run is the registry's (model_versions/{name}@{version}, shared/model_registry.py);
+The model version of a run is the registry's (model_versions/{name}@{version}, shared/domain/model_registry.py);
 the run document keeps a copy of its name, version and status, folded from the `models` events.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import time
 
-from shared import events as ev
-from shared.documents import deep_merge
-from shared.jobs import RUNS, TERMINAL
+from shared.domain import events as ev
+from shared.platform.documents import deep_merge
+from shared.domain.jobs import RUNS, TERMINAL
 
 RUN_EVENTS, METRICS, DATASETS, SEEN, RECIPES = "run_events", "metrics", "datasets", "run_event_ids", "run_recipes"
 # A run only moves forward through these, whatever order the bus delivers events in.
@@ -127,7 +127,7 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
             dead_letter = run.get("dead_letter") or {}
             stuck = dead_letter.get("active")  # failed by an earlier dead letter (another subscription's copy)
             # A finished run stays as it ended (e.g. serving failed on its promotion), and a message
-            # already replayed by `ftpipe dlq replay` (shared/jobs.mark_replayed) no longer fails it.
+            # already replayed by `ftpipe dlq replay` (shared/domain/jobs.mark_replayed) no longer fails it.
             ended = run.get("status") in TERMINAL and not stuck
             active = not ended and event.message_id not in dead_letter.get("replayed", {})
             update["dead_letter"] = {"active": active, "at": now, "message_id": event.message_id,

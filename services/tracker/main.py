@@ -1,6 +1,6 @@
 """Entrypoint of the tracker (Cloud Run): the lineage writer plus the API on $PORT (locally a free
 port, written to <state>/services/tracker-api.json), its /api routes behind the authenticator of
-shared/auth.py (locally the token in <state>/auth-token, created here if absent; IAP in the cloud)."""
+shared/platform/auth.py (locally the token in <state>/auth-token, created here if absent; IAP in the cloud)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import threading
 
 from werkzeug.serving import make_server
 
-from shared.auth import authenticator
-from shared.config import Settings, bootstrap
-from shared.logs import configure_logging
-from shared.runtime import run_service
+from shared.platform.auth import authenticator
+from shared.platform.config import Settings, bootstrap
+from shared.platform.logs import configure_logging
+from shared.platform.runtime import run_service
 
 from services.tracker.api import create_app
 from services.tracker.service import SERVICE

@@ -1,9 +1,9 @@
 """The tracker service: every event of every topic into the lineage documents."""
 from __future__ import annotations
 
-from shared import events as ev
-from shared.runtime import Context, Service
-from shared.topology import SERVICE_TOPICS
+from shared.domain import events as ev
+from shared.platform.runtime import Context, Service
+from shared.platform.topology import SERVICE_TOPICS
 
 from services.tracker.lineage import record
 
@@ -15,8 +15,7 @@ def on_event(event: ev.Event, ctx: Context):
 
 SERVICE = Service(
     name="tracker",
-    handlers={topic: {kind: on_event for kind, cls in ev.EVENT_TYPES.items() if cls.topic == topic}
-              for topic in SERVICE_TOPICS["tracker"]},
+    handlers={cls: on_event for topic in SERVICE_TOPICS["tracker"] for cls in ev.events_on(topic)},
     max_messages=4,
     skip_cancelled=False,
 )

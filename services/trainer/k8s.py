@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from shared.recipe import GKE_ACCELERATORS, Recipe
+from shared.domain.recipe import GKE_ACCELERATORS, Recipe
 
 from services.trainer.run_job import EXIT_REJECTED, JOB_ENV, JobSpec
 

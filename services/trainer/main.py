@@ -1,5 +1,5 @@
 """Entrypoint of the trainer container (GKE GPU pod / local process)."""
-from shared.main import serve
+from shared.platform.main import serve
 
 from services.trainer.service import SERVICE
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from shared.models import ModelNotAvailable, resolve_model
-from shared.recipe import Recipe
+from shared.domain.models import ModelNotAvailable, resolve_model
+from shared.domain.recipe import Recipe
 from services.trainer.packed_attention import use_packed_attention
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from shared.recipe import Recipe
+from shared.domain.recipe import Recipe
 
 
 @dataclass(frozen=True)

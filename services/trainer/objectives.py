@@ -20,8 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from shared.datasets import with_system_prompt
-from shared.recipe import Recipe
+from shared.domain.datasets import with_system_prompt
+from shared.domain.recipe import Recipe
 
 from services.trainer.chat_templates import TemplateError, training_template
 from services.trainer.distributed import shards_parameters

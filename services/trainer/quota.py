@@ -1,4 +1,4 @@
-"""Admitting a run against its tenant's quota (shared/tenants.py), and metering its GPU-hours.
+"""Admitting a run against its tenant's quota (shared/domain/tenants.py), and metering its GPU-hours.
 
 Concurrent jobs: `tenant_runs/{tenant}` lists the tenant's admitted runs. Admission is one DocStore
 transaction: it drops the listed runs whose lease (lease.py) is no longer live — finished, or their
@@ -22,8 +22,8 @@ import threading
 import time
 import uuid
 
-from shared.ports import DocStore
-from shared.tenants import TenantError, get_quota
+from shared.platform.ports import DocStore
+from shared.domain.tenants import TenantError, get_quota
 
 from services.trainer.lease import LEASES
 

@@ -27,10 +27,10 @@ import threading
 
 from pydantic import BaseModel, ValidationError
 
-from shared.config import Settings, bootstrap
-from shared.logs import configure_logging
-from shared.recipe import Recipe
-from shared.runtime import Context, Reject, Retry, publish_event
+from shared.platform.config import Settings, bootstrap
+from shared.platform.logs import configure_logging
+from shared.domain.recipe import Recipe
+from shared.platform.runtime import Context, Reject, Retry, publish_event
 
 from services.trainer.launch import record_exit_code
 from services.trainer.service import train_run

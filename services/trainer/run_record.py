@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from shared.build_info import ftpipe_version, git_commit, installed_packages
-from shared.models import base_model_identity
-from shared.recipe import Recipe
-from shared.storage import file_sha256
+from shared.platform.build_info import ftpipe_version, git_commit, installed_packages
+from shared.domain.models import base_model_identity
+from shared.domain.recipe import Recipe
+from shared.platform.storage import file_sha256
 
 
 def dataset_identity(data_dir: Path) -> dict:

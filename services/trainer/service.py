@@ -10,11 +10,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from shared import events as ev
-from shared.datasets import missing_prepared_files
-from shared.privacy import SignoffMissing, verify_signed_off
-from shared.runtime import Context, Reject, Retry, Service
-from shared.storage import download_dir, upload_dir
+from shared.domain import events as ev
+from shared.domain.datasets import missing_prepared_files
+from shared.domain.privacy import SignoffMissing, verify_signed_off
+from shared.platform.runtime import Context, Reject, Retry, Service
+from shared.platform.storage import download_dir, upload_dir
 
 from services.trainer.lease import Heartbeat, Lease, LeaseHeld
 from services.trainer.quota import OverQuota, UsageMeter, admit
@@ -235,7 +235,7 @@ def _is_number(value) -> bool:
 
 SERVICE = Service(
     name="trainer",
-    handlers={ev.DATASETS: {"DatasetPrepared": on_dataset}, ev.JOBS: {"JobSubmitted": on_job}},
+    handlers={ev.DatasetPrepared: on_dataset, ev.JobSubmitted: on_job},
     max_messages=1,
     max_lease_s=24 * 3600,
 )

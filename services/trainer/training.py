@@ -10,7 +10,7 @@ callbacks. All three are a few lines each here and would be overrides and workar
 is also faster: bench/train measures it against a plain TRL SFTTrainer script.
 
 Data contract (produced by the preprocess service): a folder with train.jsonl / val.jsonl /
-test.jsonl of the recipe's kind of rows (shared/datasets.py, DESIGN.md "The stages").
+test.jsonl of the recipe's kind of rows (shared/domain/datasets.py, DESIGN.md "The stages").
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from shared.build_info import RUN_RECORD
-from shared.canaries import insert_canaries, recipe_canaries
-from shared.datasets import DatasetContractError, read_split
-from shared.recipe import Recipe, TrainingSpec
+from shared.platform.build_info import RUN_RECORD
+from shared.domain.canaries import insert_canaries, recipe_canaries
+from shared.domain.datasets import DatasetContractError, read_split
+from shared.domain.recipe import Recipe, TrainingSpec
 
 from services.trainer import distributed, modeling, objectives, run_record
 from services.trainer.monitor import Alert, Monitor

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from shared import events as ev
-from shared import model_registry as registry
-from shared.auth import authenticator, local_token
-from shared.config import Settings, bootstrap
-from shared.jobs import CANCELLATIONS, RUNS
-from shared.privacy import SIGNOFFS
-from shared.recipe import Recipe
+from shared.domain import events as ev
+from shared.domain import model_registry as registry
+from shared.platform.auth import authenticator, local_token
+from shared.platform.config import Settings, bootstrap
+from shared.domain.jobs import CANCELLATIONS, RUNS
+from shared.domain.privacy import SIGNOFFS
+from shared.domain.recipe import Recipe
 
 from services.tracker.api import create_app
 from services.tracker.lineage import record
@@ -26,7 +26,7 @@ expect = pytest.importorskip("playwright.sync_api", reason="playwright is missin
 
 SUPPORT = Recipe(name="support", version=2, base_model="tiny-random-smollm2", model_name="support")
 HOSTILE = '<img src=x onerror="window.pwned=1">'  # a run id is any string: the page must show it as text
-ME = os.environ.get("USER", "local")  # who the local token authenticates as (shared/auth.py)
+ME = os.environ.get("USER", "local")  # who the local token authenticates as (shared/platform/auth.py)
 
 
 def progress(run_id: str, steps, total: int = 10) -> ev.TrainingProgress:

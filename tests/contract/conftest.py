@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(params=["sqlite", "pubsub"])
 def bus(request, tmp_path):
     if request.param == "sqlite":
-        from shared.adapters.sqlite_bus import SqliteBus
+        from shared.platform.adapters.sqlite_bus import SqliteBus
 
         adapter = SqliteBus(tmp_path / "bus.db", poll_interval_s=0.05)
     else:
@@ -22,7 +22,7 @@ def bus(request, tmp_path):
 @pytest.fixture(params=["local", "gcs"])
 def store(request, tmp_path):
     if request.param == "local":
-        from shared.adapters.local_store import LocalObjectStore
+        from shared.platform.adapters.local_store import LocalObjectStore
 
         yield LocalObjectStore(tmp_path / "buckets")
     else:
@@ -34,7 +34,7 @@ def store(request, tmp_path):
 @pytest.fixture(params=["sqlite", "firestore"])
 def docs(request, tmp_path):
     if request.param == "sqlite":
-        from shared.adapters.sqlite_docs import SqliteDocStore
+        from shared.platform.adapters.sqlite_docs import SqliteDocStore
 
         adapter = SqliteDocStore(tmp_path / "docs.db")
     else:

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from shared.ports import AttributeFilter, SubscriptionPolicy
-from shared.runtime import KeepLeased
+from shared.platform.ports import AttributeFilter, SubscriptionPolicy
+from shared.platform.runtime import KeepLeased
 
 POLICY = SubscriptionPolicy(ack_deadline_s=10, max_delivery_attempts=5, min_backoff_s=0.5, max_backoff_s=2)
 

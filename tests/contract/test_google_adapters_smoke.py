@@ -13,7 +13,7 @@ import uuid
 import pytest
 from google.api_core import exceptions as gexc
 
-from shared.ports import InvalidObjectName, ObjectNotFound, PreconditionFailed, SubscriptionPolicy
+from shared.platform.ports import InvalidObjectName, ObjectNotFound, PreconditionFailed, SubscriptionPolicy
 # The session fixtures pubsub_emulator / firestore_emulator / gcs_emulator come from tests.emulators,
 # registered as a plugin by tests/conftest.py.
 from tests.emulators import make_firestore_docs, make_gcs_store, make_pubsub_bus, start_gcs
@@ -290,7 +290,7 @@ def test_fake_gcs_notification_is_a_gcs_json_api_v1_event(pubsub_emulator, tmp_p
         assert body["timeCreated"] and body["updated"]
         msg.ack()
         # The pipeline's own model of the event accepts it.
-        from shared.events import ObjectFinalized
+        from shared.domain.events import ObjectFinalized
 
         event = ObjectFinalized.model_validate(body)
         assert event.attributes()["objectGeneration"] == attrs["objectGeneration"]

@@ -1,7 +1,7 @@
 """The ObjectStore port's contract, the same for every adapter."""
 import pytest
 
-from shared.ports import InvalidObjectName, ObjectNotFound, PreconditionFailed
+from shared.platform.ports import InvalidObjectName, ObjectNotFound, PreconditionFailed
 
 BUCKET = "ftpipe"
 

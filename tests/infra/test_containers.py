@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.recipe import PRIORITIES, SchedulingSpec, load_recipe
+from shared.domain.recipe import PRIORITIES, SchedulingSpec, load_recipe
 from services.trainer import k8s
 
 ROOT = Path(__file__).resolve().parents[2]

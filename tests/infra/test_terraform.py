@@ -1,7 +1,7 @@
 """infra/terraform against the code: every topic, subscription, filter, retry and dead-letter
 setting, bucket, bucket notification, Firestore index, GPU pool and service environment the code
 relies on is declared there, and nothing the code does not use. The code's side is derived from the
-modules that define it (shared/events.py, shared/topology.py, shared/config.py, ...), never copied.
+modules that define it (shared/domain/events.py, shared/platform/topology.py, shared/platform/config.py, ...), never copied.
 
 Also `terraform fmt -check` and checkov, from the tools `make setup` installs into .venv-infra."""
 from __future__ import annotations
@@ -17,16 +17,16 @@ import pytest
 
 hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 is a test dependency: make setup installs it")
 
-from shared import events as ev
-from shared.config import Settings
-from shared.notifications import INCOMING_PREFIX
-from shared.recipe import GKE_ACCELERATORS, HardwareSpec, SchedulingSpec, load_recipe, available_recipes
-from shared.scheduling import CLASSES
-from shared.topology import PRIORITIZED, SERVICE_TOPICS, dlq_subscription, subscriptions
+from shared.domain import events as ev
+from shared.platform.config import Settings
+from shared.platform.notifications import INCOMING_PREFIX
+from shared.domain.recipe import GKE_ACCELERATORS, HardwareSpec, SchedulingSpec, load_recipe, available_recipes
+from shared.platform.scheduling import CLASSES
+from shared.platform.topology import PRIORITIZED, SERVICE_TOPICS, dlq_subscription, subscriptions
 
 from services.tracker import api as tracker_api
 from services.tracker.lineage import METRICS, RUN_EVENTS
-from shared.jobs import RUNS
+from shared.domain.jobs import RUNS
 
 ROOT = Path(__file__).resolve().parents[2]
 TF = ROOT / "infra" / "terraform"
@@ -150,7 +150,7 @@ def test_pull_subscriptions_have_the_runtimes_policy(tf):
         "dead_letter_topic": "${google_pubsub_topic.dead_letter[each.value.topic].id}",
         "max_delivery_attempts": "${var.max_delivery_attempts}"}
     # the label the Pub/Sub adapter reads to dead-letter with a reason
-    from shared.adapters.pubsub import MAX_ATTEMPTS_LABEL
+    from shared.platform.adapters.pubsub import MAX_ATTEMPTS_LABEL
     assert tf["locals"]["max_attempts_label"] == MAX_ATTEMPTS_LABEL
     assert sub["labels"] == {"${(local.max_attempts_label)}": "${tostring(var.max_delivery_attempts)}"}
     assert _one(sub, "expiration_policy") == {"ttl": ""}
@@ -194,7 +194,7 @@ def test_each_service_may_pull_its_subscriptions_and_dead_letter_what_it_consume
     assert set(tf["locals"]["service_accounts"]) >= set(SERVICE_TOPICS)
     for service, topics in tf["locals"]["publishes"].items():
         assert set(topics) <= set(ev.TOPICS), service
-    # shared/runtime.dead_letter tells the tracker with a MessageDeadLettered: every consumer publishes it.
+    # shared/platform/runtime.dead_letter tells the tracker with a MessageDeadLettered: every consumer publishes it.
     for service in SERVICE_TOPICS:
         assert ev.MessageDeadLettered.topic in tf["locals"]["publishes"].get(service, []), service
 
@@ -354,7 +354,7 @@ def test_every_variable_terraform_sets_is_one_the_code_reads(tf):
 
 
 def test_the_settings_terraform_gives_are_valid_settings(tf, monkeypatch):
-    """The literal values of the services' environment parse as Settings (shared/config.py)."""
+    """The literal values of the services' environment parse as Settings (shared/platform/config.py)."""
     env = {k: v for k, v in {**tf["locals"]["common_env"], **tf["locals"]["dataproc_env"]}.items() if "${" not in str(v)}
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))

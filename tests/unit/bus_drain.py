@@ -1,5 +1,5 @@
 """What a subscriber receives: every message waiting on a subscription, decoded and acked."""
-from shared import events as ev
+from shared.domain import events as ev
 
 
 def drain(adapters, subscription: str) -> list:

@@ -20,7 +20,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_prepared(folder: Path, splits: dict[str, list[dict]]) -> Path:
-    """A whole prepared dataset as the trainer accepts it (shared/datasets.PREPARED_FILES): the split
+    """A whole prepared dataset as the trainer accepts it (shared/domain/datasets.PREPARED_FILES): the split
     files plus a manifest and a PII report, which the registry bundles with the model."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():

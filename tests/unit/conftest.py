@@ -1,6 +1,6 @@
 import pytest
 
-from shared.config import Settings, bootstrap
+from shared.platform.config import Settings, bootstrap
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import sys
 import time
 from pathlib import Path
 
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.runtime import Service, run_service
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.platform.runtime import Service, run_service
 
 
 def main(state: str, marker_dir: str, hold_s: float) -> None:
@@ -24,7 +24,7 @@ def main(state: str, marker_dir: str, hold_s: float) -> None:
         time.sleep(hold_s)  # the first consumer is killed here: effect done, message not yet acked
         return []
 
-    run_service(Service("effect", {ev.JOBS: {"JobSubmitted": effect}}), adapters)
+    run_service(Service("effect", {ev.JobSubmitted: effect}), adapters)
 
 
 if __name__ == "__main__":

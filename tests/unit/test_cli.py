@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from ftpipe.cli import build_parser, main
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.recipe import Recipe, available_recipes
-from shared.runtime import CANCELLATIONS, handle_message, publish_event
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import Recipe, available_recipes
+from shared.platform.runtime import CANCELLATIONS, handle_message, publish_event
 
 FTPIPE = Path(sys.executable).with_name("ftpipe")
 RECIPE = Recipe(name="tiny-sft", version=1, base_model="tiny-random-smollm2", model_name="tiny-sft")
@@ -197,7 +197,7 @@ def test_a_prepared_job_without_manifest_fails_before_training(state, adapters):
     """Published straight onto `jobs` (past the CLI's check): the trainer ends the run with the reason
     instead of training a model the registry could never bundle."""
     from services.trainer.service import SERVICE as TRAINER
-    from shared.storage import upload_dir
+    from shared.platform.storage import upload_dir
 
     upload_dir(adapters.store, state / "handmade", "ftpipe", "uploads/handmade")
     uri = adapters.store.url("ftpipe", "uploads/handmade/")
@@ -225,7 +225,7 @@ def test_replay_of_one_message_leaves_the_others(state, adapters):
 # ------------------------------------------------------------------ cancel
 
 def test_cancel_marks_a_running_run_and_later_events_are_skipped(state, adapters):
-    from services.registry_fn.registry import SERVICE as REGISTRY
+    from services.registry_fn.service import SERVICE as REGISTRY
     from services.tracker.lineage import RUNS, record
 
     run_id = "run-cancel"

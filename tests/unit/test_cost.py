@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from services.preprocess import cost, provenance
-from shared.recipe import GPU_TABLE, DataSpec, DistributionSpec, HardwareSpec, Recipe, TrainingSpec, load_recipe
-from shared.storage import file_sha256
+from shared.domain.recipe import GPU_TABLE, DataSpec, DistributionSpec, HardwareSpec, Recipe, TrainingSpec, load_recipe
+from shared.platform.storage import file_sha256
 
 
 def recipe(**kw) -> Recipe:
@@ -126,7 +126,7 @@ def test_provenance_and_legal_basis(tmp_path):
 # ------------------------------------------------------------------ the job and the CLI (Spark)
 
 def _tokenizer_available() -> bool:
-    from shared.models import cache_dir
+    from shared.domain.models import cache_dir
 
     return (cache_dir() / "tiny-random-smollm2" / "config.json").is_file()
 

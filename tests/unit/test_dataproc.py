@@ -7,8 +7,8 @@ pytest.importorskip("google.cloud.dataproc_v1")
 
 from services.preprocess.dataproc import (DataprocConfigError, batch_id_for, build_batch_request,  # noqa: E402
                                           submit_batch)
-from shared.config import Settings  # noqa: E402
-from shared.recipe import load_recipe  # noqa: E402
+from shared.platform.config import Settings  # noqa: E402
+from shared.domain.recipe import load_recipe  # noqa: E402
 
 SETTINGS = Settings(profile="gcp", project="acme-ml", bucket="acme-ftpipe", preprocess_runner="dataproc",
                     dataproc_region="europe-west4", dataproc_service_account="prep@acme-ml.iam.gserviceaccount.com",
@@ -94,9 +94,9 @@ def test_the_service_runs_the_job_as_a_batch_when_settings_say_dataproc(tmp_path
     pytest.importorskip("pyspark")
     from services.preprocess import dataproc, job
     from services.preprocess.service import SERVICE
-    from shared import events as ev
-    from shared.config import bootstrap
-    from shared.runtime import handle_message, publish_event
+    from shared.domain import events as ev
+    from shared.platform.config import bootstrap
+    from shared.platform.runtime import handle_message, publish_event
 
     submitted = []
 

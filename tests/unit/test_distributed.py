@@ -21,10 +21,10 @@ import yaml
 torch = pytest.importorskip("torch")
 
 from ftpipe.cli import main  # noqa: E402
-from shared import events as ev  # noqa: E402
-from shared.config import Settings, bootstrap  # noqa: E402
-from shared.recipe import load_recipe  # noqa: E402
-from shared.storage import upload_dir  # noqa: E402
+from shared.domain import events as ev  # noqa: E402
+from shared.platform.config import Settings, bootstrap  # noqa: E402
+from shared.domain.recipe import load_recipe  # noqa: E402
+from shared.platform.storage import upload_dir  # noqa: E402
 from services.trainer import run_job  # noqa: E402
 from services.trainer.training import train  # noqa: E402
 from tests.unit.chats import order_chat, write_prepared  # noqa: E402
@@ -157,7 +157,7 @@ def test_a_preempted_two_process_run_checkpoints_and_resumes_exactly(strategy, c
     assert done.steps == STEPS
 
     adapter = settings.state_dir / "adapter"
-    from shared.storage import download_dir
+    from shared.platform.storage import download_dir
 
     download_dir(adapters.store, settings.bucket, f"runs/{run_id}/adapter", adapter)
     record = json.loads((adapter / "run_record.json").read_text())

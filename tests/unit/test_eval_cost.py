@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ftpipe.cli import main
-from shared.recipe import GPU_TABLE, HardwareSpec, load_recipe
+from shared.domain.recipe import GPU_TABLE, HardwareSpec, load_recipe
 
 from services.evaluator.cost import SUSTAINED_BANDWIDTH_GB_S, EvalCostSpec, estimate_evaluation_cost, probe_workload
 from services.evaluator.fairness import load_templates

@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from shared import events as ev
-from shared.config import Settings
-from shared.push import CLAIMS, Claim, OidcVerifier
-from shared.recipe import load_recipe
-from shared.runtime import LEDGER, Retry, Service, ledger_key
-from shared.topology import dlq_subscription
+from shared.domain import events as ev
+from shared.platform.config import Settings
+from shared.platform.push import CLAIMS, Claim, OidcVerifier
+from shared.domain.recipe import load_recipe
+from shared.platform.runtime import LEDGER, Retry, Service, ledger_key
+from shared.platform.topology import dlq_subscription
 
 from services.evaluator.app import create_app
 
@@ -48,7 +48,7 @@ def handler():
 
 @pytest.fixture
 def client(adapters, handler):
-    service = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": handler}})
+    service = Service(name="evaluator", handlers={ev.TrainingCompleted: handler})
     return create_app(adapters, service=service).test_client()
 
 
@@ -181,7 +181,7 @@ def test_the_claim_of_a_dead_delivery_expires_and_a_redelivery_takes_over(client
 def test_a_long_handler_keeps_its_claim_alive(adapters, handler):
     """The claim lasts ack_deadline_s and is renewed every third of it while the handler runs."""
     settings = Settings(state_dir=adapters.settings.state_dir, ack_deadline_s=10)
-    service = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": handler}})
+    service = Service(name="evaluator", handlers={ev.TrainingCompleted: handler})
     app = create_app(adapters, settings, service=service).test_client()
     seen = []
 
@@ -250,7 +250,7 @@ def token(signer, **claims) -> str:
 @pytest.fixture
 def secured(adapters, handler, google_keys):
     signer, impostor, certs_url = google_keys
-    service = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": handler}})
+    service = Service(name="evaluator", handlers={ev.TrainingCompleted: handler})
     verifier = OidcVerifier(AUDIENCE, PUSHER, certs_url=certs_url)
     return create_app(adapters, verifier=verifier, service=service).test_client(), signer, impostor
 
@@ -288,7 +288,7 @@ def test_a_push_without_a_valid_token_is_refused_and_nothing_handled(secured, ad
 
 def test_unreachable_certificates_are_a_retryable_failure(adapters, handler, google_keys):
     signer, _, _ = google_keys
-    service = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": handler}})
+    service = Service(name="evaluator", handlers={ev.TrainingCompleted: handler})
     verifier = OidcVerifier(AUDIENCE, PUSHER, certs_url="http://127.0.0.1:9/certs")  # discard port: refused
     resp = create_app(adapters, verifier=verifier, service=service).test_client().post(
         "/pubsub/push", json=push_body(), headers={"Authorization": f"Bearer {token(signer)}"})
@@ -297,7 +297,7 @@ def test_unreachable_certificates_are_a_retryable_failure(adapters, handler, goo
 
 
 def test_the_token_check_follows_the_settings(adapters, handler):
-    service = Service(name="evaluator", handlers={ev.TRAINING: {"TrainingCompleted": handler}})
+    service = Service(name="evaluator", handlers={ev.TrainingCompleted: handler})
     with pytest.raises(ValueError, match="FTPIPE_PUSH_AUDIENCE"):
         create_app(adapters, Settings(profile="gcp"), service=service)  # cloud: on, and it needs the audience
     on = create_app(adapters, Settings(push_auth=True, push_audience=AUDIENCE), service=service).test_client()

@@ -9,7 +9,7 @@ from services.evaluator.fairness import (
     DEFAULT_TEMPLATES, FairnessProbes, FairnessTemplateError, Template, flip_rate,
     likelihood_disparity, load_templates)
 from services.evaluator.likelihood import continuation_logprobs
-from shared.models import TINY, resolve_model
+from shared.domain.models import TINY, resolve_model
 
 AXIS = json.dumps({"axis": "age", "terms": ["young", "elderly"]})
 TEMPLATE = json.dumps({"template": "The {group} customer asked for a refund. The agent was", "continuation": " kind."})

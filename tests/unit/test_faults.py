@@ -1,17 +1,17 @@
-"""The fault injector (shared/faults.py) and the retries (shared/retrying.py) on the real embedded
+"""The fault injector (shared/platform/faults.py) and the retries (shared/platform/retrying.py) on the real embedded
 adapters and runtime: a quick sample of what the chaos suite (chaos/, RELIABILITY.md) does at length."""
 import logging
 import threading
 
 import pytest
 
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.faults import FaultPlan, InjectedFault
-from shared.ports import PreconditionFailed
-from shared.recipe import Recipe
-from shared.runtime import Service, handle_message, publish_event
-from shared.topology import dlq_subscription
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.platform.faults import FaultPlan, InjectedFault
+from shared.platform.ports import PreconditionFailed
+from shared.domain.recipe import Recipe
+from shared.platform.runtime import Service, handle_message, publish_event
+from shared.platform.topology import dlq_subscription
 
 SUBSCRIPTION = ev.subscription_name("effect", ev.JOBS)
 
@@ -35,7 +35,7 @@ def counting_service(effects: list, touch_store: bool = False) -> Service:
             ctx.store.write(ctx.settings.bucket, f"effects/{event.run_id}", b"done")
         effects.append(ctx.message.message_id)
         return []
-    return Service("effect", {ev.JOBS: {"JobSubmitted": effect}})
+    return Service("effect", {ev.JobSubmitted: effect})
 
 
 def deliver_all(adapters, service) -> list[tuple[str, int, str]]:
@@ -150,7 +150,7 @@ def test_temp_files_of_a_writer_killed_mid_write_are_swept_when_a_process_starts
     import os
     import subprocess
 
-    from shared.adapters.local_store import LocalObjectStore
+    from shared.platform.adapters.local_store import LocalObjectStore
 
     store = LocalObjectStore(tmp_path / "buckets")
     dead = subprocess.Popen(["true"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.preprocess import formats
-from shared.recipe import DataSpec, Recipe, RecipeError, parse_recipe
+from shared.domain.recipe import DataSpec, Recipe, RecipeError, parse_recipe
 
 SAMPLES = {
     "chat": {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]},

@@ -9,11 +9,11 @@ import pytest
 from services.preprocess import formats
 from services.preprocess.job import _capped_lines
 from services.preprocess.service import on_upload
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.jobs import JobError, submit
-from shared.recipe import RecipeError, parse_recipe
-from shared.runtime import Context
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.jobs import JobError, submit
+from shared.domain.recipe import RecipeError, parse_recipe
+from shared.platform.runtime import Context
 
 
 class Chunks(io.RawIOBase):

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from ftpipe.cli import main
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.recipe import RecipeError, apply_overrides, load_recipe
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import RecipeError, apply_overrides, load_recipe
 from services.trainer import run_job
 from services.trainer.k8s import object_name, render
 from tests.unit.chats import order_chat, write_prepared
@@ -127,7 +127,7 @@ def settings(tmp_path, monkeypatch):
 def pod_env(settings, tmp_path, monkeypatch):
     """A prepared dataset in the local bucket, and a function that renders a run of it and puts the
     run's $FTPIPE_JOB in this process's environment, as the pod would have it: returns (adapters, recipe)."""
-    from shared.storage import upload_dir
+    from shared.platform.storage import upload_dir
 
     folder = write_prepared(tmp_path / "dataset", {split: [order_chat(i) for i in ids] for split, ids in
                                                    (("train", range(6)), ("val", range(6, 8)), ("test", range(8, 9)))})

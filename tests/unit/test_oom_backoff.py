@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("torch")
 
-from shared.recipe import apply_overrides, load_recipe  # noqa: E402
+from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = {"training.max_steps": 4, "training.max_seq_len": 1200, "training.checkpoint_every": 1,
@@ -26,7 +26,7 @@ CHILD = """
 import json, resource, sys
 from pathlib import Path
 import torch
-from shared.recipe import apply_overrides, load_recipe
+from shared.domain.recipe import apply_overrides, load_recipe
 from services.trainer.modeling import load_base
 from services.trainer.training import TrainingError, train
 

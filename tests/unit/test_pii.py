@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from services.preprocess import pii
-from shared import pii_residual
-from shared.recipe import DataSpec, Recipe
+from shared.domain import pii_residual
+from shared.domain.recipe import DataSpec, Recipe
 
 # ------------------------------------------------------------------ rules backend, per category
 
@@ -238,12 +238,12 @@ def test_a_keyword_decides_between_two_checksums():
 
 
 def test_residual_summary_rate():
-    from services.preprocess import stages
+    from services.preprocess import partitions
 
     # unmasked (no categories), so the residual scan of mask_and_place sees the values
     rows = [(f"{i:064x}", (i, (("user", text), ("assistant", "Sure.")))) for i, text in
             enumerate(["fine", "id 1234567890", "[EMAIL] ok", "x@y.io"])]
-    records = list(stages.mask_and_place(rows, categories=(), fractions=(0.8, 0.1, 0.1)))
+    records = list(partitions.mask_and_place(rows, categories=(), fractions=(0.8, 0.1, 0.1)))
     parts = list(pii_residual.summarise(records))
     total = pii_residual.merge(parts + [{"documents": 4, "documents_with_hits": 0, "hits": {}}])
     assert total["documents"] == 8 and total["documents_with_hits"] == 2 and total["rate"] == 0.25

@@ -12,7 +12,7 @@ pytest.importorskip("pyspark")
 
 from services.preprocess import formats, pii, split  # noqa: E402
 from services.preprocess.job import PrepareResult, main, prepare  # noqa: E402
-from shared.recipe import DataSpec, Recipe  # noqa: E402
+from shared.domain.recipe import DataSpec, Recipe  # noqa: E402
 
 SOURCE = {"bucket": "local", "name": "incoming/test/chats.jsonl", "generation": "1"}
 

@@ -1,14 +1,14 @@
-"""A prioritized service's workers (shared/runtime.py) on the real local bus: waiting jobs of every
+"""A prioritized service's workers (shared/platform/runtime.py) on the real local bus: waiting jobs of every
 priority, on both of the trainer's topics, are taken in priority order without starving batch, and
 none is nacked to wait."""
 import json
 import threading
 import urllib.request
 
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.recipe import Recipe
-from shared.runtime import Service, publish_event, run_service
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import Recipe
+from shared.platform.runtime import Service, publish_event, run_service
 
 
 def recipe(priority: str) -> Recipe:
@@ -46,7 +46,7 @@ def test_trainer_workers_take_waiting_jobs_by_priority_without_starving_batch(tm
             stop.set()
         return []
 
-    service = Service("trainer", {ev.DATASETS: {"DatasetPrepared": train}, ev.JOBS: {"JobSubmitted": train}})
+    service = Service("trainer", {ev.DatasetPrepared: train, ev.JobSubmitted: train})
     worker = threading.Thread(target=run_service, args=(service, adapters), kwargs={"stop": stop, "health_port": 0})
     worker.start()
     worker.join(60)

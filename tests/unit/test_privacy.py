@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from ftpipe.cli import main
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.recipe import DataSpec, Recipe
-from shared.runtime import LEDGER, handle_message, ledger_key, publish_event
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import DataSpec, Recipe
+from shared.platform.runtime import LEDGER, handle_message, ledger_key, publish_event
 from services.tracker import lineage
 from services.tracker.service import SERVICE as TRACKER
 
@@ -157,7 +157,7 @@ def test_trainer_refuses_an_unsigned_dataset_of_a_review_recipe(state):
 
 
 def test_the_signoff_goes_into_the_model_bundle(state, capsys):
-    from services.registry_fn.registry import SERVICE as REGISTRY
+    from services.registry_fn.service import SERVICE as REGISTRY
 
     uri = _dataset_folder(state)
     publish_event(state.bus, awaiting(uri=uri))
@@ -209,7 +209,7 @@ def _signed_dataset(state, tmp_path) -> tuple[str, Path]:
         (folder / name).write_bytes(data)
         files[name] = {"sha256": hashlib.sha256(data).hexdigest()}
     (folder / "manifest.json").write_text(json.dumps({"dataset_id": "d1", "files": files}))
-    from shared.storage import upload_dir
+    from shared.platform.storage import upload_dir
     upload_dir(state.store, folder, "ftpipe", "datasets/d1")
     uri = state.store.url("ftpipe", "datasets/d1/")
     publish_event(state.bus, awaiting(uri=uri))
@@ -219,8 +219,8 @@ def _signed_dataset(state, tmp_path) -> tuple[str, Path]:
 
 def test_a_prepared_submission_cannot_skip_the_review(state, tmp_path, capsys):
     from services.trainer.service import SERVICE as TRAINER
-    from shared.privacy import SignoffMissing, verify_signed_off
-    from shared.storage import download_dir
+    from shared.domain.privacy import SignoffMissing, verify_signed_off
+    from shared.platform.storage import download_dir
 
     uri, folder = _signed_dataset(state, tmp_path)
     # the CLI refuses a local prepared folder for a review recipe at once
@@ -233,7 +233,7 @@ def test_a_prepared_submission_cannot_skip_the_review(state, tmp_path, capsys):
     publish_event(state.bus, ev.JobSubmitted(run_id="run-direct", recipe=RECIPE, dataset_uri=uri, prepared=True))
     [msg] = state.bus.pull(ev.subscription_name("trainer", ev.JOBS), timeout_s=2)
     assert handle_message(TRAINER, state, ev.JOBS, msg) == "dead-lettered"
-    from shared.topology import dlq_subscription
+    from shared.platform.topology import dlq_subscription
     [dead] = state.bus.pull(dlq_subscription(ev.JOBS), max_messages=10, timeout_s=2)
     assert "requires a privacy sign-off (data.privacy_review) and dataset d1 has none" in \
         dead.attributes["dead_letter_reason"]

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from services.evaluator.probes import Probe, ProbeError, fact_rate, load_probes
-from shared.models import TINY, resolve_model
+from shared.domain.models import TINY, resolve_model
 
 
 def write(tmp_path, lines):

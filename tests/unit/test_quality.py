@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.preprocess import quality
-from shared.recipe import QualitySpec
+from shared.domain.recipe import QualitySpec
 
 R = quality.Rules()
 GOOD_ANSWER = ("To change your password, open Settings, choose Security and follow the steps. "
@@ -135,7 +135,7 @@ def test_recipe_spec_and_unknown_rule():
 
 def test_job_writes_filtered_and_report(tmp_path, spark):
     from services.preprocess.job import prepare
-    from shared.recipe import DataSpec, Recipe
+    from shared.domain.recipe import DataSpec, Recipe
 
     rows = [{"messages": [{"role": "user", "content": f"How do I reset device {i} model {i * 7}?"},
                           {"role": "assistant", "content": f"Hold the power button of device {i} for "

@@ -6,12 +6,12 @@ import json
 import pytest
 
 from ftpipe.cli import main
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.recipe import load_recipe
-from shared.runtime import handle_message, publish_event
-from shared.scheduling import class_subscription
-from shared.tenants import get_quota, set_quota
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import load_recipe
+from shared.platform.runtime import handle_message, publish_event
+from shared.platform.scheduling import class_subscription
+from shared.domain.tenants import get_quota, set_quota
 
 from services.tracker.service import SERVICE as TRACKER
 from services.trainer.lease import Lease

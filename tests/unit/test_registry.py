@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from shared import events as ev
+from shared.domain import events as ev
 from tests.unit.bus_drain import drain
-from shared.config import Settings, bootstrap
-from shared.recipe import load_recipe
-from shared.runtime import LEDGER, Context, handle_message, publish_event
-from shared.topology import dlq_subscription
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import load_recipe
+from shared.platform.runtime import LEDGER, Context, handle_message, publish_event
+from shared.platform.topology import dlq_subscription
 
-from services.registry_fn.registry import MODEL_VERSIONS, MODELS, SERVICE, register
+from services.registry_fn.service import MODEL_VERSIONS, MODELS, SERVICE, register
 
 RECIPE = load_recipe("tiny-sft")
 NAME = RECIPE.model_name

@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from shared import model_registry as reg
-from shared.auth import local_token, oidc_authenticator, token_authenticator
-from shared.config import Settings, bootstrap
+from shared.domain import model_registry as reg
+from shared.platform.auth import local_token, oidc_authenticator, token_authenticator
+from shared.platform.config import Settings, bootstrap
 from tests.unit.test_eval_push import google_keys, token  # noqa: F401  (a fixture, and ID tokens it signs)
 from tests.unit.test_registry_ops import NAME, add
 

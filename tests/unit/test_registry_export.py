@@ -1,4 +1,4 @@
-"""Exporting a registered version (shared/model_export.py) of a real LoRA adapter on the tiny random
+"""Exporting a registered version (shared/domain/model_export.py) of a real LoRA adapter on the tiny random
 model: merged safetensors weights whose logits are the adapter-on-base logits, and the adapter in the
 layout vLLM loads; integrity checks against the bundle and the base model's recorded hash."""
 import json
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from ftpipe.cli import main
-from shared import model_registry as reg
-from shared.model_export import ExportError, export_version, merge, vllm_adapter
-from shared.models import TINY, base_model_identity, resolve_model
-from shared.runtime import Context
-from shared.storage import upload_dir
+from shared.domain import model_registry as reg
+from shared.domain.model_export import ExportError, export_version, merge, vllm_adapter
+from shared.domain.models import TINY, base_model_identity, resolve_model
+from shared.platform.runtime import Context
+from shared.platform.storage import upload_dir
 from tests.unit.test_registry import BUCKET, RECIPE, RUN_RECORD, SCORES, write_dataset, write_report
 
-from services.registry_fn.registry import register
+from services.registry_fn.service import register
 
 NAME = RECIPE.model_name
 VLLM_NAMES = r"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.lora_[AB]\.weight$"
@@ -39,7 +39,7 @@ def lora(tmp_path_factory):
 
 def registered(adapters, lora, run_id="run-x", passed=True) -> str:
     """The adapter trained by `run_id`, registered by the registry's handler; returns its version."""
-    import shared.events as ev
+    import shared.domain.events as ev
 
     upload_dir(adapters.store, lora, BUCKET, f"runs/{run_id}/adapter")
     record = {**RUN_RECORD, "base_model": base_model_identity(TINY)}
@@ -163,7 +163,7 @@ def test_models_export_and_show_commands(adapters, lora, tmp_path, monkeypatch, 
 
 
 def test_the_base_model_hash_covers_every_file_of_the_folder(tmp_path):
-    """What the trainer records in the run record and the export checks (shared/models.py)."""
+    """What the trainer records in the run record and the export checks (shared/domain/models.py)."""
     import hashlib
     import shutil
 

@@ -1,4 +1,4 @@
-"""The model registry's operations (shared/model_registry.py) on the real local adapters: approve,
+"""The model registry's operations (shared/domain/model_registry.py) on the real local adapters: approve,
 promote, roll back, archive, quarantine; their rules, their alias history, the events they publish
 and that a retry republishes the same ids — and the `ftpipe models` commands over them."""
 import json
@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from ftpipe.cli import main
-from shared import events as ev
-from shared import model_registry as reg
+from shared.domain import events as ev
+from shared.domain import model_registry as reg
 from tests.unit.bus_drain import drain
 
 NAME = "support-bot"

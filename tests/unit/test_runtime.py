@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from shared import events as ev
-from shared.config import Settings, bootstrap
-from shared.recipe import Recipe
-from shared.runtime import CANCELLATIONS, Retry, Service, handle_message, publish_event
-from shared.topology import dlq_subscription
+from shared.domain import events as ev
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import Recipe
+from shared.platform.runtime import CANCELLATIONS, Retry, Service, handle_message, publish_event
+from shared.platform.topology import dlq_subscription
 
 RECIPE = Recipe(name="t", version=1, base_model="tiny-random-smollm2", model_name="t")
 
@@ -34,7 +34,7 @@ def dead_letters(adapters, topic=ev.JOBS):
 
 
 def service_with(handler):
-    return Service("preprocess", {ev.JOBS: {"JobSubmitted": handler}})
+    return Service("preprocess", {ev.JobSubmitted: handler})
 
 
 @pytest.mark.parametrize("data, attributes, reason", [

@@ -22,8 +22,8 @@ from services.evaluator.safety import (
     run_safety,
     stratified_subset,
 )
-from shared.models import TINY, resolve_model
-from shared.recipe import SafetySpec
+from shared.domain.models import TINY, resolve_model
+from shared.domain.recipe import SafetySpec
 
 
 # --- the shipped sets ----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""The priority policy (shared/scheduling.py) and the subscription filter it relies on."""
+"""The priority policy (shared/platform/scheduling.py) and the subscription filter it relies on."""
 import pytest
 
-from shared import events as ev
-from shared.ports import AttributeFilter
-from shared.recipe import Recipe
-from shared.scheduling import CLASSES, PriorityPicker, class_filter, class_subscription
+from shared.domain import events as ev
+from shared.platform.ports import AttributeFilter
+from shared.domain.recipe import Recipe
+from shared.platform.scheduling import CLASSES, PriorityPicker, class_filter, class_subscription
 
 
 def drain(picker, queues: dict[str, list], tried: list | None = None) -> list[str]:

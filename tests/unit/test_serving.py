@@ -1,5 +1,5 @@
 """`ftpipe serve` (services/serving/): a real HTTP server on a free port over the tiny random model,
-real LoRA adapters built with PEFT, registered through shared/model_registry's functions with their
+real LoRA adapters built with PEFT, registered through shared/domain/model_registry's functions with their
 bundles in the local store, and the registry's events on the local bus. Routing by version, alias
 and A/B split; hot-swapping without reloading the base; the LRU; promotion and quarantine events;
 streaming read by the `openai` client; auth; metrics."""
@@ -16,10 +16,10 @@ import pytest
 import requests
 import torch
 
-from shared import model_registry as reg
-from shared.auth import local_token
-from shared.config import Settings, bootstrap
-from shared.models import TINY, base_model_identity, resolve_model
+from shared.domain import model_registry as reg
+from shared.platform.auth import local_token
+from shared.platform.config import Settings, bootstrap
+from shared.domain.models import TINY, base_model_identity, resolve_model
 
 from services.serving.main import Server, ServingConfig
 from services.serving.routing import parse_split, rank_arms

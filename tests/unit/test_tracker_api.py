@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from shared import events as ev
-from shared.auth import token_authenticator
-from shared.config import Settings, bootstrap
-from shared.recipe import DataSpec, Recipe, apply_overrides
+from shared.domain import events as ev
+from shared.platform.auth import token_authenticator
+from shared.platform.config import Settings, bootstrap
+from shared.domain.recipe import DataSpec, Recipe, apply_overrides
 
 from services.tracker.api import create_app, query_runs
 from services.tracker.lineage import record
@@ -169,7 +169,7 @@ def test_runs_limit(api):
 @pytest.mark.parametrize("store", ["sqlite", "firestore"])
 def test_runs_with_the_lowest_validation_loss_for_a_recipe(store, request, tmp_path):
     """Ordering by a metric leaves out the runs without it, on both document stores alike."""
-    from shared.adapters.sqlite_docs import SqliteDocStore
+    from shared.platform.adapters.sqlite_docs import SqliteDocStore
 
     docs = SqliteDocStore(tmp_path / "docs.db")
     record_runs(docs)
@@ -464,8 +464,8 @@ HELPDESK = Recipe(name="helpdesk", version=1, base_model="tiny-random-smollm2", 
 def registry(tmp_path):
     """Two evaluated runs of a recipe that asks for approval, registered by the registry's own
     functions, with every event reaching the lineage through the tracker service's runtime."""
-    from shared import model_registry as reg
-    from shared.runtime import handle_message, publish_event
+    from shared.domain import model_registry as reg
+    from shared.platform.runtime import handle_message, publish_event
     from services.tracker.service import SERVICE as TRACKER
 
     adapters = bootstrap(Settings(state_dir=tmp_path / "state"))

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
-from shared.models import resolve_model  # noqa: E402
-from shared.recipe import apply_overrides, load_recipe  # noqa: E402
+from shared.domain.models import resolve_model  # noqa: E402
+from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
 from services.trainer.chat_templates import training_template  # noqa: E402
 from services.trainer.objectives import IGNORE_INDEX  # noqa: E402
 from services.trainer.objectives import encode_conversation as _encode  # noqa: E402

@@ -21,7 +21,7 @@ system_pool = {
   max_nodes    = 4
 }
 
-# Names and accelerators as recipes resolve them (shared/recipe.py HardwareSpec.pool, GKE_ACCELERATORS).
+# Names and accelerators as recipes resolve them (shared/domain/recipe.py HardwareSpec.pool, GKE_ACCELERATORS).
 gpu_pools = {
   "ftpipe-l4-spot" = {
     gpu           = "l4"

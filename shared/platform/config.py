@@ -1,0 +1,175 @@
+"""Settings from the environment, and the one place adapters are chosen (bootstrap)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from shared.platform.ports import Bus, DocStore, ObjectStore, SubscriptionPolicy
+
+Profile = Literal["local", "emulators", "gcp"]
+
+
+class Settings(BaseModel):
+    profile: Profile = "local"
+    state_dir: Path = Path(".ftpipe")
+    bucket: str = "ftpipe"
+    project: str = "ftpipe-local"
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    ack_deadline_s: int = Field(60, ge=10)
+    max_delivery_attempts: int = Field(5, ge=5)
+    min_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    trainer_lease_s: float = 60.0          # a run's ownership lease; stale after this without heartbeat
+    # A lower priority class passed over this many times in a row is tried first (shared/platform/scheduling.py).
+    priority_starvation_limit: int = Field(3, ge=1)
+    create_resources: bool = True          # topics/subscriptions/buckets; Terraform owns them in gcp
+    # Where the preprocess Spark job runs: in the service process (local Spark) or as a Dataproc
+    # Serverless batch (services/preprocess/dataproc.py); the dataproc_* settings are for the latter.
+    preprocess_runner: Literal["in_process", "dataproc"] = "in_process"
+    dataproc_region: str = "europe-west1"
+    dataproc_runtime_version: str = "3.0"  # Spark 4 (the code is written and tested against PySpark 4); 2.2 is Spark 3.5
+    dataproc_service_account: str | None = None
+    dataproc_subnetwork: str | None = None
+    dataproc_wheel_uri: str | None = None          # gs://…/ftpipe-<version>-py3-none-any.whl
+    dataproc_main_uri: str | None = None           # gs://…/preprocess_job.py (services/preprocess/job.py)
+    dataproc_container_image: str | None = None    # a runtime image with ftpipe's dependencies installed
+    # Pub/Sub push endpoints (the evaluator on Cloud Run, shared/platform/push.py): check the OIDC token of
+    # each push (default: in the gcp profile only), expecting this audience (the subscription's
+    # --push-auth-token-audience, by default the endpoint URL) and, if set, this signer's email.
+    push_auth: bool | None = None
+    push_audience: str | None = None
+    push_service_account: str | None = None
+    # People-facing HTTP (shared/platform/auth.py): in the gcp profile, the dashboard is reached through IAP
+    # (its backend's audience) and the registry's approval function through IAM (its URL), and only
+    # `approvers` (emails) may approve a version. Locally, the token in <state>/auth-token.
+    dashboard_audience: str | None = None
+    approval_audience: str | None = None
+    approvers: tuple[str, ...] = ()
+    # The serving API (services/serving/) in the gcp profile: callers' Google ID tokens for this
+    # audience (its URL); locally, the token in <state>/auth-token.
+    serving_audience: str | None = None
+    # Transient store / document-store failures are retried this long before the handler sees them
+    # (shared/platform/retrying.py); `faults` injects failures at the adapter boundary (shared/platform/faults.py).
+    transient_retry_s: float = Field(30.0, ge=0)
+    faults: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        values = {
+            "profile": env.get("FTPIPE_PROFILE"),
+            "state_dir": env.get("FTPIPE_STATE"),
+            "bucket": env.get("FTPIPE_BUCKET"),
+            "project": env.get("FTPIPE_PROJECT") or env.get("GOOGLE_CLOUD_PROJECT"),
+            "log_format": env.get("FTPIPE_LOG_FORMAT") or ("json" if env.get("FTPIPE_PROFILE") == "gcp" else None),
+            "log_level": env.get("FTPIPE_LOG_LEVEL"),
+            "ack_deadline_s": env.get("FTPIPE_ACK_DEADLINE_S"),
+            "max_delivery_attempts": env.get("FTPIPE_MAX_DELIVERY_ATTEMPTS"),
+            "min_backoff_s": env.get("FTPIPE_MIN_BACKOFF_S"),
+            "trainer_lease_s": env.get("FTPIPE_TRAINER_LEASE_S"),
+            "priority_starvation_limit": env.get("FTPIPE_PRIORITY_STARVATION_LIMIT"),
+            "create_resources": env.get("FTPIPE_CREATE_RESOURCES"),
+            "preprocess_runner": env.get("FTPIPE_PREPROCESS_RUNNER"),
+            "dataproc_region": env.get("FTPIPE_DATAPROC_REGION"),
+            "dataproc_runtime_version": env.get("FTPIPE_DATAPROC_RUNTIME_VERSION"),
+            "dataproc_service_account": env.get("FTPIPE_DATAPROC_SERVICE_ACCOUNT"),
+            "dataproc_subnetwork": env.get("FTPIPE_DATAPROC_SUBNETWORK"),
+            "dataproc_wheel_uri": env.get("FTPIPE_DATAPROC_WHEEL_URI"),
+            "dataproc_main_uri": env.get("FTPIPE_DATAPROC_MAIN_URI"),
+            "dataproc_container_image": env.get("FTPIPE_DATAPROC_CONTAINER_IMAGE"),
+            "push_auth": env.get("FTPIPE_PUSH_AUTH"),
+            "push_audience": env.get("FTPIPE_PUSH_AUDIENCE"),
+            "push_service_account": env.get("FTPIPE_PUSH_SERVICE_ACCOUNT"),
+            "dashboard_audience": env.get("FTPIPE_DASHBOARD_AUDIENCE"),
+            "approval_audience": env.get("FTPIPE_APPROVAL_AUDIENCE"),
+            "serving_audience": env.get("FTPIPE_SERVING_AUDIENCE"),
+            "transient_retry_s": env.get("FTPIPE_TRANSIENT_RETRY_S"),
+            "faults": env.get("FTPIPE_FAULTS") or None,
+            "approvers": tuple(e.strip() for e in env["FTPIPE_APPROVERS"].split(",") if e.strip())
+            if env.get("FTPIPE_APPROVERS") else None,
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        values.update(overrides)
+        settings = cls(**values)
+        if settings.profile == "gcp" and "create_resources" not in values:
+            settings = settings.model_copy(update={"create_resources": False})
+        return settings.model_copy(update={"state_dir": Path(settings.state_dir).resolve()})
+
+    def env(self) -> dict[str, str]:
+        """The environment that gives a child process these same settings."""
+        return {"FTPIPE_PROFILE": self.profile, "FTPIPE_STATE": str(self.state_dir), "FTPIPE_BUCKET": self.bucket,
+                "FTPIPE_PROJECT": self.project, "FTPIPE_LOG_FORMAT": self.log_format, "FTPIPE_LOG_LEVEL": self.log_level,
+                "FTPIPE_ACK_DEADLINE_S": str(self.ack_deadline_s),
+                "FTPIPE_MAX_DELIVERY_ATTEMPTS": str(self.max_delivery_attempts),
+                "FTPIPE_MIN_BACKOFF_S": str(self.min_backoff_s),
+                "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s),
+                "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit),
+                "FTPIPE_TRANSIENT_RETRY_S": str(self.transient_retry_s),
+                **({"FTPIPE_FAULTS": self.faults} if self.faults else {})}
+
+    @property
+    def verify_push(self) -> bool:
+        return self.push_auth if self.push_auth is not None else self.profile == "gcp"
+
+    def subscription_policy(self) -> SubscriptionPolicy:
+        return SubscriptionPolicy(ack_deadline_s=self.ack_deadline_s, max_delivery_attempts=self.max_delivery_attempts,
+                                  min_backoff_s=self.min_backoff_s, max_backoff_s=self.max_backoff_s)
+
+
+@dataclass
+class Adapters:
+    settings: Settings
+    bus: Bus
+    store: ObjectStore
+    docs: DocStore
+
+    def close(self) -> None:
+        self.bus.close()
+        self.docs.close()
+
+
+def bootstrap(settings: Settings | None = None) -> Adapters:
+    settings = settings or Settings.from_env()
+    if settings.profile == "local":
+        from shared.platform.adapters.local_store import LocalObjectStore
+        from shared.platform.adapters.sqlite_bus import SqliteBus
+        from shared.platform.adapters.sqlite_docs import SqliteDocStore
+        from shared.platform.notifications import LocalBucketNotifier
+
+        state = settings.state_dir
+        bus = SqliteBus(state / "bus.db")
+        docs = SqliteDocStore(state / "docs.db")
+        store = LocalObjectStore(state / "buckets")
+        # GCS sends OBJECT_FINALIZE notifications itself; locally the store does, through this.
+        store.on_finalize = LocalBucketNotifier(bus, docs).notify
+    else:
+        # `emulators` is the same code as `gcp`: the clients follow *_EMULATOR_HOST variables.
+        from shared.platform.adapters.firestore import FirestoreDocStore
+        from shared.platform.adapters.gcs import GcsObjectStore
+        from shared.platform.adapters.pubsub import PubSubBus
+
+        bus = PubSubBus(settings.project)
+        docs = FirestoreDocStore(settings.project)
+        store = GcsObjectStore(settings.project)
+    if settings.faults:  # the chaos suite's faults, below the retries as a real outage would be
+        from shared.platform.faults import FaultPlan, inject
+
+        bus, store, docs = inject(FaultPlan.parse(settings.faults), bus, store, docs)
+    from shared.platform.retrying import DOCS_CALLS, STORE_CALLS, retrying
+
+    store = retrying(store, STORE_CALLS, "store", settings.transient_retry_s)
+    docs = retrying(docs, DOCS_CALLS, "docs", settings.transient_retry_s)
+    adapters = Adapters(settings=settings, bus=bus, store=store, docs=docs)
+    if settings.create_resources:
+        from shared.platform.topology import ensure_topology
+
+        ensure_topology(bus, settings.subscription_policy())
+        ensure_bucket = getattr(store, "ensure_bucket", None)
+        if ensure_bucket:
+            ensure_bucket(settings.bucket)
+    return adapters
