@@ -566,11 +566,11 @@ def cmd_serve(args) -> int:
     configure_logging(settings.log_format, settings.log_level)
 
     def ready(server) -> None:
-        token = "" if settings.profile == "gcp" else f" (bearer token: {settings.state_dir / 'auth-token'})"
+        token = "" if settings.in_cloud else f" (bearer token: {settings.state_dir / 'auth-token'})"
         err.print(escape(f"serving {config.base} and its registered adapters (up to {config.max_adapters} in memory) "
                          f"at {server.url}/v1{token}; metrics at {server.url}/metrics; Ctrl-C stops"))
 
-    if settings.profile != "gcp":
+    if not settings.in_cloud:
         local_token(settings.state_dir)   # created now, so it can be read before the first request
     try:
         serve(settings, config, ready=ready)
@@ -730,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an A/B split of NAME's traffic by weight, sticky per user (arms: versions or aliases), "
                         "e.g. support-bot=production:90,staging:10; repeat for other models")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: a free one; written to <state>/services/serving-api.json)")
+    p.add_argument("--port", type=int, help="port (default: a free one; advertised in <state>/services/serving.json)")
     p.add_argument("--max-tokens-limit", type=int, help="the largest max_tokens a request may ask for (default 2048)")
     p = add("demo", cmd_demo, "the end-to-end demo on the embedded defaults")
     p.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")

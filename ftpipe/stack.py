@@ -1,7 +1,6 @@
 """`ftpipe up` / `ftpipe down`: the local stack, each service its own OS process, as in the cloud."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 from shared.platform.config import Settings, bootstrap
+from shared.platform.discovery import lookup, withdraw, withdraw_all
 from shared.platform.processes import alive
 
 PROCESSES = {
@@ -43,22 +43,24 @@ def running(settings: Settings) -> dict[str, int]:
 
 def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = None) -> dict[str, int]:
     """Start every service not already running; wait until each reports healthy."""
-    if settings.profile == "gcp":
+    if settings.in_cloud:
         raise StackError("`ftpipe up` runs the local stack; in the gcp profile the services run in Google Cloud")
     adapters = bootstrap(settings)  # creates the state folder, topics and subscriptions once, up front
     adapters.close()
-    for sub in ("pids", "logs", "services"):
+    for sub in ("pids", "logs"):
         (settings.state_dir / sub).mkdir(parents=True, exist_ok=True)
     already = running(settings)
     # OMP_WAIT_POLICY=PASSIVE: several torch processes share the cores; spinning OpenMP threads
     # make each ~10x slower when another process is busy (measured in the evaluator).
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **settings.env(), **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+    # No PORT: each local process takes a free port and advertises it (shared/platform/discovery.py).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **{k: v for k, v in os.environ.items() if k != "PORT"}, **settings.env(),
+           **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     started = {}
     for name, module in PROCESSES.items():
         # In the cloud profiles the bucket itself (GCS, fake-gcs-server) sends the notifications.
         if name in already or (name == "notifier" and settings.profile != "local"):
             continue
-        (settings.state_dir / "services" / f"{name}.json").unlink(missing_ok=True)
+        withdraw(settings, name)
         log = open(settings.state_dir / "logs" / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -66,7 +68,7 @@ def up(settings: Settings, *, timeout_s: float = 120, extra_env: dict | None = N
         started[name] = proc.pid
     deadline = time.monotonic() + timeout_s
     for name, pid in started.items():
-        while not (settings.state_dir / "services" / f"{name}.json").is_file():
+        while lookup(settings.state_dir, name) is None:
             if not alive(pid):
                 raise StackError(f"{name} exited during start-up; see {settings.state_dir / 'logs' / f'{name}.log'}")
             if time.monotonic() > deadline:
@@ -89,20 +91,19 @@ def down(settings: Settings, *, grace_s: float = 30) -> list[str]:
             os.kill(pid, signal.SIGKILL)
         _pid_file(settings, name).unlink(missing_ok=True)
     # Every address a service published (health ports, the tracker's API, the approval endpoint) is stale now.
-    for path in (settings.state_dir / "services").glob("*.json"):
-        path.unlink(missing_ok=True)
+    withdraw_all(settings.state_dir)
     return list(procs)
 
 
 def tracker_url(settings: Settings) -> str | None:
-    path = settings.state_dir / "services" / "tracker-api.json"
-    return json.loads(path.read_text())["url"] if path.is_file() else None
+    found = lookup(settings.state_dir, "tracker")
+    return found["url"] if found else None
 
 
 def dashboard_url(settings: Settings) -> str:
     """The local dashboard's link, carrying the stack's bearer token (<state>/auth-token) in the URL
     fragment: the page reads it from there, and a fragment never reaches a server or a log."""
-    if settings.profile == "gcp":
+    if settings.in_cloud:
         raise StackError("in the gcp profile the dashboard is the tracker's Cloud Run service behind Identity-Aware "
                          "Proxy: open the URL of its load balancer and sign in with Google")
     url = tracker_url(settings)

@@ -4,7 +4,7 @@ a candidate version (recipe `registry.approval`), which then goes to production
 
 In Google Cloud it is the HTTP Cloud Function `approve` (services/registry_fn/main.py) behind IAM:
 the caller's Google ID token is verified again here, and only FTPIPE_APPROVERS may approve. Locally
-the registry process serves the same app on a free port (<state>/services/registry-approval.json),
+the registry process serves the same app on its port (<state>/services/registry.json),
 and callers show the stack's bearer token (<state>/auth-token). The approver recorded is the
 caller's identity, never a name from the body.
 """
@@ -61,4 +61,6 @@ def create_app(docs, bus, authenticate: Authenticator) -> Flask:
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
     app.add_url_rule("/", "approve", view, methods=methods)
     app.add_url_rule("/approve", "approve_path", view, methods=methods)
+    # the registry process's side-car: probed like every other (shared/platform/main.py)
+    app.add_url_rule("/healthz", "healthz", lambda: {"service": "registry", "status": "ok"})
     return app

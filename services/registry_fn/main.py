@@ -1,7 +1,7 @@
 """The registry as 2nd-gen Cloud Functions — `on_evaluation`, a CloudEvent handler on the
 `evaluations` topic, and `approve`, the authenticated HTTP approval step — and, locally, one
-process that pulls `evaluations` with the same handler and serves the approval endpoint on a free
-port (written to <state>/services/registry-approval.json).
+process that pulls `evaluations` with the same handler and serves the approval endpoint at /approve
+on its port (a free one, advertised in <state>/services/registry.json).
 
 Deploy: `gcloud functions deploy registry --gen2 --entry-point on_evaluation --trigger-topic evaluations`
 and `gcloud functions deploy registry-approve --gen2 --entry-point approve --trigger-http --no-allow-unauthenticated`
@@ -10,25 +10,19 @@ and `gcloud functions deploy registry-approve --gen2 --entry-point approve --tri
 from __future__ import annotations
 
 import functools
-import json
-import os
-import threading
 
 import functions_framework
-from werkzeug.serving import make_server
 
 from shared.domain import events as ev
 from shared.platform.auth import authenticator
 from shared.platform.config import Settings, bootstrap
 from shared.platform.logs import configure_logging
 from shared.platform.push import PushedMessage, Undecodable
-from shared.platform.runtime import dead_letter, handle_message, run_service
+from shared.platform.main import serve
+from shared.platform.runtime import dead_letter, handle_message
 
 from services.registry_fn.approval import create_app, respond
 from services.registry_fn.service import SERVICE
-
-APPROVAL_FILE = "registry-approval.json"
-
 
 @functools.cache
 def _adapters():
@@ -64,26 +58,15 @@ def approve(request):
     return respond(adapters.docs, adapters.bus, _authenticator(), request)
 
 
-def main() -> None:
-    settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
-    adapters = bootstrap(settings)
-    server = None
-    if settings.profile != "gcp":  # in the cloud the approval step is its own function (above)
-        app = create_app(adapters.docs, adapters.bus,
-                         authenticator(settings, audience=settings.approval_audience, allowed=settings.approvers))
-        server = make_server("127.0.0.1", int(os.environ.get("FTPIPE_APPROVAL_PORT", "0")), app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True, name="approval").start()
-        services = settings.state_dir / "services"
-        services.mkdir(parents=True, exist_ok=True)
-        (services / APPROVAL_FILE).write_text(json.dumps({"url": f"http://127.0.0.1:{server.server_port}/approve"}))
-    try:
-        run_service(SERVICE, adapters)
-    finally:
-        if server is not None:
-            server.shutdown()
-        adapters.close()
+def approval_app(adapters):
+    """Locally the registry process serves the approval step itself; in the cloud it is its own
+    function (above), and the process serves /healthz alone."""
+    settings = adapters.settings
+    if settings.in_cloud:
+        return None
+    return create_app(adapters.docs, adapters.bus,
+                      authenticator(settings, audience=settings.approval_audience, allowed=settings.approvers))
 
 
 if __name__ == "__main__":
-    main()
+    serve(SERVICE, http_app=approval_app)

@@ -1,6 +1,6 @@
 """Entrypoint of the serving API (a container on Cloud Run or GKE; locally `ftpipe serve`): one base
 model, the registry's LoRA adapters on it, the OpenAI-compatible API on $PORT (locally
---port, default a free one, written to <state>/services/serving-api.json) and the subscriber on
+--port, default a free one, advertised in <state>/services/serving.json) and the subscriber on
 the `models` topic.
 
 Configuration (`ftpipe serve` options, or the environment in a container):
@@ -11,33 +11,24 @@ Configuration (`ftpipe serve` options, or the environment in a container):
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 if "torch" not in sys.modules:   # see services/evaluator/evaluation.py: OpenMP threads must not spin on shared cores
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from werkzeug.serving import make_server
-
-from shared.platform.auth import authenticator
-from shared.platform.config import Adapters, Settings, bootstrap
-from shared.platform.logs import configure_logging
 from shared.domain.models import SMOLLM2
-from shared.platform.runtime import run_service
+from shared.platform.auth import authenticator
+from shared.platform.config import Adapters, Settings
+from shared.platform.discovery import bind_host
+from shared.platform.main import Process, run_process
 
 from services.serving.api import create_app
 from services.serving.engine import Engine
 from services.serving.metrics import ServingMetrics
 from services.serving.routing import RegistryView, Router, parse_split
-from services.serving.service import make_service
-
-API_FILE = "serving-api.json"
-
+from services.serving.service import SERVICE_NAME, make_service
 
 @dataclass
 class ServingConfig:
@@ -52,7 +43,7 @@ class ServingConfig:
     @classmethod
     def from_env(cls, settings: Settings, **overrides) -> "ServingConfig":
         env = os.environ
-        values: dict = {"host": "0.0.0.0" if settings.profile == "gcp" else "127.0.0.1"}
+        values: dict = {"host": bind_host(settings)}
         if env.get("FTPIPE_SERVING_BASE"):
             values["base"] = env["FTPIPE_SERVING_BASE"]
         if env.get("FTPIPE_SERVING_MAX_ADAPTERS"):
@@ -77,13 +68,14 @@ def splits_from(texts: list[str]) -> dict[str, tuple[tuple[str, float], ...]]:
     return out
 
 
-class Server:
-    """A running serving process's parts: the engine, the router, the HTTP server and the subscriber."""
+class Server(Process):
+    """A serving process's parts: the engine, the router, the API as its HTTP side-car and the
+    `models` subscriber (shared/platform/main.py Process)."""
 
     def __init__(self, adapters: Adapters, config: ServingConfig):
         import torch
 
-        self.adapters, self.config = adapters, config
+        self.config = config
         self.metrics = ServingMetrics()
         self.engine = Engine(config.base, max_adapters=config.max_adapters, store=adapters.store,
                              device="cuda" if torch.cuda.is_available() else "cpu",
@@ -93,55 +85,21 @@ class Server:
         authenticate = authenticator(adapters.settings, audience=adapters.settings.serving_audience)
         app = create_app(self.engine, self.router, authenticate, self.metrics,
                          max_tokens_default=config.max_tokens_default, max_tokens_limit=config.max_tokens_limit)
-        self.http = make_server(config.host, config.port, app, threaded=True)
-        self.url = f"http://{'127.0.0.1' if config.host == '0.0.0.0' else config.host}:{self.http.server_port}"
-        self.stopping = threading.Event()
-        self._threads = [threading.Thread(target=self.http.serve_forever, daemon=True, name="serving-api"),
-                         threading.Thread(target=run_service, daemon=True, name="serving-models",
-                                          args=(make_service(self.router, self.engine), adapters),
-                                          kwargs={"stop": self.stopping, "health_port": 0})]
-
-    def start(self) -> "Server":
-        for thread in self._threads:
-            thread.start()
-        settings = self.adapters.settings
-        if settings.profile != "gcp":
-            services = Path(settings.state_dir) / "services"
-            services.mkdir(parents=True, exist_ok=True)
-            (services / API_FILE).write_text(json.dumps({"url": self.url, "pid": os.getpid(),
-                                                         "base_model": self.config.base}))
-        return self
+        super().__init__(SERVICE_NAME, adapters, service=make_service(self.router, self.engine), http_app=app,
+                         host=config.host, port=config.port, info={"base_model": config.base})
 
     def stop(self) -> None:
-        self.stopping.set()
-        self.http.shutdown()
-        for thread in self._threads:
-            thread.join(timeout=30)
-        if self.adapters.settings.profile != "gcp":
-            (Path(self.adapters.settings.state_dir) / "services" / API_FILE).unlink(missing_ok=True)
+        super().stop()
         self.engine.close()
 
 
 def serve(settings: Settings, config: ServingConfig, *, ready=None) -> None:
     """Run until SIGTERM / SIGINT. `ready(server)` is called once the API answers."""
-    adapters = bootstrap(settings)
-    server = Server(adapters, config).start()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        if ready:
-            ready(server)
-        stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.stop()
-        adapters.close()
+    run_process(lambda adapters: Server(adapters, config), settings=settings, ready=ready)
 
 
 def main() -> None:
     settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
     serve(settings, ServingConfig.from_env(settings))
 
 

@@ -116,7 +116,7 @@ def oidc_authenticator(audience: str, allowed: tuple[str, ...] = (), *, certs_ur
 def authenticator(settings, *, audience: str | None, allowed: tuple[str, ...] = (), iap: bool = False) -> Authenticator:
     """The one authenticator of a process: the local token outside the cloud; IAP (`iap=True`, the
     dashboard) or an ID token (the approval function) in the gcp profile."""
-    if settings.profile != "gcp":
+    if not settings.in_cloud:
         return token_authenticator(local_token(settings.state_dir))
     if iap:
         return iap_authenticator(audience or "")

@@ -96,7 +96,7 @@ class Settings(BaseModel):
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
         settings = cls(**values)
-        if settings.profile == "gcp" and "create_resources" not in values:
+        if settings.in_cloud and "create_resources" not in values:
             settings = settings.model_copy(update={"create_resources": False})
         return settings.model_copy(update={"state_dir": Path(settings.state_dir).resolve()})
 
@@ -113,8 +113,14 @@ class Settings(BaseModel):
                 **({"FTPIPE_FAULTS": self.faults} if self.faults else {})}
 
     @property
+    def in_cloud(self) -> bool:
+        """Running in Google Cloud: reached through its load balancers and identities, not the loopback
+        and the local token. (The `emulators` profile uses the Google clients but runs here.)"""
+        return self.profile == "gcp"
+
+    @property
     def verify_push(self) -> bool:
-        return self.push_auth if self.push_auth is not None else self.profile == "gcp"
+        return self.push_auth if self.push_auth is not None else self.in_cloud
 
     def subscription_policy(self) -> SubscriptionPolicy:
         return SubscriptionPolicy(ack_deadline_s=self.ack_deadline_s, max_delivery_attempts=self.max_delivery_attempts,

@@ -10,15 +10,12 @@ dead-lettered after the subscription's max delivery attempts.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from pydantic import ValidationError
@@ -246,18 +243,32 @@ def _failed(adapters: Adapters, topic: str, subscription: str, msg: Message, exc
     return "nacked"
 
 
-def run_service(service: Service, adapters: Adapters, *, stop: threading.Event | None = None,
-                health_port: int | None = None) -> None:
-    """Subscribe to every topic of the service and block until SIGTERM/SIGINT (or `stop`)."""
-    check_topology(service)
+def run_service(service: Service, adapters: Adapters, *, stop: threading.Event | None = None) -> None:
+    """Consume the service's topics in this thread until SIGTERM/SIGINT (or `stop`): for tests and
+    tools that want a consumer alone. A service's process starts with shared/platform/main.py's `serve`."""
     stop = stop or threading.Event()
-    log = logging.getLogger(f"ftpipe.{service.name}")
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    prepare_service(service, adapters)
+    finish = start_consuming(service, adapters, stop, {"handled": 0})
+    stop.wait()
+    finish()
+
+
+def prepare_service(service: Service, adapters: Adapters) -> None:
+    """What comes before the first message: the start-up checks, then the service's own preparation."""
+    check_topology(service)
     if service.on_start:
         service.on_start(adapters)
-    counters = {"handled": 0}
+
+
+def start_consuming(service: Service, adapters: Adapters, stop: threading.Event,
+                    counters: dict[str, int]) -> Callable[[], None]:
+    """Subscribe to every topic of the service (or start its priority workers); handled messages
+    are counted in `counters`. Returns the call that stops taking messages and waits for the
+    in-flight ones, once `stop` is set."""
+    log = logging.getLogger(f"ftpipe.{service.name}")
 
     def callback_for(topic: str):
         def callback(msg: Message) -> None:
@@ -268,24 +279,22 @@ def run_service(service: Service, adapters: Adapters, *, stop: threading.Event |
             counters["handled"] += 1
         return callback
 
-    # Health first: its port file tells callers (tests, `ftpipe up`) the service is there before work arrives.
-    server = start_health_server(service.name, adapters, counters, health_port)
     classes = priority_classes(service.name)
     subscriptions = [] if classes else [
         adapters.bus.subscribe(ev.subscription_name(service.name, topic), callback_for(topic),
                                max_messages=service.max_messages, max_lease_s=service.max_lease_s)
         for topic in service.topics]
     workers = start_priority_workers(service, adapters, classes, stop, counters) if classes else []
-    log.info("service started", extra={"service": service.name, "topics": ",".join(service.topics),
-                                       "pid": os.getpid(), "health_port": server.server_address[1]})
-    stop.wait()
-    log.info("stopping: finishing in-flight work", extra={"service": service.name})
-    for sub in subscriptions:
-        sub.stop()
-    for worker in workers:
-        worker.join()
-    server.shutdown()
-    log.info("service stopped", extra={"service": service.name})
+    log.info("service started", extra={"service": service.name, "topics": ",".join(service.topics), "pid": os.getpid()})
+
+    def finish() -> None:
+        log.info("stopping: finishing in-flight work", extra={"service": service.name})
+        for sub in subscriptions:
+            sub.stop()
+        for worker in workers:
+            worker.join()
+        log.info("service stopped", extra={"service": service.name})
+    return finish
 
 
 def start_priority_workers(service: Service, adapters: Adapters, classes: tuple[str, ...], stop: threading.Event,
@@ -359,33 +368,3 @@ class KeepLeased:
     def __exit__(self, *exc):
         self._done.set()
         self._thread.join()
-
-
-def start_health_server(name: str, adapters: Adapters, counters: dict, port: int | None) -> ThreadingHTTPServer:
-    """GET /healthz for Cloud Run / Kubernetes probes; locally its port goes in the state folder."""
-    started = time.time()
-
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path not in ("/", "/healthz"):
-                self.send_error(404)
-                return
-            body = json.dumps({"service": name, "status": "ok", "pid": os.getpid(),
-                               "uptime_s": round(time.time() - started, 1), **counters}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    port = port if port is not None else int(os.environ.get("PORT", "0"))
-    server = ThreadingHTTPServer(("127.0.0.1" if adapters.settings.profile != "gcp" else "0.0.0.0", port), Health)
-    threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
-    if adapters.settings.profile != "gcp":
-        services_dir = Path(adapters.settings.state_dir) / "services"
-        services_dir.mkdir(parents=True, exist_ok=True)
-        (services_dir / f"{name}.json").write_text(json.dumps({"pid": os.getpid(), "port": server.server_address[1]}))
-    return server

@@ -8,7 +8,9 @@ import urllib.request
 from shared.domain import events as ev
 from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import Recipe
-from shared.platform.runtime import Service, publish_event, run_service
+from shared.platform.discovery import lookup
+from shared.platform.main import Process
+from shared.platform.runtime import Service, publish_event
 
 
 def recipe(priority: str) -> Recipe:
@@ -40,14 +42,16 @@ def test_trainer_workers_take_waiting_jobs_by_priority_without_starving_batch(tm
         taken.append(event.run_id)
         attempts.append(ctx.message.delivery_attempt)
         if len(taken) == 1:  # /healthz answers while a worker holds a job
-            port = json.loads((tmp_path / "services" / "trainer.json").read_text())["port"]
-            health.update(json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)))
+            url = lookup(tmp_path, "trainer")["url"]
+            health.update(json.load(urllib.request.urlopen(f"{url}/healthz", timeout=5)))
         if len(taken) == sum(waiting.values()):
             stop.set()
         return []
 
     service = Service("trainer", {ev.DatasetPrepared: train, ev.JobSubmitted: train})
-    worker = threading.Thread(target=run_service, args=(service, adapters), kwargs={"stop": stop, "health_port": 0})
+    process = Process("trainer", adapters, service=service, port=0, stop=stop).start()
+    worker = threading.Thread(target=process.stop)  # returns once the workers finished
+    stop.wait(60)
     worker.start()
     worker.join(60)
     adapters.close()

@@ -117,7 +117,7 @@ def test_the_local_registry_process_serves_the_approval_endpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "services.registry_fn.main"], env={**env, "FTPIPE_STATE": str(state)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        where = state / "services" / "registry-approval.json"
+        where = state / "services" / "registry.json"
         deadline = time.monotonic() + 60
         while not where.is_file():
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]

@@ -354,7 +354,7 @@ def test_ftpipe_serve_serves_until_sigterm(tmp_path, loras):
     adapters = bootstrap(Settings(state_dir=state))
     add_version(adapters, NAME, "r1", loras[0])
     adapters.close()
-    api = state / "services" / "serving-api.json"
+    api = state / "services" / "serving.json"
     answer = {}
 
     def client() -> None:

@@ -446,7 +446,7 @@ def test_ftpipe_dashboard_prints_the_link_with_the_token(tmp_path, capsys, monke
     # What `ftpipe up` leaves for a running tracker (this process stands in for it).
     (state / "services").mkdir(parents=True)
     (state / "pids").mkdir()
-    (state / "services" / "tracker-api.json").write_text(json.dumps({"url": "http://127.0.0.1:8123"}))
+    (state / "services" / "tracker.json").write_text(json.dumps({"url": "http://127.0.0.1:8123"}))
     (state / "pids" / "tracker.pid").write_text(str(os.getpid()))
     (state / "auth-token").write_text("s3cret\n")
     assert main(["dashboard", "--state", str(state)]) == 0
