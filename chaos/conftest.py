@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+pytest_plugins = ["tests.strict_ci"]
+
 
 def pytest_addoption(parser):
     parser.addoption("--chaos-seed", type=int, default=7, help="seed of the trials' random choices")
