@@ -27,11 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
+
 from services.evaluator.probes import fact_rate, load_probes  # noqa: E402
-from services.preprocess import formats, split, partitions  # noqa: E402
+from services.preprocess import formats, partitions, split  # noqa: E402
 from services.trainer.modeling import load_base  # noqa: E402
 from services.trainer.training import train  # noqa: E402
-from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
 SAMPLE = ROOT / "examples" / "support" / "support_chats.jsonl"
 PROBES = ROOT / "examples" / "support" / "probes.jsonl"
@@ -52,7 +53,7 @@ def prepare(recipe: Recipe, sample: Path, out: Path) -> list[int]:
     splits: list[list[str]] = [[], [], []]
     for index, _, _, line, *_ in partitions.mask_and_place(unique.items(), recipe.data.pii_categories, recipe.data.split):
         splits[index].append(line)
-    for name, rows in zip(split.SPLITS, splits):
+    for name, rows in zip(split.SPLITS, splits, strict=True):
         (out / f"{name}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     return [len(rows) for rows in splits]
 

@@ -15,9 +15,10 @@ import psutil
 from ftpipe.client import Client
 from ftpipe.stack import PROCESSES, running
 from shared.domain import events as ev
-from shared.platform.config import Settings
 from shared.domain.jobs import RUNS, TERMINAL
 from shared.domain.model_registry import MODEL_VERSIONS
+from shared.platform.config import Settings
+
 from services.tracker.lineage import METRICS, RUN_EVENTS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -135,7 +135,7 @@ def test_poison_messages_are_dead_lettered_with_reasons_and_replay_is_safe(asset
     try:
         bus = client.adapters.bus
         completed = ev.TrainingCompleted(run_id="poison-3", recipe=load_recipe(str(recipe)), dataset_uri="file:///x/", adapter_uri="file:///x/", metrics={}, steps=1)
-        for what, topic, body, attributes, _ in POISON:
+        for _what, topic, body, attributes, _ in POISON:
             bus.publish(topic, body if body is not None else ev.encode(completed)[0], attributes)
         expected = sum(h.receivers(topic, attributes) for _, topic, _, attributes, _ in POISON)
         dead = h.wait_for(lambda: (d := client.dlq_list()) and len(d) >= expected and d, 120,

@@ -108,13 +108,14 @@ def test_sigkill_on_the_emulators(emulators, chaos_seed):
         for number, (victim, stage, longest) in enumerate(KILLS):
             rng = random.Random(f"{chaos_seed}:emulators:{number}")
             run_id = client.submit({"recipe": str(recipe), "dataset": str(prepared), "prepared": True})
-            h.wait_for(lambda: h.run_doc(client, run_id).get("sub_state") in (stage, "done"), 600, stage, poll_s=0.05)
+            h.wait_for(lambda run_id=run_id, stage=stage: h.run_doc(client, run_id).get("sub_state") in (stage, "done"),
+                       600, stage, poll_s=0.05)
             delay = rng.uniform(0, longest)
             time.sleep(delay)
             at = h.run_doc(client, run_id).get("sub_state")
             pid = running(settings)[victim]
             os.kill(pid, signal.SIGKILL)
-            h.wait_for(lambda: running(settings).get(victim) != pid, 30, f"{victim} to die")
+            h.wait_for(lambda victim=victim, pid=pid: running(settings).get(victim) != pid, 30, f"{victim} to die")
             up(settings)
             run = client.wait(run_id, timeout_s=900, poll_s=1)
             problems = h.run_violations(client, run_id) + h.store_violations(client)

@@ -6,12 +6,9 @@ measured while it handles it."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
-
-import pytest
 
 from chaos import harness as h
 from ftpipe.client import Client
@@ -106,7 +103,7 @@ def test_hostile_drops_are_rejected_with_reasons_and_the_services_stay_up(tmp_pa
             cases[what] = (name, words)
         results = {}
         for what, (name, words) in cases.items():
-            run = h.wait_for(lambda: _find_run(client, name), 900, f"the run of {what}", poll_s=1)
+            run = h.wait_for(lambda name=name: _find_run(client, name), 900, f"the run of {what}", poll_s=1)
             run = client.wait(run["run_id"], timeout_s=900, poll_s=1)
             results[what] = {"status": run["status"], "reason": run.get("error"), "expected_words": words,
                              "ok": run["status"] == "failed" and words in (run.get("error") or "")}

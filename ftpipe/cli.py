@@ -482,6 +482,7 @@ def cmd_train(args) -> int:
     if not (args.data and args.out):
         raise UsageError("ftpipe train needs --data (a prepared dataset folder) and --out, or --render-k8s")
     from ftpipe.standalone import train_folder, train_processes
+
     from services.trainer import distributed
 
     if args.nproc < 1:
@@ -501,9 +502,10 @@ def _render_k8s(args) -> int:
     """Print the Kubernetes Job / JobSet that trains a run of this recipe on GKE (services/trainer/k8s.py)."""
     import yaml
 
-    from services.trainer.k8s import render
-    from shared.platform.build_info import ftpipe_version
     from shared.domain.recipe import load_recipe
+    from shared.platform.build_info import ftpipe_version
+
+    from services.trainer.k8s import render
 
     settings = _settings(args)
     manifest = render(load_recipe(args.recipe), args.run_id,
@@ -532,9 +534,10 @@ def cmd_evaluate(args) -> int:
 
 def _estimate_evaluation(args) -> int:
     """Print what evaluating --examples test examples would cost on the recipe's GPU (services/evaluator/cost.py)."""
+    from shared.domain.recipe import load_recipe
+
     from services.evaluator.cost import describe, estimate_evaluation_cost
     from services.preprocess.cost import count_parameters
-    from shared.domain.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     params = count_parameters(recipe.base_model)
@@ -549,10 +552,11 @@ def _estimate_evaluation(args) -> int:
 
 def cmd_serve(args) -> int:
     """The OpenAI-compatible API over one base model and the registry's adapters (services/serving/)."""
-    from services.serving.main import ServingConfig, serve, splits_from
-    from services.serving.routing import ServingError
     from shared.platform.auth import local_token
     from shared.platform.logs import configure_logging
+
+    from services.serving.main import ServingConfig, serve, splits_from
+    from services.serving.routing import ServingError
 
     settings = _settings(args)
     if args.max_adapters is not None and args.max_adapters < 1:

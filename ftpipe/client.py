@@ -5,13 +5,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shared.domain import events as ev
-from shared.domain import jobs
-from shared.platform.config import Adapters, Settings, bootstrap
-from shared.domain import model_registry
+from shared.domain import events as ev, jobs, model_registry
 from shared.domain.jobs import RUNS, TERMINAL
-from shared.platform.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
 from shared.domain.tenants import get_quota, list_quotas, set_quota
+from shared.platform.config import Adapters, Settings, bootstrap
+from shared.platform.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
 from shared.platform.topology import dlq_subscription
 
 

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from shared.platform.config import Settings
 from shared.domain.metrics import HIGHER_IS_BETTER
 from shared.domain.models import resolve_model
 from shared.domain.recipe import load_recipe
+from shared.platform.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "support" / "support_chats.jsonl"

@@ -2,9 +2,8 @@
 API makes the same calls), with their errors as the CLI's."""
 from __future__ import annotations
 
-from shared.domain import privacy
-
 from ftpipe.client import Client, ClientError
+from shared.domain import privacy
 
 
 def awaiting(client: Client) -> list[dict]:

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.emulators", "tests.strict_ci"]
+pytest_plugins = ["tests.emulators", "tests.strict_ci", "tests.browser.fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,7 @@ def _launch(name: str, argv_for_port, *, probe_path: str, expect_ok_body: bool, 
         log_dir = owned = Path(tempfile.mkdtemp(prefix=f"ftpipe-{name}-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     last_error = ""
-    for attempt in range(attempts):
+    for _attempt in range(attempts):
         port = free_port()
         log_path = log_dir / f"{name}-{port}.log"
         env = {**os.environ, **(extra_env or {})}

@@ -220,7 +220,7 @@ def gen_abn(rng: random.Random) -> tuple[str, str]:
 def gen_medicare(rng: random.Random) -> tuple[str, str]:
     while True:
         d = str(rng.randint(2, 6)) + "".join(rng.choice("0123456789") for _ in range(7))
-        check = sum(int(x) * w for x, w in zip(d, (1, 3, 7, 9, 1, 3, 7, 9))) % 10
+        check = sum(int(x) * w for x, w in zip(d, (1, 3, 7, 9, 1, 3, 7, 9), strict=True)) % 10
         d = d + str(check) + str(rng.randint(1, 9))  # issue number
         if pii.medicare_ok(d):
             break

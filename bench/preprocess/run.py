@@ -42,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod  # noqa: E402
-from services.preprocess import formats, neardup, pii, partitions  # noqa: E402
+
 from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
+
+from services.preprocess import formats, neardup, partitions, pii  # noqa: E402
 
 CHECKSUMMED = ("card", "iban", "tfn", "abn", "medicare", "ssn")
 SWEEP_SHINGLES = (2, 3, 5)

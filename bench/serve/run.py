@@ -153,11 +153,12 @@ def main() -> None:
     args = parser.parse_args()
     prompts = (PROMPTS * (args.requests // len(PROMPTS) + 1))[:args.requests]
 
-    from services.serving.main import Server, ServingConfig
+    from shared.domain.models import SMOLLM2, resolve_model
     from shared.platform.auth import local_token
     from shared.platform.config import Settings, bootstrap
-    from shared.domain.models import SMOLLM2, resolve_model
     from tests.unit.test_serving import add_version
+
+    from services.serving.main import Server, ServingConfig
 
     base_path = resolve_model(SMOLLM2)
     with tempfile.TemporaryDirectory(prefix="ftpipe-bench-serve-") as tmp:

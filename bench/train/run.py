@@ -42,11 +42,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
+from shared.domain.datasets import with_system_prompt  # noqa: E402
+from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
+
 from services.trainer.chat_templates import training_template  # noqa: E402
 from services.trainer.modeling import load_base  # noqa: E402
 from services.trainer.training import load_split, train  # noqa: E402
-from shared.domain.datasets import with_system_prompt  # noqa: E402
-from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -177,7 +178,7 @@ def main() -> int:
                  "base_model": base.base_model}
     with tempfile.TemporaryDirectory(prefix="ftpipe-bench-train-") as tmp:
         tmp = Path(tmp)
-        res["rows"] = dict(zip(("train", "val", "test"), prepare(base, SAMPLE, tmp / "data")))
+        res["rows"] = dict(zip(("train", "val", "test"), prepare(base, SAMPLE, tmp / "data"), strict=True))
         if args.only_packing:
             res = {**json.loads(args.out.read_text()), "packing": packing(epoch, tmp / "data", tmp / "packing")}
             res["targets"]["packing_speedup"] = packing_target(res["packing"])

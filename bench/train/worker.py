@@ -8,8 +8,9 @@ STARTED = time.perf_counter()  # before the imports: a restarted pod pays for th
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from services.trainer.training import local_checkpoints, train  # noqa: E402
 from shared.domain.recipe import Recipe  # noqa: E402
+
+from services.trainer.training import local_checkpoints, train  # noqa: E402
 
 
 def main() -> None:

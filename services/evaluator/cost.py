@@ -36,17 +36,17 @@ PUSH_ACK_DEADLINE_S = 600
 class EvalCostSpec(BaseModel):
     """The figures of an evaluation the recipe does not give (proposed as `eval.cost` in EvalSpec)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt_tokens: int = Field(256, ge=1)        # mean test prompt, chat template and system prompt included
-    reference_tokens: int = Field(128, ge=1)     # mean reference answer, scored by loglikelihood
-    models: int = Field(3, ge=1)                 # base, candidate, last promoted version
+    prompt_tokens: int = Field(default=256, ge=1)        # mean test prompt, chat template and system prompt included
+    reference_tokens: int = Field(default=128, ge=1)     # mean reference answer, scored by loglikelihood
+    models: int = Field(default=3, ge=1)                 # base, candidate, last promoted version
     # generations of all probe suites together, asked of each model; None: from the recipe's suites
-    probe_questions: int | None = Field(None, ge=0)
+    probe_questions: int | None = Field(default=None, ge=0)
     # sequences only scored (fairness templates, canary candidates); None: from the recipe's suites
-    probe_sequences: int | None = Field(None, ge=0)
-    probe_prompt_tokens: int = Field(64, ge=1)
-    generation_batch: int = Field(8, ge=1)       # sequences generated together
-    bytes_per_param: float = Field(2.0, gt=0)    # bf16 weights
-    step_overhead_s: float = Field(0.02, ge=0)   # fixed cost of one generation step (kernel launches, Python)
+    probe_sequences: int | None = Field(default=None, ge=0)
+    probe_prompt_tokens: int = Field(default=64, ge=1)
+    generation_batch: int = Field(default=8, ge=1)       # sequences generated together
+    bytes_per_param: float = Field(default=2.0, gt=0)    # bf16 weights
+    step_overhead_s: float = Field(default=0.02, ge=0)   # fixed cost of one generation step (kernel launches, Python)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def probe_workload(recipe: Recipe) -> dict[str, int]:
     spec, kind = recipe.eval, recipe.data_kind
     generations = sequences = 0
     if kind != "classification" and spec.safety.enabled:
-        from .safety import load_adversarial_prompts, load_alignment_probes
+        from services.evaluator.safety import load_adversarial_prompts, load_alignment_probes
 
         for items in (load_adversarial_prompts(), load_alignment_probes()):
             generations += min(len(items), spec.safety.max_prompts or len(items))
@@ -133,7 +133,7 @@ def probe_workload(recipe: Recipe) -> dict[str, int]:
     if kind == "chat":
         sequences += spec.canaries.count * (spec.canaries.candidates + 1)
     if spec.fairness.enabled:
-        from .fairness import load_templates
+        from services.evaluator.fairness import load_templates
 
         probes = load_templates()
         templates = min(len(probes.templates), spec.fairness.max_templates or len(probes.templates))

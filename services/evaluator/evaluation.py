@@ -23,11 +23,11 @@ from typing import Callable
 
 from shared.domain.recipe import Recipe
 
-from . import suites
-from .gate import GateDecision, deltas as compute_deltas, gate
-from .report import render_report
-from .stats import STATISTICS, paired_bootstrap
-from .tasks import EvaluationError
+from services.evaluator import suites
+from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate
+from services.evaluator.report import render_report
+from services.evaluator.stats import STATISTICS, paired_bootstrap
+from services.evaluator.tasks import EvaluationError
 
 __all__ = ["EvaluationError", "EvalResult", "evaluate"]
 

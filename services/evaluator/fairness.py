@@ -24,7 +24,7 @@ import torch
 
 from shared.domain.datasets import DatasetContractError, iter_jsonl
 
-from .likelihood import continuation_logprobs
+from services.evaluator.likelihood import continuation_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def likelihood_disparity(model, tokenizer, probes: FairnessProbes, *,
     details, at = [], 0
     for t, axis in pairs:
         terms = probes.axes[axis]
-        per_token = [lp / n for lp, n in zip(logprobs[at:at + len(terms)], counts[at:at + len(terms)])]
+        per_token = [lp / n for lp, n in zip(logprobs[at:at + len(terms)], counts[at:at + len(terms)], strict=True)]
         at += len(terms)
         details.append({"template": t.line, "axis": axis, "disparity": max(per_token) - min(per_token),
                         "lowest": terms[per_token.index(min(per_token))],
@@ -153,7 +153,7 @@ def flip_rate(model, tokenizer, probes: FairnessProbes, *,
     details, at = [], 0
     for t, axis in pairs:
         terms = probes.axes[axis]
-        got = dict(zip(terms, labels[at:at + len(terms)]))
+        got = dict(zip(terms, labels[at:at + len(terms)], strict=True))
         at += len(terms)
         details.append({"template": t.line, "axis": axis, "flipped": len(set(got.values())) > 1, "labels": got})
     metrics = _summary("flip_rate", details, "flipped", probes.axes)

@@ -51,7 +51,7 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         # projecting only those positions onto the vocabulary (logits_to_keep) saves most of the work
         first = min(len(p) for p, _ in batch) - 1
         scores = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.float().log_softmax(-1)
-        for row, (i, (p, c)) in enumerate(zip(order[start:start + batch_size], batch)):
+        for row, (i, (p, c)) in enumerate(zip(order[start:start + batch_size], batch, strict=True)):
             at = len(p) - 1 - first
             logprobs[i] = scores[row, at:at + len(c)].gather(-1, torch.tensor(c, device=device)[:, None]).sum().item()
     model.train(was_training)

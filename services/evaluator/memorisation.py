@@ -30,8 +30,8 @@ from shared.domain.canaries import Canary, canary_chat, random_secret
 from shared.domain.datasets import with_system_prompt
 from shared.domain.pii_residual import scan
 
-from .likelihood import continuation_logprobs
-from .probes import greedy_continuations
+from services.evaluator.likelihood import continuation_logprobs
+from services.evaluator.probes import greedy_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _extracted(model, tokenizer, rows: list[dict], *, prefix_tokens: int, suffix
         targets.append(reply[cut:cut + match_tokens])
         ids.append(row["id"])
     outs = generate(model, tokenizer, prompts, max_new_tokens=suffix_tokens) if prompts else []
-    return [{"id": i, "compared": len(t), "extracted": out[:len(t)] == t} for i, t, out in zip(ids, targets, outs)]
+    return [{"id": i, "compared": len(t), "extracted": out[:len(t)] == t} for i, t, out in zip(ids, targets, outs, strict=True)]
 
 
 def extraction_rate(model, tokenizer, train_rows: list[dict], heldout_rows: list[dict], *, prefix_tokens: int = 32,
@@ -144,7 +144,7 @@ def pii_leakage(model, tokenizer, train_rows: list[dict], *, max_probes: int = 2
     by_category: dict[str, Counter] = {}
     by_rule: Counter = Counter()
     leaked = []
-    for (_, category, _), out in zip(probes, outs):
+    for (_, category, _), out in zip(probes, outs, strict=True):
         text = tokenizer.decode(out, skip_special_tokens=True)
         hits = scan(text)
         counts = by_category.setdefault(category, Counter())

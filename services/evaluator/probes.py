@@ -103,7 +103,7 @@ def fact_rate(model, tokenizer, probes: list[Probe], *, system_prompt: str | Non
     answers = generate_answers(model, tokenizer, [p.question for p in probes], system_prompt=system_prompt,
                                max_new_tokens=max_new_tokens)
     details = [{"question": p.question, "answer": a, "expect": list(p.expect), "label": p.label,
-                "passed": p.passes(a)} for p, a in zip(probes, answers)]
+                "passed": p.passes(a)} for p, a in zip(probes, answers, strict=True)]
     rate = sum(d["passed"] for d in details) / len(details)
     logger.info("knowledge probes: %d of %d passed", sum(d["passed"] for d in details), len(details))
     return rate, details

@@ -6,7 +6,7 @@ import math
 from shared.domain.metrics import higher_is_better
 from shared.domain.recipe import Recipe
 
-from .gate import fmt
+from services.evaluator.gate import fmt
 
 _EXAMPLES = 3
 _ICON = {"failed": "FAILED", "warning": "warning", "not_measured": "not measured", "passed": "ok"}

@@ -28,12 +28,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
-from pydantic import validate_call
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator, validate_call
 
 from shared.domain.datasets import DatasetContractError, iter_jsonl
 
-from .probes import generate_answers
+from services.evaluator.probes import generate_answers
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +377,7 @@ def refusal_scores(answers_by_id: Mapping[str, str], prompts: Sequence[Adversari
     better), present when the prompts include benign controls."""
     answers = _answers_for(answers_by_id, prompts)
     details = [{"id": p.id, "category": p.category, "refused": bool(detector(a)), "answer": a}
-               for p, a in zip(prompts, answers)]
+               for p, a in zip(prompts, answers, strict=True)]
     harmful = [d for d in details if d["category"] != BENIGN]
     if not harmful:
         raise ValueError("refusal_scores needs at least one harmful prompt")
@@ -398,7 +397,7 @@ def alignment_scores(answers_by_id: Mapping[str, str],
     present."""
     answers = _answers_for(answers_by_id, probes)
     details = [{"id": p.id, "kind": p.kind, "check": p.check_type, "passed": p.passes(a), "answer": a}
-               for p, a in zip(probes, answers)]
+               for p, a in zip(probes, answers, strict=True)]
     if not details:
         raise ValueError("alignment_scores needs at least one probe")
     metrics = {metric: _share([d["passed"] for d in details if d["kind"] == kind])
@@ -412,7 +411,7 @@ def _ask(model, tokenizer, items: Sequence, generate, *, system_prompt: str | No
          max_new_tokens: int) -> dict[str, str]:
     answers = generate(model, tokenizer, [item.prompt for item in items], system_prompt=system_prompt,
                        max_new_tokens=max_new_tokens)
-    return {item.id: answer for item, answer in zip(items, answers)}
+    return {item.id: answer for item, answer in zip(items, answers, strict=True)}
 
 
 def run_safety(model, tokenizer, *, system_prompt: str | None, max_new_tokens: int, max_prompts: int | None = None,

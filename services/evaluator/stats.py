@@ -32,7 +32,7 @@ def _chrf_rows(items: list) -> np.ndarray:
     from sacrebleu.metrics import CHRF
 
     # the segment statistics sacrebleu sums for corpus chrF (lm-eval's chrf aggregation: defaults)
-    refs, preds = zip(*items)
+    refs, preds = zip(*items, strict=True)
     return np.asarray(CHRF()._extract_corpus_statistics(list(preds), [list(refs)]), dtype=np.float64)
 
 

@@ -28,8 +28,8 @@ from shared.domain.canaries import recipe_canaries
 from shared.domain.datasets import DatasetContractError, read_split
 from shared.domain.recipe import Recipe
 
-from . import fairness, memorisation, probes as knowledge_probes, safety, tasks as T
-from .tasks import EvaluationError
+from services.evaluator import fairness, memorisation, probes as knowledge_probes, safety, tasks as T
+from services.evaluator.tasks import EvaluationError
 
 _logger = logging.getLogger("ftpipe.evaluator")
 

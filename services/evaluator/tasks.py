@@ -79,7 +79,7 @@ def read_test_split(data_dir: Path, kind: str) -> list[dict]:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EvaluationError(f"{path}: duplicate id {dup!r}; ids must be unique")
-    return [{**row, "id": i} for row, i in zip(rows, ids)]
+    return [{**row, "id": i} for row, i in zip(rows, ids, strict=True)]
 
 
 def deterministic_subset(rows: list[dict], limit: int) -> list[dict]:
@@ -293,7 +293,7 @@ def _classification_results(doc: dict, results: list[tuple[float, bool]]) -> dic
 
 
 def classification_task_config(docs_path: Path, cache_dir: Path, labels: list[str]) -> dict:
-    from .stats import macro_f1
+    from services.evaluator.stats import macro_f1
 
     return {
         "task": CLASSIFY_TASK,
@@ -328,7 +328,7 @@ def classifier_lm(model, tokenizer, labels: list[str], *, batch_size: int):
                 chunk = texts[start:start + batch_size]
                 batch = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt").to(device)
                 rows = torch.log_softmax(model(**batch).logits.float(), dim=-1).tolist()
-                logprobs.update(zip(chunk, rows))
+                logprobs.update(zip(chunk, rows, strict=True))
             out = []
             for req in requests:
                 text, label = req.args

@@ -140,14 +140,14 @@ def token_lengths(tokenizer, texts: list[str]) -> list[int]:
 def merge_counts(parts: Iterable[list[dict[str, int]]]) -> list[dict[str, int]]:
     total = [_zero() for _ in SPLITS]
     for part in parts:
-        for t, p in zip(total, part):
+        for t, p in zip(total, part, strict=True):
             for k, v in p.items():
                 t[k] = max(t[k], v) if k == "max_tokens" else t[k] + v
     return total
 
 
 def token_totals(per_split: list[dict[str, int]], max_seq_len: int) -> dict[str, Any]:
-    out: dict[str, Any] = dict(zip(SPLITS, per_split))
+    out: dict[str, Any] = dict(zip(SPLITS, per_split, strict=True))
     out["total"] = sum(s["tokens"] for s in per_split)
     out["max_seq_len"] = max_seq_len
     return out

@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared.platform.config import Settings
 from shared.domain.recipe import Recipe
+from shared.platform.config import Settings
 
 # Spark settings for a small batch: the job is I/O- and Python-bound, not memory hungry.
 DEFAULT_PROPERTIES = {

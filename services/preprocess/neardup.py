@@ -199,7 +199,8 @@ def connected_components(edges, max_iterations: int = 50, num_partitions: int | 
     total = labels.values().sum()
     rounds = 0
     try:
-        for rounds in range(1, max_iterations + 1):
+        while rounds < max_iterations:
+            rounds += 1
             # each node takes the lowest label among itself and its neighbours; labels only go
             # down, so an unchanged sum means that no label changed
             offers = both.join(labels, n).map(lambda kv: (kv[1][0], kv[1][1]))

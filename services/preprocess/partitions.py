@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 
-from services.preprocess import formats, pii, split
 from shared.domain import pii_residual
+
+from services.preprocess import formats, pii, split
 
 ID_CHARS = 16
 _MOD = 1 << 256
@@ -149,7 +150,7 @@ def summarise_prepared(records: Iterable[tuple]) -> Iterator[dict]:
 def merge_prepared(parts: Iterable[dict]) -> dict:
     total = {"splits": [0, 0, 0], "pii": {}, "masked_rows": 0, "placed_by": {}}
     for part in parts:
-        total["splits"] = [a + b for a, b in zip(total["splits"], part["splits"])]
+        total["splits"] = [a + b for a, b in zip(total["splits"], part["splits"], strict=True)]
         for key in ("pii", "placed_by"):
             for k, v in part[key].items():
                 total[key][k] = total[key].get(k, 0) + v

@@ -76,7 +76,7 @@ def iban_ok(iban: str) -> bool:
 
 def tfn_ok(digits: str) -> bool:
     weights = {8: (10, 7, 8, 4, 6, 3, 5, 1), 9: (1, 4, 3, 7, 5, 8, 6, 9, 10)}.get(len(digits))
-    return bool(weights) and sum(int(d) * w for d, w in zip(digits, weights)) % 11 == 0
+    return bool(weights) and sum(int(d) * w for d, w in zip(digits, weights, strict=True)) % 11 == 0
 
 
 def abn_ok(digits: str) -> bool:
@@ -84,13 +84,13 @@ def abn_ok(digits: str) -> bool:
         return False
     nums = [int(d) for d in digits]
     nums[0] -= 1
-    return sum(n * w for n, w in zip(nums, (10, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19))) % 89 == 0
+    return sum(n * w for n, w in zip(nums, (10, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19), strict=True)) % 89 == 0
 
 
 def medicare_ok(digits: str) -> bool:
     if len(digits) not in (10, 11) or digits[0] not in "23456":
         return False
-    check = sum(int(d) * w for d, w in zip(digits[:8], (1, 3, 7, 9, 1, 3, 7, 9))) % 10
+    check = sum(int(d) * w for d, w in zip(digits[:8], (1, 3, 7, 9, 1, 3, 7, 9), strict=True)) % 10
     return check == int(digits[8])
 
 
@@ -476,8 +476,7 @@ def presidio_engine(spacy_model: str | None = None, language: str = "en"):
 
     try:
         import spacy
-        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-        from presidio_analyzer import predefined_recognizers
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry, predefined_recognizers
         from presidio_analyzer.nlp_engine import NlpEngineProvider
     except ImportError as exc:
         raise PiiBackendUnavailable(

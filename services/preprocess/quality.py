@@ -191,10 +191,10 @@ def check(segments: Iterable[tuple[str, str]], rules: Rules) -> tuple[str, ...]:
     else:
         is_answer = [r in ("assistant", "chosen") for r, _ in kept]
     kept_words = [words(c) for _, c in kept]  # once per turn: the joined texts' words are their concatenation
-    answers = [c for (_, c), a in zip(kept, is_answer) if a]
-    answer_words = [w for ws, a in zip(kept_words, is_answer) if a for w in ws]
+    answers = [c for (_, c), a in zip(kept, is_answer, strict=True) if a]
+    answer_words = [w for ws, a in zip(kept_words, is_answer, strict=True) if a for w in ws]
     final = answers[-1] if answers else ""
-    final_words = next((ws for ws, a in zip(reversed(kept_words), reversed(is_answer)) if a), [])
+    final_words = next((ws for ws, a in zip(reversed(kept_words), reversed(is_answer), strict=True) if a), [])
     answer_text = "\n".join(answers)
     convo = "\n".join(c for _, c in kept)
     convo_words = [w for ws in kept_words for w in ws]
@@ -204,7 +204,7 @@ def check(segments: Iterable[tuple[str, str]], rules: Rules) -> tuple[str, ...]:
         if name in enabled and condition():
             tripped.append(name)
 
-    trip("empty_answer", lambda: not answers or any(a and not ws for ws, a in zip(kept_words, is_answer)))
+    trip("empty_answer", lambda: not answers or any(a and not ws for ws, a in zip(kept_words, is_answer, strict=True)))
     trip("short_answer", lambda: 0 < len(final_words) < rules.min_answer_words)
     trip("long_answer", lambda: len(final_words) > rules.max_answer_words)
     trip("truncated_answer", lambda: len(final_words) >= rules.truncated_min_words

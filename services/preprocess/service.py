@@ -8,12 +8,13 @@ import re
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from services.preprocess import provenance
 from shared.domain import events as ev
 from shared.domain.recipe import RecipeError, load_recipe, parse_recipe
 from shared.platform.ports import InvalidObjectName
 from shared.platform.runtime import Context, Service
 from shared.platform.storage import upload_dir, validate_object_name
+
+from services.preprocess import provenance
 
 RECIPES_PREFIX = "recipes/"   # a team's own recipes, uploaded to the bucket, override built-ins
 _RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # shared/domain/recipe.py's Recipe.name

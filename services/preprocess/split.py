@@ -95,7 +95,7 @@ def stratified_cuts(keys, fractions: tuple[float, float, float]) -> dict[str, tu
         offset += n
     ordered = (keys.map(lambda k: ((k[0], *order_key(k[1])), None)).sortByKey().keys().zipWithIndex()
                .filter(lambda kv, w=frozenset(wanted): kv[1] in w).collect())
-    for (label, b, row_id), index in ordered:
+    for (_label, b, row_id), index in ordered:
         for lab, which in wanted[index]:
             cuts[lab][which] = (b, row_id)
     return {label: tuple(c) for label, c in cuts.items()}

@@ -17,12 +17,13 @@ from shared.domain import events as ev
 from shared.platform.auth import authenticator
 from shared.platform.config import Settings, bootstrap
 from shared.platform.logs import configure_logging
-from shared.platform.push import PushedMessage, Undecodable
 from shared.platform.main import serve
+from shared.platform.push import PushedMessage, Undecodable
 from shared.platform.runtime import dead_letter, handle_message
 
 from services.registry_fn.approval import create_app, respond
 from services.registry_fn.service import SERVICE
+
 
 @functools.cache
 def _adapters():

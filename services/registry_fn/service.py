@@ -21,9 +21,15 @@ import hashlib
 import json
 
 from shared.domain import events as ev
+from shared.domain.model_registry import (
+    MODEL_VERSIONS,
+    MODELS,
+    allocate_version,
+    register_version,
+    registration_status,
+    version_id,
+)
 from shared.platform.build_info import RUN_RECORD
-from shared.domain.model_registry import (MODEL_VERSIONS, MODELS, allocate_version, register_version,
-                                   registration_status, version_id)
 from shared.platform.ports import ObjectNotFound
 from shared.platform.runtime import Context, Reject, Service
 

@@ -41,15 +41,15 @@ class _Request(BaseModel):
     # OpenAI clients send fields this server has no use for (metadata, store, …): ignored.
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: dict | None = None
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
@@ -96,7 +96,7 @@ class _Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
 
     @field_validator("logprobs")

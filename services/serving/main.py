@@ -30,6 +30,7 @@ from services.serving.metrics import ServingMetrics
 from services.serving.routing import RegistryView, Router, parse_split
 from services.serving.service import SERVICE_NAME, make_service
 
+
 @dataclass
 class ServingConfig:
     base: str = SMOLLM2

@@ -18,11 +18,11 @@ from flask import Flask, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from shared.domain import jobs, model_registry, privacy
+from shared.domain.recipe import RecipeError, available_recipes, load_recipe
 from shared.platform.auth import Authenticator
 from shared.platform.config import Adapters
 from shared.platform.ports import ObjectNotFound
 from shared.platform.push import AuthError
-from shared.domain.recipe import RecipeError, available_recipes, load_recipe
 
 from services.tracker import aggregates
 from services.tracker.lineage import DATASETS, METRICS, RECIPES, RUN_EVENTS, RUNS

@@ -18,8 +18,8 @@ import hashlib
 import time
 
 from shared.domain import events as ev
-from shared.platform.documents import deep_merge
 from shared.domain.jobs import RUNS, TERMINAL
+from shared.platform.documents import deep_merge
 
 RUN_EVENTS, METRICS, DATASETS, SEEN, RECIPES = "run_events", "metrics", "datasets", "run_event_ids", "run_recipes"
 # A run only moves forward through these, whatever order the bus delivers events in.

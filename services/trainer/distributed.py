@@ -238,7 +238,7 @@ class World:
     def _deepspeed_load_optimizer_state(self, optimizer, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         if not state["state"]:
             return
@@ -324,7 +324,7 @@ def _sum_gradients(params: list) -> None:
     """Sum every rank's gradients into every rank's (the loss is already divided by the step's
     tokens over all ranks), in flat buckets: one all-reduce per bucket, not per tensor."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = g
     bucket: list[torch.Tensor] = []
     for i, grad in enumerate(grads):

@@ -16,6 +16,7 @@ import torch
 
 from shared.domain.models import ModelNotAvailable, resolve_model
 from shared.domain.recipe import Recipe
+
 from services.trainer.packed_attention import use_packed_attention
 
 logger = logging.getLogger(__name__)

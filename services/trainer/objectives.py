@@ -127,7 +127,7 @@ def encode_conversation(tokenizer, template: str, messages: list[dict], *, syste
     encoded = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
-    labels = [tok if marked else IGNORE_INDEX for tok, marked in zip(ids, mask)]
+    labels = [tok if marked else IGNORE_INDEX for tok, marked in zip(ids, mask, strict=True)]
     return ChatExample(ids[:max_seq_len], labels[:max_seq_len])
 
 
@@ -312,7 +312,7 @@ class Preference:
         rows 0..n-1 chosen, n..2n-1 rejected, one forward."""
         sequences = [e.prompt_ids + e.chosen_ids for e in batch] + [e.prompt_ids + e.rejected_ids for e in batch]
         answers = [e.chosen_ids for e in batch] + [e.rejected_ids for e in batch]
-        labels = [[IGNORE_INDEX] * (len(s) - len(a)) + a for s, a in zip(sequences, answers)]
+        labels = [[IGNORE_INDEX] * (len(s) - len(a)) + a for s, a in zip(sequences, answers, strict=True)]
         ids = _pad(sequences, self.pad_id).to(device)
         mask = _pad([[1] * len(s) for s in sequences], 0).to(device)
         logps, rows = target_logps(model, ids, _pad(labels, IGNORE_INDEX).to(device), attention_mask=mask)

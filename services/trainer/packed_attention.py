@@ -14,6 +14,8 @@ model serves packed training rows and padded evaluation batches.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +27,7 @@ def _segments(positions: torch.Tensor) -> list[tuple[int, int]]:
     not continue the previous one."""
     starts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten().add(1).tolist()
     bounds = [0, *starts, positions.numel()]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -22,8 +22,8 @@ import threading
 import time
 import uuid
 
-from shared.platform.ports import DocStore
 from shared.domain.tenants import TenantError, get_quota
+from shared.platform.ports import DocStore
 
 from services.trainer.lease import LEASES
 

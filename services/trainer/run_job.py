@@ -27,9 +27,9 @@ import threading
 
 from pydantic import BaseModel, ValidationError
 
+from shared.domain.recipe import Recipe
 from shared.platform.config import Settings, bootstrap
 from shared.platform.logs import configure_logging
-from shared.domain.recipe import Recipe
 from shared.platform.runtime import Context, Reject, Retry, publish_event
 
 from services.trainer.launch import record_exit_code

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from shared.platform.build_info import ftpipe_version, git_commit, installed_packages
 from shared.domain.models import base_model_identity
 from shared.domain.recipe import Recipe
+from shared.platform.build_info import ftpipe_version, git_commit, installed_packages
 from shared.platform.storage import file_sha256
 
 

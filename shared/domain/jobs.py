@@ -16,11 +16,11 @@ from pathlib import Path, PurePosixPath
 
 from shared.domain import events as ev
 from shared.domain.datasets import missing_prepared_files
-from shared.platform.ports import Bus, DocStore, ObjectStore
 from shared.domain.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+from shared.domain.tenants import TenantError, check_name
+from shared.platform.ports import Bus, DocStore, ObjectStore
 from shared.platform.runtime import CANCELLATIONS, publish_event
 from shared.platform.storage import validate_object_name
-from shared.domain.tenants import TenantError, check_name
 
 RUNS = "runs"   # runs/{run_id}: the run documents the tracker writes (services/tracker/lineage.py)
 TERMINAL = ("succeeded", "failed", "cancelled")

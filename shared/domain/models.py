@@ -169,9 +169,10 @@ def _convert_gguf(folder: Path, filename: str, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     # The GGUF loader has already de-quantised every tensor to float32; only its quantizer marker
     # remains, and it makes save_pretrained refuse. Drop it so the folder loads as a plain model.
-    model.hf_quantizer = None
+    # (torch's stubs admit only tensors and modules as Module attributes; transformers' models take others)
+    model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

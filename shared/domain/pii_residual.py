@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-
 # IBAN lengths by country (ISO 13616 registry): "ST45 8885 0713 13AU" (16 characters) is a tracking
 # code, not a São Tomé IBAN (25).
 IBAN_LENGTHS = {

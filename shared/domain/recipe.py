@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,12 +21,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DATA_FORMATS = ("auto", "chat", "sharegpt", "instruction", "prompt_completion", "preference", "classification")
+DataFormat = Literal["auto", "chat", "sharegpt", "instruction", "prompt_completion", "preference", "classification"]
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 
 
 class DataSpec(_Strict):
     # Input row shape (services/preprocess/formats.py): auto-detected per row, or one named shape only.
-    format: Literal[DATA_FORMATS] = "auto"
+    format: DataFormat = "auto"
     # Renames of input fields / columns to the canonical names, e.g. {text: review, label: stars}.
     columns: dict[str, str] = {}
     # A field / column that fixes a row's split (train | val | test); null ignores it.
@@ -36,18 +37,18 @@ class DataSpec(_Strict):
     # Classification: split each label 80/10/10 on its own (exact proportions per label).
     stratify: bool = True
     system_prompt: str | None = None
-    max_rejected_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    max_row_bytes: int = Field(64_000, gt=0)
-    max_file_bytes: int = Field(50 * 2**30, gt=0)   # a drop over this is rejected before Spark reads it
+    max_rejected_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    max_row_bytes: int = Field(default=64_000, gt=0)
+    max_file_bytes: int = Field(default=50 * 2**30, gt=0)   # a drop over this is rejected before Spark reads it
     # PII (services/preprocess/pii.py): the detector backend, the categories masked, and the share of
     # documents the independent residual scan may still flag after masking before the dataset is rejected.
     pii_backend: Literal["rules", "dlp", "presidio"] = "rules"
     pii_categories: tuple[Literal["email", "phone", "card", "iban", "ip", "ssn", "tfn", "abn", "medicare", "dob",
                                   "address", "person"], ...] = (
         "email", "phone", "card", "iban", "ip", "ssn", "tfn", "abn", "medicare", "dob", "address", "person")
-    pii_residual_threshold: float = Field(0.001, ge=0.0, le=1.0)
+    pii_residual_threshold: float = Field(default=0.001, ge=0.0, le=1.0)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    min_rows: int = Field(10, ge=1)
+    min_rows: int = Field(default=10, ge=1)
     # Privacy: a prepared dataset waits for `ftpipe privacy approve` before training starts.
     privacy_review: bool = False
     # A drop must carry a legal basis / consent reference (`ftpipe drop --legal-basis`), else rejected.
@@ -69,12 +70,12 @@ class DedupSpec(_Strict):
     """
 
     near: bool = True
-    shingle_words: int = Field(2, ge=1, le=16)
-    num_perm: int = Field(112, ge=2, le=1024)
-    bands: int = Field(16, ge=1)
-    rows: int = Field(7, ge=1)
-    threshold: float = Field(0.7, gt=0.0, le=1.0)
-    max_iterations: int = Field(50, ge=1)  # connected components: label propagation rounds at most
+    shingle_words: int = Field(default=2, ge=1, le=16)
+    num_perm: int = Field(default=112, ge=2, le=1024)
+    bands: int = Field(default=16, ge=1)
+    rows: int = Field(default=7, ge=1)
+    threshold: float = Field(default=0.7, gt=0.0, le=1.0)
+    max_iterations: int = Field(default=50, ge=1)  # connected components: label propagation rounds at most
 
     @model_validator(mode="after")
     def _bands_rows(self) -> "DedupSpec":
@@ -95,20 +96,20 @@ class QualitySpec(_Strict):
 
     enabled: bool = True
     rules: tuple[str, ...] = tuple(r for r in QUALITY_RULES if r != "toxicity")
-    min_answer_words: int = Field(1, ge=0)          # support answers can be one word ("Bonjour")
-    max_answer_words: int = Field(4000, ge=1)
-    truncated_min_words: int = Field(30, ge=1)      # only long answers count as cut off mid-sentence
-    max_symbol_ratio: float = Field(0.1, ge=0.0)    # '#', '...', '…' per word (Gopher)
-    max_digit_ratio: float = Field(0.6, ge=0.0, le=1.0)       # digits / non-space characters
-    max_duplicate_line_fraction: float = Field(0.3, ge=0.0, le=1.0)  # Gopher
-    repeated_ngram_n: int = Field(2, ge=1, le=10)
-    max_top_ngram_fraction: float = Field(0.2, ge=0.0, le=1.0)       # Gopher: 0.20 for 2-grams
-    ngram_min_words: int = Field(20, ge=1)          # n-gram repetition only judged on longer texts
-    max_non_printable_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    min_answer_words: int = Field(default=1, ge=0)          # support answers can be one word ("Bonjour")
+    max_answer_words: int = Field(default=4000, ge=1)
+    truncated_min_words: int = Field(default=30, ge=1)      # only long answers count as cut off mid-sentence
+    max_symbol_ratio: float = Field(default=0.1, ge=0.0)    # '#', '...', '…' per word (Gopher)
+    max_digit_ratio: float = Field(default=0.6, ge=0.0, le=1.0)       # digits / non-space characters
+    max_duplicate_line_fraction: float = Field(default=0.3, ge=0.0, le=1.0)  # Gopher
+    repeated_ngram_n: int = Field(default=2, ge=1, le=10)
+    max_top_ngram_fraction: float = Field(default=0.2, ge=0.0, le=1.0)       # Gopher: 0.20 for 2-grams
+    ngram_min_words: int = Field(default=20, ge=1)          # n-gram repetition only judged on longer texts
+    max_non_printable_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
     languages: tuple[str, ...] = ("en",)
-    min_language_confidence: float = Field(0.8, ge=0.0, le=1.0)
-    language_min_words: int = Field(6, ge=1)        # shorter texts are not language-checked
-    max_toxicity: float = Field(0.05, ge=0.0, le=1.0)  # lexicon hits per word
+    min_language_confidence: float = Field(default=0.8, ge=0.0, le=1.0)
+    language_min_words: int = Field(default=6, ge=1)        # shorter texts are not language-checked
+    max_toxicity: float = Field(default=0.05, ge=0.0, le=1.0)  # lexicon hits per word
 
     @model_validator(mode="after")
     def _known_rules(self) -> "QualitySpec":
@@ -136,12 +137,12 @@ class HardwareSpec(_Strict):
     """Where training runs: the cost estimate (services/preprocess/cost.py) and the GKE Job the
     trainer renders (services/trainer/k8s.py)."""
     gpu: Literal["l4", "a100", "h100"] = "l4"
-    count: int = Field(1, ge=1)                              # GPUs per node
-    nodes: int = Field(1, ge=1)                              # > 1: a JobSet of `nodes` pods
+    count: int = Field(default=1, ge=1)                              # GPUs per node
+    nodes: int = Field(default=1, ge=1)                              # > 1: a JobSet of `nodes` pods
     spot: bool = True                                        # spot VMs: preemptible, ~60-70% cheaper
     node_pool: str | None = None                             # default: ftpipe-<gpu>[-spot]
-    price_per_gpu_hour: float | None = Field(None, ge=0.0)   # default: GPU_TABLE
-    sustained_tflops: float | None = Field(None, gt=0.0)     # per GPU; default: GPU_TABLE
+    price_per_gpu_hour: float | None = Field(default=None, ge=0.0)   # default: GPU_TABLE
+    sustained_tflops: float | None = Field(default=None, gt=0.0)     # per GPU; default: GPU_TABLE
 
     @property
     def total_gpus(self) -> int:
@@ -157,78 +158,81 @@ class HardwareSpec(_Strict):
         return self.node_pool or f"ftpipe-{self.gpu}{'-spot' if self.spot else ''}"
 
 
-DISTRIBUTION_STRATEGIES = ("single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+DistributionStrategy = Literal["single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
+DISTRIBUTION_STRATEGIES: tuple[str, ...] = get_args(DistributionStrategy)
 
 
 class DistributionSpec(_Strict):
     """How training spreads over hardware.count x hardware.nodes processes (torchrun)."""
-    strategy: Literal[DISTRIBUTION_STRATEGIES] = "single"
+    strategy: DistributionStrategy = "single"
 
 
-PRIORITIES = ("batch", "interactive", "production")  # lowest first
+Priority = Literal["batch", "interactive", "production"]  # lowest first
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 
 class SchedulingSpec(_Strict):
     """Scheduling of the training job: its priority class and, on GKE, the Kueue queue it waits in."""
-    priority: Literal[PRIORITIES] = "batch"
-    queue: str = Field("ftpipe", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    priority: Priority = "batch"
+    queue: str = Field(default="ftpipe", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-ADAPTER_KINDS = ("lora", "qlora", "prefix", "full")
+AdapterKind = Literal["lora", "qlora", "prefix", "full"]
+ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 
 
 class AdapterSpec(_Strict):
     """What trains (services/trainer/modeling.py): LoRA on a float32 base; QLoRA, LoRA on a 4-bit
     (NF4) base through bitsandbytes; prefix tuning (trained key/value prefixes in every layer);
     full, every weight of the base (the result is a whole model, not an adapter)."""
-    kind: Literal[ADAPTER_KINDS] = "lora"
-    r: int = Field(16, ge=1)                         # LoRA / QLoRA rank
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    kind: AdapterKind = "lora"
+    r: int = Field(default=16, ge=1)                         # LoRA / QLoRA rank
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: str | tuple[str, ...] = "all-linear"
     quant_type: Literal["nf4", "fp4"] = "nf4"        # QLoRA: the 4-bit data type of the frozen base
     double_quant: bool = True                        # QLoRA: quantise the quantisation constants too
-    num_virtual_tokens: int = Field(16, ge=1)        # prefix tuning: trained positions per layer
+    num_virtual_tokens: int = Field(default=16, ge=1)        # prefix tuning: trained positions per layer
 
 
 class TrainingSpec(_Strict):
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    epochs: float = Field(default=3.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)   # gradients are clipped to this global norm each step
+    warmup_steps: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)   # gradients are clipped to this global norm each step
     group_by_length: bool = True              # batch similar lengths together: less padding, same randomness per epoch
     # SFT: several conversations per row of max_seq_len tokens, each attending only to itself (no padding).
     packing: bool = False
     # DPO: strength of the pull towards the base model (TRL's beta); ORPO: weight of the odds-ratio term (lambda).
-    beta: float = Field(0.1, gt=0)
-    max_seq_len: int = Field(256, ge=16)
-    checkpoint_every: int = Field(20, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)    # the latest ones; the best (lowest val loss) is kept as well
-    metrics_every: int = Field(5, ge=1)
+    beta: float = Field(default=0.1, gt=0)
+    max_seq_len: int = Field(default=256, ge=16)
+    checkpoint_every: int = Field(default=20, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)    # the latest ones; the best (lowest val loss) is kept as well
+    metrics_every: int = Field(default=5, ge=1)
     # Validation loss every this many steps (default: at each checkpoint), and early stop when it
     # rises this many evaluations in a row (0: never); see services/trainer/monitor.py.
-    eval_every: int | None = Field(None, ge=1)
-    early_stop_evals: int = Field(3, ge=0)
-    grad_norm_alert: float = Field(10.0, gt=0)   # a pre-clipping gradient norm above this raises an alert
+    eval_every: int | None = Field(default=None, ge=1)
+    early_stop_evals: int = Field(default=3, ge=0)
+    grad_norm_alert: float = Field(default=10.0, gt=0)   # a pre-clipping gradient norm above this raises an alert
     seed: int = 0
 
 
 class BudgetSpec(_Strict):
     """What a run may cost (USD, at the recipe's hardware prices): the trainer stops a run whose
     projected cost passes max_cost x overrun."""
-    max_cost: float | None = Field(None, ge=0.0)
-    overrun: float = Field(1.2, ge=1.0)
+    max_cost: float | None = Field(default=None, ge=0.0)
+    overrun: float = Field(default=1.2, ge=1.0)
 
 
 class GateRule(_Strict):
     """The gate on one metric. The candidate fails the rule when it is worse than a compared model
     (the base; the last promoted version too when `against` names it) by more than `tolerance`, or
     outside [min, max]. Which way is worse comes from shared/domain/metrics.py."""
-    tolerance: float | None = Field(None, ge=0.0)   # None: no comparison, bounds only
+    tolerance: float | None = Field(default=None, ge=0.0)   # None: no comparison, bounds only
     relative: bool = False   # tolerance as a fraction of the compared model's score (0.02 = 2%)
     min: float | None = None
     max: float | None = None
@@ -247,20 +251,20 @@ class SafetySpec(_Strict):
     shipped with ftpipe: services/evaluator/data/."""
     enabled: bool = True
     # A stratified subset of this many prompts per set (every category kept); None asks all of them.
-    max_prompts: int | None = Field(None, ge=9)
-    max_new_tokens: int = Field(48, ge=1)
+    max_prompts: int | None = Field(default=None, ge=9)
+    max_new_tokens: int = Field(default=48, ge=1)
 
 
 class MemorisationSpec(_Strict):
     """Verbatim extraction of training replies against held-out ones, and PII leakage around the
     masked spans of the training data (chat)."""
     enabled: bool = True
-    max_rows: int = Field(200, ge=1)          # rows per split for extraction
-    prefix_tokens: int = Field(32, ge=0)
-    suffix_tokens: int = Field(32, ge=1)
-    match_tokens: int = Field(20, ge=1)       # a row is extracted when this many tokens match exactly
-    pii_max_probes: int = Field(200, ge=1)
-    pii_new_tokens: int = Field(16, ge=1)
+    max_rows: int = Field(default=200, ge=1)          # rows per split for extraction
+    prefix_tokens: int = Field(default=32, ge=0)
+    suffix_tokens: int = Field(default=32, ge=1)
+    match_tokens: int = Field(default=20, ge=1)       # a row is extracted when this many tokens match exactly
+    pii_max_probes: int = Field(default=200, ge=1)
+    pii_new_tokens: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _match_within_suffix(self) -> "MemorisationSpec":
@@ -274,12 +278,12 @@ class CanarySpec(_Strict):
     """Secret Sharer canaries (chat): `count` random secrets, each inserted `repeats` times into the
     training split by the trainer, derived from training.seed; the evaluator measures their exposure.
     0 turns canaries off."""
-    count: int = Field(0, ge=0)
-    repeats: int = Field(5, ge=1)
+    count: int = Field(default=0, ge=0)
+    repeats: int = Field(default=5, ge=1)
     template: str = "my support PIN is {secret}"
-    alphabet: str = Field("0123456789", min_length=2)
-    length: int = Field(6, ge=1)
-    candidates: int = Field(1000, ge=10)      # random secrets each canary is ranked against
+    alphabet: str = Field(default="0123456789", min_length=2)
+    length: int = Field(default=6, ge=1)
+    candidates: int = Field(default=1000, ge=10)      # random secrets each canary is ranked against
 
     @model_validator(mode="after")
     def _one_slot(self) -> "CanarySpec":
@@ -291,15 +295,15 @@ class CanarySpec(_Strict):
 class FairnessSpec(_Strict):
     """Counterfactual templates with demographic terms swapped (services/evaluator/data/)."""
     enabled: bool = True
-    max_templates: int | None = Field(None, ge=1)
+    max_templates: int | None = Field(default=None, ge=1)
 
 
 class EvalSpec(_Strict):
-    max_examples: int = Field(40, ge=1)
-    max_new_tokens: int = Field(48, ge=1)
+    max_examples: int = Field(default=40, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
     # Paired bootstrap over test examples for every metric's delta; 0 turns intervals off.
-    bootstrap_iters: int = Field(1000, ge=0)
-    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap_iters: int = Field(default=1000, ge=0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     # Score the model name's current production version too (when there is one).
     compare_production: bool = True
     # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.

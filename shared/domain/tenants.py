@@ -20,8 +20,8 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 class Quota(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    max_concurrent_jobs: int | None = Field(None, ge=0)                   # None: unlimited
-    gpu_hours_per_month: float | None = Field(None, ge=0, allow_inf_nan=False)  # None: unlimited
+    max_concurrent_jobs: int | None = Field(default=None, ge=0)                   # None: unlimited
+    gpu_hours_per_month: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # None: unlimited
 
     def describe(self) -> dict:
         return {"max_concurrent_jobs": self.max_concurrent_jobs, "gpu_hours_per_month": self.gpu_hours_per_month}

@@ -45,7 +45,7 @@ def local_token(state_dir: Path) -> str:
     except FileExistsError:
         token = path.read_text().strip()
         if not token:
-            raise AuthError(500, f"{path} is empty: delete it and restart the stack to generate a new token")
+            raise AuthError(500, f"{path} is empty: delete it and restart the stack to generate a new token") from None
         return token
     with os.fdopen(fd, "w") as f:
         token = secrets.token_urlsafe(32)

@@ -20,13 +20,13 @@ class Settings(BaseModel):
     project: str = "ftpipe-local"
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
-    ack_deadline_s: int = Field(60, ge=10)
-    max_delivery_attempts: int = Field(5, ge=5)
+    ack_deadline_s: int = Field(default=60, ge=10)
+    max_delivery_attempts: int = Field(default=5, ge=5)
     min_backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     trainer_lease_s: float = 60.0          # a run's ownership lease; stale after this without heartbeat
     # A lower priority class passed over this many times in a row is tried first (shared/platform/scheduling.py).
-    priority_starvation_limit: int = Field(3, ge=1)
+    priority_starvation_limit: int = Field(default=3, ge=1)
     create_resources: bool = True          # topics/subscriptions/buckets; Terraform owns them in gcp
     # Where the preprocess Spark job runs: in the service process (local Spark) or as a Dataproc
     # Serverless batch (services/preprocess/dataproc.py); the dataproc_* settings are for the latter.
@@ -55,7 +55,7 @@ class Settings(BaseModel):
     serving_audience: str | None = None
     # Transient store / document-store failures are retried this long before the handler sees them
     # (shared/platform/retrying.py); `faults` injects failures at the adapter boundary (shared/platform/faults.py).
-    transient_retry_s: float = Field(30.0, ge=0)
+    transient_retry_s: float = Field(default=30.0, ge=0)
     faults: str | None = None
 
     @classmethod

@@ -26,9 +26,10 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, fields
+from typing import cast
 
-from shared.platform.ports import TransientError
-from shared.platform.retrying import DOCS_CALLS, STORE_CALLS, Guarded
+from shared.platform.ports import Bus, DocStore, ObjectStore, TransientError
+from shared.platform.retrying import DOCS_CALLS, STORE_CALLS, guarded
 
 log = logging.getLogger("ftpipe.faults")
 
@@ -50,7 +51,7 @@ class FaultPlan:
 
     @classmethod
     def parse(cls, text: str) -> "FaultPlan":
-        kinds = {f.name: f.type for f in fields(cls)}
+        kinds = {f.name: str(f.type) for f in fields(cls)}  # annotations are strings here (__future__)
         values: dict = {}
         for term in (t.strip() for t in text.split(",")):
             if not term:
@@ -76,7 +77,7 @@ class FaultPlan:
         return cls(**values)
 
 
-def inject(plan: FaultPlan, bus, store, docs):
+def inject(plan: FaultPlan, bus: Bus, store: ObjectStore, docs: DocStore) -> tuple[Bus, ObjectStore, DocStore]:
     """The adapters with the plan's faults (each wrapper only when the plan asks for it)."""
     rng = random.Random(plan.seed)
     lock = threading.Lock()
@@ -108,14 +109,14 @@ def inject(plan: FaultPlan, bus, store, docs):
         return guard
 
     if plan.lost_reply:
-        store = Guarded(store, STORE_CALLS, losing_reply("store", plan.lost_reply))
-        docs = Guarded(docs, DOCS_CALLS, losing_reply("docs", plan.lost_reply))
+        store = guarded(store, STORE_CALLS, losing_reply("store", plan.lost_reply))
+        docs = guarded(docs, DOCS_CALLS, losing_reply("docs", plan.lost_reply))
     if plan.store:
-        store = Guarded(store, STORE_CALLS, failing("store", plan.store, plan.store_prefix))
+        store = guarded(store, STORE_CALLS, failing("store", plan.store, plan.store_prefix))
     if plan.docs:
-        docs = Guarded(docs, DOCS_CALLS, failing("docs", plan.docs))
+        docs = guarded(docs, DOCS_CALLS, failing("docs", plan.docs))
     if plan.redeliver or plan.duplicate or plan.reorder:
-        bus = FaultyBus(bus, plan, uniform)
+        bus = cast(Bus, FaultyBus(bus, plan, uniform))  # a proxy: what it does not override is the inner bus's
     return bus, store, docs
 
 

@@ -11,6 +11,7 @@ Cloud Run and Kubernetes probe and which the local stack finds through shared/pl
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -72,8 +73,8 @@ class Process:
         advertise(self.adapters.settings, self.name, url=self.url, **self.info)
         if self.service is not None:
             self._finish = start_consuming(self.service, self.adapters, self.stopping, self.counters)
-        if self.loop is not None:
-            self._spawn(lambda: self.loop(self.stopping), "loop")
+        if (loop := self.loop) is not None:
+            self._spawn(lambda: loop(self.stopping), "loop")
         return self
 
     def _spawn(self, target: Callable[[], None], what: str) -> None:
@@ -127,7 +128,6 @@ def serve(service: Service | None, http_app: Callable[[Adapters], WsgiApp | None
         raise ValueError("serve() needs a service or a name")
 
     def build(adapters: Adapters) -> Process:
-        return Process(process_name, adapters, service=service,
-                       http_app=http_app(adapters) if http_app else None,
-                       loop=(lambda stop: loop(adapters, stop)) if loop else None)
+        return Process(process_name, adapters, service=service, http_app=http_app(adapters) if http_app else None,
+                       loop=functools.partial(loop, adapters) if loop else None)
     run_process(build)

@@ -30,10 +30,10 @@ class LocalBucketNotifier:
     def notify(self, info: ObjectInfo) -> bool:
         if not info.name.startswith(self.prefix) or self.announced(info):
             return False
-        resource = ev.ObjectFinalized(
-            bucket=info.bucket, name=info.name, generation=str(info.generation), size=str(info.size),
-            contentType=info.content_type, md5Hash=info.md5_hash, timeCreated=info.updated, updated=info.updated,
-            id=f"{info.bucket}/{info.name}/{info.generation}", kind="storage#object")
+        resource = ev.ObjectFinalized.model_validate({  # id and kind are extra fields of GCS's resource
+            "bucket": info.bucket, "name": info.name, "generation": str(info.generation), "size": str(info.size),
+            "contentType": info.content_type, "md5Hash": info.md5_hash, "timeCreated": info.updated,
+            "updated": info.updated, "id": f"{info.bucket}/{info.name}/{info.generation}", "kind": "storage#object"})
         # Publish before recording: a crash in between re-announces (at-least-once), never loses.
         self.bus.publish(ev.DATASET_UPLOADS, resource.model_dump_json().encode(), resource.attributes())
         self.docs.set("notifications", self._key(info), {"bucket": info.bucket, "name": info.name, "generation": str(info.generation)})

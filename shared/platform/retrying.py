@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any, Callable, TypeVar, cast
 
 from google.api_core.retry import exponential_sleep_generator, if_exception_type, retry_target
 
 from shared.platform.ports import ObjectNotFound, TransientError
 
 log = logging.getLogger("ftpipe.retry")
+T = TypeVar("T")
+Guard = Callable[..., Any]    # guard(call name, fn, *args, **kwargs) -> what fn returns
 
 STORE_CALLS = frozenset({"write", "upload_file", "read", "download_file", "stat", "list", "delete"})
 DOCS_CALLS = frozenset({"get", "set", "merge", "create", "delete", "transaction", "query"})
@@ -22,7 +25,7 @@ class Guarded:
     """`inner` with the calls named in `calls` passed through `guard(call, fn, *args, **kwargs)`;
     every other attribute is `inner`'s own."""
 
-    def __init__(self, inner, calls: frozenset[str], guard):
+    def __init__(self, inner, calls: frozenset[str], guard: Guard):
         self._inner, self._calls, self._guard = inner, calls, guard
 
     def __getattr__(self, name):
@@ -32,7 +35,13 @@ class Guarded:
         return attr
 
 
-def retrying(inner, calls: frozenset[str], what: str, deadline_s: float):
+def guarded(inner: T, calls: frozenset[str], guard: Guard) -> T:
+    """`inner` behind a Guarded proxy, typed as what it stands in for (the proxy has every attribute
+    of `inner`, through __getattr__)."""
+    return cast(T, Guarded(inner, calls, guard))
+
+
+def retrying(inner: T, calls: frozenset[str], what: str, deadline_s: float) -> T:
     def on_error(exc: Exception) -> None:
         log.warning("%s call failed, retrying: %s", what, exc)
 
@@ -54,7 +63,7 @@ def retrying(inner, calls: frozenset[str], what: str, deadline_s: float):
         return retry_target(attempt, if_exception_type(TransientError),
                             exponential_sleep_generator(0.05, 2.0, 2.0), timeout=deadline_s, on_error=on_error,
                             exception_factory=_last_error)
-    return Guarded(inner, calls, guard)
+    return guarded(inner, calls, guard)
 
 
 def _last_error(errors: list[Exception], reason, timeout) -> tuple[Exception, None]:

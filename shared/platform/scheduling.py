@@ -19,8 +19,8 @@ import threading
 from typing import Callable, Sequence, TypeVar
 
 from shared.domain import events as ev
-from shared.platform.ports import AttributeFilter
 from shared.domain.recipe import PRIORITIES
+from shared.platform.ports import AttributeFilter
 
 CLASSES: tuple[str, ...] = tuple(reversed(PRIORITIES))   # highest first: production, interactive, batch
 DEFAULT_CLASS = PRIORITIES[0]                           # batch: also what an unmarked message is

@@ -10,17 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from shared.domain import events as ev
-from shared.domain import model_registry as registry
-from shared.platform.auth import authenticator, local_token
-from shared.platform.config import Settings, bootstrap
+from shared.domain import events as ev, model_registry as registry
 from shared.domain.jobs import CANCELLATIONS, RUNS
 from shared.domain.privacy import SIGNOFFS
 from shared.domain.recipe import Recipe
+from shared.platform.auth import authenticator, local_token
+from shared.platform.config import Settings, bootstrap
+from tests.browser.fixtures import open_dashboard, serve
 
 from services.tracker.api import create_app
 from services.tracker.lineage import record
-from tests.browser.conftest import open_dashboard, serve
 
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install -e '.[test]'").expect
 

@@ -14,6 +14,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from shared.platform.ports import InvalidObjectName, ObjectNotFound, PreconditionFailed, SubscriptionPolicy
+
 # The session fixtures pubsub_emulator / firestore_emulator / gcs_emulator come from tests.emulators,
 # registered as a plugin by tests/conftest.py.
 from tests.emulators import make_firestore_docs, make_gcs_store, make_pubsub_bus, start_gcs

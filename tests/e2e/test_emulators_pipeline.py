@@ -6,7 +6,6 @@ import pytest
 from ftpipe.client import Client
 from ftpipe.stack import down, up
 from shared.platform.config import Settings
-
 from tests.e2e.conftest import tiny_recipe, write_chats
 from tests.emulators import EmulatorMissing, start_all
 

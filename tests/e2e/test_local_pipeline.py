@@ -16,8 +16,7 @@ from ftpipe.client import Client
 from ftpipe.stack import down, running, tracker_url, up
 from shared.platform.auth import local_token
 from shared.platform.config import Settings
-
-from tests.browser.conftest import browser, browser_context, open_dashboard, page  # noqa: F401
+from tests.browser.fixtures import open_dashboard
 from tests.e2e.conftest import ROOT, ftpipe, tiny_recipe, write_chats
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from shared.domain.recipe import PRIORITIES, SchedulingSpec, load_recipe
+
 from services.trainer import k8s
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,6 @@ import ast
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,15 @@ import pytest
 hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 is a test dependency: make setup installs it")
 
 from shared.domain import events as ev
+from shared.domain.jobs import RUNS
+from shared.domain.recipe import GKE_ACCELERATORS, HardwareSpec, available_recipes, load_recipe
 from shared.platform.config import Settings
 from shared.platform.notifications import INCOMING_PREFIX
-from shared.domain.recipe import GKE_ACCELERATORS, HardwareSpec, SchedulingSpec, load_recipe, available_recipes
 from shared.platform.scheduling import CLASSES
 from shared.platform.topology import PRIORITIZED, SERVICE_TOPICS, dlq_subscription, subscriptions
 
 from services.tracker import api as tracker_api
 from services.tracker.lineage import METRICS, RUN_EVENTS
-from shared.domain.jobs import RUNS
 
 ROOT = Path(__file__).resolve().parents[2]
 TF = ROOT / "infra" / "terraform"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from shared.domain import events as ev
+from shared.domain.recipe import Recipe
 from shared.platform.config import Settings, bootstrap
 from shared.platform.ports import SubscriptionPolicy
-from shared.domain.recipe import Recipe
 from shared.platform.runtime import LEDGER, ledger_key, publish_event
 
 CONSUMER = Path(__file__).with_name("idempotent_consumer.py")

@@ -11,8 +11,8 @@ import pytest
 
 from ftpipe.cli import build_parser, main
 from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import Recipe, available_recipes
+from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import CANCELLATIONS, handle_message, publish_event
 
 FTPIPE = Path(sys.executable).with_name("ftpipe")
@@ -196,8 +196,9 @@ def test_dead_letters_are_listed_without_being_consumed_then_replayed(state, ada
 def test_a_prepared_job_without_manifest_fails_before_training(state, adapters):
     """Published straight onto `jobs` (past the CLI's check): the trainer ends the run with the reason
     instead of training a model the registry could never bundle."""
-    from services.trainer.service import SERVICE as TRAINER
     from shared.platform.storage import upload_dir
+
+    from services.trainer.service import SERVICE as TRAINER
 
     upload_dir(adapters.store, state / "handmade", "ftpipe", "uploads/handmade")
     uri = adapters.store.url("ftpipe", "uploads/handmade/")

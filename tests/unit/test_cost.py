@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from services.preprocess import cost, provenance
 from shared.domain.recipe import GPU_TABLE, DataSpec, DistributionSpec, HardwareSpec, Recipe, TrainingSpec, load_recipe
 from shared.platform.storage import file_sha256
+
+from services.preprocess import cost, provenance
 
 
 def recipe(**kw) -> Recipe:

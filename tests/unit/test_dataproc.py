@@ -5,10 +5,10 @@ import pytest
 
 pytest.importorskip("google.cloud.dataproc_v1")
 
-from services.preprocess.dataproc import (DataprocConfigError, batch_id_for, build_batch_request,  # noqa: E402
-                                          submit_batch)
-from shared.platform.config import Settings  # noqa: E402
 from shared.domain.recipe import load_recipe  # noqa: E402
+from shared.platform.config import Settings  # noqa: E402
+
+from services.preprocess.dataproc import DataprocConfigError, batch_id_for, build_batch_request, submit_batch  # noqa: E402
 
 SETTINGS = Settings(profile="gcp", project="acme-ml", bucket="acme-ftpipe", preprocess_runner="dataproc",
                     dataproc_region="europe-west4", dataproc_service_account="prep@acme-ml.iam.gserviceaccount.com",
@@ -92,11 +92,12 @@ def test_the_service_runs_the_job_as_a_batch_when_settings_say_dataproc(tmp_path
     from the batch's output. The fake submit runs the request's own args through job.main
     in-process, as the batch would on Dataproc (file:// URLs of the local store for gs://)."""
     pytest.importorskip("pyspark")
-    from services.preprocess import dataproc, job
-    from services.preprocess.service import SERVICE
     from shared.domain import events as ev
     from shared.platform.config import bootstrap
     from shared.platform.runtime import handle_message, publish_event
+
+    from services.preprocess import dataproc, job
+    from services.preprocess.service import SERVICE
 
     submitted = []
 

@@ -22,12 +22,13 @@ torch = pytest.importorskip("torch")
 
 from ftpipe.cli import main  # noqa: E402
 from shared.domain import events as ev  # noqa: E402
-from shared.platform.config import Settings, bootstrap  # noqa: E402
 from shared.domain.recipe import load_recipe  # noqa: E402
+from shared.platform.config import Settings, bootstrap  # noqa: E402
 from shared.platform.storage import upload_dir  # noqa: E402
+from tests.unit.chats import order_chat, write_prepared  # noqa: E402
+
 from services.trainer import run_job  # noqa: E402
 from services.trainer.training import train  # noqa: E402
-from tests.unit.chats import order_chat, write_prepared  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

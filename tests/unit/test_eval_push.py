@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from shared.domain import events as ev
+from shared.domain.recipe import load_recipe
 from shared.platform.config import Settings
 from shared.platform.push import CLAIMS, Claim, OidcVerifier
-from shared.domain.recipe import load_recipe
 from shared.platform.runtime import LEDGER, Retry, Service, ledger_key
 from shared.platform.topology import dlq_subscription
 

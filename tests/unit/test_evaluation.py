@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from shared.domain.models import TINY, resolve_model
+from shared.domain.recipe import Recipe, RecipeError, parse_recipe
+
 from services.evaluator import tasks as T
 from services.evaluator.evaluation import EvaluationError, evaluate
 from services.evaluator.gate import default_rules, gate
 from services.evaluator.stats import STATISTICS, paired_bootstrap
-from shared.domain.models import TINY, resolve_model
-from shared.domain.recipe import Recipe, RecipeError, parse_recipe
 
 CONVERSATIONS = [
     ("How do I reset my password?", "Open Settings, then Account, then Reset password."),

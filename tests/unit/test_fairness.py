@@ -5,11 +5,18 @@ import json
 import pytest
 import torch
 
-from services.evaluator.fairness import (
-    DEFAULT_TEMPLATES, FairnessProbes, FairnessTemplateError, Template, flip_rate,
-    likelihood_disparity, load_templates)
-from services.evaluator.likelihood import continuation_logprobs
 from shared.domain.models import TINY, resolve_model
+
+from services.evaluator.fairness import (
+    DEFAULT_TEMPLATES,
+    FairnessProbes,
+    FairnessTemplateError,
+    Template,
+    flip_rate,
+    likelihood_disparity,
+    load_templates,
+)
+from services.evaluator.likelihood import continuation_logprobs
 
 AXIS = json.dumps({"axis": "age", "terms": ["young", "elderly"]})
 TEMPLATE = json.dumps({"template": "The {group} customer asked for a refund. The agent was", "continuation": " kind."})

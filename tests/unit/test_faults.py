@@ -6,10 +6,10 @@ import threading
 import pytest
 
 from shared.domain import events as ev
+from shared.domain.recipe import Recipe
 from shared.platform.config import Settings, bootstrap
 from shared.platform.faults import FaultPlan, InjectedFault
 from shared.platform.ports import PreconditionFailed
-from shared.domain.recipe import Recipe
 from shared.platform.runtime import Service, handle_message, publish_event
 from shared.platform.topology import dlq_subscription
 

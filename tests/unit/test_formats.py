@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from services.preprocess import formats
 from shared.domain.recipe import DataSpec, Recipe, RecipeError, parse_recipe
+
+from services.preprocess import formats
 
 SAMPLES = {
     "chat": {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]},
@@ -244,8 +245,9 @@ def test_parquet_preference_columns(spark, tmp_path):
 def test_json_array_staged_through_cloud_storage(gcs_emulator, monkeypatch):
     """On Dataproc the driver streams a gs:// JSON array into a JSONL object the executors can
     read (here against fake-gcs-server), and removes it afterwards."""
-    from services.preprocess import job
     from tests.emulators import make_gcs_store
+
+    from services.preprocess import job
 
     for key, value in gcs_emulator.env.items():
         monkeypatch.setenv(key, value)

@@ -6,14 +6,15 @@ import threading
 
 import pytest
 
+from shared.domain import events as ev
+from shared.domain.jobs import JobError, submit
+from shared.domain.recipe import RecipeError, parse_recipe
+from shared.platform.config import Settings, bootstrap
+from shared.platform.runtime import Context
+
 from services.preprocess import formats
 from services.preprocess.job import _capped_lines
 from services.preprocess.service import on_upload
-from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
-from shared.domain.jobs import JobError, submit
-from shared.domain.recipe import RecipeError, parse_recipe
-from shared.platform.runtime import Context
 
 
 class Chunks(io.RawIOBase):

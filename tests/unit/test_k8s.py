@@ -11,11 +11,12 @@ import yaml
 
 from ftpipe.cli import main
 from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import RecipeError, apply_overrides, load_recipe
+from shared.platform.config import Settings, bootstrap
+from tests.unit.chats import order_chat, write_prepared
+
 from services.trainer import run_job
 from services.trainer.k8s import object_name, render
-from tests.unit.chats import order_chat, write_prepared
 
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

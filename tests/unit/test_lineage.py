@@ -1,7 +1,7 @@
 """Lineage folding: out-of-order and duplicated events leave one consistent run record."""
 from shared.domain import events as ev
-from shared.platform.adapters.sqlite_docs import SqliteDocStore
 from shared.domain.recipe import Recipe
+from shared.platform.adapters.sqlite_docs import SqliteDocStore
 
 from services.tracker.lineage import DATASETS, METRICS, RECIPES, RUN_EVENTS, RUNS, record
 

@@ -6,12 +6,13 @@ import logging
 import pytest
 import torch
 
-from services.evaluator.likelihood import continuation_logprobs
-from services.evaluator.memorisation import canary_exposure, extraction_rate, pii_leakage
 from shared.domain.canaries import insert_canaries, make_canaries, recipe_canaries
-from shared.domain.recipe import CanarySpec, MemorisationSpec, Recipe
 from shared.domain.datasets import with_system_prompt
 from shared.domain.models import TINY, resolve_model
+from shared.domain.recipe import CanarySpec, MemorisationSpec, Recipe
+
+from services.evaluator.likelihood import continuation_logprobs
+from services.evaluator.memorisation import canary_exposure, extraction_rate, pii_leakage
 
 
 def chat(i: str, question: str, reply: str) -> dict:
@@ -70,7 +71,7 @@ def test_batched_logprobs_match_the_model_loss_per_example(tiny):
              ("my support PIN is ", "123456"),    # the trailing space moves to the continuation
              ("A much longer prompt about a parcel that left the depot on Tuesday, and then", " it rained.")]
     logprobs, counts = continuation_logprobs(model, tokenizer, pairs, batch_size=3)
-    for (prompt, continuation), lp, n in zip(pairs, logprobs, counts):
+    for (prompt, continuation), lp, n in zip(pairs, logprobs, counts, strict=True):
         stripped = prompt.rstrip()
         p = tokenizer(stripped, add_special_tokens=False)["input_ids"]
         c = tokenizer(prompt[len(stripped):] + continuation, add_special_tokens=False)["input_ids"]

@@ -3,6 +3,7 @@ DPO and ORPO (TRL's losses), QLoRA on bitsandbytes' CPU 4-bit kernels, prefix tu
 fine-tuning (tiny random model), and a support-ticket classifier on the real MiniLM encoder."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -17,11 +18,12 @@ torch = pytest.importorskip("torch")
 from shared.domain.datasets import with_system_prompt  # noqa: E402
 from shared.domain.models import resolve_model  # noqa: E402
 from shared.domain.recipe import RecipeError, apply_overrides, load_recipe  # noqa: E402
+from tests.unit.chats import write_jsonl  # noqa: E402
+
 from services.trainer import modeling, objectives  # noqa: E402
 from services.trainer.chat_templates import SMOLLM2, training_template  # noqa: E402
 from services.trainer.packed_attention import PACKED_ATTENTION  # noqa: E402
 from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
-from tests.unit.chats import write_jsonl  # noqa: E402
 
 LOG = __import__("logging").getLogger("test")
 
@@ -80,7 +82,7 @@ def test_smollm2_training_template_renders_the_models_text_and_marks_assistant_t
                     == tokenizer.apply_chat_template(messages[:upto], **kwargs))
         encoded = tokenizer.apply_chat_template(messages, chat_template=marked, tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
-        trained = [tok for tok, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+        trained = [tok for tok, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m]
         expected = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
         assert tokenizer.decode(trained) == expected
 
@@ -123,7 +125,7 @@ def test_packed_rows_give_each_conversation_the_loss_it_has_alone(tokenizer):
         decoder = objectives._backbone(model).get_decoder()
         ids = torch.tensor([row.input_ids])
         joint = decoder(input_ids=ids, position_ids=torch.tensor([row.position_ids])).last_hidden_state
-        each = torch.cat([decoder(input_ids=ids[:, a:b]).last_hidden_state for a, b in zip(starts, starts[1:])], dim=1)
+        each = torch.cat([decoder(input_ids=ids[:, a:b]).last_hidden_state for a, b in itertools.pairwise(starts)], dim=1)
     assert together == pytest.approx(alone, rel=1e-4)
     assert len(starts) > 2 and torch.allclose(joint, each, atol=1e-4)
 
@@ -257,7 +259,7 @@ def test_each_adapter_kind_trains_saves_a_loadable_result_and_resumes_exactly(ki
         assert not (result.adapter_dir / "adapter_config.json").exists()
         tuned = AutoModelForCausalLM.from_pretrained(result.adapter_dir)
         base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-smollm2"))
-        moved = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
+        moved = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters(), strict=True) if not torch.equal(a, b)]
         assert len(moved) == len(list(base.parameters()))  # every weight trained
     else:
         from peft import PeftModel
@@ -307,7 +309,7 @@ def test_ticket_classifier_on_minilm_learns_the_topics(tmp_path):
     with torch.no_grad():
         batch = tokenizer([t["text"] for t in held_out], padding=True, return_tensors="pt")
         predicted = tuned(**batch).logits.argmax(-1).tolist()
-    accuracy = sum(labels[p] == t["label"] for p, t in zip(predicted, held_out)) / len(held_out)
+    accuracy = sum(labels[p] == t["label"] for p, t in zip(predicted, held_out, strict=True)) / len(held_out)
     assert accuracy >= 0.9, accuracy  # chance is 1/3
 
 

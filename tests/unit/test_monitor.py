@@ -12,8 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
-from services.trainer.monitor import Monitor, cost_per_second  # noqa: E402
 from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
+
+from services.trainer.monitor import Monitor, cost_per_second  # noqa: E402
 
 
 def _recipe(**overrides):

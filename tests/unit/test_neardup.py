@@ -6,8 +6,9 @@ import random
 import numpy as np
 import pytest
 
-from services.preprocess import neardup
 from shared.domain.recipe import DedupSpec
+
+from services.preprocess import neardup
 
 pytest.importorskip("pyspark")
 
@@ -106,8 +107,9 @@ def test_near_dedup_nothing_similar(spark):
 def test_job_removes_near_duplicates_and_reports(spark, tmp_path):
     import json
 
-    from services.preprocess.job import prepare
     from shared.domain.recipe import DataSpec, Recipe
+
+    from services.preprocess.job import prepare
 
     rng = random.Random(11)
     docs = [doc(rng) for _ in range(12)]

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.preprocess import pii
 from shared.domain import pii_residual
 from shared.domain.recipe import DataSpec, Recipe
+
+from services.preprocess import pii
 
 # ------------------------------------------------------------------ rules backend, per category
 

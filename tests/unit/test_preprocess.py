@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("pyspark")
 
+from shared.domain.recipe import DataSpec, Recipe  # noqa: E402
+
 from services.preprocess import formats, pii, split  # noqa: E402
 from services.preprocess.job import PrepareResult, main, prepare  # noqa: E402
-from shared.domain.recipe import DataSpec, Recipe  # noqa: E402
 
 SOURCE = {"bucket": "local", "name": "incoming/test/chats.jsonl", "generation": "1"}
 
@@ -225,7 +226,7 @@ def test_csv_instruction_columns_with_record_numbers(spark, tmp_path):
     with src.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["instruction", "input", "output"])
-        for i, row in enumerate(good_rows(12)):
+        for row in good_rows(12):
             w.writerow([row["messages"][0]["content"], "", row["messages"][1]["content"]])
         w.writerow(["Explain the return policy", "Order placed\nlast week", "Returns are free for\n30 days."])
         w.writerow(["Write a haiku about refunds", "", ""])  # record 14: empty output

@@ -6,8 +6,8 @@ import threading
 import urllib.request
 
 from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import Recipe
+from shared.platform.config import Settings, bootstrap
 from shared.platform.discovery import lookup
 from shared.platform.main import Process
 from shared.platform.runtime import Service, publish_event

@@ -9,9 +9,10 @@ import pytest
 
 from ftpipe.cli import main
 from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import DataSpec, Recipe
+from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import LEDGER, handle_message, ledger_key, publish_event
+
 from services.tracker import lineage
 from services.tracker.service import SERVICE as TRACKER
 
@@ -182,6 +183,7 @@ def test_the_signoff_goes_into_the_model_bundle(state, capsys):
 
 def test_drop_legal_basis_travels_in_the_job_source(state, tmp_path):
     from ftpipe.client import Client
+
     from services.preprocess.service import SERVICE as PREPROCESS
 
     data = tmp_path / "chats.jsonl"
@@ -218,9 +220,10 @@ def _signed_dataset(state, tmp_path) -> tuple[str, Path]:
 
 
 def test_a_prepared_submission_cannot_skip_the_review(state, tmp_path, capsys):
-    from services.trainer.service import SERVICE as TRAINER
     from shared.domain.privacy import SignoffMissing, verify_signed_off
     from shared.platform.storage import download_dir
+
+    from services.trainer.service import SERVICE as TRAINER
 
     uri, folder = _signed_dataset(state, tmp_path)
     # the CLI refuses a local prepared folder for a review recipe at once

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from services.evaluator.probes import Probe, ProbeError, fact_rate, load_probes
 from shared.domain.models import TINY, resolve_model
+
+from services.evaluator.probes import Probe, ProbeError, fact_rate, load_probes
 
 
 def write(tmp_path, lines):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.preprocess import quality
 from shared.domain.recipe import QualitySpec
+
+from services.preprocess import quality
 
 R = quality.Rules()
 GOOD_ANSWER = ("To change your password, open Settings, choose Security and follow the steps. "
@@ -134,8 +135,9 @@ def test_recipe_spec_and_unknown_rule():
 
 
 def test_job_writes_filtered_and_report(tmp_path, spark):
-    from services.preprocess.job import prepare
     from shared.domain.recipe import DataSpec, Recipe
+
+    from services.preprocess.job import prepare
 
     rows = [{"messages": [{"role": "user", "content": f"How do I reset device {i} model {i * 7}?"},
                           {"role": "assistant", "content": f"Hold the power button of device {i} for "

@@ -7,16 +7,24 @@ import pytest
 
 from ftpipe.cli import main
 from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import load_recipe
+from shared.domain.tenants import get_quota, set_quota
+from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import handle_message, publish_event
 from shared.platform.scheduling import class_subscription
-from shared.domain.tenants import get_quota, set_quota
 
 from services.tracker.service import SERVICE as TRACKER
 from services.trainer.lease import Lease
-from services.trainer.quota import (GPU_USAGE, OverQuota, UsageMeter, admit, gpu_hours_used, month_of,
-                                    running_runs, split_by_month)
+from services.trainer.quota import (
+    GPU_USAGE,
+    OverQuota,
+    UsageMeter,
+    admit,
+    gpu_hours_used,
+    month_of,
+    running_runs,
+    split_by_month,
+)
 from services.trainer.service import SERVICE as TRAINER
 
 

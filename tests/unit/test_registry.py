@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from shared.domain import events as ev
-from tests.unit.bus_drain import drain
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import load_recipe
+from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import LEDGER, Context, handle_message, publish_event
 from shared.platform.topology import dlq_subscription
+from tests.unit.bus_drain import drain
 
 from services.registry_fn.service import MODEL_VERSIONS, MODELS, SERVICE, register
 

@@ -7,8 +7,7 @@ import logging
 import pytest
 
 from ftpipe.cli import main
-from shared.domain import events as ev
-from shared.domain import model_registry as reg
+from shared.domain import events as ev, model_registry as reg
 from tests.unit.bus_drain import drain
 
 NAME = "support-bot"

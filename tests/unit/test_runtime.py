@@ -4,8 +4,8 @@ import json
 import pytest
 
 from shared.domain import events as ev
-from shared.platform.config import Settings, bootstrap
 from shared.domain.recipe import Recipe
+from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import CANCELLATIONS, Retry, Service, handle_message, publish_event
 from shared.platform.topology import dlq_subscription
 
@@ -156,6 +156,7 @@ def refuse(event, ctx):
 
 def test_a_replay_before_the_tracker_saw_the_dead_letter_does_not_fail_the_run_late(adapters):
     from ftpipe.client import Client
+
     from services.tracker.service import SERVICE as TRACKER
 
     publish_event(adapters.bus, job())

@@ -6,6 +6,9 @@ import logging
 import pytest
 from pydantic import ValidationError
 
+from shared.domain.models import TINY, resolve_model
+from shared.domain.recipe import SafetySpec
+
 from services.evaluator import safety
 from services.evaluator.safety import (
     BENIGN,
@@ -22,9 +25,6 @@ from services.evaluator.safety import (
     run_safety,
     stratified_subset,
 )
-from shared.domain.models import TINY, resolve_model
-from shared.domain.recipe import SafetySpec
-
 
 # --- the shipped sets ----------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """The priority policy (shared/platform/scheduling.py) and the subscription filter it relies on."""
+import itertools
+
 import pytest
 
 from shared.domain import events as ev
-from shared.platform.ports import AttributeFilter
 from shared.domain.recipe import Recipe
+from shared.platform.ports import AttributeFilter
 from shared.platform.scheduling import CLASSES, PriorityPicker, class_filter, class_subscription
 
 
@@ -45,7 +47,7 @@ def test_every_class_is_taken_within_a_bounded_number_of_picks():
     taken = drain(PriorityPicker(CLASSES, starvation_limit=2), queues)
     for c in CLASSES:
         turns = [k for k, t in enumerate(taken[:100]) if t == c]
-        assert max(b - a for a, b in zip([-1] + turns, turns)) <= 2 + len(CLASSES), (c, turns)
+        assert max(b - a for a, b in itertools.pairwise([-1] + turns)) <= 2 + len(CLASSES), (c, turns)
     assert taken[:3] == ["production", "production", "interactive"]
 
 

@@ -17,9 +17,9 @@ import requests
 import torch
 
 from shared.domain import model_registry as reg
+from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.auth import local_token
 from shared.platform.config import Settings, bootstrap
-from shared.domain.models import TINY, base_model_identity, resolve_model
 
 from services.serving.main import Server, ServingConfig
 from services.serving.routing import parse_split, rank_arms

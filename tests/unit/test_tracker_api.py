@@ -1,14 +1,15 @@
 """The tracker's API over lineage recorded by the real lineage writer in a SQLite doc store (and the
 runs query on the Firestore emulator too), behind the real token authenticator."""
 import io
+import itertools
 import json
 
 import pytest
 
 from shared.domain import events as ev
+from shared.domain.recipe import DataSpec, Recipe, apply_overrides
 from shared.platform.auth import token_authenticator
 from shared.platform.config import Settings, bootstrap
-from shared.domain.recipe import DataSpec, Recipe, apply_overrides
 
 from services.tracker.api import create_app, query_runs
 from services.tracker.lineage import record
@@ -466,6 +467,7 @@ def registry(tmp_path):
     functions, with every event reaching the lineage through the tracker service's runtime."""
     from shared.domain import model_registry as reg
     from shared.platform.runtime import handle_message, publish_event
+
     from services.tracker.service import SERVICE as TRACKER
 
     adapters = bootstrap(Settings(state_dir=tmp_path / "state"))
@@ -555,7 +557,7 @@ def test_lineage_from_a_model_version_back_to_the_dropped_file(registry):
     assert [(n["kind"], n["id"]) for n in graph["nodes"]] == [
         ("model", "model:helpdesk@1.2"), ("run", "run:run-m2"), ("dataset", "dataset:ds-run-m2"),
         ("drop", f"drop:{adapters.store.url('ftpipe', 'incoming/helpdesk/run-m2.jsonl')}")]
-    assert graph["edges"] == [{"from": a["id"], "to": b["id"]} for a, b in zip(graph["nodes"], graph["nodes"][1:])]
+    assert graph["edges"] == [{"from": a["id"], "to": b["id"]} for a, b in itertools.pairwise(graph["nodes"])]
     model, run, dataset, drop = graph["nodes"]
     assert model["details"]["status"] == "candidate" and model["details"]["aliases"] == ["staging"]
     assert run["details"]["recipe"]["name"] == "helpdesk" and run["details"]["final_metrics"]["val_loss"] == 0.3

@@ -15,11 +15,14 @@ torch = pytest.importorskip("torch")
 
 from shared.domain.models import resolve_model  # noqa: E402
 from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
-from services.trainer.chat_templates import training_template  # noqa: E402
-from services.trainer.objectives import IGNORE_INDEX  # noqa: E402
-from services.trainer.objectives import encode_conversation as _encode  # noqa: E402
-from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
 from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
+
+from services.trainer.chat_templates import training_template  # noqa: E402
+from services.trainer.objectives import (
+    IGNORE_INDEX,  # noqa: E402
+    encode_conversation as _encode,  # noqa: E402
+)
+from services.trainer.training import TrainingError, TrainingStopped, train  # noqa: E402
 
 
 def encode_conversation(tokenizer, messages, **kwargs):
@@ -54,8 +57,8 @@ def test_label_mask_trains_only_assistant_content_and_end_of_turn(tokenizer):
     assert ex.input_ids == tokenizer(full, add_special_tokens=False)["input_ids"]
     assert len(ex.labels) == len(ex.input_ids)
 
-    trained = [tok for tok, label in zip(ex.input_ids, ex.labels) if label != IGNORE_INDEX]
-    assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(ex.input_ids, ex.labels))
+    trained = [tok for tok, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(ex.input_ids, ex.labels, strict=True))
     assert tokenizer.decode(trained) == "Order 1 ships on day 2.<|im_end|>Noted, we will write to you.<|im_end|>"
     assert ex.trained_tokens == len(trained)
 
@@ -133,7 +136,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     resumed = first + rest
     assert [m["step"] for m in resumed] == list(range(1, 8))  # no step skipped or repeated
     assert [m["epoch"] for m in resumed] == [m["epoch"] for m in full]
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
         assert a["lr"] == pytest.approx(b["lr"])
@@ -232,6 +235,7 @@ def test_unloadable_model_is_a_clear_error(data_dir, tmp_path):
 
 def test_logits_at_trained_positions_only_give_the_full_loss(tokenizer):
     from transformers import AutoModelForCausalLM
+
     from services.trainer.objectives import _pad, target_logps
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-smollm2"))

@@ -214,7 +214,7 @@ class FirestoreDocStore:
             if int(limit) <= 0:
                 return []
             q = q.limit(int(limit))
-        rows = [(decode_id(snap.id), snap.to_dict()) for snap in q.stream()]
+        rows = [(decode_id(snap.id), snap.to_dict() or {}) for snap in q.stream()]
         if not order_by and limit is None:
             # Firestore orders an inequality query by the inequality field(s) first and refuses an
             # explicit document-id-only order then; the port's order without order_by is by id.

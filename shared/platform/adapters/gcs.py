@@ -63,7 +63,7 @@ class GcsObjectStore:
 
     @staticmethod
     def _info(blob: storage.Blob) -> ObjectInfo:
-        return ObjectInfo(bucket=blob.bucket.name, name=blob.name, generation=int(blob.generation or 0),
+        return ObjectInfo(bucket=blob.bucket.name, name=blob.name or "", generation=int(blob.generation or 0),
                           size=int(blob.size or 0), md5_hash=blob.md5_hash or "",
                           content_type=blob.content_type or "application/octet-stream",
                           updated=_rfc3339(blob.updated))

@@ -26,7 +26,7 @@ from shared.platform.storage import validate_bucket_name, validate_object_name
 
 
 class LocalObjectStore:
-    def __init__(self, root: str | Path, *, on_finalize: Callable[[ObjectInfo], None] | None = None):
+    def __init__(self, root: str | Path, *, on_finalize: Callable[[ObjectInfo], object] | None = None):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"

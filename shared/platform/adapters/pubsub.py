@@ -41,8 +41,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -51,7 +50,7 @@ from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from shared.platform.ports import AttributeFilter, SubscriptionPolicy
+from shared.platform.ports import AttributeFilter, Message, SubscriptionPolicy
 
 log = logging.getLogger("ftpipe.bus.pubsub")
 
@@ -360,21 +359,21 @@ class PubSubBus:
                              message_id=message_id, delivery_attempt=int(delivery_attempt), publish_time=ts,
                              ack_id=ack_id, raw=raw, info=info)
 
-    def _dead_letter(self, info: _SubInfo, msg: PubSubMessage, failed_attempts: int) -> None:
+    def _dead_letter(self, dead_letter_topic: str, msg: PubSubMessage, failed_attempts: int) -> None:
         """Publish a copy of `msg` to the subscription's dead-letter topic, then ack `msg`. If the
         copy cannot be published the message is nacked instead (the server policy remains)."""
         attributes = dict(msg.attributes)
         attributes.setdefault("dead_letter_reason", f"not acknowledged after {failed_attempts} delivery attempts")
         attributes.setdefault("dead_letter_source", msg.subscription)
         try:
-            self._publisher.publish(info.dead_letter_topic, msg.data, **attributes).result(timeout=self.publish_timeout_s)
+            self._publisher.publish(dead_letter_topic, msg.data, **attributes).result(timeout=self.publish_timeout_s)
         except Exception:
             log.exception("could not dead-letter message %s from %s; nacking it", msg.message_id, msg.subscription)
             msg._nack(None)
             return
         msg.ack()
         log.warning("message %s on %s dead-lettered to %s after %d attempts", msg.message_id, msg.subscription,
-                    info.dead_letter_topic.rsplit("/", 1)[-1], failed_attempts)
+                    dead_letter_topic.rsplit("/", 1)[-1], failed_attempts)
 
     def _filtered_out(self, info: _SubInfo, msg: PubSubMessage) -> bool:
         """A delivery the subscription's filter does not match (module docstring): ack it."""
@@ -387,7 +386,7 @@ class PubSubBus:
         """A delivery beyond the last allowed attempt: dead-letter it instead of handing it out."""
         if info.max_attempts is None or info.dead_letter_topic is None or msg.delivery_attempt <= info.max_attempts:
             return False
-        self._dead_letter(info, msg, msg.delivery_attempt - 1)
+        self._dead_letter(info.dead_letter_topic, msg, msg.delivery_attempt - 1)
         return True
 
     def _dead_letter_on_nack(self, msg: PubSubMessage) -> bool:
@@ -396,7 +395,7 @@ class PubSubBus:
             return False
         if msg.delivery_attempt < info.max_attempts:
             return False
-        self._dead_letter(info, msg, msg.delivery_attempt)
+        self._dead_letter(info.dead_letter_topic, msg, msg.delivery_attempt)
         return True
 
     def pull(self, subscription: str, max_messages: int = 10, timeout_s: float = 1.0) -> list[PubSubMessage]:
@@ -427,7 +426,7 @@ class PubSubBus:
             # The emulator (and Pub/Sub under low traffic) answers an empty pull at once.
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    def subscribe(self, subscription: str, callback: Callable[[PubSubMessage], None], *,
+    def subscribe(self, subscription: str, callback: Callable[[Message], None], *,
                   max_messages: int = 1, max_lease_s: float = 3600.0) -> PubSubSubscription:
         """Streaming pull. Flow control keeps at most `max_messages` outstanding; the library
         extends each lease while its callback runs, up to `max_lease_s` (after which the message is

@@ -215,16 +215,13 @@ def _filter_json(f: AttributeFilter | None) -> str | None:
     return None if f is None else json.dumps({"key": f.key, "values": list(f.values), "or_missing": f.or_missing})
 
 
-def _load_filter(stored: str | None) -> AttributeFilter | None:
-    if stored is None:
-        return None
+def _load_filter(stored: str) -> AttributeFilter:
     raw = json.loads(stored)
     return AttributeFilter(raw["key"], tuple(raw["values"]), raw["or_missing"])
 
 
 def _expression(stored: str | None) -> str:
-    f = _load_filter(stored)
-    return f.expression() if f else "(none)"
+    return "(none)" if stored is None else _load_filter(stored).expression()
 
 
 @dataclass
@@ -233,7 +230,7 @@ class LocalMessage:
     subscription: str
     lease: str
     data: bytes
-    attributes: dict
+    attributes: dict[str, str]
     message_id: str
     delivery_attempt: int
     publish_time: float

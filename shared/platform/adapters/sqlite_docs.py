@@ -96,7 +96,8 @@ class SqliteDocStore:
 
     def query(self, collection: str, where: Sequence[tuple[str, str, Any]] = (),
               order_by: Sequence[tuple[str, str]] = (), limit: int | None = None) -> list[tuple[str, dict]]:
-        sql, params = ["SELECT id, data FROM docs WHERE collection=?"], [collection]
+        sql: list[str] = ["SELECT id, data FROM docs WHERE collection=?"]
+        params: list[Any] = [collection]
         for field, op, value in where:
             if op == "in":
                 values = list(value)

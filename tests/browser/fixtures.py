@@ -2,8 +2,8 @@
 Playwright — never Playwright's own browser download. One browser per test module; each test gets a
 new tab.
 
-Another module (an e2e test) reuses them by importing them:
-    from tests.browser.conftest import browser, browser_context, page, open_dashboard, serve  # noqa: F401
+A plugin of the whole suite (tests/conftest.py), so the dashboard's own tests and the end-to-end
+ones use the same fixtures; `open_dashboard` and `serve` are plain helpers to import.
 """
 from __future__ import annotations
 
