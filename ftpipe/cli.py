@@ -555,7 +555,7 @@ def cmd_serve(args) -> int:
     from shared.platform.auth import local_token
     from shared.platform.logs import configure_logging
 
-    from services.serving.main import ServingConfig, serve, splits_from
+    from services.serving.server import ServingConfig, serve, splits_from
     from services.serving.routing import ServingError
 
     settings = _settings(args)

@@ -158,7 +158,7 @@ def main() -> None:
     from shared.platform.config import Settings, bootstrap
     from tests.unit.test_serving import add_version
 
-    from services.serving.main import Server, ServingConfig
+    from services.serving.server import Server, ServingConfig
 
     base_path = resolve_model(SMOLLM2)
     with tempfile.TemporaryDirectory(prefix="ftpipe-bench-serve-") as tmp:

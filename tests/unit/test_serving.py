@@ -21,7 +21,7 @@ from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.auth import local_token
 from shared.platform.config import Settings, bootstrap
 
-from services.serving.main import Server, ServingConfig
+from services.serving.server import Server, ServingConfig
 from services.serving.routing import parse_split, rank_arms
 
 NAME, AB = "support-bot", "ab-bot"
