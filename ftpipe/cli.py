@@ -555,8 +555,8 @@ def cmd_serve(args) -> int:
     from shared.platform.auth import local_token
     from shared.platform.logs import configure_logging
 
-    from services.serving.server import ServingConfig, serve, splits_from
     from services.serving.routing import ServingError
+    from services.serving.server import ServingConfig, serve, splits_from
 
     settings = _settings(args)
     if args.max_adapters is not None and args.max_adapters < 1:

@@ -21,8 +21,8 @@ from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.auth import local_token
 from shared.platform.config import Settings, bootstrap
 
-from services.serving.server import Server, ServingConfig
 from services.serving.routing import parse_split, rank_arms
+from services.serving.server import Server, ServingConfig
 
 NAME, AB = "support-bot", "ab-bot"
 BUCKET = "ftpipe"
