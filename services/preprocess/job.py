@@ -10,6 +10,10 @@ Spark does the work over partitions (RDD mapPartitions with the pure functions o
 per-partition summaries and streams the (small) outputs to files with `toLocalIterator`, one
 partition at a time.
 
+`prepare` runs the steps of `STEPS` in order, each a function over one `Preparation` (the run's
+state): a step reads what earlier steps added, adds its own part, records its own counts and
+timing, and rejects the dataset with one reason where it must.
+
 As a Spark application (local or Dataproc):
 
     spark-submit --py-files ftpipe.zip services/preprocess/job.py \
@@ -34,6 +38,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -43,7 +49,7 @@ from typing import Any
 if __package__ in (None, ""):  # `spark-submit services/preprocess/job.py` from the project root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pyspark import StorageLevel
+from pyspark import RDD, StorageLevel
 from pyspark.sql import SparkSession
 from pyspark.sql.types import StringType, StructField, StructType
 
@@ -54,7 +60,7 @@ from services.preprocess.pii import mask_excerpt
 from services.preprocess import pii
 from shared.domain import pii_residual
 from shared.platform.build_info import ftpipe_version, git_commit
-from shared.domain.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from shared.domain.recipe import DataSpec, Recipe, RecipeError, load_recipe, parse_recipe
 
 log = logging.getLogger("ftpipe.preprocess")
 
@@ -63,7 +69,7 @@ SPLIT_FILES = tuple(f"{name}.jsonl" for name in split.SPLITS)
 INPUT_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2")
 CORRUPT_COLUMN = "_ftpipe_corrupt_record"
-TOKENS_ON_DRIVER_ROWS = 20_000  # up to this many rows, token counts run on the driver (see prepare)
+TOKENS_ON_DRIVER_ROWS = 20_000  # up to this many rows, token counts run on the driver (see count_tokens)
 
 
 @dataclass
@@ -336,7 +342,251 @@ def _validated_rdd(spark: SparkSession, path: str, kind: str, rules: formats.Row
     )
 
 
-# ------------------------------------------------------------------------------ the job
+# ------------------------------------------------------------------------------ the state
+
+
+@dataclass
+class Preparation:
+    """One `prepare` run: its inputs, what each step adds, and the bookkeeping every step writes
+    to (its counts, manifest sections, files and timing). The comment of a field says which step
+    writes it; a step reads only fields that steps before it wrote."""
+
+    spark: SparkSession
+    recipe: Recipe
+    out_dir: Path
+    source: dict
+    uri: str                                   # the input as given: the manifest's input.uri
+    started: float                             # perf_counter at the start (total_s)
+    manifest: dict[str, Any]                   # its head (start); each step adds its own section
+    path: str = ""                             # what Spark reads: `uri`, resolved (check_input), staged (stage_input)
+    kind: str | None = None                    # jsonl | csv | parquet (check_input; json -> jsonl in stage_input)
+    local: Path | None = None                  # the input on this machine's disk, None for gs:// (check_input)
+    validated: RDD | None = None               # validation records, cached (read_validate)
+    summary: dict[str, Any] = field(default_factory=dict)   # merged validation summary (read_validate)
+    deduped: RDD | None = None                 # (hash, (line, segments)) kept (exact_dedup, near_dedup, quality_filter)
+    near_removed: int = 0                      # rows removed as near duplicates (near_dedup)
+    quality_removed: int = 0                   # rows removed by the quality filters (quality_filter)
+    cuts: dict[str, tuple] | None = None       # each label's split cuts (stratified_cuts)
+    prepared: RDD | None = None                # prepared records, masked and placed, cached (mask_and_place_rows)
+    prepared_summary: dict[str, Any] = field(default_factory=dict)  # their merged summary (mask_and_place_rows)
+    residual: dict[str, Any] = field(default_factory=dict)          # the residual PII scan (residual_pii_scan)
+    moved: dict[str, int] = field(default_factory=dict)  # row id -> split it was moved to (fill_empty_splits)
+    counts: dict[str, int] = field(default_factory=dict)     # row counts, each added by the step that knows it
+    files: dict[str, Path] = field(default_factory=dict)     # file name -> path of every file written
+    file_meta: dict[str, dict] = field(default_factory=dict)  # file name -> sha256, bytes, rows (the manifest's)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, recorded by the steps (stage)
+    cached: list[RDD] = field(default_factory=list)          # RDDs to unpersist at the end (cache)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # removers of staged input (stage_input)
+
+    @classmethod
+    def start(cls, spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path, *,
+              source: dict) -> Preparation:
+        """The state before the first step: the output folder made, the manifest's head."""
+        started = time.perf_counter()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "source": source,
+            "input": {"uri": input_path, "type": input_type(input_path), "digest": None,
+                      "digest_method": "sum mod 2^256 of sha256(record number, record), over all records"},
+            "recipe": {"name": recipe.name, "version": recipe.version, "hash": recipe.hash},
+            "code_version": {"ftpipe": ftpipe_version(), **git_commit(), "pyspark": spark.version,
+                             "python": ".".join(map(str, sys.version_info[:3]))},
+        }
+        return cls(spark=spark, recipe=recipe, out_dir=out_dir, source=source, uri=input_path, started=started,
+                   manifest=manifest, path=input_path)
+
+    @property
+    def data(self) -> DataSpec:
+        return self.recipe.data
+
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        return tuple(float(f) for f in self.data.split)
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return tuple(self.data.pii_categories)
+
+    @property
+    def rows(self) -> int:
+        """Rows left after dedup and the quality filters (after mask_and_place_rows)."""
+        return sum(self.prepared_summary["splits"])
+
+    @contextmanager
+    def stage(self, timing: str | None = None, job: str | None = None):
+        """A step's work: its Spark jobs described as `job` (without one, they keep the description
+        already set), its seconds added to `timings[timing]` when it completes (not when it raises)."""
+        if job is not None:
+            self.spark.sparkContext.setJobDescription(job)
+        t0 = time.perf_counter()
+        yield
+        if timing is not None:
+            self.timings[timing] = round(self.timings.get(timing, 0.0) + time.perf_counter() - t0, 3)
+
+    def cache(self, rdd: RDD) -> RDD:
+        """`rdd` persisted (memory, then disk) until the end of the run (release)."""
+        self.cached.append(rdd.persist(StorageLevel.MEMORY_AND_DISK))
+        return rdd
+
+    def write_lines(self, name: str, lines: Iterable[str]) -> None:
+        self.file_meta[name] = _write_lines(self.out_dir / name, lines)
+        self.files[name] = self.out_dir / name
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.file_meta[name] = _write_json(self.out_dir / name, obj)
+        self.files[name] = self.out_dir / name
+
+    def release(self) -> None:
+        """After the last step, whatever happened: cached RDDs unpersisted, staged input removed."""
+        self.spark.sparkContext.setJobDescription(None)
+        for rdd in self.cached:
+            rdd.unpersist()
+        for remove in self.cleanup:
+            remove()
+
+
+# ------------------------------------------------------------------------------ the steps
+#
+# Each step takes the state, reads what earlier steps added, adds its own part, records its own
+# counts and timing, and raises _Rejected with one reason when the dataset cannot be used.
+
+
+def pii_canary(p: Preparation) -> None:
+    """Rejects the dataset unless the configured PII backend masks a document seeded with every
+    enabled category, before any data is touched (categories only in the reason, never values)."""
+    try:
+        missed = pii.canary_missed(p.categories, p.data.pii_backend)
+    except pii.PiiBackendUnavailable as exc:
+        raise _Rejected(str(exc)) from None
+    if missed:
+        raise _Rejected(f"PII canary not fully detected: missed {missed} (pii_backend {p.data.pii_backend!r})")
+
+
+def check_input(p: Preparation) -> None:
+    """Rejects an input of an unsupported type, or a local one that is missing, unreadable, empty,
+    too large or binary. Adds `kind`, `local` and `path` (a local input's resolved path)."""
+    kind = input_type(p.uri)
+    if kind is None:
+        raise _Rejected(f"unsupported input type for {p.uri.rsplit('/', 1)[-1]!r}; "
+                        f"expected one of {', '.join(sorted(INPUT_TYPES))} (optionally .gz/.bz2)")
+    local = _local_path(p.uri)
+    if local is not None:
+        if not local.exists():
+            raise _Rejected(f"input not found: {p.uri}")
+        if not os.access(local, os.R_OK) or not (local.is_file() or kind == "parquet" and local.is_dir()):
+            raise _Rejected(f"input unreadable: {p.uri} is not a readable file")
+        if local.is_file() and local.stat().st_size == 0:
+            raise _Rejected("input is empty (0 bytes)")
+        if local.is_file():
+            _check_whole_file(local, kind, p.data.max_file_bytes)
+        p.path = str(local.resolve())
+    p.kind, p.local = kind, local
+
+
+def record_provenance(p: Preparation) -> None:
+    """Adds the source's provenance to the manifest (`provenance.describe_source`); rejects a drop
+    without the legal basis the recipe requires. Reads `local`."""
+    p.manifest.update(provenance.describe_source(p.source, p.local, p.recipe))
+    if problem := provenance.legal_basis_problem(p.recipe, p.source):
+        raise _Rejected(problem)
+
+
+def stage_input(p: Preparation) -> None:
+    """The input as Spark may read it: a JSON array streamed into JSONL (element N as line N; a .json
+    file that is no array is read as JSONL), a local JSONL input's over-long lines replaced by a
+    marker (_cap_long_lines). Reads and updates `kind` and `path`; adds the removers to `cleanup`."""
+    if p.kind == "json":
+        p.kind = "jsonl"
+        try:
+            is_array = _is_json_array(p.path, p.local)
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable object
+            raise _Rejected(f"input unreadable: {_describe_exception(exc)}") from None
+        if is_array:
+            p.path = _stage_json_array(p.path, p.local, p.cleanup)
+            p.manifest["input"]["type"] = "json_array"
+            p.manifest["input"]["record_numbering"] = "array element, from 1 (the 'line' of rejected.jsonl)"
+    if p.kind == "jsonl" and p.local is not None:
+        p.path = _cap_long_lines(p.path, p.data.max_row_bytes, p.cleanup)
+
+
+def read_validate(p: Preparation) -> None:
+    """Reads `path` as `kind` and validates every record against the recipe (`formats`); an input
+    Spark cannot read is rejected. Adds `validated` (cached), `summary`, the input digest, the
+    raw / blank_lines / valid / rejected counts and the rejections by code."""
+    data = p.data
+    rules = formats.RowRules(format=data.format, kind=p.recipe.data_kind, system_prompt=data.system_prompt,
+                             max_row_bytes=data.max_row_bytes, columns=tuple(sorted(data.columns.items())),
+                             split_column=data.split_column, labels=data.labels)
+    p.manifest["kind"] = p.recipe.data_kind
+    with p.stage("read_validate_s", job="preprocess: read + validate"):
+        try:
+            p.validated = p.cache(_validated_rdd(p.spark, p.path, p.kind, rules))
+            summary = partitions.merge_validation(
+                p.validated.mapPartitions(partitions.summarise_validation).collect())
+        except _Rejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Spark/Py4J errors for unreadable input
+            log.warning("preprocess: cannot read input (%s)", type(exc).__name__)
+            raise _Rejected(f"input unreadable as {p.kind.upper()}: {_describe_exception(exc)}") from None
+    p.summary = summary
+    p.manifest["input"]["digest"] = f"{summary['digest']:064x}"
+    ok, bad = summary["counts"]["ok"], summary["counts"]["bad"]
+    p.counts.update(raw=ok + bad, blank_lines=summary["counts"]["blank"], valid=ok, rejected=bad)
+    p.manifest["rejected_by_code"] = dict(sorted(summary["codes"].items()))
+
+
+def write_rejected(p: Preparation) -> None:
+    """Writes rejected.jsonl: the rejected records of `validated`, in input order."""
+    with p.stage("write_rejected_s", job="preprocess: write rejected.jsonl"):
+        p.write_lines("rejected.jsonl",
+                      p.validated.filter(lambda r: r[0] == "bad").map(partitions.rejected_line).toLocalIterator())
+
+
+def judge_validation(p: Preparation) -> None:
+    """Rejects the dataset when validation says it cannot be used: no rows, not JSON at all, one
+    problem on every row, rows for another kind of training, or more rejected rows than
+    data.max_rejected_fraction. Reads `summary` and the counts."""
+    summary, raw, ok, bad = p.summary, p.counts["raw"], p.counts["valid"], p.counts["rejected"]
+    if raw == 0:
+        raise _Rejected("input is empty (no rows)")
+    if ok == 0 and set(summary["codes"]) <= {"bad_json", "bad_encoding", "not_object"} and p.kind == "jsonl":
+        array = "a JSON array or " if p.manifest["input"]["type"] == "json" else ""
+        raise _Rejected(f"input is not {array}JSONL: none of its {raw} lines is a JSON object "
+                        f"(line {summary['first_bad'][0]}: {summary['first_bad'][1]})")
+    if ok == 0 and len(summary["codes"]) == 1:  # one problem everywhere, e.g. the wrong data.format
+        raise _Rejected(f"all {raw} rows rejected, e.g. line {summary['first_bad'][0]}: {summary['first_bad'][1]}")
+    if ok == 0 and summary["codes"].get("wrong_kind", 0) * 2 > bad:  # data for another kind of training
+        line_no, why = summary["first"]["wrong_kind"]
+        raise _Rejected(f"{summary['codes']['wrong_kind']} of {raw} rows do not fit the recipe, e.g. "
+                        f"line {line_no}: {why}")
+    limit = p.data.max_rejected_fraction
+    if bad / raw > limit:
+        top = ", ".join(f"{code} {n}" for code, n in
+                        sorted(summary["codes"].items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+        raise _Rejected(f"{bad} of {raw} rows rejected ({bad / raw:.0%}), above "
+                        f"data.max_rejected_fraction={limit:g} ({top}; see rejected.jsonl)")
+
+
+def exact_dedup(p: Preparation) -> None:
+    """Adds `deduped`: the valid records of `validated`, one per content hash (natural casing, then
+    the lowest line wins: partitions.keep_representative). Lazy: the shuffle runs in the next
+    step's first job, under this step's job description unless that step names its own."""
+    with p.stage(job="preprocess: dedup + PII + split"):
+        p.deduped = (p.validated.filter(lambda r: r[0] == "ok").map(partitions.dedup_key)
+                     .reduceByKey(partitions.keep_representative))
+
+
+def near_dedup(p: Preparation) -> None:
+    """With recipe.dedup.near: takes near duplicates out of `deduped` (MinHash LSH + connected
+    components, `neardup`). Adds `near_removed` and the manifest's near_dedup section."""
+    if not p.recipe.dedup.near:
+        return
+    with p.stage("near_dedup_s", job="preprocess: near dedup"):
+        p.deduped, near = neardup.near_dedup(p.spark, p.deduped, neardup.Params.from_spec(p.recipe.dedup))
+        p.near_removed = near.removed
+        p.manifest["near_dedup"] = {**p.recipe.dedup.model_dump(mode="json"), **near.report()}
 
 
 def _filtered_line(tagged: tuple) -> tuple[int, str]:
@@ -347,265 +597,164 @@ def _filtered_line(tagged: tuple) -> tuple[int, str]:
     return line_no, json.dumps({"line": line_no, "rules": list(tripped), "excerpt": excerpt}, ensure_ascii=False)
 
 
-def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path, *, source: dict) -> PrepareResult:
-    """Prepare one raw dataset; see the module docstring. Never raises for bad data: a dataset
-    that cannot be used comes back with `rejected=True` and one reason (and rejected.jsonl and
-    manifest.json are still written for audit)."""
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = recipe.data
-    sc = spark.sparkContext
-    rules = formats.RowRules(format=data.format, kind=recipe.data_kind, system_prompt=data.system_prompt,
-                             max_row_bytes=data.max_row_bytes, columns=tuple(sorted(data.columns.items())),
-                             split_column=data.split_column, labels=data.labels)
-    fractions = tuple(float(f) for f in data.split)
-    categories = tuple(data.pii_categories)
+def quality_filter(p: Preparation) -> None:
+    """With recipe.quality.enabled: takes the rows that trip a quality rule out of `deduped`
+    (`quality`). Writes filtered.jsonl (line, rules, masked excerpt) and quality_report.json; adds
+    `quality_removed` and the manifest's quality section."""
+    spec = p.recipe.quality
+    if not spec.enabled:
+        return
+    with p.stage("quality_s", job="preprocess: quality filters"):
+        tagged = p.cache(p.deduped.mapPartitions(partial(quality.tag_partition, rules=quality.Rules.from_spec(spec))))
+        qsum = quality.merge(tagged.mapPartitions(quality.summarise).collect())
+        p.quality_removed = qsum["removed"]
+        p.write_lines("filtered.jsonl", (line for _, line in tagged.filter(lambda t: bool(t[1])).map(_filtered_line)
+                                         .sortByKey().toLocalIterator()))
+        report = {"rules_enabled": list(spec.rules),
+                  "thresholds": spec.model_dump(mode="json"),
+                  "rows_checked": qsum["checked"],
+                  "rows_removed": qsum["removed"],
+                  "counts": {r: qsum["rules"].get(r, 0) for r in spec.rules},
+                  "note": "a row can trip several rules: each is counted, the row is removed once"}
+        p.write_json("quality_report.json", report)
+        p.manifest["quality"] = {"rows_removed": qsum["removed"], "counts": report["counts"]}
+        p.deduped = tagged.filter(lambda t: not t[1]).map(lambda t: t[0])
 
-    counts: dict[str, int] = {}
-    files: dict[str, Path] = {}
-    file_meta: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    manifest: dict[str, Any] = {
-        "manifest_version": MANIFEST_VERSION,
-        "source": source,
-        "input": {"uri": input_path, "type": input_type(input_path), "digest": None,
-                  "digest_method": "sum mod 2^256 of sha256(record number, record), over all records"},
-        "recipe": {"name": recipe.name, "version": recipe.version, "hash": recipe.hash},
-        "code_version": {"ftpipe": ftpipe_version(), **git_commit(), "pyspark": spark.version,
-                         "python": ".".join(map(str, sys.version_info[:3]))},
-    }
-    cached = []
-    cleanup: list = []   # callables that remove staged files
 
-    def lap(name: str, t0: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - t0, 3)
-        return now
+def stratified_cuts(p: Preparation) -> None:
+    """For a classification recipe with data.stratify: adds `cuts`, each label's cut points over
+    the rows of `deduped` the split may place (split.stratified_cuts). Timed with dedup_mask_s."""
+    if not (p.recipe.data_kind == "classification" and p.data.stratify):
+        return
+    with p.stage("dedup_mask_s", job="preprocess: stratified split cuts"):
+        p.cuts = split.stratified_cuts(p.deduped.map(partitions.strata_key).filter(lambda k: k is not None),
+                                       p.fractions)
 
-    try:
-        # 0. PII canary: the configured backend must mask a document seeded with every enabled
-        # category before any data is touched (categories only in the reason, never values)
-        try:
-            missed = pii.canary_missed(categories, data.pii_backend)
-        except pii.PiiBackendUnavailable as exc:
-            raise _Rejected(str(exc)) from None
-        if missed:
-            raise _Rejected(f"PII canary not fully detected: missed {missed} (pii_backend {data.pii_backend!r})")
 
-        kind = input_type(input_path)
-        if kind is None:
-            raise _Rejected(f"unsupported input type for {input_path.rsplit('/', 1)[-1]!r}; "
-                            f"expected one of {', '.join(sorted(INPUT_TYPES))} (optionally .gz/.bz2)")
-        local = _local_path(input_path)
-        if local is not None:
-            if not local.exists():
-                raise _Rejected(f"input not found: {input_path}")
-            if not os.access(local, os.R_OK) or not (local.is_file() or kind == "parquet" and local.is_dir()):
-                raise _Rejected(f"input unreadable: {input_path} is not a readable file")
-            if local.is_file() and local.stat().st_size == 0:
-                raise _Rejected("input is empty (0 bytes)")
-            if local.is_file():
-                _check_whole_file(local, kind, data.max_file_bytes)
-            input_path = str(local.resolve())
-        manifest.update(provenance.describe_source(source, local, recipe))
-        if problem := provenance.legal_basis_problem(recipe, source):
-            raise _Rejected(problem)
-        if kind == "json":  # a JSON array (streamed into JSONL, element N as line N) or JSONL named .json
-            kind = "jsonl"
-            try:
-                is_array = _is_json_array(input_path, local)
-            except Exception as exc:  # noqa: BLE001 - a missing or unreadable object
-                raise _Rejected(f"input unreadable: {_describe_exception(exc)}") from None
-            if is_array:
-                input_path = _stage_json_array(input_path, local, cleanup)
-                manifest["input"]["type"] = "json_array"
-                manifest["input"]["record_numbering"] = "array element, from 1 (the 'line' of rejected.jsonl)"
-        if kind == "jsonl" and local is not None:
-            input_path = _cap_long_lines(input_path, data.max_row_bytes, cleanup)
-        manifest["kind"] = recipe.data_kind
-
-        # 1-2. read and validate
-        t0 = time.perf_counter()
-        sc.setJobDescription("preprocess: read + validate")
-        try:
-            validated = _validated_rdd(spark, input_path, kind, rules).persist(StorageLevel.MEMORY_AND_DISK)
-            cached.append(validated)
-            summary = partitions.merge_validation(validated.mapPartitions(partitions.summarise_validation).collect())
-        except _Rejected:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Spark/Py4J errors for unreadable input
-            log.warning("preprocess: cannot read input (%s)", type(exc).__name__)
-            raise _Rejected(f"input unreadable as {kind.upper()}: {_describe_exception(exc)}") from None
-        t0 = lap("read_validate_s", t0)
-
-        digest = summary["digest"]
-        manifest["input"]["digest"] = f"{digest:064x}"
-        ok, bad = summary["counts"]["ok"], summary["counts"]["bad"]
-        counts.update(raw=ok + bad, blank_lines=summary["counts"]["blank"], valid=ok, rejected=bad)
-        manifest["rejected_by_code"] = dict(sorted(summary["codes"].items()))
-
-        sc.setJobDescription("preprocess: write rejected.jsonl")
-        file_meta["rejected.jsonl"] = _write_lines(
-            out_dir / "rejected.jsonl",
-            validated.filter(lambda r: r[0] == "bad").map(partitions.rejected_line).toLocalIterator(),
-        )
-        files["rejected.jsonl"] = out_dir / "rejected.jsonl"
-        t0 = lap("write_rejected_s", t0)
-
-        raw = counts["raw"]
-        if raw == 0:
-            raise _Rejected("input is empty (no rows)")
-        if ok == 0 and set(summary["codes"]) <= {"bad_json", "bad_encoding", "not_object"} and kind == "jsonl":
-            raise _Rejected(f"input is not {'a JSON array or ' if manifest['input']['type'] == 'json' else ''}JSONL: none of its {raw} lines is a JSON object "
-                            f"(line {summary['first_bad'][0]}: {summary['first_bad'][1]})")
-        if ok == 0 and len(summary["codes"]) == 1:  # one problem everywhere, e.g. the wrong data.format
-            raise _Rejected(f"all {raw} rows rejected, e.g. line {summary['first_bad'][0]}: {summary['first_bad'][1]}")
-        if ok == 0 and summary["codes"].get("wrong_kind", 0) * 2 > bad:  # data for another kind of training
-            line_no, why = summary["first"]["wrong_kind"]
-            raise _Rejected(f"{summary['codes']['wrong_kind']} of {raw} rows do not fit the recipe, e.g. "
-                            f"line {line_no}: {why}")
-        if bad / raw > data.max_rejected_fraction:
-            top = ", ".join(f"{code} {n}" for code, n in
-                            sorted(summary["codes"].items(), key=lambda kv: (-kv[1], kv[0]))[:3])
-            raise _Rejected(f"{bad} of {raw} rows rejected ({bad / raw:.0%}), above "
-                            f"data.max_rejected_fraction={data.max_rejected_fraction:g} ({top}; see rejected.jsonl)")
-
-        # 3-5. dedup on the content hash (natural casing, then the lowest line wins), then mask and place
-        sc.setJobDescription("preprocess: dedup + PII + split")
-        deduped = (validated.filter(lambda r: r[0] == "ok").map(partitions.dedup_key)
-                   .reduceByKey(partitions.keep_representative))
-        # 3b. near-duplicates (MinHash LSH + connected components), then 3c. quality filters
-        near_removed, quality_removed = 0, 0
-        if recipe.dedup.near:
-            sc.setJobDescription("preprocess: near dedup")
-            deduped, near = neardup.near_dedup(spark, deduped, neardup.Params.from_spec(recipe.dedup))
-            near_removed = near.removed
-            manifest["near_dedup"] = {**recipe.dedup.model_dump(mode="json"), **near.report()}
-            t0 = lap("near_dedup_s", t0)
-        if recipe.quality.enabled:
-            sc.setJobDescription("preprocess: quality filters")
-            tagged = deduped.mapPartitions(
-                partial(quality.tag_partition, rules=quality.Rules.from_spec(recipe.quality))
-            ).persist(StorageLevel.MEMORY_AND_DISK)
-            cached.append(tagged)
-            qsum = quality.merge(tagged.mapPartitions(quality.summarise).collect())
-            quality_removed = qsum["removed"]
-            file_meta["filtered.jsonl"] = _write_lines(
-                out_dir / "filtered.jsonl",
-                (line for _, line in tagged.filter(lambda t: bool(t[1])).map(_filtered_line).sortByKey()
-                 .toLocalIterator()),
-            )
-            files["filtered.jsonl"] = out_dir / "filtered.jsonl"
-            quality_report = {"rules_enabled": list(recipe.quality.rules),
-                              "thresholds": recipe.quality.model_dump(mode="json"),
-                              "rows_checked": qsum["checked"],
-                              "rows_removed": quality_removed,
-                              "counts": {r: qsum["rules"].get(r, 0) for r in recipe.quality.rules},
-                              "note": "a row can trip several rules: each is counted, the row is removed once"}
-            file_meta["quality_report.json"] = _write_json(out_dir / "quality_report.json", quality_report)
-            files["quality_report.json"] = out_dir / "quality_report.json"
-            manifest["quality"] = {"rows_removed": quality_removed, "counts": quality_report["counts"]}
-            deduped = tagged.filter(lambda t: not t[1]).map(lambda t: t[0])
-            t0 = lap("quality_s", t0)
-        cuts = None
-        if recipe.data_kind == "classification" and data.stratify:
-            sc.setJobDescription("preprocess: stratified split cuts")
-            cuts = split.stratified_cuts(deduped.map(partitions.strata_key).filter(lambda k: k is not None), fractions)
-        prepared = deduped.mapPartitions(
-            partial(partitions.mask_and_place, categories=categories, fractions=fractions, backend=data.pii_backend,
-                    cuts=cuts)
-        ).persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(prepared)
-        psum = partitions.merge_prepared(prepared.mapPartitions(partitions.summarise_prepared).collect())
-        n = sum(psum["splits"])
+def mask_and_place_rows(p: Preparation) -> None:
+    """Masks the PII of `deduped` and places each row in a split (partitions.mask_and_place: the
+    user's split column, else `cuts`, else the hash bucket). Adds `prepared` (cached),
+    `prepared_summary` and the dedup, quality and PII counts; rejects when fewer than
+    data.min_rows rows remain. Its jobs keep the job description set before it."""
+    with p.stage("dedup_mask_s"):
+        p.prepared = p.cache(p.deduped.mapPartitions(
+            partial(partitions.mask_and_place, categories=p.categories, fractions=p.fractions,
+                    backend=p.data.pii_backend, cuts=p.cuts)))
+        p.prepared_summary = partitions.merge_prepared(
+            p.prepared.mapPartitions(partitions.summarise_prepared).collect())
+        n, removed = p.rows, p.quality_removed
         # deduplicated: rows after exact and near dedup (the quality filters come after it)
-        counts.update(deduplicated=n + quality_removed, duplicates_removed=ok - n - quality_removed - near_removed,
-                      near_duplicates_removed=near_removed, quality_filtered=quality_removed,
-                      pii_masked_rows=psum["masked_rows"])
-        t0 = lap("dedup_mask_s", t0)
-        if n < data.min_rows:
-            raise _Rejected(f"only {n} valid rows after dedup, fewer than data.min_rows={data.min_rows}")
+        p.counts.update(deduplicated=n + removed, duplicates_removed=p.counts["valid"] - n - removed - p.near_removed,
+                        near_duplicates_removed=p.near_removed, quality_filtered=removed,
+                        pii_masked_rows=p.prepared_summary["masked_rows"])
+    if n < p.data.min_rows:
+        raise _Rejected(f"only {n} valid rows after dedup, fewer than data.min_rows={p.data.min_rows}")
 
-        # 5b. residual PII scan: an independent loose scanner over the masked rows; above the
-        # recipe's threshold the dataset is rejected before any split is written
-        sc.setJobDescription("preprocess: PII residual scan")
-        residual = pii_residual.merge(prepared.mapPartitions(pii_residual.summarise).collect())
-        manifest["pii"] = {"backend": data.pii_backend, "counts": {c: psum["pii"].get(c, 0) for c in categories},
-                           "rows_masked": psum["masked_rows"], "residual_rate": residual["rate"],
-                           "residual_threshold": data.pii_residual_threshold}
-        t0 = lap("pii_residual_s", t0)
-        if residual["rate"] > data.pii_residual_threshold:
-            raise _Rejected(f"PII residual rate {residual['rate']:.2%} above threshold "
-                            f"{data.pii_residual_threshold:.2%} ({residual['documents_with_hits']} of "
-                            f"{residual['documents']} documents flagged by the residual scan: "
-                            f"{', '.join(f'{k} {v}' for k, v in residual['hits'].items())})")
 
-        # 6. split (hash buckets; an empty split borrows the nearest rows of the largest one)
-        split_counts = list(psum["splits"])
+def residual_pii_scan(p: Preparation) -> None:
+    """An independent loose scanner over the masked rows of `prepared` (`shared.domain.pii_residual`);
+    above the recipe's threshold the dataset is rejected before any split is written. Adds
+    `residual` and the manifest's pii section."""
+    data = p.data
+    with p.stage("pii_residual_s", job="preprocess: PII residual scan"):
+        residual = p.residual = pii_residual.merge(p.prepared.mapPartitions(pii_residual.summarise).collect())
+        p.manifest["pii"] = {"backend": data.pii_backend,
+                             "counts": {c: p.prepared_summary["pii"].get(c, 0) for c in p.categories},
+                             "rows_masked": p.prepared_summary["masked_rows"], "residual_rate": residual["rate"],
+                             "residual_threshold": data.pii_residual_threshold}
+    if residual["rate"] > data.pii_residual_threshold:
+        raise _Rejected(f"PII residual rate {residual['rate']:.2%} above threshold "
+                        f"{data.pii_residual_threshold:.2%} ({residual['documents_with_hits']} of "
+                        f"{residual['documents']} documents flagged by the residual scan: "
+                        f"{', '.join(f'{k} {v}' for k, v in residual['hits'].items())})")
+
+
+def fill_empty_splits(p: Preparation) -> None:
+    """A split the fractions leave empty borrows, from the largest split, the row whose id is
+    nearest to it (split.distance), never a row the user placed. Adds `moved`, the train / val /
+    test counts and the manifest's split section. Timed with write_splits_s; its jobs keep the
+    job description set before it."""
+    fractions = p.fractions
+    with p.stage("write_splits_s"):
+        split_counts = list(p.prepared_summary["splits"])
         moved: dict[str, int] = {}
         for target in split.empty_splits(split_counts, fractions):
             donor = max(range(3), key=lambda i: (split_counts[i], -i))
             if split_counts[donor] < 2:
                 continue
             taken = set(moved)
-            best = (prepared.filter(lambda r, d=donor, t=taken: r[0] == d and r[5] != "user" and r[1] not in t)
+            best = (p.prepared.filter(lambda r, d=donor, t=taken: r[0] == d and r[5] != "user" and r[1] not in t)
                     .map(lambda r: r[1])
                     .takeOrdered(1, key=lambda rid, t=target: (split.distance(rid, t, fractions), rid)))
             if best:
                 moved[best[0]] = target
                 split_counts[donor] -= 1
                 split_counts[target] += 1
-        counts.update(zip(split.SPLITS, split_counts))
-        manifest["split"] = {
+        p.moved = moved
+        p.counts.update(zip(split.SPLITS, split_counts, strict=True))
+        p.manifest["split"] = {
             "fractions": list(fractions),
             "method": ("stratified by label: per label, rows ordered by the sha256 bucket of their id and cut "
-                       "at the fractions" if cuts is not None else "sha256 bucket of the row id"),
-            "split_column": data.split_column,
-            "rows_placed_by": dict(sorted(psum["placed_by"].items())),  # user (split column) | stratified | hash
+                       "at the fractions" if p.cuts is not None else "sha256 bucket of the row id"),
+            "split_column": p.data.split_column,
+            "rows_placed_by": dict(sorted(p.prepared_summary["placed_by"].items())),  # user | stratified | hash
             "rows_moved_to_fill_empty_splits": len(moved)}
 
-        # 7. write the splits, sorted by id, streaming one partition at a time
-        sc.setJobDescription("preprocess: write splits")
-        outs = [_OutFile(out_dir / name) for name in SPLIT_FILES]
-        placed = prepared.map(lambda r, m=moved: (r[1], (m.get(r[1], r[0]), r[3])))  # (id, (split, line))
+
+def _placed(p: Preparation) -> RDD:
+    """(id, (split, json line)) of every prepared row, after `moved`."""
+    return p.prepared.map(lambda r, m=p.moved: (r[1], (m.get(r[1], r[0]), r[3])))
+
+
+def write_splits(p: Preparation) -> None:
+    """Writes train/val/test.jsonl from `prepared` and `moved`, each sorted by id, streaming one
+    partition at a time."""
+    with p.stage("write_splits_s", job="preprocess: write splits"):
+        outs = [_OutFile(p.out_dir / name) for name in SPLIT_FILES]
         try:
-            for _, (split_index, line) in placed.sortByKey().toLocalIterator():
+            for _, (split_index, line) in _placed(p).sortByKey().toLocalIterator():
                 outs[split_index].write_line(line)
         except BaseException:
             for out in outs:
                 out.discard()
             raise
-        for name, out in zip(SPLIT_FILES, outs):
-            file_meta[name] = out.close()
-            files[name] = out.path
-        t0 = lap("write_splits_s", t0)
+        for name, out in zip(SPLIT_FILES, outs, strict=True):
+            p.file_meta[name] = out.close()
+            p.files[name] = out.path
 
-        pii_report = {
-            "categories_enabled": list(categories),
-            "counts": {c: psum["pii"].get(c, 0) for c in categories},
-            "rows_scanned": n,
-            "rows_masked": psum["masked_rows"],
-            "backend": data.pii_backend,
-            "canary": "passed",
-            "residual_rate": residual["rate"],
-            "residual_threshold": data.pii_residual_threshold,
-            "residual": {"documents_scanned": residual["documents"],
-                         "documents_with_hits": residual["documents_with_hits"],
-                         "hits_by_rule": residual["hits"], "rate": residual["rate"],
-                         "threshold": data.pii_residual_threshold},
-            "method": (f"{data.pii_backend} backend (see services/preprocess/pii.py), then an independent "
-                       "high-recall residual scan of the masked rows; values are never stored"),
-        }
-        file_meta["pii_report.json"] = _write_json(out_dir / "pii_report.json", pii_report)
-        files["pii_report.json"] = out_dir / "pii_report.json"
-        manifest["pii"]["residual"] = pii_report["residual"]
-        rejected, reason = False, None
-        t0 = time.perf_counter()
-        # token counts with the base model's tokenizer: on the workers in parallel for large datasets;
-        # on the driver for small ones, where starting transformers in every worker costs more
-        sc.setJobDescription("preprocess: token counts")
-        max_seq_len = recipe.training.max_seq_len
+
+def write_pii_report(p: Preparation) -> None:
+    """Writes pii_report.json (counts by category, the residual scan, never values) from
+    `prepared_summary` and `residual`; adds the residual section to the manifest's pii."""
+    data, psum, residual = p.data, p.prepared_summary, p.residual
+    pii_report = {
+        "categories_enabled": list(p.categories),
+        "counts": {c: psum["pii"].get(c, 0) for c in p.categories},
+        "rows_scanned": p.rows,
+        "rows_masked": psum["masked_rows"],
+        "backend": data.pii_backend,
+        "canary": "passed",
+        "residual_rate": residual["rate"],
+        "residual_threshold": data.pii_residual_threshold,
+        "residual": {"documents_scanned": residual["documents"],
+                     "documents_with_hits": residual["documents_with_hits"],
+                     "hits_by_rule": residual["hits"], "rate": residual["rate"],
+                     "threshold": data.pii_residual_threshold},
+        "method": (f"{data.pii_backend} backend (see services/preprocess/pii.py), then an independent "
+                   "high-recall residual scan of the masked rows; values are never stored"),
+    }
+    p.write_json("pii_report.json", pii_report)
+    p.manifest["pii"]["residual"] = pii_report["residual"]
+
+
+def count_tokens(p: Preparation) -> None:
+    """Token counts with the base model's tokenizer and the cost estimate (`cost`), added to the
+    manifest: on the workers in parallel for large datasets; on the driver for small ones, where
+    starting transformers in every worker costs more. Never rejects (an error is recorded)."""
+    recipe, data = p.recipe, p.data
+    max_seq_len = recipe.training.max_seq_len
+    with p.stage("tokens_s", job="preprocess: token counts"):
+        placed, n = _placed(p), p.rows
 
         def count(tokenizer) -> dict:
             if n <= TOKENS_ON_DRIVER_ROWS:
@@ -618,47 +767,81 @@ def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path,
                                      max_seq_len)
 
         tokens, cost_estimate, token_error = cost.tokens_and_cost(recipe, count)
-        manifest.update(tokens=tokens or {"error": token_error}, cost_estimate=cost_estimate)
-        lap("tokens_s", t0)
-    except _Rejected as rej:
-        rejected, reason = True, rej.reason
-        for name in (*SPLIT_FILES, "pii_report.json"):  # never leave splits from an earlier run beside a rejection
-            (out_dir / name).unlink(missing_ok=True)
-        for name in ("filtered.jsonl", "quality_report.json"):  # audit files: kept when written by this run
-            if name not in files:
-                (out_dir / name).unlink(missing_ok=True)
-        if "rejected.jsonl" not in files:
-            file_meta["rejected.jsonl"] = _write_lines(out_dir / "rejected.jsonl", [])
-            files["rejected.jsonl"] = out_dir / "rejected.jsonl"
-    finally:
-        sc.setJobDescription(None)
-        for rdd in cached:
-            rdd.unpersist()
-        for remove in cleanup:
-            remove()
+        p.manifest.update(tokens=tokens or {"error": token_error}, cost_estimate=cost_estimate)
 
-    digest_hex = manifest["input"]["digest"] or hashlib.sha256(input_path.encode()).hexdigest()
-    dataset_id = hashlib.sha256(f"{digest_hex}:{recipe.hash}".encode()).hexdigest()[:16]
+
+Step = Callable[[Preparation], None]
+
+#: the steps of `prepare`, in order
+STEPS: tuple[Step, ...] = (
+    pii_canary, check_input, record_provenance, stage_input,
+    read_validate, write_rejected, judge_validation,
+    exact_dedup, near_dedup, quality_filter,
+    stratified_cuts, mask_and_place_rows, residual_pii_scan,
+    fill_empty_splits, write_splits, write_pii_report, count_tokens,
+)
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def _clear_for_rejection(p: Preparation) -> None:
+    """A rejected dataset leaves no splits and no pii_report.json, not even an earlier run's; the
+    audit files stay when this run wrote them (an earlier run's go), and rejected.jsonl is always
+    there."""
+    for name in (*SPLIT_FILES, "pii_report.json"):
+        (p.out_dir / name).unlink(missing_ok=True)
+    for name in ("filtered.jsonl", "quality_report.json"):
+        if name not in p.files:
+            (p.out_dir / name).unlink(missing_ok=True)
+    if "rejected.jsonl" not in p.files:
+        p.write_lines("rejected.jsonl", [])
+
+
+def _finish(p: Preparation, rejection: _Rejected | None) -> PrepareResult:
+    """Writes manifest.json (status, reason, counts, files, timings) and returns the result."""
+    rejected, reason = rejection is not None, rejection.reason if rejection is not None else None
+    manifest, timings = p.manifest, p.timings
+    digest_hex = manifest["input"]["digest"] or hashlib.sha256(p.path.encode()).hexdigest()
+    dataset_id = hashlib.sha256(f"{digest_hex}:{p.recipe.hash}".encode()).hexdigest()[:16]
     manifest.update(
         dataset_id=dataset_id,
         status="rejected" if rejected else "prepared",
         reason=reason,
-        counts=counts,
-        files=file_meta,
+        counts=p.counts,
+        files=p.file_meta,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    timings["total_s"] = round(time.perf_counter() - started, 3)
+    timings["total_s"] = round(time.perf_counter() - p.started, 3)
     manifest["timings"] = dict(timings)
-    _write_json(out_dir / "manifest.json", manifest)
-    files["manifest.json"] = out_dir / "manifest.json"
-    timings["total_s"] = round(time.perf_counter() - started, 3)
+    _write_json(p.out_dir / "manifest.json", manifest)
+    p.files["manifest.json"] = p.out_dir / "manifest.json"
+    timings["total_s"] = round(time.perf_counter() - p.started, 3)
     if rejected:
         log.warning("preprocess: dataset %s rejected: %s", dataset_id, reason)
-    log.info("preprocess: dataset %s counts=%s timings=%s", dataset_id, counts, timings)
-    return PrepareResult(dataset_id=dataset_id, rejected=rejected, reason=reason, counts=counts,
-                         out_dir=out_dir, files=files, timings=timings,
+    log.info("preprocess: dataset %s counts=%s timings=%s", dataset_id, p.counts, timings)
+    return PrepareResult(dataset_id=dataset_id, rejected=rejected, reason=reason, counts=p.counts,
+                         out_dir=p.out_dir, files=p.files, timings=timings,
                          tokens=manifest.get("tokens") if not rejected else None,
                          cost_estimate=manifest.get("cost_estimate"))
+
+
+def prepare(spark: SparkSession, input_path: str, recipe: Recipe, out_dir: Path, *, source: dict,
+            steps: Sequence[Step] = STEPS) -> PrepareResult:
+    """Prepare one raw dataset: `steps` in order over one `Preparation`; see the module docstring.
+    Never raises for bad data: a dataset that cannot be used comes back with `rejected=True` and one
+    reason (and rejected.jsonl and manifest.json are still written for audit)."""
+    p = Preparation.start(spark, input_path, recipe, out_dir, source=source)
+    rejection = None
+    try:
+        for step in steps:
+            step(p)
+    except _Rejected as rej:
+        rejection = rej
+        _clear_for_rejection(p)
+    finally:
+        p.release()
+    return _finish(p, rejection)
 
 
 # ------------------------------------------------------------------------------ entrypoint
