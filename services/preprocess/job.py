@@ -53,14 +53,12 @@ from pyspark import RDD, StorageLevel
 from pyspark.sql import SparkSession
 from pyspark.sql.types import StringType, StructField, StructType
 
-from services.preprocess import formats, split, partitions
-from services.preprocess import cost, provenance
-from services.preprocess import neardup, quality
-from services.preprocess.pii import mask_excerpt
-from services.preprocess import pii
 from shared.domain import pii_residual
-from shared.platform.build_info import ftpipe_version, git_commit
 from shared.domain.recipe import DataSpec, Recipe, RecipeError, load_recipe, parse_recipe
+from shared.platform.build_info import ftpipe_version, git_commit
+
+from services.preprocess import cost, formats, neardup, partitions, pii, provenance, quality, split
+from services.preprocess.pii import mask_excerpt
 
 log = logging.getLogger("ftpipe.preprocess")
 
@@ -572,10 +570,9 @@ def judge_validation(p: Preparation) -> None:
 def exact_dedup(p: Preparation) -> None:
     """Adds `deduped`: the valid records of `validated`, one per content hash (natural casing, then
     the lowest line wins: partitions.keep_representative). Lazy: the shuffle runs in the next
-    step's first job, under this step's job description unless that step names its own."""
-    with p.stage(job="preprocess: dedup + PII + split"):
-        p.deduped = (p.validated.filter(lambda r: r[0] == "ok").map(partitions.dedup_key)
-                     .reduceByKey(partitions.keep_representative))
+    step's first job."""
+    p.deduped = (p.validated.filter(lambda r: r[0] == "ok").map(partitions.dedup_key)
+                 .reduceByKey(partitions.keep_representative))
 
 
 def near_dedup(p: Preparation) -> None:
@@ -635,8 +632,8 @@ def mask_and_place_rows(p: Preparation) -> None:
     """Masks the PII of `deduped` and places each row in a split (partitions.mask_and_place: the
     user's split column, else `cuts`, else the hash bucket). Adds `prepared` (cached),
     `prepared_summary` and the dedup, quality and PII counts; rejects when fewer than
-    data.min_rows rows remain. Its jobs keep the job description set before it."""
-    with p.stage("dedup_mask_s"):
+    data.min_rows rows remain."""
+    with p.stage("dedup_mask_s", job="preprocess: dedup + PII + split"):
         p.prepared = p.cache(p.deduped.mapPartitions(
             partial(partitions.mask_and_place, categories=p.categories, fractions=p.fractions,
                     backend=p.data.pii_backend, cuts=p.cuts)))
@@ -672,10 +669,9 @@ def residual_pii_scan(p: Preparation) -> None:
 def fill_empty_splits(p: Preparation) -> None:
     """A split the fractions leave empty borrows, from the largest split, the row whose id is
     nearest to it (split.distance), never a row the user placed. Adds `moved`, the train / val /
-    test counts and the manifest's split section. Timed with write_splits_s; its jobs keep the
-    job description set before it."""
+    test counts and the manifest's split section. Timed with write_splits_s."""
     fractions = p.fractions
-    with p.stage("write_splits_s"):
+    with p.stage("write_splits_s", job="preprocess: fill empty splits"):
         split_counts = list(p.prepared_summary["splits"])
         moved: dict[str, int] = {}
         for target in split.empty_splits(split_counts, fractions):

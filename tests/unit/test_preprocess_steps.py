@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("pyspark")
 
+from shared.domain.recipe import DataSpec, Recipe  # noqa: E402
+
 from services.preprocess import job  # noqa: E402
 from services.preprocess.job import Preparation, _Rejected  # noqa: E402
-from shared.domain.recipe import DataSpec, Recipe  # noqa: E402
 
 
 def recipe(**data) -> Recipe:
