@@ -8,7 +8,9 @@ import re
 import socket
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from shared.domain import events as ev
 from shared.domain.datasets import missing_prepared_files
@@ -89,24 +91,36 @@ def _download_inputs(ctx: Context, dataset_uri: str, resume_prefix: str | None, 
     return data_dir, resume_dir
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Rank 0's word to the other ranks, broadcast by `_lead` and obeyed by `_follow` (pickled by
+    World.broadcast, so it lives at module level). Before training: train (from the checkpoint at
+    the `resume` prefix of the run's bucket, None: from the start), done (nothing to train: rank 0
+    reports it), retry or reject (for `reason`). After a stopped training: done (cancelled) or
+    retry (preempted, or the lease lost)."""
+    action: Literal["train", "done", "retry", "reject"]
+    reason: str = ""
+    resume: str | None = None
+
+
 def _follow(ctx: Context, world, run_id: str, recipe, dataset_uri: str) -> list:
     """A rank other than 0: rank 0's plan (train, and from which checkpoint; or done, retry, reject)."""
     from services.trainer.training import TrainingError, TrainingStopped, train
 
-    plan = world.broadcast(None)
-    if plan["action"] == "retry":
-        raise Retry(plan["reason"], delay_s=0)
-    if plan["action"] == "reject":
-        raise Reject(plan["reason"])
-    if plan["action"] != "train":
+    plan: Plan = world.broadcast(None)
+    if plan.action == "retry":
+        raise Retry(plan.reason, delay_s=0)
+    if plan.action == "reject":
+        raise Reject(plan.reason)
+    if plan.action != "train":
         return []
     with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp:
-        data_dir, resume_dir = _download_inputs(ctx, dataset_uri, plan["resume"], Path(tmp))
+        data_dir, resume_dir = _download_inputs(ctx, dataset_uri, plan.resume, Path(tmp))
         try:
             train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir, should_stop=ctx.stopping.is_set)
         except TrainingStopped as stopped:
-            outcome = world.broadcast(None)  # rank 0 knows whether the stop was a cancel or a preemption
-            if outcome == "retry":
+            outcome: Plan = world.broadcast(None)  # rank 0 knows whether the stop was a cancel or a preemption
+            if outcome.action == "retry":
                 raise Retry(f"stopped at step {stopped.step} with rank 0", delay_s=0) from stopped
         except TrainingError:
             pass  # every rank meets it (it comes from all-reduced numbers); rank 0 reports it
@@ -121,21 +135,21 @@ def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: st
     done = ctx.store.stat(bucket, f"{adapter_prefix}/{COMPLETE}")
     if done is not None:
         # Trained before, but the completion was not recorded (crash after upload): publish it again.
-        world.broadcast({"action": "done"})
+        world.broadcast(Plan("done"))
         return [completed_event(run_id, recipe, dataset_uri, tenant, ctx.store.url(bucket, adapter_prefix + "/"),
                                 json.loads(ctx.store.read(bucket, f"{adapter_prefix}/{COMPLETE}")))]
     lease = Lease(ctx.docs, run_id, WORKER_ID, ctx.settings.trainer_lease_s)
     try:
         lease.acquire()
     except LeaseHeld as exc:
-        world.broadcast({"action": "retry", "reason": str(exc)})
+        world.broadcast(Plan("retry", reason=str(exc)))
         raise Retry(str(exc), delay_s=min(exc.expires_in + 1, 60)) from exc
     try:
         try:
             admit(ctx.docs, tenant, run_id, recipe.hardware.total_gpus)
         except OverQuota as exc:
             ctx.log.warning("refused: %s", exc)
-            world.broadcast({"action": "done"})
+            world.broadcast(Plan("done"))
             return [ev.TrainingFailed(run_id=run_id, reason=f"over quota: {exc}")]
         with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat, \
                 UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3):
@@ -146,12 +160,12 @@ def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: st
                 try:
                     verify_signed_off(ctx.docs, data_dir)
                 except SignoffMissing as exc:
-                    world.broadcast({"action": "reject", "reason": str(exc)})
+                    world.broadcast(Plan("reject", reason=str(exc)))
                     raise Reject(str(exc)) from exc
             if problem := missing_prepared_files(data_dir):
-                world.broadcast({"action": "done"})
+                world.broadcast(Plan("done"))
                 return [ev.TrainingFailed(run_id=run_id, reason=f"{dataset_uri}: {problem}")]
-            world.broadcast({"action": "train", "resume": resume_prefix})
+            world.broadcast(Plan("train", resume=resume_prefix))
             ctx.publish(ev.TrainingStarted(run_id=run_id, dataset_uri=dataset_uri, resumed_from_step=resumed_step))
             ctx.log.info("training", extra={"resumed_from_step": resumed_step, "worker": WORKER_ID})
 
@@ -188,11 +202,11 @@ def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: st
                                on_alert=on_alert, fetch_checkpoint=fetch_checkpoint)
             except TrainingStopped as stopped:
                 if ctx.cancelled(run_id):
-                    world.broadcast("done")
+                    world.broadcast(Plan("done"))
                     return [ev.TrainingFailed(run_id=run_id, reason="cancelled by request", step=stopped.step,
                                               cancelled=True)]
                 # Preempted (SIGTERM) or lease lost: checkpointed; whoever gets the redelivery resumes.
-                world.broadcast("retry")
+                world.broadcast(Plan("retry"))
                 raise Retry(f"stopped at step {stopped.step}; will resume from its checkpoint", delay_s=0) from stopped
             except TrainingError as exc:
                 return [ev.TrainingFailed(run_id=run_id, reason=str(exc))]
