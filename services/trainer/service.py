@@ -8,7 +8,9 @@ import re
 import socket
 import tempfile
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from shared.domain import events as ev
 from shared.domain.datasets import missing_prepared_files
@@ -89,24 +91,36 @@ def _download_inputs(ctx: Context, dataset_uri: str, resume_prefix: str | None, 
     return data_dir, resume_dir
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Rank 0's word to the other ranks, broadcast by `_lead` and obeyed by `_follow` (pickled by
+    World.broadcast, so it lives at module level). Before training: train (from the checkpoint at
+    the `resume` prefix of the run's bucket, None: from the start), done (nothing to train: rank 0
+    reports it), retry or reject (for `reason`). After a stopped training: done (cancelled) or
+    retry (preempted, or the lease lost)."""
+    action: Literal["train", "done", "retry", "reject"]
+    reason: str = ""
+    resume: str | None = None
+
+
 def _follow(ctx: Context, world, run_id: str, recipe, dataset_uri: str) -> list:
     """A rank other than 0: rank 0's plan (train, and from which checkpoint; or done, retry, reject)."""
     from services.trainer.training import TrainingError, TrainingStopped, train
 
-    plan = world.broadcast(None)
-    if plan["action"] == "retry":
-        raise Retry(plan["reason"], delay_s=0)
-    if plan["action"] == "reject":
-        raise Reject(plan["reason"])
-    if plan["action"] != "train":
+    plan: Plan = world.broadcast(None)
+    if plan.action == "retry":
+        raise Retry(plan.reason, delay_s=0)
+    if plan.action == "reject":
+        raise Reject(plan.reason)
+    if plan.action != "train":
         return []
     with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp:
-        data_dir, resume_dir = _download_inputs(ctx, dataset_uri, plan["resume"], Path(tmp))
+        data_dir, resume_dir = _download_inputs(ctx, dataset_uri, plan.resume, Path(tmp))
         try:
             train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir, should_stop=ctx.stopping.is_set)
         except TrainingStopped as stopped:
-            outcome = world.broadcast(None)  # rank 0 knows whether the stop was a cancel or a preemption
-            if outcome == "retry":
+            outcome: Plan = world.broadcast(None)  # rank 0 knows whether the stop was a cancel or a preemption
+            if outcome.action == "retry":
                 raise Retry(f"stopped at step {stopped.step} with rank 0", delay_s=0) from stopped
         except TrainingError:
             pass  # every rank meets it (it comes from all-reduced numbers); rank 0 reports it
@@ -114,94 +128,192 @@ def _follow(ctx: Context, world, run_id: str, recipe, dataset_uri: str) -> list:
 
 
 def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: str) -> list:
+    """Rank 0: owns the lease, decides whether and from where to train, tells the other ranks (a
+    `Plan`), publishes the events and uploads checkpoints and the adapter. Each stage is a function
+    of one `_Run`; a stage that ends the run tells the other ranks so and returns the events (or
+    raises Retry or Reject), one that lets it go on returns None."""
     from services.trainer.training import TrainingError, TrainingStopped, train
 
-    bucket, _ = ctx.store.parse_url(dataset_uri)
-    adapter_prefix = f"{run_prefix(run_id)}/adapter"
-    done = ctx.store.stat(bucket, f"{adapter_prefix}/{COMPLETE}")
-    if done is not None:
-        # Trained before, but the completion was not recorded (crash after upload): publish it again.
-        world.broadcast({"action": "done"})
-        return [completed_event(run_id, recipe, dataset_uri, tenant, ctx.store.url(bucket, adapter_prefix + "/"),
-                                json.loads(ctx.store.read(bucket, f"{adapter_prefix}/{COMPLETE}")))]
-    lease = Lease(ctx.docs, run_id, WORKER_ID, ctx.settings.trainer_lease_s)
+    run = _Run(ctx, world, run_id, recipe, dataset_uri, tenant)
+    if (events := _already_trained(run)) is not None:
+        return events
+    lease = _take_lease(run)
+    try:
+        if (events := _admit(run)) is not None:
+            return events
+        with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat, \
+                UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3):
+            _fetch_inputs(run, Path(tmp))
+            if (events := _verify_inputs(run)) is not None:
+                return events
+            _start(run)
+            callbacks = _Callbacks(run, beat)
+            try:
+                result = train(recipe, run.data_dir, run.tmp / "work", resume_from=run.resume_dir,
+                               on_metrics=callbacks.on_metrics, on_checkpoint=callbacks.on_checkpoint,
+                               should_stop=callbacks.should_stop, on_alert=callbacks.on_alert,
+                               fetch_checkpoint=callbacks.fetch_checkpoint)
+            except TrainingStopped as stopped:
+                return _stopped(run, stopped)
+            except TrainingError as exc:
+                return [ev.TrainingFailed(run_id=run_id, reason=str(exc))]
+            return _upload_result(run, result)
+    finally:
+        lease.release()
+
+
+@dataclass
+class _Run:
+    """The state `_lead`'s stages share: the job, then what the stages add."""
+    ctx: Context
+    world: Any
+    run_id: str
+    recipe: Any
+    dataset_uri: str
+    tenant: str
+    bucket: str = field(init=False)     # the dataset's, where the run's checkpoints and adapter go too
+    # _fetch_inputs
+    tmp: Path | None = None             # the run's temporary folder
+    resumed_step: int = 0
+    resume_prefix: str | None = None    # the latest complete checkpoint in the store (None: start)
+    data_dir: Path | None = None
+    resume_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.bucket, _ = self.ctx.store.parse_url(self.dataset_uri)
+
+    @property
+    def adapter_prefix(self) -> str:
+        return f"{run_prefix(self.run_id)}/adapter"
+
+    def tell(self, plan: Plan) -> None:
+        """The plan, to the other ranks (waiting for it in `_follow`)."""
+        self.world.broadcast(plan)
+
+
+def _already_trained(run: _Run) -> list | None:
+    """Trained before, but the completion was not recorded (crash after upload): publish it again."""
+    store, complete = run.ctx.store, f"{run.adapter_prefix}/{COMPLETE}"
+    if store.stat(run.bucket, complete) is None:
+        return None
+    run.tell(Plan("done"))
+    return [completed_event(run.run_id, run.recipe, run.dataset_uri, run.tenant,
+                            store.url(run.bucket, run.adapter_prefix + "/"), json.loads(store.read(run.bucket, complete)))]
+
+
+def _take_lease(run: _Run) -> Lease:
+    """The run's lease; held by another worker, the message comes back when it may have expired."""
+    lease = Lease(run.ctx.docs, run.run_id, WORKER_ID, run.ctx.settings.trainer_lease_s)
     try:
         lease.acquire()
     except LeaseHeld as exc:
-        world.broadcast({"action": "retry", "reason": str(exc)})
+        run.tell(Plan("retry", reason=str(exc)))
         raise Retry(str(exc), delay_s=min(exc.expires_in + 1, 60)) from exc
+    return lease
+
+
+def _admit(run: _Run) -> list | None:
+    """The tenant's quota admits the run, or it fails as over quota."""
     try:
+        admit(run.ctx.docs, run.tenant, run.run_id, run.recipe.hardware.total_gpus)
+    except OverQuota as exc:
+        run.ctx.log.warning("refused: %s", exc)
+        run.tell(Plan("done"))
+        return [ev.TrainingFailed(run_id=run.run_id, reason=f"over quota: {exc}")]
+    return None
+
+
+def _fetch_inputs(run: _Run, tmp: Path) -> None:
+    """Adds tmp, the latest checkpoint in the store (resumed_step, resume_prefix), and data_dir and
+    resume_dir downloaded into tmp."""
+    run.tmp = tmp
+    run.resumed_step, run.resume_prefix = latest_checkpoint(run.ctx.store, run.bucket, run.run_id) or (0, None)
+    run.data_dir, run.resume_dir = _download_inputs(run.ctx, run.dataset_uri, run.resume_prefix, tmp)
+
+
+def _verify_inputs(run: _Run) -> list | None:
+    """The privacy sign-off (a review recipe without one is rejected) and the prepared files (the
+    run fails without them)."""
+    if run.recipe.data.privacy_review:
         try:
-            admit(ctx.docs, tenant, run_id, recipe.hardware.total_gpus)
-        except OverQuota as exc:
-            ctx.log.warning("refused: %s", exc)
-            world.broadcast({"action": "done"})
-            return [ev.TrainingFailed(run_id=run_id, reason=f"over quota: {exc}")]
-        with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat, \
-                UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3):
-            found = latest_checkpoint(ctx.store, bucket, run_id)
-            resumed_step, resume_prefix = found or (0, None)
-            data_dir, resume_dir = _download_inputs(ctx, dataset_uri, resume_prefix, Path(tmp))
-            if recipe.data.privacy_review:
-                try:
-                    verify_signed_off(ctx.docs, data_dir)
-                except SignoffMissing as exc:
-                    world.broadcast({"action": "reject", "reason": str(exc)})
-                    raise Reject(str(exc)) from exc
-            if problem := missing_prepared_files(data_dir):
-                world.broadcast({"action": "done"})
-                return [ev.TrainingFailed(run_id=run_id, reason=f"{dataset_uri}: {problem}")]
-            world.broadcast({"action": "train", "resume": resume_prefix})
-            ctx.publish(ev.TrainingStarted(run_id=run_id, dataset_uri=dataset_uri, resumed_from_step=resumed_step))
-            ctx.log.info("training", extra={"resumed_from_step": resumed_step, "worker": WORKER_ID})
+            verify_signed_off(run.ctx.docs, run.data_dir)
+        except SignoffMissing as exc:
+            run.tell(Plan("reject", reason=str(exc)))
+            raise Reject(str(exc)) from exc
+    if problem := missing_prepared_files(run.data_dir):
+        run.tell(Plan("done"))
+        return [ev.TrainingFailed(run_id=run.run_id, reason=f"{run.dataset_uri}: {problem}")]
+    return None
 
-            def on_metrics(rows: list[dict]) -> None:
-                ctx.publish(ev.TrainingProgress(run_id=run_id, metrics=rows, total_steps=rows[-1].get("total_steps")))
 
-            def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
-                prefix = checkpoint_prefix(run_id, step)
-                upload_dir(ctx.store, path, bucket, prefix, overwrite=True)
-                ctx.store.write(bucket, f"{prefix}/{COMPLETE}", json.dumps(metrics).encode())
-                prune_checkpoints(ctx.store, bucket, run_id, keep=recipe.training.keep_checkpoints,
-                                  best=metrics.get("best_step"))
-                ctx.publish(ev.CheckpointSaved(run_id=run_id, step=step, uri=ctx.store.url(bucket, prefix + "/"),
-                                               metrics={k: float(v) for k, v in metrics.items() if _is_number(v)}))
+def _start(run: _Run) -> None:
+    """Every rank trains, from the checkpoint found (or the start); TrainingStarted says so."""
+    run.tell(Plan("train", resume=run.resume_prefix))
+    run.ctx.publish(ev.TrainingStarted(run_id=run.run_id, dataset_uri=run.dataset_uri,
+                                       resumed_from_step=run.resumed_step))
+    run.ctx.log.info("training", extra={"resumed_from_step": run.resumed_step, "worker": WORKER_ID})
 
-            def should_stop() -> bool:
-                return ctx.stopping.is_set() or beat.lost.is_set() or ctx.cancelled(run_id)
 
-            def on_alert(alert) -> None:
-                ctx.publish(ev.TrainingAlert(run_id=run_id, step=alert.step, kind=alert.kind, message=alert.message,
-                                             value=alert.value, threshold=alert.threshold, stop=alert.stop))
+@dataclass(frozen=True)
+class _Callbacks:
+    """train()'s callbacks on rank 0: metrics and alerts become events, each checkpoint is uploaded
+    (then the old ones pruned) and announced, the loop stops on SIGTERM, a lost lease or a cancel,
+    and the best checkpoint comes back from the store when an early stop needs it."""
+    run: _Run
+    beat: Heartbeat
 
-            def fetch_checkpoint(step: int) -> Path | None:
-                prefix = checkpoint_prefix(run_id, step)
-                if ctx.store.stat(bucket, f"{prefix}/{COMPLETE}") is None:
-                    return None
-                target = Path(tmp) / f"best-{step}"
-                download_dir(ctx.store, bucket, prefix, target)
-                return target
+    def on_metrics(self, rows: list[dict]) -> None:
+        self.run.ctx.publish(ev.TrainingProgress(run_id=self.run.run_id, metrics=rows,
+                                                 total_steps=rows[-1].get("total_steps")))
 
-            try:
-                result = train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir,
-                               on_metrics=on_metrics, on_checkpoint=on_checkpoint, should_stop=should_stop,
-                               on_alert=on_alert, fetch_checkpoint=fetch_checkpoint)
-            except TrainingStopped as stopped:
-                if ctx.cancelled(run_id):
-                    world.broadcast("done")
-                    return [ev.TrainingFailed(run_id=run_id, reason="cancelled by request", step=stopped.step,
-                                              cancelled=True)]
-                # Preempted (SIGTERM) or lease lost: checkpointed; whoever gets the redelivery resumes.
-                world.broadcast("retry")
-                raise Retry(f"stopped at step {stopped.step}; will resume from its checkpoint", delay_s=0) from stopped
-            except TrainingError as exc:
-                return [ev.TrainingFailed(run_id=run_id, reason=str(exc))]
-            summary = {**{k: float(v) for k, v in result.metrics.items() if _is_number(v)}, "steps": result.steps}
-            upload_dir(ctx.store, result.adapter_dir, bucket, adapter_prefix, overwrite=True)
-            ctx.store.write(bucket, f"{adapter_prefix}/{COMPLETE}", json.dumps(summary).encode())
-            return [completed_event(run_id, recipe, dataset_uri, tenant, ctx.store.url(bucket, adapter_prefix + "/"), summary)]
-    finally:
-        lease.release()
+    def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+        run, store = self.run, self.run.ctx.store
+        prefix = checkpoint_prefix(run.run_id, step)
+        upload_dir(store, path, run.bucket, prefix, overwrite=True)
+        store.write(run.bucket, f"{prefix}/{COMPLETE}", json.dumps(metrics).encode())
+        prune_checkpoints(store, run.bucket, run.run_id, keep=run.recipe.training.keep_checkpoints,
+                          best=metrics.get("best_step"))
+        run.ctx.publish(ev.CheckpointSaved(run_id=run.run_id, step=step, uri=store.url(run.bucket, prefix + "/"),
+                                           metrics={k: float(v) for k, v in metrics.items() if _is_number(v)}))
+
+    def should_stop(self) -> bool:
+        ctx = self.run.ctx
+        return ctx.stopping.is_set() or self.beat.lost.is_set() or ctx.cancelled(self.run.run_id)
+
+    def on_alert(self, alert) -> None:
+        self.run.ctx.publish(ev.TrainingAlert(run_id=self.run.run_id, step=alert.step, kind=alert.kind,
+                                              message=alert.message, value=alert.value,
+                                              threshold=alert.threshold, stop=alert.stop))
+
+    def fetch_checkpoint(self, step: int) -> Path | None:
+        run = self.run
+        prefix = checkpoint_prefix(run.run_id, step)
+        if run.ctx.store.stat(run.bucket, f"{prefix}/{COMPLETE}") is None:
+            return None
+        target = run.tmp / f"best-{step}"
+        download_dir(run.ctx.store, run.bucket, prefix, target)
+        return target
+
+
+def _stopped(run: _Run, stopped) -> list:
+    """Training stopped after a checkpoint: cancelled by request, the run fails as cancelled;
+    preempted (SIGTERM) or the lease lost, the message goes back and whoever gets it resumes."""
+    if run.ctx.cancelled(run.run_id):
+        run.tell(Plan("done"))
+        return [ev.TrainingFailed(run_id=run.run_id, reason="cancelled by request", step=stopped.step,
+                                  cancelled=True)]
+    run.tell(Plan("retry"))
+    raise Retry(f"stopped at step {stopped.step}; will resume from its checkpoint", delay_s=0) from stopped
+
+
+def _upload_result(run: _Run, result) -> list:
+    """The adapter to the store, COMPLETE (its summary) last, and the completion event."""
+    store = run.ctx.store
+    summary = {**{k: float(v) for k, v in result.metrics.items() if _is_number(v)}, "steps": result.steps}
+    upload_dir(store, result.adapter_dir, run.bucket, run.adapter_prefix, overwrite=True)
+    store.write(run.bucket, f"{run.adapter_prefix}/{COMPLETE}", json.dumps(summary).encode())
+    return [completed_event(run.run_id, run.recipe, run.dataset_uri, run.tenant,
+                            store.url(run.bucket, run.adapter_prefix + "/"), summary)]
 
 
 def completed_event(run_id, recipe, dataset_uri, tenant, adapter_uri, summary: dict) -> ev.TrainingCompleted:

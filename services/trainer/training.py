@@ -14,6 +14,7 @@ test.jsonl of the recipe's kind of rows (shared/domain/datasets.py, DESIGN.md "T
 """
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -394,176 +395,348 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     e.g. after a resume), a non-finite loss or the budget raise TrainingError.
 
     Under torchrun every rank runs this with its own share of each step (services/trainer/distributed.py).
+    Each stage below is a function of one `_Attempt`: what it reads and adds is in its docstring.
     """
-    spec = recipe.training
-    world = world or distributed.World()
-    data_dir, work_dir = Path(data_dir), Path(work_dir)
-    train_file = data_dir / "train.jsonl"
+    run = _Attempt(recipe, Path(data_dir), Path(work_dir), world or distributed.World(), log=log,
+                   hooks=_Hooks(on_metrics, on_checkpoint, should_stop, on_alert, fetch_checkpoint))
+    _load_data(run)
+    _build_model(run)
+    _plan_steps(run)
+    _restore_or_start(run, resume_from)
+
+    batches = _steps(run.state, run.examples, [run.objective.length(e) for e in run.examples], run.spec)
+    while run.state.global_step < run.total_steps and not run.stopped_early:
+        metrics, grad_norm = _optimizer_step(run, next(batches))
+        stop = _watch(run, metrics, grad_norm)  # alerts, validation loss; a non-finite loss raises
+        _record(run, metrics)
+        if stop is not None or _checkpoint_due(run):
+            _checkpoint(run)
+        if stop is not None and stop.kind == "budget":
+            raise TrainingError(stop.message)
+        run.stopped_early = stop is not None  # early stop: the result is the best checkpoint's
+        if run.world.any(run.hooks.should_stop()):
+            raise TrainingStopped(run.state.global_step, _checkpoint_of_this_step(run))
+    return _finish(run)
+
+
+# ------------------------------------------------------------------------------------ the stages
+
+@dataclass(frozen=True)
+class _Hooks:
+    """The caller's callbacks (see `_train_attempt`)."""
+    on_metrics: Callable[[list[dict]], None] = _ignore
+    on_checkpoint: Callable[[int, Path, dict], None] = _ignore
+    should_stop: Callable[[], bool] = _never
+    on_alert: Callable[[Alert], None] = _ignore
+    fetch_checkpoint: Callable[[int], Path | None] = _no_checkpoint
+
+
+@dataclass
+class _Attempt:
+    """One attempt's state, explicit: what the caller gives, then what the stages add, in their
+    order. A stage is a function of it whose docstring says what it reads and what it adds; each
+    records its calls, seconds and counts in `stats` (stage name -> {name: number})."""
+    recipe: Recipe
+    data_dir: Path
+    work_dir: Path
+    world: distributed.World
+    log: logging.Logger = logger
+    hooks: _Hooks = field(default_factory=_Hooks)
+    # _load_data
+    train_rows: list[dict] = field(default_factory=list)
+    val_rows: list[dict] = field(default_factory=list)
+    # _build_model
+    tokenizer: Any = None
+    labels: list[str] | None = None     # a classifier's classes
+    model: Any = None                   # wrapped for the world's strategy by _restore_or_start
+    objective: objectives.Objective | None = None
+    examples: list = field(default_factory=list)
+    val_examples: list = field(default_factory=list)
+    # _plan_steps
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    # _restore_or_start
+    fingerprint: str = ""
+    state: _State = field(default_factory=_State)   # what a checkpoint carries besides the weights
+    optimizer: Any = None
+    scheduler: Any = None
+    monitor: Monitor | None = None
+    stopped_early: bool = False                     # also set by the loop after each step
+    # the loop
+    pending: list[dict] = field(default_factory=list)   # metrics rows not yet delivered to on_metrics
+    last_checkpoint: tuple[int, Path] | None = None     # (step, folder) of the latest one written
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> TrainingSpec:
+        return self.recipe.training
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def train_file(self) -> Path:
+        return self.data_dir / "train.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    def count(self, stage: str, **counts: float) -> None:
+        stats = self.stats.setdefault(stage, {})
+        for name, value in counts.items():
+            stats[name] = stats.get(name, 0) + value
+
+
+def _stage(fn):
+    """A stage of `_Attempt`: its calls and seconds (exceptions included) go to run.stats under its name."""
+    name = fn.__name__.lstrip("_")
+
+    @functools.wraps(fn)
+    def timed(run: _Attempt, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(run, *args, **kwargs)
+        finally:
+            run.count(name, calls=1, seconds=time.perf_counter() - started)
+    return timed
+
+
+@_stage
+def _load_data(run: _Attempt) -> None:
+    """Reads the recipe and data_dir; adds train_rows (the recipe's canaries inserted) and val_rows."""
+    train_file, spec = run.train_file, run.spec
     if not train_file.is_file():
         raise TrainingError(f"no train split at {train_file}; data_dir must be a prepared dataset folder "
                             "(train.jsonl, val.jsonl, test.jsonl) written by the preprocess stage")
-    train_rows = load_split(train_file, recipe.data_kind)
-    if not train_rows:
+    rows = load_split(train_file, run.recipe.data_kind)
+    if not rows:
         raise TrainingError(f"the train split {train_file} is empty; the preprocess stage kept no rows "
                             "(see its quality_report.json and rejected.jsonl)")
-    if canaries := recipe_canaries(recipe):
+    read = len(rows)
+    if canaries := recipe_canaries(run.recipe):
         # Secret Sharer canaries: the evaluator measures how exposed these secrets become
-        train_rows = insert_canaries(train_rows, canaries, repeats=recipe.eval.canaries.repeats, seed=spec.seed)
-        log.info("inserted %d canary conversations (eval.canaries) into the train split",
-                 len(canaries) * recipe.eval.canaries.repeats)
-    val_file = data_dir / "val.jsonl"
-    val_rows = load_split(val_file, recipe.data_kind) if val_file.is_file() else []
+        rows = insert_canaries(rows, canaries, repeats=run.recipe.eval.canaries.repeats, seed=spec.seed)
+        run.log.info("inserted %d canary conversations (eval.canaries) into the train split",
+                     len(canaries) * run.recipe.eval.canaries.repeats)
+    val_file = run.data_dir / "val.jsonl"
+    run.train_rows = rows
+    run.val_rows = load_split(val_file, run.recipe.data_kind) if val_file.is_file() else []
+    run.count("load_data", rows=read, canary_rows=len(rows) - read, val_rows=len(run.val_rows))
 
-    _seed_everything(spec.seed)
-    device = world.device
+
+@_stage
+def _build_model(run: _Attempt) -> None:
+    """Reads the rows; seeds every RNG, then adds tokenizer, labels, the model (on the device),
+    the objective, and the examples and val_examples it encodes from the rows."""
+    recipe, device = run.recipe, run.device
+    _seed_everything(run.spec.seed)
     try:
-        tokenizer = modeling.load_tokenizer(recipe)
-        labels = objectives.split_labels(recipe, train_rows) if recipe.task == "classification" else None
-        model = modeling.build_model(recipe, labels=labels, log=log)
+        run.tokenizer = modeling.load_tokenizer(recipe)
+        run.labels = objectives.split_labels(recipe, run.train_rows) if recipe.task == "classification" else None
+        model = modeling.build_model(recipe, labels=run.labels, log=run.log)
         if recipe.adapter.kind != "qlora":  # a 4-bit model is placed while it loads
             model = model.to(device)
-        objective = objectives.for_recipe(recipe, tokenizer, labels=labels)
-        examples = objective.prepare(model, objective.encode(train_rows, "train", log), device)
-        val_examples = objective.prepare(model, objective.encode(val_rows, "val", log), device)
+        run.model = model
+        run.objective = objective = objectives.for_recipe(recipe, run.tokenizer, labels=run.labels)
+        run.examples = objective.prepare(model, objective.encode(run.train_rows, "train", run.log), device)
+        run.val_examples = objective.prepare(model, objective.encode(run.val_rows, "val", run.log), device)
     except (modeling.ModelError, objectives.DataError) as exc:
         raise TrainingError(str(exc)) from exc
-    if not examples:
-        raise TrainingError(f"the train split {train_file} has no row this recipe can train on (see the warnings "
+    if not run.examples:
+        raise TrainingError(f"the train split {run.train_file} has no row this recipe can train on (see the warnings "
                             "above); check the dataset against the recipe's task and method")
-    steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.grad_accum))
-    total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
-    log.info("train split: %d examples, %d tokens (weight %d); %d steps of %d x %d examples",
-             len(examples), sum(objective.tokens(e) for e in examples), sum(objective.weight(e) for e in examples),
-             total_steps, spec.grad_accum, spec.batch_size)
+    run.count("build_model", examples=len(run.examples), val_examples=len(run.val_examples))
 
-    fingerprint = _fingerprint(recipe, train_file)
-    state = _load_checkpoint(Path(resume_from), model, fingerprint=fingerprint) if resume_from is not None else _State()
-    model, optimizer = world.wrap(model, lambda params: torch.optim.AdamW(params, lr=spec.learning_rate,
-                                                                         weight_decay=0.0),
-                                  max_grad_norm=spec.max_grad_norm)
-    scheduler = _lr_scheduler(optimizer, recipe, total_steps)
+
+@_stage
+def _plan_steps(run: _Attempt) -> None:
+    """Reads the examples and the recipe; adds steps_per_epoch and total_steps."""
+    spec, objective, examples = run.spec, run.objective, run.examples
+    run.steps_per_epoch = math.ceil(len(examples) / (spec.batch_size * spec.grad_accum))
+    run.total_steps = spec.max_steps or math.ceil(spec.epochs * run.steps_per_epoch)
+    tokens, weight = sum(objective.tokens(e) for e in examples), sum(objective.weight(e) for e in examples)
+    run.log.info("train split: %d examples, %d tokens (weight %d); %d steps of %d x %d examples",
+                 len(examples), tokens, weight, run.total_steps, spec.grad_accum, spec.batch_size)
+    run.count("plan_steps", steps=run.total_steps, tokens=tokens, weight=weight)
+
+
+@_stage
+def _restore_or_start(run: _Attempt, resume_from: Path | None) -> None:
+    """Reads the model and the plan; adds the fingerprint, the state (resume_from's, or a new one),
+    the model wrapped for the world's strategy with its optimizer, the scheduler, the monitor and
+    whether the run had already stopped early; the model is left in training mode."""
+    spec, world = run.spec, run.world
+    run.fingerprint = _fingerprint(run.recipe, run.train_file)
     if resume_from is not None:
-        _load_optimizer(Path(resume_from), optimizer, scheduler, world)
-        log.info("resumed from %s at step %d", resume_from, state.global_step)
-    monitor = Monitor(recipe, total_steps, Monitor.load_state(state.monitor))
+        run.state = _load_checkpoint(Path(resume_from), run.model, fingerprint=run.fingerprint)
+    run.model, run.optimizer = world.wrap(run.model, lambda params: torch.optim.AdamW(
+        params, lr=spec.learning_rate, weight_decay=0.0), max_grad_norm=spec.max_grad_norm)
+    run.scheduler = _lr_scheduler(run.optimizer, run.recipe, run.total_steps)
+    if resume_from is not None:
+        _load_optimizer(Path(resume_from), run.optimizer, run.scheduler, world)
+        run.log.info("resumed from %s at step %d", resume_from, run.state.global_step)
+    run.monitor = Monitor(run.recipe, run.total_steps, Monitor.load_state(run.state.monitor))
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    run.model.train()
+    run.stopped_early = run.monitor.stopped_early()  # a resume of a run that had already stopped early
+    run.count("restore_or_start", resumed_at=run.state.global_step)
+
+
+@_stage
+def _optimizer_step(run: _Attempt, step: list) -> tuple[dict, float]:
+    """One optimizer step over `step`'s examples: this rank's micro-batches of them forward and
+    backward, then the optimizer and the scheduler. Reads the model, objective, optimizer, scheduler
+    and monitor; advances the state (step, tokens, seconds, data position); returns the step's
+    metrics row and its gradient norm. Out of memory raises _OutOfMemory (`train` backs off)."""
+    spec, world, device, state, objective = run.spec, run.world, run.device, run.state, run.objective
+    started = time.perf_counter()
+    # this rank's share; the loss is divided by the weight of the whole step, over all ranks
+    micro = world.micro_batches(step, _micro_rows(spec, device))
+    targets = sum(objective.weight(e) for e in step)
+    tokens = sum(objective.tokens(e) for e in step)
+    lr = run.scheduler.get_last_lr()[0]
+    step_loss = 0.0
+    try:
+        for batch, weight in micro:
+            loss_sum = objective.loss_sum(run.model, batch, device)
+            world.backward(loss_sum * weight / targets)
+            step_loss += loss_sum.item() * weight
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise _OutOfMemory(state.global_step + 1, spec.batch_size, str(exc).splitlines()[0][:200]) from exc
+    grad_norm = world.step(run.optimizer, spec.max_grad_norm)
+    run.scheduler.step()
+    step_loss = world.sum(step_loss)
+    seconds = time.perf_counter() - started
+
+    state.global_step += 1
+    state.tokens_seen += tokens
+    state.seconds += seconds
+    state.next_step += 1
+    metrics = {"step": state.global_step, "total_steps": run.total_steps, "loss": round(step_loss / targets, 6),
+               "grad_norm": round(float(grad_norm), 6), "lr": lr,
+               "tokens_per_s": round(tokens / seconds, 1),
+               "epoch": round(state.epoch + state.next_step / run.steps_per_epoch, 4),
+               "peak_memory_mb": _peak_memory_mb(device), "cost": run.monitor.cost(state.seconds)}
+    if state.next_step >= run.steps_per_epoch:
+        state.epoch, state.next_step = state.epoch + 1, 0
+    run.count("optimizer_step", steps=1, micro_batches=len(micro), tokens=tokens)
+    return metrics, float(grad_norm)
+
+
+@_stage
+def _watch(run: _Attempt, metrics: dict, grad_norm: float) -> Alert | None:
+    """The monitor's look at the step just taken: its alerts (logged, and to on_alert), the
+    validation loss when it is due (added to `metrics`). Returns the alert that stops the run, if
+    any; a non-finite loss raises TrainingError (nothing after a NaN is worth a checkpoint)."""
+    state, spec = run.state, run.spec
+    alerts = run.monitor.on_step(state.global_step, metrics["loss"], grad_norm, state.seconds)
     eval_every = spec.eval_every or spec.checkpoint_every
+    if run.val_examples and not any(a.stop for a in alerts) and (
+            state.global_step % eval_every == 0 or state.global_step == run.total_steps):
+        alerts += _validate(run, metrics)
+    for alert in alerts:
+        (run.log.error if alert.stop else run.log.warning)("%s: %s", alert.kind, alert.message)
+        run.hooks.on_alert(alert)
+    run.count("watch", alerts=len(alerts))
+    stop = next((a for a in alerts if a.stop), None)
+    if stop is not None and stop.kind == "non_finite_loss":
+        raise TrainingError(stop.message)
+    return stop
 
-    checkpoints = work_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    pending: list[dict] = []
-    last_checkpoint: tuple[int, Path] | None = None
 
-    def checkpoint() -> Path:
-        nonlocal last_checkpoint
-        if pending:  # metrics up to the checkpoint reach the caller before it is announced
-            on_metrics(list(pending))
-            pending.clear()
-        state.monitor = monitor.state_dict()
-        path = _save_checkpoint(checkpoints, state, model, optimizer, scheduler, fingerprint=fingerprint,
-                                seed=spec.seed, total_steps=total_steps, labels=labels, world=world)
-        summary = {**(state.metrics[-1] if state.metrics else {}), "tokens_seen": state.tokens_seen}
-        if monitor.state.best_step is not None:
-            summary["best_step"] = monitor.state.best_step
-        log.info("checkpoint step %d -> %s", state.global_step, path)
-        on_checkpoint(state.global_step, path, summary)
-        if world.main:
-            _prune_checkpoints(checkpoints, spec.keep_checkpoints, monitor.state.best_step)
-        last_checkpoint = (state.global_step, path)
-        return path
+@_stage
+def _validate(run: _Attempt, metrics: dict) -> list[Alert]:
+    """Reads the model and val_examples; adds val_loss to the step's metrics; the monitor's alerts on it."""
+    metrics["val_loss"] = round(_evaluate_loss(run.model, run.objective, run.val_examples,
+                                               batch_size=run.spec.batch_size, device=run.device), 6)
+    return run.monitor.on_eval(run.state.global_step, metrics["val_loss"])
 
-    model.train()
-    step_batches = _steps(state, examples, [objective.length(e) for e in examples], spec)
-    stopped_early = monitor.stopped_early()  # a resume of a run that had already stopped early
-    while state.global_step < total_steps and not stopped_early:
-        step = next(step_batches)
-        started = time.perf_counter()
-        # this rank's share; the loss is divided by the weight of the whole step, over all ranks
-        micro = world.micro_batches(step, _micro_rows(spec, device))
-        targets = sum(objective.weight(e) for e in step)
-        tokens = sum(objective.tokens(e) for e in step)
-        lr = scheduler.get_last_lr()[0]
-        step_loss = 0.0
-        try:
-            for batch, weight in micro:
-                loss_sum = objective.loss_sum(model, batch, device)
-                world.backward(loss_sum * weight / targets)
-                step_loss += loss_sum.item() * weight
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            raise _OutOfMemory(state.global_step + 1, spec.batch_size, str(exc).splitlines()[0][:200]) from exc
-        grad_norm = world.step(optimizer, spec.max_grad_norm)
-        scheduler.step()
-        step_loss = world.sum(step_loss)
-        seconds = time.perf_counter() - started
 
-        state.global_step += 1
-        state.tokens_seen += tokens
-        state.seconds += seconds
-        state.next_step += 1
-        metrics = {"step": state.global_step, "total_steps": total_steps, "loss": round(step_loss / targets, 6),
-                   "grad_norm": round(float(grad_norm), 6), "lr": lr,
-                   "tokens_per_s": round(tokens / seconds, 1),
-                   "epoch": round(state.epoch + state.next_step / steps_per_epoch, 4),
-                   "peak_memory_mb": _peak_memory_mb(device), "cost": monitor.cost(state.seconds)}
-        if state.next_step >= steps_per_epoch:
-            state.epoch, state.next_step = state.epoch + 1, 0
-        alerts = monitor.on_step(state.global_step, metrics["loss"], float(grad_norm), state.seconds)
-        if val_examples and not any(a.stop for a in alerts) and (
-                state.global_step % eval_every == 0 or state.global_step == total_steps):
-            metrics["val_loss"] = round(_evaluate_loss(model, objective, val_examples, batch_size=spec.batch_size,
-                                                       device=device), 6)
-            alerts += monitor.on_eval(state.global_step, metrics["val_loss"])
-        for alert in alerts:
-            (log.error if alert.stop else log.warning)("%s: %s", alert.kind, alert.message)
-            on_alert(alert)
-        stop = next((a for a in alerts if a.stop), None)
-        if stop is not None and stop.kind == "non_finite_loss":
-            raise TrainingError(stop.message)  # nothing after a NaN is worth a checkpoint
-        state.metrics.append(metrics)
-        pending.append(metrics)
-        if len(pending) >= spec.metrics_every:
-            on_metrics(list(pending))
-            pending.clear()
-        if stop is not None or state.global_step % spec.checkpoint_every == 0 or state.global_step == total_steps:
-            checkpoint()
-        if stop is not None and stop.kind == "budget":
-            raise TrainingError(stop.message)
-        stopped_early = stop is not None
-        if world.any(should_stop()):
-            path = last_checkpoint[1] if last_checkpoint and last_checkpoint[0] == state.global_step else checkpoint()
-            raise TrainingStopped(state.global_step, path)
+@_stage
+def _record(run: _Attempt, metrics: dict) -> None:
+    """The step's metrics row into the state (checkpoints carry it) and to on_metrics, in lists of metrics_every."""
+    run.state.metrics.append(metrics)
+    run.pending.append(metrics)
+    if len(run.pending) >= run.spec.metrics_every:
+        _flush_metrics(run)
 
-    adapter_dir = work_dir / "adapter"
+
+def _flush_metrics(run: _Attempt) -> None:
+    if run.pending:
+        run.hooks.on_metrics(list(run.pending))
+        run.pending.clear()
+
+
+def _checkpoint_due(run: _Attempt) -> bool:
+    return run.state.global_step % run.spec.checkpoint_every == 0 or run.state.global_step == run.total_steps
+
+
+@_stage
+def _checkpoint(run: _Attempt) -> Path:
+    """Delivers the pending metrics (every step up to a checkpoint reaches the caller before it is
+    announced), writes work_dir/checkpoints/step-N, announces it to on_checkpoint and keeps the
+    latest keep_checkpoints and the best one; sets last_checkpoint."""
+    state, monitor, spec = run.state, run.monitor, run.spec
+    _flush_metrics(run)
+    state.monitor = monitor.state_dict()
+    path = _save_checkpoint(run.checkpoints, state, run.model, run.optimizer, run.scheduler,
+                            fingerprint=run.fingerprint, seed=spec.seed, total_steps=run.total_steps,
+                            labels=run.labels, world=run.world)
+    summary = {**(state.metrics[-1] if state.metrics else {}), "tokens_seen": state.tokens_seen}
+    if monitor.state.best_step is not None:
+        summary["best_step"] = monitor.state.best_step
+    run.log.info("checkpoint step %d -> %s", state.global_step, path)
+    run.hooks.on_checkpoint(state.global_step, path, summary)
+    if run.world.main:
+        _prune_checkpoints(run.checkpoints, spec.keep_checkpoints, monitor.state.best_step)
+    run.last_checkpoint = (state.global_step, path)
+    return path
+
+
+def _checkpoint_of_this_step(run: _Attempt) -> Path:
+    """The checkpoint of the current step: the one just written, or a new one."""
+    last = run.last_checkpoint
+    return last[1] if last is not None and last[0] == run.state.global_step else _checkpoint(run)
+
+
+@_stage
+def _finish(run: _Attempt) -> TrainResult:
+    """The result: work_dir/adapter (the best checkpoint's adapter after an early stop, else the
+    final weights) and the final metrics. Reads the whole state; adds nothing."""
+    state, world, spec, best = run.state, run.world, run.spec, run.monitor.state
+    adapter_dir = run.work_dir / "adapter"
     if world.main:
         shutil.rmtree(adapter_dir, ignore_errors=True)
-    best = monitor.state
-    if stopped_early and world.main:  # the run's result is its best checkpoint, not its last step
-        found = checkpoints / f"step-{best.best_step}"
-        found = found if found.is_dir() else fetch_checkpoint(best.best_step)
+    if run.stopped_early and world.main:  # the run's result is its best checkpoint, not its last step
+        found = run.checkpoints / f"step-{best.best_step}"
+        found = found if found.is_dir() else run.hooks.fetch_checkpoint(best.best_step)
         if found is None or not (found / "adapter").is_dir():
             raise TrainingError(f"stopped early at step {state.global_step}, but the best checkpoint (step "
-                                f"{best.best_step}) is neither in {checkpoints} nor in the run's store")
+                                f"{best.best_step}) is neither in {run.checkpoints} nor in the run's store")
         shutil.copytree(found / "adapter", adapter_dir)
-    if stopped_early:
+    if run.stopped_early:
         val_loss = best.best_val_loss
     else:
-        weights = world.full_state(model)
+        weights = world.full_state(run.model)
         if world.main:
-            modeling.save_trained(model, adapter_dir, labels=labels, state_dict=weights)
+            modeling.save_trained(run.model, adapter_dir, labels=run.labels, state_dict=weights)
         last_eval = state.metrics[-1].get("val_loss") if state.metrics else None
         val_loss = last_eval if last_eval is not None else _evaluate_loss(
-            model, objective, val_examples, batch_size=spec.batch_size, device=device)
-    final_epoch = state.metrics[-min(steps_per_epoch, len(state.metrics)):]
+            run.model, run.objective, run.val_examples, batch_size=spec.batch_size, device=run.device)
+    final_epoch = state.metrics[-min(run.steps_per_epoch, len(state.metrics)):]
     train_loss = sum(m["loss"] for m in final_epoch) / len(final_epoch) if final_epoch else None
     if val_loss is None:
-        log.warning("no val split in %s: val_loss is not measured", data_dir)
-    log.info("training done: %d steps, %d tokens, %.1f s, train_loss %s, val_loss %s", state.global_step,
-             state.tokens_seen, state.seconds, train_loss, val_loss)
-    metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": monitor.cost(state.seconds)}
-    if stopped_early:
+        run.log.warning("no val split in %s: val_loss is not measured", run.data_dir)
+    run.log.info("training done: %d steps, %d tokens, %.1f s, train_loss %s, val_loss %s", state.global_step,
+                 state.tokens_seen, state.seconds, train_loss, val_loss)
+    metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": run.monitor.cost(state.seconds)}
+    if run.stopped_early:
         metrics.update(best_step=best.best_step, early_stopped_at=state.global_step)
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
                        seconds=round(state.seconds, 3), loss_curve=[m["loss"] for m in state.metrics],
-                       micro_batch=(spec.batch_size, spec.grad_accum), device=str(device),
-                       distribution=world.describe(model, optimizer))
+                       micro_batch=(spec.batch_size, spec.grad_accum), device=str(run.device),
+                       distribution=world.describe(run.model, run.optimizer))
