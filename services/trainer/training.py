@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from shared.platform.build_info import RUN_RECORD
 from shared.domain.canaries import insert_canaries, recipe_canaries
 from shared.domain.datasets import DatasetContractError, read_split
 from shared.domain.recipe import Recipe, TrainingSpec
+from shared.platform.build_info import RUN_RECORD
 
 from services.trainer import distributed, modeling, objectives, run_record
 from services.trainer.monitor import Alert, Monitor

@@ -17,12 +17,15 @@ pytest.importorskip("torch")
 from shared.domain import events as ev  # noqa: E402
 from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
 from shared.platform.runtime import Context, Reject, Retry  # noqa: E402
+from tests.unit.chats import order_chat, write_jsonl, write_prepared  # noqa: E402
 
-from services.trainer import distributed, training  # noqa: E402
-from services.trainer import service as trainer  # noqa: E402
+from services.trainer import (  # noqa: E402
+    distributed,
+    service as trainer,  # noqa: E402
+    training,
+)
 from services.trainer.lease import Lease  # noqa: E402
 from services.trainer.monitor import Monitor  # noqa: E402
-from tests.unit.chats import order_chat, write_jsonl, write_prepared  # noqa: E402
 
 
 def _recipe(**overrides):
