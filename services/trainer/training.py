@@ -733,6 +733,9 @@ def _finish(run: _Attempt) -> TrainResult:
         run.log.warning("no val split in %s: val_loss is not measured", run.data_dir)
     run.log.info("training done: %d steps, %d tokens, %.1f s, train_loss %s, val_loss %s", state.global_step,
                  state.tokens_seen, state.seconds, train_loss, val_loss)
+    run.log.info("time by stage: %s", ", ".join(  # where an attempt's time went, from the stages' own stats
+        f"{name} {s['seconds']:.1f} s" + (f" ({s['calls']:.0f} calls)" if s["calls"] > 1 else "")
+        for name, s in run.stats.items()))
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": run.monitor.cost(state.seconds)}
     if run.stopped_early:
         metrics.update(best_step=best.best_step, early_stopped_at=state.global_step)
