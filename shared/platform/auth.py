@@ -37,19 +37,24 @@ Authenticator = Callable[[Mapping[str, str]], Identity]  # request headers -> Id
 
 def local_token(state_dir: Path) -> str:
     """The state folder's bearer token, created on first use (mode 0600; a concurrent creator's
-    token wins, so every process of one stack agrees)."""
+    token wins, so every process of one stack agrees). It is written whole under a temporary name
+    and linked into place, so a process starting beside its creator never reads it half written."""
     path = Path(state_dir) / TOKEN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        token = path.read_text().strip()
-        if not token:
-            raise AuthError(500, f"{path} is empty: delete it and restart the stack to generate a new token") from None
-        return token
-    with os.fdopen(fd, "w") as f:
-        token = secrets.token_urlsafe(32)
-        f.write(token + "\n")
+    if not path.exists():
+        tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another process's token is there already: theirs wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    token = path.read_text().strip()
+    if not token:
+        raise AuthError(500, f"{path} is empty: delete it and restart the stack to generate a new token")
     return token
 
 

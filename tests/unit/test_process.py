@@ -118,3 +118,19 @@ def test_serve_runs_a_real_process_until_sigterm_then_withdraws(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_processes_starting_together_agree_on_one_whole_local_token(tmp_path):
+    """`ftpipe up` starts the tracker and the registry at once, and each reads or creates the
+    stack's token: none may read it half written, and all must end with the same one."""
+    code = "import sys; from shared.platform.auth import local_token; print(local_token(sys.argv[1]))"
+    for round_ in range(3):
+        state = tmp_path / f"state-{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(state)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        results = [proc.communicate(timeout=60) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), [err for _, err in results]
+        tokens = {out.strip() for out, _ in results}
+        assert len(tokens) == 1 and tokens == {(state / "auth-token").read_text().strip()}
+        assert (state / "auth-token").stat().st_mode & 0o777 == 0o600
+        assert [p.name for p in state.iterdir()] == ["auth-token"]  # no temporary file left
