@@ -49,7 +49,7 @@ test: setup lint
 # relative imports) and pyright over shared/, where every adapter is checked against its port.
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/basedpyright
+	$(VENV)/bin/basedpyright --project pyproject.toml
 
 # The chaos suite (RELIABILITY.md): services SIGKILLed, messages duplicated and reordered, storage
 # faults, poison messages, hostile drops, 200 jobs at once. Long (about 2 hours on 2 cores); its
