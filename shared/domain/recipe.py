@@ -219,6 +219,12 @@ class TrainingSpec(_Strict):
     early_stop_evals: int = Field(default=3, ge=0)
     grad_norm_alert: float = Field(default=10.0, gt=0)   # a pre-clipping gradient norm above this raises an alert
     seed: int = 0
+    # What the frozen base computes in: auto is bf16 on a GPU that has it (fp16 with a loss scaler on
+    # one that has not) and fp32 on a CPU. Trainable weights and optimizer state stay fp32.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Activation checkpointing: each layer's activations are recomputed in the backward pass instead
+    # of kept (much less memory, about a third more compute). None: on on a GPU, off on a CPU.
+    gradient_checkpointing: bool | None = None
 
 
 class BudgetSpec(_Strict):
