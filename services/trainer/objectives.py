@@ -1,6 +1,6 @@
 """What a run learns from its rows: one objective per kind of data (Recipe.data_kind).
 
-- `ChatSFT`: next-token loss on assistant turns only (chat templates with generation markers,
+- `ChatSFT`: next-token loss on assistant turns only (located with the model's own chat template,
   services/trainer/chat_templates.py), optionally packed several conversations to a row.
 - `Preference`: DPO (TRL's sigmoid loss against the base model, which is the LoRA model with its
   adapter disabled) or ORPO (SFT on the chosen answer plus TRL's odds-ratio term; no reference).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from shared.domain.datasets import with_system_prompt
 from shared.domain.recipe import Recipe
 
-from services.trainer.chat_templates import TemplateError, training_template
+from services.trainer.chat_templates import Labelled, TemplateError, label_assistant_turns, model_template
 from services.trainer.distributed import shards_parameters
 
 IGNORE_INDEX = -100  # label value the losses skip: prompt, system and padding tokens
@@ -116,19 +116,35 @@ class ChatExample:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
-def encode_conversation(tokenizer, template: str, messages: list[dict], *, system_prompt: str | None,
-                        max_seq_len: int) -> ChatExample:
-    """Token ids and labels of one conversation: the template's generation markers say which tokens
-    the assistant produced; only those are trained."""
+def label_conversation(tokenizer, template: str, messages: list[dict], *, system_prompt: str | None) -> Labelled:
+    """The conversation (with the recipe's system prompt where it has none) and which of its tokens the
+    assistant says, located with the chat template (services/trainer/chat_templates.py)."""
     messages = with_system_prompt(messages, system_prompt)
     if messages and messages[0]["role"] == "assistant":
         raise DataError("a conversation starts with an assistant turn; there is no prompt to answer (fix the "
                         "data, or set data.system_prompt in the recipe)")
-    encoded = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
-    labels = [tok if marked else IGNORE_INDEX for tok, marked in zip(ids, mask, strict=True)]
-    return ChatExample(ids[:max_seq_len], labels[:max_seq_len])
+    try:
+        return label_assistant_turns(tokenizer, template, messages)
+    except TemplateError as exc:
+        raise DataError(str(exc)) from None
+
+
+def chat_examples(labelled: Labelled, max_seq_len: int) -> list[ChatExample]:
+    """Token ids and labels, cut to max_seq_len: only what the assistant says is trained."""
+    return [ChatExample(r.input_ids[:max_seq_len],
+                        [tok if said else IGNORE_INDEX for tok, said in zip(r.input_ids, r.assistant, strict=True)][:max_seq_len])
+            for r in labelled.examples]
+
+
+def encode_conversation(tokenizer, template: str, messages: list[dict], *, system_prompt: str | None,
+                        max_seq_len: int) -> ChatExample:
+    """The conversation as one example, where the template renders it consistently (ChatSFT also takes
+    the one-example-per-assistant-turn fallback of templates that do not)."""
+    labelled = label_conversation(tokenizer, template, messages, system_prompt=system_prompt)
+    if labelled.per_turn:
+        raise DataError("the chat template renders earlier turns differently once later ones follow, so this "
+                        "conversation trains as one example per assistant turn (chat_examples)")
+    return chat_examples(labelled, max_seq_len)[0]
 
 
 def pack(examples: list[ChatExample], max_seq_len: int) -> list[ChatExample]:
@@ -164,27 +180,30 @@ class ChatSFT:
     def __init__(self, recipe: Recipe, tokenizer):
         self.recipe, self.tokenizer = recipe, tokenizer
         try:
-            self.template = training_template(tokenizer)
+            self.template = model_template(tokenizer)
         except TemplateError as exc:
             raise DataError(f"base_model {recipe.base_model!r}: {exc}") from None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, rows: list[dict], split: str, log: logging.Logger) -> list[ChatExample]:
         spec = self.recipe.training
-        examples, no_assistant, truncated_away = [], 0, 0
+        examples, no_assistant, truncated_away, per_turn, folded = [], 0, 0, 0, 0
         for row in rows:
             if not any(m["role"] == "assistant" for m in row["messages"]):
                 no_assistant += 1
                 continue
             try:
-                example = encode_conversation(self.tokenizer, self.template, row["messages"],
-                                              system_prompt=self.recipe.data.system_prompt, max_seq_len=spec.max_seq_len)
+                labelled = label_conversation(self.tokenizer, self.template, row["messages"],
+                                              system_prompt=self.recipe.data.system_prompt)
             except DataError as exc:
                 raise DataError(f"{split} row {row.get('id', '?')}: {exc}") from None
-            if example.trained_tokens == 0:
-                truncated_away += 1
-                continue
-            examples.append(example)
+            per_turn += labelled.per_turn
+            folded += labelled.system_folded
+            for example in chat_examples(labelled, spec.max_seq_len):
+                if example.trained_tokens == 0:
+                    truncated_away += 1
+                else:
+                    examples.append(example)
         if rows and not examples:
             if no_assistant == len(rows):
                 raise DataError(f"{split} split: none of its {len(rows)} conversations has an assistant turn, so "
@@ -192,8 +211,14 @@ class ChatSFT:
             raise DataError(f"{split} split: every assistant turn lies beyond training.max_seq_len="
                             f"{spec.max_seq_len} tokens; raise max_seq_len or shorten the prompts")
         if no_assistant or truncated_away:
-            log.warning("%s split: skipped %d conversations without assistant turns and %d whose assistant turns "
-                        "lie beyond max_seq_len", split, no_assistant, truncated_away)
+            log.warning("%s split: skipped %d conversations without assistant turns and %d examples whose assistant "
+                        "turns lie beyond max_seq_len", split, no_assistant, truncated_away)
+        if per_turn:
+            log.info("%s split: the chat template renders earlier turns differently once later ones follow, so %d "
+                     "conversations train as one example per assistant turn", split, per_turn)
+        if folded:
+            log.info("%s split: the chat template does not keep a system message in place, so it went into the first "
+                     "user turn of %d conversations", split, folded)
         if spec.packing and split == "train":
             packed = pack(examples, spec.max_seq_len)
             log.info("packed %d conversations into %d rows of at most %d tokens", len(examples), len(packed),
