@@ -63,12 +63,20 @@ def model_template(tokenizer) -> str:
     return template
 
 
-def label_assistant_turns(tokenizer, template: str, messages: list[dict]) -> Labelled:
-    """The conversation's tokens with its assistant replies marked, as one example where the template
-    renders it consistently, else one example per assistant turn (module docstring)."""
+def generation_marked(template: str) -> bool:
+    """Whether the template marks what the assistant generates (TRL's check; importing TRL maps its
+    template tables, about 1.5 GB of address space, so callers ask once, up front)."""
     from trl.chat_template_utils import has_generation_markers
 
-    ways = [_marked] if has_generation_markers(template) else [_by_prefixes, _turn_by_turn]
+    return has_generation_markers(template)
+
+
+def label_assistant_turns(tokenizer, template: str, messages: list[dict], *, marked: bool | None = None) -> Labelled:
+    """The conversation's tokens with its assistant replies marked, as one example where the template
+    renders it consistently, else one example per assistant turn (module docstring). `marked`:
+    generation_marked(template), where the caller knows it already."""
+    marked = generation_marked(template) if marked is None else marked
+    ways = [_marked] if marked else [_by_prefixes, _turn_by_turn]
     failures = []
     for folded, variant in _system_variants(messages):
         for way in ways:
@@ -202,10 +210,10 @@ def training_template(tokenizer) -> str:
     """A template that renders like the tokenizer's and marks what the assistant generates, for TRL's
     `SFTTrainer(assistant_only_loss=True)`, which reads the mask off markers only (the TRL baseline of
     bench/train). ftpipe's own trainer needs none of this: it labels by prefixes (above)."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import get_training_chat_template
 
     template = model_template(tokenizer)
-    if has_generation_markers(template):
+    if generation_marked(template):
         return template
     if template in _TRAINING_TEMPLATES:
         return _TRAINING_TEMPLATES[template]

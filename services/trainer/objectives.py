@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from shared.domain.datasets import with_system_prompt
 from shared.domain.recipe import Recipe
 
-from services.trainer.chat_templates import Labelled, TemplateError, label_assistant_turns, model_template
+from services.trainer.chat_templates import (
+    Labelled,
+    TemplateError,
+    generation_marked,
+    label_assistant_turns,
+    model_template,
+)
 from services.trainer.distributed import shards_parameters
 
 IGNORE_INDEX = -100  # label value the losses skip: prompt, system and padding tokens
@@ -116,7 +122,8 @@ class ChatExample:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
-def label_conversation(tokenizer, template: str, messages: list[dict], *, system_prompt: str | None) -> Labelled:
+def label_conversation(tokenizer, template: str, messages: list[dict], *, system_prompt: str | None,
+                       marked: bool | None = None) -> Labelled:
     """The conversation (with the recipe's system prompt where it has none) and which of its tokens the
     assistant says, located with the chat template (services/trainer/chat_templates.py)."""
     messages = with_system_prompt(messages, system_prompt)
@@ -124,7 +131,7 @@ def label_conversation(tokenizer, template: str, messages: list[dict], *, system
         raise DataError("a conversation starts with an assistant turn; there is no prompt to answer (fix the "
                         "data, or set data.system_prompt in the recipe)")
     try:
-        return label_assistant_turns(tokenizer, template, messages)
+        return label_assistant_turns(tokenizer, template, messages, marked=marked)
     except TemplateError as exc:
         raise DataError(str(exc)) from None
 
@@ -183,6 +190,7 @@ class ChatSFT:
             self.template = model_template(tokenizer)
         except TemplateError as exc:
             raise DataError(f"base_model {recipe.base_model!r}: {exc}") from None
+        self.marked = generation_marked(self.template)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, rows: list[dict], split: str, log: logging.Logger) -> list[ChatExample]:
@@ -194,7 +202,7 @@ class ChatSFT:
                 continue
             try:
                 labelled = label_conversation(self.tokenizer, self.template, row["messages"],
-                                              system_prompt=self.recipe.data.system_prompt)
+                                              system_prompt=self.recipe.data.system_prompt, marked=self.marked)
             except DataError as exc:
                 raise DataError(f"{split} row {row.get('id', '?')}: {exc}") from None
             per_turn += labelled.per_turn
