@@ -13,7 +13,7 @@ asked instead, by rendering the conversation's prefixes:
 The tokens in between are the reply and its end-of-turn token(s) (`<|eot_id|>`, `</s>`,
 `<|im_end|>`, `<end_of_turn>`, `<|end|>`): what the model generates until it stops. Whitespace
 after them (the newline between turns) is formatting the model never has to produce, and is not
-trained, as in the generation markers of ftpipe's and TRL's marked templates.
+trained (as in the markers of ftpipe's marked SmolLM2 template; TRL's marked copies vary on this).
 
 Each prefix's tokens must be a prefix of the whole conversation's tokens, which holds for a
 template that renders earlier turns the same whatever follows. Where it does not (Qwen3 drops past
