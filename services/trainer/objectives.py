@@ -401,7 +401,8 @@ class Preference:
     @torch.no_grad()
     def prepare(self, model, examples: list[PairExample], device: torch.device) -> list[PairExample]:
         """DPO: the reference (base) log-probabilities of every pair, once, with the adapter
-        disabled (TRL's `precompute_ref_log_probs`): each step then runs the policy only."""
+        disabled (TRL's `precompute_ref_log_probs`): each step then runs the policy only. In
+        micro-batches of training.batch_size, which the out-of-memory back-off lowers."""
         if self.method != "dpo" or not examples or examples[0].ref_logps is not None:
             return examples
         if not hasattr(model, "disable_adapter"):
@@ -411,9 +412,10 @@ class Preference:
         was_training = model.training
         model.eval()
         out = []
+        size = self.recipe.training.batch_size
         with model.disable_adapter():
-            for start in range(0, len(examples), 8):
-                batch = examples[start:start + 8]
+            for start in range(0, len(examples), size):
+                batch = examples[start:start + size]
                 sums, _ = self._sequence_logps(model, batch, device)
                 n = len(batch)
                 out += [replace(e, ref_logps=(float(sums[i]), float(sums[n + i]))) for i, e in enumerate(batch)]

@@ -14,6 +14,7 @@ test.jsonl of the recipe's kind of rows (shared/domain/datasets.py, DESIGN.md "T
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -304,15 +305,36 @@ def _steps(state: _State, examples: list, lengths: list[int], spec: TrainingSpec
 
 
 class _OutOfMemory(Exception):
-    def __init__(self, step: int, batch_size: int, detail: str):
-        super().__init__(f"out of memory at step {step} with micro-batches of {batch_size}: {detail}")
-        self.step, self.batch_size = step, batch_size
+    def __init__(self, where: str, step: int, batch_size: int, detail: str):
+        super().__init__(f"out of memory {where} with micro-batches of {batch_size}: {detail}")
+        self.where, self.step, self.batch_size = where, step, batch_size
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError saying so)."""
     text = str(exc).lower()
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+@contextlib.contextmanager
+def _backs_off(run: _Attempt, step: int, where: str):
+    """Out of memory inside raises _OutOfMemory (`where`: what ran out, for the message), on which
+    `train` backs off. What the work held stays referenced by the exception's frames until `train`
+    has left its handler."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise _OutOfMemory(where, step, run.spec.batch_size, str(exc).splitlines()[0][:200]) from exc
+
+
+def _release_memory() -> None:
+    """Return what a failed attempt held: its objects (cycles of frames and tensors included), then
+    the CUDA allocator's cached blocks, so the next attempt starts from an empty device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def backed_off(spec: TrainingSpec) -> tuple[int, int] | None:
@@ -359,7 +381,7 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
             if smaller is None:
                 raise TrainingError(f"{oom}; nothing smaller to try: lower training.max_seq_len (now "
                                     f"{attempt.training.max_seq_len}) or train on a GPU with more memory") from oom
-            message = (f"out of memory at step {oom.step} with micro-batches of {oom.batch_size}; resuming with "
+            message = (f"out of memory {oom.where} with micro-batches of {oom.batch_size}; resuming with "
                        f"{smaller[0]} x {smaller[1]} accumulation (the same effective batch)")
             log.warning(message)
             on_alert(Alert("out_of_memory", oom.step, message, float(oom.batch_size), None, stop=False))
@@ -367,9 +389,9 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
                 update={"batch_size": smaller[0], "grad_accum": smaller[1]})})
             done = local_checkpoints(checkpoints)
             resume_from = done[-1][1] if done else resume_from
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # out of the handler: the exception, and with its frames the failed attempt's model,
+        # optimizer and activations, are unreferenced now
+        _release_memory()
     if world.main:
         run_record.write(result.adapter_dir / RUN_RECORD, run_record.build(
             recipe, data_dir, device=result.device,
@@ -552,9 +574,10 @@ def _build_model(run: _Attempt) -> None:
             model = model.to(device)
         run.model = model
         run.objective = objective = objectives.for_recipe(recipe, run.tokenizer, labels=run.labels)
-        with run.compute.autocast():  # DPO's reference pass: forwards over the whole split
-            run.examples = objective.prepare(model, objective.encode(run.train_rows, "train", run.log), device)
-            run.val_examples = objective.prepare(model, objective.encode(run.val_rows, "val", run.log), device)
+        train, val = objective.encode(run.train_rows, "train", run.log), objective.encode(run.val_rows, "val", run.log)
+        # DPO's reference pass: forwards over the whole split, in micro-batches of the recipe's batch size
+        with run.compute.autocast(), _backs_off(run, 0, "in the DPO reference pass (before training)"):
+            run.examples, run.val_examples = objective.prepare(model, train, device), objective.prepare(model, val, device)
     except (ComputeError, modeling.ModelError, objectives.DataError) as exc:
         raise TrainingError(str(exc)) from exc
     if not run.examples:
@@ -612,17 +635,15 @@ def _optimizer_step(run: _Attempt, step: list) -> tuple[dict, float]:
     tokens = sum(objective.tokens(e) for e in step)
     lr = run.scheduler.get_last_lr()[0]
     step_loss = 0.0
-    try:
+    number = state.global_step + 1
+    with _backs_off(run, number, f"at step {number}"):
         for batch, weight in micro:
             with run.compute.autocast():  # the forward only: backward ops run in their forward's dtypes
                 loss_sum = objective.loss_sum(run.model, batch, device)
             world.backward(loss_sum * weight / targets)
             step_loss += loss_sum.item() * weight
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not _is_out_of_memory(exc):
-            raise
-        raise _OutOfMemory(state.global_step + 1, spec.batch_size, str(exc).splitlines()[0][:200]) from exc
-    grad_norm = world.step(run.optimizer, spec.max_grad_norm)
+    with _backs_off(run, number, f"at step {number} (optimizer step)"):  # where AdamW allocates its moments
+        grad_norm = world.step(run.optimizer, spec.max_grad_norm)
     if not world.skipped:  # an fp16 step skipped for overflowing: the schedule waits for it (as accelerate does)
         run.scheduler.step()
     step_loss = world.sum(step_loss)
@@ -673,7 +694,8 @@ def _validate(run: _Attempt, metrics: dict) -> list[Alert]:
 
 def _val_loss(run: _Attempt) -> float | None:
     """The validation loss of the model as it is now, in micro-batches of the recipe's batch size."""
-    with run.compute.autocast():
+    step = run.state.global_step
+    with run.compute.autocast(), _backs_off(run, step, f"at step {step} (validation)"):
         return _evaluate_loss(run.model, run.objective, run.val_examples, batch_size=run.spec.batch_size,
                               device=run.device)
 
