@@ -162,13 +162,11 @@ def models_built(monkeypatch) -> list[int]:
     return alive
 
 
-def _chats(folder: Path, n: int = 8) -> Path:
-    from tests.unit.chats import order_chat, write_jsonl
+def _chats(folder: Path) -> Path:
+    from tests.unit.chats import order_chat, write_prepared
 
-    folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [order_chat(i, follow_up=True) for i in range(n)])
-    write_jsonl(folder / "val.jsonl", [order_chat(i, follow_up=True) for i in range(n, n + 2)])
-    return folder
+    chats = [order_chat(i, follow_up=True) for i in range(10)]
+    return write_prepared(folder, {"train": chats[:8], "val": chats[8:]})
 
 
 def _backed_off(recipe, data: Path, work: Path) -> tuple:

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
 from shared.domain.recipe import apply_overrides, load_recipe  # noqa: E402
-from tests.unit.chats import order_chat, write_jsonl  # noqa: E402
+from tests.unit.chats import order_chat, write_prepared  # noqa: E402
 
 from services.trainer import compute, distributed, modeling, training  # noqa: E402
 from services.trainer.compute import Compute, ComputeError  # noqa: E402
@@ -30,11 +30,8 @@ def _recipe(**overrides):
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [order_chat(i, follow_up=True) for i in range(7)])
-    write_jsonl(folder / "val.jsonl", [order_chat(i, follow_up=True) for i in range(7, 9)])
-    return folder
+    chats = [order_chat(i, follow_up=True) for i in range(9)]
+    return write_prepared(tmp_path / "data", {"train": chats[:7], "val": chats[7:]})
 
 
 # ------------------------------------------------------------------ resolution
