@@ -9,6 +9,11 @@ The training loop (training.py) stays one loop; it asks a `World` for what diffe
   buckets); fsdp shards every parameter with FSDP2's `fully_shard` (each decoder block, then the
   rest); deepspeed_zero2 / deepspeed_zero3 hand the model to DeepSpeed (ZeRO partitions optimizer
   state and gradients, stage 3 the parameters too);
+- mixed precision (services/trainer/compute.py) the way each strategy has it: the loop's autocast
+  and, for fp16, torch's GradScaler (one process, ddp, fsdp); FSDP2's MixedPrecisionPolicy on top
+  (parameters gathered in the precision, gradients reduced in float32); DeepSpeed's own bf16 / fp16
+  sections (its module in the precision, float32 master weights and its own loss scaler), the masters
+  being what checkpoints hold;
 - checkpoints keep the one-process layout: rank 0 writes the full adapter and the full optimizer
   state (gathered from the shards), each rank's RNG state beside it; on resume every rank reads the
   same files and takes its shard, so a run resumes on any number of processes and strategy.
@@ -29,6 +34,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from services.trainer.compute import CPU_FP32, Compute
 
 STRATEGIES_THAT_AVERAGE = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")  # they divide gradients by the world size
 _BUCKET_ELEMENTS = 2**23  # gradients are summed in buckets of 32 MiB of float32, as DDP does
@@ -62,6 +69,9 @@ class World:
     size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     engine: object | None = None    # DeepSpeed's engine, once wrapped
+    compute: Compute = CPU_FP32     # the precision the model was wrapped for
+    scaler: torch.amp.GradScaler | None = None   # fp16 outside DeepSpeed: the loss scaler
+    skipped: bool = False           # whether the last step() skipped its update (an fp16 overflow)
 
     @property
     def main(self) -> bool:
@@ -80,9 +90,12 @@ class World:
 
     # ------------------------------------------------------------------------------ model
 
-    def wrap(self, model, make_optimizer, *, max_grad_norm: float):
-        """(model, optimizer) for this strategy; make_optimizer(params) builds the torch optimizer
-        over the trainable parameters (after sharding, so it holds the shards)."""
+    def wrap(self, model, make_optimizer, *, max_grad_norm: float, compute: Compute = CPU_FP32):
+        """(model, optimizer) for this strategy and precision; make_optimizer(params) builds the torch
+        optimizer over the trainable parameters (after sharding, so it holds the shards)."""
+        self.compute = compute
+        if self.strategy not in ("deepspeed_zero2", "deepspeed_zero3") or self.size == 1:
+            self.scaler = compute.grad_scaler()
         if self.size == 1:
             return model, make_optimizer(_trainable(model))
         if self.strategy == "ddp":
@@ -94,49 +107,63 @@ class World:
 
             backbone = model.get_base_model() if hasattr(model, "get_base_model") else model  # full: no PEFT
             blocks = set(getattr(backbone, "_no_split_modules", None) or ())
+            policy = fsdp_mixed_precision(compute)
             for module in model.modules():
                 if type(module).__name__ in blocks:
-                    fully_shard(module)
-            fully_shard(model)  # embeddings, final norm and head (tied to the embeddings) with the root
+                    fully_shard(module, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)  # embeddings, final norm and head (tied to the embeddings) with the root
             return model, make_optimizer(_trainable(model))
         import deepspeed
 
         for handler in deepspeed.utils.logger.handlers:  # stdout is the program's output (ftpipe train --json)
             if isinstance(handler, logging.StreamHandler):
                 handler.setStream(sys.stderr)
-        optimizer = make_optimizer(_trainable(model))
-        stage = 3 if self.strategy == "deepspeed_zero3" else 2
-        config = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            # the loop runs its micro-batches and calls step() once: DeepSpeed reduces there
-            "managed_gradient_accumulation": False,
-            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-            "gradient_clipping": max_grad_norm,
-            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        trained = _trainable(model)
+        # DeepSpeed makes its float32 masters from the module cast to the precision: keep the exact
+        # weights (a resumed adapter, fresh LoRA A) to put into them
+        masters = [p.detach().to("cpu", copy=True) for p in trained] if compute.mixed else []
+        optimizer = make_optimizer(trained)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=deepspeed_config(self.strategy, max_grad_norm, compute))
+        if masters:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for param, value in zip(self._deepspeed_params(), masters, strict=True):
+                safe_set_full_fp32_param(param, value.to(self.device))
         return model, optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.strategy in STRATEGIES_THAT_AVERAGE and self.size > 1:
             loss = loss * self.size   # the loss is already divided by the step's tokens over all ranks
-        if self.engine is not None:
+        if self.engine is not None:   # fp16: its loss scaler scales here
             self.engine.backward(loss, scale_wrt_gas=False)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
     def step(self, optimizer, max_grad_norm: float) -> float:
         """Reduce the gradients, clip them to max_grad_norm, step the optimizer, zero the
-        gradients; returns the gradient norm before clipping (the same on every rank)."""
+        gradients; returns the gradient norm before clipping (the same on every rank). With a loss
+        scaler, a step whose gradients overflowed is skipped (`skipped`) and the scale lowered."""
         if self.engine is not None:  # it reduces the gradients, measures and clips them (its config), steps
             self.engine.step()
+            self.skipped = not self.engine.was_step_applied()
             return float(self.engine.get_global_grad_norm())
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.strategy == "ddp" and self.size > 1:
             _sum_gradients(params)
+        if self.scaler is not None:  # true gradients before measuring and clipping them (sharded: found_inf is all-reduced)
+            self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)  # a sharded norm scales sharded grads
-        optimizer.step()
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)   # skipped if the gradients hold an inf or NaN
+            self.scaler.update()
+            self.skipped = self.scaler.get_scale() < scale
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
@@ -180,10 +207,15 @@ class World:
 
     def full_state(self, model) -> dict[str, torch.Tensor] | None:
         """The trained parameters in full, gathered from their shards (a collective: every rank calls
-        it), for rank 0 to save; None when they are not sharded (the model saves its own)."""
+        it), for rank 0 to save; None when they are not sharded (the model saves its own). Under
+        DeepSpeed in bf16 / fp16, its float32 masters: the module holds copies rounded to the precision."""
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if self.engine is not None and self.compute.mixed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in named}
         if not shards_parameters(model):
             return None
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if self.engine is not None:
             import deepspeed
 
@@ -233,13 +265,20 @@ class World:
                 state[index][key] = value.detach().cpu().clone().reshape(getattr(param, "ds_shape", param.shape))
         groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         groups[0]["params"] = list(range(len(self._deepspeed_params())))  # training.py's one group
-        return {"state": state, "param_groups": groups}
+        saved = {"state": state, "param_groups": groups}
+        if self.compute.precision == "fp16":  # its dynamic loss scale, where it had got to
+            scaler = self.engine.optimizer.loss_scaler
+            saved["loss_scaler"] = {key: getattr(scaler, key) for key in _DEEPSPEED_LOSS_SCALER}
+        return saved
 
     def _deepspeed_load_optimizer_state(self, optimizer, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
         for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
+        if self.compute.precision == "fp16" and "loss_scaler" in state:
+            for key, value in state["loss_scaler"].items():
+                setattr(self.engine.optimizer.loss_scaler, key, value)
         if not state["state"]:
             return
         # Adam's state over ZeRO's flat partitions, created as AdamW creates it at its first step
@@ -275,6 +314,37 @@ class World:
         return {"strategy": self.strategy, "world_size": self.size, "param_elements": total,
                 "param_elements_per_rank": [p for p, _ in per_rank],
                 "optimizer_state_elements_per_rank": [s for _, s in per_rank]}
+
+
+# DeepSpeed's DynamicLossScaler: the fields that move as it trains
+_DEEPSPEED_LOSS_SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def deepspeed_config(strategy: str, max_grad_norm: float, compute: Compute) -> dict:
+    """DeepSpeed's configuration for a ZeRO strategy and the run's precision."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        # the loop runs its micro-batches and calls step() once: DeepSpeed reduces there
+        "managed_gradient_accumulation": False,
+        "zero_optimization": {"stage": 3 if strategy == "deepspeed_zero3" else 2}, "zero_allow_untested_optimizer": True,
+        "gradient_clipping": max_grad_norm,
+        "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+    }
+    if compute.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif compute.precision == "fp16":  # loss_scale 0: dynamic, from 2^16 as torch's GradScaler
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def fsdp_mixed_precision(compute: Compute):
+    """FSDP2's policy for the run's precision: parameters gathered and computed in it, gradients
+    reduced in float32 (a sum over ranks in bf16 would lose the small ones); no casts in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not compute.mixed:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute.dtype, reduce_dtype=torch.float32)
 
 
 def join(strategy: str) -> World:

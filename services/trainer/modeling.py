@@ -17,6 +17,7 @@ import torch
 from shared.domain.models import ModelNotAvailable, resolve_model
 from shared.domain.recipe import Recipe
 
+from services.trainer.compute import CPU_FP32, Compute
 from services.trainer.packed_attention import use_packed_attention
 
 logger = logging.getLogger(__name__)
@@ -39,27 +40,41 @@ def load_tokenizer(recipe: Recipe):
                          "the model folder needs tokenizer.json or the tokenizer's vocabulary files") from exc
 
 
-def load_base(recipe: Recipe):
+def load_base(recipe: Recipe, compute: Compute = CPU_FP32):
     """(tokenizer, the base model without an adapter), as a run would load them: for scripts that
     compare against the base (bench/, evaluation notebooks)."""
-    return load_tokenizer(recipe), _load_base(recipe, None)
+    return load_tokenizer(recipe), _load_base(recipe, None, compute)
 
 
-def build_model(recipe: Recipe, *, labels: list[str] | None = None, log: logging.Logger = logger):
-    """The trainable model: base model + the recipe's adapter, in float32 on the CPU (the caller
-    moves it). `labels` (classification only) names the classes, in index order."""
+# PyTorch's non-reentrant checkpoint: gradients reach the adapters whether or not a layer's input
+# requires them, keyword arguments (position_ids of packed rows) pass through, and the recompute
+# replays the forward's RNG (dropout masks), so the numbers are those of a run without it.
+_NON_REENTRANT = {"use_reentrant": False}
+
+
+def build_model(recipe: Recipe, *, labels: list[str] | None = None, log: logging.Logger = logger,
+                compute: Compute = CPU_FP32):
+    """The trainable model: base model + the recipe's adapter, on the CPU (the caller moves it;
+    QLoRA places itself). The frozen weights are held in compute's precision, the trained ones in
+    float32 (a full fine-tune's every weight); activations are checkpointed if compute says so.
+    `labels` (classification only) names the classes, in index order."""
     spec = recipe.adapter
-    model = _load_base(recipe, labels)
+    model = _load_base(recipe, labels, compute)
     if spec.kind == "full":
         model.requires_grad_(True)
+        if compute.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
         return model
     if spec.kind == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        # Upcasts norms and the head to float32 and lets gradients flow into the frozen 4-bit layers'
-        # inputs; checkpointing stays off: our steps are small and it costs a third more compute.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    from peft import get_peft_model
+        # Upcasts norms and the head to float32, lets gradients flow into the frozen 4-bit layers'
+        # inputs and, if asked, turns checkpointing on.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=compute.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=_NON_REENTRANT)
+    elif compute.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
+    from peft import cast_mixed_precision_params, get_peft_model
 
     try:
         model = get_peft_model(model, _peft_config(recipe))
@@ -68,6 +83,10 @@ def build_model(recipe: Recipe, *, labels: list[str] | None = None, log: logging
                          f"modules: {exc}; use 'all-linear' or names such as q_proj, v_proj") from exc
     if spec.kind == "qlora":
         keep_4bit_gradients(model)
+    elif compute.mixed:
+        # PEFT's: the frozen weights stay in the precision, every trained one goes to float32 (PEFT
+        # already made the adapters so, but a classifier's new head is a copy of the bf16 one).
+        cast_mixed_precision_params(model, compute.dtype)
     log.info("adapter %s: %d trainable of %d parameters", spec.kind,
              sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
     return model
@@ -95,13 +114,16 @@ def _resolve(recipe: Recipe):
         raise ModelError(f"base_model {recipe.base_model!r}: {exc}") from exc
 
 
-def _load_base(recipe: Recipe, labels: list[str] | None):
+def _load_base(recipe: Recipe, labels: list[str] | None, compute: Compute):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = _resolve(recipe)
-    kwargs: dict = {"dtype": torch.float32}  # float32: bit-reproducible on one machine, which exact resume needs
+    # The weights in the run's precision, but for a full fine-tune's, which all train (float32; the
+    # forward's autocast computes in the precision). SDPA: PyTorch's fused attention kernels.
+    dtype = torch.float32 if recipe.adapter.kind == "full" else compute.dtype
+    kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
     if recipe.adapter.kind == "qlora":
-        kwargs.update(quantization_config=_bnb_config(recipe), device_map=_device_map())
+        kwargs.update(quantization_config=_bnb_config(recipe, compute), device_map=_device_map())
     try:
         if recipe.task == "classification":
             if not labels:
@@ -130,14 +152,13 @@ def _device_map():
     return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
 
 
-def _bnb_config(recipe: Recipe):
+def _bnb_config(recipe: Recipe, compute: Compute):
     from transformers import BitsAndBytesConfig
 
     spec = recipe.adapter
-    # Compute in float32 on the CPU (bitsandbytes' CPU kernels), bfloat16 on a GPU.
-    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    # The 4-bit layers dequantise to the run's precision and compute in it (bf16 on a GPU by default).
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                              bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=compute.dtype,
                               bnb_4bit_quant_storage=torch.uint8)
 
 

@@ -9,7 +9,13 @@
 The loop (services/trainer/training.py) only sees the protocol: `encode` rows into examples,
 their `length` (batching) and `weight` (the step divides its summed loss by the total weight, so
 every trained token, pair or example weighs the same however a step is cut into micro-batches),
-`prepare` once before training, and `loss_sum` of a micro-batch.
+`prepare` once before training, `loss_sum` of a micro-batch, and `loss_kernel` (which computation
+of the loss runs, for the run record).
+
+The language-model losses compute logits only at trained positions, and there in chunks whose
+logits are recomputed in the backward pass (`head_logps`), so the loss's memory does not grow
+with vocabulary x positions; chat SFT uses Liger's fused linear cross-entropy instead where it is
+installed on a GPU (services/trainer/kernels.py).
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from shared.domain.datasets import with_system_prompt
 from shared.domain.recipe import Recipe
 
+from services.trainer import kernels
 from services.trainer.chat_templates import (
     Labelled,
     TemplateError,
@@ -46,6 +54,7 @@ class Objective(Protocol):
     def tokens(self, example) -> int: ...
     def prepare(self, model, examples: list, device: torch.device) -> list: ...
     def loss_sum(self, model, batch: list, device: torch.device) -> torch.Tensor: ...
+    def loss_kernel(self, model, device: torch.device) -> str: ...
 
 
 def for_recipe(recipe: Recipe, tokenizer, *, labels: list[str] | None = None) -> "Objective":
@@ -85,13 +94,17 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def target_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every trained next token (labels shifted by one), and its row.
+# Logits computed at once: a chunk of trained positions holds at most this many (vocabulary x
+# positions; 64 MiB in float32), or as many as the hidden states it comes from, whichever is more
+# (a head over a big model's many positions then runs in matmuls big enough to keep a GPU busy).
+LOGITS_CHUNK = 2**24
 
-    With a plain head the LM head runs at trained positions only: over a 49k vocabulary it costs a
-    sixth of a small model's compute per position, and most positions (system, user, prompt) are
-    not trained. About 15% faster on CPU (bench/train)."""
+
+def _trained(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+             position_ids: torch.Tensor | None):
+    """(states, head, targets, rows) of every trained next token (labels shifted by one): with a
+    plain head, the decoder's hidden states there and the head that turns them into logits; else
+    the model's own logits there and no head."""
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     rows = torch.arange(labels.size(0), device=labels.device).unsqueeze(1).expand_as(targets)[trained]
@@ -99,13 +112,77 @@ def target_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *, attent
         backbone = _backbone(model)
         hidden = backbone.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids, use_cache=False).last_hidden_state
-        logits = backbone.get_output_embeddings()(hidden[:, :-1][trained])
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
-        logits = logits[:, -labels.size(1):][:, :-1][trained]  # prompt learning may prepend positions
+        return hidden[:, :-1][trained], backbone.get_output_embeddings(), targets[trained], rows
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    logits = logits[:, -labels.size(1):][:, :-1][trained]  # prompt learning may prepend positions
+    return logits, None, targets[trained], rows
+
+
+def _logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # cross_entropy's fused log-softmax + gather: no second vocabulary-wide copy of the logits
-    return -F.cross_entropy(logits.float(), targets[trained], reduction="none"), rows
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _head_chunk_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _logps(head(states), targets)
+
+
+def head_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each position from its hidden state, through the LM head, in chunks of
+    positions. Under autograd each chunk is checkpointed (PyTorch's non-reentrant checkpoint): its
+    logits are freed after its loss and recomputed in the backward pass, one chunk at a time, so at
+    most one chunk's logits exist at once. The values and gradients are those of one whole head
+    call, to float rounding."""
+    per_chunk = max(1, max(LOGITS_CHUNK, states.numel()) // head.out_features)
+    if states.size(0) <= per_chunk:
+        return _head_chunk_logps(head, states, targets)
+    pieces = zip(states.split(per_chunk), targets.split(per_chunk), strict=True)
+    if not torch.is_grad_enabled():
+        return torch.cat([_head_chunk_logps(head, s, t) for s, t in pieces])
+    return torch.cat([checkpoint(_head_chunk_logps, head, s, t, use_reentrant=False) for s, t in pieces])
+
+
+def target_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every trained next token (labels shifted by one), and its row.
+
+    With a plain head the LM head runs at trained positions only: over a 49k vocabulary it costs a
+    sixth of a small model's compute per position, and most positions (system, user, prompt) are
+    not trained. About 15% faster on CPU (bench/train)."""
+    states, head, targets, rows = _trained(model, input_ids, labels, attention_mask, position_ids)
+    return (_logps(states, targets) if head is None else head_logps(head, states, targets)), rows
+
+
+def _fusable(head, device: torch.device) -> bool:
+    """Whether Liger's fused linear cross-entropy can stand for this head: a plain Linear (an
+    adapter on the head would be skipped) with Liger installed, on a GPU."""
+    return (type(head) is torch.nn.Linear and device.type == "cuda"
+            and kernels.liger_fused_linear_cross_entropy() is not None)
+
+
+def target_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed negative log-likelihood of the trained next tokens: -target_logps(...).sum(), by
+    Liger's fused linear cross-entropy where it can (a sum has one upstream gradient, which Liger
+    folds into the forward; per-token log-probabilities would not)."""
+    states, head, targets, _ = _trained(model, input_ids, labels, attention_mask, position_ids)
+    if head is None:
+        return -_logps(states, targets).sum()
+    if _fusable(head, states.device):
+        fused = kernels.liger_fused_linear_cross_entropy()
+        return fused(states, head.weight, targets, bias=head.bias, reduction="sum")
+    return -head_logps(head, states, targets).sum()
+
+
+def lm_loss_kernel(model, device: torch.device, *, fused: bool) -> str:
+    """Which computation of a language-model loss runs: liger_fused_linear_ce (fused: a summed
+    loss may use it), chunked_head_ce (ours), or model_logits (the model's own forward computes
+    every position's logits: prefix tuning, sharded parameters, a scaled or soft-capped head)."""
+    if not _plain_head(model):
+        return "model_logits"
+    head = _backbone(model).get_output_embeddings()
+    return "liger_fused_linear_ce" if fused and _fusable(head, device) else "chunked_head_ce"
 
 
 # ------------------------------------------------------------------------------ chat SFT
@@ -255,11 +332,12 @@ class ChatSFT:
             positions = _pad([e.position_ids for e in batch], 0)
             for i, e in enumerate(batch):
                 positions[i, len(e.position_ids):] = torch.arange(positions.size(1) - len(e.position_ids))
-            logps, _ = target_logps(model, ids, labels, attention_mask=None, position_ids=positions.to(device))
-        else:
-            mask = _pad([[1] * len(e.input_ids) for e in batch], 0).to(device)
-            logps, _ = target_logps(model, ids, labels, attention_mask=mask)
-        return -logps.sum()
+            return target_nll(model, ids, labels, attention_mask=None, position_ids=positions.to(device))
+        mask = _pad([[1] * len(e.input_ids) for e in batch], 0).to(device)
+        return target_nll(model, ids, labels, attention_mask=mask)
+
+    def loss_kernel(self, model, device: torch.device) -> str:
+        return lm_loss_kernel(model, device, fused=True)
 
 
 # ------------------------------------------------------------------------------ preference (DPO, ORPO)
@@ -356,7 +434,8 @@ class Preference:
     @torch.no_grad()
     def prepare(self, model, examples: list[PairExample], device: torch.device) -> list[PairExample]:
         """DPO: the reference (base) log-probabilities of every pair, once, with the adapter
-        disabled (TRL's `precompute_ref_log_probs`): each step then runs the policy only."""
+        disabled (TRL's `precompute_ref_log_probs`): each step then runs the policy only. In
+        micro-batches of training.batch_size, which the out-of-memory back-off lowers."""
         if self.method != "dpo" or not examples or examples[0].ref_logps is not None:
             return examples
         if not hasattr(model, "disable_adapter"):
@@ -366,9 +445,10 @@ class Preference:
         was_training = model.training
         model.eval()
         out = []
+        size = self.recipe.training.batch_size
         with model.disable_adapter():
-            for start in range(0, len(examples), 8):
-                batch = examples[start:start + 8]
+            for start in range(0, len(examples), size):
+                batch = examples[start:start + size]
                 sums, _ = self._sequence_logps(model, batch, device)
                 n = len(batch)
                 out += [replace(e, ref_logps=(float(sums[i]), float(sums[n + i]))) for i, e in enumerate(batch)]
@@ -383,6 +463,9 @@ class Preference:
             return orpo_loss(means[:n], means[n:], self.beta).sum()
         ref = torch.tensor([e.ref_logps for e in batch], device=device, dtype=sums.dtype)
         return dpo_loss(sums[:n], sums[n:], ref[:, 0], ref[:, 1], self.beta).sum()
+
+    def loss_kernel(self, model, device: torch.device) -> str:
+        return lm_loss_kernel(model, device, fused=False)  # per-sequence sums need per-token log-probabilities
 
 
 # ------------------------------------------------------------------------------ classification
@@ -437,3 +520,6 @@ class Classification:
         mask = _pad([[1] * len(e.input_ids) for e in batch], 0).to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         return F.cross_entropy(logits.float(), torch.tensor([e.label for e in batch], device=device), reduction="sum")
+
+    def loss_kernel(self, model, device: torch.device) -> str:
+        return "classifier_ce"

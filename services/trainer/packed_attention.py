@@ -5,8 +5,10 @@ Why our own: transformers reads packed rows off `position_ids` (positions restar
 conversation) and builds a block-diagonal mask; PyTorch's SDPA with an explicit mask runs the
 full row x row product per head, so a 1,024-token row of five conversations pays for 1,024² scores
 where ~5 x 200² are needed. flash-attn's varlen kernel skips the masked blocks, but it is CUDA-only
-and an extra build. Here each conversation is one `is_causal` SDPA call (the flash kernel on CPU
-and GPU alike), which is what varlen does, one segment at a time.
+and an extra build: where it is installed and the forward runs on a GPU in 16 bits, every
+conversation of the batch goes through it in one call (services/trainer/kernels.py). Otherwise each
+conversation is one `is_causal` SDPA call (the flash kernel on CPU and GPU alike), which is what
+varlen does, one segment at a time.
 
 Registered under `PACKED_ATTENTION` in transformers' AttentionInterface; unpacked batches (a
 padding mask, generation with a cache) go through transformers' own SDPA unchanged, so the same
@@ -18,6 +20,8 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+
+from services.trainer import kernels
 
 PACKED_ATTENTION = "ftpipe_packed_sdpa"
 
@@ -41,10 +45,13 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    positions = position_ids.expand(query.shape[0], -1)
+    varlen, half = kernels.flash_varlen(), _half_dtype(query)
+    if varlen is not None and query.is_cuda and half is not None:
+        return _flash_varlen(varlen, query, key, value, positions, half, dropout, scaling), None
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: SDPA's enable_gqa falls back to the math kernel on CPU
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    positions = position_ids.expand(query.shape[0], -1)
     rows = []
     for b in range(query.shape[0]):
         rows.append(torch.cat([
@@ -52,6 +59,36 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
                                            dropout_p=dropout, is_causal=True, scale=scaling)
             for s, e in _segments(positions[b])], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _half_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype flash-attn can run this query in: its own, or the forward's autocast's."""
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _flash_varlen(varlen, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                  dtype: torch.dtype, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Every conversation of the batch in one flash-attn varlen call: the rows laid end to end, a
+    sequence starting at each row and wherever the positions restart (grouped-query heads as they
+    are: the kernel shares them)."""
+    batch, heads, length, dim = query.shape
+    flat = positions.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[::length] = True
+    bounds = torch.nonzero(starts).flatten()
+    cumulative = torch.cat([bounds, bounds.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cumulative[1:] - cumulative[:-1]).max())
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, length, dim) -> (batch x length, heads, dim)
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], dim).to(dtype)
+
+    out = varlen(tokens(query), tokens(key), tokens(value), cumulative, cumulative, longest, longest,
+                 dropout_p=dropout, softmax_scale=scaling, causal=True)
+    return out.reshape(batch, length, heads, dim)
 
 
 def use_packed_attention(model) -> None:

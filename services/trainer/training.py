@@ -14,6 +14,7 @@ test.jsonl of the recipe's kind of rows (shared/domain/datasets.py, DESIGN.md "T
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -36,15 +37,18 @@ from shared.domain.datasets import DatasetContractError, read_split
 from shared.domain.recipe import Recipe, TrainingSpec
 from shared.platform.build_info import RUN_RECORD
 
-from services.trainer import distributed, modeling, objectives, run_record
+from services.trainer import distributed, kernels, modeling, objectives, run_record
+from services.trainer.compute import CPU_FP32, Compute, ComputeError, resolve as resolve_compute
 from services.trainer.monitor import Alert, Monitor
+from services.trainer.packed_attention import PACKED_ATTENTION
 
 logger = logging.getLogger(__name__)
 
-# Recipe fields that only change bookkeeping, not the numbers: a checkpoint written under other
-# values of these can still be resumed exactly.
+# Recipe fields that only change bookkeeping, memory or speed, not the numbers: a checkpoint written
+# under other values of these can still be resumed exactly. Activation checkpointing is one: its
+# recompute runs the same ops on the same inputs with the forward's RNG state (tests/unit/test_memory.py).
 _BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "metrics_every", "eval_every", "early_stop_evals",
-                       "grad_norm_alert")
+                       "grad_norm_alert", "gradient_checkpointing")
 
 
 class TrainingError(RuntimeError):
@@ -71,6 +75,7 @@ class TrainResult:
     micro_batch: tuple[int, int]  # (batch_size, grad_accum) the run ended with (the OOM back-off may lower it)
     device: str
     distribution: dict = field(default_factory=dict)  # World.describe: strategy, processes, what each holds
+    compute: dict = field(default_factory=dict)       # what ran: precision, checkpointing, attention, loss kernel
 
 
 @dataclass
@@ -168,9 +173,11 @@ def _evaluate_loss(model, objective, examples: list, *, batch_size: int, device:
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-def _fingerprint(recipe: Recipe, train_file: Path) -> str:
-    """What must be equal for a checkpoint to resume exactly: the numbers-relevant recipe fields and the data."""
+def _fingerprint(recipe: Recipe, train_file: Path, precision: str) -> str:
+    """What must be equal for a checkpoint to resume exactly: the numbers-relevant recipe fields and
+    the data. The precision is the resolved one: auto means bf16 on a GPU and fp32 on a CPU."""
     training = {k: v for k, v in recipe.training.model_dump(mode="json").items() if k not in _BOOKKEEPING_FIELDS}
+    training["precision"] = precision
     # the effective batch, not how it is cut: the OOM back-off resumes with smaller micro-batches
     training["effective_batch"] = training.pop("batch_size") * training.pop("grad_accum")
     material = {"base_model": recipe.base_model, "task": recipe.task, "method": recipe.method,
@@ -216,6 +223,8 @@ def _save_checkpoint(checkpoints: Path, state: _State, model, optimizer, schedul
     modeling.save_trained(model, tmp / "adapter", labels=labels, state_dict=weights)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if world.scaler is not None:  # fp16: the loss scale and its growth tracker, for the same skipped steps
+        torch.save(world.scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_states[0], tmp / "rng.pt")
     for rank, states in enumerate(rng_states[1:], start=1):
         torch.save(states, tmp / f"rng-rank{rank}.pt")
@@ -270,6 +279,8 @@ def _load_checkpoint(path: Path, model, *, fingerprint: str) -> _State:
 def _load_optimizer(path: Path, optimizer, scheduler, world: distributed.World) -> None:
     world.load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if world.scaler is not None and (path / "scaler.pt").is_file():  # absent: written in another precision
+        world.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     own = path / f"rng-rank{world.rank}.pt"  # absent when the checkpoint was written by fewer processes
     _restore_rng(torch.load(own if own.is_file() else path / "rng.pt", weights_only=True))
 
@@ -294,15 +305,36 @@ def _steps(state: _State, examples: list, lengths: list[int], spec: TrainingSpec
 
 
 class _OutOfMemory(Exception):
-    def __init__(self, step: int, batch_size: int, detail: str):
-        super().__init__(f"out of memory at step {step} with micro-batches of {batch_size}: {detail}")
-        self.step, self.batch_size = step, batch_size
+    def __init__(self, where: str, step: int, batch_size: int, detail: str):
+        super().__init__(f"out of memory {where} with micro-batches of {batch_size}: {detail}")
+        self.where, self.step, self.batch_size = where, step, batch_size
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError saying so)."""
     text = str(exc).lower()
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+@contextlib.contextmanager
+def _backs_off(run: _Attempt, step: int, where: str):
+    """Out of memory inside raises _OutOfMemory (`where`: what ran out, for the message), on which
+    `train` backs off. What the work held stays referenced by the exception's frames until `train`
+    has left its handler."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise _OutOfMemory(where, step, run.spec.batch_size, str(exc).splitlines()[0][:200]) from exc
+
+
+def _release_memory() -> None:
+    """Return what a failed attempt held: its objects (cycles of frames and tensors included), then
+    the CUDA allocator's cached blocks, so the next attempt starts from an empty device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def backed_off(spec: TrainingSpec) -> tuple[int, int] | None:
@@ -349,7 +381,7 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
             if smaller is None:
                 raise TrainingError(f"{oom}; nothing smaller to try: lower training.max_seq_len (now "
                                     f"{attempt.training.max_seq_len}) or train on a GPU with more memory") from oom
-            message = (f"out of memory at step {oom.step} with micro-batches of {oom.batch_size}; resuming with "
+            message = (f"out of memory {oom.where} with micro-batches of {oom.batch_size}; resuming with "
                        f"{smaller[0]} x {smaller[1]} accumulation (the same effective batch)")
             log.warning(message)
             on_alert(Alert("out_of_memory", oom.step, message, float(oom.batch_size), None, stop=False))
@@ -357,15 +389,15 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
                 update={"batch_size": smaller[0], "grad_accum": smaller[1]})})
             done = local_checkpoints(checkpoints)
             resume_from = done[-1][1] if done else resume_from
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # out of the handler: the exception, and with its frames the failed attempt's model,
+        # optimizer and activations, are unreferenced now
+        _release_memory()
     if world.main:
         run_record.write(result.adapter_dir / RUN_RECORD, run_record.build(
             recipe, data_dir, device=result.device,
             result={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds, "metrics": result.metrics,
                     "micro_batch": {"batch_size": result.micro_batch[0], "grad_accum": result.micro_batch[1]},
-                    "loss_curve": result.loss_curve, "distribution": result.distribution}))
+                    "loss_curve": result.loss_curve, "distribution": result.distribution, "compute": result.compute}))
     return result
 
 
@@ -446,6 +478,7 @@ class _Attempt:
     train_rows: list[dict] = field(default_factory=list)
     val_rows: list[dict] = field(default_factory=list)
     # _build_model
+    compute: Compute = CPU_FP32         # precision and checkpointing, resolved for the device
     tokenizer: Any = None
     labels: list[str] | None = None     # a classifier's classes
     model: Any = None                   # wrapped for the world's strategy by _restore_or_start
@@ -533,16 +566,19 @@ def _build_model(run: _Attempt) -> None:
     recipe, device = run.recipe, run.device
     _seed_everything(run.spec.seed)
     try:
+        run.compute = resolve_compute(recipe, device)
         run.tokenizer = modeling.load_tokenizer(recipe)
         run.labels = objectives.split_labels(recipe, run.train_rows) if recipe.task == "classification" else None
-        model = modeling.build_model(recipe, labels=run.labels, log=run.log)
+        model = modeling.build_model(recipe, labels=run.labels, log=run.log, compute=run.compute)
         if recipe.adapter.kind != "qlora":  # a 4-bit model is placed while it loads
             model = model.to(device)
         run.model = model
         run.objective = objective = objectives.for_recipe(recipe, run.tokenizer, labels=run.labels)
-        run.examples = objective.prepare(model, objective.encode(run.train_rows, "train", run.log), device)
-        run.val_examples = objective.prepare(model, objective.encode(run.val_rows, "val", run.log), device)
-    except (modeling.ModelError, objectives.DataError) as exc:
+        train, val = objective.encode(run.train_rows, "train", run.log), objective.encode(run.val_rows, "val", run.log)
+        # DPO's reference pass: forwards over the whole split, in micro-batches of the recipe's batch size
+        with run.compute.autocast(), _backs_off(run, 0, "in the DPO reference pass (before training)"):
+            run.examples, run.val_examples = objective.prepare(model, train, device), objective.prepare(model, val, device)
+    except (ComputeError, modeling.ModelError, objectives.DataError) as exc:
         raise TrainingError(str(exc)) from exc
     if not run.examples:
         raise TrainingError(f"the train split {run.train_file} has no row this recipe can train on (see the warnings "
@@ -568,11 +604,12 @@ def _restore_or_start(run: _Attempt, resume_from: Path | None) -> None:
     the model wrapped for the world's strategy with its optimizer, the scheduler, the monitor and
     whether the run had already stopped early; the model is left in training mode."""
     spec, world = run.spec, run.world
-    run.fingerprint = _fingerprint(run.recipe, run.train_file)
+    run.fingerprint = _fingerprint(run.recipe, run.train_file, run.compute.precision)
     if resume_from is not None:
         run.state = _load_checkpoint(Path(resume_from), run.model, fingerprint=run.fingerprint)
+    # AdamW's moments take their parameters' dtype: float32, as every trained weight is
     run.model, run.optimizer = world.wrap(run.model, lambda params: torch.optim.AdamW(
-        params, lr=spec.learning_rate, weight_decay=0.0), max_grad_norm=spec.max_grad_norm)
+        params, lr=spec.learning_rate, weight_decay=0.0), max_grad_norm=spec.max_grad_norm, compute=run.compute)
     run.scheduler = _lr_scheduler(run.optimizer, run.recipe, run.total_steps)
     if resume_from is not None:
         _load_optimizer(Path(resume_from), run.optimizer, run.scheduler, world)
@@ -598,17 +635,17 @@ def _optimizer_step(run: _Attempt, step: list) -> tuple[dict, float]:
     tokens = sum(objective.tokens(e) for e in step)
     lr = run.scheduler.get_last_lr()[0]
     step_loss = 0.0
-    try:
+    number = state.global_step + 1
+    with _backs_off(run, number, f"at step {number}"):
         for batch, weight in micro:
-            loss_sum = objective.loss_sum(run.model, batch, device)
+            with run.compute.autocast():  # the forward only: backward ops run in their forward's dtypes
+                loss_sum = objective.loss_sum(run.model, batch, device)
             world.backward(loss_sum * weight / targets)
             step_loss += loss_sum.item() * weight
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not _is_out_of_memory(exc):
-            raise
-        raise _OutOfMemory(state.global_step + 1, spec.batch_size, str(exc).splitlines()[0][:200]) from exc
-    grad_norm = world.step(run.optimizer, spec.max_grad_norm)
-    run.scheduler.step()
+    with _backs_off(run, number, f"at step {number} (optimizer step)"):  # where AdamW allocates its moments
+        grad_norm = world.step(run.optimizer, spec.max_grad_norm)
+    if not world.skipped:  # an fp16 step skipped for overflowing: the schedule waits for it (as accelerate does)
+        run.scheduler.step()
     step_loss = world.sum(step_loss)
     seconds = time.perf_counter() - started
 
@@ -651,9 +688,16 @@ def _watch(run: _Attempt, metrics: dict, grad_norm: float) -> Alert | None:
 @_stage
 def _validate(run: _Attempt, metrics: dict) -> list[Alert]:
     """Reads the model and val_examples; adds val_loss to the step's metrics; the monitor's alerts on it."""
-    metrics["val_loss"] = round(_evaluate_loss(run.model, run.objective, run.val_examples,
-                                               batch_size=run.spec.batch_size, device=run.device), 6)
+    metrics["val_loss"] = round(_val_loss(run), 6)
     return run.monitor.on_eval(run.state.global_step, metrics["val_loss"])
+
+
+def _val_loss(run: _Attempt) -> float | None:
+    """The validation loss of the model as it is now, in micro-batches of the recipe's batch size."""
+    step = run.state.global_step
+    with run.compute.autocast(), _backs_off(run, step, f"at step {step} (validation)"):
+        return _evaluate_loss(run.model, run.objective, run.val_examples, batch_size=run.spec.batch_size,
+                              device=run.device)
 
 
 @_stage
@@ -725,8 +769,7 @@ def _finish(run: _Attempt) -> TrainResult:
         if world.main:
             modeling.save_trained(run.model, adapter_dir, labels=run.labels, state_dict=weights)
         last_eval = state.metrics[-1].get("val_loss") if state.metrics else None
-        val_loss = last_eval if last_eval is not None else _evaluate_loss(
-            run.model, run.objective, run.val_examples, batch_size=spec.batch_size, device=run.device)
+        val_loss = last_eval if last_eval is not None else _val_loss(run)
     final_epoch = state.metrics[-min(run.steps_per_epoch, len(state.metrics)):]
     train_loss = sum(m["loss"] for m in final_epoch) / len(final_epoch) if final_epoch else None
     if val_loss is None:
@@ -742,4 +785,17 @@ def _finish(run: _Attempt) -> TrainResult:
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
                        seconds=round(state.seconds, 3), loss_curve=[m["loss"] for m in state.metrics],
                        micro_batch=(spec.batch_size, spec.grad_accum), device=str(run.device),
-                       distribution=world.describe(run.model, run.optimizer))
+                       distribution=world.describe(run.model, run.optimizer), compute=_what_ran(run))
+
+
+def _what_ran(run: _Attempt) -> dict:
+    """For the run record: the resolved precision and checkpointing, the attention implementation
+    (and packed rows' kernel) and the loss's computation."""
+    attention = run.model.config._attn_implementation
+    packed = None
+    if attention == PACKED_ATTENTION:  # padded batches (validation) still use transformers' SDPA
+        attention = "sdpa"
+        flash = kernels.flash_varlen() is not None and run.device.type == "cuda" and run.compute.mixed
+        packed = "flash_attn_varlen" if flash else "sdpa_per_conversation"
+    return {**run.compute.describe(), "attention": attention, "packed_attention": packed,
+            "loss": run.objective.loss_kernel(run.model, run.device)}

@@ -182,9 +182,9 @@ ADAPTER_KINDS: tuple[str, ...] = get_args(AdapterKind)
 
 
 class AdapterSpec(_Strict):
-    """What trains (services/trainer/modeling.py): LoRA on a float32 base; QLoRA, LoRA on a 4-bit
-    (NF4) base through bitsandbytes; prefix tuning (trained key/value prefixes in every layer);
-    full, every weight of the base (the result is a whole model, not an adapter)."""
+    """What trains (services/trainer/modeling.py): LoRA on a frozen base (held in training.precision);
+    QLoRA, LoRA on a 4-bit (NF4) base through bitsandbytes; prefix tuning (trained key/value prefixes
+    in every layer); full, every weight of the base (the result is a whole model, not an adapter)."""
     kind: AdapterKind = "lora"
     r: int = Field(default=16, ge=1)                         # LoRA / QLoRA rank
     alpha: int = Field(default=32, ge=1)
@@ -223,7 +223,8 @@ class TrainingSpec(_Strict):
     # one that has not) and fp32 on a CPU. Trainable weights and optimizer state stay fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Activation checkpointing: each layer's activations are recomputed in the backward pass instead
-    # of kept (much less memory, about a third more compute). None: on on a GPU, off on a CPU.
+    # of kept (much less memory, about a third more compute). None: on on a GPU, off on a CPU and
+    # with prefix tuning. It changes memory and speed, not the numbers.
     gradient_checkpointing: bool | None = None
 
 
@@ -406,6 +407,10 @@ class Recipe(_Strict):
             # transformers only separates packed conversations when there is no cache
             raise ValueError("training.packing does not combine with adapter.kind 'prefix'; set packing: false, "
                              "or use lora")
+        if self.adapter.kind == "prefix" and self.training.gradient_checkpointing:
+            # PEFT keeps the virtual tokens in the KV cache, which a checkpointed layer drops
+            raise ValueError("training.gradient_checkpointing does not combine with adapter.kind 'prefix'; leave it "
+                             "unset (off for prefix tuning), or use lora")
         if self.adapter.kind == "prefix" and self.task == "classification":
             raise ValueError("adapter.kind 'prefix' is for causal LMs; use lora, qlora or full for classification")
         gpus = self.hardware.total_gpus
