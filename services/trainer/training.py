@@ -15,6 +15,7 @@ test.jsonl of the recipe's kind of rows (shared/domain/datasets.py, DESIGN.md "T
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import gc
 import hashlib
@@ -331,10 +332,25 @@ def _backs_off(run: _Attempt, step: int, where: str):
 
 def _release_memory() -> None:
     """Return what a failed attempt held: its objects (cycles of frames and tensors included), then
-    the CUDA allocator's cached blocks, so the next attempt starts from an empty device."""
+    the CUDA allocator's cached blocks, so the next attempt starts from an empty device. On a CPU,
+    glibc keeps freed blocks in its heap: trimming gives them back to the system, or the next attempt
+    could fail to map even its model's file."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_libc = _glibc()
 
 
 def backed_off(spec: TrainingSpec) -> tuple[int, int] | None:
