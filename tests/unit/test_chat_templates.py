@@ -1,5 +1,5 @@
 """Assistant-only labels on the chat templates of the common instruct families, with their real
-tokenizers (shared/domain/models.py `ensure_chat_tokenizers`, fetched by `make setup`: llama.cpp's
+tokenizers (tests/chat_tokenizers.py `ensure_chat_tokenizers`, fetched by `make setup`: llama.cpp's
 vocabulary GGUFs and model templates, Mistral's tekken file, Gemma 3's GGUF metadata, cl100k_base
 for Phi-4), and the templates the prefix method must refuse or work around."""
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("torch")
 
-from shared.domain.models import ModelNotAvailable, ensure_chat_tokenizers, resolve_model  # noqa: E402
+from shared.domain.models import ModelNotAvailable, resolve_model  # noqa: E402
 from shared.domain.recipe import load_recipe  # noqa: E402
+from tests.chat_tokenizers import ensure_chat_tokenizers  # noqa: E402
 
 from services.trainer import objectives  # noqa: E402
 from services.trainer.chat_templates import TemplateError, label_assistant_turns  # noqa: E402
