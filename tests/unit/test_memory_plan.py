@@ -1,0 +1,171 @@
+"""The memory planner (shared/domain/memory_plan.py): its model of what a run holds, the micro-batch it
+picks, the refusal of a job that cannot fit (at submission, in the dry run, in the rendered GKE Job)
+and the plan in the cost estimate and the run record. Predicted against measured peaks: bench/plan."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shared.domain.memory_plan import (
+    GIB,
+    ModelShape,
+    PlanError,
+    cpu_device,
+    estimate,
+    gpu_device,
+    model_config,
+    plan,
+    plan_recipe,
+    refusal,
+    resolve_checkpointing,
+    resolve_precision,
+)
+from shared.domain.recipe import apply_overrides, load_recipe
+
+LLAMA_8B, LLAMA_70B = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B"
+SMALL = {  # tiny configs of each family the planner knows, for the parameter count
+    "llama": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": False},
+    "qwen2": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True},
+    "qwen3": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000},
+    "mistral": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 1, "vocab_size": 1000},
+    "gemma2": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000},
+    "phi3": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 1000, "pad_token_id": 0},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "vocab_size": 1000},
+    "mixtral": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 1000},
+}
+
+
+def _recipe(**overrides):
+    return apply_overrides(load_recipe("support-assistant"), overrides)
+
+
+@pytest.mark.parametrize("model_type", sorted(SMALL))
+def test_the_parameter_count_from_config_json_is_transformers_own(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **SMALL[model_type])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert ModelShape.from_config(config.to_dict()).params == sum(p.numel() for p in model.parameters())
+
+
+def test_the_shipped_configs_give_the_published_sizes_and_a_missing_config_says_so(tmp_path):
+    assert ModelShape.from_config(model_config(LLAMA_8B)).params == 8_030_261_248
+    assert ModelShape.from_config(model_config(LLAMA_70B)).params == 70_553_706_496
+    assert ModelShape.from_config(model_config("smollm2-135m-instruct")).params == 134_515_008
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    with pytest.raises(PlanError, match="config.json lacks"):
+        ModelShape.from_config(model_config(str(tmp_path)))
+    with pytest.raises(PlanError, match="neither a built-in"):
+        model_config(str(tmp_path / "nowhere"))
+    with pytest.raises(PlanError, match="no config.json for base_model 'org/not-a-model'"):
+        model_config("org/not-a-model")
+
+
+def test_precision_and_checkpointing_resolve_as_the_trainer_does():
+    recipe, gpu, cpu = _recipe(), gpu_device("l4"), cpu_device(8 * GIB)
+    assert (resolve_precision(recipe, gpu), resolve_precision(recipe, cpu)) == ("bf16", "fp32")
+    assert (resolve_checkpointing(recipe, gpu), resolve_checkpointing(recipe, cpu)) == (True, False)
+    pinned = _recipe(**{"training.precision": "fp32", "training.gradient_checkpointing": False})
+    assert (resolve_precision(pinned, gpu), resolve_checkpointing(pinned, gpu)) == ("fp32", False)
+
+
+def test_the_components_at_the_peak_add_up_and_the_plan_reports_each_whole():
+    p = plan_recipe(_recipe(base_model=LLAMA_8B, **{"training.max_seq_len": 1024}))
+    assert p.peak_bytes == sum(p.at_peak.values())
+    assert p.allocated_bytes == p.peak_bytes - p.at_peak["overhead"]
+    assert set(p.components) >= {"weights", "adapter", "gradients", "optimizer", "activations", "logits"}
+    for name, size in p.components.items():
+        assert p.at_peak[name] <= size, name
+    # LoRA on the bf16 base: 2 bytes a frozen weight; r x (in + out) per adapted module, float32, with
+    # its gradient and AdamW's two moments
+    assert p.components["weights"] == 2 * p.params
+    assert p.trainable_params == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert p.components["adapter"] == p.components["gradients"] == 4 * p.trainable_params
+    assert p.components["optimizer"] == 8 * p.trainable_params
+
+
+def test_qlora_stores_nf4_weights_with_float32_embeddings_and_head():
+    lora = plan_recipe(_recipe(base_model=LLAMA_8B))
+    qlora = plan_recipe(_recipe(base_model=LLAMA_8B, **{"adapter.kind": "qlora"}))
+    shape = ModelShape.from_config(model_config(LLAMA_8B))
+    unquantised = shape.embedding_params + shape.head_params + 32 * shape.norm_params + shape.hidden
+    quantised = shape.params - unquantised
+    assert qlora.components["weights"] == pytest.approx(quantised * (0.5 + (1 + 4 / 256) / 64) + 4 * unquantised,
+                                                        rel=1e-6)
+    assert qlora.components["weights"] < lora.components["weights"] / 2
+
+
+def test_sharding_strategies_divide_what_they_shard():
+    def on(strategy):
+        return plan_recipe(_recipe(base_model=LLAMA_8B, **{"adapter.kind": "full", "hardware.gpu": "h100",
+                                                            "hardware.count": 8, "distribution.strategy": strategy}))
+    ddp, fsdp, zero2, zero3 = on("ddp"), on("fsdp"), on("deepspeed_zero2"), on("deepspeed_zero3")
+    for name in ("adapter", "gradients", "optimizer"):
+        assert fsdp.components[name] == pytest.approx(ddp.components[name] / 8, abs=8)
+    assert zero2.components["adapter"] == ddp.components["adapter"]          # ZeRO-2 keeps whole parameters
+    assert zero2.components["gradients"] == pytest.approx(ddp.components["gradients"] / 8, abs=8)
+    assert zero3.components["adapter"] == pytest.approx(ddp.components["adapter"] / 8, abs=8)
+    assert ddp.peak_bytes > zero2.peak_bytes > zero3.peak_bytes
+
+
+def test_checkpointing_lowers_activations_to_the_layer_inputs_and_one_layer():
+    on = plan_recipe(_recipe(base_model=LLAMA_8B, **{"training.gradient_checkpointing": True}))
+    off = plan_recipe(_recipe(base_model=LLAMA_8B, **{"training.gradient_checkpointing": False,
+                                                      "hardware.gpu": "h100"}))
+    assert on.activations_bytes == {"on": on.components["activations"], "off": on.activations_bytes["off"]}
+    assert on.activations_bytes["on"] * 10 < on.activations_bytes["off"]
+    tokens = on.tokens_per_micro_batch
+    assert on.activations_bytes["on"] > 32 * 2 * 4096 * tokens         # every layer's input, in bf16
+    assert off.activations_bytes["off"] == off.components["activations"]
+
+
+def test_the_micro_batch_is_the_largest_that_fits_and_keeps_the_effective_batch():
+    recipe = _recipe(base_model=LLAMA_8B, **{"training.max_seq_len": 4096, "training.batch_size": 12,
+                                             "training.grad_accum": 2})
+    p = plan_recipe(recipe)
+    assert p.fits and 1 <= p.micro_batch < 12
+    assert p.micro_batch * p.grad_accum == 24                            # the recipe's effective batch
+    bigger = [m for m in range(p.micro_batch + 1, 13) if 24 % m == 0]
+    assert all(estimate(model_config(LLAMA_8B), recipe, gpu_device("l4"), m).peak > p.capacity_bytes for m in bigger)
+    assert p.largest_micro_batch >= p.micro_batch
+    small = plan_recipe(_recipe())                                       # 135M: the recipe's batch fits as it is
+    assert (small.micro_batch, small.grad_accum) == (8, 1)
+
+
+def test_a_run_that_cannot_fit_is_refused_with_what_to_change():
+    full_8b = _recipe(base_model=LLAMA_8B, **{"adapter.kind": "full", "training.max_seq_len": 2048})
+    p = plan_recipe(full_8b)
+    assert not p.fits and p.micro_batch == 0 and p.grad_accum == 0
+    assert p.advice == tuple(a for a in p.advice if "peak" in a)          # each suggestion planned, with its peak
+    reason = refusal(full_8b)
+    assert reason is not None and reason.startswith("recipe support-assistant does not fit in memory on one L4")
+    assert "adapter.kind: qlora" in reason and "distribution.strategy: fsdp" in reason
+    lora_70b = _recipe(base_model=LLAMA_70B, **{"training.max_seq_len": 8192})
+    reason = refusal(lora_70b)
+    # the fewest GPUs that fit, the smallest kind first, the model sharded over them
+    assert "more GPUs that shard the model (hardware.gpu: h100, hardware.count: 4, distribution.strategy: fsdp)" \
+        in reason
+    assert refusal(_recipe()) is None
+    assert refusal(_recipe(base_model="org/unknown-model")) is None     # no config to plan from: not refused
+
+
+def test_a_cpu_plan_counts_the_heap_glibc_keeps_and_the_mapped_checkpoint():
+    recipe = _recipe(**{"adapter.kind": "qlora"})
+    config = model_config("smollm2-135m-instruct")          # stored in float32
+    cpu, shape = cpu_device(16 * GIB), ModelShape.from_config(config)
+    on_cpu = plan(config, recipe, cpu)
+    assert on_cpu.gpu == "cpu" and on_cpu.precision == "fp32" and not on_cpu.gradient_checkpointing
+    # the float32 file the NF4 weights were quantised from stays mapped (the embeddings are views of it)
+    assert on_cpu.components["weights"] > 4 * shape.embedding_params + 4 * (shape.params - shape.embedding_params)
+    assert on_cpu.at_peak["overhead"] > on_cpu.components["activations"]     # the retained heap
