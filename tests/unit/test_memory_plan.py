@@ -7,7 +7,10 @@ import json
 
 import pytest
 import torch
+import yaml
 
+from ftpipe.cli import main
+from shared.domain.jobs import JobError, drop, submit
 from shared.domain.memory_plan import (
     GIB,
     ModelShape,
@@ -23,6 +26,10 @@ from shared.domain.memory_plan import (
     resolve_precision,
 )
 from shared.domain.recipe import apply_overrides, load_recipe
+from shared.platform.config import Settings, bootstrap
+
+from services.preprocess import cost
+from services.trainer.k8s import RenderError, render
 
 LLAMA_8B, LLAMA_70B = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B"
 SMALL = {  # tiny configs of each family the planner knows, for the parameter count
@@ -160,6 +167,70 @@ def test_a_run_that_cannot_fit_is_refused_with_what_to_change():
     assert refusal(_recipe(base_model="org/unknown-model")) is None     # no config to plan from: not refused
 
 
+def test_submission_and_drop_refuse_a_recipe_that_cannot_fit(tmp_path):
+    adapters = bootstrap(Settings(state_dir=tmp_path / "state"))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    job = {"recipe": "tiny-sft", "dataset": str(data), "overrides": {"base_model": LLAMA_70B}}
+    with pytest.raises(JobError, match="does not fit in memory on one L4.*change one of"):
+        submit(adapters.store, adapters.bus, "ftpipe", job)
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(yaml.safe_dump({**load_recipe("tiny-sft").model_dump(mode="json"), "base_model": LLAMA_70B}))
+    with pytest.raises(JobError, match="does not fit in memory"):
+        drop(adapters.store, "ftpipe", data, str(recipe))
+    assert not list(adapters.store.list("ftpipe", "incoming/"))
+
+
+def test_cli_plan_prints_the_plan_as_json_or_a_table_and_exits_1_when_it_cannot_fit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTPIPE_STATE", str(tmp_path / "state"))
+    assert main(["train", "--recipe", "tiny-sft", "--plan", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {"fits", "peak_bytes", "micro_batch", "grad_accum", "gpu", "components"} <= set(shown)
+    assert shown["fits"] is True and shown["gpu"] == "l4" and shown["micro_batch"] == 2
+    assert main(["train", "--recipe", "tiny-sft", "--plan"]) == 0
+    assert "fits; micro-batch 2 x 1" in capsys.readouterr().out
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump({**load_recipe("tiny-sft").model_dump(mode="json"), "base_model": LLAMA_70B}))
+    assert main(["train", "--recipe", str(big), "--plan"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["train", "--recipe", str(big), "--render-k8s"]) == 2
+    assert "does not fit in memory" in capsys.readouterr().err
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    assert main(["drop", str(data), "--recipe", str(big), "--dry-run", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["refused"] is True
+
+
+def test_the_rendered_job_requests_the_planned_memory_and_trains_the_planned_micro_batch():
+    from services.trainer.run_job import JOB_ENV, read_job
+
+    recipe = _recipe(base_model=LLAMA_8B, **{"training.max_seq_len": 4096, "training.batch_size": 12,
+                                             "training.grad_accum": 2})
+    p = plan_recipe(recipe)
+    manifest = render(recipe, "run-1", "gs://b/d/", image="img:1")
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    memory = f"{-(-p.host_bytes // GIB)}Gi"
+    assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"] == memory
+    assert p.host_bytes > 2 * p.params                                    # the bf16 base is loaded on the host first
+    env = {e["name"]: e["value"] for e in container["env"]}
+    trained = read_job({JOB_ENV: env[JOB_ENV]}).recipe
+    assert (trained.training.batch_size, trained.training.grad_accum) == (p.micro_batch, p.grad_accum)
+    assert json.loads(manifest["metadata"]["annotations"]["ftpipe.dev/memory-plan"])["peak_bytes"] == p.peak_bytes
+    assert manifest["metadata"]["annotations"]["ftpipe.dev/recipe-hash"] == recipe.hash
+    with pytest.raises(RenderError, match="adapter.kind: qlora"):
+        render(_recipe(base_model=LLAMA_8B, **{"adapter.kind": "full"}), "run-2", "gs://b/d/", image="img:1")
+
+
+def test_the_cost_estimate_carries_the_plan_and_uses_its_parameter_count():
+    recipe = _recipe(base_model=LLAMA_8B)
+    tokens = {"train": {"rows": 100, "tokens": 50_000, "training_tokens": 50_000}}
+    estimate_ = cost.estimate_cost(recipe, tokens, params=None, memory=plan_recipe(recipe))
+    assert estimate_["params"] == 8_030_261_248 and estimate_["cost"] is not None
+    assert estimate_["memory"]["fits"] is True and estimate_["memory"]["gpu"] == "l4"
+    tokens.update(val={"tokens": 0}, test={"tokens": 0}, total=50_000)
+    assert "memory plan: peak" in cost.describe(tokens, estimate_)
+
+
 def test_a_cpu_plan_counts_the_heap_glibc_keeps_and_the_mapped_checkpoint():
     recipe = _recipe(**{"adapter.kind": "qlora"})
     config = model_config("smollm2-135m-instruct")          # stored in float32
@@ -169,3 +240,13 @@ def test_a_cpu_plan_counts_the_heap_glibc_keeps_and_the_mapped_checkpoint():
     # the float32 file the NF4 weights were quantised from stays mapped (the embeddings are views of it)
     assert on_cpu.components["weights"] > 4 * shape.embedding_params + 4 * (shape.params - shape.embedding_params)
     assert on_cpu.at_peak["overhead"] > on_cpu.components["activations"]     # the retained heap
+
+
+def test_the_run_record_carries_the_plan_beside_the_peak_the_run_reached():
+    from services.trainer import run_record
+
+    memory = run_record.memory(load_recipe("tiny-sft"), "cpu")
+    assert memory["plan"]["gpu"] == "cpu" and memory["plan"]["fits"] is True
+    assert memory["measured_peak_bytes"] > 0 and memory["measured"] == "peak resident set (ru_maxrss)"
+    unknown = run_record.memory(_recipe(base_model="org/unknown-model"), "cpu")
+    assert "no config.json" in unknown["plan"]["error"]
