@@ -404,12 +404,14 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
         frozen += quantised * 4
     params_shard = ranks if strategy in ("fsdp", "deepspeed_zero3") else 1
     grads_shard = ranks if strategy in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") else 1
+    zero = strategy in ("deepspeed_zero2", "deepspeed_zero3")
+    # DeepSpeed holds its module (and so its gradients) in the precision and float32 masters of its
+    # partition in the optimizer; the others hold trainable weights in float32 (FSDP reduces in float32)
+    module = a if zero else 4
     weights = frozen // params_shard
-    adapter = 4 * trainable // params_shard
-    gradients = 4 * trainable // grads_shard
-    optimizer = 8 * trainable // grads_shard
-    if strategy in ("deepspeed_zero2", "deepspeed_zero3"):
-        optimizer += 4 * trainable // ranks        # ZeRO's float32 master copy of its partition
+    adapter = module * trainable // params_shard
+    gradients = module * trainable // grads_shard
+    optimizer = 8 * trainable // grads_shard + (4 * trainable // ranks if zero else 0)
 
     # Activations: every layer's saved tensors, or (checkpointing) every layer's input plus one
     # layer recomputed; the final norm and the hidden states the head reads.
@@ -419,16 +421,16 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
     else:
         activations = shape.layers * per_layer
     activations += (4 + 2 * a) * shape.hidden * tokens
-    if setup.kind == "full" and a != 4:        # autocast's 16-bit copies of the float32 weights
-        activations += a * shape.params // params_shard
-    # Gathered parameters: FSDP's root (embeddings, head) stays gathered after the forward, and a
-    # block is gathered with the next prefetched; ZeRO-3 gathers a layer and prefetches one.
-    weight_bytes = 4 if setup.kind == "full" else DTYPE_BYTES[setup.precision]
+    if setup.kind == "full" and a != 4 and strategy in ("single", "ddp"):
+        activations += a * shape.params        # autocast's cached 16-bit copies of the float32 weights
+    # Gathered parameters, in the precision (FSDP's MixedPrecisionPolicy, DeepSpeed's module): FSDP's
+    # root (embeddings, head) stays gathered after the forward, and a block is gathered with the next
+    # prefetched; ZeRO-3 gathers a layer and prefetches one.
     gathered = 0
     if strategy == "fsdp":
-        gathered = weight_bytes * (shape.embedding_params + shape.head_params + 2 * shape.layer_params)
+        gathered = a * (shape.embedding_params + shape.head_params + 2 * shape.layer_params)
     elif strategy == "deepspeed_zero3":
-        gathered = weight_bytes * 2 * shape.layer_params
+        gathered = a * 2 * shape.layer_params
 
     # Logits: a plain head at trained positions (worst case: all of them), a chunk at a time; in the
     # cross-entropy's backward the log-softmax output, its gradient and the input's gradient
@@ -453,37 +455,40 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
 
     sizes = {"weights": weights, "adapter": adapter, "gradients": gradients, "optimizer": optimizer,
              "activations": activations, "logits": logits, "gathered": gathered, "communication": communication}
-    # The phases: the forward/backward peak (the gradients of earlier micro-batches with it when the
-    # step accumulates), the end of the backward pass (every gradient; on a CPU the activations'
-    # heap is still held), the optimizer step.
+    # The phases, each with what it holds: loading (the model is moved whole onto the device before
+    # it is sharded; on a CPU the checkpoint file's pages as well), the forward/backward peak (the
+    # gradients of earlier micro-batches with it when the step accumulates), the end of the backward
+    # pass (every gradient; on a CPU the activations' heap is still held), the optimizer step.
     accumulating = math.ceil(recipe.training.batch_size * recipe.training.grad_accum / ranks) > micro_batch
     # CPU: the heap glibc keeps once the backward pass frees activations, less what new gradients
     # (a first micro-batch's, allocated in that pass) take back of it
     retained = 0 if device.gpu else max(0, int(CPU_HEAP_RETENTION * activations) - (0 if accumulating else gradients))
+    static = {"weights": weights, "adapter": adapter, "optimizer": optimizer}
     phases = {
-        "forward_backward": {"activations": activations, "logits": logits, "gathered": gathered,
+        "load": {"weights": frozen, "adapter": 4 * trainable,
+                 "overhead": 0 if device.gpu else _cpu_load_bytes(setup)},
+        "forward_backward": {**static, "activations": activations, "logits": logits, "gathered": gathered,
                              "communication": communication, "gradients": gradients if accumulating else 0,
                              "overhead": retained},
-        "end_of_backward": {"gradients": gradients, "gathered": gathered, "communication": communication,
+        "end_of_backward": {**static, "gradients": gradients, "gathered": gathered, "communication": communication,
                             "activations": 0 if device.gpu else activations},
-        "optimizer_step": {"gradients": gradients, "optimizer": step_temporaries},
+        "optimizer_step": {**static, "gradients": gradients, "optimizer": optimizer + step_temporaries},
     }
-    if not device.gpu and (load := _cpu_load_bytes(setup)):
-        phases["load"] = {"overhead": load}
-    static = {"weights": weights, "adapter": adapter, "optimizer": optimizer}
     phase = max(phases, key=lambda name: sum(phases[name].values()))
-    at_peak = {k: static.get(k, 0) + phases[phase].get(k, 0) for k in (*sizes, "overhead")}
+    at_peak = {k: phases[phase].get(k, 0) for k in (*sizes, "overhead")}
     allocated = sum(v for k, v in at_peak.items() if k != "overhead")
     at_peak["overhead"] += (CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * allocated)) if device.gpu \
         else CPU_RUNTIME_BYTES
     return Estimate(micro_batch=micro_batch, tokens=tokens, sizes={k: int(v) for k, v in sizes.items()},
-                    at_peak={k: int(v) for k, v in at_peak.items()}, phase=phase, allocated=int(allocated))
+                    at_peak={k: int(v) for k, v in at_peak.items()}, phase=phase, allocated=int(allocated),
+                    phases={name: int(sum(held.values())) for name, held in phases.items()})
 
 
 def _cpu_load_bytes(setup: Setup) -> int:
     """On a CPU, what loading holds beyond the loaded weights: a checkpoint stored in another dtype
     than the one loaded is read through a mapping of the file, whose pages stay resident until the
-    load ends (a checkpoint in the loaded dtype is not copied: the weights are views of the file)."""
+    load ends (a checkpoint in the loaded dtype is not copied: the weights are views of the file).
+    A full fine-tune's and QLoRA's unquantised weights load in float32, the others' in the precision."""
     shape = setup.shape
     loaded = "fp32" if setup.kind in ("full", "qlora") else setup.precision
     return 0 if shape.checkpoint_dtype == loaded else shape.params * DTYPE_BYTES[shape.checkpoint_dtype]
@@ -495,8 +500,9 @@ class Estimate:
     tokens: int                  # per forward pass
     sizes: dict[str, int]        # each component's whole size
     at_peak: dict[str, int]      # what coexists at the peak (sums to peak), overhead included
-    phase: str                   # forward_backward | end_of_backward | optimizer_step
+    phase: str                   # load | forward_backward | end_of_backward | optimizer_step
     allocated: int               # tensors alive at the peak (torch.cuda.max_memory_allocated's measure)
+    phases: dict[str, int]       # what each phase holds (bytes, overhead apart from the CUDA context)
 
     @property
     def peak(self) -> int:
@@ -518,7 +524,8 @@ class Plan:
     strategy: str
     precision: str
     gradient_checkpointing: bool
-    phase: str                   # where the peak falls: forward_backward | end_of_backward | optimizer_step
+    phase: str                   # where the peak falls: load | forward_backward | end_of_backward | optimizer_step
+    phase_bytes: dict[str, int]  # what each phase holds, overhead apart
     components: dict[str, int]   # each component's whole size, bytes
     at_peak: dict[str, int]      # what coexists at the peak: sums to peak_bytes
     allocated_bytes: int         # tensors alive at the peak (what torch.cuda.max_memory_allocated measures)
@@ -552,6 +559,7 @@ class Plan:
         lines.append(f"  {'overhead':<{width}}  {'':>9}       at the peak {_gib(self.at_peak['overhead']):>9} GiB")
         lines.append(f"  activations with checkpointing {_gib(self.activations_bytes['on'])} GiB, without "
                      f"{_gib(self.activations_bytes['off'])} GiB")
+        lines.append("  by phase: " + ", ".join(f"{name} {_gib(size)} GiB" for name, size in self.phase_bytes.items()))
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"peak {_gib(self.peak_bytes)} GiB of {_gib(self.capacity_bytes)} GiB ({self.phase}): {verdict}; "
                      f"micro-batch {self.micro_batch} x {self.grad_accum} accumulation "
@@ -587,7 +595,8 @@ def plan(config: dict | ModelShape, recipe: Recipe, device: Device | None = None
         fits=fits, peak_bytes=estimate.peak, micro_batch=micro,
         grad_accum=effective // micro if micro else 0, gpu=device.kind, capacity_bytes=device.capacity_bytes,
         processes=setup.ranks, strategy=setup.strategy, precision=setup.precision,
-        gradient_checkpointing=setup.checkpointing, phase=estimate.phase, components=estimate.sizes,
+        gradient_checkpointing=setup.checkpointing, phase=estimate.phase, phase_bytes=estimate.phases,
+        components=estimate.sizes,
         at_peak=estimate.at_peak, allocated_bytes=estimate.allocated, activations_bytes=activations,
         params=shape.params, trainable_params=setup.trainable_params(), tokens_per_micro_batch=estimate.tokens,
         largest_micro_batch=largest, host_bytes=_host_bytes(setup), model_type=shape.model_type,
@@ -644,6 +653,11 @@ def _advice(shape: ModelShape, recipe: Recipe, device: Device, estimate: Estimat
     from shared.domain.recipe import apply_overrides
 
     out = []
+    if device.gpu and estimate.phase == "load" and recipe.hardware.total_gpus > 1:
+        training = max(v for k, v in estimate.phases.items() if k != "load")
+        out.append(f"note that the trainer moves the whole model onto each GPU before {recipe.distribution.strategy} "
+                   f"shards it ({_gib(estimate.phases['load'])} GiB; training itself holds {_gib(training)} GiB), "
+                   "so no layout of GPUs helps")
 
     def fits(overrides: dict, on: Device | None = None) -> Plan | None:
         try:
@@ -667,6 +681,12 @@ def _advice(shape: ModelShape, recipe: Recipe, device: Device, estimate: Estimat
                 out.append(f"a bigger GPU (hardware.gpu: {gpu}, {GPU_TABLE[gpu]['memory_gib']:g} GiB): peak "
                            f"{_gib(p.peak_bytes)} GiB")
                 break
+        if recipe.adapter.kind in ("lora", "full") and not any("adapter.kind" in a for a in out):
+            for gpu in bigger:
+                if p := fits({"adapter.kind": "qlora", "hardware.gpu": gpu}):
+                    out.append(f"QLoRA on a bigger GPU (adapter.kind: qlora, hardware.gpu: {gpu}): peak "
+                               f"{_gib(p.peak_bytes)} GiB")
+                    break
         strategy = recipe.distribution.strategy if recipe.distribution.strategy in ("fsdp", "deepspeed_zero3") \
             else "fsdp"
         # the fewest GPUs that fit, the smallest kind first

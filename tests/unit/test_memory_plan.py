@@ -120,10 +120,20 @@ def test_sharding_strategies_divide_what_they_shard():
     ddp, fsdp, zero2, zero3 = on("ddp"), on("fsdp"), on("deepspeed_zero2"), on("deepspeed_zero3")
     for name in ("adapter", "gradients", "optimizer"):
         assert fsdp.components[name] == pytest.approx(ddp.components[name] / 8, abs=8)
-    assert zero2.components["adapter"] == ddp.components["adapter"]          # ZeRO-2 keeps whole parameters
-    assert zero2.components["gradients"] == pytest.approx(ddp.components["gradients"] / 8, abs=8)
-    assert zero3.components["adapter"] == pytest.approx(ddp.components["adapter"] / 8, abs=8)
+    # DeepSpeed holds its module in bf16, whole (ZeRO-2) or partitioned (ZeRO-3), its gradients
+    # partitioned, and float32 masters of its partition beside the moments
+    params = ddp.params
+    assert zero2.components["adapter"] == 2 * params and zero3.components["adapter"] == pytest.approx(2 * params / 8, 1)
+    assert zero2.components["gradients"] == pytest.approx(2 * params / 8, abs=8)
+    assert zero3.components["optimizer"] == pytest.approx(12 * params / 8, abs=8)
     assert ddp.peak_bytes > zero2.peak_bytes > zero3.peak_bytes
+    # the trainer moves the whole model onto each GPU before sharding it: 70B in float32 cannot load
+    big = plan_recipe(_recipe(base_model=LLAMA_70B, **{"adapter.kind": "full", "hardware.gpu": "h100",
+                                                       "hardware.count": 8, "hardware.nodes": 4,
+                                                       "distribution.strategy": "fsdp"}))
+    assert not big.fits and big.phase == "load" and big.phase_bytes["load"] >= 4 * big.params
+    assert big.phase_bytes["end_of_backward"] < big.capacity_bytes      # training itself would fit
+    assert "moves the whole model onto each GPU before fsdp shards it" in big.advice[0]
 
 
 def test_checkpointing_lowers_activations_to_the_layer_inputs_and_one_layer():
@@ -157,12 +167,13 @@ def test_a_run_that_cannot_fit_is_refused_with_what_to_change():
     assert p.advice == tuple(a for a in p.advice if "peak" in a)          # each suggestion planned, with its peak
     reason = refusal(full_8b)
     assert reason is not None and reason.startswith("recipe support-assistant does not fit in memory on one L4")
-    assert "adapter.kind: qlora" in reason and "distribution.strategy: fsdp" in reason
-    lora_70b = _recipe(base_model=LLAMA_70B, **{"training.max_seq_len": 8192})
-    reason = refusal(lora_70b)
-    # the fewest GPUs that fit, the smallest kind first, the model sharded over them
-    assert "more GPUs that shard the model (hardware.gpu: h100, hardware.count: 4, distribution.strategy: fsdp)" \
+    assert "use QLoRA (adapter.kind: qlora)" in reason
+    # the fewest GPUs that fit, the smallest kind first (an L4 cannot even hold the whole float32
+    # model the trainer loads before sharding it)
+    assert "more GPUs that shard the model (hardware.gpu: h100, hardware.count: 2, distribution.strategy: fsdp)" \
         in reason
+    reason = refusal(_recipe(base_model=LLAMA_70B, **{"training.max_seq_len": 8192}))
+    assert "QLoRA on a bigger GPU (adapter.kind: qlora, hardware.gpu: " in reason
     assert refusal(_recipe()) is None
     assert refusal(_recipe(base_model="org/unknown-model")) is None     # no config to plan from: not refused
 
@@ -250,3 +261,4 @@ def test_the_run_record_carries_the_plan_beside_the_peak_the_run_reached():
     assert memory["measured_peak_bytes"] > 0 and memory["measured"] == "peak resident set (ru_maxrss)"
     unknown = run_record.memory(_recipe(base_model="org/unknown-model"), "cpu")
     assert "no config.json" in unknown["plan"]["error"]
+
