@@ -84,6 +84,10 @@ def _row(model: str, kind: str, precision: str = "fp32", checkpointing: bool = F
 def configurations() -> list[dict]:
     rows = [_row("llama-360m", k, seq=s) for k in ("lora", "full", "qlora") for s in (128, 512)]
     rows += [_row("llama-360m", "lora", batch=4), _row("llama-360m", "full", batch=1, accum=2)]
+    # several micro-batches a step (CPU_HEAP_RETENTION_ACCUMULATING was fitted on these)
+    rows += [_row("llama-360m", "lora", batch=1, accum=a) for a in (2, 4)]
+    rows += [_row("llama-360m", "lora", seq=128, accum=2), _row("llama-360m", "lora", seq=512, batch=1, accum=2),
+             _row("llama-360m", "qlora", batch=1, accum=2)]
     for model, small in (("qwen2-0.5b", True), ("pythia-410m", True), ("gemma2-0.45b", True), ("llama-1b", False)):
         kinds = ("lora", "qlora", "full") if small else ("lora", "qlora")
         rows += [_row(model, k) for k in kinds]

@@ -62,8 +62,11 @@ CUDA_CONTEXT_BYTES = 1 * GIB
 CUDA_FRAGMENTATION = 0.05
 # On a CPU, glibc keeps the heap that freed activations and their gradients occupied (tensors under
 # its 32 MiB mmap threshold go to the heap and are not returned): the resident set holds the saved
-# activations about twice over. Fitted on the tuning configurations of bench/plan (bench/README.md).
+# activations about twice over, and more when a step runs several micro-batches (the next forward
+# pass does not fit into the holes the last one left). Fitted on the tuning configurations of
+# bench/plan (bench/README.md).
 CPU_HEAP_RETENTION = 1.0
+CPU_HEAP_RETENTION_ACCUMULATING = 1.6
 # Python, the tokenizer, the encoded examples, autograd's graph: resident beyond the tensors.
 CPU_RUNTIME_BYTES = 192 * MIB
 # Host memory of one GPU process beyond the tensors it loads: CUDA, torch and NCCL libraries.
@@ -462,7 +465,8 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
     accumulating = math.ceil(recipe.training.batch_size * recipe.training.grad_accum / ranks) > micro_batch
     # CPU: the heap glibc keeps once the backward pass frees activations, less what new gradients
     # (a first micro-batch's, allocated in that pass) take back of it
-    retained = 0 if device.gpu else max(0, int(CPU_HEAP_RETENTION * activations) - (0 if accumulating else gradients))
+    kappa = CPU_HEAP_RETENTION_ACCUMULATING if accumulating else CPU_HEAP_RETENTION
+    retained = 0 if device.gpu else max(0, int(kappa * activations) - (0 if accumulating else gradients))
     static = {"weights": weights, "adapter": adapter, "optimizer": optimizer}
     phases = {
         "load": {"weights": frozen, "adapter": 4 * trainable,
