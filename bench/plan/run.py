@@ -165,6 +165,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/ftpipe-bench-plan"))
     ap.add_argument("--out", type=Path, help="default: bench/plan/results.json (results-GPU.json with --gpu)")
     ap.add_argument("--only", help="only the configurations of this model")
+    ap.add_argument("--mixed", action="store_true", help="only the configurations asking for bf16 or checkpointing")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (AdamW's state exists from the first)")
     ap.add_argument("--gpu", choices=["l4", "a100", "a100-80gb", "h100"],
                     help="on a machine with this GPU: predicted tensors (allocated_bytes) against "
@@ -179,7 +180,8 @@ def main() -> int:
     print(f"{'model':<13} {'adapter':<6} {'prec':<5} {'ckpt':<4} {'seq x batch x accum':<20} {'predicted':>10} "
           f"{'measured':>10} {'error':>7}  role / note", flush=True)
     for row in configurations():
-        if args.only and row["model"] != args.only:
+        if (args.only and row["model"] != args.only) or (args.mixed and row["precision"] == "fp32"
+                                                          and not row["checkpointing"]):
             continue
         model = MODELS[row["model"]]
         folder = ensure_model(row["model"], args.work)
@@ -223,7 +225,7 @@ def main() -> int:
               "device": device.kind, "trainer_logits_chunk": TRAINER_LOGITS_CHUNK, "tolerance": TOLERANCE,
               "measure": how,
               "summary": summary, "models": MODELS, "rows": rows}
-    if not args.only:
+    if not (args.only or args.mixed) or args.out:
         out = args.out or Path(__file__).with_name(f"results-{args.gpu}.json" if args.gpu else "results.json")
         out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

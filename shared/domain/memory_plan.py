@@ -61,12 +61,12 @@ LOGITS_CHUNK_ELEMENTS: int | None = 2**24
 CUDA_CONTEXT_BYTES = 1 * GIB
 CUDA_FRAGMENTATION = 0.05
 # On a CPU, glibc keeps the heap that freed activations and their gradients occupied (tensors under
-# its 32 MiB mmap threshold go to the heap and are not returned): the resident set holds the saved
-# activations about twice over, and more when a step runs several micro-batches (the next forward
-# pass does not fit into the holes the last one left). Fitted on the tuning configurations of
-# bench/plan (bench/README.md).
-CPU_HEAP_RETENTION = 1.0
-CPU_HEAP_RETENTION_ACCUMULATING = 1.6
+# its 32 MiB mmap threshold go to the heap and are not returned): a share of what a forward/backward
+# pass would save without checkpointing, by (float32?, checkpointing?), and more when a step runs
+# several micro-batches (the next pass does not fit into the holes the last one left). Fitted on the
+# tuning configurations of bench/plan (bench/README.md); a measured fact of glibc, not a derivation.
+CPU_HEAP_RETENTION = {(True, False): 1.0, (True, True): 0.55, (False, False): 0.4, (False, True): 0.4}
+CPU_HEAP_RETENTION_ACCUMULATING = 0.6
 # Python, the tokenizer, the encoded examples, autograd's graph: resident beyond the tensors.
 CPU_RUNTIME_BYTES = 192 * MIB
 # Host memory of one GPU process beyond the tensors it loads: CUDA, torch and NCCL libraries.
@@ -419,11 +419,12 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
     # Activations: every layer's saved tensors, or (checkpointing) every layer's input plus one
     # layer recomputed; the final norm and the hidden states the head reads.
     per_layer = _layer_bytes_per_token(setup, seq) * tokens
+    head_inputs = (4 + 2 * a) * shape.hidden * tokens
+    uncheckpointed = shape.layers * per_layer + head_inputs
     if setup.checkpointing:
-        activations = shape.layers * a * shape.hidden * tokens + per_layer
+        activations = shape.layers * a * shape.hidden * tokens + per_layer + head_inputs
     else:
-        activations = shape.layers * per_layer
-    activations += (4 + 2 * a) * shape.hidden * tokens
+        activations = uncheckpointed
     if setup.kind == "full" and a != 4 and strategy in ("single", "ddp"):
         activations += a * shape.params        # autocast's cached 16-bit copies of the float32 weights
     # Gathered parameters, in the precision (FSDP's MixedPrecisionPolicy, DeepSpeed's module): FSDP's
@@ -465,8 +466,8 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
     accumulating = math.ceil(recipe.training.batch_size * recipe.training.grad_accum / ranks) > micro_batch
     # CPU: the heap glibc keeps once the backward pass frees activations, less what new gradients
     # (a first micro-batch's, allocated in that pass) take back of it
-    kappa = CPU_HEAP_RETENTION_ACCUMULATING if accumulating else CPU_HEAP_RETENTION
-    retained = 0 if device.gpu else max(0, int(kappa * activations) - (0 if accumulating else gradients))
+    kappa = CPU_HEAP_RETENTION[(a == 4, setup.checkpointing)] + (CPU_HEAP_RETENTION_ACCUMULATING if accumulating else 0)
+    retained = 0 if device.gpu else max(0, int(kappa * uncheckpointed) - (0 if accumulating else gradients))
     static = {"weights": weights, "adapter": adapter, "optimizer": optimizer}
     phases = {
         "load": {"weights": frozen, "adapter": 4 * trainable,
@@ -481,8 +482,10 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
     phase = max(phases, key=lambda name: sum(phases[name].values()))
     at_peak = {k: phases[phase].get(k, 0) for k in (*sizes, "overhead")}
     allocated = sum(v for k, v in at_peak.items() if k != "overhead")
-    at_peak["overhead"] += (CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * allocated)) if device.gpu \
-        else CPU_RUNTIME_BYTES
+    if device.gpu:
+        at_peak["overhead"] += CUDA_CONTEXT_BYTES + int(CUDA_FRAGMENTATION * allocated)
+    elif phase != "load":        # loading comes before the examples and autograd's graph
+        at_peak["overhead"] += CPU_RUNTIME_BYTES
     return Estimate(micro_batch=micro_batch, tokens=tokens, sizes={k: int(v) for k, v in sizes.items()},
                     at_peak={k: int(v) for k, v in at_peak.items()}, phase=phase, allocated=int(allocated),
                     phases={name: int(sum(held.values())) for name, held in phases.items()})
