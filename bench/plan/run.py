@@ -160,6 +160,19 @@ def honoured(row: dict, measured: dict) -> str | None:
     return None
 
 
+def report(results: dict) -> str:
+    """The results as bench/README.md shows them (Markdown)."""
+    lines = ["| role | model | adapter | precision | checkpointing | seq x batch x accum | predicted | measured | error |",
+             "|---|---|---|---|---|---|---:|---:|---:|"]
+    for r in results["rows"]:
+        measured = f"{r['measured_bytes'] / MIB:,.0f} MiB" if "measured_bytes" in r else "-"
+        error = f"{r['error']:+.1%}" if "error" in r else f"not measured: {r['not_measured']}"
+        lines.append(f"| {r['role']} | {r['model']} | {r['kind']} | {r['precision']} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r['seq']} x {r['batch']} x {r['accum']} | "
+                     f"{r['predicted_bytes'] / MIB:,.0f} MiB | {measured} | {error} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ftpipe-bench-plan"))
@@ -172,7 +185,11 @@ def main() -> int:
                          "torch.cuda.max_memory_allocated, in one process per configuration as on CPU")
     ap.add_argument("--skip-unsupported", action="store_true",
                     help="after a configuration the trainer did not honour, skip those asking the same")
+    ap.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="print a results file as Markdown; run nothing")
     args = ap.parse_args()
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return 0
     data = args.work / "data"
     write_chats(data)
     device = gpu_device(args.gpu) if args.gpu else cpu_device()

@@ -262,3 +262,11 @@ def test_the_run_record_carries_the_plan_beside_the_peak_the_run_reached():
     unknown = run_record.memory(_recipe(base_model="org/unknown-model"), "cpu")
     assert "no config.json" in unknown["plan"]["error"]
 
+
+def test_the_readme_planner_table_is_the_planners_output():
+    from pathlib import Path
+
+    from bench.plan.table import markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert markdown() in readme, "README.md's planner table is stale: paste `python bench/plan/table.py`"
