@@ -90,10 +90,18 @@ def cmd_drop(args) -> int:
 
 
 def _dry_run(args) -> int:
-    """`drop --dry-run`: the preprocess stage in-process into a temporary folder; nothing uploaded."""
+    """`drop --dry-run`: the preprocess stage in-process into a temporary folder; nothing uploaded.
+    A recipe whose memory plan does not fit its hardware is refused first, as a drop would be."""
     import tempfile
 
     from ftpipe.standalone import prepare_file
+    from shared.domain.memory_plan import refusal
+    from shared.domain.recipe import load_recipe
+
+    if reason := refusal(load_recipe(args.recipe)):
+        _print_json({"dry_run": True, "refused": True, "reason": reason}) if args.json else \
+            err.print(f"[red]refused[/red]: {escape(reason)}", soft_wrap=True)
+        return 1
 
     with tempfile.TemporaryDirectory(prefix="ftpipe-dry-run-") as tmp:
         result = prepare_file(args.file, args.recipe, tmp, legal_basis=args.legal_basis)
@@ -477,10 +485,12 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.plan:
+        return _plan(args)
     if args.render_k8s:
         return _render_k8s(args)
     if not (args.data and args.out):
-        raise UsageError("ftpipe train needs --data (a prepared dataset folder) and --out, or --render-k8s")
+        raise UsageError("ftpipe train needs --data (a prepared dataset folder) and --out, or --plan, or --render-k8s")
     from ftpipe.standalone import train_folder, train_processes
 
     from services.trainer import distributed
@@ -498,6 +508,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    """Print the memory plan of the recipe on its hardware (shared/domain/memory_plan.py); exit 1
+    when it does not fit."""
+    from shared.domain.memory_plan import PlanError, plan_recipe
+    from shared.domain.recipe import load_recipe
+
+    try:
+        plan = plan_recipe(load_recipe(args.recipe))
+    except PlanError as exc:
+        raise UsageError(f"no memory plan: {exc}") from None
+    _print_json(plan.to_dict()) if args.json else out.print(escape(plan.describe()))
+    return 0 if plan.fits else 1
+
+
 def _render_k8s(args) -> int:
     """Print the Kubernetes Job / JobSet that trains a run of this recipe on GKE (services/trainer/k8s.py)."""
     import yaml
@@ -505,14 +529,18 @@ def _render_k8s(args) -> int:
     from shared.domain.recipe import load_recipe
     from shared.platform.build_info import ftpipe_version
 
-    from services.trainer.k8s import render
+    from services.trainer.k8s import RenderError, render
 
     settings = _settings(args)
-    manifest = render(load_recipe(args.recipe), args.run_id,
-                      args.dataset_uri or f"gs://{settings.bucket}/datasets/DATASET_ID/", tenant=args.tenant,
-                      image=args.image or os.environ.get("FTPIPE_TRAINER_IMAGE") or f"ftpipe/trainer:{ftpipe_version()}",
-                      namespace=args.namespace,
-                      env={"FTPIPE_BUCKET": settings.bucket, "FTPIPE_PROJECT": settings.project})
+    try:
+        manifest = render(load_recipe(args.recipe), args.run_id,
+                          args.dataset_uri or f"gs://{settings.bucket}/datasets/DATASET_ID/", tenant=args.tenant,
+                          image=args.image or os.environ.get("FTPIPE_TRAINER_IMAGE")
+                          or f"ftpipe/trainer:{ftpipe_version()}",
+                          namespace=args.namespace,
+                          env={"FTPIPE_BUCKET": settings.bucket, "FTPIPE_PROJECT": settings.project})
+    except RenderError as exc:
+        raise UsageError(str(exc)) from None
     print(yaml.safe_dump(manifest, sort_keys=False), end="")
     return 0
 
@@ -708,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1,
                    help="train in N processes on this machine (torchrun) with the recipe's distribution.strategy")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan on the recipe's hardware (peak per GPU, micro-batch that fits); "
+                        "exit 1 when nothing fits")
     p.add_argument("--render-k8s", action="store_true",
                    help="print the Kubernetes Job (one node) or JobSet (several) that trains a run of the recipe on GKE")
     p.add_argument("--run-id", default="preview", help="--render-k8s: the run (default: preview)")

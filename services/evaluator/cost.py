@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.domain.recipe import GPU_TABLE, Recipe
 
-# Sustained memory bandwidth per GPU, GB/s: ~70% of the peak (L4 300, A100 40GB 1555, H100 SXM
-# 3350), as in a2-highgpu / a3-highgpu / g2 machines. The keys are GPU_TABLE's.
-SUSTAINED_BANDWIDTH_GB_S: dict[str, float] = {"l4": 210.0, "a100": 1090.0, "h100": 2350.0}
+# Sustained memory bandwidth per GPU, GB/s: ~70% of the peak (L4 300, A100 40GB 1555, A100 80GB
+# 2039, H100 SXM 3350), as in g2 / a2-highgpu / a2-ultragpu / a3-highgpu machines. The keys are GPU_TABLE's.
+SUSTAINED_BANDWIDTH_GB_S: dict[str, float] = {"l4": 210.0, "a100": 1090.0, "a100-80gb": 1430.0, "h100": 2350.0}
 # Pub/Sub waits at most this long for a push's answer (services/evaluator/app.py).
 PUSH_ACK_DEADLINE_S = 600
 

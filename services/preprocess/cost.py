@@ -12,7 +12,8 @@ x grad_accum rows at the mean row length);  FLOPs = 6 x params x tokens for a fu
 ~4 x params x tokens for LoRA (the forward pass 2NT plus the backward pass through the activations
 2NT; the frozen weights get no gradient, so the third 2NT of full training is skipped — the
 adapter's own parameters are negligible);  GPU hours = FLOPs / (sustained FLOP/s x GPUs, hardware.count x hardware.nodes);
-cost = GPU hours x GPU count x price per GPU-hour.
+cost = GPU hours x GPU count x price per GPU-hour. The recipe's memory plan (shared/domain/memory_plan.py:
+peak per GPU, the micro-batch that fits) rides along under `memory`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.domain.datasets import SPLITS, with_system_prompt
+from shared.domain.memory_plan import GIB, ModelShape, Plan, PlanError, model_config, plan_recipe
 from shared.domain.recipe import GPU_TABLE, Recipe
 
 LORA_FLOPS_PER_PARAM_TOKEN = 4
@@ -73,11 +75,8 @@ def count_parameters(base_model: str) -> int | None:
     if total:
         return total
     try:
-        cfg = json.loads((folder / "config.json").read_text())
-        h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-        inter = cfg.get("intermediate_size", 4 * h)
-        return layers * (4 * h * h + 3 * h * inter) + vocab * h
-    except (OSError, KeyError, ValueError):
+        return ModelShape.from_config(model_config(str(folder))).params
+    except PlanError:
         return None
 
 
@@ -174,8 +173,10 @@ def _render(tokenizer, messages: list[dict]) -> str:
 
 # ------------------------------------------------------------------ cost
 
-def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None) -> dict[str, Any]:
-    """The cost estimate for training on these tokens with the recipe's hardware (pure)."""
+def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None,
+                  memory: Plan | None = None) -> dict[str, Any]:
+    """The cost estimate for training on these tokens with the recipe's hardware (pure); `memory`,
+    the recipe's memory plan, rides along (its parameter count stands in when `params` is None)."""
     hw = recipe.hardware
     gpu = GPU_TABLE[hw.gpu]
     tflops = hw.sustained_tflops if hw.sustained_tflops is not None else gpu["sustained_tflops"]
@@ -191,6 +192,7 @@ def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None) ->
         if step_tokens < trained:
             trained, capped_by = step_tokens, "max_steps"
     factor = LORA_FLOPS_PER_PARAM_TOKEN if recipe.adapter.kind == "lora" else FULL_FLOPS_PER_PARAM_TOKEN
+    params = params or (memory.params if memory is not None else None)
     result: dict[str, Any] = {
         "trained_tokens": int(round(trained)), "epochs": t.epochs, "limited_by": capped_by,
         "method": recipe.adapter.kind, "flops_per_param_token": factor, "params": params,
@@ -198,6 +200,9 @@ def estimate_cost(recipe: Recipe, tokens: dict[str, Any], params: int | None) ->
                      "price_per_gpu_hour": price, "currency": "USD"},
         "flops": None, "gpu_hours": None, "cost": None,
         "formula": f"{factor} x params x trained_tokens / (sustained TFLOP/s x count) -> GPU hours x price",
+        "memory": None if memory is None else {k: getattr(memory, k) for k in (
+            "fits", "peak_bytes", "capacity_bytes", "micro_batch", "grad_accum", "gpu", "processes", "phase",
+            "precision", "gradient_checkpointing")} | {"advice": list(memory.advice)},
     }
     if params:
         flops = factor * params * trained
@@ -224,7 +229,11 @@ def tokens_and_cost(recipe: Recipe, count: Callable[[Any], dict[str, Any]]) -> t
     except Exception as exc:  # noqa: BLE001 - an estimate must never fail the dataset
         return None, None, f"token count failed: {type(exc).__name__}: {str(exc)[:200]}"
     tokens["tokenizer"] = recipe.base_model
-    return tokens, estimate_cost(recipe, tokens, count_parameters(recipe.base_model)), None
+    try:
+        memory = plan_recipe(recipe)
+    except PlanError:
+        memory = None
+    return tokens, estimate_cost(recipe, tokens, count_parameters(recipe.base_model), memory), None
 
 
 def describe(tokens: dict | None, cost: dict | None) -> str:
@@ -236,4 +245,9 @@ def describe(tokens: dict | None, cost: dict | None) -> str:
         hw = cost["hardware"]
         line += (f"\ncost estimate: {cost['trained_tokens']} trained tokens, {cost['flops']:.3g} FLOPs → "
                  f"{cost['gpu_hours']:.4g} GPU-hours on {hw['count']} x {hw['gpu']} ≈ ${cost['cost']:.4g}")
+    if cost and cost.get("memory"):
+        m = cost["memory"]
+        line += (f"\nmemory plan: peak {m['peak_bytes'] / GIB:.2f} GiB of {m['capacity_bytes'] / GIB:.2f} GiB per "
+                 f"{m['gpu']}, micro-batch {m['micro_batch']} x {m['grad_accum']} accumulation: "
+                 + ("fits" if m["fits"] else "does NOT fit: " + "; ".join(m["advice"])))
     return line

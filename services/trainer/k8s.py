@@ -9,6 +9,10 @@ Everything comes from the recipe:
   checkpoints and exits with 75 for a new pod to resume);
 - scheduling: the PriorityClass `ftpipe-<priority>` and Kueue's queue and priority labels (the Job
   is created suspended; Kueue admits it when the queue has quota);
+- the memory plan (shared/domain/memory_plan.py): the pod's memory request and limit (every
+  process loads the base model on the host first; rank 0 gathers checkpoints there), the
+  micro-batch the run trains with (the largest that fits, the accumulation keeping the effective
+  batch), an annotation with the plan; a recipe that cannot fit is refused, with what to change;
 - the run itself travels in $FTPIPE_JOB (services/trainer/run_job.py).
 
 The PriorityClasses, the Kueue ClusterQueue / LocalQueue and the node pools are cluster objects,
@@ -17,8 +21,11 @@ created once with the cluster (infra/), not per run.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 
+from shared.domain.memory_plan import GIB, Plan, PlanError, plan_recipe, refusal
 from shared.domain.recipe import GKE_ACCELERATORS, Recipe
 
 from services.trainer.run_job import EXIT_REJECTED, JOB_ENV, JobSpec
@@ -26,7 +33,11 @@ from services.trainer.run_job import EXIT_REJECTED, JOB_ENV, JobSpec
 RDZV_PORT = 29500
 GRACE_PERIOD_S = 25         # GKE gives a spot VM 30 s of notice; the SIGTERM checkpoint must fit in it
 MAX_RESTARTS = 10           # new pods after failures that are not preemptions
-CPU_PER_GPU, MEMORY_PER_GPU_GI = 4, 16
+CPU_PER_GPU, MEMORY_PER_GPU_GI = 4, 16   # the memory request when there is no plan (no config.json to read)
+
+
+class RenderError(ValueError):
+    """The run cannot be rendered to a Job that would work; the message says what to change."""
 
 
 def object_name(run_id: str) -> str:
@@ -57,8 +68,9 @@ def torchrun_command(recipe: Recipe, run_id: str, leader: str | None) -> list[st
 
 
 def _pod_spec(recipe: Recipe, run_id: str, job: JobSpec, *, image: str, env: dict[str, str],
-              service_account: str, leader: str | None) -> dict:
+              service_account: str, leader: str | None, plan: Plan | None) -> dict:
     hw = recipe.hardware
+    memory = f"{math.ceil(plan.host_bytes / GIB)}Gi" if plan else f"{MEMORY_PER_GPU_GI * hw.count}Gi"
     selector = {"cloud.google.com/gke-accelerator": GKE_ACCELERATORS[hw.gpu], "cloud.google.com/gke-nodepool": hw.pool}
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if hw.spot:
@@ -80,9 +92,8 @@ def _pod_spec(recipe: Recipe, run_id: str, job: JobSpec, *, image: str, env: dic
             "env": container_env,
             "ports": [{"name": "rdzv", "containerPort": RDZV_PORT}],
             "resources": {
-                "requests": {"cpu": str(CPU_PER_GPU * hw.count), "memory": f"{MEMORY_PER_GPU_GI * hw.count}Gi",
-                             "nvidia.com/gpu": str(hw.count)},
-                "limits": {"nvidia.com/gpu": str(hw.count)},
+                "requests": {"cpu": str(CPU_PER_GPU * hw.count), "memory": memory, "nvidia.com/gpu": str(hw.count)},
+                "limits": {"memory": memory, "nvidia.com/gpu": str(hw.count)},
             },
             # NCCL exchanges tensors through shared memory; the container default (64 MiB) is too small
             "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
@@ -94,10 +105,21 @@ def _pod_spec(recipe: Recipe, run_id: str, job: JobSpec, *, image: str, env: dic
 def render(recipe: Recipe, run_id: str, dataset_uri: str, *, tenant: str = "default", image: str,
            namespace: str = "ftpipe", service_account: str = "ftpipe-trainer",
            env: dict[str, str] | None = None) -> dict:
-    """The Job (one node) or JobSet (several) that trains `run_id` (a plain dict, ready for YAML)."""
+    """The Job (one node) or JobSet (several) that trains `run_id` (a plain dict, ready for YAML).
+    RenderError when the recipe's memory plan does not fit its hardware."""
     name = object_name(run_id)
     hw = recipe.hardware
-    job = JobSpec(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri, tenant=tenant)
+    try:
+        plan = plan_recipe(recipe)
+    except PlanError:
+        plan = None
+    if plan is not None and (reason := refusal(recipe, plan)):
+        raise RenderError(reason)
+    trained = recipe
+    if plan is not None and plan.micro_batch != recipe.training.batch_size:
+        trained = recipe.model_copy(update={"training": recipe.training.model_copy(
+            update={"batch_size": plan.micro_batch, "grad_accum": plan.grad_accum})})
+    job = JobSpec(run_id=run_id, recipe=trained, dataset_uri=dataset_uri, tenant=tenant)
     labels = {
         "app.kubernetes.io/name": "ftpipe-trainer", "app.kubernetes.io/part-of": "ftpipe",
         "ftpipe.dev/run-id": label_value(run_id), "ftpipe.dev/tenant": label_value(tenant),
@@ -105,8 +127,12 @@ def render(recipe: Recipe, run_id: str, dataset_uri: str, *, tenant: str = "defa
         "kueue.x-k8s.io/queue-name": recipe.scheduling.queue,
         "kueue.x-k8s.io/priority-class": priority_class(recipe),
     }
-    metadata = {"name": name, "namespace": namespace, "labels": labels,
-                "annotations": {"ftpipe.dev/run-id": run_id, "ftpipe.dev/recipe-hash": recipe.hash}}
+    annotations = {"ftpipe.dev/run-id": run_id, "ftpipe.dev/recipe-hash": recipe.hash}
+    if plan is not None:
+        annotations["ftpipe.dev/memory-plan"] = json.dumps({k: getattr(plan, k) for k in (
+            "peak_bytes", "capacity_bytes", "micro_batch", "grad_accum", "host_bytes", "precision",
+            "gradient_checkpointing")}, sort_keys=True)
+    metadata = {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations}
     env = {"FTPIPE_PROFILE": "gcp", "FTPIPE_LOG_FORMAT": "json", **(env or {})}
     # a preemption (DisruptionTarget) does not count as a failure; a rejection fails the Job at once
     failure_policy = {"rules": [
@@ -114,7 +140,8 @@ def render(recipe: Recipe, run_id: str, dataset_uri: str, *, tenant: str = "defa
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_REJECTED]}},
     ]}
     if hw.nodes == 1:
-        pod = _pod_spec(recipe, run_id, job, image=image, env=env, service_account=service_account, leader=None)
+        pod = _pod_spec(recipe, run_id, job, image=image, env=env, service_account=service_account, leader=None,
+                        plan=plan)
         return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": {
             "suspend": True, "backoffLimit": MAX_RESTARTS, "podFailurePolicy": failure_policy,
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
@@ -122,7 +149,8 @@ def render(recipe: Recipe, run_id: str, dataset_uri: str, *, tenant: str = "defa
     # JobSet pods are named <jobset>-<replicated job>-<job index>-<pod index>, with DNS host names
     # under the JobSet's headless service: the first pod of the indexed Job hosts the rendezvous
     leader = f"{name}-workers-0-0.{name}"
-    pod = _pod_spec(recipe, run_id, job, image=image, env=env, service_account=service_account, leader=leader)
+    pod = _pod_spec(recipe, run_id, job, image=image, env=env, service_account=service_account, leader=leader,
+                    plan=plan)
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata, "spec": {
         "suspend": True,
         "network": {"enableDNSHostnames": True, "subdomain": name},

@@ -4,7 +4,8 @@
 content hash of its files: a reference such as a hub id or a cache folder can come to mean other
 weights later), the dataset (its manifest's sha256 and id, the train split's sha256), the seed, the
 code (git commit, and whether the tree had local changes), the machine (device, torch threads,
-Python) and every installed package with its version (a lockfile of the environment the run used).
+Python), the memory plan beside the peak the run reached, and every installed package with its
+version (a lockfile of the environment the run used).
 The registry copies it into the model bundle.
 Rerunning the same record on CPU gives the same loss curve (tests/unit/test_training.py).
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 from pathlib import Path
 
 import torch
 
+from shared.domain.memory_plan import PlanError, cpu_device, plan_recipe
 from shared.domain.models import base_model_identity
 from shared.domain.recipe import Recipe
 from shared.platform.build_info import ftpipe_version, git_commit, installed_packages
@@ -49,8 +52,24 @@ def build(recipe: Recipe, data_dir: Path, *, device: str, result: dict) -> dict:
         "machine": {"device": device, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "result": result,
+        "memory": memory(recipe, device),
         "packages": installed_packages(),
     }
+
+
+def memory(recipe: Recipe, device: str) -> dict:
+    """The memory plan of the run on its device (a GPU of the recipe's hardware, or this CPU) beside
+    the peak it reached: torch.cuda.max_memory_allocated on a GPU (compare the plan's
+    allocated_bytes), the process's peak resident set on a CPU (imports included)."""
+    try:
+        plan = plan_recipe(recipe, None if device.startswith("cuda") else cpu_device()).to_dict()
+    except PlanError as exc:
+        plan = {"error": str(exc)}
+    if device.startswith("cuda"):
+        measured, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        measured, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident set (ru_maxrss)"
+    return {"plan": plan, "measured_peak_bytes": measured, "measured": how}
 
 
 def write(path: Path, record: dict) -> Path:

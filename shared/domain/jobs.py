@@ -4,7 +4,9 @@ and the dashboard's `POST /api/runs` and `POST /api/runs/<id>/cancel` (services/
 A submission resolves the recipe (a built-in name, or a YAML file that is uploaded to the bucket's
 recipes/ so the services, which only see the bucket, resolve the same recipe), applies the
 dotted-key overrides, uploads the dataset under uploads/<run_id>/ and publishes JobSubmitted. A drop
-uploads the file to incoming/<recipe>/<file>, where the bucket's notification starts the run.
+uploads the file to incoming/<recipe>/<file>, where the bucket's notification starts the run. Either
+is refused first when the recipe's memory plan (shared/domain/memory_plan.py) does not fit its
+hardware, with what to change.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from shared.domain import events as ev
 from shared.domain.datasets import missing_prepared_files
+from shared.domain.memory_plan import refusal
 from shared.domain.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from shared.domain.tenants import TenantError, check_name
 from shared.platform.ports import Bus, DocStore, ObjectStore
@@ -84,6 +87,8 @@ def submit(store: ObjectStore, bus: Bus, bucket: str, job: dict, *, source: dict
     (default: the dataset as given) is recorded on the run as where its data came from."""
     check_job(job)
     recipe = resolve_recipe(store, bucket, job["recipe"], job.get("overrides"))
+    if reason := refusal(recipe):
+        raise JobError(reason)
     dataset = job["dataset"]
     run_id = job.get("run_id") or ev.derive_run_id("submit", recipe.hash, dataset, uuid.uuid4().hex)
     prepared = bool(job.get("prepared", False))
@@ -131,6 +136,8 @@ def drop(store: ObjectStore, bucket: str, file: str | Path, recipe: str, *, lega
     if not path.is_file():
         raise JobError(f"{file}: no such file")
     parsed = resolve_recipe(store, bucket, recipe)
+    if reason := refusal(parsed):
+        raise JobError(reason)
     name = f"incoming/{parsed.name}/{safe_name(path.name)}"
     if legal_basis is not None:
         if not legal_basis.strip():

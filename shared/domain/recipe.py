@@ -121,22 +121,26 @@ class QualitySpec(_Strict):
 
 # Defaults for the cost estimate (services/preprocess/cost.py): sustained = ~40% of the dense
 # BF16 peak (L4 121, A100 312, H100 SXM 989 TFLOP/s); prices are approximate on-demand USD per
-# GPU-hour on Google Cloud (g2 / a2 / a3 machines, VM share included). Override in the recipe.
+# GPU-hour on Google Cloud (g2 / a2 / a2-ultra / a3 machines, VM share included). Override in the
+# recipe. memory_gib: the GPU's memory as nvidia-smi reports it (23034, 40960, 81920, 81559 MiB),
+# which the memory planner (shared/domain/memory_plan.py) plans against.
 GPU_TABLE: dict[str, dict[str, float]] = {
-    "l4": {"sustained_tflops": 48.0, "price_per_gpu_hour": 0.85},
-    "a100": {"sustained_tflops": 125.0, "price_per_gpu_hour": 3.70},
-    "h100": {"sustained_tflops": 400.0, "price_per_gpu_hour": 11.00},
+    "l4": {"sustained_tflops": 48.0, "price_per_gpu_hour": 0.85, "memory_gib": 22.49},
+    "a100": {"sustained_tflops": 125.0, "price_per_gpu_hour": 3.70, "memory_gib": 40.0},
+    "a100-80gb": {"sustained_tflops": 125.0, "price_per_gpu_hour": 5.07, "memory_gib": 80.0},
+    "h100": {"sustained_tflops": 400.0, "price_per_gpu_hour": 11.00, "memory_gib": 79.65},
 }
 
 
 # GKE's accelerator label values (node selector `cloud.google.com/gke-accelerator`).
-GKE_ACCELERATORS = {"l4": "nvidia-l4", "a100": "nvidia-tesla-a100", "h100": "nvidia-h100-80gb"}
+GKE_ACCELERATORS = {"l4": "nvidia-l4", "a100": "nvidia-tesla-a100", "a100-80gb": "nvidia-a100-80gb",
+                    "h100": "nvidia-h100-80gb"}
 
 
 class HardwareSpec(_Strict):
     """Where training runs: the cost estimate (services/preprocess/cost.py) and the GKE Job the
     trainer renders (services/trainer/k8s.py)."""
-    gpu: Literal["l4", "a100", "h100"] = "l4"
+    gpu: Literal["l4", "a100", "a100-80gb", "h100"] = "l4"     # a100: the 40 GB one
     count: int = Field(default=1, ge=1)                              # GPUs per node
     nodes: int = Field(default=1, ge=1)                              # > 1: a JobSet of `nodes` pods
     spot: bool = True                                        # spot VMs: preemptible, ~60-70% cheaper

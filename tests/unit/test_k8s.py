@@ -56,7 +56,9 @@ def test_one_node_recipe_renders_a_suspended_job_on_spot_gpus():
     assert container["image"] == "reg/trainer:1"
     assert container["command"] == ["python", "-m", "services.trainer.launch", "--nnodes=1", "--nproc-per-node=1",
                                     "--standalone"]
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    assert resources["limits"]["memory"] == resources["requests"]["memory"]   # the memory plan's host figure
     # the run travels in the environment and reads back as the same job
     job = run_job.read_job({run_job.JOB_ENV: _env(pod)[run_job.JOB_ENV]})
     assert job.run_id == "run-42" and job.recipe == recipe and job.tenant == "team-a"
@@ -84,7 +86,7 @@ def test_multi_node_recipe_renders_a_jobset_with_torchrun_rendezvous_on_its_firs
                                    "cloud.google.com/gke-nodepool": "ftpipe-h100"}
     assert all(t["key"] != "cloud.google.com/gke-spot" for t in pod["tolerations"])
     container = pod["containers"][0]
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["command"][:5] == ["python", "-m", "services.trainer.launch", "--nnodes=2", "--nproc-per-node=8"]
     assert f"--rdzv-endpoint={name}-workers-0-0.{name}:29500" in container["command"]
     assert "--rdzv-id=run-7" in container["command"]

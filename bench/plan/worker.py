@@ -1,0 +1,84 @@
+"""One process of bench/plan/run.py.
+
+`build NAME CONFIG_JSON OUT`: a random-weight causal LM of that config (float32, seeded) saved to OUT
+with SmolLM2's tokenizer and chat template.
+
+`train RECIPE_JSON DATA WORK`: imports everything the trainer uses, takes the resident set size, trains
+the recipe with ftpipe's trainer, then prints `MEASURED {json}`: the process's peak resident set
+(ru_maxrss) minus its resident set after the imports (on a GPU: torch.cuda.max_memory_allocated),
+and what the trainer really did: the dtype its linear layers computed in and whether activation
+checkpointing was on.
+"""
+import json
+import resource
+import sys
+from pathlib import Path
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def build(name: str, config: dict, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from shared.domain.models import ensure_smollm2
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(ensure_smollm2()).save_pretrained(out)
+    print(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters())}))
+
+
+def train(recipe_json: str, data: Path, work: Path) -> None:
+    # everything the trainer imports, lazily included, before the baseline
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    import trl.chat_template_utils  # noqa: F401
+
+    from shared.domain.recipe import Recipe
+
+    from services.trainer import modeling, objectives, training  # noqa: F401
+
+    baseline = _rss()
+    recipe = Recipe.model_validate_json(recipe_json)
+    seen: dict = {}
+    build_model = modeling.build_model
+
+    def observed_build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        seen["model"] = model
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        def hook(_module, _inputs, output) -> None:   # returns None: the output stays as it is
+            seen.setdefault("compute_dtype", str(output.dtype))
+
+        first.register_forward_hook(hook)
+        return model
+
+    def on_metrics(rows: list[dict]) -> None:
+        model = seen["model"]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        seen.setdefault("checkpointing", bool(getattr(base, "is_activation_checkpointing", False)))
+
+    modeling.build_model = observed_build
+    training.train(recipe, data, work, on_metrics=on_metrics)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_available():   # on a GPU: what its allocator handed out at most
+        peak, baseline = torch.cuda.max_memory_allocated(), 0
+    print("MEASURED " + json.dumps({"peak_bytes": peak - baseline, "baseline_bytes": baseline,
+                                    "compute_dtype": seen.get("compute_dtype"),
+                                    "checkpointing": seen.get("checkpointing")}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "build":
+        build(sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        train(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
