@@ -14,9 +14,17 @@ The training loop (training.py) stays one loop; it asks a `World` for what diffe
   (parameters gathered in the precision, gradients reduced in float32); DeepSpeed's own bf16 / fp16
   sections (its module in the precision, float32 master weights and its own loss scaler), the masters
   being what checkpoints hold;
+- loading (`loads_sharded`): under fsdp and deepspeed_zero3 no rank holds the whole model. The model
+  is built without the base's weights (`empty_init`: on the meta device, or in DeepSpeed's zero.Init,
+  which partitions each parameter as its module is created; services/trainer/modeling.py), and once
+  the parameters are cut `wrap` fills each rank's shards from the base's safetensors files, reading
+  only the slices it holds (torch.distributed.checkpoint for FSDP2's DTensors, the rows covering its
+  range for a ZeRO-3 partition); what one process initialises afresh (adapters, a new head) is made
+  whole on every rank, with the same values, before it is cut;
 - checkpoints keep the one-process layout: rank 0 writes the full adapter and the full optimizer
   state (gathered from the shards), each rank's RNG state beside it; on resume every rank reads the
-  same files and takes its shard, so a run resumes on any number of processes and strategy.
+  same files and takes its shard, so a run resumes on any number of processes and strategy (a whole
+  model trained under fsdp / ZeRO-3 is read slice by slice from the checkpoint as the base is).
 
 Under torchrun ranks never disagree: every decision (stop, alerts) is derived from all-reduced
 numbers or agreed by an all-reduce, and a rank with fewer examples in a ragged step runs padding
@@ -24,6 +32,7 @@ micro-batches of weight 0, because a sharded forward and backward are collective
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -36,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from services.trainer.compute import CPU_FP32, Compute
+from services.trainer.modeling import WeightFiles
 
 STRATEGIES_THAT_AVERAGE = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")  # they divide gradients by the world size
 _BUCKET_ELEMENTS = 2**23  # gradients are summed in buckets of 32 MiB of float32, as DDP does
@@ -72,6 +82,7 @@ class World:
     compute: Compute = CPU_FP32     # the precision the model was wrapped for
     scaler: torch.amp.GradScaler | None = None   # fp16 outside DeepSpeed: the loss scaler
     skipped: bool = False           # whether the last step() skipped its update (an fp16 overflow)
+    loading_peak: int = 0           # the most parameter bytes held as the model was built and loaded (note_loading)
 
     @property
     def main(self) -> bool:
@@ -90,9 +101,47 @@ class World:
 
     # ------------------------------------------------------------------------------ model
 
-    def wrap(self, model, make_optimizer, *, max_grad_norm: float, compute: Compute = CPU_FP32):
+    def loads_sharded(self, adapter_kind: str) -> bool:
+        """Whether the model is built without its base's weights and each rank loads only its shards
+        (fsdp, deepspeed_zero3 in several processes); QLoRA's base is quantised as it loads, whole on
+        each rank's own GPU."""
+        return self.size > 1 and self.strategy in ("fsdp", "deepspeed_zero3") and adapter_kind != "qlora"
+
+    @contextlib.contextmanager
+    def empty_init(self, compute: Compute, max_grad_norm: float):
+        """The context the base's modules are created in when loads_sharded: the meta device (FSDP2
+        cuts the parameters; wrap then materialises each rank's shards), or DeepSpeed's zero.Init with
+        the engine's configuration, which partitions each parameter as its module is created."""
+        if self.strategy == "fsdp":
+            with torch.device("meta"):
+                yield
+            return
+        deepspeed = _deepspeed()
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+        # transformers' own guard (entered first): RoPE's positions stay float32 in a bf16 / fp16
+        # zero.Init. mem_efficient_linear off: on, zero.Init swaps torch.nn.functional.linear for
+        # DeepSpeed's for the rest of the process.
+        with prevent_arange_dtype_change(), deepspeed.zero.Init(
+                config_dict_or_path=deepspeed_config(self.strategy, max_grad_norm, compute), mem_efficient_linear=False):
+            yield
+
+    def note_loading(self, model) -> None:
+        """Record the parameter bytes the model holds now (parameter_bytes) if the most so far: called
+        once it is built and once it is wrapped, its weights loaded."""
+        self.loading_peak = max(self.loading_peak, parameter_bytes(model))
+
+    def wrap(self, model, make_optimizer, *, max_grad_norm: float, compute: Compute = CPU_FP32,
+             weights: WeightFiles | None = None):
         """(model, optimizer) for this strategy and precision; make_optimizer(params) builds the torch
-        optimizer over the trainable parameters (after sharding, so it holds the shards)."""
+        optimizer over the trainable parameters (after sharding, so it holds the shards). weights: a
+        model built unloaded (loads_sharded) has its weights read into its shards here, from these."""
+        model, optimizer = self._wrap(model, make_optimizer, max_grad_norm=max_grad_norm, compute=compute,
+                                      weights=weights)
+        self.note_loading(model)
+        return model, optimizer
+
+    def _wrap(self, model, make_optimizer, *, max_grad_norm: float, compute: Compute, weights: WeightFiles | None):
         self.compute = compute
         if self.strategy not in ("deepspeed_zero2", "deepspeed_zero3") or self.size == 1:
             self.scaler = compute.grad_scaler()
@@ -112,24 +161,30 @@ class World:
                 if type(module).__name__ in blocks:
                     fully_shard(module, mp_policy=policy)
             fully_shard(model, mp_policy=policy)  # embeddings, final norm and head (tied to the embeddings) with the root
+            if weights is not None:
+                _materialise_shards(model, weights, self.device)
             return model, make_optimizer(_trainable(model))
-        import deepspeed
-
-        for handler in deepspeed.utils.logger.handlers:  # stdout is the program's output (ftpipe train --json)
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(sys.stderr)
+        deepspeed = _deepspeed()
         trained = _trainable(model)
-        # DeepSpeed makes its float32 masters from the module cast to the precision: keep the exact
-        # weights (a resumed adapter, fresh LoRA A) to put into them
-        masters = [p.detach().to("cpu", copy=True) for p in trained] if compute.mixed else []
+        # DeepSpeed makes its float32 masters from the module in the precision: keep the exact weights
+        # (a resumed adapter, fresh LoRA A, a trained partition as the files hold it) to put into them
+        exact = _load_partitions(weights, trained if compute.mixed else []) if weights is not None else {}
+        masters = [(exact[id(p)], True) if id(p) in exact else (p.detach().to("cpu", copy=True), False)
+                   for p in trained] if compute.mixed else []  # (value, whether it is the local partition)
+        if weights is not None and compute.mixed:
+            # DeepSpeed casts none of a zero.Init model's parameters: those made whole (adapters, a new
+            # head) go to the precision zero.Init gave the rest, their exact values kept above
+            for p in trained:
+                if not hasattr(p, "ds_id"):
+                    p.data = p.data.to(compute.dtype)
         optimizer = make_optimizer(trained)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(self.strategy, max_grad_norm, compute))
         if masters:
-            from deepspeed.utils import safe_set_full_fp32_param
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
-            for param, value in zip(self._deepspeed_params(), masters, strict=True):
-                safe_set_full_fp32_param(param, value.to(self.device))
+            for param, (value, local) in zip(self._deepspeed_params(), masters, strict=True):
+                (safe_set_local_fp32_param if local else safe_set_full_fp32_param)(param, value.to(self.device))
         return model, optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -209,6 +264,7 @@ class World:
         """The trained parameters in full, gathered from their shards (a collective: every rank calls
         it), for rank 0 to save; None when they are not sharded (the model saves its own). Under
         DeepSpeed in bf16 / fp16, its float32 masters: the module holds copies rounded to the precision."""
+        _reshard(model)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if self.engine is not None and self.compute.mixed:
             from deepspeed.utils import safe_get_full_fp32_param
@@ -296,24 +352,22 @@ class World:
                 safe_set_full_optimizer_state(param, state["state"][index][key].to(self.device), key)
 
     def describe(self, model, optimizer) -> dict:
-        """How the run was spread: parameter and optimizer-state elements each rank holds (a
-        collective). With fsdp and deepspeed_zero3 each rank holds about 1/size of the parameters,
-        with deepspeed_zero2 about 1/size of the optimizer state."""
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in model.modules():  # FSDP2 leaves the root gathered after a forward without backward
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        """How the run was spread: parameter and optimizer-state elements each rank holds, and the
+        most parameter bytes it held while loading (a collective). With fsdp and deepspeed_zero3 each
+        rank holds about 1/size of the parameters, and never more while loading; with
+        deepspeed_zero2 about 1/size of the optimizer state."""
+        _reshard(model)
         params = list(model.parameters())
         total = sum(_full_numel(p) for p in params)
         local = sum(_local_numel(p) for p in params)
         base = self.engine.optimizer.optimizer if self.engine is not None else optimizer
         states = sum(_local_numel(v) for s in base.state.values() for k, v in s.items()
                      if torch.is_tensor(v) and k != "step")
-        per_rank = self.gather((local, states))
+        per_rank = self.gather((local, states, self.loading_peak))
         return {"strategy": self.strategy, "world_size": self.size, "param_elements": total,
-                "param_elements_per_rank": [p for p, _ in per_rank],
-                "optimizer_state_elements_per_rank": [s for _, s in per_rank]}
+                "param_elements_per_rank": [p for p, _, _ in per_rank],
+                "optimizer_state_elements_per_rank": [s for _, s, _ in per_rank],
+                "loading_peak_param_bytes_per_rank": [b for _, _, b in per_rank]}
 
 
 # DeepSpeed's DynamicLossScaler: the fields that move as it trains
@@ -366,6 +420,81 @@ def join(strategy: str) -> World:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 timeout=timedelta(minutes=30))
     return World(strategy=strategy, rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of parameter storage this process holds: a sharded parameter's shard (FSDP2's local
+    tensor, a ZeRO-3 partition), a whole one's tensor, nothing for one on the meta device; storage
+    that several parameters share (tied weights, ZeRO's flat buffers) counts once."""
+    storages: dict[int, int] = {}
+    for p in model.parameters():
+        for tensor in (p.to_local() if _is_dtensor(p) else p, getattr(p, "ds_tensor", None)):
+            if tensor is not None and not tensor.is_meta:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _deepspeed():
+    import deepspeed
+
+    for handler in deepspeed.utils.logger.handlers:  # stdout is the program's output (ftpipe train --json)
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+    return deepspeed
+
+
+def _materialise_shards(model, weights: WeightFiles, device: torch.device) -> None:
+    """Give a model built on the meta device and cut by fully_shard its shards on the device
+    (to_empty, as FSDP2 asks): the parameters and buffers that were real keep their values, the rest
+    are read from the files, each rank only its slices (torch.distributed.checkpoint's reader of
+    Hugging Face safetensors)."""
+    import torch.distributed.checkpoint as dcp
+
+    real = {name: p.to_local().detach().clone() for name, p in model.named_parameters() if not p.to_local().is_meta}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in real:
+                p.to_local().copy_(real[name])
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    dcp.load({key: getattr(module, name) for (module, name), key in weights.keys.items()},
+             storage_reader=dcp.HuggingFaceStorageReader(str(weights.folder)))
+
+
+def _load_partitions(weights: WeightFiles, exact_for: list) -> dict[int, torch.Tensor]:
+    """Fill this rank's ZeRO-3 partitions from the files, each from the rows that cover its range of
+    the flattened tensor (a parameter made whole — a new head resumed from a checkpoint — whole);
+    returns the float32 values of the partitions of exact_for's parameters, by id, padded as the
+    partition is (DeepSpeed's masters under mixed precision)."""
+    wanted = {id(p) for p in exact_for}
+    exact = {}
+    with torch.no_grad():
+        for (module, name), key in weights.keys.items():
+            param = getattr(module, name)
+            if not hasattr(param, "ds_tensor"):
+                param.copy_(weights.read(key).view_as(param))
+                continue
+            size = param.ds_tensor.numel()
+            start = size * dist.get_rank(group=param.ds_process_group)
+            values = weights.read(key, start, max(0, min(size, param.ds_numel - start)))
+            param.ds_tensor[:values.numel()].copy_(values)
+            if id(param) in wanted:
+                exact[id(param)] = torch.zeros(size, dtype=torch.float32)
+                exact[id(param)][:values.numel()] = values
+    return exact
+
+
+def _reshard(model) -> None:
+    """FSDP2 leaves the root gathered after a forward without backward (validation): its parameters
+    are whole tensors until resharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _trainable(model) -> list:

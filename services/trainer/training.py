@@ -255,9 +255,11 @@ def _prune_checkpoints(checkpoints: Path, keep: int, best_step: int | None) -> N
             shutil.rmtree(path)
 
 
-def _load_checkpoint(path: Path, model, *, fingerprint: str) -> _State:
-    """The trained weights into the (not yet sharded) model, and the trainer's state;
-    `_load_optimizer` loads the rest once the optimizer is built."""
+def _load_checkpoint(path: Path, model, *, fingerprint: str,
+                     weights: modeling.WeightFiles | None = None) -> tuple[_State, modeling.WeightFiles | None]:
+    """The trainer's state, and the trained weights into the (not yet sharded) model, or, for a
+    whole model built unloaded (`weights`), the checkpoint's files for World.wrap to load in place of
+    the base's (see modeling.restore_trained); `_load_optimizer` loads the rest once the optimizer is built."""
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise TrainingError(f"resume_from={path} is not a checkpoint (no trainer_state.json); pass a "
@@ -268,13 +270,13 @@ def _load_checkpoint(path: Path, model, *, fingerprint: str) -> _State:
                             f"{saved['fingerprint']} != {fingerprint}); resume with the run's own recipe and data, "
                             "or start a new run")
     try:
-        modeling.restore_trained(model, path / "adapter")
+        weights = modeling.restore_trained(model, path / "adapter", weights)
     except modeling.ModelError as exc:
         raise TrainingError(str(exc)) from exc
     position = saved["data_position"]
     return _State(global_step=saved["global_step"], epoch=position["epoch"], next_step=position["next_step"],
                   tokens_seen=saved["tokens_seen"], seconds=saved["seconds"], metrics=saved["metrics"],
-                  monitor=saved.get("monitor") or {})
+                  monitor=saved.get("monitor") or {}), weights
 
 
 def _load_optimizer(path: Path, optimizer, scheduler, world: distributed.World) -> None:
@@ -498,6 +500,7 @@ class _Attempt:
     tokenizer: Any = None
     labels: list[str] | None = None     # a classifier's classes
     model: Any = None                   # wrapped for the world's strategy by _restore_or_start
+    weights: modeling.WeightFiles | None = None   # a model built unloaded: where _restore_or_start loads it from
     objective: objectives.Objective | None = None
     examples: list = field(default_factory=list)
     val_examples: list = field(default_factory=list)
@@ -577,23 +580,26 @@ def _load_data(run: _Attempt) -> None:
 
 @_stage
 def _build_model(run: _Attempt) -> None:
-    """Reads the rows; seeds every RNG, then adds tokenizer, labels, the model (on the device),
-    the objective, and the examples and val_examples it encodes from the rows."""
-    recipe, device = run.recipe, run.device
+    """Reads the rows; seeds every RNG, then adds tokenizer, labels, the model (on the device; for a
+    sharded run, built without the base's weights, which `weights` locates), the objective, and the
+    examples and val_examples it encodes from the rows."""
+    recipe, device, world = run.recipe, run.device, run.world
     _seed_everything(run.spec.seed)
     try:
         run.compute = resolve_compute(recipe, device)
         run.tokenizer = modeling.load_tokenizer(recipe)
         run.labels = objectives.split_labels(recipe, run.train_rows) if recipe.task == "classification" else None
-        model = modeling.build_model(recipe, labels=run.labels, log=run.log, compute=run.compute)
-        if recipe.adapter.kind != "qlora":  # a 4-bit model is placed while it loads
-            model = model.to(device)
-        run.model = model
+        if world.loads_sharded(recipe.adapter.kind):  # no rank holds the whole model: wrap loads each rank's shards
+            run.model, run.weights = modeling.build_unloaded_model(
+                recipe, labels=run.labels, log=run.log, compute=run.compute,
+                empty=world.empty_init(run.compute, run.spec.max_grad_norm), device=device)
+        else:
+            model = modeling.build_model(recipe, labels=run.labels, log=run.log, compute=run.compute)
+            run.model = model if recipe.adapter.kind == "qlora" else model.to(device)  # a 4-bit model is placed as it loads
+        world.note_loading(run.model)
         run.objective = objective = objectives.for_recipe(recipe, run.tokenizer, labels=run.labels)
-        train, val = objective.encode(run.train_rows, "train", run.log), objective.encode(run.val_rows, "val", run.log)
-        # DPO's reference pass: forwards over the whole split, in micro-batches of the recipe's batch size
-        with run.compute.autocast(), _backs_off(run, 0, "in the DPO reference pass (before training)"):
-            run.examples, run.val_examples = objective.prepare(model, train, device), objective.prepare(model, val, device)
+        run.examples, run.val_examples = objective.encode(run.train_rows, "train", run.log), objective.encode(
+            run.val_rows, "val", run.log)
     except (ComputeError, modeling.ModelError, objectives.DataError) as exc:
         raise TrainingError(str(exc)) from exc
     if not run.examples:
@@ -616,16 +622,26 @@ def _plan_steps(run: _Attempt) -> None:
 
 @_stage
 def _restore_or_start(run: _Attempt, resume_from: Path | None) -> None:
-    """Reads the model and the plan; adds the fingerprint, the state (resume_from's, or a new one),
-    the model wrapped for the world's strategy with its optimizer, the scheduler, the monitor and
-    whether the run had already stopped early; the model is left in training mode."""
+    """Reads the model, its weights' files and the plan; adds the fingerprint, the state
+    (resume_from's, or a new one), the model wrapped for the world's strategy with its optimizer
+    (loaded), the examples' DPO reference (which needs the loaded model), the scheduler, the monitor
+    and whether the run had already stopped early; the model is left in training mode."""
     spec, world = run.spec, run.world
     run.fingerprint = _fingerprint(run.recipe, run.train_file, run.compute.precision)
     if resume_from is not None:
-        run.state = _load_checkpoint(Path(resume_from), run.model, fingerprint=run.fingerprint)
+        run.state, run.weights = _load_checkpoint(Path(resume_from), run.model, fingerprint=run.fingerprint,
+                                                  weights=run.weights)
     # AdamW's moments take their parameters' dtype: float32, as every trained weight is
     run.model, run.optimizer = world.wrap(run.model, lambda params: torch.optim.AdamW(
-        params, lr=spec.learning_rate, weight_decay=0.0), max_grad_norm=spec.max_grad_norm, compute=run.compute)
+        params, lr=spec.learning_rate, weight_decay=0.0), max_grad_norm=spec.max_grad_norm, compute=run.compute,
+        weights=run.weights)
+    # DPO's reference pass: forwards over the whole split, in micro-batches of the recipe's batch size
+    with run.compute.autocast(), _backs_off(run, 0, "in the DPO reference pass (before training)"):
+        try:
+            run.examples = run.objective.prepare(run.model, run.examples, run.device)
+            run.val_examples = run.objective.prepare(run.model, run.val_examples, run.device)
+        except objectives.DataError as exc:
+            raise TrainingError(str(exc)) from exc
     run.scheduler = _lr_scheduler(run.optimizer, run.recipe, run.total_steps)
     if resume_from is not None:
         _load_optimizer(Path(resume_from), run.optimizer, run.scheduler, world)

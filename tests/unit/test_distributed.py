@@ -4,7 +4,14 @@ so the same loss curve), and the run record says what each rank held: fsdp and Z
 the parameters, ZeRO-2 the optimizer state. ddp runs through `ftpipe train --nproc 2`; the sharded
 strategies (whose checkpoints gather and re-scatter shards) through the pods' entrypoint
 (services/trainer/run_job.py), interrupted by SIGTERM as GKE preempts a pod, and resumed by a
-second launch."""
+second launch; a full fine-tune under each through tests/unit/sharded_full_run.py (a run, then a
+resume of it, in one launch).
+
+Loading: under fsdp and ZeRO-3 no rank may hold the whole model, rank 0 included. Each rank reports
+the most parameter bytes it held while the model was built and loaded (World.loading_peak: its
+parameters' storage — shards, partitions, whole tensors — after building and after loading); it
+must stay within LOADING_SHARE of one process's, which holds the whole model. Parameter storage,
+not the process's resident memory: on CPU the interpreter and libraries dwarf the tiny model."""
 from __future__ import annotations
 
 import json
@@ -33,7 +40,10 @@ from services.trainer.training import train  # noqa: E402
 pytestmark = pytest.mark.slow
 
 STEPS = 12
+FULL_STEPS = 4  # a full fine-tune's: checkpoints at 2 and 4
 CLOSE = 1e-4  # float sums in another order (per rank, then all-reduced): equal to about 1e-6
+LOADING_SHARE = 0.6  # of one process's parameter bytes: each rank's half, plus the adapter it makes whole
+SHARDED = ("fsdp", "deepspeed_zero3")
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +58,39 @@ def workspace(tmp_path_factory) -> Path:
     for strategy in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
         recipe = {**base, "name": f"tiny-{strategy.replace('_', '-')}", "distribution": {"strategy": strategy}}
         (root / f"{strategy}.yaml").write_text(yaml.safe_dump(recipe))
+    for strategy in SHARDED:
+        recipe = {**base, "name": f"tiny-full-{strategy.replace('_', '-')}", "distribution": {"strategy": strategy},
+                  "adapter": {**base["adapter"], "kind": "full"},
+                  "training": {**base["training"], "max_steps": FULL_STEPS}}
+        (root / f"{strategy}-full.yaml").write_text(yaml.safe_dump(recipe))
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(workspace) -> dict:
-    """The same recipe in this one process: its loss curve and adapter weights."""
+    """The same recipe in this one process: its loss curve, adapter weights and loading peak."""
     from safetensors.torch import load_file
 
     result = train(load_recipe(str(workspace / "ddp.yaml")), workspace / "data", workspace / "one")
-    return {"loss_curve": result.loss_curve,
+    return {"loss_curve": result.loss_curve, "loading_peak": _loading_peak(result.distribution),
             "adapter": load_file(result.adapter_dir / "adapter_model.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def full_reference(workspace) -> dict:
+    """The full fine-tune in this one process: its loss curve and loading peak (the whole model)."""
+    result = train(load_recipe(str(workspace / "fsdp-full.yaml")), workspace / "data", workspace / "one-full")
+    return {"loss_curve": result.loss_curve, "loading_peak": _loading_peak(result.distribution)}
+
+
+def _loading_peak(distribution: dict) -> int:
+    [peak] = distribution["loading_peak_param_bytes_per_rank"]
+    return peak
+
+
+def _assert_loaded_in_shards(distribution: dict, one_process: int) -> None:
+    per_rank = distribution["loading_peak_param_bytes_per_rank"]
+    assert len(per_rank) == 2 and all(0 < held <= LOADING_SHARE * one_process for held in per_rank), (per_rank, one_process)
 
 
 def _assert_like_one_process(curve: list[float], adapter_dir: Path, reference: dict) -> None:
@@ -98,6 +130,8 @@ def test_two_processes_train_the_one_process_loss_curve(strategy, workspace, ref
     result = json.loads(capsys.readouterr().out)
     assert result["steps"] == STEPS and result["distribution"]["strategy"] == strategy
     _assert_spread(result["distribution"], strategy)
+    # a whole model on each rank: what one process holds
+    assert result["distribution"]["loading_peak_param_bytes_per_rank"] == [reference["loading_peak"]] * 2
     record = json.loads((out / "adapter" / "run_record.json").read_text())
     _assert_like_one_process(record["result"]["loss_curve"], out / "adapter", reference)
 
@@ -163,4 +197,24 @@ def test_a_preempted_two_process_run_checkpoints_and_resumes_exactly(strategy, c
     download_dir(adapters.store, settings.bucket, f"runs/{run_id}/adapter", adapter)
     record = json.loads((adapter / "run_record.json").read_text())
     _assert_spread(record["result"]["distribution"], strategy)
+    _assert_loaded_in_shards(record["result"]["distribution"], reference["loading_peak"])  # the resumed pod's
     _assert_like_one_process(record["result"]["loss_curve"], adapter, reference)
+
+
+# ------------------------------------------------------------------ a full fine-tune, loaded in shards
+
+
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_a_sharded_full_fine_tune_never_loads_the_whole_model_and_resumes_exactly(strategy, workspace,
+                                                                                   full_reference, tmp_path):
+    # every weight trains and comes from the base's files, then from the checkpoint's on resume
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "tests.unit.sharded_full_run", str(workspace / f"{strategy}-full.yaml"), str(workspace / "data"),
+               str(tmp_path)]
+    assert subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600).returncode == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for run in ("fresh", "resumed"):
+        assert results[run]["loss_curve"] == pytest.approx(full_reference["loss_curve"], abs=CLOSE)
+        assert len(results[run]["loss_curve"]) == FULL_STEPS
+        _assert_spread(results[run]["distribution"], strategy)
+        _assert_loaded_in_shards(results[run]["distribution"], full_reference["loading_peak"])
