@@ -12,8 +12,8 @@ the precision (`training.precision`) and whether activations are checkpointed
   fp16 on a CPU is refused.
 - Checkpointing (PyTorch's non-reentrant `torch.utils.checkpoint`, through transformers) keeps a
   layer's input instead of its activations and recomputes them in the backward pass: far less
-  memory for a third more compute. Default: on on a GPU, off on a CPU, and off with prefix tuning,
-  whose virtual tokens live in the KV cache that a checkpointed layer drops.
+  memory for a third more compute. Default: on on a GPU, off on a CPU. With prefix tuning the
+  virtual tokens' KV cache is kept read-only through the checkpointed layers (modeling.py).
 """
 from __future__ import annotations
 
@@ -78,5 +78,5 @@ def resolve(recipe: Recipe, device: torch.device) -> Compute:
                            "native bfloat16 (it needs compute capability 8.0, Ampere, or later); use fp16 or auto")
     checkpointing = spec.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = gpu and recipe.adapter.kind != "prefix"
+        checkpointing = gpu
     return Compute(precision, device.type, checkpointing)

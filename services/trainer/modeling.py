@@ -13,6 +13,7 @@ the slices it holds (services/trainer/distributed.py), so no rank ever holds the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -159,7 +160,7 @@ def _with_adapter(model, recipe: Recipe, compute: Compute, log: logging.Logger, 
         # inputs and, if asked, turns checkpointing on.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=compute.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=_NON_REENTRANT)
-    elif compute.gradient_checkpointing:
+    elif compute.gradient_checkpointing and spec.kind != "prefix":  # prefix: once PEFT has added it (it refuses otherwise)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
     from peft import cast_mixed_precision_params, get_peft_model
 
@@ -169,6 +170,8 @@ def _with_adapter(model, recipe: Recipe, compute: Compute, log: logging.Logger, 
     except ValueError as exc:
         raise ModelError(f"adapter.target_modules={spec.target_modules!r} does not match the base model's "
                          f"modules: {exc}; use 'all-linear' or names such as q_proj, v_proj") from exc
+    if spec.kind == "prefix" and compute.gradient_checkpointing:
+        _checkpoint_with_prefix(model)
     if spec.kind == "qlora":
         keep_4bit_gradients(model)
     elif compute.mixed:
@@ -320,6 +323,37 @@ def _stood_in(model, device: torch.device | None):
                 if param is not None and id(param) in stand_ins:
                     stand_in, meta = stand_ins[id(param)]
                     module._parameters[name] = meta.requires_grad_(stand_in.requires_grad)
+
+
+def _checkpoint_with_prefix(model) -> None:
+    """Prefix tuning under activation checkpointing. PEFT hands the virtual tokens to the layers in
+    a KV cache that each attention call extends; transformers' checkpointed layers drop a cache,
+    since their recompute would extend it twice. In a training forward the cache PEFT builds is made
+    read-only instead (each layer's update returns the prefix joined to the new keys and values and
+    stores nothing: a training forward never reads them back), so the layers may keep it
+    (`_can_checkpoint_with_cache`) and the recompute sees what the forward saw. Generation and
+    evaluation get PEFT's cache as it is."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    make_prompt = model.get_prompt
+
+    def get_prompt(*args, **kwargs):
+        cache = make_prompt(*args, **kwargs)
+        if model.training and torch.is_grad_enabled():
+            for layer in cache.layers:
+                layer.update = functools.partial(_joined_to_prefix, layer.keys, layer.values)
+        return cache
+
+    model.get_prompt = get_prompt
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
+
+
+def _joined_to_prefix(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                      *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([keys, new_keys], dim=-2), torch.cat([values, new_values], dim=-2)
 
 
 def _numel(param) -> int:

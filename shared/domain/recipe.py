@@ -227,8 +227,8 @@ class TrainingSpec(_Strict):
     # one that has not) and fp32 on a CPU. Trainable weights and optimizer state stay fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Activation checkpointing: each layer's activations are recomputed in the backward pass instead
-    # of kept (much less memory, about a third more compute). None: on on a GPU, off on a CPU and
-    # with prefix tuning. It changes memory and speed, not the numbers.
+    # of kept (much less memory, about a third more compute). None: on on a GPU, off on a CPU. It
+    # changes memory and speed, not the numbers.
     gradient_checkpointing: bool | None = None
 
 
@@ -411,10 +411,6 @@ class Recipe(_Strict):
             # transformers only separates packed conversations when there is no cache
             raise ValueError("training.packing does not combine with adapter.kind 'prefix'; set packing: false, "
                              "or use lora")
-        if self.adapter.kind == "prefix" and self.training.gradient_checkpointing:
-            # PEFT keeps the virtual tokens in the KV cache, which a checkpointed layer drops
-            raise ValueError("training.gradient_checkpointing does not combine with adapter.kind 'prefix'; leave it "
-                             "unset (off for prefix tuning), or use lora")
         if self.adapter.kind == "prefix" and self.task == "classification":
             raise ValueError("adapter.kind 'prefix' is for causal LMs; use lora, qlora or full for classification")
         gpus = self.hardware.total_gpus

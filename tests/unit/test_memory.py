@@ -1,6 +1,6 @@
 """What the trainer does to hold less memory, shown to change nothing else: activation checkpointing
-gives the same loss and gradients as keeping the activations (LoRA, QLoRA, full; packed rows
-included) while saving less for the backward pass; the chunked LM head gives the same loss and
+gives the same loss and gradients as keeping the activations (LoRA, QLoRA, prefix, full; packed
+rows included) while saving less for the backward pass; the chunked LM head gives the same loss and
 gradients as one head call while its peak memory no longer grows with the positions; the flash-attn
 varlen layout of packed rows gives what the per-conversation loop gives."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _loss_and_grads(recipe, tokenizer, *, checkpointing: bool) -> tuple[float, d
 
 
 @pytest.mark.parametrize("kind, packing", [("lora", False), ("lora", True), ("full", False), ("full", True),
-                                           ("qlora", False)])
+                                           ("qlora", False), ("prefix", False)])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind, packing, tokenizer):
     recipe = apply_overrides(load_recipe("tiny-sft"), {"adapter.kind": kind, "training.packing": packing,
                                                       "training.max_seq_len": 160, "adapter.dropout": 0.1})
@@ -71,15 +71,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind, packin
     assert saved_bytes < kept_bytes  # the layers' activations were not kept
 
 
-def test_checkpointing_is_refused_with_prefix_tuning_and_off_by_default_for_it():
-    from shared.domain.recipe import RecipeError
-
+def test_prefix_tuning_checkpoints_by_default_on_a_gpu_and_still_generates_as_without(tokenizer):
     from services.trainer.compute import resolve
 
-    with pytest.raises(RecipeError, match="gradient_checkpointing does not combine with adapter.kind 'prefix'"):
-        apply_overrides(load_recipe("tiny-sft"), {"adapter.kind": "prefix", "training.gradient_checkpointing": True})
     prefix = apply_overrides(load_recipe("tiny-sft"), {"adapter.kind": "prefix"})
-    assert resolve(prefix, torch.device("cuda")).gradient_checkpointing is False
+    assert resolve(prefix, torch.device("cuda")).gradient_checkpointing is True
+    # the read-only prefix cache is for training forwards: generation extends PEFT's cache as before
+    prompt = tokenizer("Where is my order?", return_tensors="pt")
+    outputs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = modeling.build_model(prefix, compute=Compute("fp32", "cpu", checkpointing))
+        model.eval()
+        outputs.append(model.generate(**prompt, max_new_tokens=8, do_sample=False).tolist())
+    assert outputs[0] == outputs[1]
 
 
 # ------------------------------------------------------------------ the LM head in chunks
