@@ -93,6 +93,17 @@ def test_bf16_qlora_computes_its_4bit_layers_in_bf16():
     assert _dtypes(model, trained=True) == {torch.float32}
 
 
+def test_qlora_under_torchrun_loads_on_each_ranks_own_gpu(monkeypatch):
+    # bitsandbytes places the 4-bit base where device_map says: GPU LOCAL_RANK, not every rank on GPU 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert modeling._device_map() == {"": 3}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert modeling._device_map() == {"": 0}   # one process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling._device_map() == {"": "cpu"}
+
+
 def test_bf16_classifier_trains_its_new_head_in_float32():
     recipe = load_recipe("ticket-classifier")
     model = modeling.build_model(recipe, labels=["a", "b", "c"], compute=BF16)
