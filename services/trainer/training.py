@@ -35,6 +35,7 @@ import torch
 
 from shared.domain.canaries import insert_canaries, recipe_canaries
 from shared.domain.datasets import DatasetContractError, read_split
+from shared.domain.memory_plan import Device, PlanError, plan_recipe
 from shared.domain.recipe import Recipe, TrainingSpec
 from shared.platform.build_info import RUN_RECORD
 
@@ -372,6 +373,30 @@ def _micro_rows(spec, device: torch.device) -> int:
     return 1 if spec.packing and device.type == "cpu" else spec.batch_size
 
 
+def _planned_micro_batch(recipe: Recipe, world: distributed.World, log: logging.Logger) -> Recipe:
+    """On a GPU, the micro-batch the memory plan picks for this GPU's memory, with the accumulation
+    that keeps the effective batch (so the same steps; the recipe's batch_size is the most a forward
+    may hold). A GKE Job already carries it (k8s.py); a local GPU run gets it here. Where the plan
+    cannot be made (no config.json) or nothing fits, the recipe runs as written and the
+    out-of-memory back-off is the guard."""
+    if world.device.type != "cuda" or world.size != recipe.hardware.total_gpus:
+        return recipe  # a CPU, or processes other than the recipe's hardware: plan for what runs, not guess
+    props = torch.cuda.get_device_properties(world.device)
+    gpu = Device(props.name, props.total_memory, bf16=torch.cuda.is_bf16_supported())
+    try:
+        plan = plan_recipe(recipe, device=gpu)
+    except PlanError as exc:
+        log.info("no memory plan (%s): training with the recipe's batch_size", exc)
+        return recipe
+    spec = recipe.training
+    if not plan.fits or plan.micro_batch >= spec.batch_size:
+        return recipe
+    log.info("memory plan on %s: micro-batches of %d x %d accumulation (peak %.1f GiB of %.1f)", props.name,
+             plan.micro_batch, plan.grad_accum, plan.peak_bytes / 2**30, props.total_memory / 2**30)
+    return recipe.model_copy(update={"training": spec.model_copy(
+        update={"batch_size": plan.micro_batch, "grad_accum": plan.grad_accum})})
+
+
 def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path | None = None,
           on_alert: Callable[[Alert], None] = _ignore, log: logging.Logger = logger, **hooks) -> TrainResult:
     """Train (see `_train_attempt` for the hooks and what a run does), backing off on out of memory:
@@ -385,7 +410,7 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
     if not world.main:  # metrics, checkpoint uploads and alerts are rank 0's
         on_alert, hooks = _ignore, {**hooks, "on_metrics": _ignore, "on_checkpoint": _ignore}
     checkpoints = Path(work_dir) / "checkpoints"
-    attempt = recipe
+    attempt = _planned_micro_batch(recipe, world, log)
     while True:
         try:
             result = _train_attempt(attempt, data_dir, work_dir, resume_from=resume_from, on_alert=on_alert, log=log,

@@ -270,3 +270,26 @@ def test_the_readme_planner_table_is_the_planners_output():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown() in readme, "README.md's planner table is stale: paste `python bench/plan/table.py`"
+
+
+def test_a_local_gpu_run_trains_the_micro_batch_its_gpu_fits(monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from services.trainer.distributed import World
+    from services.trainer.training import _planned_micro_batch
+
+    recipe = _recipe(base_model=LLAMA_8B, **{"training.max_seq_len": 2048, "training.batch_size": 16})
+    log = logging.getLogger("test")
+    # a 24 GB GPU: Llama-3.1-8B LoRA at 2,048 tokens fits 4 rows a forward; the effective batch stays 16
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        name="NVIDIA L4", total_memory=int(22.49 * 2**30)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    on_l4 = _planned_micro_batch(recipe, World(device=torch.device("cuda", 0)), log).training
+    assert (on_l4.batch_size, on_l4.grad_accum) == (4, 4)
+    assert plan_recipe(recipe).micro_batch == 4                         # the GKE Job's plan says the same
+    # a CPU, or processes other than the recipe's hardware, train the recipe as written
+    assert _planned_micro_batch(recipe, World(device=torch.device("cpu")), log) is recipe
+    assert _planned_micro_batch(recipe, World(strategy="ddp", size=2, device=torch.device("cuda", 0)), log) is recipe
