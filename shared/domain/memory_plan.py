@@ -725,8 +725,8 @@ def _advice(shape: ModelShape, recipe: Recipe, device: Device, estimate: Estimat
 
 def model_config(ref: str) -> dict:
     """The base model's config.json, without its weights: a local model folder's; a built-in's or a
-    known hub model's, shipped in model_configs/ (planning never materialises a model); else a hub
-    id's, downloaded alone (from the local hub cache when HF_HUB_OFFLINE=1)."""
+    known hub model's, shipped in model_configs/ (planning never materialises a model); an imported
+    GGUF file's; else a hub id's, downloaded alone (from the local hub cache when HF_HUB_OFFLINE=1)."""
     shipped = MODEL_CONFIGS_DIR / f"{ref.replace('/', '--')}.json"
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -736,15 +736,20 @@ def model_config(ref: str) -> dict:
         return _read_json(config)
     if shipped.is_file():
         return _read_json(shipped)
-    if path.suffix == ".gguf" or ref.startswith((".", "/")) or ref.count("/") != 1:
-        # a GGUF file or an alias: its imported folder in the model cache, when it is there
-        from shared.domain.models import ModelNotAvailable, resolve_model
+    if path.suffix == ".gguf":
+        # its imported folder, if the trainer has imported it: planning never imports one (the
+        # conversion needs torch, which the tracker's image leaves out)
+        from shared.domain.model_cache import gguf_folder
 
-        try:
-            resolved = resolve_model(ref)
-        except ModelNotAvailable as exc:
-            raise PlanError(str(exc)) from exc
-        return model_config(str(resolved))
+        if not path.is_file():
+            raise PlanError(f"GGUF file {path} not found")
+        folder = gguf_folder(path)
+        if not (folder / "config.json").is_file():
+            raise PlanError(f"GGUF file {path} is not imported yet (the trainer imports it): no config.json to plan from")
+        return _read_json(folder / "config.json")
+    if ref.startswith((".", "/")) or ref.count("/") != 1:
+        raise PlanError(f"base_model {ref!r} is neither a model folder, a .gguf file, a built-in nor a hub id: "
+                        "no config.json to plan from")
     try:
         from huggingface_hub import hf_hub_download
 

