@@ -284,10 +284,9 @@ def resolve_precision(recipe: Recipe, device: Device) -> str:
 
 
 def resolve_checkpointing(recipe: Recipe, device: Device) -> bool:
-    """training.gradient_checkpointing as the trainer resolves it: None is on on a GPU, off on a CPU
-    and off with prefix tuning (its virtual tokens live in the cache a checkpointed layer drops)."""
+    """training.gradient_checkpointing as the trainer resolves it: None is on on a GPU, off on a CPU."""
     flag = recipe.training.gradient_checkpointing
-    return device.gpu and recipe.adapter.kind != "prefix" if flag is None else flag
+    return device.gpu if flag is None else flag
 
 
 # ------------------------------------------------------------------------------ the estimate
