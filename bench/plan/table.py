@@ -34,12 +34,12 @@ COMMON = {"training.max_seq_len": 2048, "training.batch_size": 16, "training.gra
 
 
 def markdown() -> str:
-    lines = ["| run | predicted peak per GPU | of | micro-batch x accumulation | fits |",
+    lines = ["| run | predicted peak per GPU | of | micro-batch per GPU (batch_size x grad_accum) | fits |",
              "|---|---|---|---|---|"]
     for label, overrides in ROWS:
         p = plan_recipe(apply_overrides(load_recipe("support-assistant"), {**COMMON, **overrides}))
         capacity = f"{GPU_TABLE[p.gpu]['memory_gib']:g} GiB"
-        batch = f"{p.micro_batch} x {p.grad_accum}" if p.fits else "-"
+        batch = f"{p.micro_batch} ({p.micro_batch} x {p.grad_accum})" if p.fits else "-"
         lines.append(f"| {label} | {p.peak_bytes / GIB:.1f} GiB | {capacity} | {batch} | "
                      f"{'yes' if p.fits else 'no: ' + p.advice[0]} |")
     return "\n".join(lines)

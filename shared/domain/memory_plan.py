@@ -284,10 +284,9 @@ def resolve_precision(recipe: Recipe, device: Device) -> str:
 
 
 def resolve_checkpointing(recipe: Recipe, device: Device) -> bool:
-    """training.gradient_checkpointing as the trainer resolves it: None is on on a GPU, off on a CPU
-    and off with prefix tuning (its virtual tokens live in the cache a checkpointed layer drops)."""
+    """training.gradient_checkpointing as the trainer resolves it: None is on on a GPU, off on a CPU."""
     flag = recipe.training.gradient_checkpointing
-    return device.gpu and recipe.adapter.kind != "prefix" if flag is None else flag
+    return device.gpu if flag is None else flag
 
 
 # ------------------------------------------------------------------------------ the estimate
@@ -314,6 +313,12 @@ class Setup:
     @property
     def kind(self) -> str:
         return self.recipe.adapter.kind
+
+    @property
+    def loads_sharded(self) -> bool:
+        """Whether each rank loads only its shards of the base (as services/trainer/distributed.py's
+        World.loads_sharded decides): fsdp and ZeRO-3 over several processes, QLoRA aside."""
+        return self.ranks > 1 and self.strategy in ("fsdp", "deepspeed_zero3") and self.kind != "qlora"
 
     @property
     def rows_per_example(self) -> int:
@@ -459,8 +464,8 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
 
     sizes = {"weights": weights, "adapter": adapter, "gradients": gradients, "optimizer": optimizer,
              "activations": activations, "logits": logits, "gathered": gathered, "communication": communication}
-    # The phases, each with what it holds: loading (the model is moved whole onto the device before
-    # it is sharded; on a CPU the checkpoint file's pages as well), the forward/backward peak (the
+    # The phases, each with what it holds: loading (on a CPU the checkpoint file's pages as well),
+    # the forward/backward peak (the
     # gradients of earlier micro-batches with it when the step accumulates), the end of the backward
     # pass (every gradient; on a CPU the activations' heap is still held), the optimizer step.
     accumulating = math.ceil(recipe.training.batch_size * recipe.training.grad_accum / ranks) > micro_batch
@@ -469,9 +474,14 @@ def _estimate(setup: Setup, micro_batch: int) -> "Estimate":
     kappa = CPU_HEAP_RETENTION[(a == 4, setup.checkpointing)] + (CPU_HEAP_RETENTION_ACCUMULATING if accumulating else 0)
     retained = 0 if device.gpu else max(0, int(kappa * uncheckpointed) - (0 if accumulating else gradients))
     static = {"weights": weights, "adapter": adapter, "optimizer": optimizer}
+    # Loading: the whole model on each process, but where each rank reads only its shards (fsdp and
+    # ZeRO-3 over several processes, QLoRA aside: services/trainer/distributed.py loads_sharded); an
+    # adapter is made whole on every rank before it is cut.
+    load_shard = ranks if setup.loads_sharded else 1
     phases = {
-        "load": {"weights": frozen, "adapter": 4 * trainable,
-                 "overhead": 0 if device.gpu else _cpu_load_bytes(setup)},
+        "load": {"weights": frozen // load_shard,
+                 "adapter": 4 * trainable // (load_shard if setup.kind == "full" else 1),
+                 "overhead": 0 if device.gpu else _cpu_load_bytes(setup) // load_shard},
         "forward_backward": {**static, "activations": activations, "logits": logits, "gathered": gathered,
                              "communication": communication, "gradients": gradients if accumulating else 0,
                              "overhead": retained},
@@ -640,13 +650,16 @@ def _largest_fitting(setup: Setup, limit: int = 1024) -> int:
 
 def _host_bytes(setup: Setup) -> int:
     """Host memory of one node's pod on GKE: each process loads the base model on the CPU before
-    moving it to its GPU (QLoRA loads straight onto the GPU), and rank 0 gathers the trained weights
+    moving it to its GPU (QLoRA loads straight onto the GPU; a sharded load reads a tensor at a time
+    into its shards), and rank 0 gathers the trained weights
     and optimizer state to write a checkpoint (safetensors serialises the weights into one more copy);
     plus the CUDA / torch libraries of every process."""
     shape, recipe = setup.shape, setup.recipe
     per_gpu = recipe.hardware.count if setup.device.gpu else 1
     if setup.kind == "qlora":
         load = 0
+    elif setup.loads_sharded:    # each rank reads its slices straight into its GPU's shards
+        load = max([m.params for m in shape.linears] + [shape.embedding_params]) * 4
     else:
         load = shape.params * (4 if setup.kind == "full" else DTYPE_BYTES[setup.precision])
     trainable = setup.trainable_params()
@@ -660,9 +673,9 @@ def _advice(shape: ModelShape, recipe: Recipe, device: Device, estimate: Estimat
     from shared.domain.recipe import apply_overrides
 
     out = []
-    if device.gpu and estimate.phase == "load" and recipe.hardware.total_gpus > 1:
+    if device.gpu and estimate.phase == "load" and recipe.hardware.total_gpus > 1 and recipe.adapter.kind == "qlora":
         training = max(v for k, v in estimate.phases.items() if k != "load")
-        out.append(f"note that the trainer moves the whole model onto each GPU before {recipe.distribution.strategy} "
+        out.append(f"note that QLoRA's 4-bit base loads whole on each GPU before {recipe.distribution.strategy} "
                    f"shards it ({_gib(estimate.phases['load'])} GiB; training itself holds {_gib(training)} GiB), "
                    "so no layout of GPUs helps")
 
