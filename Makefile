@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lint test-fast chaos clean down bench-venv bench-preprocess bench-train bench-serve chromium
+.PHONY: setup demo test lint test-fast chaos clean down bench-venv bench-preprocess bench-train bench-serve chromium \
+	gpu-wheels
 
 setup: $(MODELS_STAMP)
 
@@ -76,6 +77,12 @@ bench-train: bench-venv
 
 bench-serve: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/serve/run.py --out bench/serve/results.json
+
+# The GPU check (bench/README.md): the wheels bench/gpu/run.sh installs on a GPU machine without
+# network (trl, datasets and pyarrow, pydantic, Liger; bitsandbytes if the 64 MiB carry allows),
+# downloaded here into bench/gpu/wheels for CPython 3.11 on Linux x86_64; it prints their sizes.
+gpu-wheels:
+	$(PYTHON) bench/gpu/wheels.py
 
 down:
 	$(VENV)/bin/ftpipe down

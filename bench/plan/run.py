@@ -127,9 +127,10 @@ def write_chats(data: Path, rows: int = 16, seed: int = 0) -> None:
                                                              {"role": "assistant", "content": answer}]}) + "\n")
 
 
-def _python(*args: str) -> subprocess.CompletedProcess:
+def _python(*args: str, script: Path = WORKER, timeout: float | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
 
 
 def ensure_model(name: str, work: Path) -> Path:
@@ -141,12 +142,20 @@ def ensure_model(name: str, work: Path) -> Path:
     return folder
 
 
-def measure(recipe: Recipe, data: Path, work: Path) -> dict:
+def measure(recipe: Recipe, data: Path, work: Path, *, script: Path = WORKER, command: str = "train",
+            timeout: float | None = None) -> dict:
+    """The recipe trained in a fresh process (`script command RECIPE_JSON DATA WORK`: worker.py's
+    ftpipe trainer, or another trainer that prints MEASURED as it does): its MEASURED figures, or
+    {"error": the last line of its stderr, "stderr": the end of it}."""
     shutil.rmtree(work, ignore_errors=True)   # no checkpoint of another configuration
-    proc = _python("train", recipe.model_dump_json(), str(data), str(work))
+    try:
+        proc = _python(command, recipe.model_dump_json(), str(data), str(work), script=script, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     line = next((x for x in proc.stdout.splitlines() if x.startswith("MEASURED ")), None)
     if proc.returncode != 0 or line is None:
-        return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        stderr = proc.stderr.strip()
+        return {"error": stderr.splitlines()[-1][:300] if stderr else f"exit {proc.returncode}", "stderr": stderr[-4000:]}
     return json.loads(line[len("MEASURED "):])
 
 

@@ -1,43 +1,58 @@
 """One process of bench/plan/run.py.
 
 `build NAME CONFIG_JSON OUT`: a random-weight causal LM of that config (float32, seeded) saved to OUT
-with SmolLM2's tokenizer and chat template.
+with SmolLM2's tokenizer and chat template (`random_model`; bench/gpu builds its models with it too).
 
 `train RECIPE_JSON DATA WORK`: imports everything the trainer uses, takes the resident set size, trains
 the recipe with ftpipe's trainer, then prints `MEASURED {json}`: the process's peak resident set
 (ru_maxrss) minus its resident set after the imports (on a GPU: torch.cuda.max_memory_allocated),
 and what the trainer really did: the dtype its linear layers computed in and whether activation
-checkpointing was on.
+checkpointing was on; and for bench/gpu's timing, when each step ended (`step_ends`, seconds of
+time.perf_counter, the device synchronised), the tokens and steps trained and what computed them.
 """
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 
-def _rss() -> int:
+def rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def build(name: str, config: dict, out: Path) -> None:
+def random_model(config: dict, out: Path, tokenizer, *, dtype: str = "float32", device: str = "cpu") -> int:
+    """A causal LM of `config` with random weights (seeded), made on `device` (a GPU initialises a
+    billion parameters in a second, a CPU in a minute) and saved to `out` in `dtype` as safetensors
+    with `tokenizer`; returns its parameter count."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(name: str, config: dict, out: Path) -> None:
+    from transformers import AutoTokenizer
 
     from shared.domain.models import ensure_smollm2
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ensure_smollm2()).save_pretrained(out)
-    print(json.dumps({"model": name, "params": sum(p.numel() for p in model.parameters())}))
+    params = random_model(config, out, AutoTokenizer.from_pretrained(ensure_smollm2()))
+    print(json.dumps({"model": name, "params": params}))
 
 
 def train(recipe_json: str, data: Path, work: Path) -> None:
-    # everything the trainer imports, lazily included, before the baseline
-    import bitsandbytes  # noqa: F401
+    # everything the trainer imports, lazily included, before the baseline (bitsandbytes where it
+    # is installed: a GPU machine may go without it and skip QLoRA)
+    import importlib.util
+
     import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
@@ -47,7 +62,9 @@ def train(recipe_json: str, data: Path, work: Path) -> None:
 
     from services.trainer import modeling, objectives, training  # noqa: F401
 
-    baseline = _rss()
+    if importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes  # noqa: F401
+    baseline = rss()
     recipe = Recipe.model_validate_json(recipe_json)
     seen: dict = {}
     build_model = modeling.build_model
@@ -62,19 +79,24 @@ def train(recipe_json: str, data: Path, work: Path) -> None:
         first.register_forward_hook(hook)
         return model
 
-    def on_metrics(rows: list[dict]) -> None:
+    def on_metrics(rows: list[dict]) -> None:   # metrics_every 1 (recipe_of): called after each step
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seen.setdefault("step_ends", []).extend(time.perf_counter() for _ in rows)
         model = seen["model"]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         seen.setdefault("checkpointing", bool(getattr(base, "is_activation_checkpointing", False)))
 
     modeling.build_model = observed_build
-    training.train(recipe, data, work, on_metrics=on_metrics)
+    result = training.train(recipe, data, work, on_metrics=on_metrics)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available():   # on a GPU: what its allocator handed out at most
         peak, baseline = torch.cuda.max_memory_allocated(), 0
     print("MEASURED " + json.dumps({"peak_bytes": peak - baseline, "baseline_bytes": baseline,
                                     "compute_dtype": seen.get("compute_dtype"),
-                                    "checkpointing": seen.get("checkpointing")}), flush=True)
+                                    "checkpointing": seen.get("checkpointing"), "step_ends": seen.get("step_ends"),
+                                    "tokens": result.tokens, "steps": result.steps, "compute": result.compute}),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
-from shared.domain.datasets import with_system_prompt  # noqa: E402
+from bench.trl_sft import sft_trainer, tokens_fed  # noqa: E402
 from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
-from services.trainer.chat_templates import training_template  # noqa: E402
 from services.trainer.modeling import load_base  # noqa: E402
 from services.trainer.training import load_split, train  # noqa: E402
 
@@ -61,29 +60,13 @@ def ftpipe_epoch(recipe: Recipe, data: Path, work: Path) -> dict:
 def trl_epoch(recipe: Recipe, data: Path, work: Path, *, gradient_checkpointing: bool) -> dict:
     """The plain TRL script a user would write for the same job (SFTConfig turns gradient
     checkpointing on by default: measured both ways)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    t = recipe.training
     tokenizer, model = load_base(recipe)
-    tokenizer.chat_template = training_template(tokenizer)  # generation markers for assistant_only_loss
-    rows = [{"messages": with_system_prompt(r["messages"], recipe.data.system_prompt)}
-            for r in load_split(data / "train.jsonl")]
-    config = SFTConfig(output_dir=str(work), per_device_train_batch_size=t.batch_size,
-                       gradient_accumulation_steps=t.grad_accum, num_train_epochs=1, learning_rate=t.learning_rate,
-                       lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, max_length=t.max_seq_len,
-                       max_grad_norm=t.max_grad_norm, weight_decay=0.0, packing=False, logging_steps=10,
-                       save_strategy="no", report_to=[], seed=t.seed, use_cpu=True, dataloader_num_workers=0,
-                       gradient_checkpointing=gradient_checkpointing, assistant_only_loss=True,
-                       # float32 as ftpipe trains; SFTConfig's default bf16 autocast costs 25x on a CPU
-                       # without AVX512-BF16 (seen here: 115 s a step)
-                       bf16=False)
-    lora = LoraConfig(r=recipe.adapter.r, lora_alpha=recipe.adapter.alpha, lora_dropout=recipe.adapter.dropout,
-                      target_modules=recipe.adapter.target_modules, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora)
-    tokens = sum(min(len(ids), t.max_seq_len) for ids in trainer.train_dataset["input_ids"])
+    trainer = sft_trainer(recipe, data, model, tokenizer, work, num_train_epochs=1, logging_steps=10,
+                          use_cpu=True, gradient_checkpointing=gradient_checkpointing,
+                          # float32 as ftpipe trains; SFTConfig's default bf16 autocast costs 25x on a CPU
+                          # without AVX512-BF16 (seen here: 115 s a step)
+                          bf16=False)
+    tokens = sum(tokens_fed(trainer, recipe.training.max_seq_len))
     out = trainer.train()
     seconds = out.metrics["train_runtime"]
     return {"tokens": tokens, "seconds": round(seconds, 3), "steps": out.global_step,
