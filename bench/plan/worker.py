@@ -73,8 +73,9 @@ def train(recipe_json: str, data: Path, work: Path) -> None:
         model = build_model(*args, **kwargs)
         seen["model"] = model
         first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-        def hook(_module, _inputs, output) -> None:   # returns None: the output stays as it is
-            seen.setdefault("compute_dtype", str(output.dtype))
+        def hook(module, _inputs, output) -> None:   # returns None: the output stays as it is
+            # a 4-bit layer computes in its compute_dtype and hands back its input's dtype
+            seen.setdefault("compute_dtype", str(getattr(module, "compute_dtype", None) or output.dtype))
 
         first.register_forward_hook(hook)
         return model
