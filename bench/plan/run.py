@@ -1,6 +1,7 @@
 """The memory planner (shared/domain/memory_plan.py) against measured peaks on this CPU.
 
-    HF_HUB_OFFLINE=1 python bench/plan/run.py [--only NAME] [--steps 3] [--out bench/plan/results.json]
+    HF_HUB_OFFLINE=1 python bench/plan/run.py [--only NAME] [--adapter KIND] [--mixed] [--steps 3]
+                                              [--out bench/plan/results.json | --into RESULTS_JSON]
 
 For random-weight models of several architectures (shapes of public models, the smallest cut down
 to stay within 0.1-1B parameters; SmolLM2's tokenizer), each configuration trains a few steps of
@@ -182,6 +183,28 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("model", "kind", "precision", "checkpointing", "seq", "batch", "accum"))
+
+
+def merged(earlier: list[dict], now: list[dict]) -> list[dict]:
+    """earlier's rows, those measured again now replaced, in earlier's order."""
+    fresh = {_key(r): r for r in now}
+    return [fresh.get(_key(r), r) for r in earlier] + [r for r in now if _key(r) not in {_key(e) for e in earlier}]
+
+
+def summarise(rows: list[dict]) -> dict:
+    summary = {}
+    for role in ("tuning", "validation"):
+        errors = [r["error"] for r in rows if r["role"] == role and "error" in r]
+        if errors:
+            summary[role] = {"measured": len(errors), "max_abs_error": round(max(abs(e) for e in errors), 4),
+                             "mean_abs_error": round(sum(abs(e) for e in errors) / len(errors), 4),
+                             "within_tolerance": sum(abs(e) <= TOLERANCE for e in errors)}
+    summary["not_measured"] = sum("not_measured" in r for r in rows)
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ftpipe-bench-plan"))
@@ -194,6 +217,9 @@ def main() -> int:
                          "torch.cuda.max_memory_allocated, in one process per configuration as on CPU")
     ap.add_argument("--skip-unsupported", action="store_true",
                     help="after a configuration the trainer did not honour, skip those asking the same")
+    ap.add_argument("--adapter", choices=["lora", "qlora", "full"], help="only the configurations of this adapter")
+    ap.add_argument("--into", type=Path, metavar="RESULTS_JSON",
+                    help="the configurations measured now replace the same ones in this results file (its summary redone)")
     ap.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="print a results file as Markdown; run nothing")
     args = ap.parse_args()
     if args.report:
@@ -206,8 +232,8 @@ def main() -> int:
     print(f"{'model':<13} {'adapter':<6} {'prec':<5} {'ckpt':<4} {'seq x batch x accum':<20} {'predicted':>10} "
           f"{'measured':>10} {'error':>7}  role / note", flush=True)
     for row in configurations():
-        if (args.only and row["model"] != args.only) or (args.mixed and row["precision"] == "fp32"
-                                                          and not row["checkpointing"]):
+        if ((args.only and row["model"] != args.only) or (args.adapter and row["kind"] != args.adapter)
+                or (args.mixed and row["precision"] == "fp32" and not row["checkpointing"])):
             continue
         model = MODELS[row["model"]]
         folder = ensure_model(row["model"], args.work)
@@ -238,21 +264,16 @@ def main() -> int:
         print(f"{row['model']:<13} {row['kind']:<6} {row['precision']:<5} {'on' if row['checkpointing'] else 'off':<4} "
               f"{shape:<20} {out['predicted_bytes'] / MIB:>8.0f} M {measured_text} {error_text}  {model['role']}"
               + (f" ({out['not_measured']})" if "not_measured" in out else ""), flush=True)
-    summary = {}
-    for role in ("tuning", "validation"):
-        errors = [r["error"] for r in rows if r["role"] == role and "error" in r]
-        if errors:
-            summary[role] = {"measured": len(errors), "max_abs_error": round(max(abs(e) for e in errors), 4),
-                             "mean_abs_error": round(sum(abs(e) for e in errors) / len(errors), 4),
-                             "within_tolerance": sum(abs(e) <= TOLERANCE for e in errors)}
-    summary["not_measured"] = sum("not_measured" in r for r in rows)
+    if args.into:
+        rows = merged(json.loads(args.into.read_text())["rows"], rows)
+    summary = summarise(rows)
     how = "torch.cuda.max_memory_allocated" if args.gpu else "peak resident set (ru_maxrss) minus resident set after imports"
     result = {"date": date.today().isoformat(), "cores": os.cpu_count(), "python": platform.python_version(),
               "device": device.kind, "trainer_logits_chunk": TRAINER_LOGITS_CHUNK, "tolerance": TOLERANCE,
               "measure": how,
               "summary": summary, "models": MODELS, "rows": rows}
-    if not (args.only or args.mixed) or args.out:
-        out = args.out or Path(__file__).with_name(f"results-{args.gpu}.json" if args.gpu else "results.json")
+    if not (args.only or args.mixed or args.adapter) or args.out or args.into:
+        out = args.into or args.out or Path(__file__).with_name(f"results-{args.gpu}.json" if args.gpu else "results.json")
         out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0
