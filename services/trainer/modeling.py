@@ -225,8 +225,9 @@ def _load_base(recipe: Recipe, labels: list[str] | None, compute: Compute,
     from transformers.initialization import no_init_weights
 
     path = _resolve(recipe)
-    # SDPA: PyTorch's fused attention kernels.
-    kwargs: dict = {"dtype": _base_dtype(recipe, compute), "attn_implementation": "sdpa"}
+    # Attention: transformers' default, SDPA (PyTorch's fused kernels) where the model supports it,
+    # eager where it does not (Gemma 2's soft-capped attention logits, which SDPA cannot apply).
+    kwargs: dict = {"dtype": _base_dtype(recipe, compute)}
     if recipe.adapter.kind == "qlora":
         kwargs.update(quantization_config=_bnb_config(recipe, compute), device_map=_device_map())
     try:
@@ -250,6 +251,9 @@ def _load_base(recipe: Recipe, labels: list[str] | None, compute: Compute,
                 model = auto.from_config(config, **kwargs)
             model.tie_weights()  # as from_pretrained does once loaded (no_init_weights skips it)
         if recipe.task != "classification" and recipe.training.packing:
+            if getattr(model.config.get_text_config(), "attn_logit_softcapping", None):
+                raise ModelError(f"base_model {recipe.base_model!r} soft-caps its attention logits (Gemma 2), which "
+                                 "packed rows' per-conversation attention does not apply; set training.packing: false")
             use_packed_attention(model)
     except ModelError:
         raise

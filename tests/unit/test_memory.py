@@ -203,3 +203,33 @@ def test_the_flash_varlen_layout_of_packed_rows_gives_the_per_conversation_loop(
     assert packed_attention._half_dtype(query.bfloat16()) == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert packed_attention._half_dtype(query) == torch.bfloat16
+
+
+# ------------------------------------------------------------------ attention per family
+
+def test_attention_is_sdpa_where_the_model_supports_it_and_eager_for_gemma2s_soft_caps(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from services.trainer.modeling import ModelError
+
+    def tiny(model_type: str, **extra) -> str:
+        config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256, **extra)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+        return str(tmp_path / model_type)
+
+    llama = tiny("llama")
+    gemma2 = tiny("gemma2", head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                  final_logit_softcapping=30.0)
+    fp32 = Compute("fp32", "cpu", True)
+    for path, attention in ((llama, "sdpa"), (gemma2, "eager")):
+        recipe = apply_overrides(load_recipe("tiny-sft"), {"base_model": path})
+        model = modeling.build_model(recipe, compute=fp32)
+        assert model.config._attn_implementation == attention
+        model.train()
+        out = model(input_ids=torch.randint(0, 256, (2, 12)), use_cache=False)
+        out.logits.float().sum().backward()                           # trains, checkpointed, in either
+        assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ModelError, match="soft-caps its attention logits"):
+        modeling.build_model(apply_overrides(load_recipe("tiny-sft"), {"base_model": gemma2, "training.packing": True}),
+                             compute=fp32)
