@@ -248,6 +248,12 @@ def half_billion(base: Recipe, data: Path, work: Path, repeats: int, steps: int,
     out["tokens_per_s_ratio_vs_trl"] = round(out["ftpipe"]["tokens_per_s"]["median"]
                                              / out["trl"]["tokens_per_s"]["median"], 3)
     out["fp32_no_checkpointing_peak_ratio"] = round(med["ftpipe_fp32"] / med["ftpipe"], 3)
+    # Within a repeat the two sides ran back to back: their ratio holds up where the machine's load
+    # changes between repeats, which moves the medians of each side.
+    pairs = list(zip(runs["ftpipe"], runs["trl"], strict=True))
+    out["tokens_per_s_ratio_per_repeat"] = [round(window(f)["tokens_per_s"] / window(t)["tokens_per_s"], 3)
+                                            for f, t in pairs]
+    out["peak_ratio_per_repeat"] = [round(f["peak_over_baseline_mb"] / t["peak_over_baseline_mb"], 3) for f, t in pairs]
     return out
 
 
@@ -369,6 +375,9 @@ def main() -> int:
     epoch = apply_overrides(base, {"training.epochs": 1, "training.early_stop_evals": 0,
                                    "training.checkpoint_every": 10_000})
     res: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for key in ("throughput", "half_billion", "sigkill", "packing"):  # a kept section keeps its own date
+        if key in res and "date" not in res[key]:
+            res[key]["date"] = res.get("date")
     res.update({"date": date.today().isoformat(), "recipe": args.recipe, "base_model": base.base_model})
 
     def save() -> None:  # after each section: a later failure keeps what was measured
@@ -388,12 +397,13 @@ def main() -> int:
         if "sigkill" in sections:
             killed = apply_overrides(base, {"training.max_steps": args.kill_steps, "training.checkpoint_every": 10,
                                             "training.metrics_every": 1, "training.early_stop_evals": 0})
-            res["sigkill"] = {"date": date.today().isoformat(), **sigkill(killed, tmp / "data", tmp / "kill",
-                                                                           args.kill_at)}
+            res["sigkill"] = {"date": date.today().isoformat(), "machine": machine(),
+                              **sigkill(killed, tmp / "data", tmp / "kill", args.kill_at)}
             print("sigkill:", json.dumps(res["sigkill"]), flush=True)
             save()
         if "packing" in sections:
-            res["packing"] = {"date": date.today().isoformat(), **packing(epoch, tmp / "data", tmp / "packing")}
+            res["packing"] = {"date": date.today().isoformat(), "machine": machine(),
+                              **packing(epoch, tmp / "data", tmp / "packing")}
             save()
     print(json.dumps(res["targets"], indent=1))
     return 0
