@@ -72,8 +72,9 @@ bench-venv: $(MODELS_STAMP)
 bench-preprocess: bench-venv
 	$(BENCH_VENV)/bin/python bench/preprocess/run.py --docs 200000 --out bench/preprocess/results.json
 
+# BENCH_TRAIN_ARGS='--only half-billion' runs one section (the others' figures are kept).
 bench-train: bench-venv
-	HF_HUB_OFFLINE=1 $(BENCH_VENV)/bin/python bench/train/run.py --out bench/train/results.json
+	HF_HUB_OFFLINE=1 $(BENCH_VENV)/bin/python bench/train/run.py --out bench/train/results.json $(BENCH_TRAIN_ARGS)
 
 bench-serve: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/serve/run.py --out bench/serve/results.json

@@ -13,9 +13,11 @@ from services.trainer.chat_templates import training_template
 from services.trainer.training import load_split
 
 
-def sft_trainer(recipe: Recipe, data: Path, model, tokenizer, work: Path, *, callbacks=(), **config):
-    """SFTTrainer over data/train.jsonl for `model` (loaded by the caller, without an adapter: the
-    trainer adds the recipe's LoRA); `config`: SFTConfig fields over the recipe's."""
+def sft_trainer(recipe: Recipe, data: Path, model, tokenizer, work: Path, *, callbacks=(), order: list[int] | None = None,
+                trainer_class=None, **config):
+    """SFTTrainer (or trainer_class, a subclass) over data/train.jsonl, its rows in `order` where
+    given, for `model` (loaded by the caller, without an adapter: the trainer adds the recipe's
+    LoRA); `config`: SFTConfig fields over the recipe's."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -24,8 +26,9 @@ def sft_trainer(recipe: Recipe, data: Path, model, tokenizer, work: Path, *, cal
     # TRL's assistant_only_loss reads the mask off {% generation %} markers: a marked copy of the
     # model's template that renders the same text
     tokenizer.chat_template = training_template(tokenizer)
-    rows = [{"messages": with_system_prompt(r["messages"], recipe.data.system_prompt)}
-            for r in load_split(data / "train.jsonl")]
+    rows = load_split(data / "train.jsonl")
+    rows = [{"messages": with_system_prompt(rows[i]["messages"], recipe.data.system_prompt)}
+            for i in (order if order is not None else range(len(rows)))]
     args = SFTConfig(**{
         "output_dir": str(work), "per_device_train_batch_size": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum, "learning_rate": t.learning_rate,
@@ -34,7 +37,7 @@ def sft_trainer(recipe: Recipe, data: Path, model, tokenizer, work: Path, *, cal
         "report_to": [], "seed": t.seed, "dataloader_num_workers": 0, "assistant_only_loss": True, **config})
     lora = LoraConfig(r=recipe.adapter.r, lora_alpha=recipe.adapter.alpha, lora_dropout=recipe.adapter.dropout,
                       target_modules=recipe.adapter.target_modules, task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+    return (trainer_class or SFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=lora, callbacks=list(callbacks))
 
 
