@@ -106,6 +106,14 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     """The API over `adapters`; `authenticate` (shared/platform/auth.py) says who calls each /api route."""
     docs, store, bus, bucket = adapters.docs, adapters.store, adapters.bus, adapters.settings.bucket
     app = Flask("ftpipe-tracker")
+    # werkzeug refuses a longer body from its Content-Length (413) before reading any of it
+    app.config["MAX_CONTENT_LENGTH"] = adapters.settings.max_upload_bytes
+
+    @app.errorhandler(413)
+    def too_large(exc: HTTPException):
+        limit = adapters.settings.max_upload_bytes
+        return error(413, f"the request is larger than this API takes ({limit:,} bytes, FTPIPE_MAX_UPLOAD_BYTES); "
+                          "drop a bigger dataset into the bucket (ftpipe drop FILE --recipe R) instead")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

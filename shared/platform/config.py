@@ -53,6 +53,9 @@ class Settings(BaseModel):
     # The serving API (services/serving/) in the gcp profile: callers' Google ID tokens for this
     # audience (its URL); locally, the token in <state>/auth-token.
     serving_audience: str | None = None
+    # The most one request to the tracker's API may carry (a dataset uploaded from the dashboard or
+    # POST /api/runs): bigger drops go to the bucket, which takes them in parts (10 GB and more).
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     # Transient store / document-store failures are retried this long before the handler sees them
     # (shared/platform/retrying.py); `faults` injects failures at the adapter boundary (shared/platform/faults.py).
     transient_retry_s: float = Field(default=30.0, ge=0)
@@ -88,6 +91,7 @@ class Settings(BaseModel):
             "dashboard_audience": env.get("FTPIPE_DASHBOARD_AUDIENCE"),
             "approval_audience": env.get("FTPIPE_APPROVAL_AUDIENCE"),
             "serving_audience": env.get("FTPIPE_SERVING_AUDIENCE"),
+            "max_upload_bytes": env.get("FTPIPE_MAX_UPLOAD_BYTES"),
             "transient_retry_s": env.get("FTPIPE_TRANSIENT_RETRY_S"),
             "faults": env.get("FTPIPE_FAULTS") or None,
             "approvers": tuple(e.strip() for e in env["FTPIPE_APPROVERS"].split(",") if e.strip())

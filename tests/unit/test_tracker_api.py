@@ -361,6 +361,18 @@ def test_submit_refuses_a_bad_form(api, adapters, form, status, message):
     assert _pull(adapters, ev.JOBS) == []
 
 
+def test_an_upload_over_the_limit_is_refused_before_it_is_read(adapters, tmp_path):
+    from dataclasses import replace
+
+    small = replace(adapters, settings=adapters.settings.model_copy(update={"max_upload_bytes": 1000}))
+    api = Api(create_app(small, token_authenticator(TOKEN)))
+    resp = api.post("/api/runs", data={"file": (io.BytesIO(b"x" * 2000), "big.jsonl"), "recipe": "tiny-sft"})
+    assert resp.status_code == 413
+    assert "1,000 bytes, FTPIPE_MAX_UPLOAD_BYTES" in resp.get_json()["error"]
+    assert "drop a bigger dataset into the bucket" in resp.get_json()["error"]
+    assert _pull(adapters, ev.JOBS) == []
+
+
 def test_cancel(api, adapters):
     record(adapters.docs, ev.JobSubmitted(run_id="run-x", recipe=LEGAL, dataset_uri="file:///b/x.jsonl"))
     resp = api.post("/api/runs/run-x/cancel")
