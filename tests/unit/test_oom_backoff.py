@@ -88,7 +88,11 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def _capped_train(data_dir: Path, work: Path, headroom_mb: int, base_model: str) -> dict:
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # The cap is on address space. glibc keeps the address space of freed arena memory mapped, so
+    # after an out-of-memory attempt the next one could fail to map its model file, where a
+    # machine's real limit (RSS in a cgroup, a GPU's allocator) would see that memory free: a fixed
+    # mmap threshold gives every tensor of 1 MiB or more its own mapping, unmapped when freed.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     done = subprocess.run([sys.executable, "-c", CHILD, str(data_dir), str(work), str(headroom_mb),
                            json.dumps({**OVERRIDES, "base_model": base_model, "training.batch_size": 8,
                                        "training.grad_accum": 1})],
@@ -117,7 +121,7 @@ def test_out_of_memory_backs_off_to_the_same_effective_batch_and_the_same_steps(
 
 def test_out_of_memory_at_a_micro_batch_of_one_fails_with_what_to_change(data_dir, wide_model, tmp_path):
     capped = _capped_train(data_dir, tmp_path / "tiny", headroom_mb=200, base_model=wide_model)
-    assert "out of memory at step" in capped["error"] and "micro-batches of 1" in capped["error"]
+    assert "out of memory at step" in capped["error"] and "micro-batches of 1" in capped["error"], capped
     assert "lower training.max_seq_len (now 1200)" in capped["error"]
     assert [value for _, _, value in capped["alerts"]] == [8.0, 4.0, 2.0]
 
