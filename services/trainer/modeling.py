@@ -68,6 +68,10 @@ class WeightFiles:
                     found.add(id(param))
         return cls(Path(folder), keys, files)
 
+    def covered(self) -> set[int]:
+        """The ids of the parameters the files hold."""
+        return {id(getattr(module, name)) for module, name in self.keys}
+
     def read(self, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements [start, start + count) of tensor `key`, flattened, read from the rows that hold
         them only (a rank's ZeRO-3 partition is a range of the flattened tensor)."""
@@ -136,7 +140,7 @@ def build_unloaded_model(recipe: Recipe, *, labels: list[str] | None = None, log
         path = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
     base = _load_base(recipe, labels, compute, empty=empty)
     weights = WeightFiles.find(base, path)
-    loaded = {id(getattr(module, name)) for module, name in weights.keys}
+    loaded = weights.covered()
     missing = [name for name, p in base.base_model.named_parameters() if id(p) not in loaded]
     if missing:  # a head may be new (a classifier's); the rest must be in the files as the model names it
         raise ModelError(f"base_model {recipe.base_model!r} ({path}): its safetensors files hold no {missing[:3]} under "
@@ -275,7 +279,7 @@ def _initialise_afresh(model, weights: WeightFiles, dtype: torch.dtype, device: 
     read from the files, the rest (RoPE's frequencies, the new head) by the model's
     initialize_weights once everything loaded is marked initialised: the same random draws as one
     process's."""
-    loaded = {id(getattr(module, name)) for module, name in weights.keys}
+    loaded = weights.covered()
     fresh: dict[int, torch.nn.Parameter] = {}
     for prefix, module in model.named_modules():
         for name, param in module._parameters.items():
@@ -421,7 +425,7 @@ def restore_trained(model, folder: Path, weights: WeightFiles | None = None) -> 
         weights = WeightFiles.find(model, folder)
         if not weights.files:
             raise ModelError(f"checkpoint {folder}: no weights (*.safetensors) to resume from")
-        found = {id(getattr(module, name)) for module, name in weights.keys}
+        found = weights.covered()
         misfits = [name for name, p in model.named_parameters() if id(p) not in found]  # every weight trained
     else:
         state = {}

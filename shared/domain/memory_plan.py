@@ -242,7 +242,7 @@ class ModelShape:
 @dataclass(frozen=True)
 class Device:
     """What one process trains on: a GPU of the recipe's hardware, or the CPU (its memory)."""
-    kind: str                  # a GPU_TABLE key, or "cpu"
+    kind: str                  # a GPU_TABLE key, a GPU's own name (one seen at run time), or "cpu"
     capacity_bytes: int
     bf16: bool = True
 

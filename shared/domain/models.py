@@ -10,7 +10,7 @@ A reference is one of:
 The cache (default `~/.cache/ftpipe/models`, or `FTPIPE_MODEL_CACHE`) is shared across state
 folders, so the GGUF import runs once per machine. It also holds `chat-tokenizers`, the tokenizers
 and chat templates of the common instruct families that tests/unit/test_chat_templates.py checks the
-trainer's assistant-only labels on (ensure_chat_tokenizers).
+trainer's assistant-only labels on (built by tests/chat_tokenizers.py).
 """
 from __future__ import annotations
 
@@ -200,8 +200,6 @@ def ensure_tiny_random() -> Path:
 
     return _materialised(TINY, build)
 
-
-# ------------------------------------------------------------------------------ chat tokenizers
 
 def base_model_identity(ref: str) -> dict:
     """The base model a run loaded: `ref` as the recipe names it, the folder it resolved to, the
