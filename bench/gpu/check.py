@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.plan.run import measure, recipe_of, write_chats  # noqa: E402
-from bench.plan.worker import random_model, rss  # noqa: E402
+from bench.plan.worker import random_model  # noqa: E402
+from bench.process_memory import peak_bytes, resident_bytes  # noqa: E402
 from shared.domain.memory_plan import GIB, Device, ModelShape, cpu_device, gpu_device, plan_recipe  # noqa: E402
 from shared.domain.recipe import Recipe  # noqa: E402
 
@@ -115,7 +116,7 @@ def trl_train(recipe_json: str, data: Path, work: Path) -> None:
 
     if importlib.util.find_spec("bitsandbytes"):
         import bitsandbytes  # noqa: F401
-    baseline = rss()
+    baseline = resident_bytes()
     recipe = Recipe.model_validate_json(recipe_json)
     t, gpu = recipe.training, torch.cuda.is_available()
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
@@ -141,7 +142,7 @@ def trl_train(recipe_json: str, data: Path, work: Path) -> None:
                           gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=liger)
     fed = tokens_fed(trainer, t.max_seq_len)
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() if gpu else _rss_peak() - baseline
+    peak = torch.cuda.max_memory_allocated() if gpu else peak_bytes() - baseline
     print("MEASURED " + json.dumps({
         "peak_bytes": peak, "baseline_bytes": 0 if gpu else baseline, "step_ends": ends, "steps": len(ends),
         # every example is cut at max_seq_len: each step feeds the same number of tokens
@@ -150,12 +151,6 @@ def trl_train(recipe_json: str, data: Path, work: Path) -> None:
                     "gradient_checkpointing": trainer.args.gradient_checkpointing,
                     "attention": model.config._attn_implementation,
                     "loss": "trl_chunked_lm_head" + (" + liger layer kernels" if liger else "")}}), flush=True)
-
-
-def _rss_peak() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ------------------------------------------------------------------------------ the check

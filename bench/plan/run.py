@@ -267,7 +267,7 @@ def main() -> int:
     if args.into:
         rows = merged(json.loads(args.into.read_text())["rows"], rows)
     summary = summarise(rows)
-    how = "torch.cuda.max_memory_allocated" if args.gpu else "peak resident set (ru_maxrss) minus resident set after imports"
+    how = "torch.cuda.max_memory_allocated" if args.gpu else "peak resident set (VmHWM) minus resident set after imports"
     result = {"date": date.today().isoformat(), "cores": os.cpu_count(), "python": platform.python_version(),
               "device": device.kind, "trainer_logits_chunk": TRAINER_LOGITS_CHUNK, "tolerance": TOLERANCE,
               "measure": how,

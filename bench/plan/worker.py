@@ -5,36 +5,32 @@ with SmolLM2's tokenizer and chat template (`random_model`; bench/gpu builds its
 
 `train RECIPE_JSON DATA WORK`: imports everything the trainer uses, takes the resident set size, trains
 the recipe with ftpipe's trainer, then prints `MEASURED {json}`: the process's peak resident set
-(ru_maxrss) minus its resident set after the imports (on a GPU: torch.cuda.max_memory_allocated),
+(VmHWM, bench/process_memory.py) minus its resident set after the imports (on a GPU: torch.cuda.max_memory_allocated),
 and what the trainer really did: the dtype its linear layers computed in and whether activation
 checkpointing was on; and for bench/gpu's timing, when each step ended (`step_ends`, seconds of
 time.perf_counter, the device synchronised), the tokens and steps trained and what computed them.
 """
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
-
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+from bench.process_memory import peak_bytes, resident_bytes
 
 
-def random_model(config: dict, out: Path, tokenizer, *, dtype: str = "float32", device: str = "cpu") -> int:
-    """A causal LM of `config` with random weights (seeded), made on `device` (a GPU initialises a
-    billion parameters in a second, a CPU in a minute) and saved to `out` in `dtype` as safetensors
-    with `tokenizer`; returns its parameter count."""
+def random_model(config: dict, out: Path, tokenizer, *, dtype: str = "float32", device: str = "cpu",
+                 seed: int = 0) -> int:
+    """A causal LM of `config` with random weights (seeded), made in float32 on `device` (a GPU
+    initialises a billion parameters in a second, a CPU in a minute; float32, so that the draws are
+    the same whatever it is saved in) and saved to `out` in `dtype` as safetensors with `tokenizer`;
+    returns its parameter count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=getattr(torch, dtype))
-    model.save_pretrained(out, safe_serialization=True)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
 
@@ -64,7 +60,7 @@ def train(recipe_json: str, data: Path, work: Path) -> None:
 
     if importlib.util.find_spec("bitsandbytes"):
         import bitsandbytes  # noqa: F401
-    baseline = rss()
+    baseline = resident_bytes()
     recipe = Recipe.model_validate_json(recipe_json)
     seen: dict = {}
     build_model = modeling.build_model
@@ -90,7 +86,7 @@ def train(recipe_json: str, data: Path, work: Path) -> None:
 
     modeling.build_model = observed_build
     result = training.train(recipe, data, work, on_metrics=on_metrics)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes()
     if torch.cuda.is_available():   # on a GPU: what its allocator handed out at most
         peak, baseline = torch.cuda.max_memory_allocated(), 0
     print("MEASURED " + json.dumps({"peak_bytes": peak - baseline, "baseline_bytes": baseline,

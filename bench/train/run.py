@@ -35,7 +35,6 @@ the val split under each trained adapter, computed by one function (`heldout_los
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_recipe import SAMPLE, prepare  # noqa: E402
+from bench.plan.worker import random_model  # noqa: E402
 from shared.domain.models import SMOLLM2, resolve_model  # noqa: E402
 from shared.domain.recipe import Recipe, apply_overrides, load_recipe  # noqa: E402
 
@@ -181,20 +181,12 @@ def throughput(recipe: Recipe, data: Path, work: Path, repeats: int) -> dict:
 def build_half_billion(folder: Path, seed: int = 0) -> int:
     """HALF_BILLION with random weights (seeded), saved in bf16 safetensors with SmolLM2's
     tokenizer and chat template; returns its parameter count."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
-    config = LlamaConfig(**HALF_BILLION, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    del model
-    gc.collect()
-    return params
+    config = {"model_type": "llama", **HALF_BILLION, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return random_model(config, folder, tokenizer, dtype="bfloat16", seed=seed)
 
 
 def long_chats(data: Path, out: Path, rows: int, seed: int = 0, joined: int = 40) -> None:

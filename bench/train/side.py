@@ -29,24 +29,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 
+from bench.process_memory import peak_bytes, resident_bytes  # noqa: E402
 from bench.trl_sft import sft_trainer  # noqa: E402
 from shared.domain.models import resolve_model  # noqa: E402
 from shared.domain.recipe import Recipe  # noqa: E402
 
 from services.trainer import training  # noqa: E402
 
-
-def memory_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (the peak) of this process. Not getrusage's ru_maxrss: Linux carries a
-    parent's peak into the ru_maxrss of a child it starts (fork, then exec), so a child of the
-    bench process, which has held a model, would report at least the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-BASELINE_MB = memory_mb("VmRSS")  # after the imports, before any model loads
+BASELINE_MB = resident_bytes() / 2**20  # after the imports, before any model loads
 
 
 def ftpipe_side(recipe: Recipe, data: Path, work: Path) -> tuple[list[dict], Path]:
@@ -132,8 +122,8 @@ def main() -> None:
         "side": spec["side"], "steps": steps, "adapter": str(adapter),
         "call_seconds": round(time.perf_counter() - started, 3),  # model load, tokenising, the loop, saving
         "process_seconds": round(time.perf_counter() - STARTED, 3),
-        "baseline_rss_mb": round(BASELINE_MB, 1), "peak_rss_mb": round(memory_mb("VmHWM"), 1),
-        "peak_over_baseline_mb": round(memory_mb("VmHWM") - BASELINE_MB, 1),
+        "baseline_rss_mb": round(BASELINE_MB, 1), "peak_rss_mb": round(peak_bytes() / 2**20, 1),
+        "peak_over_baseline_mb": round(peak_bytes() / 2**20 - BASELINE_MB, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "threads": torch.get_num_threads()}), flush=True)
 
