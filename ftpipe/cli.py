@@ -35,7 +35,7 @@ def _settings(args) -> Settings:
 def _client(args):
     from ftpipe.client import Client
 
-    return Client(_settings(args))
+    return Client(_settings(args), token=getattr(args, "token", None))
 
 
 def _print_json(obj) -> None:
@@ -81,7 +81,7 @@ def cmd_drop(args) -> int:
     if args.dry_run:
         return _dry_run(args)
     client = _client(args)
-    run_id = client.drop(args.file, args.recipe, legal_basis=args.legal_basis)
+    run_id = client.drop(args.file, args.recipe, tenant=args.tenant, legal_basis=args.legal_basis)
     err.print(f"dropped {escape(args.file)} → run [bold]{run_id}[/bold]")
     if not args.wait:
         print(run_id)
@@ -255,24 +255,116 @@ def cmd_models(args) -> int:
             f"{args.name} {args.version} exported to {args.out}: "
             + ", ".join(f"{kind} {result[kind]}" for kind in ("merged", "adapter") if kind in result)))
         return 0
-    actor = args.actor or os.environ.get("USER") or "unknown"
+    if action == "policy":
+        return _models_policy(client, args)
+    actor = client.caller.subject
     if action == "approve":
-        doc = client.approve_model(args.name, args.version, approver=actor, note=args.note or "")
+        doc = client.approve_model(args.name, args.version, note=args.note or "")
         message = (f"{args.name} {args.version} approved by {actor}; "
                    + ("now in production" if "production" in doc["aliases"] else
                       f"not moved to production, where a later version is (`ftpipe models promote {args.name} "
                       f"{args.version}` puts it there anyway)"))
     elif action == "promote":
-        doc = client.promote_model(args.name, args.version, alias=args.alias, actor=actor)
+        doc = client.promote_model(args.name, args.version, alias=args.alias)
         message = f"{args.name} {args.alias} → {args.version}"
     elif action == "rollback":
-        doc = client.rollback_model(args.name, alias=args.alias, to=args.to, actor=actor)
+        doc = client.rollback_model(args.name, alias=args.alias, to=args.to)
         message = f"{args.name} {args.alias} rolled back → {doc['version']}"
     else:  # archive, quarantine
         change = client.archive_model if action == "archive" else client.quarantine_model
-        doc = change(args.name, args.version, actor=actor, reason=args.reason)
+        doc = change(args.name, args.version, reason=args.reason)
         message = f"{args.name} {args.version} {doc['status']}"
     _print_json(doc) if args.json else err.print(escape(message))
+    return 0
+
+
+def _models_policy(client, args) -> int:
+    """`ftpipe models policy NAME [changes]`: show the policy, or change it (an admin's)."""
+    from shared.domain.recipe import GateRule
+
+    changes = {}
+    if args.owner:
+        changes["owners"] = tuple(args.owner)
+    for field in ("approval_required", "four_eyes", "privacy_review"):
+        if getattr(args, field) is not None:
+            changes[field] = getattr(args, field)
+    if args.lock is not None:
+        changes["locked_suites"] = tuple(s for s in args.lock.split(",") if s)
+    if args.gate:
+        current = client.model_policy(args.name) or {}
+        gate = dict(current.get("gate") or {})
+        for spec in args.gate:
+            metric, _, rule = spec.partition("=")
+            try:
+                gate[metric] = GateRule.model_validate(json.loads(rule)).model_dump(mode="json")
+            except ValueError as exc:
+                raise UsageError(f"--gate {spec!r}: METRIC='{{\"tolerance\": 0.02, \"relative\": true}}' ({exc})") from exc
+        changes["gate"] = gate
+    policy = client.set_model_policy(args.name, **changes) if changes else client.model_policy(args.name)
+    if policy is None:
+        raise UsageError(f"model {args.name!r} has no policy; an admin sets one: ftpipe models policy {args.name} "
+                         "--owner TENANT")
+    if args.json:
+        _print_json(policy)
+    else:
+        out.print(escape(f"{args.name}: owners {', '.join(policy['owners'])}; approval "
+                         f"{'required' if policy['approval_required'] else 'not required'}; four eyes "
+                         f"{'on' if policy['four_eyes'] else 'off'}; privacy review "
+                         f"{'required' if policy['privacy_review'] else 'not required'}; locked suites "
+                         f"{', '.join(policy['locked_suites']) or 'none'}; gate floors "
+                         f"{json.dumps(policy['gate']) if policy['gate'] else 'none'}"))
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    """`ftpipe tokens create|list|revoke` (an admin's): named local tokens, stored hashed."""
+    client = _client(args)
+    if args.action == "list":
+        rows = client.tokens()
+        if args.json:
+            _print_json(rows)
+        for t in rows if not args.json else ():
+            held = "admin" if t["admin"] else "; ".join(f"{', '.join(r)} in {tenant}" for tenant, r in t["grants"].items())
+            out.print(escape(f"{t['name']}  {held or 'no roles'}  (created by {t['created_by']})"))
+        return 0
+    if not args.name:
+        raise UsageError(f"tokens {args.action} needs a NAME")
+    if args.action == "revoke":
+        client.revoke_token(args.name)
+        err.print(f"token {escape(args.name)} revoked")
+        return 0
+    if not args.role:
+        raise UsageError("tokens create needs --role viewer|submitter|approver|admin (and --tenant T but for admin)")
+    try:
+        secret = client.create_token(args.name, args.role, args.tenant)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    err.print(f"token {escape(args.name)} ({args.role}{' in ' + args.tenant if args.tenant else ''}): shown once, "
+              "stored only as its hash; give it as FTPIPE_TOKEN or --token")
+    print(secret)
+    return 0
+
+
+def cmd_roles(args) -> int:
+    """`ftpipe roles grant|revoke|list` (an admin's): roles of people, service accounts and tokens."""
+    client = _client(args)
+    if args.action == "list":
+        rows = client.principals()
+        if args.json:
+            _print_json(rows)
+        for p in rows if not args.json else ():
+            held = "; ".join(f"{', '.join(r)} in {t}" for t, r in p["grants"].items())
+            out.print(escape(f"{p['subject']}  {'admin' if p['admin'] else ''}{held or ''}"))
+        return 0
+    if not args.subject or not args.role:
+        raise UsageError(f"roles {args.action} needs SUBJECT and --role (and --tenant T but for admin)")
+    change = client.grant if args.action == "grant" else client.revoke
+    try:
+        doc = change(args.subject, args.role, args.tenant)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    _print_json(doc) if args.json else err.print(escape(f"{args.subject}: {args.action} {args.role}"
+                                                         + (f" in {args.tenant}" if args.tenant else "")))
     return 0
 
 
@@ -471,14 +563,12 @@ def cmd_privacy(args) -> int:
     if not args.run:
         raise UsageError(f"privacy {args.action} needs a RUN id; `ftpipe privacy list` shows them")
     if args.action == "approve":
-        if not args.approver:
-            raise UsageError("privacy approve needs --approver NAME")
-        result = privacy.approve(client, args.run, args.approver, args.note)
+        result = privacy.approve(client, args.run, args.note)
         message = f"run {args.run}: approved by {result['approver']}; training can start"
     else:
         if not args.reason:
             raise UsageError("privacy reject needs --reason TEXT")
-        result = privacy.reject(client, args.run, args.reason, args.approver or os.environ.get("USER", "unknown"))
+        result = privacy.reject(client, args.run, args.reason)
         message = f"run {args.run}: rejected by {result['approver']}"
     _print_json(result) if args.json else err.print(escape(message))
     return 0
@@ -622,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state", help="state folder (default: $FTPIPE_STATE or ./.ftpipe)")
     common.add_argument("--profile", choices=["local", "emulators", "gcp"], help="adapters to use (default: $FTPIPE_PROFILE or local)")
+    common.add_argument("--token", default=argparse.SUPPRESS,
+                        help="act as this token (default: $FTPIPE_TOKEN, else the stack's own, its admin)")
     parser = argparse.ArgumentParser(prog="ftpipe", description="Event-driven fine-tuning pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -634,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", cmd_down, "stop the local stack")
     p = add("dashboard", cmd_dashboard, "print the local dashboard's link (it carries the stack's access token)")
     p.add_argument("--open", action="store_true", help="open it in a web browser as well")
-    for name, fn, help_ in (("drop", cmd_drop, "drop a dataset file into incoming/<recipe>/ to start a run"),
+    for name, fn, help_ in (("drop", cmd_drop, "drop a dataset file into incoming/<tenant>/<recipe>/ to start a run"),
                             ("submit", cmd_submit, "submit a job file (recipe, dataset, overrides)")):
         p = add(name, fn, help_)
         if name == "drop":
@@ -643,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true",
                            help="prepare in-process and print counts, token counts and the cost estimate; upload nothing")
             p.add_argument("--legal-basis", help="legal basis / consent reference, recorded in the manifest")
+            p.add_argument("--tenant", help="the tenant it is for (default: your only one); it lands in incoming/<tenant>/")
         else:
             p.add_argument("job", help="YAML: recipe, dataset, [prepared, overrides, tenant]")
         p.add_argument("--wait", action="store_true", help="wait for the run to end, showing progress")
@@ -668,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     nested.add_argument("--state", default=argparse.SUPPRESS, help="state folder")
     nested.add_argument("--profile", choices=["local", "emulators", "gcp"], default=argparse.SUPPRESS)
     nested.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    nested.add_argument("--token", default=argparse.SUPPRESS, help="act as this token")
 
     def model_action(name, help_, *, version=True):
         q = models.add_parser(name, parents=[nested], help=help_, description=help_)
@@ -684,19 +778,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("version", nargs="?")
     q = model_action("approve", "approve a candidate (recipe registry.approval): it goes to production")
     q.add_argument("--note", help="a note kept with the approval")
-    q.add_argument("--actor", help="who approves (default: $USER)")
     q = model_action("promote", "point an alias (default production) at a version")
     q.add_argument("--alias", choices=["production", "staging"], default="production")
-    q.add_argument("--actor", help="who promotes (default: $USER)")
     q = model_action("rollback", "point an alias back at its previous version, or at --to VERSION", version=False)
     q.add_argument("--to", metavar="VERSION", help="the version to roll back to")
     q.add_argument("--alias", choices=["production", "staging"], default="production")
-    q.add_argument("--actor", help="who rolls back (default: $USER)")
     for name, help_ in (("archive", "retire a version (it can come back by rollback or promote)"),
                         ("quarantine", "bar a version for good: never promoted or served")):
         q = model_action(name, help_)
         q.add_argument("--reason", required=True, help="why")
-        q.add_argument("--actor", help="who does it (default: $USER)")
+    q = model_action("policy", "show or change (admin) the model name's policy: owners, approval, four eyes, "
+                               "privacy review, locked suites, gate floors", version=False)
+    q.add_argument("--owner", action="append", metavar="TENANT", help="a tenant that owns the name (repeat)")
+    for flag, field, help_ in (("approval", "approval_required", "versions need approval"),
+                               ("four-eyes", "four_eyes", "a run's submitter may not approve its version"),
+                               ("privacy-review", "privacy_review", "its data needs a privacy sign-off")):
+        q.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    q.add_argument("--lock", metavar="SUITES", help="comma-separated suites a job may not disable "
+                                                    "(safety,memorisation,fairness; '' for none)")
+    q.add_argument("--gate", action="append", metavar="METRIC=RULE",
+                   help='a floor rule as JSON, e.g. chrf=\'{"tolerance": 0.02, "relative": true}\' (repeat)')
     q = model_action("export", "merged safetensors weights and the adapter in the layout vLLM loads")
     q.add_argument("--out", required=True, help="a new folder: merged/, adapter/, export.json")
     q.add_argument("--no-merged", action="store_true", help="only the adapter")
@@ -713,6 +814,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hours-per-month", metavar="H",
                    help="set: GPU-hours per calendar month, UTC (a number, or 'unlimited')")
     p.add_argument("--json", action="store_true")
+    p = add("tokens", cmd_tokens, "named local tokens (admin): create one with a role, list, revoke")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--role", choices=["viewer", "submitter", "approver", "admin"])
+    p.add_argument("--tenant", help="the tenant the role is held in (every role but admin)")
+    p.add_argument("--json", action="store_true")
+    p = add("roles", cmd_roles, "who holds which role (admin): grant, revoke, list")
+    p.add_argument("action", choices=["grant", "revoke", "list"])
+    p.add_argument("subject", nargs="?", help="an email, a service account's email, or token:NAME")
+    p.add_argument("--role", choices=["viewer", "submitter", "approver", "admin"])
+    p.add_argument("--tenant")
+    p.add_argument("--json", action="store_true")
     p = add("recipes", cmd_recipes, "list, show or validate recipes (built-in names or YAML files)")
     p.add_argument("action", choices=["list", "show", "validate"])
     p.add_argument("recipes", nargs="*", help="show: one recipe; validate: one or more")
@@ -725,7 +838,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("privacy", cmd_privacy, "privacy sign-off: list datasets awaiting review, approve or reject one")
     p.add_argument("action", choices=["list", "approve", "reject"])
     p.add_argument("run", nargs="?")
-    p.add_argument("--approver", help="who signs off (approve: required)")
     p.add_argument("--note", help="approve: a note kept with the sign-off")
     p.add_argument("--reason", help="reject: why")
     p.add_argument("--json", action="store_true")
@@ -783,19 +895,24 @@ def main(argv: list[str] | None = None) -> int:
     from ftpipe.stack import StackError
     from ftpipe.standalone import StageInputError
     from shared.domain.model_export import ExportError
+    from shared.domain.model_policy import PolicyError
     from shared.domain.model_registry import RegistryError
     from shared.domain.models import ModelNotAvailable
     from shared.domain.recipe import RecipeError
     from shared.domain.tenants import TenantError
+    from shared.platform.push import AuthError
 
     try:
         return args.fn(args)
     except (UsageError, ClientError, StackError, StageInputError, RecipeError, ModelNotAvailable, TimeoutError,
-            TenantError, RegistryError, ExportError) as exc:
+            TenantError, RegistryError, ExportError, PolicyError, LookupError) as exc:
         # Messages carry file names and lists ("[...]"): not rich markup. Not wrapped either, so that
         # a message stays one line for whoever greps a log.
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
+    except AuthError as exc:   # a role the caller does not hold (shared/domain/access.py)
+        err.print(f"[red]refused:[/red] {escape(exc.reason)}", soft_wrap=True)
+        return 3
     except KeyboardInterrupt:
         return 130
 

@@ -1,14 +1,22 @@
-"""The Python SDK: what the CLI does, as functions over the same ports the services use."""
+"""The Python SDK: what the CLI does, as functions over the same ports the services use, as the
+caller its token says (`token=`, $FTPIPE_TOKEN, else the stack's own token in <state>/auth-token,
+the local admin). In the gcp profile the caller is the Google account of the application default
+credentials, with the roles shared/domain/access.py gives it; people who are not admins use the
+dashboard and its API instead (they hold no Firestore or Pub/Sub rights: docs/deploy.md)."""
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
-from shared.domain import events as ev, jobs, model_registry
+from shared.domain import access, events as ev, jobs, model_policy, model_registry
 from shared.domain.jobs import RUNS, TERMINAL
 from shared.domain.tenants import get_quota, list_quotas, set_quota
+from shared.platform.auth import Identity, local_token, register_stack_token, token_authenticator
 from shared.platform.config import Adapters, Settings, bootstrap
+from shared.platform.push import AuthError
 from shared.platform.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
 from shared.platform.topology import dlq_subscription
 
@@ -18,9 +26,31 @@ class ClientError(RuntimeError):
 
 
 class Client:
-    def __init__(self, settings: Settings | None = None, adapters: Adapters | None = None):
+    def __init__(self, settings: Settings | None = None, adapters: Adapters | None = None, *,
+                 token: str | None = None):
         self.settings = settings or Settings.from_env()
         self._adapters = adapters
+        self._token = token
+        self._caller: access.Caller | None = None
+
+    @property
+    def caller(self) -> access.Caller:
+        """Who this client acts as (resolved once): every change it makes checks and records it."""
+        if self._caller is None:
+            docs = self.adapters.docs
+            try:
+                if self.settings.in_cloud:
+                    identity = Identity(subject=_cloud_account(), via="adc")
+                else:
+                    secret = self._token or os.environ.get("FTPIPE_TOKEN")
+                    if not secret:   # the stack's own: whoever can read the state folder is its admin
+                        secret = local_token(self.settings.state_dir)
+                        register_stack_token(docs, secret)
+                    identity = token_authenticator(docs)({"Authorization": f"Bearer {secret}"})
+            except AuthError as exc:
+                raise ClientError(f"{exc.reason} (the token comes from --token or FTPIPE_TOKEN)") from exc
+            self._caller = access.caller_of(docs, identity, self.settings.admins)
+        return self._caller
 
     @property
     def adapters(self) -> Adapters:
@@ -33,11 +63,13 @@ class Client:
             self._adapters.close()
 
     # ------------------------------------------------------------ starting runs
-    def drop(self, file: str | Path, recipe: str, *, legal_basis: str | None = None) -> str:
-        """Upload a dataset to incoming/<recipe>/<file>; returns the run id the drop starts
+    def drop(self, file: str | Path, recipe: str, *, tenant: str | None = None,
+             legal_basis: str | None = None) -> str:
+        """Upload a dataset to incoming/<tenant>/<recipe>/<file>; returns the run id the drop starts
         (shared/domain/jobs.py: drop)."""
         try:
-            return jobs.drop(self.adapters.store, self.settings.bucket, file, recipe, legal_basis=legal_basis)
+            return jobs.drop(self.adapters.docs, self.adapters.store, self.settings.bucket, self.caller, file, recipe,
+                             tenant=tenant, legal_basis=legal_basis)
         except jobs.JobError as exc:
             raise ClientError(str(exc)) from exc
 
@@ -45,7 +77,8 @@ class Client:
         """Publish a JobSubmitted. `job`: recipe (name or YAML path), dataset (local file or folder, or
         a store URL), optional prepared, overrides, tenant, run_id (shared/domain/jobs.py: submit)."""
         try:
-            return jobs.submit(self.adapters.store, self.adapters.bus, self.settings.bucket, job)
+            return jobs.submit(self.adapters.docs, self.adapters.store, self.adapters.bus, self.settings.bucket,
+                               self.caller, job)
         except jobs.JobError as exc:
             raise ClientError(str(exc)) from exc
 
@@ -73,7 +106,7 @@ class Client:
 
     def cancel(self, run_id: str) -> dict:
         try:
-            return jobs.cancel(self.adapters.docs, run_id)
+            return jobs.cancel(self.adapters.docs, self.caller, run_id)
         except jobs.JobError as exc:
             raise ClientError(str(exc)) from exc
 
@@ -97,21 +130,51 @@ class Client:
         doc = model_registry.get_version(self.adapters.docs, name, version)
         return {**doc, **model_registry.read_bundle(self.adapters.store, doc)}
 
-    def approve_model(self, name: str, version: str, *, approver: str, note: str = "") -> dict:
-        return model_registry.approve(self.adapters.docs, self.adapters.bus, name, version, approver=approver, note=note)
+    def approve_model(self, name: str, version: str, *, note: str = "") -> dict:
+        return model_registry.approve(self.adapters.docs, self.adapters.bus, name, version, caller=self.caller,
+                                      note=note)
 
-    def promote_model(self, name: str, version: str, *, alias: str = "production", actor: str) -> dict:
-        return model_registry.promote(self.adapters.docs, self.adapters.bus, name, version, alias=alias, actor=actor)
+    def promote_model(self, name: str, version: str, *, alias: str = "production") -> dict:
+        return model_registry.promote(self.adapters.docs, self.adapters.bus, name, version, alias=alias,
+                                      caller=self.caller)
 
-    def rollback_model(self, name: str, *, alias: str = "production", to: str | None = None, actor: str) -> dict:
-        return model_registry.rollback(self.adapters.docs, self.adapters.bus, name, alias=alias, to=to, actor=actor)
+    def rollback_model(self, name: str, *, alias: str = "production", to: str | None = None) -> dict:
+        return model_registry.rollback(self.adapters.docs, self.adapters.bus, name, alias=alias, to=to,
+                                       caller=self.caller)
 
-    def archive_model(self, name: str, version: str, *, actor: str, reason: str) -> dict:
-        return model_registry.archive(self.adapters.docs, self.adapters.bus, name, version, actor=actor, reason=reason)
+    def archive_model(self, name: str, version: str, *, reason: str) -> dict:
+        return model_registry.archive(self.adapters.docs, self.adapters.bus, name, version, caller=self.caller,
+                                      reason=reason)
 
-    def quarantine_model(self, name: str, version: str, *, actor: str, reason: str) -> dict:
-        return model_registry.quarantine(self.adapters.docs, self.adapters.bus, name, version, actor=actor,
+    def quarantine_model(self, name: str, version: str, *, reason: str) -> dict:
+        return model_registry.quarantine(self.adapters.docs, self.adapters.bus, name, version, caller=self.caller,
                                          reason=reason)
+
+    def model_policy(self, name: str) -> dict | None:
+        policy = model_policy.get_policy(self.adapters.docs, name)
+        return policy.public() if policy else None
+
+    def set_model_policy(self, name: str, **changes) -> dict:
+        return model_policy.set_policy(self.adapters.docs, self.caller, name, **changes).public()
+
+    # ------------------------------------------------------------ tokens and roles (shared/domain/access.py)
+    def create_token(self, name: str, role: str, tenant: str | None = None) -> str:
+        return access.create_token(self.adapters.docs, self.caller, name, role, tenant)
+
+    def revoke_token(self, name: str) -> None:
+        access.revoke_token(self.adapters.docs, self.caller, name)
+
+    def tokens(self) -> list[dict]:
+        return access.list_tokens(self.adapters.docs, self.caller)
+
+    def grant(self, subject: str, role: str, tenant: str | None = None) -> dict:
+        return access.grant(self.adapters.docs, self.caller, subject, role, tenant)
+
+    def revoke(self, subject: str, role: str, tenant: str | None = None) -> dict:
+        return access.revoke(self.adapters.docs, self.caller, subject, role, tenant)
+
+    def principals(self) -> list[dict]:
+        return access.list_principals(self.adapters.docs, self.caller)
 
     def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
                      adapter: bool = True) -> dict:
@@ -136,7 +199,9 @@ class Client:
                 "gpu_hours_used": round(gpu_hours_used(docs, name, month), 3)}
 
     def set_tenant_quota(self, name: str, **limits) -> dict:
-        """Change the given limits (max_concurrent_jobs, gpu_hours_per_month; None: unlimited)."""
+        """Change the given limits (max_concurrent_jobs, gpu_hours_per_month; None: unlimited); an
+        admin's, and how a tenant comes to exist."""
+        access.require(self.caller, "admin", to=f"set tenant {name}'s quota")
         set_quota(self.adapters.docs, name, **limits)
         return self.tenant(name)
 
@@ -150,7 +215,9 @@ class Client:
         return out
 
     def dlq_replay(self, topic: str | None = None, message_id: str | None = None) -> list[dict]:
-        """Publish dead-lettered messages back to their topic (after the fix), then drop them."""
+        """Publish dead-lettered messages back to their topic (after the fix), then drop them (an
+        admin's: a replayed message is a job message whoever wrote it)."""
+        access.require(self.caller, "admin", to="replay dead-lettered messages")
         replayed = []
         for t in _topics(topic):
             # Only what is dead-lettered now: a replay that fails again comes back to this topic
@@ -185,6 +252,26 @@ class Client:
             for m in fresh:
                 seen.add(m.message_id)
                 yield m
+
+
+def _cloud_account() -> str:
+    """The Google account of the application default credentials: a service account's email, or the
+    gcloud account a person signed in with."""
+    import google.auth
+
+    credentials, _ = google.auth.default()
+    email = getattr(credentials, "service_account_email", None)
+    if email and "@" in email:
+        return email
+    try:
+        account = subprocess.run(["gcloud", "config", "get-value", "account"], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        account = ""
+    if "@" not in account:
+        raise ClientError("cannot tell which Google account you are: `gcloud auth login` (or set "
+                          "GOOGLE_APPLICATION_CREDENTIALS to a service account key)")
+    return account
 
 
 def _topics(topic: str | None) -> tuple[str, ...]:

@@ -10,17 +10,17 @@ def awaiting(client: Client) -> list[dict]:
     return privacy.awaiting(client.adapters.docs)
 
 
-def approve(client: Client, run_id: str, approver: str, note: str | None = None) -> dict:
+def approve(client: Client, run_id: str, note: str | None = None) -> dict:
     a = client.adapters
     try:
-        return privacy.approve(a.docs, a.store, a.bus, run_id, approver=approver, note=note)
+        return privacy.approve(a.docs, a.store, a.bus, run_id, caller=client.caller, note=note)
     except privacy.ReviewError as exc:
         raise ClientError(str(exc)) from exc
 
 
-def reject(client: Client, run_id: str, reason: str, approver: str) -> dict:
+def reject(client: Client, run_id: str, reason: str) -> dict:
     a = client.adapters
     try:
-        return privacy.reject(a.docs, a.bus, run_id, reason=reason, approver=approver)
+        return privacy.reject(a.docs, a.bus, run_id, reason=reason, caller=client.caller)
     except privacy.ReviewError as exc:
         raise ClientError(str(exc)) from exc

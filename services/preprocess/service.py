@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from shared.domain import events as ev
+from shared.domain.access import AccessDenied, Caller
+from shared.domain.jobs import CUSTOM_RECIPES, DEFAULT_TENANT, JobError, authorize_job
+from shared.domain.model_policy import PolicyError, get_policy, govern, owner_check
 from shared.domain.recipe import RecipeError, load_recipe, parse_recipe
 from shared.platform.ports import InvalidObjectName
 from shared.platform.runtime import Context, Service
@@ -16,12 +19,13 @@ from shared.platform.storage import upload_dir, validate_object_name
 
 from services.preprocess import provenance
 
-RECIPES_PREFIX = "recipes/"   # a team's own recipes, uploaded to the bucket, override built-ins
 _RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")   # shared/domain/recipe.py's Recipe.name
 
 
-def resolve_recipe(ctx: Context, bucket: str, name: str):
-    custom = ctx.store.stat(bucket, f"{RECIPES_PREFIX}{name}.yaml")
+def resolve_recipe(ctx: Context, bucket: str, name: str, tenant: str):
+    """The tenant's own recipe of that name (recipes/<tenant>/<name>.yaml), else the built-in: one
+    tenant's recipe never shadows a name for another."""
+    custom = ctx.store.stat(bucket, f"{CUSTOM_RECIPES}/{tenant}/{name}.yaml")
     if custom is not None:
         return parse_recipe(ctx.store.read(bucket, custom.name).decode(), source=ctx.store.url(bucket, custom.name))
     return load_recipe(name)
@@ -48,31 +52,40 @@ def spark_session():
 
 
 def on_upload(event: ev.ObjectFinalized, ctx: Context):
-    """incoming/<recipe>/<file> → JobSubmitted with a run_id derived from the object and recipe, so
-    a duplicated notification can never start a second run."""
+    """incoming/<tenant>/<recipe>/<file> (or incoming/<recipe>/<file>, the default tenant's) →
+    JobSubmitted with a run_id derived from the object and recipe, so a duplicated notification can
+    never start a second run. A drop has no verified caller: the prefix it arrived under is its door,
+    which acts as a submitter of that tenant and nothing more (shared/domain/jobs.py authorize_job);
+    in the cloud only the tenant's principals may write there (infra/terraform)."""
     # GCS allows any name; a drop whose name could reach outside its folder, or whose recipe part is
     # a path (load_recipe would read a file of that name), is refused with the reason, not followed.
     if event.name.startswith("incoming/") and (problem := _unsafe_drop(event.name)):
         return [ev.DatasetRejected(run_id=ev.derive_run_id(event.bucket, event.name, event.generation, "?"),
                                    reason=f"drop refused: {problem}")]
     parts = PurePosixPath(event.name).parts
-    if len(parts) != 3 or parts[0] != "incoming":
-        ctx.log.info("ignoring object outside incoming/<recipe>/<file>", extra={"object": event.name})
+    if len(parts) not in (3, 4) or parts[0] != "incoming":
+        ctx.log.info("ignoring object outside incoming/<tenant>/<recipe>/<file>", extra={"object": event.name})
         return []
     if provenance.is_sidecar(event.name):
         return []  # a drop's legal-basis sidecar, read with its data file
-    recipe_name = parts[1]
+    tenant, recipe_name = (parts[1], parts[2]) if len(parts) == 4 else (DEFAULT_TENANT, parts[1])
     source = {"bucket": event.bucket, "object": event.name, "generation": event.generation,
               "md5": event.md5Hash, "size": int(event.size or 0), "uploaded_at": event.updated}
     source.update(_legal_sidecar(ctx, event.bucket, event.name))
+    door = "/".join(parts[:-2]) + "/"
     try:
-        recipe = resolve_recipe(ctx, event.bucket, recipe_name)
+        recipe = resolve_recipe(ctx, event.bucket, recipe_name, tenant)
     except RecipeError as exc:
         run_id = ev.derive_run_id(event.bucket, event.name, event.generation, recipe_name, "?")
         return [ev.DatasetRejected(run_id=run_id, reason=f"drop {event.name}: {exc}")]
     run_id = ev.derive_run_id(event.bucket, event.name, event.generation, recipe.name, recipe.version)
+    try:
+        recipe, tenant = authorize_job(ctx.docs, Caller.for_door(tenant, door), recipe, tenant=tenant)
+    except (AccessDenied, JobError) as exc:
+        reason = exc.reason if isinstance(exc, AccessDenied) else str(exc)
+        return [ev.DatasetRejected(run_id=run_id, recipe=recipe, reason=f"drop {event.name} refused: {reason}")]
     return [ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=ctx.store.url(event.bucket, event.name),
-                            source=source)]
+                            tenant=tenant, source={**source, "by": f"door:{door}"})]
 
 
 def _unsafe_drop(name: str) -> str | None:
@@ -81,7 +94,9 @@ def _unsafe_drop(name: str) -> str | None:
     except InvalidObjectName as exc:
         return f"{exc}; drop files as incoming/<recipe>/<file>"
     recipe_name = name.split("/")[1]
-    if name.count("/") == 2 and not _RECIPE_NAME.fullmatch(recipe_name):
+    if name.count("/") == 3:
+        recipe_name = name.split("/")[2]
+    if name.count("/") in (2, 3) and not _RECIPE_NAME.fullmatch(recipe_name):
         return (f"{name!r}: {recipe_name!r} is not a recipe name (a-z, 0-9 and '-', as in "
                 "incoming/support-assistant/chats.jsonl)")
     return None
@@ -120,6 +135,15 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
     if event.prepared:
         return []  # already prepared: the trainer's
     from services.preprocess.job import prepare
+
+    # The model's policy again, here where the data would be prepared: a job message that did not come
+    # through shared/domain/jobs.py (published straight onto the bus) is held to it all the same.
+    policy = get_policy(ctx.docs, event.recipe.model_name)
+    try:
+        owner_check(policy, event.recipe.model_name, event.tenant)
+    except PolicyError as exc:
+        return [ev.DatasetRejected(run_id=event.run_id, recipe=event.recipe, reason=str(exc))]
+    event = event.model_copy(update={"recipe": govern(event.recipe, policy)})
 
     try:
         bucket, name = ctx.store.parse_url(event.dataset_uri)

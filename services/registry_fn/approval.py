@@ -3,16 +3,19 @@ a candidate version (recipe `registry.approval`), which then goes to production
 (shared/domain/model_registry.py: approve).
 
 In Google Cloud it is the HTTP Cloud Function `approve` (services/registry_fn/main.py) behind IAM:
-the caller's Google ID token is verified again here, and only FTPIPE_APPROVERS may approve. Locally
-the registry process serves the same app on its port (<state>/services/registry.json),
-and callers show the stack's bearer token (<state>/auth-token). The approver recorded is the
-caller's identity, never a name from the body.
+the caller's Google ID token is verified again here. Locally the registry process serves the same app
+on its port (<state>/services/registry.json), and callers show a bearer token (`ftpipe tokens create`,
+or the stack's own in <state>/auth-token). Either way the caller must hold `approver` (checked before
+the body is read) in a tenant that owns the model, and not be the run's submitter where the model's
+policy asks for four eyes (shared/domain/model_registry.py). The approver recorded is the caller's
+identity, never a name from the body.
 """
 from __future__ import annotations
 
 from flask import Flask, Request, Response, jsonify
 
 from shared.domain import model_registry
+from shared.domain.access import caller_of, require
 from shared.platform.auth import Authenticator
 from shared.platform.push import AuthError
 
@@ -23,12 +26,12 @@ def _error(status: int, message: str) -> Response:
     return response
 
 
-def respond(docs, bus, authenticate: Authenticator, request: Request) -> Response:
+def respond(docs, bus, authenticate: Authenticator, request: Request, admins: tuple[str, ...] = ()) -> Response:
     """Answer one approval request: the approved version document, or a JSON error."""
     if request.method != "POST":
         return _error(405, 'approve with POST {"name": MODEL, "version": "MAJOR.MINOR", "note": TEXT}')
     try:
-        identity = authenticate(request.headers)
+        caller = require(caller_of(docs, authenticate(request.headers), admins), "approver", to="approve a version")
     except AuthError as exc:
         return _error(exc.status, exc.reason)
     body = request.get_json(silent=True)
@@ -43,20 +46,22 @@ def respond(docs, bus, authenticate: Authenticator, request: Request) -> Respons
     if not isinstance(note, str):
         return _error(400, "'note' must be a string")
     try:
-        doc = model_registry.approve(docs, bus, name, version, approver=identity.email, note=note)
+        doc = model_registry.approve(docs, bus, name, version, caller=caller, note=note)
     except model_registry.RegistryError as exc:
         return _error(exc.status, str(exc))
+    except AuthError as exc:
+        return _error(exc.status, exc.reason)
     return jsonify(doc)
 
 
-def create_app(docs, bus, authenticate: Authenticator) -> Flask:
+def create_app(docs, bus, authenticate: Authenticator, admins: tuple[str, ...] = ()) -> Flask:
     """The approval endpoint as its own app (the local registry process serves it): POST / or /approve."""
     app = Flask(__name__)
 
     def view():
         from flask import request
 
-        return respond(docs, bus, authenticate, request)
+        return respond(docs, bus, authenticate, request, admins)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
     app.add_url_rule("/", "approve", view, methods=methods)

@@ -5,7 +5,8 @@ on its port (a free one, advertised in <state>/services/registry.json).
 
 Deploy: `gcloud functions deploy registry --gen2 --entry-point on_evaluation --trigger-topic evaluations`
 and `gcloud functions deploy registry-approve --gen2 --entry-point approve --trigger-http --no-allow-unauthenticated`
-(FTPIPE_APPROVAL_AUDIENCE: its URL; FTPIPE_APPROVERS: who may approve).
+(FTPIPE_APPROVAL_AUDIENCE: its URL; FTPIPE_ADMINS: the break-glass admins; who may approve is
+the callers' roles, shared/domain/access.py).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _adapters():
 @functools.cache
 def _authenticator():
     settings = _adapters().settings
-    return authenticator(settings, audience=settings.approval_audience, allowed=settings.approvers)
+    return authenticator(settings, _adapters().docs, audience=settings.approval_audience)
 
 
 @functions_framework.cloud_event
@@ -56,7 +57,7 @@ def on_evaluation(cloud_event) -> None:
 @functions_framework.http
 def approve(request):
     adapters = _adapters()
-    return respond(adapters.docs, adapters.bus, _authenticator(), request)
+    return respond(adapters.docs, adapters.bus, _authenticator(), request, adapters.settings.admins)
 
 
 def approval_app(adapters):
@@ -66,7 +67,7 @@ def approval_app(adapters):
     if settings.in_cloud:
         return None
     return create_app(adapters.docs, adapters.bus,
-                      authenticator(settings, audience=settings.approval_audience, allowed=settings.approvers))
+                      authenticator(settings, adapters.docs, audience=settings.approval_audience), settings.admins)
 
 
 if __name__ == "__main__":

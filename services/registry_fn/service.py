@@ -21,6 +21,7 @@ import hashlib
 import json
 
 from shared.domain import events as ev
+from shared.domain.model_policy import PolicyError, get_policy, govern, owner_check
 from shared.domain.model_registry import (
     MODEL_VERSIONS,
     MODELS,
@@ -29,6 +30,7 @@ from shared.domain.model_registry import (
     registration_status,
     version_id,
 )
+from shared.domain.privacy import approved_signoff
 from shared.platform.build_info import RUN_RECORD
 from shared.platform.ports import ObjectNotFound
 from shared.platform.runtime import Context, Reject, Service
@@ -39,8 +41,15 @@ COMPLETE = "COMPLETE"   # the trainer's marker that an adapter folder is whole: 
 
 
 def register(event: ev.EvaluationCompleted, ctx: Context):
-    recipe = event.recipe
-    name = recipe.model_name
+    # The model's policy, not the message, decides who owns the name and whether approval and a
+    # privacy sign-off are needed: a job message forged onto the bus gets no further than this.
+    name = event.recipe.model_name
+    policy = get_policy(ctx.docs, name)
+    try:
+        owner_check(policy, name, event.tenant)
+    except PolicyError as exc:
+        raise Reject(f"not registered: {exc}") from exc
+    recipe = govern(event.recipe, policy)
     store = ctx.store
     bucket, adapter_prefix = store.parse_url(event.adapter_uri)
     # A folder: the local store's parse_url drops the trailing slash, GCS keeps it. Without it, names
@@ -50,7 +59,7 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     adapter = [rel for rel in adapter if rel != COMPLETE]
     if not adapter:
         raise ev.MalformedMessage(f"adapter folder {event.adapter_uri} is empty; nothing to register")
-    parts = _gather(store, event, bucket, adapter_prefix)
+    parts = _gather(ctx.docs, store, event, recipe, bucket, adapter_prefix)
 
     version = allocate_version(ctx.docs, name, event.run_id, recipe.base_model)
     target = f"models/{name}/{version}"
@@ -92,9 +101,8 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     return events
 
 
-def _gather(store, event: ev.EvaluationCompleted, bucket: str, adapter_prefix: str) -> dict:
+def _gather(docs, store, event: ev.EvaluationCompleted, recipe, bucket: str, adapter_prefix: str) -> dict:
     """Every part of the bundle besides the adapter, read and checked before anything is written."""
-    recipe = event.recipe
     record = _json(store, bucket, adapter_prefix + RUN_RECORD, f"the run record ({RUN_RECORD}) of adapter folder "
                    f"{event.adapter_uri}", "the trainer writes it beside the adapter; retrain with this ftpipe")
     base = record.get("base_model") or {}
@@ -122,9 +130,14 @@ def _gather(store, event: ev.EvaluationCompleted, bucket: str, adapter_prefix: s
                           "the evaluator writes report.json and report.md; re-run the evaluation")
                for rel in ("report.json", "report.md")}
     signoff = manifest.get("privacy_signoff")
-    if recipe.data.privacy_review and not signoff:
-        raise Reject(f"recipe {recipe.name} requires a privacy sign-off (data.privacy_review) and the manifest of "
-                     f"{event.dataset_uri} holds none: approve the dataset (`ftpipe privacy approve RUN`) and retrain")
+    # The sign-off documents are the authority (written only by an approver through
+    # shared/domain/privacy.py); the manifest's copy is a bucket object anyone with write access can edit.
+    dataset_id = manifest.get("dataset_id") or (signoff or {}).get("dataset_id")
+    authority = approved_signoff(docs, dataset_id) if dataset_id else None
+    if recipe.data.privacy_review and (not signoff or authority is None):
+        raise Reject(f"recipe {recipe.name} (or model {recipe.model_name}'s policy) requires a privacy sign-off and "
+                     f"dataset {event.dataset_uri} has no approver's sign-off on record: approve the dataset "
+                     "(`ftpipe privacy approve RUN`) and retrain")
     privacy = {"required": recipe.data.privacy_review, "signoff": signoff, "dataset_id": manifest.get("dataset_id")}
     lockfile = "".join(f"{name}=={version}\n" for name, version in sorted(packages.items()))
     return {

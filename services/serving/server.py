@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 if "torch" not in sys.modules:   # see services/evaluator/evaluation.py: OpenMP threads must not spin on shared cores
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from shared.domain.access import serving_authenticator
 from shared.domain.models import SMOLLM2
 from shared.platform.auth import authenticator
 from shared.platform.config import Adapters, Settings
@@ -83,7 +84,10 @@ class Server(Process):
                              on_evict=lambda name, version: self.metrics.evictions.labels(name, version).inc())
         self.metrics.base_loads.labels(config.base).set(self.engine.base_loads)
         self.router = Router(RegistryView(adapters.docs), config.base, self.engine.base_sha256, config.splits)
-        authenticate = authenticator(adapters.settings, audience=adapters.settings.serving_audience)
+        settings = adapters.settings
+        authenticate = serving_authenticator(
+            authenticator(settings, adapters.docs, audience=settings.serving_audience), adapters.docs,
+            admins=settings.admins, allowed=settings.serving_callers if settings.in_cloud else None)
         app = create_app(self.engine, self.router, authenticate, self.metrics,
                          max_tokens_default=config.max_tokens_default, max_tokens_limit=config.max_tokens_limit)
         super().__init__(SERVICE_NAME, adapters, service=make_service(self.router, self.engine), http_app=app,

@@ -1,9 +1,11 @@
 """The tracker's JSON API under /api (the dashboard builds on it; docs/tracker-api.md documents every
 route). Every /api route needs the caller's identity from the authenticator the app is given
-(shared/platform/auth.py: the bearer token of <state>/auth-token locally, IAP in the cloud); /healthz needs
-nothing. Writes go through the same functions as the CLI: shared/domain/jobs.py (submit, cancel),
-shared/domain/privacy.py (sign-off) and shared/domain/model_registry.py (approve, promote, rollback, archive,
-quarantine), with the caller's email as the actor. Errors are JSON: {"error": "...", "status": N}.
+(shared/platform/auth.py: a named bearer token locally, IAP in the cloud) and the role ROUTE_ROLES names for
+it (shared/domain/access.py), checked before the route looks anything up; /healthz needs nothing. Reads show
+the tenants the caller views. Writes go through the same functions as the CLI: shared/domain/jobs.py (submit,
+cancel), shared/domain/privacy.py (sign-off) and shared/domain/model_registry.py (approve, promote, rollback,
+archive, quarantine), which check the caller's role in the tenant the target belongs to and record the caller
+as the actor. Errors are JSON: {"error": "...", "status": N}.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from urllib.parse import urlparse
 from flask import Flask, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from shared.domain import jobs, model_registry, privacy
+from shared.domain import access, jobs, model_policy, model_registry, privacy
+from shared.domain.access import Caller, require
 from shared.domain.recipe import RecipeError, available_recipes, load_recipe
 from shared.platform.auth import Authenticator
 from shared.platform.config import Adapters
@@ -38,6 +41,19 @@ RUN_ORDER = ("created_at", "updated_at", "status")
 # Metric names as both document stores accept them in a field path (shared/platform/adapters/sqlite_docs.py).
 _METRIC_ORDER = re.compile(r"(final_metrics|evaluation\.scores\.candidate)\.[A-Za-z0-9_-]+")
 _RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# The least role each /api route needs in some tenant, checked before the route runs (the route's domain
+# function then checks the role in the target's own tenant). A route missing here is refused (500), and
+# tests/unit/test_tracker_api.py fails on it.
+ROUTE_ROLES = {
+    ("POST", "/api/runs"): "submitter",
+    ("POST", "/api/runs/<run_id>/cancel"): "submitter",
+    ("POST", "/api/models/<name>/<version>/<action>"): "approver",
+    ("POST", "/api/models/<name>/rollback"): "approver",
+    ("POST", "/api/privacy/<run_id>/approve"): "approver",
+    ("POST", "/api/privacy/<run_id>/reject"): "approver",
+    ("PUT", "/api/models/<name>/policy"): "admin",
+}
+READ_ROLE = "viewer"   # every GET under /api not listed above
 
 
 class BadRequest(ValueError):
@@ -64,12 +80,19 @@ def _order(text: str) -> tuple[str, str]:
     return field, "desc" if text.startswith("-") else "asc"
 
 
-def query_runs(docs, args: Mapping[str, str]) -> list[dict]:
-    """Run documents matching the filters, in `order_by` order (default: creation), at most `limit`.
-    Ordering by a field leaves out the runs that lack it — a metric a failed or running run has not
-    got — on every DocStore (Firestore does; the SQLite store does the same), so "the five runs with
-    the lowest validation loss" are five that have one."""
+def query_runs(docs, args: Mapping[str, str], visible: list[str] | None = None) -> list[dict]:
+    """Run documents matching the filters, in `order_by` order (default: creation), at most `limit`,
+    of the `visible` tenants (None: all). Ordering by a field leaves out the runs that lack it — a
+    metric a failed or running run has not got — on every DocStore (Firestore does; the SQLite store
+    does the same), so "the five runs with the lowest validation loss" are five that have one."""
     where = [(field, "==", args[param]) for param, field in RUN_FILTERS if args.get(param)]
+    if visible is not None:
+        if args.get("tenant") and args["tenant"] not in visible:
+            return []
+        if not args.get("tenant"):
+            if not visible:
+                return []
+            where.append(("tenant", "in", visible[:30]))   # Firestore's limit for `in`
     order = _order(args.get("order_by", "created_at"))
     rows = docs.query(RUNS, where=where, order_by=[order], limit=_limit(args, 50))
     return [aggregates.public_run(doc) for _, doc in rows]
@@ -130,11 +153,19 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     app.register_error_handler(privacy.ReviewError, lambda exc: error(exc.status, str(exc)))
     app.register_error_handler(model_registry.RegistryError, lambda exc: error(exc.status, str(exc)))
 
+    app.register_error_handler(model_policy.PolicyError, lambda exc: error(exc.status, str(exc)))
+
     @app.before_request
     def authenticated():
         if not request.path.startswith("/api/"):
             return
-        g.identity = authenticate(request.headers)
+        g.caller = access.caller_of(docs, authenticate(request.headers), adapters.settings.admins)
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        role = ROUTE_ROLES.get((request.method, rule or ""), READ_ROLE if request.method in ("GET", "HEAD") else None)
+        if role is None and rule is not None:
+            abort(500, f"{request.method} {rule} has no role in ROUTE_ROLES: refused until it has one")
+        # before the route looks anything up: a caller without the role learns nothing of what exists
+        require(g.caller, role or READ_ROLE, to=f"{request.method} {request.path}")
         # A browser sends its cookies (IAP's, in the cloud) with a form another site posts here;
         # the Origin it sends with every POST says whose page that was.
         origin = request.headers.get("Origin")
@@ -147,12 +178,19 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
 
     @app.get("/api/whoami")
     def whoami():
-        return {"email": g.identity.email, "via": g.identity.via}
+        return g.caller.public()
+
+    def caller() -> Caller:
+        return g.caller
+
+    def visible(tenant: str | None) -> bool:
+        tenants = caller().tenants("viewer")
+        return tenants is None or (tenant or jobs.DEFAULT_TENANT) in tenants
 
     # ------------------------------------------------------------------ runs
     def run_or_404(run_id: str) -> dict:
         doc = docs.get(RUNS, run_id)
-        if doc is None:
+        if doc is None or not visible(doc.get("tenant")):   # another tenant's run is not there for this caller
             abort(404, f"no run {run_id}; GET /api/runs lists them")
         return doc
 
@@ -165,7 +203,7 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
 
     @app.get("/api/runs")
     def runs():
-        return jsonify(query_runs(docs, request.args))
+        return jsonify(query_runs(docs, request.args, caller().tenants("viewer")))
 
     @app.get("/api/runs/<run_id>")
     def run(run_id: str):
@@ -206,13 +244,13 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
         with tempfile.TemporaryDirectory(prefix="ftpipe-upload-") as tmp:
             path = Path(tmp) / jobs.safe_name(upload.filename)
             upload.save(path)
-            run_id = jobs.submit(store, bus, bucket, {**job, "dataset": str(path)},
-                                 source={"submitted": upload.filename, "by": g.identity.email, "from": "dashboard"})
+            run_id = jobs.submit(docs, store, bus, bucket, caller(), {**job, "dataset": str(path)},
+                                 source={"submitted": upload.filename, "from": "dashboard"})
         return jsonify(run_id=run_id), 201
 
     @app.post("/api/runs/<run_id>/cancel")
     def cancel(run_id: str):
-        return jsonify(aggregates.public_run(jobs.cancel(docs, run_id)))
+        return jsonify(aggregates.public_run(jobs.cancel(docs, caller(), run_id)))
 
     @app.get("/api/compare")
     def compare():
@@ -227,26 +265,53 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     @app.get("/api/datasets")
     def datasets():
         rows = docs.query(DATASETS, order_by=[("created_at", "desc")], limit=_limit(request.args, 50))
-        return jsonify([aggregates.dataset_view(doc) for _, doc in rows])
+        return jsonify([aggregates.dataset_view(doc) for _, doc in rows if visible(doc.get("tenant"))])
 
     @app.get("/api/datasets/<dataset_id>")
     def dataset(dataset_id: str):
         doc = docs.get(DATASETS, dataset_id)
-        if doc is None:
+        if doc is None or not visible(doc.get("tenant")):
             abort(404, f"no dataset {dataset_id}; GET /api/datasets lists them")
         return jsonify(aggregates.dataset_view(doc, privacy.read_manifest(store, doc["uri"])))
 
     # ------------------------------------------------------------------ models
+    def model_visible(name: str) -> bool:
+        policy = model_policy.get_policy(docs, name)
+        owners = policy.owners if policy else (jobs.DEFAULT_TENANT,)
+        return any(visible(t) for t in owners)
+
+    def visible_model_or_404(name: str) -> None:
+        if not model_visible(name):
+            abort(404, f"no model {name!r}; GET /api/models lists them")
+
     @app.get("/api/models")
     def models():
-        return jsonify(model_registry.list_models(docs))
+        return jsonify([m for m in model_registry.list_models(docs) if model_visible(m["name"])])
 
     @app.get("/api/models/<name>")
     def model(name: str):
+        visible_model_or_404(name)
         return jsonify(model_registry.get_model(docs, name))
+
+    @app.get("/api/models/<name>/policy")
+    def policy(name: str):
+        visible_model_or_404(name)
+        found = model_policy.get_policy(docs, name)
+        if found is None:
+            abort(404, f"model {name!r} has no policy; an admin sets one with PUT /api/models/{name}/policy")
+        return jsonify(found.public())
+
+    @app.put("/api/models/<name>/policy")
+    def set_policy(name: str):
+        body = _body()
+        unknown = set(body) - set(model_policy.ModelPolicy.model_fields)
+        if unknown:
+            abort(400, f"unknown policy fields {sorted(unknown)}; fields: {', '.join(model_policy.ModelPolicy.model_fields)}")
+        return jsonify(model_policy.set_policy(docs, caller(), name, **body).public())
 
     @app.get("/api/models/<name>/<version>")
     def model_version(name: str, version: str):
+        visible_model_or_404(name)
         doc = model_registry.get_version(docs, name, version)
         bundle_bucket, folder = store.parse_url(doc["uri"])
         try:  # the version's artefact bundle (services/registry_fn): written last, so absent only mid-registration
@@ -257,25 +322,26 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
 
     @app.post("/api/models/<name>/<version>/<action>")
     def model_action(name: str, version: str, action: str):
-        body, actor = _body(), g.identity.email
+        body, who = _body(), caller()
         if action == "approve":
-            return jsonify(model_registry.approve(docs, bus, name, version, approver=actor, note=_text(body, "note")))
+            return jsonify(model_registry.approve(docs, bus, name, version, caller=who, note=_text(body, "note")))
         if action == "promote":
             return jsonify(model_registry.promote(docs, bus, name, version, alias=_text(body, "alias", default="production"),
-                                                  actor=actor, reason="manual"))
+                                                  caller=who, reason="manual"))
         if action in ("archive", "quarantine"):
             change = getattr(model_registry, action)
-            return jsonify(change(docs, bus, name, version, actor=actor, reason=_text(body, "reason", required=True)))
+            return jsonify(change(docs, bus, name, version, caller=who, reason=_text(body, "reason", required=True)))
         abort(404, f"no action {action!r} on a model version; one of approve, promote, archive, quarantine")
 
     @app.post("/api/models/<name>/rollback")
     def rollback(name: str):
         body = _body()
         return jsonify(model_registry.rollback(docs, bus, name, alias=_text(body, "alias", default="production"),
-                                               to=_text(body, "to") or None, actor=g.identity.email))
+                                               to=_text(body, "to") or None, caller=caller()))
 
     @app.get("/api/lineage/<name>/<version>")
     def lineage(name: str, version: str):
+        visible_model_or_404(name)
         doc = model_registry.get_version(docs, name, version)
         run = docs.get(RUNS, doc["run_id"]) if doc.get("run_id") else None
         dataset_id = ((run or {}).get("dataset") or {}).get("id")
@@ -284,21 +350,21 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     # ------------------------------------------------------------------ tenants, privacy, recipes
     @app.get("/api/tenants")
     def tenants():
-        return jsonify(aggregates.tenants(doc for _, doc in docs.query(RUNS)))
+        return jsonify([t for t in aggregates.tenants(doc for _, doc in docs.query(RUNS)) if visible(t.get("tenant"))])
 
     @app.get("/api/privacy")
     def awaiting_review():
-        return jsonify(privacy.awaiting(docs))
+        return jsonify([r for r in privacy.awaiting(docs) if visible(r.get("tenant"))])
 
     @app.post("/api/privacy/<run_id>/approve")
     def privacy_approve(run_id: str):
         note = _text(_body(), "note") or None
-        return jsonify(privacy.approve(docs, store, bus, run_id, approver=g.identity.email, note=note))
+        return jsonify(privacy.approve(docs, store, bus, run_id, caller=caller(), note=note))
 
     @app.post("/api/privacy/<run_id>/reject")
     def privacy_reject(run_id: str):
         reason = _text(_body(), "reason", required=True)
-        return jsonify(privacy.reject(docs, bus, run_id, reason=reason, approver=g.identity.email))
+        return jsonify(privacy.reject(docs, bus, run_id, reason=reason, caller=caller()))
 
     @app.get("/api/recipes")
     def recipes():

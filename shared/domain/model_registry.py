@@ -13,6 +13,12 @@ every later one of that base adds a MINOR. `staging` points at the latest versio
 gate, `production` at the version that serves. A quarantined version is never promoted; an archived
 one was superseded or retired and may come back by rollback.
 
+People's operations (approve, promote, rollback, archive, quarantine) take the caller
+(shared/domain/access.py): it must hold `approver` somewhere before anything is read, and `approver`
+in a tenant that owns the model (its policy, shared/domain/model_policy.py) before anything is
+written; where the policy asks for four eyes, the run's submitter may not approve or promote its own
+version. The caller's subject is the actor recorded.
+
 Each operation is one DocStore transaction over the model document and the version documents it
 touches, then publishes its `models` events. The events are derived from the history entries the
 operation wrote (tagged with the operation's `op`), never built alongside them: calling an operation
@@ -25,6 +31,9 @@ import json
 import time
 
 from shared.domain import events as ev
+from shared.domain.access import AccessDenied, Caller, require
+from shared.domain.jobs import DEFAULT_TENANT, RUNS
+from shared.domain.model_policy import POLICIES, ModelPolicy
 from shared.platform.runtime import publish_event
 
 MODELS = "models"
@@ -144,6 +153,23 @@ class _Edit:
         self.model.setdefault("alias_history", {})
         self.versions: dict[str, dict] = {}
         self.now = time.time()
+
+    def authorize(self, caller: Caller, doc: dict, *, to: str, own_work: bool = False) -> str:
+        """Refuse a caller who is not an approver of a tenant that owns the model (or, for its own
+        run's version under four eyes, the submitter); returns the actor to record."""
+        raw = self.txn.get(POLICIES, self.name)
+        policy = ModelPolicy.model_validate({k: v for k, v in raw.items() if k in ModelPolicy.model_fields}) \
+            if raw else None
+        owners = list(policy.owners) if policy else [doc.get("tenant") or DEFAULT_TENANT]
+        if not any(caller.may("approver", t) for t in owners):
+            require(caller, "approver", owners[0], to=to)
+        if own_work and policy is not None and policy.four_eyes:
+            submitter = ((self.txn.get(RUNS, doc.get("run_id") or "-") or {}).get("source") or {}).get("by")
+            if submitter == caller.subject:
+                raise AccessDenied(403, f"to {to}: you submitted run {doc.get('run_id')}, and model {self.name}'s "
+                                        "policy asks for four eyes; another approver of "
+                                        f"{', '.join(owners)} must do it")
+        return caller.subject
 
     def version(self, version: str) -> dict:
         if version not in self.versions:
@@ -334,15 +360,16 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
 
 # ------------------------------------------------------------------ people's operations
 
-def approve(docs, bus, name: str, version: str, *, approver: str, note: str = "") -> dict:
+def approve(docs, bus, name: str, version: str, *, caller: Caller, note: str = "") -> dict:
     """Approve a `candidate` (recipe `registry.approval`): it goes to production, unless a version
     allocated after it is there already (it stays `approved`; `promote` puts it there anyway)."""
-    if not approver:
-        raise RegistryError(400, "an approval needs the approver's name or email")
+    to = f"approve {name} {version}"
+    require(caller, "approver", to=to)
 
     def run(txn):
         edit = _Edit(txn, name)
         doc = edit.version(version)
+        approver = edit.authorize(caller, doc, to=to, own_work=True)
         op = f"approve:{version}"
         if doc.get("approval"):
             return doc, edit.events(op, version), edit.model["aliases"]
@@ -368,10 +395,12 @@ def _not_approvable(name: str, version: str, doc: dict) -> str:
     return f"{name} {version} is {status}, not a candidate waiting for approval"
 
 
-def promote(docs, bus, name: str, version: str, *, alias: str = "production", actor: str,
+def promote(docs, bus, name: str, version: str, *, alias: str = "production", caller: Caller,
             reason: str = "manual") -> dict:
     """Point `alias` at `version`. Production needs a version that is not quarantined and, where its
     recipe asks for approval, approved; the version it replaces is archived."""
+    to = f"promote {name} {version} to {alias}"
+    require(caller, "approver", to=to)
     _check_alias(alias)
     if reason not in PROMOTION_REASONS:
         raise RegistryError(400, f"promotion reason {reason!r}: one of {', '.join(PROMOTION_REASONS)}")
@@ -379,6 +408,7 @@ def promote(docs, bus, name: str, version: str, *, alias: str = "production", ac
     def run(txn):
         edit = _Edit(txn, name)
         doc = edit.version(version)
+        actor = edit.authorize(caller, doc, to=to, own_work=alias == "production")
         if edit.model["aliases"].get(alias) == version:
             return doc, edit.events(_last_op(edit, version, alias=alias), version), edit.model["aliases"]
         _check_promotable(name, version, doc, alias)
@@ -408,16 +438,20 @@ def _reason(doc: dict) -> str:
     return "; ".join(entry.get("reasons") or [entry.get("reason") or "no reason recorded"])
 
 
-def rollback(docs, bus, name: str, *, alias: str = "production", to: str | None = None, actor: str) -> dict:
+def rollback(docs, bus, name: str, *, alias: str = "production", to: str | None = None, caller: Caller) -> dict:
     """Point `alias` back at the version it pointed at before the current one (skipping quarantined
     ones), or at `to`. Returns the version it now points at."""
+    what = f"roll back {name} {alias}"
+    require(caller, "approver", to=what)
     _check_alias(alias)
 
     def run(txn):
         edit = _Edit(txn, name)
         current = edit.model["aliases"].get(alias)
         if current is None:
+            edit.authorize(caller, {}, to=what)
             raise RegistryError(409, f"{name} has no {alias} version: nothing to roll back")
+        actor = edit.authorize(caller, edit.version(current), to=what)
         target = to if to is not None else _previous(edit, alias, current)
         doc = edit.version(target)
         if target == current:
@@ -448,26 +482,28 @@ def _previous(edit: _Edit, alias: str, current: str) -> str:
                              f"name one with `ftpipe models rollback {edit.name} --to VERSION`")
 
 
-def archive(docs, bus, name: str, version: str, *, actor: str, reason: str) -> dict:
+def archive(docs, bus, name: str, version: str, *, caller: Caller, reason: str) -> dict:
     """Retire a version (it may come back by rollback or promote). Not the production version; a
     staging alias pointing at it is taken away."""
-    return _retire(docs, bus, name, version, "archived", actor=actor, reason=reason)
+    return _retire(docs, bus, name, version, "archived", caller=caller, reason=reason)
 
 
-def quarantine(docs, bus, name: str, version: str, *, actor: str, reason: str) -> dict:
+def quarantine(docs, bus, name: str, version: str, *, caller: Caller, reason: str) -> dict:
     """Bar a version for good: it is never promoted or served again. Not the production version (roll
     back first); a staging alias pointing at it is taken away."""
-    return _retire(docs, bus, name, version, "quarantined", actor=actor, reason=reason)
+    return _retire(docs, bus, name, version, "quarantined", caller=caller, reason=reason)
 
 
-def _retire(docs, bus, name: str, version: str, status: str, *, actor: str, reason: str) -> dict:
+def _retire(docs, bus, name: str, version: str, status: str, *, caller: Caller, reason: str) -> dict:
     verb = "archive" if status == "archived" else "quarantine"
+    require(caller, "approver", to=f"{verb} {name} {version}")
     if not reason or not reason.strip():
         raise RegistryError(400, f"say why you {verb} {name} {version} (a reason is required)")
 
     def run(txn):
         edit = _Edit(txn, name)
         doc = edit.version(version)
+        actor = edit.authorize(caller, doc, to=f"{verb} {name} {version}")
         staging = edit.model["aliases"].get("staging") == version
         if doc["status"] == status and not staging:  # e.g. archived when production moved on: done already
             return doc, edit.events(_last_op(edit, version, status), version), edit.model["aliases"]

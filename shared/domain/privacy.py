@@ -23,8 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared.domain import events as ev
+from shared.domain.access import AccessDenied, Caller, require
 from shared.domain.datasets import SPLITS
-from shared.domain.jobs import RUNS
+from shared.domain.jobs import DEFAULT_TENANT, RUNS
+from shared.domain.model_policy import get_policy
 from shared.domain.recipe import Recipe
 from shared.platform.ports import Bus, DocStore, ObjectNotFound, ObjectStore, PreconditionFailed
 from shared.platform.runtime import publish_event
@@ -64,11 +66,19 @@ def awaiting(docs: DocStore) -> list[dict]:
     return rows
 
 
-def _decide(docs: DocStore, run_id: str, decision: dict) -> dict:
-    """Record a decision once; returns the one recorded (an earlier one wins)."""
+def _decide(docs: DocStore, caller: Caller, run_id: str, decision: dict) -> dict:
+    """Record a decision once; returns the one recorded (an earlier one wins). The caller must be an
+    approver of the run's tenant and, where the model's policy asks for four eyes, not its submitter."""
+    to = f"decide the privacy review of run {run_id}"
+    require(caller, "approver", to=to)
     run = docs.get(RUNS, run_id)
     if run is None:
         raise ReviewError(f"no run {run_id}; `ftpipe privacy list` shows the runs awaiting review", status=404)
+    require(caller, "approver", run.get("tenant") or DEFAULT_TENANT, to=to)
+    policy = get_policy(docs, run.get("model_name") or "-")
+    if policy is not None and policy.four_eyes and (run.get("source") or {}).get("by") == caller.subject:
+        raise AccessDenied(403, f"to {to}: you submitted it, and model {run.get('model_name')}'s policy asks for four "
+                                "eyes; another approver must review it")
     existing = docs.get(SIGNOFFS, run_id)
     if existing is not None:
         return existing
@@ -90,12 +100,11 @@ def _public(doc: dict) -> dict:
     return {k: v for k, v in doc.items() if k not in ("event", "at_ts")}
 
 
-def approve(docs: DocStore, store: ObjectStore, bus: Bus, run_id: str, *, approver: str,
+def approve(docs: DocStore, store: ObjectStore, bus: Bus, run_id: str, *, caller: Caller,
             note: str | None = None) -> dict:
-    """Sign the run's dataset off (module docstring); returns the sign-off recorded."""
-    if not approver.strip():
-        raise ReviewError("the approver must be named (--approver NAME): the sign-off records who approved")
-    doc = _decide(docs, run_id, {"decision": "approved", "approver": approver.strip(), "note": note})
+    """Sign the run's dataset off (module docstring); returns the sign-off recorded, with the
+    caller as its approver."""
+    doc = _decide(docs, caller, run_id, {"decision": "approved", "approver": caller.subject, "note": note})
     if doc["decision"] != "approved":
         raise ReviewError(f"run {run_id} was already rejected by {doc.get('approver')}: {doc.get('note')}",
                           status=409)
@@ -110,11 +119,12 @@ def approve(docs: DocStore, store: ObjectStore, bus: Bus, run_id: str, *, approv
     return signoff
 
 
-def reject(docs: DocStore, bus: Bus, run_id: str, *, reason: str, approver: str) -> dict:
+def reject(docs: DocStore, bus: Bus, run_id: str, *, reason: str, caller: Caller) -> dict:
     """Refuse the run's dataset (module docstring); returns the decision recorded."""
+    require(caller, "approver", to=f"decide the privacy review of run {run_id}")
     if not reason.strip():
         raise ReviewError("a rejection must say why (--reason TEXT)")
-    doc = _decide(docs, run_id, {"decision": "rejected", "approver": approver, "note": reason.strip()})
+    doc = _decide(docs, caller, run_id, {"decision": "rejected", "approver": caller.subject, "note": reason.strip()})
     if doc["decision"] != "rejected":
         raise ReviewError(f"run {run_id} was already approved by {doc.get('approver')}", status=409)
     requested = doc["event"]
@@ -172,7 +182,7 @@ def verify_signed_off(docs: DocStore, data_dir: Path) -> dict:
     """The sign-off for a downloaded dataset folder, after checking that an approver signed off this
     dataset and that its split files are the reviewed ones; raises SignoffMissing otherwise."""
     how = ("drop the raw data so that preprocess prepares it and an approver signs it off "
-           "(`ftpipe privacy approve RUN --approver NAME`), then train on that dataset")
+           "(`ftpipe privacy approve RUN`), then train on that dataset")
     path = data_dir / MANIFEST
     if not path.is_file():
         raise SignoffMissing(f"the recipe requires a privacy sign-off (data.privacy_review) and this dataset has no "

@@ -328,7 +328,7 @@ class EvalSpec(_Strict):
     canaries: CanarySpec = CanarySpec()
     fairness: FairnessSpec = FairnessSpec()
     # Gate policy: metric -> rule, over the defaults for the recipe's task and enabled probes
-    # (services/evaluator/gate.py: default_rules); a rule here replaces the default one of its metric.
+    # (shared/domain/gate_rules.py: default_rules); a rule here replaces the default one of its metric.
     gate: dict[str, GateRule] = {}
 
     @model_validator(mode="before")

@@ -1,18 +1,21 @@
 """Who is calling an HTTP endpoint people use (the tracker's dashboard and API, the registry's
-approval function): one `Authenticator` per process, chosen once from the settings.
+approval function, serving): one `Authenticator` per process, chosen once from the settings. What
+the caller may do is decided by shared/domain/access.py from the `Identity` returned here.
 
-Locally (profiles local and emulators) the caller shows the bearer token that `local_token`
-generates into the state folder (`<state>/auth-token`, readable by its owner only); `ftpipe
-dashboard` prints a link that carries it. In the gcp profile people reach the dashboard through
+Locally (profiles local and emulators) the caller shows a bearer token: a named one from `ftpipe
+tokens create` (stored as its SHA-256 in `tokens/{digest}`, never in the clear), or the stack's own,
+which `local_token` generates into the state folder (`<state>/auth-token`, readable by its owner only)
+and which is the stack's first admin (`token:stack`); `ftpipe dashboard` prints a link that carries it. In the gcp profile people reach the dashboard through
 Identity-Aware Proxy, which signs every request it lets through (`X-Goog-IAP-JWT-Assertion`), and
 the approval function through IAM, which passes the caller's Google ID token on; both are verified
 here again, so a misconfigured ingress does not open the writes to everyone.
 """
 from __future__ import annotations
 
-import hmac
+import hashlib
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -23,13 +26,33 @@ TOKEN_FILE = "auth-token"
 IAP_CERTS_URL = "https://www.gstatic.com/iap/verify/public_key"
 IAP_ISSUER = "https://cloud.google.com/iap"
 IAP_HEADER = "X-Goog-IAP-JWT-Assertion"
+TOKENS = "tokens"            # tokens/{sha256 of the secret}: {name, subject, created_at, created_by}
+STACK_SUBJECT = "token:stack"  # the owner of the state folder's auth-token: the local stack's admin
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who made a request: `email` goes into audit records (approvals, sign-offs, promotions)."""
-    email: str
+    """Who made a request: `subject` ("token:NAME" locally, the verified email in the cloud) is the
+    actor recorded in every change (approvals, sign-offs, promotions, submissions)."""
+    subject: str
     via: str  # "token" | "iap" | "oidc"
+
+
+def token_digest(secret: str) -> str:
+    """Tokens are 256-bit random secrets, so one SHA-256 is enough to store them (no salt or
+    stretching needed, unlike passwords); the digest is the document id, so a lookup is one read."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def register_stack_token(docs, secret: str) -> None:
+    """Record the state folder's token as `token:stack` (idempotent; a regenerated file replaces it)."""
+    digest = token_digest(secret)
+    if (docs.get(TOKENS, digest) or {}).get("subject") == STACK_SUBJECT:
+        return
+    for old, _ in docs.query(TOKENS, where=[("subject", "==", STACK_SUBJECT)]):
+        docs.delete(TOKENS, old)   # the file was deleted and regenerated: the old secret is void
+    docs.set(TOKENS, digest, {"name": "stack", "subject": STACK_SUBJECT, "created_at": time.time(),
+                              "created_by": "the stack (<state>/auth-token)"})
 
 
 Authenticator = Callable[[Mapping[str, str]], Identity]  # request headers -> Identity, or AuthError
@@ -66,11 +89,15 @@ def _bearer(headers: Mapping[str, str]) -> str:
     return token.strip()
 
 
-def token_authenticator(token: str) -> Authenticator:
+def token_authenticator(docs) -> Authenticator:
+    """Named local tokens: the bearer's digest must be a token that was issued and not revoked. The
+    secret itself is never compared (only its digest is looked up), so there is no timing oracle."""
     def check(headers: Mapping[str, str]) -> Identity:
-        if not hmac.compare_digest(_bearer(headers).encode(), token.encode()):
-            raise AuthError(401, "wrong bearer token: use the one in <state>/auth-token of this stack")
-        return Identity(email=os.environ.get("USER", "local"), via="token")
+        doc = docs.get(TOKENS, token_digest(_bearer(headers)))
+        if doc is None:
+            raise AuthError(401, "unknown or revoked bearer token: use one from `ftpipe tokens create` or the "
+                                 "stack's own in <state>/auth-token")
+        return Identity(subject=doc["subject"], via="token")
     return check
 
 
@@ -99,30 +126,32 @@ def iap_authenticator(audience: str, *, certs_url: str = IAP_CERTS_URL, request=
             raise AuthError(401, f"invalid IAP assertion: {exc}") from exc
         if claims.get("iss") != IAP_ISSUER:
             raise AuthError(401, f"invalid IAP assertion: issuer {claims.get('iss')!r} is not {IAP_ISSUER}")
-        return Identity(email=claims.get("email") or claims.get("sub", "unknown"), via="iap")
+        return Identity(subject=claims.get("email") or claims.get("sub", "unknown"), via="iap")
     return check
 
 
-def oidc_authenticator(audience: str, allowed: tuple[str, ...] = (), *, certs_url: str = GOOGLE_CERTS_URL,
-                       request=None) -> Authenticator:
-    """A Google ID token for `audience` (the function's URL); when `allowed` is given, only those
-    verified emails pass (403 for any other valid caller)."""
+def oidc_authenticator(audience: str, *, certs_url: str = GOOGLE_CERTS_URL, request=None) -> Authenticator:
+    """A Google ID token for `audience` (the function's or service's URL) with a verified email: the
+    caller's roles (shared/domain/access.py) then say what that email may do."""
     verify = OidcVerifier(audience, certs_url=certs_url, request=request)
 
     def check(headers: Mapping[str, str]) -> Identity:
         claims = verify(headers.get("Authorization"))
         email = claims.get("email")
-        if allowed and (email not in allowed or claims.get("email_verified") is not True):
-            raise AuthError(403, f"{email!r} may not do this; allowed: {', '.join(allowed)} (FTPIPE_APPROVERS)")
-        return Identity(email=email or claims.get("sub", "unknown"), via="oidc")
+        if not email or claims.get("email_verified") is not True:
+            raise AuthError(401, "the ID token carries no verified email: mint it for a user or service account "
+                                 "(`gcloud auth print-identity-token --audiences=URL`)")
+        return Identity(subject=email, via="oidc")
     return check
 
 
-def authenticator(settings, *, audience: str | None, allowed: tuple[str, ...] = (), iap: bool = False) -> Authenticator:
-    """The one authenticator of a process: the local token outside the cloud; IAP (`iap=True`, the
-    dashboard) or an ID token (the approval function) in the gcp profile."""
+def authenticator(settings, docs, *, audience: str | None, iap: bool = False) -> Authenticator:
+    """The one authenticator of a process: named local tokens outside the cloud (the stack's own
+    registered as its admin); IAP (`iap=True`, the dashboard) or an ID token (the approval function,
+    serving) in the gcp profile."""
     if not settings.in_cloud:
-        return token_authenticator(local_token(settings.state_dir))
+        register_stack_token(docs, local_token(settings.state_dir))
+        return token_authenticator(docs)
     if iap:
         return iap_authenticator(audience or "")
-    return oidc_authenticator(audience or "", allowed)
+    return oidc_authenticator(audience or "")

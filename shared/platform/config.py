@@ -45,14 +45,18 @@ class Settings(BaseModel):
     push_audience: str | None = None
     push_service_account: str | None = None
     # People-facing HTTP (shared/platform/auth.py): in the gcp profile, the dashboard is reached through IAP
-    # (its backend's audience) and the registry's approval function through IAM (its URL), and only
-    # `approvers` (emails) may approve a version. Locally, the token in <state>/auth-token.
+    # (its backend's audience) and the registry's approval function through IAM (its URL); what a caller
+    # may do comes from its roles (shared/domain/access.py). `admins` (emails) are admins whatever the
+    # documents say: the break-glass that no Firestore writer can grant themselves. Locally, named
+    # tokens and the stack's own in <state>/auth-token (its admin).
     dashboard_audience: str | None = None
     approval_audience: str | None = None
-    approvers: tuple[str, ...] = ()
+    admins: tuple[str, ...] = ()
     # The serving API (services/serving/) in the gcp profile: callers' Google ID tokens for this
-    # audience (its URL); locally, the token in <state>/auth-token.
+    # audience (its URL), from `serving_callers` only (service accounts' and people's emails; groups are
+    # enforced by Cloud Run's invoker IAM, since ID tokens carry none); locally, a token with viewer.
     serving_audience: str | None = None
+    serving_callers: tuple[str, ...] = ()
     # The most one request to the tracker's API may carry (a dataset uploaded from the dashboard or
     # POST /api/runs): bigger drops go to the bucket, which takes them in parts (10 GB and more).
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
@@ -94,8 +98,8 @@ class Settings(BaseModel):
             "max_upload_bytes": env.get("FTPIPE_MAX_UPLOAD_BYTES"),
             "transient_retry_s": env.get("FTPIPE_TRANSIENT_RETRY_S"),
             "faults": env.get("FTPIPE_FAULTS") or None,
-            "approvers": tuple(e.strip() for e in env["FTPIPE_APPROVERS"].split(",") if e.strip())
-            if env.get("FTPIPE_APPROVERS") else None,
+            "admins": _emails(env.get("FTPIPE_ADMINS")),
+            "serving_callers": _emails(env.get("FTPIPE_SERVING_CALLERS")),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
@@ -129,6 +133,10 @@ class Settings(BaseModel):
     def subscription_policy(self) -> SubscriptionPolicy:
         return SubscriptionPolicy(ack_deadline_s=self.ack_deadline_s, max_delivery_attempts=self.max_delivery_attempts,
                                   min_backoff_s=self.min_backoff_s, max_backoff_s=self.max_backoff_s)
+
+
+def _emails(text: str | None) -> tuple[str, ...] | None:
+    return tuple(e.strip() for e in text.split(",") if e.strip()) if text else None
 
 
 @dataclass

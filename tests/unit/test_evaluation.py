@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from shared.domain.gate_rules import default_rules
 from shared.domain.models import TINY, resolve_model
 from shared.domain.recipe import Recipe, RecipeError, parse_recipe
 
 from services.evaluator import tasks as T
 from services.evaluator.evaluation import EvaluationError, evaluate
-from services.evaluator.gate import default_rules, gate
+from services.evaluator.gate import gate
 from services.evaluator.stats import STATISTICS, paired_bootstrap
 
 CONVERSATIONS = [

@@ -12,6 +12,7 @@ from shared.domain import events as ev
 from shared.domain.recipe import DataSpec, Recipe
 from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import LEDGER, handle_message, ledger_key, publish_event
+from tests.unit.governance import own, token
 
 from services.tracker import lineage
 from services.tracker.service import SERVICE as TRACKER
@@ -79,6 +80,7 @@ def _dataset_folder(adapters) -> str:
 
 
 def test_approve_records_signoff_then_publishes_dataset_prepared_once(state, capsys):
+    ann, bob = token(state.docs, "ann", "approver"), token(state.docs, "bob", "approver")
     uri = _dataset_folder(state)
     publish_event(state.bus, awaiting(uri=uri))
     assert _track(state) == ["acked"]
@@ -96,20 +98,20 @@ def test_approve_records_signoff_then_publishes_dataset_prepared_once(state, cap
     [held] = state.bus.pull(ev.subscription_name("trainer", ev.DATASETS), timeout_s=2)
     assert handle_message(TRAINER, state, ev.DATASETS, held) == "ignored"
 
-    assert main(["privacy", "approve", "run-priv", "--approver", "ann", "--note", "checked", "--json"]) == 0
+    assert main(["privacy", "approve", "run-priv", "--token", ann, "--note", "checked", "--json"]) == 0
     signoff = json.loads(capsys.readouterr().out)
-    assert signoff["approver"] == "ann" and signoff["decision"] == "approved" and signoff["residual_rate_seen"] == 0.0005
-    assert state.docs.get("privacy_signoffs", "run-priv")["approver"] == "ann"
+    assert signoff["approver"] == "token:ann" and signoff["decision"] == "approved" and signoff["residual_rate_seen"] == 0.0005
+    assert state.docs.get("privacy_signoffs", "run-priv")["approver"] == "token:ann"
     manifest = json.loads(state.store.read("ftpipe", "datasets/d1/manifest.json"))
     assert manifest["privacy_signoff"] == signoff
 
     # approving twice is harmless: the identical event, which the ledgers drop
-    assert main(["privacy", "approve", "run-priv", "--approver", "bob"]) == 0
+    assert main(["privacy", "approve", "run-priv", "--token", bob]) == 0
     msgs = state.bus.pull(ev.subscription_name("trainer", ev.DATASETS), max_messages=10, timeout_s=0.5)
     events = [ev.decode(m.data, m.attributes) for m in msgs]
     assert len(events) == 2 and events[0] == events[1]
     assert events[0].event_id == "run-priv:DatasetPrepared:0"
-    assert events[0].privacy_signoff["approver"] == "ann"
+    assert events[0].privacy_signoff["approver"] == "token:ann"
     assert events[0].tokens == {"total": 100}
     for m in msgs:
         m.nack(0)  # leave them; the trainer is not run here
@@ -117,29 +119,29 @@ def test_approve_records_signoff_then_publishes_dataset_prepared_once(state, cap
     assert _track(state) == ["acked", "duplicate"]
     run = state.docs.get("runs", "run-priv")
     assert (run["status"], run["sub_state"]) == ("queued", "waiting_for_capacity")
-    assert run["privacy_review"]["signoff"]["approver"] == "ann"
+    assert run["privacy_review"]["signoff"]["approver"] == "token:ann"
     assert main(["privacy", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main(["privacy", "reject", "run-priv", "--reason", "too late"]) == 2  # already approved
 
 
 def test_reject_publishes_dataset_rejected(state, capsys):
+    ann, bob = token(state.docs, "ann", "approver"), token(state.docs, "bob", "approver")
     publish_event(state.bus, awaiting(uri=_dataset_folder(state)))
     _track(state)
-    assert main(["privacy", "reject", "run-priv", "--reason", "names left in", "--approver", "ann"]) == 0
+    assert main(["privacy", "reject", "run-priv", "--reason", "names left in", "--token", ann]) == 0
     assert _track(state) == ["acked"]
     run = state.docs.get("runs", "run-priv")
     assert (run["status"], run["sub_state"]) == ("failed", "done")
-    assert "privacy review rejected by ann: names left in" in run["error"]
+    assert "privacy review rejected by token:ann: names left in" in run["error"]
     assert run["privacy_review"]["status"] == "rejected"
-    assert main(["privacy", "approve", "run-priv", "--approver", "bob"]) == 2
+    assert main(["privacy", "approve", "run-priv", "--token", bob]) == 2
     assert "already rejected" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["privacy", "approve", "nope", "--approver", "ann"], "no run nope"),
+    (["privacy", "approve", "nope"], "no run nope"),
     (["privacy", "approve"], "needs a RUN id"),
-    (["privacy", "approve", "run-x"], "needs --approver"),
     (["privacy", "reject", "run-x"], "needs --reason"),
 ])
 def test_misuse(state, capsys, argv, message):
@@ -161,9 +163,10 @@ def test_the_signoff_goes_into_the_model_bundle(state, capsys):
     from services.registry_fn.service import SERVICE as REGISTRY
 
     uri = _dataset_folder(state)
+    own(state.docs, RECIPE)
     publish_event(state.bus, awaiting(uri=uri))
     _track(state)
-    assert main(["privacy", "approve", "run-priv", "--approver", "ann"]) == 0
+    assert main(["privacy", "approve", "run-priv", "--token", token(state.docs, "ann", "approver")]) == 0
     from tests.unit.test_registry import RUN_RECORD, write_report
 
     # the other parts of a version's bundle: the run record, the PII report, the evaluation report
@@ -177,8 +180,8 @@ def test_the_signoff_goes_into_the_model_bundle(state, capsys):
     [msg] = state.bus.pull(ev.subscription_name("registry", ev.EVALUATIONS), timeout_s=2)
     assert handle_message(REGISTRY, state, ev.EVALUATIONS, msg) == "acked"
     bundle = json.loads(state.store.read("ftpipe", "models/tiny-sft/1.1/bundle.json"))
-    assert bundle["privacy_signoff"]["approver"] == "ann" and bundle["privacy_signoff"]["residual_rate_seen"] == 0.0005
-    assert "approved by ann" in state.store.read("ftpipe", "models/tiny-sft/1.1/MODEL_CARD.md").decode()
+    assert bundle["privacy_signoff"]["approver"] == "token:ann" and bundle["privacy_signoff"]["residual_rate_seen"] == 0.0005
+    assert "approved by token:ann" in state.store.read("ftpipe", "models/tiny-sft/1.1/MODEL_CARD.md").decode()
 
 
 def test_drop_legal_basis_travels_in_the_job_source(state, tmp_path):
@@ -191,12 +194,12 @@ def test_drop_legal_basis_travels_in_the_job_source(state, tmp_path):
     run_id = Client(state.settings, state).drop(data, "tiny-sft", legal_basis="DPA-2026-04")
     msgs = state.bus.pull(ev.subscription_name("preprocess", ev.DATASET_UPLOADS), max_messages=10, timeout_s=2)
     assert sorted(ev.decode(m.data, m.attributes).name for m in msgs) == [
-        "incoming/tiny-sft/chats.jsonl", "incoming/tiny-sft/chats.jsonl.legal.json"]
+        "incoming/default/tiny-sft/chats.jsonl", "incoming/default/tiny-sft/chats.jsonl.legal.json"]
     assert [handle_message(PREPROCESS, state, ev.DATASET_UPLOADS, m) for m in msgs] == ["acked", "acked"]
     [job] = state.bus.pull(ev.subscription_name("trainer", ev.JOBS), max_messages=10, timeout_s=2)
     submitted = ev.decode(job.data, job.attributes)
     assert submitted.run_id == run_id and submitted.source["legal_basis"] == "DPA-2026-04"
-    assert submitted.source["legal_basis_uri"].endswith("incoming/tiny-sft/chats.jsonl.legal.json")
+    assert submitted.source["legal_basis_uri"].endswith("incoming/default/tiny-sft/chats.jsonl.legal.json")
 
 
 def _signed_dataset(state, tmp_path) -> tuple[str, Path]:
@@ -241,10 +244,10 @@ def test_a_prepared_submission_cannot_skip_the_review(state, tmp_path, capsys):
     assert "requires a privacy sign-off (data.privacy_review) and dataset d1 has none" in \
         dead.attributes["dead_letter_reason"]
     # once approved, the same folder verifies; a split file changed after the review does not
-    assert main(["privacy", "approve", "run-priv", "--approver", "ann"]) == 0
+    assert main(["privacy", "approve", "run-priv", "--token", token(state.docs, "ann", "approver")]) == 0
     got = tmp_path / "got"
     download_dir(state.store, "ftpipe", "datasets/d1/", got)
-    assert verify_signed_off(state.docs, got)["approver"] == "ann"
+    assert verify_signed_off(state.docs, got)["approver"] == "token:ann"
     (got / "train.jsonl").write_text('{"id": "2", "messages": []}\n')
     with pytest.raises(SignoffMissing, match="train.jsonl of dataset d1 is not the file the approver signed off"):
         verify_signed_off(state.docs, got)

@@ -14,6 +14,7 @@ from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import LEDGER, Context, handle_message, publish_event
 from shared.platform.topology import dlq_subscription
 from tests.unit.bus_drain import drain
+from tests.unit.governance import own
 
 from services.registry_fn.service import MODEL_VERSIONS, MODELS, SERVICE, register
 
@@ -60,6 +61,13 @@ def write_report(adapters, run_id: str) -> str:
     adapters.store.write(BUCKET, f"runs/{run_id}/evaluation/report.json", b'{"scores": {}}')
     adapters.store.write(BUCKET, f"runs/{run_id}/evaluation/report.md", b"# Evaluation\n")
     return adapters.store.url(BUCKET, f"runs/{run_id}/evaluation/")
+
+
+@pytest.fixture(autouse=True)
+def owned(request):
+    """The model name claimed for the default tenant, as the first (admin's) submission claims it."""
+    if "adapters" in request.fixturenames:
+        own(request.getfixturevalue("adapters").docs, RECIPE)
 
 
 def evaluation(adapters, run_id: str, *, passed: bool = True, reasons=None, recipe=RECIPE) -> ev.EvaluationCompleted:
@@ -283,9 +291,17 @@ def test_a_recipe_with_privacy_review_needs_the_signoff_in_the_manifest(adapters
     [msg] = adapters.bus.pull(dlq_subscription(ev.EVALUATIONS), timeout_s=2)
     assert "requires a privacy sign-off" in msg.attributes["dead_letter_reason"]
 
+    # A sign-off written into the bucket's manifest by anyone with write access is not one: the
+    # registry asks the sign-off documents, which only an approver's decision writes.
     signoff = {"approver": "ann", "at": "2026-01-01T00:00:00Z", "residual_rate_seen": 0.0005}
     event = evaluation(adapters, "run-b", recipe=reviewed)
     write_dataset(adapters, {**MANIFEST, "privacy_signoff": signoff})
+    publish_event(adapters.bus, event)
+    assert deliver(adapters) == "dead-lettered"
+    [msg] = adapters.bus.pull(dlq_subscription(ev.EVALUATIONS), timeout_s=2)
+    assert "no approver's sign-off on record" in msg.attributes["dead_letter_reason"]
+    adapters.docs.create("privacy_signoffs", "run-review", {"dataset_id": "d1", "decision": "approved",
+                                                            "approver": "ann", "at_ts": 1.0})
     publish_event(adapters.bus, event)
     assert deliver(adapters) == "acked"
     version = adapters.docs.get(MODELS, NAME)["runs"]["run-b"]
@@ -317,6 +333,7 @@ def function_client(tmp_path, monkeypatch):
                                          signature_type="cloudevent")
     module = sys.modules["main"]
     adapters = bootstrap(Settings(state_dir=state))
+    own(adapters.docs, RECIPE)
     try:
         yield app.test_client(), adapters
     finally:

@@ -1,7 +1,8 @@
 """The registry's manual approval step over real HTTP: the app both the Cloud Function `approve`
 and the local registry process serve, the function as functions-framework loads it, and the local
-process itself — refused without the token, with a wrong one, or (in the cloud) for anyone but the
-approvers; the approver recorded is who the token says, never the body."""
+process itself — refused without the token, with a wrong one, or for anyone without the approver role
+(locally a named token, in the cloud a Google ID token whose email holds the role); the approver recorded
+is who the token says, never the body."""
 import json
 import logging
 import os
@@ -14,8 +15,9 @@ import urllib.request
 
 import pytest
 
-from shared.domain import model_registry as reg
-from shared.platform.auth import local_token, oidc_authenticator, token_authenticator
+from shared.domain import access, model_registry as reg
+from shared.domain.access import Caller
+from shared.platform.auth import local_token, oidc_authenticator, register_stack_token, token_authenticator
 from shared.platform.config import Settings, bootstrap
 from tests.unit.test_eval_push import google_keys, token  # noqa: F401  (a fixture, and ID tokens it signs)
 from tests.unit.test_registry_ops import NAME, add
@@ -35,17 +37,25 @@ def post(client, body, token_value=None, path="/approve"):
                        content_type="application/json")
 
 
-def test_approval_needs_the_stack_token_and_records_who_approved(adapters, candidate, monkeypatch):
-    monkeypatch.setenv("USER", "ann")
-    secret = local_token(adapters.settings.state_dir)
-    client = create_app(adapters.docs, adapters.bus, token_authenticator(secret)).test_client()
+ADMIN = Caller(subject="token:stack", admin=True)
+
+
+def test_approval_needs_an_approver_token_and_records_who_approved(adapters, candidate):
+    register_stack_token(adapters.docs, local_token(adapters.settings.state_dir))
+    client = create_app(adapters.docs, adapters.bus, token_authenticator(adapters.docs)).test_client()
     body = {"name": NAME, "version": candidate, "note": "reviewed the card", "approver": "mallory"}
+    secret = access.create_token(adapters.docs, ADMIN, "ann", "approver", "default")
+    submitter = access.create_token(adapters.docs, ADMIN, "sam", "submitter", "default")
+    elsewhere = access.create_token(adapters.docs, ADMIN, "otto", "approver", "other-team")
 
     refused = post(client, body)
     assert refused.status_code == 401 and refused.get_json()["status"] == 401
     assert "Authorization: Bearer" in refused.get_json()["error"]
-    assert post(client, body, "not-the-token").get_json() == {
-        "error": "wrong bearer token: use the one in <state>/auth-token of this stack", "status": 401}
+    assert post(client, body, "not-the-token").get_json()["status"] == 401
+    resp = post(client, {"name": "no-such-model", "version": "9.9"}, submitter)   # refused before any lookup
+    assert resp.status_code == 403 and "you need approver" in resp.get_json()["error"], resp.get_json()
+    resp = post(client, body, elsewhere)   # an approver, but not of a tenant that owns the model
+    assert resp.status_code == 403 and "approver in tenant default" in resp.get_json()["error"]
     assert reg.get_version(adapters.docs, NAME, candidate)["status"] == "candidate"
 
     for bad, message in [("{not json", "must be a JSON object"), ({"name": NAME, "version": 1.2}, "'version' must be"),
@@ -60,20 +70,21 @@ def test_approval_needs_the_stack_token_and_records_who_approved(adapters, candi
     assert resp.status_code == 200, resp.get_json()
     doc = resp.get_json()
     assert doc["status"] == "promoted" and doc["aliases"] == ["production", "staging"]
-    assert doc["approval"]["approver"] == "ann" and doc["approval"]["note"] == "reviewed the card"
+    assert doc["approval"]["approver"] == "token:ann" and doc["approval"]["note"] == "reviewed the card"
     resp = post(client, {**body, "version": "1.1"}, secret)
     assert resp.status_code == 409 and "does not wait for approval" in resp.get_json()["error"]
 
 
-def test_in_the_cloud_only_the_approvers_id_tokens_pass(adapters, candidate, google_keys):  # noqa: F811
+def test_in_the_cloud_only_approvers_id_tokens_pass(adapters, candidate, google_keys):  # noqa: F811
     signer, impostor, certs_url = google_keys
     audience = "https://registry-approve-abc.a.run.app"
-    authenticate = oidc_authenticator(audience, ("ann@example.com",), certs_url=certs_url)
+    authenticate = oidc_authenticator(audience, certs_url=certs_url)
+    access.grant(adapters.docs, ADMIN, "ann@example.com", "approver", "default")
     client = create_app(adapters.docs, adapters.bus, authenticate).test_client()
     body = {"name": NAME, "version": candidate}
     assert post(client, body, token(impostor, aud=audience, email="ann@example.com")).status_code == 401
     resp = post(client, body, token(signer, aud=audience, email="bob@example.com"))
-    assert resp.status_code == 403 and "may not do this; allowed: ann@example.com" in resp.get_json()["error"]
+    assert resp.status_code == 403 and "you need approver" in resp.get_json()["error"]
     resp = post(client, body, token(signer, aud=audience, email="ann@example.com"))
     assert resp.status_code == 200 and resp.get_json()["approval"]["approver"] == "ann@example.com"
 

@@ -8,7 +8,14 @@ import pytest
 
 from ftpipe.cli import main
 from shared.domain import events as ev, model_registry as reg
+from shared.domain.access import Caller
 from tests.unit.bus_drain import drain
+
+
+def admin(name: str) -> Caller:
+    """A caller who may do anything (an admin), recorded as `name`."""
+    return Caller(subject=name, admin=True)
+
 
 NAME = "support-bot"
 BASE = "tiny-random-smollm2"
@@ -42,7 +49,7 @@ def test_promote_moves_production_archives_the_previous_and_records_the_move(ada
     published(adapters)
     assert production(adapters) == "1.2" and status(adapters, "1.1") == "archived"
 
-    doc = reg.promote(adapters.docs, adapters.bus, NAME, "1.1", actor="ann")
+    doc = reg.promote(adapters.docs, adapters.bus, NAME, "1.1", caller=admin("ann"))
     assert doc["status"] == "promoted" and doc["aliases"] == ["production"]
     assert status(adapters, "1.2") == "archived"
     model = reg.get_model(adapters.docs, NAME)
@@ -57,7 +64,7 @@ def test_promote_moves_production_archives_the_previous_and_records_the_move(ada
     assert promoted.run_id == "r1" and archived.run_id == "r2" and archived.reason == "superseded by 1.1 in production"
 
     # The same call again: nothing changes, the same event ids are published again.
-    assert reg.promote(adapters.docs, adapters.bus, NAME, "1.1", actor="ann")["status"] == "promoted"
+    assert reg.promote(adapters.docs, adapters.bus, NAME, "1.1", caller=admin("ann"))["status"] == "promoted"
     assert [e.event_id for e in published(adapters)] == [e.event_id for e in events]
     assert len(reg.get_model(adapters.docs, NAME)["alias_history"]["production"]) == 3
 
@@ -65,19 +72,19 @@ def test_promote_moves_production_archives_the_previous_and_records_the_move(ada
 def test_rollback_goes_to_the_previous_production_version_each_time_and_to_a_named_one(adapters):
     for run in ("r1", "r2", "r3"):
         add(adapters, run)
-    doc = reg.rollback(adapters.docs, adapters.bus, NAME, actor="bob")
+    doc = reg.rollback(adapters.docs, adapters.bus, NAME, caller=admin("bob"))
     assert doc["version"] == "1.2" and production(adapters) == "1.2" and status(adapters, "1.3") == "archived"
-    assert reg.rollback(adapters.docs, adapters.bus, NAME, actor="bob")["version"] == "1.1"
+    assert reg.rollback(adapters.docs, adapters.bus, NAME, caller=admin("bob"))["version"] == "1.1"
     with pytest.raises(reg.RegistryError, match="no earlier version to roll back to") as exc:
-        reg.rollback(adapters.docs, adapters.bus, NAME, actor="bob")
+        reg.rollback(adapters.docs, adapters.bus, NAME, caller=admin("bob"))
     assert exc.value.status == 409
     published(adapters)
-    assert reg.rollback(adapters.docs, adapters.bus, NAME, to="1.3", actor="bob")["version"] == "1.3"
+    assert reg.rollback(adapters.docs, adapters.bus, NAME, to="1.3", caller=admin("bob"))["version"] == "1.3"
     [promoted, archived] = published(adapters)
     assert (promoted.version, promoted.reason, promoted.previous_version, archived.version) == ("1.3", "rollback", "1.1", "1.1")
     assert archived.reason == "rolled back to 1.3 in production"
     with pytest.raises(reg.RegistryError, match="no version '9.9'") as exc:
-        reg.rollback(adapters.docs, adapters.bus, NAME, to="9.9", actor="bob")
+        reg.rollback(adapters.docs, adapters.bus, NAME, to="9.9", caller=admin("bob"))
     assert exc.value.status == 404
 
 
@@ -85,19 +92,19 @@ def test_a_quarantined_version_is_never_promoted(adapters):
     add(adapters, "r1")
     bad = add(adapters, "r2", passed=False)
     assert status(adapters, bad) == "quarantined" and production(adapters) == "1.1"
-    for attempt in (lambda: reg.promote(adapters.docs, adapters.bus, NAME, bad, actor="ann"),
-                    lambda: reg.promote(adapters.docs, adapters.bus, NAME, bad, alias="staging", actor="ann"),
-                    lambda: reg.rollback(adapters.docs, adapters.bus, NAME, to=bad, actor="ann"),
-                    lambda: reg.approve(adapters.docs, adapters.bus, NAME, bad, approver="ann"),
-                    lambda: reg.archive(adapters.docs, adapters.bus, NAME, bad, actor="ann", reason="tidy")):
+    for attempt in (lambda: reg.promote(adapters.docs, adapters.bus, NAME, bad, caller=admin("ann")),
+                    lambda: reg.promote(adapters.docs, adapters.bus, NAME, bad, alias="staging", caller=admin("ann")),
+                    lambda: reg.rollback(adapters.docs, adapters.bus, NAME, to=bad, caller=admin("ann")),
+                    lambda: reg.approve(adapters.docs, adapters.bus, NAME, bad, caller=admin("ann")),
+                    lambda: reg.archive(adapters.docs, adapters.bus, NAME, bad, caller=admin("ann"), reason="tidy")):
         with pytest.raises(reg.RegistryError, match="quarantined") as exc:
             attempt()
         assert exc.value.status == 409
     # … nor by rollback's own choice: quarantining an earlier production version takes it out of reach
     add(adapters, "r3")
-    reg.quarantine(adapters.docs, adapters.bus, NAME, "1.1", actor="ann", reason="leaks a phone number")
+    reg.quarantine(adapters.docs, adapters.bus, NAME, "1.1", caller=admin("ann"), reason="leaks a phone number")
     with pytest.raises(reg.RegistryError, match="no earlier version"):
-        reg.rollback(adapters.docs, adapters.bus, NAME, actor="ann")
+        reg.rollback(adapters.docs, adapters.bus, NAME, caller=admin("ann"))
 
 
 def test_approval_promotes_a_candidate_and_a_candidate_needs_it(adapters):
@@ -106,11 +113,11 @@ def test_approval_promotes_a_candidate_and_a_candidate_needs_it(adapters):
     assert status(adapters, candidate) == "candidate" and production(adapters) == "1.1"
     assert reg.get_model(adapters.docs, NAME)["aliases"]["staging"] == candidate
     with pytest.raises(reg.RegistryError, match="waits for approval") as exc:
-        reg.promote(adapters.docs, adapters.bus, NAME, candidate, actor="ann")
+        reg.promote(adapters.docs, adapters.bus, NAME, candidate, caller=admin("ann"))
     assert exc.value.status == 409
     published(adapters)
 
-    doc = reg.approve(adapters.docs, adapters.bus, NAME, candidate, approver="ann@example.com", note="looks good")
+    doc = reg.approve(adapters.docs, adapters.bus, NAME, candidate, caller=admin("ann@example.com"), note="looks good")
     assert doc["status"] == "promoted" and production(adapters) == candidate and status(adapters, "1.1") == "archived"
     assert doc["approval"]["approver"] == "ann@example.com" and doc["approval"]["note"] == "looks good"
     assert [h["status"] for h in doc["history"]] == ["candidate", "approved", "promoted"]
@@ -119,19 +126,19 @@ def test_approval_promotes_a_candidate_and_a_candidate_needs_it(adapters):
                                                      ("ModelArchived", "1.1")]
     assert events[0].approver == "ann@example.com" and events[1].reason == "approval" and events[1].actor == "ann@example.com"
     # approving again: no change, the same events
-    reg.approve(adapters.docs, adapters.bus, NAME, candidate, approver="someone else")
+    reg.approve(adapters.docs, adapters.bus, NAME, candidate, caller=admin("someone else"))
     assert [e.event_id for e in published(adapters)] == [e.event_id for e in events]
     with pytest.raises(reg.RegistryError, match="does not wait for approval"):
-        reg.approve(adapters.docs, adapters.bus, NAME, "1.1", approver="ann")
+        reg.approve(adapters.docs, adapters.bus, NAME, "1.1", caller=admin("ann"))
 
 
 def test_approving_an_older_candidate_leaves_the_later_production_version(adapters):
     older = add(adapters, "r1", approval=True)
     newer = add(adapters, "r2", approval=True)
-    reg.approve(adapters.docs, adapters.bus, NAME, newer, approver="ann")
-    doc = reg.approve(adapters.docs, adapters.bus, NAME, older, approver="ann")
+    reg.approve(adapters.docs, adapters.bus, NAME, newer, caller=admin("ann"))
+    doc = reg.approve(adapters.docs, adapters.bus, NAME, older, caller=admin("ann"))
     assert doc["status"] == "approved" and production(adapters) == newer
-    assert reg.promote(adapters.docs, adapters.bus, NAME, older, actor="ann")["status"] == "promoted"
+    assert reg.promote(adapters.docs, adapters.bus, NAME, older, caller=admin("ann"))["status"] == "promoted"
 
 
 def test_archive_and_quarantine_refuse_the_production_version_and_take_staging_away(adapters):
@@ -139,22 +146,22 @@ def test_archive_and_quarantine_refuse_the_production_version_and_take_staging_a
     candidate = add(adapters, "r2", approval=True)
     for retire in (reg.archive, reg.quarantine):
         with pytest.raises(reg.RegistryError, match="is in production: roll back") as exc:
-            retire(adapters.docs, adapters.bus, NAME, "1.1", actor="ann", reason="old")
+            retire(adapters.docs, adapters.bus, NAME, "1.1", caller=admin("ann"), reason="old")
         assert exc.value.status == 409
     with pytest.raises(reg.RegistryError, match="a reason is required") as exc:
-        reg.archive(adapters.docs, adapters.bus, NAME, candidate, actor="ann", reason=" ")
+        reg.archive(adapters.docs, adapters.bus, NAME, candidate, caller=admin("ann"), reason=" ")
     assert exc.value.status == 400
     published(adapters)
-    doc = reg.archive(adapters.docs, adapters.bus, NAME, candidate, actor="ann", reason="superseded by a retrain")
+    doc = reg.archive(adapters.docs, adapters.bus, NAME, candidate, caller=admin("ann"), reason="superseded by a retrain")
     assert doc["status"] == "archived" and "staging" not in reg.get_model(adapters.docs, NAME)["aliases"]
     [archived] = published(adapters)
     assert (archived.type, archived.reason, archived.actor) == ("ModelArchived", "superseded by a retrain", "ann")
     cleared = reg.get_model(adapters.docs, NAME)["alias_history"]["staging"][-1]
     assert (cleared["version"], cleared["previous"], cleared["reason"]) == (None, candidate, "archive")
     # an archived version comes back by promotion (to staging: it still waits for approval for production)
-    assert reg.promote(adapters.docs, adapters.bus, NAME, candidate, alias="staging", actor="ann")["aliases"] == ["staging"]
+    assert reg.promote(adapters.docs, adapters.bus, NAME, candidate, alias="staging", caller=admin("ann"))["aliases"] == ["staging"]
     assert [(e.type, e.alias) for e in published(adapters)] == [("ModelPromoted", "staging")]
-    doc = reg.quarantine(adapters.docs, adapters.bus, NAME, candidate, actor="ann", reason="leaks PII")
+    doc = reg.quarantine(adapters.docs, adapters.bus, NAME, candidate, caller=admin("ann"), reason="leaks PII")
     assert doc["status"] == "quarantined" and doc["aliases"] == []
     [quarantined] = published(adapters)
     assert quarantined.reasons == ["leaks PII"] and quarantined.actor == "ann"
@@ -173,7 +180,7 @@ def test_reads_and_their_errors(adapters):
     with pytest.raises(reg.RegistryError, match=r"has no version '1.9'; its versions: 1.1, 2.1"):
         reg.get_version(adapters.docs, NAME, "1.9")
     with pytest.raises(reg.RegistryError, match="unknown alias 'prod'") as exc:
-        reg.promote(adapters.docs, adapters.bus, NAME, "1.1", alias="prod", actor="ann")
+        reg.promote(adapters.docs, adapters.bus, NAME, "1.1", alias="prod", caller=admin("ann"))
     assert exc.value.status == 400
 
 
@@ -199,16 +206,18 @@ def test_models_commands(state, capsys):
     assert [(v["version"], v["status"]) for v in json.loads(capsys.readouterr().out)] == [
         ("1.2", "candidate"), ("1.1", "promoted")]
     assert main(["models", "approve", NAME, "1.2", "--note", "ok"]) == 0
-    assert "1.2 approved by carol; now in production" in capsys.readouterr().err
+    assert "1.2 approved by token:stack; now in production" in capsys.readouterr().err   # the stack's own token
     assert main(["models", "rollback", NAME, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == "1.1"
-    assert main(["models", "promote", NAME, "1.2", "--actor", "dave"]) == 0
+    assert main(["tokens", "create", "dave", "--role", "approver", "--tenant", "default"]) == 0
+    dave = capsys.readouterr().out.strip()
+    assert main(["models", "promote", NAME, "1.2", "--token", dave]) == 0
     assert f"{NAME} production → 1.2" in capsys.readouterr().err
     assert main(["models", "archive", NAME, "1.1", "--reason", "retired"]) == 0
     assert main(["models", "show", NAME]) == 0
     shown = capsys.readouterr().out
     assert "production → 1.2" in shown and "1.x: fine-tunes of tiny-random-smollm2" in shown
-    assert "1.1 → 1.2  (manual, by dave)" in shown
+    assert "1.1 → 1.2  (manual, by token:dave)" in shown
     assert main(["models", "list", NAME, "--json"]) == 0
     assert {v["version"]: v["status"] for v in json.loads(capsys.readouterr().out)} == {"1.1": "archived",
                                                                                         "1.2": "promoted"}
@@ -241,9 +250,9 @@ def test_the_lifecycle_on_every_document_store(adapters, any_docs):
     add(on, "run.1")
     candidate = add(on, "run.2", approval=True)
     add(on, "run.3", base="smollm2-135m-instruct", passed=False)
-    reg.approve(any_docs, adapters.bus, NAME, candidate, approver="ann")
-    assert reg.rollback(any_docs, adapters.bus, NAME, actor="ann")["version"] == "1.1"
-    reg.archive(any_docs, adapters.bus, NAME, candidate, actor="ann", reason="retired")
+    reg.approve(any_docs, adapters.bus, NAME, candidate, caller=admin("ann"))
+    assert reg.rollback(any_docs, adapters.bus, NAME, caller=admin("ann"))["version"] == "1.1"
+    reg.archive(any_docs, adapters.bus, NAME, candidate, caller=admin("ann"), reason="retired")
     model = reg.get_model(any_docs, NAME)
     assert model["runs"] == {"run.1": "1.1", "run.2": "1.2", "run.3": "2.1"}
     assert model["aliases"] == {"production": "1.1"}

@@ -17,12 +17,19 @@ import requests
 import torch
 
 from shared.domain import model_registry as reg
+from shared.domain.access import Caller
 from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.auth import local_token
 from shared.platform.config import Settings, bootstrap
 
 from services.serving.routing import parse_split, rank_arms
 from services.serving.server import Server, ServingConfig
+
+
+def admin(name: str) -> Caller:
+    """A caller who may do anything (an admin), recorded as `name`."""
+    return Caller(subject=name, admin=True)
+
 
 NAME, AB = "support-bot", "ab-bot"
 BUCKET = "ftpipe"
@@ -251,7 +258,7 @@ def test_ab_split_over_http_is_sticky_per_user_and_an_arm_quarantined_sends_its_
     assert metric(stack, "ftpipe_serving_split_assignments_total", model=AB, arm="1.2") == 2 * sum(
         v == f"{AB}@1.2" for v in arms.values())
 
-    reg.quarantine(stack.adapters.docs, stack.adapters.bus, AB, "1.2", actor="ann", reason="unsafe answers")
+    reg.quarantine(stack.adapters.docs, stack.adapters.bus, AB, "1.2", caller=admin("ann"), reason="unsafe answers")
     wait_for(lambda: stack.server.router.view._models.get(AB) is None or
              stack.server.router.view.model(AB)["versions"][0]["status"] == "quarantined", "the quarantine event")
     assert all(arm_of(u) == f"{AB}@1.1" for u in users)
@@ -260,7 +267,7 @@ def test_ab_split_over_http_is_sticky_per_user_and_an_arm_quarantined_sends_its_
 def test_a_promotion_event_loads_the_new_version_and_the_archived_one_leaves(stack):
     assert stack.chat(NAME)["model"] == f"{NAME}@1.1"
     assert (NAME, "1.1") in stack.engine.loaded and (NAME, "1.2") not in stack.engine.loaded
-    reg.approve(stack.adapters.docs, stack.adapters.bus, NAME, "1.2", approver="ann")   # production -> 1.2
+    reg.approve(stack.adapters.docs, stack.adapters.bus, NAME, "1.2", caller=admin("ann"))   # production -> 1.2
     wait_for(lambda: (NAME, "1.2") in stack.engine.loaded, "the promoted version to be loaded")
     wait_for(lambda: (NAME, "1.1") not in stack.engine.loaded, "the archived version to be dropped")
     assert metric(stack, "ftpipe_serving_adapter_loads_total", model=NAME, version="1.2") == 0  # before any request
@@ -272,7 +279,7 @@ def test_a_promotion_event_loads_the_new_version_and_the_archived_one_leaves(sta
 def test_a_quarantined_version_is_dropped_and_refused(stack):
     stack.chat(f"{NAME}@1.3")
     assert (NAME, "1.3") in stack.engine.loaded
-    reg.quarantine(stack.adapters.docs, stack.adapters.bus, NAME, "1.3", actor="ann", reason="leaks card numbers")
+    reg.quarantine(stack.adapters.docs, stack.adapters.bus, NAME, "1.3", caller=admin("ann"), reason="leaks card numbers")
     wait_for(lambda: (NAME, "1.3") not in stack.engine.loaded, "the quarantined version to be dropped")
     found = error(stack.post("/v1/chat/completions", {"model": f"{NAME}@1.3", "messages": HELLO}), 403)
     assert found["code"] == "model_quarantined" and "quarantined (leaks card numbers)" in found["message"]

@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from shared.domain import events as ev
+from shared.domain import access, events as ev
+from shared.domain.access import Caller
 from shared.domain.recipe import DataSpec, Recipe, apply_overrides
-from shared.platform.auth import token_authenticator
+from shared.platform.auth import register_stack_token, token_authenticator
 from shared.platform.config import Settings, bootstrap
 
 from services.tracker.api import create_app, query_runs
 from services.tracker.lineage import record
 
-TOKEN = "t0ken"
+TOKEN = "t0ken"   # the stack's own token of these tests' stores: their admin
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SUPPORT = Recipe(name="support", version=2, base_model="tiny-random-smollm2", model_name="support")
 SUPPORT_SLOW = apply_overrides(SUPPORT, {"training.learning_rate": 5e-4, "adapter.r": 8})
@@ -95,6 +96,7 @@ class Api:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     adapters = bootstrap(Settings(state_dir=tmp_path_factory.mktemp("tracker")))
+    adapters.docs.set("tenants", "acme", {})   # created by an admin (`ftpipe tenants set acme`)
     root = adapters.store.url("ftpipe", "")
     record_runs(adapters.docs, root)
     # Redelivered and late events change nothing.
@@ -104,9 +106,24 @@ def adapters(tmp_path_factory):
     adapters.close()
 
 
+def stack_auth(docs):
+    register_stack_token(docs, TOKEN)
+    return token_authenticator(docs)
+
+
+def named(docs, name: str, *grants: tuple[str, str]) -> dict:
+    """The Authorization header of a new token `name` holding each (role, tenant)."""
+    admin = Caller(subject="token:stack", admin=True)
+    role, tenant = grants[0]
+    secret = access.create_token(docs, admin, name, role, tenant)
+    for role, tenant in grants[1:]:
+        access.grant(docs, admin, f"token:{name}", role, tenant)
+    return {"Authorization": f"Bearer {secret}"}
+
+
 @pytest.fixture(scope="module")
 def api(adapters):
-    return Api(create_app(adapters, token_authenticator(TOKEN)))
+    return Api(create_app(adapters, stack_auth(adapters.docs)))
 
 
 def ids(resp) -> list[str]:
@@ -129,9 +146,8 @@ def test_every_api_route_refuses_a_caller_without_the_token(api):
     assert api.get("/healthz", auth=None).get_json() == {"status": "ok"}
 
 
-def test_whoami(api, monkeypatch):
-    monkeypatch.setenv("USER", "ann")
-    assert api.json("/api/whoami") == {"email": "ann", "via": "token"}
+def test_whoami(api):
+    assert api.json("/api/whoami") == {"subject": "token:stack", "via": "token", "admin": True, "grants": {}}
 
 
 def test_a_write_posted_from_another_sites_page_is_refused(api):
@@ -328,8 +344,7 @@ def _pull(adapters, topic: str, service: str = "preprocess") -> list:
     return [ev.decode(m.data, m.attributes) for m in msgs]
 
 
-def test_submit_uploads_the_file_and_publishes_the_job_with_its_overrides(api, adapters, monkeypatch):
-    monkeypatch.setenv("USER", "ann")
+def test_submit_uploads_the_file_and_publishes_the_job_with_its_overrides(api, adapters):
     data = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     resp = api.post("/api/runs", data={"file": (io.BytesIO(data), "my chats.jsonl"), "recipe": "tiny-sft",
                                        "overrides": json.dumps({"training.epochs": 1, "adapter.r": 4}),
@@ -339,7 +354,7 @@ def test_submit_uploads_the_file_and_publishes_the_job_with_its_overrides(api, a
     [job] = _pull(adapters, ev.JOBS)
     assert isinstance(job, ev.JobSubmitted) and job.run_id == run_id and job.tenant == "acme" and not job.prepared
     assert job.recipe.name == "tiny-sft" and job.recipe.training.epochs == 1 and job.recipe.adapter.r == 4
-    assert job.source == {"submitted": "my chats.jsonl", "by": "ann", "from": "dashboard"}
+    assert job.source == {"submitted": "my chats.jsonl", "by": "token:stack", "from": "dashboard"}
     bucket, name = adapters.store.parse_url(job.dataset_uri)
     assert name == f"uploads/{run_id}/my_chats.jsonl" and adapters.store.read(bucket, name) == data
 
@@ -365,7 +380,7 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read(adapters, tmp_pat
     from dataclasses import replace
 
     small = replace(adapters, settings=adapters.settings.model_copy(update={"max_upload_bytes": 1000}))
-    api = Api(create_app(small, token_authenticator(TOKEN)))
+    api = Api(create_app(small, stack_auth(small.docs)))
     resp = api.post("/api/runs", data={"file": (io.BytesIO(b"x" * 2000), "big.jsonl"), "recipe": "tiny-sft"})
     assert resp.status_code == 413
     assert "1,000 bytes, FTPIPE_MAX_UPLOAD_BYTES" in resp.get_json()["error"]
@@ -397,26 +412,30 @@ def _awaiting(adapters, run_id: str) -> None:
         counts={"train": 8, "val": 1, "test": 1}, pii=PII))
 
 
-def test_privacy_approve_through_the_api_is_the_clis_sign_off(api, adapters, monkeypatch):
+@pytest.fixture(scope="module")
+def ann(adapters):
+    return named(adapters.docs, "ann", ("approver", "default"), ("approver", "acme"))
+
+
+def test_privacy_approve_through_the_api_is_the_clis_sign_off(api, adapters, ann):
     from ftpipe.client import Client
     from ftpipe.privacy import approve
 
-    monkeypatch.setenv("USER", "ann@example.com")
     _awaiting(adapters, "run-p1")
     [row] = api.json("/api/privacy")
     assert row["run_id"] == "run-p1" and row["pii"] == PII and row["residual_rate"] == 0.0005
     assert api.json("/api/datasets/d-run-p1")["privacy_review"]["status"] == "awaiting"
 
-    resp = api.post("/api/privacy/run-p1/approve", json={"note": "checked"})
+    resp = api.post("/api/privacy/run-p1/approve", json={"note": "checked"}, auth=ann)
     assert resp.status_code == 200, resp.get_json()
     signoff = resp.get_json()
-    assert signoff["approver"] == "ann@example.com" and signoff["decision"] == "approved" and signoff["note"] == "checked"
-    assert adapters.docs.get("privacy_signoffs", "run-p1")["approver"] == "ann@example.com"
+    assert signoff["approver"] == "token:ann" and signoff["decision"] == "approved" and signoff["note"] == "checked"
+    assert adapters.docs.get("privacy_signoffs", "run-p1")["approver"] == "token:ann"
     assert json.loads(adapters.store.read("ftpipe", "datasets/d-run-p1/manifest.json"))["privacy_signoff"] == signoff
     [prepared] = _pull(adapters, ev.DATASETS, "trainer")
     assert prepared.event_id == "run-p1:DatasetPrepared:0" and prepared.privacy_signoff == signoff
     # The CLI sees the same decision: the first one wins, and it republishes the identical event.
-    assert approve(Client(adapters.settings, adapters), "run-p1", "bob") == signoff
+    assert approve(Client(adapters.settings, adapters, token=TOKEN), "run-p1") == signoff
     assert _pull(adapters, ev.DATASETS, "trainer") == [prepared]
     record(adapters.docs, prepared)
     assert api.json("/api/privacy") == []
@@ -426,14 +445,13 @@ def test_privacy_approve_through_the_api_is_the_clis_sign_off(api, adapters, mon
     assert resp.status_code == 409 and "already approved" in resp.get_json()["error"]
 
 
-def test_privacy_reject_through_the_api(api, adapters, monkeypatch):
-    monkeypatch.setenv("USER", "ann@example.com")
+def test_privacy_reject_through_the_api(api, adapters, ann):
     _awaiting(adapters, "run-p2")
-    assert "'reason' is required" in api.post("/api/privacy/run-p2/reject", json={}).get_json()["error"]
-    resp = api.post("/api/privacy/run-p2/reject", json={"reason": "names left in"})
+    assert "'reason' is required" in api.post("/api/privacy/run-p2/reject", json={}, auth=ann).get_json()["error"]
+    resp = api.post("/api/privacy/run-p2/reject", json={"reason": "names left in"}, auth=ann)
     assert resp.status_code == 200 and resp.get_json()["decision"] == "rejected"
     [rejected] = _pull(adapters, ev.DATASETS, "trainer")
-    assert rejected.reason == "privacy review rejected by ann@example.com: names left in"
+    assert rejected.reason == "privacy review rejected by token:ann: names left in"
     record(adapters.docs, rejected)
     assert api.json("/api/runs/run-p2")["status"] == "failed"
     assert api.json("/api/datasets/d-run-p2")["privacy_review"]["status"] == "rejected"
@@ -503,7 +521,7 @@ def registry(tmp_path):
         for event in events:
             publish_event(adapters.bus, event)
     track()
-    yield adapters, Api(create_app(adapters, token_authenticator(TOKEN))), track
+    yield adapters, Api(create_app(adapters, stack_auth(adapters.docs))), track
     adapters.close()
 
 
@@ -526,20 +544,20 @@ def test_models_versions_and_their_bundle(registry):
                                                           "at": 0}
 
 
-def test_model_writes_act_as_the_caller_and_reach_the_runs(registry, monkeypatch):
+def test_model_writes_act_as_the_caller_and_reach_the_runs(registry):
     adapters, api, track = registry
-    monkeypatch.setenv("USER", "ann@example.com")
-    resp = api.post("/api/models/helpdesk/1.1/approve", json={"note": "spot-checked"})
+    ann = named(adapters.docs, "ann", ("approver", "default"))
+    resp = api.post("/api/models/helpdesk/1.1/approve", json={"note": "spot-checked"}, auth=ann)
     assert resp.status_code == 200, resp.get_json()
     assert resp.get_json()["status"] == "promoted" and resp.get_json()["aliases"] == ["production"]
-    assert resp.get_json()["approval"]["approver"] == "ann@example.com"
-    resp = api.post("/api/models/helpdesk/1.2/approve", json={})
+    assert resp.get_json()["approval"]["approver"] == "token:ann"
+    resp = api.post("/api/models/helpdesk/1.2/approve", json={}, auth=ann)
     assert resp.get_json()["status"] == "promoted"   # allocated later: it takes production
     track()
     assert api.json("/api/runs/run-m1")["model"]["status"] == "archived"   # superseded by 1.2
     run = api.json("/api/runs/run-m2")
-    assert run["model"]["status"] == "promoted" and run["model"]["approval"]["approver"] == "ann@example.com"
-    assert run["model"]["promotions"]["production"]["actor"] == "ann@example.com"
+    assert run["model"]["status"] == "promoted" and run["model"]["approval"]["approver"] == "token:ann"
+    assert run["model"]["promotions"]["production"]["actor"] == "token:ann"
 
     resp = api.post("/api/models/helpdesk/rollback", json={})
     assert resp.status_code == 200 and resp.get_json()["version"] == "1.1" and resp.get_json()["status"] == "promoted"
