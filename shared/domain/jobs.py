@@ -177,8 +177,6 @@ def submit(docs: DocStore, store: ObjectStore, bus: Bus, bucket: str, caller: Ca
     check_job(job)
     recipe, tenant = authorize_job(docs, caller, job["recipe"], job.get("overrides"), job.get("tenant"))
     dataset = job["dataset"]
-    if "://" in dataset:
-        check_dataset_tenant(docs, store, dataset, tenant)
     run_id = job.get("run_id") or ev.derive_run_id("submit", recipe.hash, dataset, uuid.uuid4().hex)
     prepared = bool(job.get("prepared", False))
     if prepared and recipe.data.privacy_review and "://" not in dataset:
@@ -186,6 +184,8 @@ def submit(docs: DocStore, store: ObjectStore, bus: Bus, bucket: str, caller: Ca
                        "prepared folder has none. Submit the raw data (dataset: the file, prepared: false) "
                        "so it is prepared and reviewed, or the store URL of a dataset already signed off")
     dataset_uri = _stage_dataset(store, bucket, dataset, run_id, prepared)
+    if "://" in dataset and not caller.admin:
+        check_dataset_tenant(docs, store, dataset, tenant)
     source = {**(source if source is not None else {"submitted": dataset}), "by": caller.subject}
     publish_event(bus, ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=dataset_uri, prepared=prepared,
                                        tenant=tenant, source=source))

@@ -11,6 +11,7 @@ from shared.domain.jobs import JobError, submit
 from shared.domain.recipe import RecipeError, parse_recipe
 from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import Context
+from tests.unit.governance import ADMIN
 
 from services.preprocess import formats
 from services.preprocess.job import _capped_lines
@@ -89,5 +90,5 @@ def test_unsafe_drop_names_are_refused_with_the_reason(ctx, name, says):
 def test_a_job_with_a_dataset_url_outside_the_store_is_refused(ctx, url):
     store = ctx.adapters.store
     with pytest.raises(JobError, match="is not an object of this store"):
-        submit(store, ctx.adapters.bus, "ftpipe", {"recipe": "tiny-sft",
+        submit(ctx.adapters.docs, store, ctx.adapters.bus, "ftpipe", ADMIN, {"recipe": "tiny-sft",
                                                    "dataset": url.format(root=store.root.as_uri())})
