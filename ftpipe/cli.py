@@ -370,6 +370,14 @@ def cmd_tenants(args) -> int:
         for t in rows if not args.json else ():
             _print_tenant(t)
         return 0
+    if args.action == "reindex":
+        result = client.reindex_tenants()
+        if args.json:
+            _print_json(result)
+        else:
+            err.print(f"recounted {result['runs']} runs into {result['tenants']} tenant_stats documents"
+                      + (f"; removed those of {', '.join(result['removed'])}" if result["removed"] else ""))
+        return 0
     if not args.tenant:
         raise UsageError(f"tenants {args.action} needs a TENANT name; `ftpipe tenants list` shows those with a quota")
     if args.action == "set":
@@ -706,8 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic")
     p.add_argument("--message-id", help="replay only this message")
     p.add_argument("--json", action="store_true")
-    p = add("tenants", cmd_tenants, "per-tenant quotas: list, show one with its usage, or set its limits")
-    p.add_argument("action", choices=["list", "show", "set"])
+    p = add("tenants", cmd_tenants, "per-tenant quotas: list, show one with its usage, or set its limits; "
+            "reindex: recount the per-tenant totals of GET /api/tenants from the runs")
+    p.add_argument("action", choices=["list", "show", "set", "reindex"])
     p.add_argument("tenant", nargs="?")
     p.add_argument("--max-concurrent", metavar="N", help="set: runs training at once (a number, or 'unlimited')")
     p.add_argument("--gpu-hours-per-month", metavar="H",

@@ -140,6 +140,12 @@ class Client:
         set_quota(self.adapters.docs, name, **limits)
         return self.tenant(name)
 
+    def reindex_tenants(self) -> dict:
+        """Recount tenant_stats (what GET /api/tenants reads) from the runs: {tenants, runs, removed}."""
+        from shared.domain.tenant_stats import rebuild
+
+        return rebuild(self.adapters.docs)
+
     # ------------------------------------------------------------ dead letters
     def dlq_list(self, topic: str | None = None) -> list[dict]:
         out = []

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared.domain import jobs, model_registry, privacy
 from shared.domain.recipe import RecipeError, available_recipes, load_recipe
+from shared.domain.tenant_stats import TENANT_STATS
 from shared.platform.auth import Authenticator
 from shared.platform.config import Adapters
 from shared.platform.ports import ObjectNotFound
@@ -284,7 +285,7 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     # ------------------------------------------------------------------ tenants, privacy, recipes
     @app.get("/api/tenants")
     def tenants():
-        return jsonify(aggregates.tenants(doc for _, doc in docs.query(RUNS)))
+        return jsonify(aggregates.tenant_rows(doc for _, doc in docs.query(TENANT_STATS)))
 
     @app.get("/api/privacy")
     def awaiting_review():
