@@ -443,9 +443,11 @@ def _print_tenant(t: dict) -> None:
     def shown(limit):
         return "unlimited" if limit is None else f"{limit:g}"
 
+    cost_limit = t.get("cost_usd_per_month")
     out.print(f"[bold]{escape(t['tenant'])}[/bold]  concurrent jobs {len(t['running'])} / "
               f"{shown(t['max_concurrent_jobs'])}   GPU-hours {t['month']} {t['gpu_hours_used']:g} / "
-              f"{shown(t['gpu_hours_per_month'])}")
+              f"{shown(t['gpu_hours_per_month'])}   cost {t['month']} ${t.get('cost_usd_used', 0):.2f} / "
+              f"{'unlimited' if cost_limit is None else f'${cost_limit:g}'}")
     for run_id in t["running"]:
         out.print(f"  training: {run_id}")
 
@@ -458,21 +460,37 @@ def cmd_tenants(args) -> int:
             _print_json(rows)
         elif not rows:
             err.print("no tenant has a quota (every tenant is unlimited); set one with "
-                      "`ftpipe tenants set TENANT --max-concurrent N --gpu-hours-per-month H`")
+                      "`ftpipe tenants set TENANT --max-concurrent N --gpu-hours-per-month H --cost-per-month USD`")
         for t in rows if not args.json else ():
             _print_tenant(t)
+        return 0
+    if args.action == "reindex":
+        result = client.reindex_tenants()
+        if args.json:
+            _print_json(result)
+        else:
+            err.print(f"recounted {result['runs']} runs into {result['tenants']} tenant_stats documents"
+                      + (f"; removed those of {', '.join(result['removed'])}" if result["removed"] else ""))
         return 0
     if not args.tenant:
         raise UsageError(f"tenants {args.action} needs a TENANT name; `ftpipe tenants list` shows those with a quota")
     if args.action == "set":
-        if args.max_concurrent is None and args.gpu_hours_per_month is None:
-            raise UsageError("tenants set needs --max-concurrent N and/or --gpu-hours-per-month H "
-                             "(a number, or 'unlimited')")
+        given = [v is not None for v in (args.max_concurrent, args.gpu_hours_per_month, args.cost_per_month)]
+        if args.unlimited and any(given):
+            raise UsageError("tenants set --unlimited lifts every limit: give it alone, or give the limits "
+                             "(a number, or 'unlimited' each)")
+        if not args.unlimited and not any(given):
+            raise UsageError("tenants set needs --max-concurrent N, --gpu-hours-per-month H and/or --cost-per-month "
+                             "USD (a number, or 'unlimited'), or --unlimited")
         limits = {}
+        if args.unlimited:
+            limits = {"max_concurrent_jobs": None, "gpu_hours_per_month": None, "cost_usd_per_month": None}
         if args.max_concurrent is not None:
             limits["max_concurrent_jobs"] = _limit("--max-concurrent", args.max_concurrent, int)
         if args.gpu_hours_per_month is not None:
             limits["gpu_hours_per_month"] = _limit("--gpu-hours-per-month", args.gpu_hours_per_month, float)
+        if args.cost_per_month is not None:
+            limits["cost_usd_per_month"] = _limit("--cost-per-month", args.cost_per_month, float)
         row = client.set_tenant_quota(args.tenant, **limits)
     else:
         row = client.tenant(args.tenant)
@@ -807,12 +825,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic")
     p.add_argument("--message-id", help="replay only this message")
     p.add_argument("--json", action="store_true")
-    p = add("tenants", cmd_tenants, "per-tenant quotas: list, show one with its usage, or set its limits")
-    p.add_argument("action", choices=["list", "show", "set"])
+    p = add("tenants", cmd_tenants, "per-tenant quotas: list, show one with its usage, or set its limits; "
+            "reindex: recount the per-tenant totals of GET /api/tenants from the runs")
+    p.add_argument("action", choices=["list", "show", "set", "reindex"])
     p.add_argument("tenant", nargs="?")
     p.add_argument("--max-concurrent", metavar="N", help="set: runs training at once (a number, or 'unlimited')")
     p.add_argument("--gpu-hours-per-month", metavar="H",
                    help="set: GPU-hours per calendar month, UTC (a number, or 'unlimited')")
+    p.add_argument("--cost-per-month", metavar="USD",
+                   help="set: USD per calendar month, UTC, at the recipes' GPU prices (a number, or 'unlimited')")
+    p.add_argument("--unlimited", action="store_true",
+                   help="set: lift every limit; the tenant is listed, explicitly unlimited")
     p.add_argument("--json", action="store_true")
     p = add("tokens", cmd_tokens, "named local tokens (admin): create one with a role, list, revoke")
     p.add_argument("action", choices=["create", "list", "revoke"])

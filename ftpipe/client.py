@@ -190,20 +190,28 @@ class Client:
 
     def tenant(self, name: str) -> dict:
         """A tenant's quota (None: unlimited) and what it uses now: the runs training, the GPU-hours
-        of this calendar month (UTC)."""
-        from services.trainer.quota import gpu_hours_used, month_of, running_runs
+        and the USD of this calendar month (UTC)."""
+        from services.trainer.quota import month_of, running_runs, usage
 
         docs, now = self.adapters.docs, time.time()
         quota, month = get_quota(docs, name), month_of(now)
+        gpu_hours, cost = usage(docs, name, month)
         return {"tenant": name, **quota.describe(), "running": running_runs(docs, name, now), "month": month,
-                "gpu_hours_used": round(gpu_hours_used(docs, name, month), 3)}
+                "gpu_hours_used": round(gpu_hours, 3), "cost_usd_used": round(cost, 4)}
 
     def set_tenant_quota(self, name: str, **limits) -> dict:
-        """Change the given limits (max_concurrent_jobs, gpu_hours_per_month; None: unlimited); an
-        admin's, and how a tenant comes to exist."""
+        """Change the given limits (max_concurrent_jobs, gpu_hours_per_month, cost_usd_per_month; None:
+        unlimited); an admin's, and how a tenant comes to exist."""
         access.require(self.caller, "admin", to=f"set tenant {name}'s quota")
         set_quota(self.adapters.docs, name, **limits)
         return self.tenant(name)
+
+    def reindex_tenants(self) -> dict:
+        """Recount tenant_stats (what GET /api/tenants reads) from the runs: {tenants, runs, removed}."""
+        from shared.domain.tenant_stats import rebuild
+
+        access.require(self.caller, "admin", to="recount the tenants' totals")
+        return rebuild(self.adapters.docs)
 
     # ------------------------------------------------------------ dead letters
     def dlq_list(self, topic: str | None = None) -> list[dict]:

@@ -3,10 +3,9 @@ call them without a store. Per-tenant aggregates, the dataset funnel, run compar
 graph of a model version, and the recipes' form for the no-code path."""
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Iterable
 
-from shared.domain.jobs import TERMINAL
+from shared.domain import tenant_stats
 from shared.domain.recipe import Recipe
 
 # The hyperparameters the dashboard's no-code form offers (POST /api/runs `overrides`).
@@ -97,25 +96,21 @@ def dataset_view(doc: dict, manifest: dict | None = None) -> dict:
 def tenants(runs: Iterable[dict]) -> list[dict]:
     """Per tenant: jobs by status, success rate (succeeded / (succeeded + failed); cancelled runs
     count neither way; None before any ended), GPU-hours and USD spent training (the trainer's
-    figures, folded into each run's `cost`)."""
-    table: dict[str, dict] = defaultdict(lambda: {"jobs": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
-                                                  "running": 0, "queued": 0, "gpu_hours": 0.0, "cost_usd": 0.0})
-    for run in runs:
-        row = table[run.get("tenant") or "default"]
-        row["jobs"] += 1
-        status = run.get("status")
-        if status in TERMINAL or status == "running":
-            row[status] += 1
-        else:  # validating, queued: not training yet
-            row["queued"] += 1
-        cost = run.get("cost") or {}
-        row["gpu_hours"] += cost.get("gpu_hours") or 0.0
-        row["cost_usd"] += cost.get("so_far_usd") or 0.0
+    figures, folded into each run's `cost`). A recount over the runs; the API reads the same
+    figures kept up to date in tenant_stats (`tenant_rows`)."""
+    return tenant_rows({"tenant": tenant, **counts} for tenant, counts in tenant_stats.totals(runs).items())
+
+
+def tenant_rows(stats: Iterable[dict]) -> list[dict]:
+    """`tenants`' answer from tenant_stats documents (shared/domain/tenant_stats.py), by tenant name."""
     out = []
-    for tenant, row in sorted(table.items()):
+    for doc in sorted(stats, key=lambda d: d["tenant"]):
+        if doc.get("jobs", 0) <= 0:
+            continue
+        row = {k: int(doc.get(k, 0)) for k in ("jobs", "succeeded", "failed", "cancelled", "running", "queued")}
         ended = row["succeeded"] + row["failed"]
-        out.append({"tenant": tenant, **row, "gpu_hours": round(row["gpu_hours"], 4),
-                    "cost_usd": round(row["cost_usd"], 4),
+        out.append({"tenant": doc["tenant"], **row, "gpu_hours": round(doc.get("gpu_hours_e6", 0) / 1e6, 4),
+                    "cost_usd": round(doc.get("cost_usd_e6", 0) / 1e6, 4),
                     "success_rate": round(row["succeeded"] / ended, 4) if ended else None})
     return out
 

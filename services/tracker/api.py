@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from shared.domain import access, jobs, model_policy, model_registry, privacy
 from shared.domain.access import Caller, require
 from shared.domain.recipe import RecipeError, available_recipes, load_recipe
+from shared.domain.tenant_stats import TENANT_STATS
 from shared.platform.auth import Authenticator
 from shared.platform.config import Adapters
 from shared.platform.ports import ObjectNotFound
@@ -350,7 +351,8 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     # ------------------------------------------------------------------ tenants, privacy, recipes
     @app.get("/api/tenants")
     def tenants():
-        return jsonify([t for t in aggregates.tenants(doc for _, doc in docs.query(RUNS)) if visible(t.get("tenant"))])
+        return jsonify([t for t in aggregates.tenant_rows(doc for _, doc in docs.query(TENANT_STATS))
+                        if visible(t.get("tenant"))])
 
     @app.get("/api/privacy")
     def awaiting_review():

@@ -8,6 +8,8 @@ metrics/{run_id}:{step}           one row per training step (deterministic ids: 
 run_recipes/{run_id}              the run's resolved recipe (what compare diffs), written once
 datasets/{dataset_id}             prepared datasets: counts per stage, PII figures, tokens, cost
                                   estimate, privacy review, and the runs that used them
+tenant_stats/{tenant}             the tenant's runs by status, GPU-hours and cost, kept in the same
+                                  transaction as each run change (shared/domain/tenant_stats.py)
 
 The model version of a run is the registry's (model_versions/{name}@{version}, shared/domain/model_registry.py);
 the run document keeps a copy of its name, version and status, folded from the `models` events.
@@ -19,6 +21,7 @@ import time
 
 from shared.domain import events as ev
 from shared.domain.jobs import RUNS, TERMINAL
+from shared.domain.tenant_stats import apply_change as count_tenant_change
 from shared.platform.documents import deep_merge
 
 RUN_EVENTS, METRICS, DATASETS, SEEN, RECIPES = "run_events", "metrics", "datasets", "run_event_ids", "run_recipes"
@@ -218,8 +221,9 @@ def record(docs, event: ev.Event) -> bool:
             return False
         if isinstance(event, ev.MessageDeadLettered) and txn.get(RUNS, event.run_id) is None:
             return False  # a poison message's run_id attribute: no run of ours to mark
-        before = txn.get(RUNS, event.run_id) or {"run_id": event.run_id, "status": "validating",
-                                                 "sub_state": "preparing_data", "created_at": time.time(), "seq": 0}
+        stored = txn.get(RUNS, event.run_id)
+        before = stored or {"run_id": event.run_id, "status": "validating", "sub_state": "preparing_data",
+                            "created_at": time.time(), "seq": 0}
         dataset_id = _dataset_id(before, event)
         dataset = txn.get(DATASETS, dataset_id) if dataset_id else None
         keep_recipe = recipe is not None and txn.get(RECIPES, event.run_id) is None
@@ -227,6 +231,7 @@ def record(docs, event: ev.Event) -> bool:
         seq = before.get("seq", 0) + 1
         run = deep_merge(before, fold(before, event, now))
         run.update(seq=seq, updated_at=now, last_event=event.type)
+        count_tenant_change(txn, stored, run)
         txn.set(RUNS, event.run_id, run)
         txn.set(RUN_EVENTS, f"{event.run_id}:{seq:06d}", {"run_id": event.run_id, "seq": seq, "type": event.type,
                                                            "event_id": event.event_id, "at": now,

@@ -13,17 +13,25 @@ few seconds and at the end. The writes set values rather than add them, so they 
 worker that dies loses at most one interval. A month's use is the sum over the tenant's documents
 of seconds x the recipe's GPUs (hardware.total_gpus) / 3600; the quota refuses new runs once it is
 used up (a running run is not stopped: budget.max_cost bounds one run).
+
+Cost: each usage document also keeps the recipe's price per GPU-hour (hardware.gpu_price: the
+recipe's `price_per_gpu_hour`, else GPU_TABLE's), so a month's spend is the sum of seconds / 3600 x
+GPUs x price (documents written before prices were recorded count no cost). The quota refuses a
+run when the month's spend plus the run's estimate (`estimated_cost`: the prepared dataset's
+cost estimate, else the recipe's budget.max_cost, else nothing) would pass it. Only what has been
+metered counts as spent: the rest of runs still training is not reserved.
 """
 from __future__ import annotations
 
 import calendar
+import json
 import logging
 import threading
 import time
 import uuid
 
 from shared.domain.tenants import TenantError, get_quota
-from shared.platform.ports import DocStore
+from shared.platform.ports import DocStore, ObjectNotFound, ObjectStore
 
 from services.trainer.lease import LEASES
 
@@ -59,9 +67,39 @@ def split_by_month(start: float, end: float) -> dict[str, float]:
     return out
 
 
+def usage(docs: DocStore, tenant: str, month: str) -> tuple[float, float]:
+    """The tenant's (GPU-hours, USD) of the month, from its gpu_usage documents."""
+    hours = cost = 0.0
+    for _, doc in docs.query(GPU_USAGE, where=[("tenant", "==", tenant), ("month", "==", month)]):
+        gpu_hours = sum(doc.get("seconds", {}).values()) * doc.get("gpus", 1) / 3600
+        hours += gpu_hours
+        cost += gpu_hours * (doc.get("price_per_gpu_hour") or 0.0)
+    return hours, cost
+
+
 def gpu_hours_used(docs: DocStore, tenant: str, month: str) -> float:
-    rows = docs.query(GPU_USAGE, where=[("tenant", "==", tenant), ("month", "==", month)])
-    return sum(sum(doc.get("seconds", {}).values()) * doc.get("gpus", 1) for _, doc in rows) / 3600
+    return usage(docs, tenant, month)[0]
+
+
+def cost_used(docs: DocStore, tenant: str, month: str) -> float:
+    return usage(docs, tenant, month)[1]
+
+
+def estimated_cost(store: ObjectStore, dataset_uri: str, recipe) -> tuple[float, str]:
+    """(USD, where the figure comes from) that a run is expected to cost, for the cost quota: the
+    estimate preprocess wrote into the prepared dataset's manifest.json, else the recipe's
+    budget.max_cost, else 0 (nothing known: only the month's spend is checked)."""
+    try:
+        bucket, prefix = store.parse_url(dataset_uri)
+        manifest = json.loads(store.read(bucket, f"{prefix.rstrip('/')}/manifest.json"))
+        cost = (manifest.get("cost_estimate") or {}).get("cost")
+    except (ObjectNotFound, ValueError, AttributeError):  # no readable manifest: the run's own checks say so later
+        cost = None
+    if isinstance(cost, (int, float)) and cost >= 0:
+        return float(cost), "the dataset's cost estimate"
+    if recipe.budget.max_cost is not None:
+        return float(recipe.budget.max_cost), "the recipe's budget.max_cost"
+    return 0.0, "no estimate"
 
 
 def _live(lease: dict | None, now: float) -> bool:
@@ -75,15 +113,18 @@ def running_runs(docs: DocStore, tenant: str, now: float | None = None) -> list[
     return sorted(r for r in runs if _live(docs.get(LEASES, r), now))
 
 
-def admit(docs: DocStore, tenant: str, run_id: str, gpus: int, now: float | None = None) -> None:
-    """Admit the run or raise OverQuota (module docstring)."""
+def admit(docs: DocStore, tenant: str, run_id: str, gpus: int, now: float | None = None, *,
+          estimate_usd: float = 0.0, estimate_from: str = "no estimate") -> None:
+    """Admit the run or raise OverQuota (module docstring). `estimate_usd`: what the run is
+    expected to cost (`estimated_cost`), `estimate_from` says where that figure comes from."""
     now = time.time() if now is None else now
     try:
         quota = get_quota(docs, tenant)
     except TenantError as exc:
         raise OverQuota(str(exc)) from exc
     month = month_of(now)
-    used = gpu_hours_used(docs, tenant, month) if quota.gpu_hours_per_month is not None else 0.0
+    limited = quota.gpu_hours_per_month is not None or quota.cost_usd_per_month is not None
+    used, spent = usage(docs, tenant, month) if limited else (0.0, 0.0)
 
     def check_and_take(txn) -> None:
         if txn.get(ADMISSIONS, run_id) is not None:
@@ -95,6 +136,13 @@ def admit(docs: DocStore, tenant: str, run_id: str, gpus: int, now: float | None
                 f"tenant {tenant!r} has used {used:.2f} of its {quota.gpu_hours_per_month:g} GPU-hours for {month} "
                 f"(UTC months); the quota renews next month, or raise it with "
                 f"`ftpipe tenants set {tenant} --gpu-hours-per-month H` and submit the job again")
+        cost_quota = quota.cost_usd_per_month
+        if cost_quota is not None and (spent >= cost_quota or spent + estimate_usd > cost_quota):
+            raise OverQuota(
+                f"tenant {tenant!r} has spent ${spent:.2f} of its ${cost_quota:g} cost quota for {month} (UTC months) "
+                f"and this run is estimated at ${estimate_usd:.2f} ({estimate_from}): ${spent + estimate_usd:.2f} "
+                f"would pass it; the quota renews next month, or raise it with "
+                f"`ftpipe tenants set {tenant} --cost-per-month USD` and submit the job again")
         if quota.max_concurrent_jobs is not None and len(live) >= quota.max_concurrent_jobs:
             raise OverQuota(
                 f"tenant {tenant!r} already has {len(live)} of its {quota.max_concurrent_jobs} concurrent training "
@@ -110,8 +158,10 @@ class UsageMeter:
     """Records the GPU time of one attempt at a run (module docstring) every `interval_s` on a
     thread, and once more at the end of the block."""
 
-    def __init__(self, docs: DocStore, run_id: str, tenant: str, gpus: int, interval_s: float):
+    def __init__(self, docs: DocStore, run_id: str, tenant: str, gpus: int, interval_s: float, *,
+                 price_per_gpu_hour: float | None = None):
         self.docs, self.run_id, self.tenant, self.gpus, self.interval_s = docs, run_id, tenant, gpus, interval_s
+        self.price_per_gpu_hour = price_per_gpu_hour   # USD (hardware.gpu_price); None: not costed
         self.attempt = uuid.uuid4().hex[:12]
         self.started = time.time()
         self._stop = threading.Event()
@@ -122,6 +172,7 @@ class UsageMeter:
         for month, seconds in split_by_month(self.started, now).items():
             self.docs.merge(GPU_USAGE, f"{self.run_id}:{month}",
                             {"tenant": self.tenant, "run_id": self.run_id, "month": month, "gpus": self.gpus,
+                             "price_per_gpu_hour": self.price_per_gpu_hour,
                              "seconds": {self.attempt: round(seconds, 3)}})
 
     def _run(self) -> None:

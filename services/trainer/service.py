@@ -19,7 +19,7 @@ from shared.platform.runtime import Context, Reject, Retry, Service
 from shared.platform.storage import download_dir, upload_dir
 
 from services.trainer.lease import Heartbeat, Lease, LeaseHeld
-from services.trainer.quota import OverQuota, UsageMeter, admit
+from services.trainer.quota import OverQuota, UsageMeter, admit, estimated_cost
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 COMPLETE = "COMPLETE"          # written last into a checkpoint or adapter folder: it is whole
@@ -142,7 +142,8 @@ def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: st
         if (events := _admit(run)) is not None:
             return events
         with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp, Heartbeat(lease) as beat, \
-                UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3):
+                UsageMeter(ctx.docs, run_id, tenant, recipe.hardware.total_gpus, ctx.settings.trainer_lease_s / 3,
+                           price_per_gpu_hour=recipe.hardware.gpu_price):
             _fetch_inputs(run, Path(tmp))
             if (events := _verify_inputs(run)) is not None:
                 return events
@@ -215,7 +216,9 @@ def _take_lease(run: _Run) -> Lease:
 def _admit(run: _Run) -> list | None:
     """The tenant's quota admits the run, or it fails as over quota."""
     try:
-        admit(run.ctx.docs, run.tenant, run.run_id, run.recipe.hardware.total_gpus)
+        estimate, source = estimated_cost(run.ctx.store, run.dataset_uri, run.recipe)
+        admit(run.ctx.docs, run.tenant, run.run_id, run.recipe.hardware.total_gpus, estimate_usd=estimate,
+              estimate_from=source)
     except OverQuota as exc:
         run.ctx.log.warning("refused: %s", exc)
         run.tell(Plan("done"))

@@ -273,10 +273,14 @@ def cancel(docs: DocStore, caller: Caller, run_id: str) -> dict:
         raise JobError(f"run {run_id} already ended ({run['status']})", status=409)
     docs.set(CANCELLATIONS, run_id, {"requested_at": time.time()})
 
+    from shared.domain.tenant_stats import apply_change
+
     def mark(txn):
         doc = txn.get(RUNS, run_id)
         if doc.get("status") not in TERMINAL:
+            before = dict(doc)
             doc.update(status="cancelled", sub_state="done", error="cancelled by request")
+            apply_change(txn, before, doc)
             txn.set(RUNS, run_id, doc)
         return doc
     return docs.transaction(mark)
@@ -285,15 +289,19 @@ def cancel(docs: DocStore, caller: Caller, run_id: str) -> dict:
 def mark_replayed(docs: DocStore, run_id: str, message_id: str) -> None:
     """`ftpipe dlq replay` of a message of this run: a run the dead letter had failed is back in the
     state it was in, and a notice of that message the tracker has not folded yet will not fail it."""
+    from shared.domain.tenant_stats import apply_change
+
     def mark(txn):
         run = txn.get(RUNS, run_id)
         if run is None:
             return
+        before = {**run}
         dead_letter = run.setdefault("dead_letter", {})
         dead_letter.setdefault("replayed", {})[message_id] = time.time()
         if dead_letter.get("active") and dead_letter.get("message_id") == message_id:
             run.update(status=dead_letter.get("previous_status", "running"), error=None)
             dead_letter["active"] = False
+        apply_change(txn, before, run)
         txn.set(RUNS, run_id, run)
     docs.transaction(mark)
 

@@ -1,8 +1,9 @@
 """Per-tenant quotas, shared by the CLI that sets them (`ftpipe tenants`) and the trainer that
 enforces them (services/trainer/quota.py).
 
-A quota lives in `tenants/{tenant}`: the most runs the tenant may have training at once and the
-GPU-hours it may use per calendar month (UTC). A missing document, or a missing limit, is unlimited.
+A quota lives in `tenants/{tenant}`: the most runs the tenant may have training at once, and the
+GPU-hours and the USD (at the recipes' GPU prices) it may use per calendar month (UTC). A missing
+document, or a missing limit, is unlimited; `ftpipe tenants set T --unlimited` says so explicitly.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ class Quota(BaseModel):
     model_config = ConfigDict(extra="ignore")
     max_concurrent_jobs: int | None = Field(default=None, ge=0)                   # None: unlimited
     gpu_hours_per_month: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # None: unlimited
+    cost_usd_per_month: float | None = Field(default=None, ge=0, allow_inf_nan=False)   # None: unlimited
 
     def describe(self) -> dict:
-        return {"max_concurrent_jobs": self.max_concurrent_jobs, "gpu_hours_per_month": self.gpu_hours_per_month}
+        return {"max_concurrent_jobs": self.max_concurrent_jobs, "gpu_hours_per_month": self.gpu_hours_per_month,
+                "cost_usd_per_month": self.cost_usd_per_month}
 
 
 class TenantError(ValueError):
