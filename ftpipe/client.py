@@ -113,6 +113,11 @@ class Client:
         return model_registry.quarantine(self.adapters.docs, self.adapters.bus, name, version, actor=actor,
                                          reason=reason)
 
+    def seal_model(self, name: str, version: str, *, actor: str) -> dict:
+        """Record the bucket copy's digests of a version registered without them (an admin's step, after
+        checking the copy): model_registry.seal."""
+        return model_registry.seal(self.adapters.docs, self.adapters.store, name, version, actor=actor)
+
     def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
                      adapter: bool = True) -> dict:
         from shared.domain.model_export import export_version

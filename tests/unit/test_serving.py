@@ -52,9 +52,11 @@ def loras(tmp_path_factory) -> list[Path]:
     return out
 
 
-def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, approval=False, base=TINY) -> str:
+def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, approval=False, base=TINY,
+                digests=True) -> str:
     """A version as the registry leaves it: adapter files and bundle.json (with their sha256) in the
-    store, the documents written by allocate_version / register_version."""
+    store, the documents written by allocate_version / register_version, with the digests of the
+    adapter files and of bundle.json (`digests` False: a version registered before they were kept)."""
     version = reg.allocate_version(adapters.docs, name, run_id, base)
     prefix = f"models/{name}/{version}"
     files = []
@@ -62,11 +64,13 @@ def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, ap
         data = path.read_bytes()
         adapters.store.write(BUCKET, f"{prefix}/adapter/{path.name}", data)
         files.append({"name": f"adapter/{path.name}", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-    adapters.store.write(BUCKET, f"{prefix}/bundle.json", json.dumps({"name": name, "version": version,
-                                                                      "files": files}).encode())
+    bundle = json.dumps({"name": name, "version": version, "files": files}).encode()
+    adapters.store.write(BUCKET, f"{prefix}/bundle.json", bundle)
     doc = {"name": name, "version": version, "run_id": run_id, "uri": adapters.store.url(BUCKET, prefix + "/"),
            "base_model": base, "base_model_sha256": base_sha256(base),
            "evaluation": {"passed": passed}}
+    if digests:
+        doc.update(adapter_files=files, bundle_sha256=hashlib.sha256(bundle).hexdigest())
     reg.register_version(adapters.docs, doc, passed=passed, reasons=[] if passed else ["worse than base"],
                          approval=approval)
     return version
