@@ -205,6 +205,7 @@ def create_app(engine: Engine, router: Router, authenticate: Authenticator, metr
                                f"({max_tokens_limit}, ftpipe serve --max-tokens-limit)", "max_tokens")
         prompt_ids = prompt_ids_of()
         engine.check_length(prompt_ids, max_tokens)
+        engine.fetch(target)
         sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stops(),
                             seed=req.seed)
         shape = _Shape(kind, target.label)

@@ -349,6 +349,44 @@ def test_metrics_count_requests_tokens_and_latency_per_adapter(stack):
     assert metric(stack, "ftpipe_serving_tokens_per_second_sum", model=NAME, version="1.2") > 0
 
 
+def test_an_adapter_rewritten_with_its_bundle_in_the_bucket_is_refused_and_the_others_serve(stack, loras, caplog):
+    """A writer of the bucket swaps 1.2's weights for other valid ones and rewrites bundle.json to
+    match: the registry's digests catch it; the server says so, logs it and serves everything else."""
+    prefix = f"models/{NAME}/1.2"
+    other = (loras[0] / "adapter_model.safetensors").read_bytes()
+    stack.adapters.store.write(BUCKET, f"{prefix}/adapter/adapter_model.safetensors", other)
+    bundle = json.loads(stack.adapters.store.read(BUCKET, f"{prefix}/bundle.json"))
+    for entry in bundle["files"]:
+        if entry["name"] == "adapter/adapter_model.safetensors":
+            entry.update(sha256=hashlib.sha256(other).hexdigest(), size=len(other))
+    stack.adapters.store.write(BUCKET, f"{prefix}/bundle.json", json.dumps(bundle).encode())
+
+    for stream in (False, True):   # streamed too: refused before the response starts
+        found = error(stack.post("/v1/chat/completions", {"model": f"{NAME}@1.2", "messages": HELLO,
+                                                          "stream": stream}), 409)
+        assert found["code"] == "model_integrity" and "bundle.json was altered after registration" in found["message"]
+    assert (NAME, "1.2") not in stack.engine.loaded
+    assert any(r.getMessage().startswith("adapter refused: ") and r.levelname == "ERROR" for r in caplog.records)
+    assert metric(stack, "ftpipe_serving_requests_total", model=NAME, version="1.2", status="409") == 2
+    assert stack.chat(f"{NAME}@1.1")["model"] == f"{NAME}@1.1"          # an untouched version loads
+    # Approved into production, the tampered version is not preloaded either (logged, not crashed).
+    reg.approve(stack.adapters.docs, stack.adapters.bus, NAME, "1.2", approver="ann")
+    wait_for(lambda: stack.server.router.view._models.get(NAME) is None
+             or stack.server.router.view.model(NAME)["aliases"]["production"] == "1.2", "the promotion event")
+    assert error(stack.post("/v1/chat/completions", {"model": NAME, "messages": HELLO}), 409)["code"] == \
+        "model_integrity"
+    assert requests.get(stack.server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_version_registered_without_digests_is_refused_until_sealed(stack, loras):
+    add_version(stack.adapters, "legacy-bot", "l1", loras[0], digests=False)
+    found = error(stack.post("/v1/chat/completions", {"model": "legacy-bot", "messages": HELLO}), 409)
+    assert found["code"] == "model_unverified" and "`ftpipe models seal legacy-bot 1.1`" in found["message"]
+    reg.seal(stack.adapters.docs, stack.adapters.store, "legacy-bot", "1.1", actor="root")
+    # No restart, no event: the download is checked against the registry's current document.
+    assert stack.chat("legacy-bot")["model"] == "legacy-bot@1.1"
+
+
 def test_ftpipe_serve_serves_until_sigterm(tmp_path, loras):
     """The CLI command in this process (its imports are paid already): it serves, then returns 0 on
     SIGTERM, which a helper thread sends once a request went through."""
