@@ -387,6 +387,44 @@ def test_a_version_registered_without_digests_is_refused_until_sealed(stack, lor
     assert stack.chat("legacy-bot")["model"] == "legacy-bot@1.1"
 
 
+def test_unknown_model_names_add_no_metric_label_values(stack):
+    """Refused requests are counted by what the registry knows, never by what a body says."""
+    import random
+    import string
+
+    def label_values() -> set[tuple[str, str]]:
+        return {(k, v) for family in stack.server.metrics.registry.collect() for sample in family.samples
+                for k, v in sample.labels.items()}
+
+    rng = random.Random(21)
+
+    def garbage() -> str:
+        return "".join(rng.choices(string.ascii_letters + string.digits + "-_.@", k=rng.randint(1, 40)))
+
+    session = requests.Session()
+    session.headers.update(stack.auth)
+
+    def ask(model: str, **extra) -> None:
+        path = rng.choice(["/v1/chat/completions", "/v1/completions"])
+        body = {"model": model, "messages": HELLO, "prompt": "Hi", "max_tokens": 1, **extra}
+        assert session.post(stack.server.url + path, json=body, timeout=30).status_code in (400, 403, 404)
+
+    ask("no-such-bot")
+    ask(f"{NAME}@9.9")
+    ask(f"{NAME}@1.4")                                      # a known, quarantined version: its own label
+    ask("no-such-bot", n=2)                                 # a 400: statuses are a fixed set too
+    before = label_values()
+    for i in range(1000):
+        name = garbage()
+        ask(rng.choice([name, f"{NAME}@{name}", f"{name}@1.1", f"{name}@production"]),
+            **({"n": 2} if i % 5 == 0 else {}))             # refused for its body, before any routing too
+    assert label_values() == before
+    assert ("version", "1.4") in before and ("model", "unknown") in before
+    total = metric(stack, "ftpipe_serving_requests_total")
+    assert total == 1004 and metric(stack, "ftpipe_serving_requests_total", model="unknown") + metric(
+        stack, "ftpipe_serving_requests_total", model=NAME) == total
+
+
 def test_ftpipe_serve_serves_until_sigterm(tmp_path, loras):
     """The CLI command in this process (its imports are paid already): it serves, then returns 0 on
     SIGTERM, which a helper thread sends once a request went through."""
