@@ -270,6 +270,13 @@ def cmd_models(args) -> int:
     elif action == "rollback":
         doc = client.rollback_model(args.name, alias=args.alias, to=args.to)
         message = f"{args.name} {args.alias} rolled back → {doc['version']}"
+    elif action == "seal":
+        doc = client.seal_model(args.name, args.version)
+        sealed = doc.get("sealed")
+        message = (f"{args.name} {args.version}: the registry holds the digests of bundle.json and "
+                   f"{len(doc['adapter_files'])} adapter file(s) ("
+                   + (f"sealed by {sealed['actor']}" if sealed else "recorded at registration, the bucket matches them")
+                   + "); serving and export use exactly these bytes")
     else:  # archive, quarantine
         change = client.archive_model if action == "archive" else client.quarantine_model
         doc = change(args.name, args.version, reason=args.reason)
@@ -771,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
-    p = add("models", cmd_models, "the model registry: list, show, approve, promote, roll back, archive, export")
+    p = add("models", cmd_models, "the model registry: list, show, approve, promote, roll back, archive, seal, export")
     p.add_argument("--json", action="store_true")
     models = p.add_subparsers(dest="action", metavar="ACTION")
     # SUPPRESS: an option given before the action is not reset by the action's own default.
@@ -816,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(safety,memorisation,fairness; '' for none)")
     q.add_argument("--gate", action="append", metavar="METRIC=RULE",
                    help='a floor rule as JSON, e.g. chrf=\'{"tolerance": 0.02, "relative": true}\' (repeat)')
+    q = model_action("seal", "admin: record the digests of a version registered before the registry kept them, "
+                     "from its bucket copy as it is now (check that copy first); serving and export refuse it until then")
     q = model_action("export", "merged safetensors weights and the adapter in the layout vLLM loads")
     q.add_argument("--out", required=True, help="a new folder: merged/, adapter/, export.json")
     q.add_argument("--no-merged", action="store_true", help="only the adapter")

@@ -176,6 +176,11 @@ class Client:
     def principals(self) -> list[dict]:
         return access.list_principals(self.adapters.docs, self.caller)
 
+    def seal_model(self, name: str, version: str) -> dict:
+        """Record the bucket copy's digests of a version registered without them (an admin's step, after
+        checking the copy): model_registry.seal."""
+        return model_registry.seal(self.adapters.docs, self.adapters.store, name, version, caller=self.caller)
+
     def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
                      adapter: bool = True) -> dict:
         from shared.domain.model_export import export_version

@@ -14,6 +14,13 @@ models/<name>/<version>/
 
 Everything the bundle needs is read and checked before anything is written: a missing part
 dead-letters the evaluation with what is missing and where, and nothing of the version exists.
+
+The version's document records the digests of its adapter files and of its bundle.json, where
+writers of the bucket cannot change them (shared/domain/model_export.fetch_adapter checks them). The
+bundle names the status the version registered with, which the registering transaction decides; so
+the bundle is rendered for every status it may decide, the transaction records the digest of the one
+for its status, and the bucket is made to hold that one. A crash before the rewrite leaves the other
+rendering in the bucket (refused by serving as altered) until the redelivery rewrites it.
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ import json
 from shared.domain import events as ev
 from shared.domain.model_policy import PolicyError, get_policy, govern, owner_check
 from shared.domain.model_registry import (
+    ADAPTER_DIR,
     MODEL_VERSIONS,
     MODELS,
+    REGISTRATION_STATUSES,
     allocate_version,
     register_version,
     registration_status,
@@ -91,13 +100,16 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
                                   "dataset_uri", "dataset_id", "evaluation", "training_metrics")}
     doc["recipe_name"] = recipe.name
     doc["tenant"] = event.tenant
-    _write_bundle(store, bucket, target, bundle, parts)
+    doc["adapter_files"] = sorted((f for f in files if f["name"].startswith(ADAPTER_DIR)), key=lambda f: f["name"])
+    rendered = {s: render_bundle({**bundle, "status": s}, parts) for s in REGISTRATION_STATUSES}
+    _write_bundle(store, bucket, target, rendered[status])
     stored, events = register_version(ctx.docs, doc, passed=event.passed, reasons=event.reasons,
-                                      approval=recipe.registry.approval)
+                                      approval=recipe.registry.approval,
+                                      bundle_sha256={s: _sha256(r["bundle.json"]) for s, r in rendered.items()})
     if stored["registered_status"] != status:
         # Another registration of this model committed between the read above and the transaction
-        # (the transaction decides): the bundle says what happened.
-        _write_bundle(store, bucket, target, {**bundle, "status": stored["registered_status"]}, parts)
+        # (the transaction decides): the bundle says what happened, and is the one whose digest it recorded.
+        _write_bundle(store, bucket, target, rendered[stored["registered_status"]])
     return events
 
 
@@ -185,15 +197,24 @@ def _put(store, bucket: str, target: str, rel: str, data: bytes) -> dict:
     """Write one file of the version unless a redelivery wrote it already."""
     if store.stat(bucket, target) is None:
         store.write(bucket, target, data)
-    return {"name": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return {"name": rel, "sha256": _sha256(data), "size": len(data)}
 
 
-def _write_bundle(store, bucket: str, target: str, bundle: dict, parts: dict) -> None:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def render_bundle(bundle: dict, parts: dict) -> dict[str, bytes]:
+    """The bytes of MODEL_CARD.md and bundle.json (which lists the card's sha256) for `bundle`."""
     card = model_card(bundle, parts).encode()
-    store.write(bucket, f"{target}/MODEL_CARD.md", card)
     files = [f for f in bundle["files"] if f["name"] != "MODEL_CARD.md"]
-    files.append({"name": "MODEL_CARD.md", "sha256": hashlib.sha256(card).hexdigest(), "size": len(card)})
-    store.write(bucket, f"{target}/bundle.json", json.dumps({**bundle, "files": files}, indent=2).encode())
+    files.append({"name": "MODEL_CARD.md", "sha256": _sha256(card), "size": len(card)})
+    return {"MODEL_CARD.md": card, "bundle.json": json.dumps({**bundle, "files": files}, indent=2).encode()}
+
+
+def _write_bundle(store, bucket: str, target: str, rendered: dict[str, bytes]) -> None:
+    store.write(bucket, f"{target}/MODEL_CARD.md", rendered["MODEL_CARD.md"])
+    store.write(bucket, f"{target}/bundle.json", rendered["bundle.json"])
 
 
 _KINDS = {"lora": "A LoRA adapter", "qlora": "A QLoRA adapter", "prefix": "A prefix-tuning adapter",

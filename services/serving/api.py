@@ -205,6 +205,7 @@ def create_app(engine: Engine, router: Router, authenticate: Authenticator, metr
                                f"({max_tokens_limit}, ftpipe serve --max-tokens-limit)", "max_tokens")
         prompt_ids = prompt_ids_of()
         engine.check_length(prompt_ids, max_tokens)
+        engine.fetch(target)
         sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stops(),
                             seed=req.seed)
         shape = _Shape(kind, target.label)
@@ -274,15 +275,15 @@ def create_app(engine: Engine, router: Router, authenticate: Authenticator, metr
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def counted(kind: str, handler):
-        """Count refused requests too (by the model asked for: a refusal names no version)."""
+        """Count refused requests too, by the model asked for where the registry knows it, else as
+        "unknown" (Router.metric_labels): a request's body never makes a label value of its own."""
         def wrapped():
             try:
                 return handler()
             except ServingError as exc:
                 body = request.get_json(silent=True)
                 asked = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else ""
-                name, _, version = asked.partition("@")
-                metrics.requests.labels(name[:128], version[:32], kind, str(exc.status)).inc()
+                metrics.requests.labels(*router.metric_labels(asked), kind, str(exc.status)).inc()
                 raise
         wrapped.__name__ = f"{kind}_endpoint"
         return wrapped

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shared.domain.model_export import ExportError, fetch_adapter
+from shared.domain import model_registry as reg
+from shared.domain.model_export import ExportError, IntegrityError, fetch_adapter
 from shared.domain.models import ModelNotAvailable, base_model_identity, resolve_model
 
 from services.serving.routing import ServingError, Target
@@ -80,7 +81,7 @@ def text_until_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class Engine:
-    def __init__(self, base_ref: str, *, max_adapters: int = 4, store=None, device: str = "cpu",
+    def __init__(self, base_ref: str, *, max_adapters: int = 4, store=None, docs=None, device: str = "cpu",
                  on_evict: Callable[[str, str], None] | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +93,7 @@ class Engine:
         except ModelNotAvailable as exc:
             raise ServingError(500, "base_model_unavailable", f"base model {base_ref!r}: {exc}") from exc
         self.base_ref, self.store, self.device, self.max_adapters = base_ref, store, device, max_adapters
+        self.docs = docs   # the registry: its current record of a version is what the download is checked against
         self.base_sha256 = base_model_identity(base_ref)["sha256"]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
@@ -111,19 +113,33 @@ class Engine:
     # ------------------------------------------------------------------ adapters
 
     def _folder(self, target: Target) -> Path:
-        """The target's adapter files on local disk, downloaded and checked against the bundle once."""
+        """The target's adapter files on local disk, downloaded once and checked against the digests
+        in the registry's current document of the version (not a cached one: a version sealed since
+        it was cached is served at once). A bucket copy that does not match is refused, and logged."""
         folder = self._files / target.name / target.version
         with self._fetch_lock:
             if not (folder / "adapter_config.json").is_file():
                 partial = folder.with_name(folder.name + ".partial")
                 shutil.rmtree(partial, ignore_errors=True)
+                doc = target.doc if self.docs is None else (
+                    self.docs.get(reg.MODEL_VERSIONS, reg.version_id(target.name, target.version)) or target.doc)
                 try:
-                    fetch_adapter(self.store, target.doc, partial)
+                    fetch_adapter(self.store, doc, partial)
                 except ExportError as exc:
-                    raise ServingError(409, "model_integrity", str(exc), "model") from exc
+                    shutil.rmtree(partial, ignore_errors=True)
+                    unsealed = isinstance(exc, IntegrityError) and exc.unsealed
+                    _log.error("adapter refused: %s", exc, extra={"model": target.label})
+                    raise ServingError(409, "model_unverified" if unsealed else "model_integrity", str(exc),
+                                       "model") from exc
                 check_lora(partial, target.label)
                 partial.rename(folder)
         return folder
+
+    def fetch(self, target: Target) -> Path | None:
+        """Have `target`'s adapter files on local disk, checked (None for the base model). A request
+        calls it before its response starts, so a refused bucket copy is an HTTP error, not an error
+        event in a stream."""
+        return self._folder(target) if target.key is not None else None
 
     def _activate(self, target: Target, folder: Path | None) -> tuple[bool, list[str]]:
         """Make `target`'s adapter the active one (loading it, and evicting the least recently used,
@@ -210,7 +226,7 @@ class Engine:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        folder = self._folder(target) if target.key is not None else None
+        folder = self.fetch(target)
         cancel = threading.Event()
 
         class _Cancelled(StoppingCriteria):

@@ -1,7 +1,10 @@
 """The serving metrics, in Prometheus' text format at /metrics (prometheus_client).
 
 Every series is labelled by `model` (the registered name, or the base model's reference) and
-`version` (`base` for the base model), so requests, latency and tokens/s read per adapter.
+`version` (`base` for the base model), so requests, latency and tokens/s read per adapter. Label
+values come from the registry, never from a request: a refused request for a model or version the
+registry does not know is counted under `unknown` (services/serving/routing.Router.metric_labels),
+so requests naming anything at all do not create series without bound.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from shared.domain import model_registry as reg
 
 SERVABLE = ("candidate", "approved", "promoted")
+UNKNOWN = "unknown"   # the metric label of a model or version that the registry does not know
 _VERSION = re.compile(r"\d+\.\d+")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -118,6 +119,18 @@ class RegistryView:
             self._models[name] = model
         return model
 
+    def known(self, name: str) -> dict | None:
+        """The model `name` if the registry has it (cached, or read and cached), else None: one
+        document read for a name it does not have, and nothing kept of that name."""
+        with self._lock:
+            cached = self._models.get(name)
+        if cached is not None or self.docs.get(reg.MODELS, name) is None:
+            return cached
+        try:
+            return self.model(name)
+        except ServingError:
+            return None
+
     def invalidate(self, name: str) -> None:
         with self._lock:
             self._models.pop(name, None)
@@ -150,6 +163,23 @@ class Router:
                 continue
             return Target(target.name, target.version, target.doc, arm=arm)
         raise first_error
+
+    def metric_labels(self, model: str) -> tuple[str, str]:
+        """The (model, version) metric labels of a request that asked for `model` and was refused
+        before it had a Target: only names and versions the registry (or this server) knows, else
+        UNKNOWN, so that requests naming anything at all cannot add label values without bound.
+        The version label is the version or alias asked for, "" when none was."""
+        if model == self.base_ref:
+            return self.base_ref, "base"
+        name, _, selector = model.partition("@")
+        if not _NAME.fullmatch(name):
+            return UNKNOWN, UNKNOWN
+        found = self.view.known(name)
+        if found is None:
+            return (name, selector if selector in ("", *reg.ALIASES) else UNKNOWN) if name in self.splits \
+                else (UNKNOWN, UNKNOWN)
+        known = ("", *reg.ALIASES, *(v["version"] for v in found["versions"]))
+        return name, selector if selector in known else UNKNOWN
 
     def version(self, name: str, selector: str) -> Target:
         """The servable version `selector` (a version or an alias) of model `name`."""

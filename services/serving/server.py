@@ -80,7 +80,7 @@ class Server(Process):
         self.config = config
         self.metrics = ServingMetrics()
         self.engine = Engine(config.base, max_adapters=config.max_adapters, store=adapters.store,
-                             device="cuda" if torch.cuda.is_available() else "cpu",
+                             docs=adapters.docs, device="cuda" if torch.cuda.is_available() else "cpu",
                              on_evict=lambda name, version: self.metrics.evictions.labels(name, version).inc())
         self.metrics.base_loads.labels(config.base).set(self.engine.base_loads)
         self.router = Router(RegistryView(adapters.docs), config.base, self.engine.base_sha256, config.splits)

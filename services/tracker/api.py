@@ -9,6 +9,7 @@ as the actor. Errors are JSON: {"error": "...", "status": N}.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -316,10 +317,16 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
         doc = model_registry.get_version(docs, name, version)
         bundle_bucket, folder = store.parse_url(doc["uri"])
         try:  # the version's artefact bundle (services/registry_fn): written last, so absent only mid-registration
-            bundle = json.loads(store.read(bundle_bucket, f"{folder.rstrip('/')}/bundle.json"))
+            raw = store.read(bundle_bucket, f"{folder.rstrip('/')}/bundle.json")
         except ObjectNotFound:
-            bundle = None
-        return jsonify({**doc, "bundle": bundle, "evaluation": doc.get("evaluation") or (bundle or {}).get("evaluation")})
+            raw = None
+        bundle = json.loads(raw) if raw is not None else None
+        # Whether the bucket's bundle.json is the one the registry recorded (None: no digest recorded);
+        # the adapter files are checked where they are used (serving, export), not on every read.
+        matches = (hashlib.sha256(raw).hexdigest() == doc["bundle_sha256"]) if raw is not None and \
+            doc.get("bundle_sha256") else None
+        return jsonify({**doc, "bundle": bundle, "bundle_matches_registry": matches,
+                        "evaluation": doc.get("evaluation") or (bundle or {}).get("evaluation")})
 
     @app.post("/api/models/<name>/<version>/<action>")
     def model_action(name: str, version: str, action: str):

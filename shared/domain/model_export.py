@@ -9,20 +9,23 @@
 <out>/export.json  what was exported from which version, with the sha256 of every file written,
                  and `vllm`: the exact `vllm serve` commands for both folders
 
-The adapter files are checked against the hashes in the version's bundle.json before use, and the
-base model against the content hash the trainer recorded: a merge onto other weights than the ones
-the adapter was trained on would be silently wrong.
+The adapter files and the bundle.json are checked against the digests the registry recorded in the
+version's document (not against the bundle, which whoever writes the bucket could rewrite along with
+the adapter), and the base model against the content hash the trainer recorded: a merge onto other
+weights than the ones the adapter was trained on would be silently wrong.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from shared.domain.model_registry import RegistryError, get_version
+from shared.domain.model_registry import ADAPTER_DIR, BUNDLE, RegistryError, get_version
 from shared.domain.models import ModelNotAvailable, base_model_identity, resolve_model
+from shared.platform.ports import ObjectNotFound
 from shared.platform.storage import file_sha256
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,6 +39,15 @@ _VLLM_TENSOR = re.compile(r"^base_model\.model\..+\.(lora_[AB]\.weight|lora_embe
 
 class ExportError(RuntimeError):
     """A version that cannot be exported in the asked form; the message says why and what to do."""
+
+
+class IntegrityError(ExportError):
+    """A version whose bucket copy is not what the registry recorded: a file altered or missing
+    (`unsealed` False), or no digests recorded to check it against (`unsealed` True)."""
+
+    def __init__(self, message: str, *, unsealed: bool = False):
+        super().__init__(message)
+        self.unsealed = unsealed
 
 
 def export_version(store, docs, name: str, version: str, out_dir: Path, *, merged: bool = True,
@@ -67,23 +79,55 @@ def export_version(store, docs, name: str, version: str, out_dir: Path, *, merge
 
 
 def fetch_adapter(store, doc: dict, dest: Path) -> dict:
-    """Download version `doc`'s adapter files (the bundle's `adapter/…`) into `dest`, each checked
-    against the sha256 the bundle recorded; returns the bundle. Exporting and serving both go
-    through here, so neither ever uses weights that were altered after registration."""
+    """Download version `doc`'s adapter files (`adapter/…`) into `dest`, each checked against the
+    sha256 and size the registry recorded in the version's document (`adapter_files`), and its
+    bundle.json against `bundle_sha256`; returns the bundle. Exporting and serving both go through
+    here, so neither ever uses files that were altered after registration. IntegrityError where a
+    file differs or is missing, or where the document holds no digests (a version registered before
+    they were recorded, until an admin seals it: `ftpipe models seal`)."""
+    name, version = doc["name"], doc["version"]
+    files, bundle_sha256 = doc.get("adapter_files"), doc.get("bundle_sha256")
+    if not files or not bundle_sha256:
+        raise IntegrityError(
+            f"{name} {version} has no digests in the registry (it was registered before ftpipe recorded them), so its "
+            "files in the bucket cannot be told from altered ones and are not used; an admin who has checked them "
+            f"records them with `ftpipe models seal {name} {version}`", unsealed=True)
     bucket, prefix = store.parse_url(doc["uri"])
     prefix = prefix.rstrip("/") + "/"
-    bundle = json.loads(store.read(bucket, prefix + "bundle.json"))
+    raw = _read(store, bucket, prefix + BUNDLE, name, version)
+    _check(store.url(bucket, prefix + BUNDLE), hashlib.sha256(raw).hexdigest(), len(raw), bundle_sha256, None,
+           name, version)
     dest = Path(dest)
-    for entry in bundle["files"]:
-        if not entry["name"].startswith("adapter/"):
-            continue
-        path = dest / entry["name"][len("adapter/"):]
+    for entry in files:
+        rel = PurePosixPath(entry["name"])
+        if not entry["name"].startswith(ADAPTER_DIR) or ".." in rel.parts or rel.is_absolute():
+            raise IntegrityError(f"{name} {version}'s registry record names {entry['name']!r}, not a file of its "
+                                 "adapter folder: the document is damaged; do not serve it")
+        path = dest.joinpath(*rel.parts[1:])
         path.parent.mkdir(parents=True, exist_ok=True)
-        store.download_file(bucket, prefix + entry["name"], str(path))
-        if file_sha256(path) != entry["sha256"]:
-            raise ExportError(f"{store.url(bucket, prefix + entry['name'])} does not match the sha256 in "
-                              f"bundle.json: the stored version was altered; do not serve it")
-    return bundle
+        try:
+            store.download_file(bucket, prefix + entry["name"], str(path))
+        except ObjectNotFound:
+            raise IntegrityError(f"{store.url(bucket, prefix + entry['name'])} is missing from the bucket: {name} "
+                                 f"{version}'s copy was altered after registration; do not serve it") from None
+        _check(store.url(bucket, prefix + entry["name"]), file_sha256(path), path.stat().st_size, entry["sha256"],
+               entry.get("size"), name, version)
+    return json.loads(raw)
+
+
+def _read(store, bucket: str, obj: str, name: str, version: str) -> bytes:
+    try:
+        return store.read(bucket, obj)
+    except ObjectNotFound:
+        raise IntegrityError(f"{store.url(bucket, obj)} is missing from the bucket: {name} {version}'s copy was "
+                             "altered after registration (or deleted); do not serve it") from None
+
+
+def _check(url: str, sha256: str, size: int, want_sha256: str, want_size: int | None, name: str, version: str) -> None:
+    if sha256 != want_sha256 or (want_size is not None and size != want_size):
+        raise IntegrityError(f"{url} was altered after registration: its sha256 {sha256[:16]}… ({size} bytes) is not "
+                             f"the {want_sha256[:16]}… the registry recorded for {name} {version}; do not serve it "
+                             "(restore the registered copy, or register a new version)")
 
 
 def vllm_commands(result: dict, name: str, version: str) -> dict:

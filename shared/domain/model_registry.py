@@ -5,8 +5,15 @@ models/{name}                    the model: lineages (one MAJOR per base model),
                                  version) and `alias_history` ({alias: [{version, previous, at, actor,
                                  reason, op}]}, oldest first)
 model_versions/{name}@{version}  one version: where its bundle is, its evaluation, `status` (candidate,
-                                 approved, promoted, quarantined, archived), `approval`, and `history`
-                                 ([{status, at, actor, reason, op, ...}], oldest first)
+                                 approved, promoted, quarantined, archived), `approval`, `history`
+                                 ([{status, at, actor, reason, op, ...}], oldest first), and the digests
+                                 of its bucket copy: `adapter_files` ([{name, sha256, size}] of its
+                                 adapter/… files) and `bundle_sha256` (of the bundle.json bytes), with
+                                 `sealed` ({actor, at}) where an admin recorded them after registration
+
+The digests are the trust boundary between the registry and the bucket: whoever may write the bucket
+can rewrite an adapter and its bundle.json consistently, but not the registry's documents, so serving
+and export check the bucket copy against these (shared/domain/model_export.fetch_adapter).
 
 Versions are MAJOR.MINOR: the first fine-tune of a base model under a model name starts a new MAJOR,
 every later one of that base adds a MINOR. `staging` points at the latest version that passed the
@@ -27,19 +34,28 @@ caller retrying after a crash between the transaction and the publish needs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import time
+from pathlib import Path
+from typing import Mapping
 
 from shared.domain import events as ev
 from shared.domain.access import AccessDenied, Caller, require
 from shared.domain.jobs import DEFAULT_TENANT, RUNS
 from shared.domain.model_policy import POLICIES, ModelPolicy
+from shared.platform.ports import ObjectNotFound
 from shared.platform.runtime import publish_event
+from shared.platform.storage import file_sha256
 
 MODELS = "models"
 MODEL_VERSIONS = "model_versions"
 ALIASES = ev.ALIASES
 PROMOTION_REASONS = ("gate", "approval", "manual", "rollback")
+REGISTRATION_STATUSES = ("quarantined", "candidate", "promoted", "archived")   # what registration_status returns
+BUNDLE = "bundle.json"
+ADAPTER_DIR = "adapter/"
 
 
 class RegistryError(ValueError):
@@ -313,9 +329,11 @@ def registration_status(model: dict | None, version: str, *, passed: bool, appro
     return "promoted" if _newer(model or {}, version, production) else "archived"
 
 
-def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], approval: bool) -> tuple[dict, list[ev.Event]]:
-    """Record an evaluated version (`doc`: its document without status or history; its bundle is
-    already complete) and move the aliases the gate decides, in one transaction:
+def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], approval: bool,
+                     bundle_sha256: Mapping[str, str] | None = None) -> tuple[dict, list[ev.Event]]:
+    """Record an evaluated version (`doc`: its document without status or history, with the digests
+    of its adapter files in `adapter_files`; its bundle is already complete) and move the aliases the
+    gate decides, in one transaction:
 
     - gate failed: `quarantined`, no alias moves;
     - passed, `approval`: `candidate`, staging moves to it, production waits for `approve`;
@@ -324,7 +342,12 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
 
     except that an alias never moves back to a version allocated before the one it points at (a
     redelivered evaluation of an earlier run must not undo a later one): such a passing version is
-    registered `archived`. Registering a version again changes nothing and returns the same events."""
+    registered `archived`. Registering a version again changes nothing and returns the same events.
+
+    The bundle names the status the version registered with, and only this transaction knows it:
+    `bundle_sha256` maps each status it may choose (REGISTRATION_STATUSES) to the sha256 of the
+    bundle.json registering with that status writes, and the one of the status chosen is recorded
+    (`bundle_sha256` on the document). The caller then makes the bucket hold that bundle."""
     name, version = doc["name"], doc["version"]
     op = _register_op(version)
 
@@ -351,11 +374,85 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
             edit.status(version, "archived", op=op, actor=None,
                         reason=f"a later version, {aliases['production']}, was in production already")
         edit.versions[version]["registered_status"] = status
+        if bundle_sha256 is not None:
+            edit.versions[version]["bundle_sha256"] = bundle_sha256[status]
         edit.save()
         return edit.versions[version], edit.events(op, version), edit.model["aliases"]
 
     stored, events, _ = docs.transaction(register)
     return stored, events
+
+
+# ------------------------------------------------------------------ the bucket copy's digests
+
+def bucket_digests(store, doc: dict) -> dict:
+    """What version `doc`'s bucket copy holds now: `{"adapter_files": [{name, sha256, size}],
+    "bundle_sha256"}`. RegistryError 409 where its bundle.json is missing or does not list exactly
+    the adapter files found beside it, with their hashes (the copy is incomplete or inconsistent)."""
+    bucket, prefix = store.parse_url(doc["uri"])
+    prefix = prefix.rstrip("/") + "/"
+    label = f"{doc['name']} {doc['version']}"
+    try:
+        raw = store.read(bucket, prefix + BUNDLE)
+    except ObjectNotFound:
+        raise RegistryError(409, f"{label} has no {BUNDLE} at {store.url(bucket, prefix + BUNDLE)}: its bucket copy "
+                                 "is incomplete") from None
+    listed = {f["name"]: f for f in json.loads(raw).get("files", []) if f["name"].startswith(ADAPTER_DIR)}
+    found = []
+    with tempfile.TemporaryDirectory(prefix="ftpipe-digest-") as tmp:
+        for info in sorted(store.list(bucket, prefix + ADAPTER_DIR), key=lambda i: i.name):
+            path = Path(tmp) / "object"
+            store.download_file(bucket, info.name, str(path))
+            found.append({"name": info.name[len(prefix):], "sha256": file_sha256(path), "size": path.stat().st_size})
+    differ = sorted({f["name"] for f in found} ^ set(listed)) or [
+        f["name"] for f in found if (f["sha256"], f["size"]) != (listed[f["name"]]["sha256"], listed[f["name"]]["size"])]
+    if differ:
+        raise RegistryError(409, f"{label}'s {BUNDLE} does not describe the adapter files beside it ({', '.join(differ)} "
+                                 "differ or are missing on one side): its bucket copy was altered or is incomplete; "
+                                 "restore it from a trusted copy (or retrain)")
+    return {"adapter_files": found, "bundle_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def seal(docs, store, name: str, version: str, *, caller: Caller) -> dict:
+    """Record the digests of a version registered before the registry kept them (`adapter_files`,
+    `bundle_sha256`), from its bucket copy as it is now, with who did it (`sealed`). For an admin who
+    has checked that copy by hand: from then on serving and export use exactly these bytes. Digests
+    once recorded are never replaced: sealing again changes nothing while the bucket matches them,
+    and is refused when it does not (the copy was altered: restore it instead)."""
+    require(caller, "admin", to=f"seal {name} {version}")
+    actor = caller.subject
+    current = get_version(docs, name, version)
+    try:
+        found = bucket_digests(store, current)
+    except RegistryError:
+        if not _recorded(current):
+            raise
+        found = None
+
+    def run(txn):
+        edit = _Edit(txn, name)
+        doc = edit.version(version)
+        if _recorded(doc):
+            if _recorded(doc) != found:
+                raise RegistryError(409, f"{name} {version}'s digests are recorded already and its bucket copy no longer "
+                                         "matches them: it was altered after registration; restore the registered "
+                                         "files rather than seal the altered ones")
+            return doc, [], edit.model["aliases"]
+        if found is None:   # digests recorded when read, gone in the transaction: they are never removed
+            raise RegistryError(409, f"{name} {version}'s document changed while sealing; run it again")
+        doc.update(found)
+        doc["sealed"] = {"actor": actor, "at": edit.now}
+        doc["updated_at"] = edit.now
+        txn.set(MODEL_VERSIONS, version_id(name, version), doc)
+        return doc, [], edit.model["aliases"]
+    return _transact(docs, None, run)
+
+
+def _recorded(doc: dict) -> dict | None:
+    """The digests a version document holds, in bucket_digests' form, or None."""
+    if not doc.get("bundle_sha256") or not doc.get("adapter_files"):
+        return None
+    return {"adapter_files": sorted(doc["adapter_files"], key=lambda f: f["name"]), "bundle_sha256": doc["bundle_sha256"]}
 
 
 # ------------------------------------------------------------------ people's operations

@@ -254,6 +254,46 @@ def test_registering_a_run_twice_directly_is_idempotent(adapters):
                                                            "next_minor": 2}]
 
 
+def test_the_version_document_records_the_digests_of_its_adapter_files_and_bundle(adapters):
+    """Where writers of the bucket cannot change them: the registry's document (model_export checks them)."""
+    publish_event(adapters.bus, evaluation(adapters, "run-a"))
+    assert deliver(adapters) == "acked"
+    doc = versions(adapters)[f"{NAME}@1.1"]
+    prefix = f"models/{NAME}/1.1/"
+    raw = adapters.store.read(BUCKET, prefix + "bundle.json")
+    assert doc["bundle_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert [f["name"] for f in doc["adapter_files"]] == sorted(f"adapter/{rel}" for rel in [*ADAPTER_FILES,
+                                                                                            "run_record.json"])
+    for f in doc["adapter_files"]:
+        data = adapters.store.read(BUCKET, prefix + f["name"])
+        assert (f["sha256"], f["size"]) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert "sealed" not in doc
+
+
+def test_a_status_the_transaction_decides_otherwise_rewrites_the_bundle_whose_digest_it_recorded(adapters,
+                                                                                                 monkeypatch):
+    """Another registration committing between the handler's read and its transaction: the bundle
+    written first names a status the transaction does not choose. The digest recorded is the one of
+    the bundle the bucket ends with, and a redelivery leaves it so."""
+    import services.registry_fn.service as service
+
+    monkeypatch.setattr(service, "registration_status", lambda *a, **k: "archived")   # a stale guess
+    ctx = Context("registry", adapters, None, None, logging.LoggerAdapter(logging.getLogger("t"), {}))
+    event = evaluation(adapters, "run-a")
+    register(event, ctx)
+    doc = versions(adapters)[f"{NAME}@1.1"]
+    raw = adapters.store.read(BUCKET, f"models/{NAME}/1.1/bundle.json")
+    assert doc["registered_status"] == json.loads(raw)["status"] == "promoted"
+    assert doc["bundle_sha256"] == hashlib.sha256(raw).hexdigest()
+    card = adapters.store.read(BUCKET, f"models/{NAME}/1.1/MODEL_CARD.md")
+    assert "**promoted**" in card.decode()
+    assert {f["name"]: f["sha256"] for f in json.loads(raw)["files"]}["MODEL_CARD.md"] == hashlib.sha256(card).hexdigest()
+
+    register(event, ctx)   # redelivered: the registered status, the same bytes
+    assert adapters.store.read(BUCKET, f"models/{NAME}/1.1/bundle.json") == raw
+    assert versions(adapters)[f"{NAME}@1.1"]["bundle_sha256"] == doc["bundle_sha256"]
+
+
 def test_an_empty_adapter_folder_is_dead_lettered(adapters):
     event = evaluation(adapters, "run-a").model_copy(
         update={"adapter_uri": adapters.store.url(BUCKET, "runs/none/adapter/")})

@@ -1,6 +1,7 @@
 """Exporting a registered version (shared/domain/model_export.py) of a real LoRA adapter on the tiny random
 model: merged safetensors weights whose logits are the adapter-on-base logits, and the adapter in the
 layout vLLM loads; integrity checks against the bundle and the base model's recorded hash."""
+import hashlib
 import json
 import logging
 
@@ -9,10 +10,11 @@ import torch
 
 from ftpipe.cli import main
 from shared.domain import model_registry as reg
-from shared.domain.model_export import ExportError, export_version, merge, vllm_adapter
+from shared.domain.model_export import ExportError, IntegrityError, export_version, merge, vllm_adapter
 from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.runtime import Context
 from shared.platform.storage import upload_dir
+from tests.unit.governance import ADMIN
 from tests.unit.test_registry import BUCKET, RECIPE, RUN_RECORD, SCORES, write_dataset, write_report
 
 from services.registry_fn.service import register
@@ -107,7 +109,7 @@ def test_export_refuses_what_must_not_be_served_or_was_altered(adapters, lora, t
     weights = f"models/{NAME}/{version}/adapter/adapter_model.safetensors"
     original = adapters.store.read(BUCKET, weights)
     adapters.store.write(BUCKET, weights, original[:-8] + b"\0" * 8)
-    with pytest.raises(ExportError, match="does not match the sha256 in bundle.json"):
+    with pytest.raises(ExportError, match="adapter_model.safetensors was altered after registration"):
         export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "b", merged=False)
     adapters.store.write(BUCKET, weights, original)
 
@@ -118,6 +120,85 @@ def test_export_refuses_what_must_not_be_served_or_was_altered(adapters, lora, t
 
     with pytest.raises(ExportError, match="the reference now names other weights"):
         merge(TINY, lora, tmp_path / "d", base_sha256="0" * 64)
+
+
+def tamper(adapters, version: str) -> None:
+    """What a writer of the bucket (not of the registry) can do: other adapter weights, and a
+    bundle.json rewritten to list their sha256, consistent with each other."""
+    prefix = f"models/{NAME}/{version}/"
+    weights = adapters.store.read(BUCKET, prefix + "adapter/adapter_model.safetensors")
+    altered = weights[:-8] + b"\1" * 8
+    adapters.store.write(BUCKET, prefix + "adapter/adapter_model.safetensors", altered)
+    bundle = json.loads(adapters.store.read(BUCKET, prefix + "bundle.json"))
+    for entry in bundle["files"]:
+        if entry["name"] == "adapter/adapter_model.safetensors":
+            entry.update(sha256=hashlib.sha256(altered).hexdigest(), size=len(altered))
+    adapters.store.write(BUCKET, prefix + "bundle.json", json.dumps(bundle, indent=2).encode())
+
+
+def test_an_adapter_rewritten_with_its_bundle_in_the_bucket_is_refused(adapters, lora, tmp_path):
+    version = registered(adapters, lora)
+    untouched = registered(adapters, lora, run_id="run-y")
+    prefix = f"models/{NAME}/{version}/"
+    original = adapters.store.read(BUCKET, prefix + "bundle.json")
+    tamper(adapters, version)
+    with pytest.raises(IntegrityError, match=r"bundle\.json was altered after registration: its sha256") as exc:
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "a", merged=False)
+    assert not exc.value.unsealed and f"the registry recorded for {NAME} {version}" in str(exc.value)
+    # The registry's own digest of each adapter file decides, not the bundle: with the registered
+    # bundle.json back, the weights are still caught.
+    adapters.store.write(BUCKET, prefix + "bundle.json", original)
+    with pytest.raises(IntegrityError, match=r"adapter/adapter_model\.safetensors was altered after registration"):
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "b", merged=False)
+    adapters.store.delete(BUCKET, prefix + "adapter/adapter_config.json")
+    with pytest.raises(IntegrityError, match=r"adapter_config\.json is missing from the bucket"):
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "c", merged=False)
+    # Sealing does not accept what was altered after digests were recorded.
+    with pytest.raises(reg.RegistryError, match="no longer matches them") as refused:
+        reg.seal(adapters.docs, adapters.store, NAME, version, caller=ADMIN)
+    assert refused.value.status == 409
+
+    result = export_version(adapters.store, adapters.docs, NAME, untouched, tmp_path / "d", merged=False)
+    assert (tmp_path / "d" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        lora / "adapter_model.safetensors").read_bytes() and result["version"] == untouched
+    doc = reg.seal(adapters.docs, adapters.store, NAME, untouched, caller=ADMIN)   # matches: nothing changes
+    assert "sealed" not in doc
+
+
+def test_a_version_registered_without_digests_is_refused_until_an_admin_seals_it(adapters, lora, tmp_path,
+                                                                                 monkeypatch, capsys):
+    version = registered(adapters, lora)
+    key = reg.version_id(NAME, version)
+    legacy = {k: v for k, v in adapters.docs.get(reg.MODEL_VERSIONS, key).items()
+              if k not in ("adapter_files", "bundle_sha256")}
+    adapters.docs.set(reg.MODEL_VERSIONS, key, legacy)
+    with pytest.raises(IntegrityError, match="has no digests in the registry") as exc:
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "a", merged=False)
+    assert exc.value.unsealed and f"`ftpipe models seal {NAME} {version}`" in str(exc.value)
+
+    # A bucket copy that is not even consistent with its own bundle.json is not sealed.
+    prefix = f"models/{NAME}/{version}/"
+    weights = adapters.store.read(BUCKET, prefix + "adapter/adapter_model.safetensors")
+    adapters.store.write(BUCKET, prefix + "adapter/adapter_model.safetensors", weights + b"\0")
+    with pytest.raises(reg.RegistryError, match="does not describe the adapter files beside it"):
+        reg.seal(adapters.docs, adapters.store, NAME, version, caller=ADMIN)
+    adapters.store.write(BUCKET, prefix + "adapter/adapter_model.safetensors", weights)
+
+    monkeypatch.setenv("FTPIPE_STATE", str(adapters.settings.state_dir))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["models", "seal", NAME, version]) == 0
+        assert "sealed by token:stack" in capsys.readouterr().err
+    finally:
+        root.handlers[:], root.level = handlers, level
+    doc = reg.get_version(adapters.docs, NAME, version)
+    assert doc["sealed"]["actor"] == "token:stack" and doc["bundle_sha256"] == hashlib.sha256(
+        adapters.store.read(BUCKET, prefix + "bundle.json")).hexdigest()
+    export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "b", merged=False)
+    tamper(adapters, version)   # from now on the sealed digests decide
+    with pytest.raises(IntegrityError, match="was altered after registration"):
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "c", merged=False)
 
 
 def test_adapters_vllm_cannot_load_are_refused(tmp_path, lora):

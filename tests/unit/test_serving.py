@@ -21,6 +21,7 @@ from shared.domain.access import Caller
 from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.auth import local_token
 from shared.platform.config import Settings, bootstrap
+from tests.unit.governance import ADMIN
 
 from services.serving.routing import parse_split, rank_arms
 from services.serving.server import Server, ServingConfig
@@ -59,9 +60,11 @@ def loras(tmp_path_factory) -> list[Path]:
     return out
 
 
-def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, approval=False, base=TINY) -> str:
+def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, approval=False, base=TINY,
+                digests=True) -> str:
     """A version as the registry leaves it: adapter files and bundle.json (with their sha256) in the
-    store, the documents written by allocate_version / register_version."""
+    store, the documents written by allocate_version / register_version, with the digests of the
+    adapter files and of bundle.json (`digests` False: a version registered before they were kept)."""
     version = reg.allocate_version(adapters.docs, name, run_id, base)
     prefix = f"models/{name}/{version}"
     files = []
@@ -69,11 +72,13 @@ def add_version(adapters, name: str, run_id: str, lora: Path, *, passed=True, ap
         data = path.read_bytes()
         adapters.store.write(BUCKET, f"{prefix}/adapter/{path.name}", data)
         files.append({"name": f"adapter/{path.name}", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-    adapters.store.write(BUCKET, f"{prefix}/bundle.json", json.dumps({"name": name, "version": version,
-                                                                      "files": files}).encode())
+    bundle = json.dumps({"name": name, "version": version, "files": files}).encode()
+    adapters.store.write(BUCKET, f"{prefix}/bundle.json", bundle)
     doc = {"name": name, "version": version, "run_id": run_id, "uri": adapters.store.url(BUCKET, prefix + "/"),
            "base_model": base, "base_model_sha256": base_sha256(base),
            "evaluation": {"passed": passed}}
+    if digests:
+        doc.update(adapter_files=files, bundle_sha256=hashlib.sha256(bundle).hexdigest())
     reg.register_version(adapters.docs, doc, passed=passed, reasons=[] if passed else ["worse than base"],
                          approval=approval)
     return version
@@ -350,6 +355,82 @@ def test_metrics_count_requests_tokens_and_latency_per_adapter(stack):
     assert metric(stack, "ftpipe_serving_request_latency_seconds_count", model=NAME, version="1.2") == 2
     assert metric(stack, "ftpipe_serving_tokens_per_second_count", model=NAME, version="1.2") == 2
     assert metric(stack, "ftpipe_serving_tokens_per_second_sum", model=NAME, version="1.2") > 0
+
+
+def test_an_adapter_rewritten_with_its_bundle_in_the_bucket_is_refused_and_the_others_serve(stack, loras, caplog):
+    """A writer of the bucket swaps 1.2's weights for other valid ones and rewrites bundle.json to
+    match: the registry's digests catch it; the server says so, logs it and serves everything else."""
+    prefix = f"models/{NAME}/1.2"
+    other = (loras[0] / "adapter_model.safetensors").read_bytes()
+    stack.adapters.store.write(BUCKET, f"{prefix}/adapter/adapter_model.safetensors", other)
+    bundle = json.loads(stack.adapters.store.read(BUCKET, f"{prefix}/bundle.json"))
+    for entry in bundle["files"]:
+        if entry["name"] == "adapter/adapter_model.safetensors":
+            entry.update(sha256=hashlib.sha256(other).hexdigest(), size=len(other))
+    stack.adapters.store.write(BUCKET, f"{prefix}/bundle.json", json.dumps(bundle).encode())
+
+    for stream in (False, True):   # streamed too: refused before the response starts
+        found = error(stack.post("/v1/chat/completions", {"model": f"{NAME}@1.2", "messages": HELLO,
+                                                          "stream": stream}), 409)
+        assert found["code"] == "model_integrity" and "bundle.json was altered after registration" in found["message"]
+    assert (NAME, "1.2") not in stack.engine.loaded
+    assert any(r.getMessage().startswith("adapter refused: ") and r.levelname == "ERROR" for r in caplog.records)
+    assert metric(stack, "ftpipe_serving_requests_total", model=NAME, version="1.2", status="409") == 2
+    assert stack.chat(f"{NAME}@1.1")["model"] == f"{NAME}@1.1"          # an untouched version loads
+    # Approved into production, the tampered version is not preloaded either (logged, not crashed).
+    reg.approve(stack.adapters.docs, stack.adapters.bus, NAME, "1.2", approver="ann")
+    wait_for(lambda: stack.server.router.view._models.get(NAME) is None
+             or stack.server.router.view.model(NAME)["aliases"]["production"] == "1.2", "the promotion event")
+    assert error(stack.post("/v1/chat/completions", {"model": NAME, "messages": HELLO}), 409)["code"] == \
+        "model_integrity"
+    assert requests.get(stack.server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_version_registered_without_digests_is_refused_until_sealed(stack, loras):
+    add_version(stack.adapters, "legacy-bot", "l1", loras[0], digests=False)
+    found = error(stack.post("/v1/chat/completions", {"model": "legacy-bot", "messages": HELLO}), 409)
+    assert found["code"] == "model_unverified" and "`ftpipe models seal legacy-bot 1.1`" in found["message"]
+    reg.seal(stack.adapters.docs, stack.adapters.store, "legacy-bot", "1.1", caller=ADMIN)
+    # No restart, no event: the download is checked against the registry's current document.
+    assert stack.chat("legacy-bot")["model"] == "legacy-bot@1.1"
+
+
+def test_unknown_model_names_add_no_metric_label_values(stack):
+    """Refused requests are counted by what the registry knows, never by what a body says."""
+    import random
+    import string
+
+    def label_values() -> set[tuple[str, str]]:
+        return {(k, v) for family in stack.server.metrics.registry.collect() for sample in family.samples
+                for k, v in sample.labels.items()}
+
+    rng = random.Random(21)
+
+    def garbage() -> str:
+        return "".join(rng.choices(string.ascii_letters + string.digits + "-_.@", k=rng.randint(1, 40)))
+
+    session = requests.Session()
+    session.headers.update(stack.auth)
+
+    def ask(model: str, **extra) -> None:
+        path = rng.choice(["/v1/chat/completions", "/v1/completions"])
+        body = {"model": model, "messages": HELLO, "prompt": "Hi", "max_tokens": 1, **extra}
+        assert session.post(stack.server.url + path, json=body, timeout=30).status_code in (400, 403, 404)
+
+    ask("no-such-bot")
+    ask(f"{NAME}@9.9")
+    ask(f"{NAME}@1.4")                                      # a known, quarantined version: its own label
+    ask("no-such-bot", n=2)                                 # a 400: statuses are a fixed set too
+    before = label_values()
+    for i in range(1000):
+        name = garbage()
+        ask(rng.choice([name, f"{NAME}@{name}", f"{name}@1.1", f"{name}@production"]),
+            **({"n": 2} if i % 5 == 0 else {}))             # refused for its body, before any routing too
+    assert label_values() == before
+    assert ("version", "1.4") in before and ("model", "unknown") in before
+    total = metric(stack, "ftpipe_serving_requests_total")
+    assert total == 1004 and metric(stack, "ftpipe_serving_requests_total", model="unknown") + metric(
+        stack, "ftpipe_serving_requests_total", model=NAME) == total
 
 
 def test_ftpipe_serve_serves_until_sigterm(tmp_path, loras):

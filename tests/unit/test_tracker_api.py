@@ -534,6 +534,7 @@ def test_models_versions_and_their_bundle(registry):
     version = api.json("/api/models/helpdesk/1.2")
     assert version["run_id"] == "run-m2" and version["aliases"] == ["staging"]
     assert version["bundle"] == {"name": "helpdesk", "version": "1.2", "run_id": "run-m2"}
+    assert version["bundle_matches_registry"] is None     # registered without digests (shared/domain/model_export)
     assert version["evaluation"]["scores"]["candidate"]["chrf"] == 30.0 and version["evaluation"]["reasons"]
     assert api.json("/api/models/nope", status=404)["error"].startswith("no model 'nope'")
     assert "has no version '9.9'" in api.json("/api/models/helpdesk/9.9", status=404)["error"]
@@ -542,6 +543,20 @@ def test_models_versions_and_their_bundle(registry):
                                                                                 version["uri"])
     assert model["promotions"]["staging"] | {"at": 0} == {"reason": "gate", "actor": None, "previous_version": "1.1",
                                                           "at": 0}
+
+
+def test_a_version_says_whether_its_bundle_in_the_bucket_is_the_one_the_registry_recorded(registry):
+    import hashlib
+
+    from shared.domain import model_registry as reg
+
+    adapters, api, _ = registry
+    key, raw = reg.version_id("helpdesk", "1.2"), adapters.store.read("ftpipe", "models/helpdesk/1.2/bundle.json")
+    adapters.docs.set(reg.MODEL_VERSIONS, key, {**adapters.docs.get(reg.MODEL_VERSIONS, key),
+                                                "bundle_sha256": hashlib.sha256(raw).hexdigest()})
+    assert api.json("/api/models/helpdesk/1.2")["bundle_matches_registry"] is True
+    adapters.store.write("ftpipe", "models/helpdesk/1.2/bundle.json", raw.replace(b"run-m2", b"run-m9"))
+    assert api.json("/api/models/helpdesk/1.2")["bundle_matches_registry"] is False
 
 
 def test_model_writes_act_as_the_caller_and_reach_the_runs(registry):
