@@ -14,7 +14,7 @@ from shared.domain.model_export import ExportError, IntegrityError, export_versi
 from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.runtime import Context
 from shared.platform.storage import upload_dir
-from tests.unit.governance import ADMIN
+from tests.unit.governance import ADMIN, own
 from tests.unit.test_registry import BUCKET, RECIPE, RUN_RECORD, SCORES, write_dataset, write_report
 
 from services.registry_fn.service import register
@@ -40,6 +40,7 @@ def lora(tmp_path_factory):
 
 
 def registered(adapters, lora, run_id="run-x", passed=True) -> str:
+    own(adapters.docs, RECIPE)
     """The adapter trained by `run_id`, registered by the registry's handler; returns its version."""
     import shared.domain.events as ev
 

@@ -11,6 +11,7 @@ from shared.domain.jobs import RUNS, JobError, cancel, mark_replayed
 from shared.domain.recipe import Recipe
 from shared.domain.tenant_stats import COUNTS, TENANT_STATS, rebuild, totals
 from shared.platform.adapters.sqlite_docs import SqliteDocStore
+from tests.unit.governance import ADMIN
 
 from services.tracker import aggregates
 from services.tracker.lineage import record
@@ -75,7 +76,7 @@ def test_tenant_stats_equal_a_recount_after_any_delivery_order(tmp_path, seed):
         record(docs, event)
         if rng.random() < 0.05:   # someone cancels a run, or replays a dead letter, in between
             try:
-                cancel(docs, event.run_id)
+                cancel(docs, ADMIN, event.run_id)
             except JobError:
                 pass
         if rng.random() < 0.1:
