@@ -15,6 +15,7 @@ from shared.domain.recipe import GateRule, Recipe
 
 FREE = (
     "description",
+    "model_name", "base_model",   # the model name's policy decides who may train it (model_policy.owner_check)
     "training.",
     "adapter.",
     "distribution.strategy",
@@ -37,19 +38,20 @@ def _not_below(new: Any, old: Any) -> bool:
     return isinstance(new, (int, float)) and not isinstance(new, bool) and (old is None or new >= old)
 
 
-def _stricter_gate(new: Any, old: Any) -> bool:
+def _stricter_gate(new: Any, recipe: Recipe) -> bool:
+    """Whether gate rules `new` ({metric: rule}) are each at least as strict as the rule the recipe
+    applies to that metric now, its own or ftpipe's default (shared/domain/gate_rules.py)."""
+    from shared.domain.gate_rules import effective_rules
     from shared.domain.model_policy import at_least_as_strict
 
     if not isinstance(new, dict):
         return False
-    old = old or {}
     try:
         rules = {k: GateRule.model_validate(v) for k, v in new.items()}
     except ValueError:
         return True   # not a valid gate: let the recipe's validation say what is wrong
-    if set(old) - set(rules):
-        return False
-    return all(at_least_as_strict(rule, GateRule.model_validate(old[k])) if k in old else rule.action != "off"
+    current = {metric: rule for metric, (rule, _) in effective_rules(recipe).items()}
+    return all(at_least_as_strict(rule, current[k]) if k in current else rule.action != "off"
                for k, rule in rules.items())
 
 
@@ -66,7 +68,6 @@ TIGHTEN: dict[str, Callable[[Any, Any], bool]] = {
     "budget.max_cost": _not_above,
     "eval.max_examples": _not_below,
     "eval.bootstrap_iters": _not_below,
-    "eval.gate": _stricter_gate,
 }
 
 
@@ -92,18 +93,16 @@ def check_overrides(caller: Caller, recipe: Recipe, overrides: dict) -> None:
     for key, value in overrides.items():
         if _free(key):
             continue
+        if key == "eval.gate" or key.startswith("eval.gate."):
+            rules = value if key == "eval.gate" else {key.split(".", 2)[2]: value}
+            if _stricter_gate(rules, recipe):
+                continue
+            raise OverrideRefused(f"override {key!r}: a submitter may only make gate rules stricter than the ones in "
+                                  "force (not looser, not off); an admin may change it")
         tightens = TIGHTEN.get(key)
         if tightens is None:
-            parent = next((t for t in TIGHTEN if key.startswith(t + ".")), None)
-            if parent == "eval.gate":   # eval.gate.<metric>: one rule, judged as the whole gate
-                metric = key.split(".", 2)[2]
-                if _stricter_gate({**recipe.eval.gate, metric: value} if isinstance(value, dict) else None,
-                                  {k: v.model_dump() for k, v in recipe.eval.gate.items()}):
-                    continue
-                raise OverrideRefused(f"override {key!r}: a submitter may only make gate rules stricter (not looser, "
-                                      "not off); an admin may change it")
             raise OverrideRefused(f"override {key!r}: only an admin may change it; submitters may change "
-                                  f"{', '.join(FREE)} and tighten {', '.join(TIGHTEN)}")
+                                  f"{', '.join(FREE)} and tighten {', '.join(TIGHTEN)}, eval.gate")
         if not tightens(value, _current(recipe, key)):
             raise OverrideRefused(f"override {key!r}={value!r}: a submitter may only tighten it (from "
                                   f"{_current(recipe, key)!r}); an admin may loosen it")
