@@ -95,6 +95,8 @@ class Client:
     def model_version(self, name: str, version: str) -> dict:
         """A version's document plus its `bundle` (bundle.json) and `model_card` (MODEL_CARD.md)."""
         doc = model_registry.get_version(self.adapters.docs, name, version)
+        if doc["status"] in model_registry.AWAITING_VERDICT:  # no bundle until the gate decides
+            return {**doc, "bundle": None, "model_card": None}
         return {**doc, **model_registry.read_bundle(self.adapters.store, doc)}
 
     def approve_model(self, name: str, version: str, *, approver: str, note: str = "") -> dict:
@@ -112,6 +114,9 @@ class Client:
     def quarantine_model(self, name: str, version: str, *, actor: str, reason: str) -> dict:
         return model_registry.quarantine(self.adapters.docs, self.adapters.bus, name, version, actor=actor,
                                          reason=reason)
+
+    def reevaluate_model(self, name: str, version: str, *, actor: str) -> dict:
+        return model_registry.reevaluate(self.adapters.docs, self.adapters.bus, name, version, actor=actor)
 
     def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
                      adapter: bool = True) -> dict:

@@ -3,7 +3,7 @@ route). Every /api route needs the caller's identity from the authenticator the 
 (shared/platform/auth.py: the bearer token of <state>/auth-token locally, IAP in the cloud); /healthz needs
 nothing. Writes go through the same functions as the CLI: shared/domain/jobs.py (submit, cancel),
 shared/domain/privacy.py (sign-off) and shared/domain/model_registry.py (approve, promote, rollback, archive,
-quarantine), with the caller's email as the actor. Errors are JSON: {"error": "...", "status": N}.
+quarantine, reevaluate), with the caller's email as the actor. Errors are JSON: {"error": "...", "status": N}.
 """
 from __future__ import annotations
 
@@ -266,7 +266,9 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
         if action in ("archive", "quarantine"):
             change = getattr(model_registry, action)
             return jsonify(change(docs, bus, name, version, actor=actor, reason=_text(body, "reason", required=True)))
-        abort(404, f"no action {action!r} on a model version; one of approve, promote, archive, quarantine")
+        if action == "reevaluate":
+            return jsonify(model_registry.reevaluate(docs, bus, name, version, actor=actor))
+        abort(404, f"no action {action!r} on a model version; one of approve, promote, archive, quarantine, reevaluate")
 
     @app.post("/api/models/<name>/rollback")
     def rollback(name: str):
