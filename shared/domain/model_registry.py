@@ -415,8 +415,8 @@ def reevaluate(docs, bus, name: str, version: str, *, actor: str) -> dict:
         if doc["status"] == "evaluating":
             return doc, [_reevaluation(doc)], edit.model["aliases"]
         if doc["status"] != "unevaluated":
-            raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version (its "
-                                     "evaluation errored) can be re-evaluated; a verdict of the gate is final")
+            raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version can be "
+                                     "re-evaluated (one whose evaluation errored); a verdict of the gate is final")
         doc["reevaluations"] = doc.get("reevaluations", 0) + 1
         edit.status(version, "evaluating", op=f"reevaluate:{version}-{doc['reevaluations']}", actor=actor,
                     reason=f"re-evaluation {doc['reevaluations']} asked for", reevaluation=doc["reevaluations"])
