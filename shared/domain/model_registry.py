@@ -437,6 +437,7 @@ def _unevaluated(name: str, version: str, doc: dict) -> str:
     return (f"{name} {version} is unevaluated: its evaluation errored ({_reason(doc)}), so the gate has not "
             f"decided; once the fault is fixed, `ftpipe models reevaluate {name} {version}`")
 
+
 def approve(docs, bus, name: str, version: str, *, approver: str, note: str = "") -> dict:
     """Approve a `candidate` (recipe `registry.approval`): it goes to production, unless a version
     allocated after it is there already (it stays `approved`; `promote` puts it there anyway)."""

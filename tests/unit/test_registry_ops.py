@@ -242,10 +242,15 @@ def test_a_reevaluation_that_errors_again_is_unevaluated_again_until_a_verdict_d
     assert exc.value.status == 409
 
 
-def test_an_unevaluated_version_may_be_quarantined_by_hand_but_not_archived(adapters):
+def test_an_unevaluated_version_may_be_quarantined_by_hand_but_not_archived_or_exported(adapters, tmp_path):
+    from shared.domain.model_export import export_version
+
     version = errored(adapters, "r1")
     with pytest.raises(reg.RegistryError, match="or quarantine it"):
         reg.archive(adapters.docs, adapters.bus, NAME, version, actor="ann", reason="tidy")
+    with pytest.raises(reg.RegistryError, match="unevaluated: the gate has not decided on it") as exc:
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "out")
+    assert exc.value.status == 409
     doc = reg.quarantine(adapters.docs, adapters.bus, NAME, version, actor="ann", reason="the adapter is corrupt")
     assert doc["status"] == "quarantined"
     with pytest.raises(reg.RegistryError, match="only an unevaluated version"):
