@@ -277,6 +277,10 @@ def cmd_models(args) -> int:
                    f"{len(doc['adapter_files'])} adapter file(s) ("
                    + (f"sealed by {sealed['actor']}" if sealed else "recorded at registration, the bucket matches them")
                    + "); serving and export use exactly these bytes")
+    elif action == "reevaluate":
+        doc = client.reevaluate_model(args.name, args.version)
+        message = (f"{args.name} {args.version} {doc['status']}: evaluation {doc['reevaluations']} asked for; "
+                   f"`ftpipe models show {args.name}` shows the verdict once the evaluator gives it")
     else:  # archive, quarantine
         change = client.archive_model if action == "archive" else client.quarantine_model
         doc = change(args.name, args.version, reason=args.reason)
@@ -395,7 +399,14 @@ def _models_list(client, args) -> int:
 def _models_show(client, args) -> int:
     if args.version:
         doc = client.model_version(args.name, args.version)
-        _print_json(doc) if args.json else out.print(escape(doc["model_card"]))
+        if args.json:
+            _print_json(doc)
+        elif doc["model_card"] is None:  # no verdict, so no bundle yet
+            entry = (doc.get("history") or [{}])[-1]
+            out.print(escape(f"{args.name} {args.version} is {doc['status']} ({entry.get('reason')}): no model card "
+                             f"until the gate decides; `ftpipe models reevaluate {args.name} {args.version}`"))
+        else:
+            out.print(escape(doc["model_card"]))
         return 0
     model = client.model(args.name)
     if args.json:
@@ -778,7 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
-    p = add("models", cmd_models, "the model registry: list, show, approve, promote, roll back, archive, seal, export")
+    p = add("models", cmd_models, "the model registry: list, show, approve, promote, roll back, archive, "
+                                  "re-evaluate, seal, export")
     p.add_argument("--json", action="store_true")
     models = p.add_subparsers(dest="action", metavar="ACTION")
     # SUPPRESS: an option given before the action is not reset by the action's own default.
@@ -808,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = model_action("rollback", "point an alias back at its previous version, or at --to VERSION", version=False)
     q.add_argument("--to", metavar="VERSION", help="the version to roll back to")
     q.add_argument("--alias", choices=["production", "staging"], default="production")
+    q = model_action("reevaluate", "evaluate again a version whose evaluation errored (status unevaluated)")
     for name, help_ in (("archive", "retire a version (it can come back by rollback or promote)"),
                         ("quarantine", "bar a version for good: never promoted or served")):
         q = model_action(name, help_)

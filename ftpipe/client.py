@@ -128,6 +128,8 @@ class Client:
     def model_version(self, name: str, version: str) -> dict:
         """A version's document plus its `bundle` (bundle.json) and `model_card` (MODEL_CARD.md)."""
         doc = model_registry.get_version(self.adapters.docs, name, version)
+        if doc["status"] in model_registry.AWAITING_VERDICT:  # no bundle until the gate decides
+            return {**doc, "bundle": None, "model_card": None}
         return {**doc, **model_registry.read_bundle(self.adapters.store, doc)}
 
     def approve_model(self, name: str, version: str, *, note: str = "") -> dict:
@@ -180,6 +182,9 @@ class Client:
         """Record the bucket copy's digests of a version registered without them (an admin's step, after
         checking the copy): model_registry.seal."""
         return model_registry.seal(self.adapters.docs, self.adapters.store, name, version, caller=self.caller)
+
+    def reevaluate_model(self, name: str, version: str) -> dict:
+        return model_registry.reevaluate(self.adapters.docs, self.adapters.bus, name, version, caller=self.caller)
 
     def export_model(self, name: str, version: str, out: str | Path, *, merged: bool = True,
                      adapter: bool = True) -> dict:

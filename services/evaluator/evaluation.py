@@ -27,9 +27,9 @@ from services.evaluator import suites
 from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate
 from services.evaluator.report import render_report
 from services.evaluator.stats import STATISTICS, paired_bootstrap
-from services.evaluator.tasks import EvaluationError
+from services.evaluator.tasks import EvaluationError, ModelLoadError
 
-__all__ = ["EvaluationError", "EvalResult", "evaluate"]
+__all__ = ["EvaluationError", "EvalResult", "ModelLoadError", "evaluate"]
 
 _logger = logging.getLogger("ftpipe.evaluator")
 
@@ -75,8 +75,9 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
     `production_dir` is the production version's folder from the registry, when there is one.
 
     Raises EvaluationError (what, where, how to fix) for a missing/empty/malformed test split, a
-    candidate folder that is missing or does not load, a base model that cannot be loaded, or a
-    probes file that cannot be read.
+    candidate folder that is missing or not a model, or a probes file that cannot be read; its
+    subclass ModelLoadError for a model (base, adapter, whole model) that does not load or merge.
+    Errors while a model runs (CUDA, out of memory) propagate as they are.
     """
     say = log or _logger.info
     started = time.perf_counter()
@@ -202,11 +203,11 @@ def load_model(recipe: Recipe, folder: Path | None, labels: list[str] | None, de
         model = auto.from_pretrained(folder if whole else base_path, **kwargs)
     except (ModelNotAvailable, OSError, ValueError) as exc:
         where = f"candidate model folder {folder}" if whole else f"base model {recipe.base_model!r}"
-        raise EvaluationError(
+        raise ModelLoadError(
             f"{where} could not be loaded: {exc}. Check recipe base_model (a built-in alias, a local Hugging "
             f"Face model folder, or a hub id with the hub reachable) and the trainer's output folder.") from exc
     if recipe.task != "classification" and tokenizer.chat_template is None:
-        raise EvaluationError(
+        raise ModelLoadError(
             f"base model {recipe.base_model!r} has no chat template; the evaluator renders test conversations with "
             f"it. Use an instruct/chat model or add chat_template.jinja to the model folder.")
     if recipe.task == "classification" and model.config.pad_token_id is None:
@@ -224,7 +225,7 @@ def _merged(base, adapter_dir: Path):
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except Exception as exc:  # peft raises ValueError/KeyError/RuntimeError/OSError depending on the fault
-        raise EvaluationError(
+        raise ModelLoadError(
             f"adapter folder {adapter_dir} does not load onto the base model: {type(exc).__name__}: "
             f"{str(exc)[:400]}. It must be a PEFT adapter trained on this recipe's base_model "
             f"(same architecture and sizes); re-run training or point at the right checkpoint.") from exc

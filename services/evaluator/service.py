@@ -1,6 +1,11 @@
 """The evaluator service: on TrainingCompleted, score the base, the candidate and the model name's
 production version (services/evaluator/evaluation.py), apply the gate, store the report with the
-run, publish EvaluationCompleted."""
+run, publish EvaluationCompleted.
+
+Errors are not verdicts: a model that does not load or run (and anything else that goes wrong
+besides a malformed artefact) is retried by the runtime, and on the subscription's last attempt
+becomes EvaluationErrored plus a dead letter, never a failed gate. The registry then records the
+version `unevaluated`, and `ftpipe models reevaluate` asks again."""
 from __future__ import annotations
 
 import json
@@ -9,12 +14,36 @@ from pathlib import Path
 
 from shared.domain import events as ev
 from shared.domain.model_registry import alias_version
-from shared.platform.runtime import Context, Service
+from shared.platform.runtime import Context, Reject, Retry, Service
 from shared.platform.storage import download_dir
 
 
 def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
-    from services.evaluator.evaluation import EvaluationError, evaluate
+    try:
+        return [_evaluate(event, ctx)]
+    except (Retry, Reject, ev.MalformedMessage):
+        raise
+    except Exception as exc:  # noqa: BLE001 - loading or running a model, or fetching it: never a verdict
+        if ctx.message.delivery_attempt < ctx.settings.max_delivery_attempts:
+            raise  # the runtime nacks it: redelivered with backoff
+        # The last attempt: the registry records the version `unevaluated` (re-evaluable, never
+        # quarantined), then the message is dead-lettered with the reason. Published now, before
+        # the Reject: the runtime publishes a handler's returned events only when it acks.
+        attempts = ctx.message.delivery_attempt
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        ctx.log.error("evaluation errored on the last attempt (%d): %s", attempts, error, exc_info=exc)
+        ctx.publish(ev.EvaluationErrored(
+            run_id=event.run_id, recipe=event.recipe, dataset_uri=event.dataset_uri, adapter_uri=event.adapter_uri,
+            training_metrics=event.metrics, steps=event.steps, tenant=event.tenant, error=error, attempts=attempts,
+            reevaluation=event.reevaluation))
+        name = event.recipe.model_name
+        raise Reject(f"evaluation errored on all {attempts} attempts ({error}); the run's version of {name} is "
+                     f"unevaluated, not quarantined: after the fix, `ftpipe models reevaluate {name} VERSION` "
+                     f"(`ftpipe models show {name}` lists it)") from exc
+
+
+def _evaluate(event: ev.TrainingCompleted, ctx: Context) -> ev.EvaluationCompleted:
+    from services.evaluator.evaluation import EvaluationError, ModelLoadError, evaluate
 
     recipe = event.recipe
     bucket, dataset_prefix = ctx.store.parse_url(event.dataset_uri)
@@ -34,12 +63,16 @@ def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
         production = _production(ctx, recipe, Path(tmp) / "production")
         try:
             result = evaluate(recipe, data_dir, adapter_dir, production_dir=production, probes_path=probes)
+        except ModelLoadError:
+            raise  # not a verdict (on_training_completed)
         except EvaluationError as exc:
-            # An evaluation that cannot run is a failed gate, recorded with its reason.
-            return [_report(ctx, event, bucket, scores={}, passed=False, reasons=[f"evaluation failed: {exc}"],
-                            markdown=f"# Evaluation failed\n\n{exc}\n", details={})]
-    return [_report(ctx, event, bucket, scores=result.scores, passed=result.passed, reasons=result.reasons,
-                    markdown=result.report_markdown, details=result.to_json())]
+            # A malformed artefact (test split, labels, probes, a candidate folder that is not a model):
+            # no retry can fix it, and the version as trained cannot pass, so it is a failed gate
+            # recorded with its reason.
+            return _report(ctx, event, bucket, scores={}, passed=False, reasons=[f"evaluation failed: {exc}"],
+                           markdown=f"# Evaluation failed\n\n{exc}\n", details={})
+    return _report(ctx, event, bucket, scores=result.scores, passed=result.passed, reasons=result.reasons,
+                   markdown=result.report_markdown, details=result.to_json())
 
 
 def _production(ctx: Context, recipe, folder: Path) -> Path | None:

@@ -46,7 +46,15 @@ CLASSIFY_TASK = "ftpipe_classify"
 
 
 class EvaluationError(RuntimeError):
-    """An evaluation that cannot run; the message says what, where, and how to fix it."""
+    """An evaluation that cannot run; the message says what, where, and how to fix it. Raised as
+    such for malformed artefacts that no retry can fix (the test split, the labels, the probes file,
+    a candidate folder that is not a model): the evaluator records those as a failed gate."""
+
+
+class ModelLoadError(EvaluationError):
+    """A model (the base, the candidate, production) that could not be loaded or merged. Not a
+    verdict on the candidate: a file unreadable for a moment, a hub or a GPU away look the same,
+    so the evaluator service retries it and never fails the gate for it (services/evaluator/service.py)."""
 
 
 @dataclass(frozen=True)

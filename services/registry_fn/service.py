@@ -1,5 +1,7 @@
-"""The model registry's handler: every evaluated candidate becomes a version with its bundle; the
+"""The model registry's handlers: every evaluated candidate becomes a version with its bundle; the
 gate and the recipe's `registry.approval` decide its status and aliases (shared/domain/model_registry.py).
+A candidate whose evaluation errored (EvaluationErrored) becomes a version `unevaluated`, without a
+bundle until `ftpipe models reevaluate` brings a verdict.
 
 models/<name>/<version>/
   adapter/…                   the trainer's output as it left it (with run_record.json)
@@ -35,6 +37,8 @@ from shared.domain.model_registry import (
     MODELS,
     REGISTRATION_STATUSES,
     allocate_version,
+    decided,
+    register_unevaluated,
     register_version,
     registration_status,
     version_id,
@@ -44,7 +48,7 @@ from shared.platform.build_info import RUN_RECORD
 from shared.platform.ports import ObjectNotFound
 from shared.platform.runtime import Context, Reject, Service
 
-__all__ = ["MODEL_VERSIONS", "MODELS", "SERVICE", "register", "model_card"]
+__all__ = ["MODEL_VERSIONS", "MODELS", "SERVICE", "register", "register_errored", "model_card"]
 
 COMPLETE = "COMPLETE"   # the trainer's marker that an adapter folder is whole: not part of the model
 
@@ -76,8 +80,9 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     for rel, data in parts["files"].items():
         files.append(_put(store, bucket, f"{target}/{rel}", rel, data))
     uri = store.url(bucket, target + "/")
-    existing = ctx.docs.get(MODEL_VERSIONS, version_id(name, version))   # a redelivery: registered already
-    status = existing["registered_status"] if existing else registration_status(
+    existing = ctx.docs.get(MODEL_VERSIONS, version_id(name, version))
+    # A redelivery: registered already. (A version whose evaluation errored takes this verdict.)
+    status = existing["registered_status"] if existing and decided(existing) else registration_status(
         ctx.docs.get(MODELS, name), version, passed=event.passed, approval=recipe.registry.approval)
     bundle = {
         "name": name, "version": version, "status": status, "run_id": event.run_id, "uri": uri,
@@ -110,6 +115,28 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
         # Another registration of this model committed between the read above and the transaction
         # (the transaction decides): the bundle says what happened, and is the one whose digest it recorded.
         _write_bundle(store, bucket, target, rendered[stored["registered_status"]])
+    return events
+
+
+def register_errored(event: ev.EvaluationErrored, ctx: Context):
+    """An evaluation that errored on every attempt: the run's version is allocated and recorded
+    `unevaluated` (not quarantined: a fault is not a verdict), with what `ftpipe models reevaluate`
+    needs to ask again. Its bundle is written once a verdict comes (register)."""
+    recipe = event.recipe
+    name = recipe.model_name
+    version = allocate_version(ctx.docs, name, event.run_id, recipe.base_model)
+    bucket, _ = ctx.store.parse_url(event.adapter_uri)
+    request = ev.TrainingCompleted(run_id=event.run_id, recipe=recipe, dataset_uri=event.dataset_uri,
+                                   adapter_uri=event.adapter_uri, metrics=event.training_metrics, steps=event.steps,
+                                   tenant=event.tenant)
+    doc = {"name": name, "version": version, "run_id": event.run_id,
+           "uri": ctx.store.url(bucket, f"models/{name}/{version}/"),   # where the bundle will be
+           "base_model": recipe.base_model, "recipe_hash": recipe.hash, "recipe_name": recipe.name,
+           "dataset_uri": event.dataset_uri, "training_metrics": event.training_metrics, "tenant": event.tenant,
+           "evaluation": {"error": event.error, "attempts": event.attempts},
+           "evaluation_request": request.model_dump(mode="json", exclude={"reevaluation"})}
+    _, events = register_unevaluated(ctx.docs, doc, error=event.error, approval=recipe.registry.approval,
+                                     reevaluation=event.reevaluation)
     return events
 
 
@@ -293,4 +320,4 @@ def _data_summary(manifest: dict, pii: dict, signoff: dict | None, review_requir
     return lines
 
 
-SERVICE = Service(name="registry", handlers={ev.EvaluationCompleted: register})
+SERVICE = Service(name="registry", handlers={ev.EvaluationCompleted: register, ev.EvaluationErrored: register_errored})

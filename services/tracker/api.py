@@ -4,7 +4,7 @@ route). Every /api route needs the caller's identity from the authenticator the 
 it (shared/domain/access.py), checked before the route looks anything up; /healthz needs nothing. Reads show
 the tenants the caller views. Writes go through the same functions as the CLI: shared/domain/jobs.py (submit,
 cancel), shared/domain/privacy.py (sign-off) and shared/domain/model_registry.py (approve, promote, rollback,
-archive, quarantine), which check the caller's role in the tenant the target belongs to and record the caller
+archive, quarantine, reevaluate), which check the caller's role in the tenant the target belongs to and record the caller
 as the actor. Errors are JSON: {"error": "...", "status": N}.
 """
 from __future__ import annotations
@@ -339,7 +339,9 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
         if action in ("archive", "quarantine"):
             change = getattr(model_registry, action)
             return jsonify(change(docs, bus, name, version, caller=who, reason=_text(body, "reason", required=True)))
-        abort(404, f"no action {action!r} on a model version; one of approve, promote, archive, quarantine")
+        if action == "reevaluate":
+            return jsonify(model_registry.reevaluate(docs, bus, name, version, caller=who))
+        abort(404, f"no action {action!r} on a model version; one of approve, promote, archive, quarantine, reevaluate")
 
     @app.post("/api/models/<name>/rollback")
     def rollback(name: str):

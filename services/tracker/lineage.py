@@ -108,11 +108,19 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
         case ev.EvaluationCompleted():
             update.update(_progress(run, "running", "registering"),
                           evaluation={"passed": event.passed, "scores": event.scores, "reasons": event.reasons,
-                                      "report_uri": event.report_uri})
+                                      "report_uri": event.report_uri, "error": None})
+        case ev.EvaluationErrored():
+            # No progress: the dead letter that comes with it fails the run (MessageDeadLettered), and a
+            # re-evaluation's verdict moves it on from there.
+            update["evaluation"] = {"error": event.error, "attempts": event.attempts}
         case ev.ModelRegistered():
-            update.update(_progress(run, "succeeded", "done"),
-                          model={"name": event.model_name, "version": event.version, "uri": event.uri})
-            if (run.get("model") or {}).get("status") is None:  # a later change that arrived first stands
+            # An unevaluated version is no outcome of the run: it waits, failed by the dead letter.
+            if event.status != "unevaluated":
+                update.update(_progress(run, "succeeded", "done"))
+            update["model"] = {"name": event.model_name, "version": event.version, "uri": event.uri}
+            if event.change:  # registered again (a re-evaluation): ordered among the version's changes
+                update["model"] = _model(run, event, event.status)
+            elif (run.get("model") or {}).get("status") is None:  # a later change that arrived first stands
                 update["model"]["status"] = event.status
         case ev.ModelApproved():
             update["model"] = _model(run, event, "approved", approval={"approver": event.approver,
@@ -273,6 +281,8 @@ def summarise(event: ev.Event) -> str:
             return f"training from step {event.resumed_from_step}"
         case ev.EvaluationCompleted():
             return ("gate passed" if event.passed else "gate failed") + ": " + "; ".join(event.reasons)
+        case ev.EvaluationErrored():
+            return f"evaluation errored on {event.attempts} attempts (no verdict): {event.error}"
         case ev.ModelRegistered():
             return f"{event.model_name} {event.version} {event.status}"
         case ev.ModelApproved():

@@ -174,6 +174,13 @@ class TrainingCompleted(Event):
     metrics: dict[str, float]
     steps: int
     tenant: str = "default"
+    # 0: the trainer's; N: the Nth re-evaluation asked for (`ftpipe models reevaluate`, after an
+    # evaluation that errored). Part of the id, so the evaluator's ledger does not take the request
+    # for a redelivery of the first one.
+    reevaluation: int = Field(default=0, ge=0)
+
+    def step_key(self) -> str:
+        return "0" if not self.reevaluation else f"reevaluation-{self.reevaluation}"
 
 
 class TrainingFailed(Event):
@@ -200,6 +207,26 @@ class EvaluationCompleted(Event):
     tenant: str = "default"
 
 
+class EvaluationErrored(Event):
+    """The evaluator could not load or run a model (an infrastructure fault, not a verdict) on any of
+    its delivery attempts, and dead-lettered the TrainingCompleted. The registry records the run's
+    version `unevaluated`: what it carries is what a re-evaluation needs to ask again."""
+    type: ClassVar[str] = "EvaluationErrored"
+    topic: ClassVar[str] = EVALUATIONS
+    recipe: Recipe
+    dataset_uri: str
+    adapter_uri: str
+    training_metrics: dict[str, float] = {}
+    steps: int = 0
+    tenant: str = "default"
+    error: str
+    attempts: int
+    reevaluation: int = Field(default=0, ge=0)   # the TrainingCompleted's: which evaluation errored
+
+    def step_key(self) -> str:
+        return str(self.reevaluation)
+
+
 # ---------------------------------------------------------------- models
 # What the registry (services/registry_fn/, shared/domain/model_registry.py) did to a model version. Each
 # carries the run that trained the version. A version changes status several times in its life
@@ -207,7 +234,7 @@ class EvaluationCompleted(Event):
 # its index in the version's `history` (`change`), and ModelPromoted the index of the move in the
 # alias's history (`move`): the ids stay unique, and a redelivery republishes the same id.
 
-MODEL_STATUSES = ("candidate", "approved", "promoted", "quarantined", "archived")
+MODEL_STATUSES = ("unevaluated", "evaluating", "candidate", "approved", "promoted", "quarantined", "archived")
 ALIASES = ("staging", "production")
 
 
@@ -228,8 +255,15 @@ class _StatusChange(_ModelEvent):
 class ModelRegistered(_ModelEvent):
     type: ClassVar[str] = "ModelRegistered"
     # candidate: passed the gate, waits for approval; promoted: passed, in production; quarantined:
-    # failed the gate; archived: passed, but a later version of the same model was in production already
-    status: Literal["candidate", "promoted", "quarantined", "archived"]
+    # failed the gate; archived: passed, but a later version of the same model was in production already;
+    # unevaluated: its evaluation errored (no verdict), it waits for `ftpipe models reevaluate`
+    status: Literal["unevaluated", "candidate", "promoted", "quarantined", "archived"]
+    # The index in the version's history of the registration's first entry: 0 for its first, more
+    # for a verdict (or another error) after a re-evaluation, which registers the version again.
+    change: int = 0
+
+    def step_key(self) -> str:
+        return str(self.change)
 
 
 class ModelApproved(_StatusChange):
@@ -317,7 +351,7 @@ class MessageDeadLettered(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
                               CheckpointSaved, TrainingAlert, TrainingCompleted, TrainingFailed, EvaluationCompleted,
-                              ModelRegistered, ModelApproved, ModelPromoted, ModelQuarantined, ModelArchived,
+                              EvaluationErrored, ModelRegistered, ModelApproved, ModelPromoted, ModelQuarantined, ModelArchived,
                               MessageDeadLettered)
 }
 

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from shared.domain.model_registry import ADAPTER_DIR, BUNDLE, RegistryError, get_version
+from shared.domain.model_registry import ADAPTER_DIR, AWAITING_VERDICT, BUNDLE, RegistryError, get_version
 from shared.domain.models import ModelNotAvailable, base_model_identity, resolve_model
 from shared.platform.ports import ObjectNotFound
 from shared.platform.storage import file_sha256
@@ -56,6 +56,9 @@ def export_version(store, docs, name: str, version: str, out_dir: Path, *, merge
     doc = get_version(docs, name, version)
     if doc["status"] == "quarantined":
         raise RegistryError(409, f"{name} {version} is quarantined: it must not be served, so it is not exported")
+    if doc["status"] in AWAITING_VERDICT:
+        raise RegistryError(409, f"{name} {version} is {doc['status']}: the gate has not decided on it (its evaluation "
+                                 f"errored), so it is not exported; `ftpipe models reevaluate {name} {version}`")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} is not empty: export into a new folder")

@@ -4,9 +4,11 @@ models/{name}                    the model: lineages (one MAJOR per base model),
                                  the allocation order of versions, `aliases` ({staging, production} ->
                                  version) and `alias_history` ({alias: [{version, previous, at, actor,
                                  reason, op}]}, oldest first)
-model_versions/{name}@{version}  one version: where its bundle is, its evaluation, `status` (candidate,
-                                 approved, promoted, quarantined, archived), `approval`, `history`
-                                 ([{status, at, actor, reason, op, ...}], oldest first), and the digests
+model_versions/{name}@{version}  one version: where its bundle is, its evaluation, `status` (unevaluated,
+                                 evaluating, candidate, approved, promoted, quarantined, archived),
+                                 `approval`, `history` ([{status, at, actor, reason, op, ...}], oldest
+                                 first); while it waits for a verdict, `evaluation_request` (the
+                                 TrainingCompleted that a re-evaluation publishes again); and the digests
                                  of its bucket copy: `adapter_files` ([{name, sha256, size}] of its
                                  adapter/… files) and `bundle_sha256` (of the bundle.json bytes), with
                                  `sealed` ({actor, at}) where an admin recorded them after registration
@@ -18,7 +20,10 @@ and export check the bucket copy against these (shared/domain/model_export.fetch
 Versions are MAJOR.MINOR: the first fine-tune of a base model under a model name starts a new MAJOR,
 every later one of that base adds a MINOR. `staging` points at the latest version that passed the
 gate, `production` at the version that serves. A quarantined version is never promoted; an archived
-one was superseded or retired and may come back by rollback.
+one was superseded or retired and may come back by rollback. An `unevaluated` version is one whose
+evaluation errored (an infrastructure fault, not a verdict): it has no bundle yet, and neither
+moves an alias nor is approved or promoted until `reevaluate` (status `evaluating`) brings a verdict,
+which registers it then as the gate decides.
 
 People's operations (approve, promote, rollback, archive, quarantine) take the caller
 (shared/domain/access.py): it must hold `approver` somewhere before anything is read, and `approver`
@@ -56,6 +61,8 @@ PROMOTION_REASONS = ("gate", "approval", "manual", "rollback")
 REGISTRATION_STATUSES = ("quarantined", "candidate", "promoted", "archived")   # what registration_status returns
 BUNDLE = "bundle.json"
 ADAPTER_DIR = "adapter/"
+# A version without a verdict: its evaluation errored (unevaluated) or is asked again (evaluating).
+AWAITING_VERDICT = ("unevaluated", "evaluating")
 
 
 class RegistryError(ValueError):
@@ -232,9 +239,12 @@ class _Edit:
         status changes, then the alias moves, then what the moves archived."""
         out: list[ev.Event] = []
         subject_doc = self.version(subject)
-        if op == _register_op(subject):
+        changes = [i for i, e in enumerate(subject_doc.get("history", [])) if e.get("op") == op]
+        if _is_registration(op, subject) and changes:
+            # A registration's status is where its entries left the version (candidate, then promoted).
             out.append(ev.ModelRegistered(run_id=subject_doc["run_id"], model_name=self.name, version=subject,
-                                          uri=subject_doc["uri"], status=subject_doc["registered_status"]))
+                                          uri=subject_doc["uri"], status=subject_doc["history"][changes[-1]]["status"],
+                                          change=changes[0]))
         out += _status_events(self.name, subject_doc, op)
         displaced = []
         for alias in ALIASES:   # a fixed order: a document store need not keep a map's order
@@ -275,6 +285,22 @@ def _status_events(name: str, doc: dict, op: str) -> list[ev.Event]:
 
 def _register_op(version: str) -> str:
     return f"register:{version}"
+
+
+def _reregister_op(doc: dict) -> str:
+    """The op of a registration after the first (a verdict, or an error, of a re-evaluation): it
+    registers the version again, and its entries start at this index of the history."""
+    return f"{_register_op(doc['version'])}-{len(doc.get('history', []))}"
+
+
+def _is_registration(op: str, version: str) -> bool:
+    return op == _register_op(version) or op.startswith(_register_op(version) + "-")
+
+
+def _registration_op(doc: dict) -> str:
+    """The op of the version's latest registration: what a redelivery republishes."""
+    ops = [e["op"] for e in doc.get("history", []) if _is_registration(e.get("op", ""), doc["version"])]
+    return ops[-1] if ops else _register_op(doc["version"])
 
 
 def _last_op(edit: _Edit, version: str, status: str | None = None, alias: str | None = None) -> str:
@@ -319,6 +345,11 @@ def allocate_version(docs, name: str, run_id: str, base_model: str) -> str:
     return docs.transaction(allocate)
 
 
+def decided(doc: dict | None) -> bool:
+    """Whether a version document holds a verdict of the gate (it exists and does not await one)."""
+    return doc is not None and doc["status"] not in AWAITING_VERDICT
+
+
 def registration_status(model: dict | None, version: str, *, passed: bool, approval: bool) -> str:
     """The status `version` registers with (see register_version), given the model document."""
     if not passed:
@@ -342,23 +373,29 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
 
     except that an alias never moves back to a version allocated before the one it points at (a
     redelivered evaluation of an earlier run must not undo a later one): such a passing version is
-    registered `archived`. Registering a version again changes nothing and returns the same events.
+    registered `archived`. Registering a version with a verdict again changes nothing and returns the
+    same events; a version that awaits one (`unevaluated`, `evaluating`) takes this one.
 
     The bundle names the status the version registered with, and only this transaction knows it:
     `bundle_sha256` maps each status it may choose (REGISTRATION_STATUSES) to the sha256 of the
     bundle.json registering with that status writes, and the one of the status chosen is recorded
     (`bundle_sha256` on the document). The caller then makes the bucket hold that bundle."""
     name, version = doc["name"], doc["version"]
-    op = _register_op(version)
 
     def register(txn):
         edit = _Edit(txn, name)
         existing = txn.get(MODEL_VERSIONS, version_id(name, version))
-        if existing is not None:
+        if decided(existing):
             edit.versions[version] = existing
-            return existing, edit.events(op, version), edit.model["aliases"]
-        edit.versions[version] = {**doc, "status": None, "history": [], "approval": None, "approval_required": approval,
-                                  "registered_at": edit.now, "updated_at": edit.now}
+            return existing, edit.events(_registration_op(existing), version), edit.model["aliases"]
+        if existing is not None:   # its evaluation errored, and now one has decided: registered again
+            op = _reregister_op(existing)
+            edit.versions[version] = {**existing, **doc, "approval_required": approval, "updated_at": edit.now}
+            edit.versions[version].pop("evaluation_request", None)
+        else:
+            op = _register_op(version)
+            edit.versions[version] = {**doc, "status": None, "history": [], "approval": None,
+                                      "approval_required": approval, "registered_at": edit.now, "updated_at": edit.now}
         status = registration_status(edit.model, version, passed=passed, approval=approval)
         aliases = edit.model["aliases"]
         if status == "quarantined":
@@ -455,7 +492,79 @@ def _recorded(doc: dict) -> dict | None:
     return {"adapter_files": sorted(doc["adapter_files"], key=lambda f: f["name"]), "bundle_sha256": doc["bundle_sha256"]}
 
 
+def register_unevaluated(docs, doc: dict, *, error: str, approval: bool, reevaluation: int = 0) -> tuple[dict, list[ev.Event]]:
+    """Record a version whose evaluation errored (EvaluationErrored): `unevaluated`, no alias moves,
+    no bundle yet; `doc` holds `evaluation_request`, the TrainingCompleted that `reevaluate` publishes
+    again. An infrastructure fault is not a verdict, so the version is never quarantined for it.
+
+    A version that exists already changes nothing (the same events again), except one `evaluating`
+    whose re-evaluation `reevaluation` errored too: it goes back to `unevaluated`. A verdict stands,
+    and an error of an earlier evaluation than the one asked for is stale."""
+    name, version = doc["name"], doc["version"]
+
+    def register(txn):
+        edit = _Edit(txn, name)
+        existing = txn.get(MODEL_VERSIONS, version_id(name, version))
+        if existing is not None:
+            edit.versions[version] = existing
+            if existing["status"] != "evaluating" or reevaluation < existing.get("reevaluations", 0):
+                return existing, edit.events(_registration_op(existing), version), edit.model["aliases"]
+            op = _reregister_op(existing)
+            existing.update(evaluation=doc["evaluation"], updated_at=edit.now)
+        else:
+            op = _register_op(version)
+            edit.versions[version] = {**doc, "status": None, "history": [], "approval": None, "reevaluations": 0,
+                                      "approval_required": approval, "registered_at": edit.now, "updated_at": edit.now}
+        edit.status(version, "unevaluated", op=op, actor=None, reason=f"evaluation errored: {error}")
+        edit.versions[version]["registered_status"] = "unevaluated"
+        edit.save()
+        return edit.versions[version], edit.events(op, version), edit.model["aliases"]
+
+    stored, events, _ = docs.transaction(register)
+    return stored, events
+
+
 # ------------------------------------------------------------------ people's operations
+
+def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
+    """Evaluate an `unevaluated` version again (its evaluation errored; the fault is fixed): it goes
+    to `evaluating`, and its TrainingCompleted is published again with the re-evaluation's number,
+    so the evaluator does not take it for a redelivery of the one it gave up on. The verdict
+    registers the version as the gate decides (register_version); another error makes it
+    `unevaluated` again. Asking again while `evaluating` republishes the same request. An approver's,
+    of a tenant that owns the model."""
+    to = f"re-evaluate {name} {version}"
+    require(caller, "approver", to=to)
+
+    def run(txn):
+        edit = _Edit(txn, name)
+        doc = edit.version(version)
+        actor = edit.authorize(caller, doc, to=to)
+        if doc["status"] == "evaluating":
+            return doc, [_reevaluation(doc)], edit.model["aliases"]
+        if doc["status"] != "unevaluated":
+            raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version can be "
+                                     "re-evaluated (one whose evaluation errored); a verdict of the gate is final")
+        doc["reevaluations"] = doc.get("reevaluations", 0) + 1
+        edit.status(version, "evaluating", op=f"reevaluate:{version}-{doc['reevaluations']}", actor=actor,
+                    reason=f"re-evaluation {doc['reevaluations']} asked for", reevaluation=doc["reevaluations"])
+        edit.save()
+        return doc, [_reevaluation(doc)], edit.model["aliases"]
+    return _transact(docs, bus, run)
+
+
+def _reevaluation(doc: dict) -> ev.TrainingCompleted:
+    return ev.TrainingCompleted.model_validate({**doc["evaluation_request"], "reevaluation": doc["reevaluations"]})
+
+
+def _unevaluated(name: str, version: str, doc: dict) -> str:
+    """Why a version without a verdict cannot be approved, promoted or archived."""
+    if doc["status"] == "evaluating":
+        return (f"{name} {version} is evaluating (asked again after its evaluation errored): the gate has not "
+                f"decided yet; wait for the verdict (`ftpipe models reevaluate {name} {version}` asks again)")
+    return (f"{name} {version} is unevaluated: its evaluation errored ({_reason(doc)}), so the gate has not "
+            f"decided; once the fault is fixed, `ftpipe models reevaluate {name} {version}`")
+
 
 def approve(docs, bus, name: str, version: str, *, caller: Caller, note: str = "") -> dict:
     """Approve a `candidate` (recipe `registry.approval`): it goes to production, unless a version
@@ -483,6 +592,8 @@ def approve(docs, bus, name: str, version: str, *, caller: Caller, note: str = "
 
 def _not_approvable(name: str, version: str, doc: dict) -> str:
     status = doc["status"]
+    if status in AWAITING_VERDICT:
+        return _unevaluated(name, version, doc)
     if status == "quarantined":
         return (f"{name} {version} is quarantined ({_reason(doc)}): quarantined versions are never promoted; "
                 "fix the cause and train a new run")
@@ -522,6 +633,8 @@ def _check_alias(alias: str) -> None:
 
 
 def _check_promotable(name: str, version: str, doc: dict, alias: str) -> None:
+    if doc["status"] in AWAITING_VERDICT:
+        raise RegistryError(409, _unevaluated(name, version, doc))
     if doc["status"] == "quarantined":
         raise RegistryError(409, f"{name} {version} is quarantined ({_reason(doc)}): quarantined versions are never "
                                  "promoted; fix the cause and train a new run")
@@ -606,6 +719,9 @@ def _retire(docs, bus, name: str, version: str, status: str, *, caller: Caller, 
             return doc, edit.events(_last_op(edit, version, status), version), edit.model["aliases"]
         if doc["status"] == "quarantined":
             raise RegistryError(409, f"{name} {version} is quarantined ({_reason(doc)}), which is final")
+        if status == "archived" and doc["status"] in AWAITING_VERDICT:
+            # An archived version may come back by promote, which must not skip the gate.
+            raise RegistryError(409, f"{_unevaluated(name, version, doc)}; or quarantine it to bar it for good")
         if edit.model["aliases"].get("production") == version:
             raise RegistryError(409, f"{name} {version} is in production: roll back (`ftpipe models rollback {name}`) "
                                      f"or promote another version first, then {verb} it")

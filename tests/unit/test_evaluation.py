@@ -20,7 +20,7 @@ from shared.domain.models import TINY, resolve_model
 from shared.domain.recipe import Recipe, RecipeError, parse_recipe
 
 from services.evaluator import tasks as T
-from services.evaluator.evaluation import EvaluationError, evaluate
+from services.evaluator.evaluation import EvaluationError, ModelLoadError, evaluate
 from services.evaluator.gate import gate
 from services.evaluator.stats import STATISTICS, paired_bootstrap
 
@@ -323,14 +323,24 @@ def test_unreadable_probes_file(tmp_path, data_dir, zero_adapter):
 
 
 def test_candidate_folder_that_does_not_load(tmp_path, data_dir):
-    with pytest.raises(EvaluationError, match="candidate folder not found"):
+    # A folder that is not a model is a malformed artefact (a failed gate); one that does not load is
+    # a ModelLoadError, which the service retries and never takes for a verdict (test_eval_errors.py).
+    with pytest.raises(EvaluationError, match="candidate folder not found") as exc:
         evaluate(_recipe(), data_dir, tmp_path / "missing")
+    assert not isinstance(exc.value, ModelLoadError)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["no_such_layer"]}))
-    with pytest.raises(EvaluationError, match="does not load onto the base model"):
+    with pytest.raises(ModelLoadError, match="does not load onto the base model"):
         evaluate(_recipe(), data_dir, broken)
+
+
+def test_a_base_model_that_does_not_load_is_a_model_load_error(tmp_path, data_dir, zero_adapter):
+    unreadable = tmp_path / "base"
+    unreadable.mkdir()   # a model folder whose files cannot be read (yet): nothing in it
+    with pytest.raises(ModelLoadError, match="could not be loaded"):
+        evaluate(_recipe().model_copy(update={"base_model": str(unreadable)}), data_dir, zero_adapter)
 
 
 def test_missing_test_split_fails_before_loading_models(tmp_path, zero_adapter):

@@ -155,3 +155,36 @@ def test_two_subscriptions_dead_lettering_one_message_leave_the_run_replayable(t
     mark_replayed(docs, "r", "m1")
     run = docs.get(RUNS, "r")
     assert (run["status"], run["error"], run["dead_letter"]["active"]) == ("validating", None, False)
+
+
+def test_an_evaluation_that_errored_waits_unevaluated_and_a_reevaluation_moves_the_run_on(tmp_path):
+    docs = SqliteDocStore(tmp_path / "docs.db")
+    completed = ev.TrainingCompleted(run_id="r", recipe=RECIPE, dataset_uri="file:///d/", adapter_uri="file:///a/",
+                                     metrics={"train_loss": 1.0}, steps=4)
+    errored = ev.EvaluationErrored(run_id="r", recipe=RECIPE, dataset_uri="file:///d/", adapter_uri="file:///a/",
+                                   steps=4, error="OSError: [Errno 5] Input/output error", attempts=5)
+    unevaluated = ev.ModelRegistered(run_id="r", model_name="t", version="1.1", uri="file:///m/", status="unevaluated")
+    for event in (completed, unevaluated, errored):   # the registry's answer may come first
+        record(docs, event)
+    run = docs.get(RUNS, "r")
+    # No outcome: the run waits (the evaluator's dead letter fails it, MessageDeadLettered), not succeeded.
+    assert (run["status"], run["sub_state"], run["model"]["status"]) == ("running", "evaluating", "unevaluated")
+    assert run["evaluation"] == {"error": "OSError: [Errno 5] Input/output error", "attempts": 5}
+    assert record(docs, ev.MessageDeadLettered(run_id="r", message_id="m1", message_type="TrainingCompleted",
+                                               source_topic="training", subscription="evaluator.training",
+                                               reason="rejected: evaluation errored on all 5 attempts"))
+    assert docs.get(RUNS, "r")["status"] == "failed"
+
+    # `ftpipe models reevaluate`: a new request (a new id), then the verdict registers the version again.
+    assert record(docs, completed.model_copy(update={"reevaluation": 1}))
+    assert record(docs, ev.EvaluationCompleted(run_id="r", recipe=RECIPE, dataset_uri="file:///d/",
+                                               adapter_uri="file:///a/", scores={}, passed=True, reasons=["ok"],
+                                               report_uri="file:///r/"))
+    assert record(docs, ev.ModelRegistered(run_id="r", model_name="t", version="1.1", uri="file:///m/",
+                                           status="promoted", change=2))
+    run = docs.get(RUNS, "r")
+    assert (run["status"], run["sub_state"], run["model"]["status"], run["model"]["change"]) == (
+        "succeeded", "done", "promoted", 2)
+    assert run["dead_letter"]["active"] is False and run["evaluation"]["error"] is None
+    summaries = [e["summary"] for _, e in docs.query(RUN_EVENTS, where=[("run_id", "==", "r")], order_by=[("seq", "asc")])]
+    assert "evaluation errored on 5 attempts (no verdict): OSError: [Errno 5] Input/output error" in summaries

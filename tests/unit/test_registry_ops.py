@@ -9,6 +9,8 @@ import pytest
 from ftpipe.cli import main
 from shared.domain import events as ev, model_registry as reg
 from shared.domain.access import Caller
+from shared.domain.recipe import load_recipe
+from shared.platform.runtime import publish_event
 from tests.unit.bus_drain import drain
 
 
@@ -19,6 +21,7 @@ def admin(name: str) -> Caller:
 
 NAME = "support-bot"
 BASE = "tiny-random-smollm2"
+RECIPE = load_recipe("tiny-sft")
 
 
 def add(adapters, run_id: str, *, passed: bool = True, approval: bool = False, base: str = BASE) -> str:
@@ -29,6 +32,26 @@ def add(adapters, run_id: str, *, passed: bool = True, approval: bool = False, b
     reg.register_version(adapters.docs, doc, passed=passed, reasons=[] if passed else ["worse than base"],
                          approval=approval)
     return version
+
+
+def errored(adapters, run_id: str, *, reevaluation: int = 0) -> str:
+    """A version whose evaluation errored, as the registry's handler records it (register_errored)."""
+    version = reg.allocate_version(adapters.docs, NAME, run_id, BASE)
+    request = ev.TrainingCompleted(run_id=run_id, recipe=RECIPE, dataset_uri="file:///b/datasets/d1/",
+                                   adapter_uri=f"file:///b/runs/{run_id}/adapter/", metrics={"train_loss": 1.0}, steps=3)
+    doc = {"name": NAME, "version": version, "run_id": run_id, "uri": f"file:///b/models/{NAME}/{version}/",
+           "base_model": BASE, "evaluation": {"error": "OSError: [Errno 5] Input/output error", "attempts": 5},
+           "evaluation_request": request.model_dump(mode="json", exclude={"reevaluation"})}
+    _, events = reg.register_unevaluated(adapters.docs, doc, error="OSError: [Errno 5] Input/output error",
+                                         approval=False, reevaluation=reevaluation)
+    for event in events:   # what the handler's runtime publishes
+        publish_event(adapters.bus, event)
+    return version
+
+
+def requests(adapters) -> list:
+    """The TrainingCompleted events a re-evaluation published, as the evaluator receives them."""
+    return drain(adapters, ev.subscription_name("evaluator", ev.TRAINING))
 
 
 def published(adapters) -> list:
@@ -184,6 +207,63 @@ def test_reads_and_their_errors(adapters):
     assert exc.value.status == 400
 
 
+def test_a_reevaluation_that_errors_again_is_unevaluated_again_until_a_verdict_decides(adapters):
+    add(adapters, "r1")
+    version = errored(adapters, "r2")
+    assert (status(adapters, version), production(adapters)) == ("unevaluated", "1.1")
+    [registered] = published(adapters)
+    assert (registered.type, registered.status, registered.change) == ("ModelRegistered", "unevaluated", 0)
+
+    doc = reg.reevaluate(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"))
+    assert doc["status"] == "evaluating" and doc["history"][-1]["actor"] == "ann"
+    [request] = requests(adapters)
+    assert (request.reevaluation, request.event_id) == (1, "r2:TrainingCompleted:reevaluation-1")
+    assert request.model_dump(exclude={"reevaluation"}) == ev.TrainingCompleted.model_validate(
+        doc["evaluation_request"]).model_dump(exclude={"reevaluation"})
+    assert published(adapters) == []   # who asked is in the version's history
+    # Asking again while it is evaluated: the same request again (a retry after a crash needs it).
+    reg.reevaluate(adapters.docs, adapters.bus, NAME, version, caller=admin("bob"))
+    assert [r.event_id for r in requests(adapters)] == [request.event_id]
+    assert len(reg.get_version(adapters.docs, NAME, version)["history"]) == 2
+
+    # A stale error (the first evaluation's) changes nothing; this re-evaluation's makes it unevaluated again.
+    errored(adapters, "r2", reevaluation=0)
+    assert status(adapters, version) == "evaluating" and published(adapters) == [registered]
+    errored(adapters, "r2", reevaluation=1)
+    assert status(adapters, version) == "unevaluated"
+    [again] = published(adapters)
+    assert (again.status, again.change) == ("unevaluated", 2) and again.event_id != registered.event_id
+    doc = reg.reevaluate(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"))
+    assert doc["reevaluations"] == 2 and requests(adapters)[0].event_id == "r2:TrainingCompleted:reevaluation-2"
+
+    # The verdict is the gate's, whatever it is: failed, quarantined (and then final).
+    verdict = {"name": NAME, "version": version, "run_id": "r2", "uri": doc["uri"], "base_model": BASE,
+               "evaluation": {"passed": False}}
+    stored, events = reg.register_version(adapters.docs, verdict, passed=False, reasons=["worse than base"],
+                                          approval=False)
+    assert (stored["status"], stored["registered_status"], production(adapters)) == ("quarantined", "quarantined", "1.1")
+    assert [(e.type, e.change) for e in events] == [("ModelRegistered", 4), ("ModelQuarantined", 4)]
+    assert reg.register_version(adapters.docs, verdict, passed=True, reasons=[], approval=False) == (stored, events)
+    with pytest.raises(reg.RegistryError, match="is quarantined: only an unevaluated version") as exc:
+        reg.reevaluate(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"))
+    assert exc.value.status == 409
+
+
+def test_an_unevaluated_version_may_be_quarantined_by_hand_but_not_archived_or_exported(adapters, tmp_path):
+    from shared.domain.model_export import export_version
+
+    version = errored(adapters, "r1")
+    with pytest.raises(reg.RegistryError, match="or quarantine it"):
+        reg.archive(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"), reason="tidy")
+    with pytest.raises(reg.RegistryError, match="unevaluated: the gate has not decided on it") as exc:
+        export_version(adapters.store, adapters.docs, NAME, version, tmp_path / "out")
+    assert exc.value.status == 409
+    doc = reg.quarantine(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"), reason="the adapter is corrupt")
+    assert doc["status"] == "quarantined"
+    with pytest.raises(reg.RegistryError, match="only an unevaluated version"):
+        reg.reevaluate(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"))
+
+
 # ------------------------------------------------------------------ ftpipe models
 
 
@@ -228,6 +308,20 @@ def test_models_commands(state, capsys):
                           (["models", "archive", NAME, "1.2", "--reason", "x"], "is in production: roll back")]:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_models_reevaluate_command(state, capsys):
+    errored(state, "r1")
+    assert main(["models", "show", NAME, "1.1"]) == 0
+    assert "1.1 is unevaluated (evaluation errored: OSError: [Errno 5] Input/output error)" in capsys.readouterr().out
+    assert main(["models", "promote", NAME, "1.1"]) == 2
+    assert f"`ftpipe models reevaluate {NAME} 1.1`" in capsys.readouterr().err
+    assert main(["models", "reevaluate", NAME, "1.1"]) == 0
+    assert f"{NAME} 1.1 evaluating: evaluation 1 asked for" in capsys.readouterr().err
+    assert reg.get_version(state.docs, NAME, "1.1")["history"][-1]["actor"] == "token:stack"
+    add(state, "r2")
+    assert main(["models", "reevaluate", NAME, "1.2"]) == 2
+    assert "1.2 is promoted: only an unevaluated version" in capsys.readouterr().err
 
 
 @pytest.fixture(params=["sqlite", "firestore"])

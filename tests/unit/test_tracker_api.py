@@ -611,3 +611,29 @@ def test_lineage_from_a_model_version_back_to_the_dropped_file(registry):
     assert drop["details"] == {"via": "drop", "recipe": "helpdesk", "bucket": "ftpipe",
                                "object": "incoming/helpdesk/run-m2.jsonl", "generation": "7", "size": 1234}
     assert api.json("/api/lineage/helpdesk/3.1", status=404)["status"] == 404
+
+
+def test_an_unevaluated_version_is_reevaluated_by_the_caller(registry, monkeypatch):
+    from shared.domain import model_registry as reg
+
+    adapters, api, _ = registry
+    monkeypatch.setenv("USER", "ann@example.com")
+    request = ev.TrainingCompleted(run_id="run-m3", recipe=HELPDESK, dataset_uri="file:///b/datasets/d/",
+                                   adapter_uri="file:///b/runs/run-m3/adapter/", metrics={}, steps=3)
+    version = reg.allocate_version(adapters.docs, "helpdesk", "run-m3", HELPDESK.base_model)
+    reg.register_unevaluated(adapters.docs, {
+        "name": "helpdesk", "version": version, "run_id": "run-m3", "uri": adapters.store.url("ftpipe", f"models/helpdesk/{version}/"),
+        "base_model": HELPDESK.base_model, "evaluation": {"error": "OSError: disk gone", "attempts": 5},
+        "evaluation_request": request.model_dump(mode="json")}, error="OSError: disk gone", approval=True)
+    shown = api.json(f"/api/models/helpdesk/{version}")
+    assert (shown["status"], shown["bundle"], shown["evaluation"]["error"]) == ("unevaluated", None, "OSError: disk gone")
+    resp = api.post(f"/api/models/helpdesk/{version}/approve", json={})
+    assert resp.status_code == 409 and f"`ftpipe models reevaluate helpdesk {version}`" in resp.get_json()["error"]
+
+    resp = api.post(f"/api/models/helpdesk/{version}/reevaluate", json={})
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["status"] == "evaluating" and resp.get_json()["history"][-1]["actor"] == "ann@example.com"
+    [msg] = adapters.bus.pull(ev.subscription_name("evaluator", ev.TRAINING), timeout_s=2)
+    assert ev.decode(msg.data, msg.attributes).event_id == "run-m3:TrainingCompleted:reevaluation-1"
+    resp = api.post("/api/models/helpdesk/1.1/reevaluate", json={})
+    assert resp.status_code == 409 and "only an unevaluated version can be re-evaluated" in resp.get_json()["error"]

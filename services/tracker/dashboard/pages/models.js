@@ -41,17 +41,22 @@ export async function modelPage(view, ctx) {
     const post = (v, verb, json) => api(`${versionPath(v)}/${verb}`, { method: "POST", json });
     const actions = (v) => {
       const inProduction = aliases.production === v.version;
+      const unevaluated = ["unevaluated", "evaluating"].includes(v.status);  // no verdict yet: nothing to promote
       return h("span", { class: "actions" },
+        v.status === "unevaluated" ? action({
+          label: "Re-evaluate", testid: "action-reevaluate", question: `Evaluate ${name} ${v.version} again?`,
+          run: () => post(v, "reevaluate", {}), done: render,
+        }) : null,
         v.status === "candidate" ? action({
           label: "Approve", testid: "action-approve", question: `Approve ${name} ${v.version}?`,
           input: { placeholder: "note" }, run: (note) => post(v, "approve", { note: note || "" }), done: render,
         }) : null,
-        v.status !== "quarantined" && !inProduction ? action({
+        v.status !== "quarantined" && !unevaluated && !inProduction ? action({
           label: "Promote", testid: "action-promote", question: `Point production at ${name} ${v.version}?`,
           run: () => post(v, "promote", { alias: "production" }), done: render,
         }) : null,
         // The production version is retired by promoting or rolling back to another one first.
-        !["archived", "quarantined"].includes(v.status) && !inProduction ? action({
+        !["archived", "quarantined"].includes(v.status) && !unevaluated && !inProduction ? action({
           label: "Archive", testid: "action-archive", question: `Archive ${name} ${v.version}?`,
           input: { placeholder: "reason", required: true }, run: (reason) => post(v, "archive", { reason }), done: render,
         }) : null,
@@ -65,7 +70,7 @@ export async function modelPage(view, ctx) {
     const history = Object.entries(model.alias_history || {}).flatMap(([alias, moves]) =>
       moves.map((m) => ({ alias, ...m }))).sort((a, b) => (b.at ?? 0) - (a.at ?? 0));
     const rollbackTo = h("select", { testid: "rollback-to" }, h("option", { value: "" }, "the previous production version"),
-      versions.filter((v) => v.status !== "quarantined" && v.version !== aliases.production)
+      versions.filter((v) => !["quarantined", "unevaluated", "evaluating"].includes(v.status) && v.version !== aliases.production)
         .map((v) => h("option", { value: v.version }, v.version)));
 
     fill(content,

@@ -105,7 +105,13 @@ export default async function runPage(view, ctx) {
     );
     const evaluation = run.evaluation;
     fill(details,
-      section("Evaluation", evaluation
+      section("Evaluation", evaluation?.error
+        // An evaluation that errored is no verdict: the version waits, unevaluated, for a re-evaluation.
+        ? h("div", { testid: "evaluation" },
+          h("p", null, "Gate ", badge("unevaluated", "gate")),
+          h("p", { class: "error", testid: "evaluation-error" },
+            `evaluation errored on ${evaluation.attempts} attempts (no verdict): ${evaluation.error}`))
+        : evaluation
         ? h("div", { testid: "evaluation" },
           h("p", null, "Gate ", badge(evaluation.passed ? "passed" : "failed", "gate")),
           scoresTable(evaluation.scores || {}),
