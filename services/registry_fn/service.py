@@ -53,16 +53,21 @@ __all__ = ["MODEL_VERSIONS", "MODELS", "SERVICE", "register", "register_errored"
 COMPLETE = "COMPLETE"   # the trainer's marker that an adapter folder is whole: not part of the model
 
 
-def register(event: ev.EvaluationCompleted, ctx: Context):
-    # The model's policy, not the message, decides who owns the name and whether approval and a
-    # privacy sign-off are needed: a job message forged onto the bus gets no further than this.
+def governed(event: ev.EvaluationCompleted | ev.EvaluationErrored, ctx: Context):
+    """The model's policy, not the message, decides who owns the name and whether approval and a
+    privacy sign-off are needed: a job message forged onto the bus gets no further than this."""
     name = event.recipe.model_name
     policy = get_policy(ctx.docs, name)
     try:
         owner_check(policy, name, event.tenant)
     except PolicyError as exc:
         raise Reject(f"not registered: {exc}") from exc
-    recipe = govern(event.recipe, policy)
+    return govern(event.recipe, policy)
+
+
+def register(event: ev.EvaluationCompleted, ctx: Context):
+    recipe = governed(event, ctx)
+    name = recipe.model_name
     store = ctx.store
     bucket, adapter_prefix = store.parse_url(event.adapter_uri)
     # A folder: the local store's parse_url drops the trailing slash, GCS keeps it. Without it, names
@@ -122,7 +127,7 @@ def register_errored(event: ev.EvaluationErrored, ctx: Context):
     """An evaluation that errored on every attempt: the run's version is allocated and recorded
     `unevaluated` (not quarantined: a fault is not a verdict), with what `ftpipe models reevaluate`
     needs to ask again. Its bundle is written once a verdict comes (register)."""
-    recipe = event.recipe
+    recipe = governed(event, ctx)
     name = recipe.model_name
     version = allocate_version(ctx.docs, name, event.run_id, recipe.base_model)
     bucket, _ = ctx.store.parse_url(event.adapter_uri)

@@ -11,6 +11,7 @@ from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import handle_message, publish_event
 from shared.platform.topology import dlq_subscription
 from tests.unit.bus_drain import drain
+from tests.unit.governance import own
 from tests.unit.test_registry import BUCKET, RECIPE, write_adapter, write_dataset
 
 from services.evaluator import evaluation
@@ -25,6 +26,12 @@ def admin(name: str) -> Caller:
 
 
 NAME = RECIPE.model_name
+
+
+@pytest.fixture(autouse=True)
+def owned(request):
+    if "adapters" in request.fixturenames:
+        own(request.getfixturevalue("adapters").docs, RECIPE)
 LOAD_FAILED = ModelLoadError(f"base model {RECIPE.base_model!r} could not be loaded: [Errno 5] Input/output error")
 
 

@@ -613,11 +613,10 @@ def test_lineage_from_a_model_version_back_to_the_dropped_file(registry):
     assert api.json("/api/lineage/helpdesk/3.1", status=404)["status"] == 404
 
 
-def test_an_unevaluated_version_is_reevaluated_by_the_caller(registry, monkeypatch):
+def test_an_unevaluated_version_is_reevaluated_by_the_caller(registry):
     from shared.domain import model_registry as reg
 
     adapters, api, _ = registry
-    monkeypatch.setenv("USER", "ann@example.com")
     request = ev.TrainingCompleted(run_id="run-m3", recipe=HELPDESK, dataset_uri="file:///b/datasets/d/",
                                    adapter_uri="file:///b/runs/run-m3/adapter/", metrics={}, steps=3)
     version = reg.allocate_version(adapters.docs, "helpdesk", "run-m3", HELPDESK.base_model)
@@ -632,7 +631,7 @@ def test_an_unevaluated_version_is_reevaluated_by_the_caller(registry, monkeypat
 
     resp = api.post(f"/api/models/helpdesk/{version}/reevaluate", json={})
     assert resp.status_code == 200, resp.get_json()
-    assert resp.get_json()["status"] == "evaluating" and resp.get_json()["history"][-1]["actor"] == "ann@example.com"
+    assert resp.get_json()["status"] == "evaluating" and resp.get_json()["history"][-1]["actor"] == "token:stack"
     [msg] = adapters.bus.pull(ev.subscription_name("evaluator", ev.TRAINING), timeout_s=2)
     assert ev.decode(msg.data, msg.attributes).event_id == "run-m3:TrainingCompleted:reevaluation-1"
     resp = api.post("/api/models/helpdesk/1.1/reevaluate", json={})
