@@ -213,6 +213,7 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
         doc["events"] = [e for _, e in docs.query(RUN_EVENTS, where=[("run_id", "==", run_id)],
                                                   order_by=[("seq", "asc")], limit=MAX_ROWS)]
         doc["hyperparameters"] = aggregates.hyperparameters(recipe_of(run_id))
+        doc["caller_may"] = {"cancel": caller().may("submitter", doc.get("tenant") or jobs.DEFAULT_TENANT)}
         return jsonify(doc)
 
     @app.get("/api/runs/<run_id>/metrics")
@@ -278,9 +279,7 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
 
     # ------------------------------------------------------------------ models
     def model_visible(name: str) -> bool:
-        policy = model_policy.get_policy(docs, name)
-        owners = policy.owners if policy else (jobs.DEFAULT_TENANT,)
-        return any(visible(t) for t in owners)
+        return any(visible(t) for t in owners(name))
 
     def visible_model_or_404(name: str) -> None:
         if not model_visible(name):
@@ -290,10 +289,16 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
     def models():
         return jsonify([m for m in model_registry.list_models(docs) if model_visible(m["name"])])
 
+    def owners(name: str) -> tuple[str, ...]:
+        policy = model_policy.get_policy(docs, name)
+        return policy.owners if policy else (jobs.DEFAULT_TENANT,)
+
     @app.get("/api/models/<name>")
     def model(name: str):
         visible_model_or_404(name)
-        return jsonify(model_registry.get_model(docs, name))
+        # what the dashboard offers this caller (the server decides again on each action)
+        may = {"approve": any(caller().may("approver", t) for t in owners(name)), "admin": caller().admin}
+        return jsonify({**model_registry.get_model(docs, name), "caller_may": may})
 
     @app.get("/api/models/<name>/policy")
     def policy(name: str):
@@ -365,7 +370,8 @@ def create_app(adapters: Adapters, authenticate: Authenticator) -> Flask:
 
     @app.get("/api/privacy")
     def awaiting_review():
-        return jsonify([r for r in privacy.awaiting(docs) if visible(r.get("tenant"))])
+        return jsonify([{**r, "caller_may": {"decide": caller().may("approver", r.get("tenant") or jobs.DEFAULT_TENANT)}}
+                        for r in privacy.awaiting(docs) if visible(r.get("tenant"))])
 
     @app.post("/api/privacy/<run_id>/approve")
     def privacy_approve(run_id: str):

@@ -113,11 +113,15 @@ def job_tenant(docs: DocStore, caller: Caller, tenant: str | None) -> str:
 def authorize_job(docs: DocStore, caller: Caller, recipe_ref: str | Recipe, overrides: dict | None = None,
                   tenant: str | None = None) -> tuple[Recipe, str]:
     """The one check behind every way in (module docstring): the governed recipe and the tenant, or
-    AccessDenied / JobError saying what is refused and who may do it."""
+    AccessDenied / JobError saying what is refused and who may do it. `recipe_ref`: a built-in name
+    or a YAML path (judged as overrides), or a Recipe a door resolved (a built-in, or the tenant's own
+    from recipes/<tenant>/, judged when it was put there)."""
     require(caller, "submitter", to="submit a job")   # before anything is looked up
     tenant = job_tenant(docs, caller, tenant)
     try:
-        base, raw = (recipe_ref, b"") if isinstance(recipe_ref, Recipe) else resolve_recipe(recipe_ref)
+        # A Recipe object is one the door read from recipes/<tenant>/, which only this function's callers
+        # write (after judging it here) and, in the cloud, only admins may write by IAM.
+        base, raw = (recipe_ref, None) if isinstance(recipe_ref, Recipe) else resolve_recipe(recipe_ref)
         if raw is not None:
             check_custom_recipe(caller, base)
         check_overrides(caller, base, overrides or {})

@@ -4,19 +4,19 @@ local bus and bucket) on a real HTTP server. The lineage is recorded by the trac
 from __future__ import annotations
 
 import json
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
 
-from shared.domain import events as ev, model_registry as registry
+from shared.domain import access, events as ev, model_registry as registry
 from shared.domain.jobs import CANCELLATIONS, RUNS
 from shared.domain.privacy import SIGNOFFS
 from shared.domain.recipe import Recipe
 from shared.platform.auth import authenticator, local_token
 from shared.platform.config import Settings, bootstrap
 from tests.browser.fixtures import open_dashboard, serve
+from tests.unit.governance import ADMIN
 
 from services.tracker.api import create_app
 from services.tracker.lineage import record
@@ -25,7 +25,7 @@ expect = pytest.importorskip("playwright.sync_api", reason="playwright is missin
 
 SUPPORT = Recipe(name="support", version=2, base_model="tiny-random-smollm2", model_name="support")
 HOSTILE = '<img src=x onerror="window.pwned=1">'  # a run id is any string: the page must show it as text
-ME = os.environ.get("USER", "local")  # who the local token authenticates as (shared/platform/auth.py)
+ME = "token:stack"  # who the stack's own token authenticates as (shared/platform/auth.py): its admin
 
 
 def progress(run_id: str, steps, total: int = 10) -> ev.TrainingProgress:
@@ -35,6 +35,7 @@ def progress(run_id: str, steps, total: int = 10) -> ev.TrainingProgress:
 
 def seed(adapters) -> None:
     docs, store, bucket = adapters.docs, adapters.store, adapters.settings.bucket
+    docs.set("tenants", "team-a", {})   # a tenant an admin created
     data = store.url(bucket, "datasets/ds-live/")
     for event in [
         ev.JobSubmitted(run_id="run-live", recipe=SUPPORT, dataset_uri=store.url(bucket, "incoming/support/a.jsonl")),
@@ -75,7 +76,7 @@ def tracker(tmp_path_factory):
     settings = Settings(state_dir=tmp_path_factory.mktemp("dashboard"))
     adapters = bootstrap(settings)
     seed(adapters)
-    app = create_app(adapters, authenticator(settings, audience=None, iap=True))
+    app = create_app(adapters, authenticator(settings, adapters.docs, audience=None, iap=True))
     with serve(app) as url:
         yield SimpleNamespace(url=url, adapters=adapters, docs=adapters.docs, token=local_token(settings.state_dir))
     adapters.close()
@@ -144,6 +145,19 @@ def test_promote_click_moves_the_production_alias(page, tracker):
     candidate.get_by_test_id("action-promote-confirm").click()
     expect(candidate.get_by_test_id("action-error").filter(has_text="waits for approval")).to_have_count(1)
     assert registry.get_model(tracker.docs, "support")["aliases"]["production"] == "1.1"
+
+
+def test_a_viewer_is_offered_no_action_and_an_approver_is(page, tracker):
+    viewer = access.create_token(tracker.docs, ADMIN, "vic", "viewer", "default")
+    open_dashboard(page, tracker.url, viewer, "/models/support")
+    expect(page.get_by_test_id("whoami")).to_contain_text("token:vic (viewer in default)")
+    expect(page.get_by_test_id("version-row")).to_have_count(3)
+    expect(page.get_by_test_id("no-actions")).to_have_count(3)
+    expect(page.get_by_test_id("action-approve")).to_have_count(0)
+    expect(page.get_by_test_id("action-rollback")).to_have_count(0)
+    approver = access.create_token(tracker.docs, ADMIN, "ann", "approver", "default")
+    open_dashboard(page, tracker.url, approver, "/models/support")
+    expect(page.get_by_test_id("action-approve")).to_have_count(1)
 
 
 def test_without_the_token_the_page_asks_for_it_and_writes_are_refused(page, tracker):

@@ -14,7 +14,6 @@ import pytest
 
 from ftpipe.client import Client
 from ftpipe.stack import down, running, tracker_url, up
-from shared.platform.auth import local_token
 from shared.platform.config import Settings
 from tests.browser.fixtures import open_dashboard
 from tests.e2e.conftest import ROOT, ftpipe, tiny_recipe, write_chats
@@ -42,7 +41,12 @@ def test_drop_to_registered_model_watched_and_approved_in_the_dashboard(stack, t
     drop = subprocess.Popen([sys.executable, "-m", "ftpipe.cli", "drop", str(data), "--recipe", str(recipe), "--wait",
                              "--json", "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "FTPIPE_STATE": str(stack.state_dir)}, cwd=ROOT)
-    token = local_token(stack.state_dir)
+    # The person who approves holds an approver token of the tenant (the drop itself ran as the stack's admin).
+    made = subprocess.run([sys.executable, "-m", "ftpipe.cli", "tokens", "create", "reviewer", "--role", "approver",
+                           "--tenant", "default"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "FTPIPE_STATE": str(stack.state_dir)})
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
     open_dashboard(page, tracker_url(stack), token)
     row = page.get_by_test_id("run-row")
     expect(row).to_have_count(1, timeout=120_000)  # once the drop's JobSubmitted is recorded
@@ -96,6 +100,12 @@ def test_drop_to_registered_model_watched_and_approved_in_the_dashboard(stack, t
     with pytest.raises(urllib.error.HTTPError) as refused:  # a write without the token
         api("models/e2e-tiny/1.1/approve", method="POST", auth=False)
     assert refused.value.code == 401
+    submitter = client.create_token("sam", "submitter", "default")
+    request = urllib.request.Request(f"{tracker_url(stack)}/api/models/e2e-tiny/1.1/approve", method="POST",
+                                     headers={"Authorization": f"Bearer {submitter}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:   # a submitter may not approve
+        urllib.request.urlopen(request)
+    assert refused.value.code == 403
     assert client.model("e2e-tiny")["aliases"].get("production") is None
 
     page.evaluate("location.hash = '#/models/e2e-tiny'")
@@ -104,6 +114,7 @@ def test_drop_to_registered_model_watched_and_approved_in_the_dashboard(stack, t
     version.get_by_test_id("action-approve").click()
     version.get_by_test_id("action-approve-confirm").click()
     expect(version.get_by_test_id("version-status")).to_have_text("promoted")
+    assert client.model_version("e2e-tiny", "1.1")["approval"]["approver"] == "token:reviewer"
     assert client.model("e2e-tiny")["aliases"]["production"] == "1.1"
     assert [m["version"] for m in client.models("e2e-tiny")] == ["1.1"]
     deadline = time.monotonic() + 60  # the tracker folds the registry's ModelPromoted into the run

@@ -118,7 +118,10 @@ authBox.querySelector("form").addEventListener("submit", (event) => {
 
 async function showWhoami() {
   const who = await api("whoami").catch(() => null);
-  document.querySelector("[data-testid=whoami]").textContent = who ? `${who.email} (${who.via})` : "";
+  // who the token or the proxy says, and what it holds (shared/domain/access.py)
+  const held = who && (who.admin ? "admin"
+    : Object.entries(who.grants || {}).map(([tenant, roles]) => `${roles.join(", ")} in ${tenant}`).join("; "));
+  document.querySelector("[data-testid=whoami]").textContent = who ? `${who.subject} (${held || "no roles"})` : "";
 }
 
 whenUnauthorized(showTokenPrompt);

@@ -1,5 +1,6 @@
 // #/models and #/models/<name> — versions, where the aliases point, each version's evaluation, and
-// the registry's actions. The server decides what is allowed; a refusal (409) shows its message.
+// the registry's actions, offered where the caller's role allows them (`caller_may`). The server decides
+// again; a refusal (403, 409) shows its message.
 
 import { api } from "../api.js";
 import { action, badge, dash, fill, fmtDelta, fmtNum, fmtTime, h, link, section, table } from "../dom.js";
@@ -39,7 +40,9 @@ export async function modelPage(view, ctx) {
     const aliases = model.aliases || {};
     const versionPath = (v) => `${base}/${encodeURIComponent(v.version)}`;
     const post = (v, verb, json) => api(`${versionPath(v)}/${verb}`, { method: "POST", json });
+    const may = model.caller_may || {};
     const actions = (v) => {
+      if (!may.approve) return h("span", { class: "muted", testid: "no-actions" }, "approvers act here");
       const inProduction = aliases.production === v.version;
       const unevaluated = ["unevaluated", "evaluating"].includes(v.status);  // no verdict yet: nothing to promote
       return h("span", { class: "actions" },
@@ -81,7 +84,7 @@ export async function modelPage(view, ctx) {
             `${alias} → ${version}`))
           : h("span", { class: "muted" }, "none"),
         h("span", { class: "spacer" }),
-        aliases.production ? h("span", null, "roll back production to ", rollbackTo, " ", action({
+        aliases.production && may.approve ? h("span", null, "roll back production to ", rollbackTo, " ", action({
           label: "Roll back", testid: "action-rollback", danger: true, question: "Move production back?",
           run: () => api(`${base}/rollback`, { method: "POST", json: { alias: "production", to: rollbackTo.value || null } }),
           done: render,

@@ -14,7 +14,8 @@ function card(item) {
   const decided = (signoff) => actions.replaceChildren(h("p", { testid: "privacy-decision" },
     `${signoff.decision} by ${signoff.approver}${signoff.note ? `: ${signoff.note}` : ""}`,
     h("span", { class: "muted" }, signoff.decision === "approved" ? " — the run goes on to training." : " — the run stops.")));
-  const actions = h("div", { class: "actions" },
+  const actions = !item.caller_may?.decide ? h("p", { class: "muted", testid: "privacy-no-decision" },
+    "an approver of this tenant decides") : h("div", { class: "actions" },
     action({ label: "Approve", testid: "privacy-approve", question: "Sign off this dataset for training?",
              input: { placeholder: "note" }, run: (note) => post("approve", { note: note || "" }), done: decided }),
     action({ label: "Reject", testid: "privacy-reject", danger: true, question: "Reject this dataset?",

@@ -83,7 +83,7 @@ export default async function runPage(view, ctx) {
 
   function renderRun() {
     const t = run.training || {};
-    cancel.hidden = TERMINAL.includes(run.status);
+    cancel.hidden = TERMINAL.includes(run.status) || !run.caller_may?.cancel;
     fill(status, badge(run.status, "run-status"), h("span", { class: "muted", testid: "run-sub-state" }, run.sub_state ?? ""),
       run.model ? link(["lineage", run.model.name, run.model.version], "lineage") : null);
     fill(header,
