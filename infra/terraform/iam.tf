@@ -14,14 +14,14 @@ locals {
     gke_nodes  = "ftpipe GKE nodes: logs, metrics, image pulls"
   }
   # Topics each service publishes its own events to (shared/domain/events.py: each event's topic). Every
-  # consumer also publishes MessageDeadLettered on jobs when it dead-letters a run's message.
+  # consumer also publishes MessageDeadLettered on notices when it dead-letters a run's message.
   publishes = {
-    preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
-    trainer    = ["training", "jobs"]           # TrainingStarted ... TrainingCompleted / Failed
-    evaluator  = ["evaluations", "jobs"]        # EvaluationCompleted
-    registry   = ["models", "jobs"]             # ModelRegistered / Promoted / Quarantined / Approved
-    tracker    = ["jobs", "datasets", "models"] # the API's submit, privacy sign-off and registry actions
-    serving    = ["jobs"]                       # only MessageDeadLettered
+    preprocess = ["jobs", "datasets", "notices"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
+    trainer    = ["training", "notices"]                   # TrainingStarted ... TrainingCompleted / Failed
+    evaluator  = ["evaluations", "notices"]                # EvaluationCompleted
+    registry   = ["models", "notices"]                     # ModelRegistered / Promoted / Quarantined / Approved
+    tracker    = ["jobs", "datasets", "models", "notices"] # the API's submit, privacy sign-off and registry actions
+    serving    = ["notices"]                               # only MessageDeadLettered
   }
   # Topics each service consumes, so dead-letters to (shared/platform/topology.py SERVICE_TOPICS).
   consumes = {
@@ -29,7 +29,7 @@ locals {
     trainer    = ["datasets", "jobs"]
     evaluator  = ["training"]
     registry   = ["evaluations"]
-    tracker    = ["jobs", "datasets", "training", "evaluations", "models"]
+    tracker    = ["jobs", "datasets", "training", "evaluations", "models", "notices"]
     serving    = ["models"] # promotions preload an adapter, quarantines unload it
   }
   publish_grants = {

@@ -11,7 +11,8 @@ SERVICE_TOPICS: dict[str, tuple[str, ...]] = {
     "trainer": (ev.DATASETS, ev.JOBS),
     "evaluator": (ev.TRAINING,),
     "registry": (ev.EVALUATIONS,),
-    "tracker": (ev.JOBS, ev.DATASETS, ev.TRAINING, ev.EVALUATIONS, ev.MODELS),
+    # every topic: the lineage, and the runtime's notices (a run's message dead-lettered)
+    "tracker": (ev.JOBS, ev.DATASETS, ev.TRAINING, ev.EVALUATIONS, ev.MODELS, ev.NOTICES),
     # `ftpipe serve`: loads newly promoted versions, drops quarantined and archived ones
     "serving": (ev.MODELS,),
 }

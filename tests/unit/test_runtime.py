@@ -129,7 +129,7 @@ def test_a_dead_lettered_message_fails_its_run_with_the_reason_until_a_replay_mo
     for _ in range(adapters.settings.max_delivery_attempts):
         [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
         handle_message(service_with(broken), adapters, ev.JOBS, msg)
-    track(ev.JOBS)  # the runtime's MessageDeadLettered notice
+    track(ev.NOTICES)  # the runtime's MessageDeadLettered notice
     run = adapters.docs.get("runs", "run-1")
     assert run["status"] == "failed" and run["sub_state"] == "preparing_data"
     assert "JobSubmitted dead-lettered by preprocess.jobs: handler failed 5 times: RuntimeError: disk on fire" in run["error"]
@@ -166,9 +166,9 @@ def test_a_replay_before_the_tracker_saw_the_dead_letter_does_not_fail_the_run_l
     [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
     assert handle_message(service_with(refuse), adapters, ev.JOBS, msg) == "dead-lettered"
     Client(adapters.settings, adapters).dlq_replay(ev.JOBS)  # the tracker was down meanwhile
-    delivered = adapters.bus.pull(tracker_jobs, max_messages=10, timeout_s=2)
-    [notice] = [m for m in delivered if m.attributes["type"] == "MessageDeadLettered"]
-    handle_message(TRACKER, adapters, ev.JOBS, notice)
+    [notice] = adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), max_messages=10, timeout_s=2)
+    assert notice.attributes["type"] == "MessageDeadLettered"
+    handle_message(TRACKER, adapters, ev.NOTICES, notice)
     run = adapters.docs.get("runs", "run-1")
     assert run["status"] == "validating" and run["dead_letter"]["active"] is False
 
@@ -178,7 +178,7 @@ def test_a_poison_message_without_a_run_of_ours_marks_no_run(adapters):
 
     adapters.bus.publish(ev.JOBS, b"{not json", {"type": "JobSubmitted", "schema_version": "1", "run_id": "ghost"})
     assert deliver(adapters, service_with(lambda e, c: [])) == "dead-lettered"
-    delivered = adapters.bus.pull(ev.subscription_name("tracker", ev.JOBS), max_messages=10, timeout_s=2)
-    [notice] = [m for m in delivered if m.attributes["type"] == "MessageDeadLettered"]  # and the poison itself
-    handle_message(TRACKER, adapters, ev.JOBS, notice)
+    [notice] = adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), max_messages=10, timeout_s=2)
+    assert notice.attributes["type"] == "MessageDeadLettered"
+    handle_message(TRACKER, adapters, ev.NOTICES, notice)
     assert adapters.docs.get("runs", "ghost") is None
