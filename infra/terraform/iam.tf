@@ -1,6 +1,7 @@
 # One service account per service, each granted only what its code does (README "How it fits
-# together"): which subscriptions it pulls, which topics it publishes to (its own events, and the
-# dead-letter topics of what it consumes: shared/platform/runtime.py dead_letter), the bucket and Firestore.
+# together"): which subscriptions it pulls, which topics it publishes to (its own events; `notices`
+# and the dead-letter topics of what it consumes: shared/platform/runtime.py dead_letter), the bucket
+# and Firestore. tests/infra/test_terraform.py derives each of these from the code.
 locals {
   service_accounts = {
     preprocess = "ftpipe preprocess: pulls uploads and jobs, submits Dataproc batches"
@@ -13,15 +14,18 @@ locals {
     serving    = "ftpipe serving: the OpenAI-compatible API over the registry's adapters"
     gke_nodes  = "ftpipe GKE nodes: logs, metrics, image pulls"
   }
-  # Topics each service publishes its own events to (shared/domain/events.py: each event's topic). Every
-  # consumer also publishes MessageDeadLettered on notices when it dead-letters a run's message.
+  # Topics each service publishes its own events to: the topics of its events in
+  # shared/platform/topology.py SERVICE_PUBLISHES, which tests/infra derives from its code. Besides,
+  # every consumer publishes the runtime's MessageDeadLettered on `notices` (notices below) and the
+  # dead letters of what it consumes (dead_letters below): nothing else, so serving, which publishes
+  # nothing of its own, cannot put a job on `jobs`.
   publishes = {
-    preprocess = ["jobs", "datasets", "notices"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
-    trainer    = ["training", "notices"]                   # TrainingStarted ... TrainingCompleted / Failed
-    evaluator  = ["evaluations", "notices"]                # EvaluationCompleted
-    registry   = ["models", "notices"]                     # ModelRegistered / Promoted / Quarantined / Approved
-    tracker    = ["jobs", "datasets", "models", "notices"] # the API's submit, privacy sign-off and registry actions
-    serving    = ["notices"]                               # only MessageDeadLettered
+    preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
+    trainer    = ["training"]                   # TrainingStarted ... TrainingCompleted / Failed
+    evaluator  = ["evaluations"]                # EvaluationCompleted
+    registry   = ["models"]                     # ModelRegistered / Promoted / Quarantined / Approved / Archived
+    tracker    = ["jobs", "datasets", "models"] # the API's submit, privacy sign-off and registry actions
+    serving    = []
   }
   # Topics each service consumes, so dead-letters to (shared/platform/topology.py SERVICE_TOPICS).
   consumes = {
@@ -60,6 +64,14 @@ resource "google_pubsub_topic_iam_member" "publishes" {
   topic    = google_pubsub_topic.topics[each.value.topic].id
   role     = "roles/pubsub.publisher"
   member   = local.sa_member[each.value.service]
+}
+
+# The runtime's MessageDeadLettered (shared/platform/runtime.py dead_letter), from every consumer.
+resource "google_pubsub_topic_iam_member" "notices" {
+  for_each = local.consumes
+  topic    = google_pubsub_topic.topics["notices"].id
+  role     = "roles/pubsub.publisher"
+  member   = local.sa_member[each.key]
 }
 
 resource "google_pubsub_topic_iam_member" "dead_letters" {

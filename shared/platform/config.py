@@ -143,7 +143,10 @@ class Adapters:
         self.docs.close()
 
 
-def bootstrap(settings: Settings | None = None) -> Adapters:
+def bootstrap(settings: Settings | None = None, *, service: str | None = None) -> Adapters:
+    """The adapters of the settings' profile. A service's process names itself (`service`): its bus
+    then publishes only what the service may (shared/platform/topology.py SERVICE_PUBLISHES, the
+    same rule as its IAM grants); tools and tests that name none publish anything."""
     settings = settings or Settings.from_env()
     if settings.profile == "local":
         from shared.platform.adapters.local_store import LocalObjectStore
@@ -170,6 +173,10 @@ def bootstrap(settings: Settings | None = None) -> Adapters:
         from shared.platform.faults import FaultPlan, inject
 
         bus, store, docs = inject(FaultPlan.parse(settings.faults), bus, store, docs)
+    if service is not None:
+        from shared.platform.topology import publishing_as
+
+        bus = publishing_as(bus, service)
     from shared.platform.retrying import DOCS_CALLS, STORE_CALLS, retrying
 
     store = retrying(store, STORE_CALLS, "store", settings.transient_retry_s)

@@ -182,3 +182,43 @@ def test_a_poison_message_without_a_run_of_ours_marks_no_run(adapters):
     assert notice.attributes["type"] == "MessageDeadLettered"
     handle_message(TRACKER, adapters, ev.NOTICES, notice)
     assert adapters.docs.get("runs", "ghost") is None
+
+
+def test_a_services_bus_publishes_only_what_the_topology_lets_it(tmp_path):
+    """bootstrap(service=...) puts the service's publish rule (SERVICE_PUBLISHES, the same as its IAM
+    grants) in front of the bus: serving may publish its notices and dead letters, not a job."""
+    from shared.platform.topology import UndeclaredPublish
+
+    adapters = bootstrap(Settings(state_dir=tmp_path), service="serving")
+    try:
+        with pytest.raises(UndeclaredPublish, match=r"service 'serving' may not publish JobSubmitted on 'jobs'; "
+                                                    r"it may publish MessageDeadLettered on notices"):
+            publish_event(adapters.bus, job())
+        notice = ev.MessageDeadLettered(run_id="r", message_id="m", message_type="ModelPromoted",
+                                        source_topic=ev.MODELS, subscription="serving.models", reason="boom")
+        publish_event(adapters.bus, notice)
+        adapters.bus.publish(ev.dead_letter_topic(ev.MODELS), b"{}", {"type": "ModelPromoted"})
+        with pytest.raises(UndeclaredPublish):  # a topic's dead letters only from its consumers
+            adapters.bus.publish(ev.dead_letter_topic(ev.JOBS), b"{}", {"type": "JobSubmitted"})
+        with pytest.raises(UndeclaredPublish, match="a message without a type"):
+            adapters.bus.publish(ev.MODELS, b"{}", {})
+        assert adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), timeout_s=2)[0].attributes["type"] == \
+            "MessageDeadLettered"
+    finally:
+        adapters.close()
+    with pytest.raises(ValueError, match="unknown service 'nope'"):
+        bootstrap(Settings(state_dir=tmp_path), service="nope")
+
+
+def test_a_handler_publishing_an_undeclared_event_is_dead_lettered_with_the_reason(tmp_path):
+    adapters = bootstrap(Settings(state_dir=tmp_path, min_backoff_s=0.1, max_backoff_s=0.2), service="preprocess")
+    try:
+        publish_event(adapters.bus, job())
+        sneaky = service_with(lambda e, c: [ev.TrainingFailed(run_id=e.run_id, reason="not mine to say")])
+        outcomes = [deliver(adapters, sneaky) for _ in range(adapters.settings.max_delivery_attempts)]
+        assert outcomes == ["nacked"] * 4 + ["dead-lettered"]
+        [(_, attrs)] = dead_letters(adapters)
+        assert "UndeclaredPublish: service 'preprocess' may not publish TrainingFailed on 'training'" in \
+            attrs["dead_letter_reason"]
+    finally:
+        adapters.close()
