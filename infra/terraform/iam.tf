@@ -48,7 +48,10 @@ locals {
   }
   # Services that read and write the bucket and Firestore.
   data_services = ["preprocess", "dataproc", "trainer", "evaluator", "registry", "tracker"]
-  sa_member     = { for k, sa in google_service_account.sa : k => "serviceAccount:${sa.email}" }
+  # Services that only read Firestore's (default) database and write their ledger's (firestore.tf;
+  # shared/platform/topology.py DOCS_READERS).
+  docs_readers = ["serving"]
+  sa_member    = { for k, sa in google_service_account.sa : k => "serviceAccount:${sa.email}" }
 }
 
 resource "google_service_account" "sa" {
@@ -114,12 +117,37 @@ resource "google_storage_bucket_iam_member" "reads" {
   member   = local.sa_member[each.key]
 }
 
-# Serving reads the registry's documents and writes its processed-message ledger.
 resource "google_project_iam_member" "firestore" {
-  for_each = toset(concat([for s in local.data_services : s if s != "dataproc"], ["serving"]))
+  for_each = toset([for s in local.data_services : s if s != "dataproc"])
   project  = var.project
   role     = "roles/datastore.user"
   member   = local.sa_member[each.key]
+}
+
+# Serving reads the registry's documents in (default), and writes only its processed-message
+# ledger, in a database of its own: no project-wide Firestore role.
+resource "google_project_iam_member" "firestore_reads" {
+  for_each = toset(local.docs_readers)
+  project  = var.project
+  role     = "roles/datastore.viewer"
+  member   = local.sa_member[each.key]
+  condition {
+    title       = "${each.key}-reads-default-database"
+    description = "Reads of the (default) Firestore database only"
+    expression  = "resource.name == \"projects/${var.project}/databases/${google_firestore_database.default.name}\""
+  }
+}
+
+resource "google_project_iam_member" "ledger" {
+  for_each = toset(local.docs_readers)
+  project  = var.project
+  role     = "roles/datastore.user"
+  member   = local.sa_member[each.key]
+  condition {
+    title       = "${each.key}-writes-its-ledger"
+    description = "Reads and writes of its own ledger's Firestore database only"
+    expression  = "resource.name == \"projects/${var.project}/databases/${google_firestore_database.ledger[each.key].name}\""
+  }
 }
 
 # ------------------------------------------------------------------ GKE

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Mapping, cast
 
 from shared.domain import events as ev
-from shared.platform.ports import AttributeFilter, Bus, SubscriptionPolicy
+from shared.platform.ports import AttributeFilter, Bus, DocStore, SubscriptionPolicy
+from shared.platform.retrying import guarded
 from shared.platform.scheduling import CLASSES, class_filter, class_subscription
 
 SERVICE_TOPICS: dict[str, tuple[str, ...]] = {
@@ -37,6 +38,12 @@ SERVICE_PUBLISHES: dict[str, tuple[type[ev.Event], ...]] = {
                 ev.ModelPromoted, ev.ModelQuarantined, ev.ModelArchived),
     "serving": (),
 }
+
+# Services that only read the document database (serving: the registry's documents). Their IAM
+# grant on it is read-only (datastore.viewer), so the runtime's processed-message ledger, their only
+# write, is a database of their own (ledger_database_for; Settings.ledger_database overrides it),
+# on which they are datastore.user. Their docs are read-only in the code too (reading_only).
+DOCS_READERS: tuple[str, ...] = ("serving",)
 
 # Services whose workers take the highest priority class first (shared/platform/scheduling.py): one
 # subscription per class on each of their topics, filtered on the `priority` attribute.
@@ -129,3 +136,25 @@ class DeclaredPublisher:
 def publishing_as(bus: Bus, service: str) -> Bus:
     """`bus` behind the service's DeclaredPublisher (typed as the Bus it stands in for)."""
     return cast(Bus, DeclaredPublisher(bus, service))
+
+
+def ledger_database_for(service: str) -> str:
+    """The document database of a DOCS_READERS service's ledger (a Firestore database id; locally
+    <state>/<id>.db), unless Settings.ledger_database names another."""
+    return f"{service}-ledger"
+
+
+class ReadOnlyDocs(PermissionError):
+    """A DOCS_READERS service wrote to the main document database: in the cloud it has no right to."""
+
+
+DOCS_WRITES = frozenset({"set", "merge", "create", "delete", "transaction"})
+
+
+def reading_only(docs: DocStore, service: str) -> DocStore:
+    """`docs` with every write refused (ReadOnlyDocs), as the service's IAM grant on the database is."""
+    def refuse(call: str, fn, *args, **kwargs):
+        raise ReadOnlyDocs(f"service {service!r} only reads the document database (shared/platform/topology.py "
+                           f"DOCS_READERS; its IAM role there is roles/datastore.viewer): {call}() refused. Its "
+                           f"own writes go to its ledger's database (Adapters.ledger).")
+    return guarded(docs, DOCS_WRITES, refuse)

@@ -23,10 +23,12 @@ from shared.platform.config import Settings
 from shared.platform.notifications import INCOMING_PREFIX
 from shared.platform.scheduling import CLASSES
 from shared.platform.topology import (
+    DOCS_READERS,
     PRIORITIZED,
     SERVICE_PUBLISHES,
     SERVICE_TOPICS,
     dlq_subscription,
+    ledger_database_for,
     may_publish,
     publish_topics,
     subscriptions,
@@ -449,6 +451,36 @@ def test_no_query_of_the_code_needs_an_index_not_declared(tf):
 def test_the_firestore_database_is_the_default_one(tf):
     db = _resource(tf, "google_firestore_database", "default")
     assert db["name"] == "(default)" and db["type"] == "FIRESTORE_NATIVE"  # firestore.Client(project)
+    # and the ledgers of the services that only read it, each a database of its own
+    assert set(tf["resource"]["google_firestore_database"]) == {"default", "ledger"}
+    ledger = _resource(tf, "google_firestore_database", "ledger")
+    assert ledger["for_each"] == "${toset(local.docs_readers)}" and ledger["type"] == "FIRESTORE_NATIVE"
+    assert tf["locals"]["docs_readers"] == list(DOCS_READERS)
+    assert all(ledger["name"].replace("${each.key}", s) == ledger_database_for(s) for s in DOCS_READERS)
+
+
+def test_firestore_roles_follow_what_each_service_does_with_the_documents(tf):
+    """Read-write on (default) for the services that write it; the DOCS_READERS (serving: its code's
+    documents are read-only, shared/platform/topology.py reading_only) hold no project-wide Firestore
+    role: datastore.viewer on (default) and datastore.user on their ledger's database, each by an IAM
+    condition on the database's resource name, and their environment names that database."""
+    project_roles = tf["resource"]["google_project_iam_member"]
+    writers = project_roles["firestore"]
+    assert writers["role"] == "roles/datastore.user" and "condition" not in writers
+    assert writers["for_each"] == '${toset([for s in local.data_services : s if s != "dataproc"])}'
+    assert not set(DOCS_READERS) & set(tf["locals"]["data_services"])
+    reads, ledger = project_roles["firestore_reads"], project_roles["ledger"]
+    database = 'resource.name == "projects/${var.project}/databases/${google_firestore_database.%s.name}"'
+    assert (reads["for_each"], reads["role"], _one(reads, "condition")["expression"]) == (
+        "${toset(local.docs_readers)}", "roles/datastore.viewer", database % "default")
+    assert (ledger["for_each"], ledger["role"], _one(ledger, "condition")["expression"]) == (
+        "${toset(local.docs_readers)}", "roles/datastore.user", database % "ledger[each.key]")
+    # and no other project-level grant names them (serving's only project-level roles are those two)
+    for name, grant in project_roles.items():
+        if name not in ("firestore_reads", "ledger"):
+            assert not any(s in json.dumps(grant) for s in (*DOCS_READERS, "docs_readers")), name
+    assert tf["output"]["serving_env"]["value"] == (
+        '${merge(local.common_env, {FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name})}')
 
 
 # ------------------------------------------------------------------ GKE

@@ -222,3 +222,42 @@ def test_a_handler_publishing_an_undeclared_event_is_dead_lettered_with_the_reas
             attrs["dead_letter_reason"]
     finally:
         adapters.close()
+
+
+def test_a_docs_reader_keeps_its_ledger_in_a_database_of_its_own(tmp_path):
+    """Serving only reads the registry's documents (its IAM role on the main database is
+    datastore.viewer): its documents are read-only, and the runtime's ledger is its own database."""
+    from shared.platform.runtime import LEDGER, ledger_key
+    from shared.platform.topology import ReadOnlyDocs
+
+    settings = Settings(state_dir=tmp_path, min_backoff_s=0.1, max_backoff_s=0.2)
+    with_ledger = bootstrap(settings, service="serving")
+    plain = bootstrap(settings)
+    try:
+        assert (tmp_path / "serving-ledger.db").exists()
+        with pytest.raises(ReadOnlyDocs, match=r"service 'serving' only reads the document database .* set\(\) refused"):
+            with_ledger.docs.set("models", "m", {"name": "m"})
+        plain.docs.set("models", "m", {"name": "m"})
+        assert with_ledger.docs.get("models", "m") == {"name": "m"}  # reads are the main database's
+
+        promoted = ev.ModelPromoted(run_id="r", model_name="m", version="1.1", uri="file:///m")
+        publish_event(plain.bus, promoted)
+        seen = []
+        service = Service("serving", {ev.ModelPromoted: lambda e, c: seen.append(e.event_id) or []},
+                          skip_cancelled=False)
+        assert deliver(with_ledger, service, ev.MODELS) == "acked" and seen == [promoted.event_id]
+        key = ledger_key("serving", promoted.event_id)
+        assert with_ledger.ledger.get(LEDGER, key) is not None and plain.docs.get(LEDGER, key) is None
+        publish_event(plain.bus, promoted)  # a redelivery is recognised by the service's own ledger
+        assert deliver(with_ledger, service, ev.MODELS) == "duplicate" and len(seen) == 1
+    finally:
+        with_ledger.close()
+        plain.close()
+    # any service's ledger may be moved so (FTPIPE_LEDGER_DATABASE)
+    moved = bootstrap(Settings(state_dir=tmp_path, ledger_database="tracker-ledger"))
+    try:
+        assert moved.ledger is not moved.docs and (tmp_path / "tracker-ledger.db").exists()
+    finally:
+        moved.close()
+    with pytest.raises(ValueError, match="ledger_database"):
+        Settings(ledger_database="Not A Database")
