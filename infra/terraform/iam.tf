@@ -51,7 +51,9 @@ locals {
   # Services that only read Firestore's (default) database and write their ledger's (firestore.tf;
   # shared/platform/topology.py DOCS_READERS).
   docs_readers = ["serving"]
-  sa_member    = { for k, sa in google_service_account.sa : k => "serviceAccount:${sa.email}" }
+  # Services that only read the bucket (shared/platform/topology.py STORE_READERS).
+  store_readers = ["serving"]
+  sa_member     = { for k, sa in google_service_account.sa : k => "serviceAccount:${sa.email}" }
 }
 
 resource "google_service_account" "sa" {
@@ -111,7 +113,7 @@ resource "google_storage_bucket_iam_member" "data" {
 
 # Serving only reads the bucket (adapter files through their bundle).
 resource "google_storage_bucket_iam_member" "reads" {
-  for_each = toset(["serving"])
+  for_each = toset(local.store_readers)
   bucket   = google_storage_bucket.data.name
   role     = "roles/storage.objectViewer"
   member   = local.sa_member[each.key]

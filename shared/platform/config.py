@@ -163,10 +163,17 @@ def bootstrap(settings: Settings | None = None, *, service: str | None = None) -
     """The adapters of the settings' profile. A service's process names itself (`service`), and gets
     what its IAM grants allow and no more (shared/platform/topology.py): its bus publishes only what
     the service may (SERVICE_PUBLISHES); a service that only reads the documents (DOCS_READERS) gets
-    them read-only, and its ledger in a database of its own. Tools and tests that name none may do
-    anything."""
+    them read-only, and its ledger in a database of its own; one that only reads the bucket
+    (STORE_READERS), a read-only store. Tools and tests that name none may do anything."""
     settings = settings or Settings.from_env()
-    from shared.platform.topology import DOCS_READERS, ledger_database_for, publishing_as, reading_only
+    from shared.platform.topology import (
+        DOCS_READERS,
+        STORE_READERS,
+        ledger_database_for,
+        publishing_as,
+        reading_only,
+        store_reading_only,
+    )
 
     ledger_db = settings.ledger_database or (ledger_database_for(service) if service in DOCS_READERS else None)
     ledger: DocStore | None = None
@@ -212,6 +219,8 @@ def bootstrap(settings: Settings | None = None, *, service: str | None = None) -
         bus = publishing_as(bus, service)
         if service in DOCS_READERS:
             docs = reading_only(docs, service)
+        if service in STORE_READERS:
+            store = store_reading_only(store, service)
     adapters = Adapters(settings=settings, bus=bus, store=store, docs=docs, own_ledger=ledger)
     if settings.create_resources:
         from shared.platform.topology import ensure_topology

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Mapping, cast
 
 from shared.domain import events as ev
-from shared.platform.ports import AttributeFilter, Bus, DocStore, SubscriptionPolicy
+from shared.platform.ports import AttributeFilter, Bus, DocStore, ObjectStore, SubscriptionPolicy
 from shared.platform.retrying import guarded
 from shared.platform.scheduling import CLASSES, class_filter, class_subscription
 
@@ -44,6 +44,10 @@ SERVICE_PUBLISHES: dict[str, tuple[type[ev.Event], ...]] = {
 # write, is a database of their own (ledger_database_for; Settings.ledger_database overrides it),
 # on which they are datastore.user. Their docs are read-only in the code too (reading_only).
 DOCS_READERS: tuple[str, ...] = ("serving",)
+
+# Services that only read the bucket (serving: adapter files through their bundle): storage.objectViewer
+# where the others are objectUser (infra/terraform/iam.tf), and a read-only store in the code.
+STORE_READERS: tuple[str, ...] = ("serving",)
 
 # Services whose workers take the highest priority class first (shared/platform/scheduling.py): one
 # subscription per class on each of their topics, filtered on the `priority` attribute.
@@ -144,17 +148,25 @@ def ledger_database_for(service: str) -> str:
     return f"{service}-ledger"
 
 
-class ReadOnlyDocs(PermissionError):
-    """A DOCS_READERS service wrote to the main document database: in the cloud it has no right to."""
-
+class ReadOnly(PermissionError):
+    """A DOCS_READERS / STORE_READERS service wrote where it only reads: in the cloud it has no right to."""
 
 DOCS_WRITES = frozenset({"set", "merge", "create", "delete", "transaction"})
+STORE_WRITES = frozenset({"write", "upload_file", "delete"})
 
 
 def reading_only(docs: DocStore, service: str) -> DocStore:
-    """`docs` with every write refused (ReadOnlyDocs), as the service's IAM grant on the database is."""
+    """`docs` with every write refused (ReadOnly), as the service's IAM grant on the database is."""
     def refuse(call: str, fn, *args, **kwargs):
-        raise ReadOnlyDocs(f"service {service!r} only reads the document database (shared/platform/topology.py "
-                           f"DOCS_READERS; its IAM role there is roles/datastore.viewer): {call}() refused. Its "
-                           f"own writes go to its ledger's database (Adapters.ledger).")
+        raise ReadOnly(f"service {service!r} only reads the document database (shared/platform/topology.py "
+                       f"DOCS_READERS; its IAM role there is roles/datastore.viewer): {call}() refused. Its "
+                       f"own writes go to its ledger's database (Adapters.ledger).")
     return guarded(docs, DOCS_WRITES, refuse)
+
+
+def store_reading_only(store: ObjectStore, service: str) -> ObjectStore:
+    """`store` with every write refused (ReadOnly), as the service's IAM grant on the bucket is."""
+    def refuse(call: str, fn, *args, **kwargs):
+        raise ReadOnly(f"service {service!r} only reads the bucket (shared/platform/topology.py STORE_READERS; its "
+                       f"IAM role there is roles/storage.objectViewer): {call}() refused")
+    return guarded(store, STORE_WRITES, refuse)

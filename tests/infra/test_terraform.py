@@ -27,6 +27,7 @@ from shared.platform.topology import (
     PRIORITIZED,
     SERVICE_PUBLISHES,
     SERVICE_TOPICS,
+    STORE_READERS,
     dlq_subscription,
     ledger_database_for,
     may_publish,
@@ -377,6 +378,17 @@ def test_the_one_bucket_the_code_uses_is_declared(tf):
     assert any(_one(r, "action").get("storage_class") == "ARCHIVE" for r in rules)
     # every Terraform-managed bucket in the services' environment is this one
     assert tf["locals"]["common_env"]["FTPIPE_BUCKET"] == "${google_storage_bucket.data.name}"
+
+
+def test_bucket_roles_follow_what_each_service_does_with_the_objects(tf):
+    """objectUser for the services that write the bucket; objectViewer for the STORE_READERS, whose
+    store is read-only in the code too (shared/platform/topology.py store_reading_only)."""
+    grants = tf["resource"]["google_storage_bucket_iam_member"]
+    assert (grants["data"]["for_each"], grants["data"]["role"]) == ("${toset(local.data_services)}", "roles/storage.objectUser")
+    assert (grants["reads"]["for_each"], grants["reads"]["role"]) == ("${toset(local.store_readers)}",
+                                                                      "roles/storage.objectViewer")
+    assert tf["locals"]["store_readers"] == list(STORE_READERS)
+    assert not set(STORE_READERS) & set(tf["locals"]["data_services"])
 
 
 def test_checkpoint_resume_state_is_the_only_pt_the_trainer_writes():

@@ -226,17 +226,22 @@ def test_a_handler_publishing_an_undeclared_event_is_dead_lettered_with_the_reas
 
 def test_a_docs_reader_keeps_its_ledger_in_a_database_of_its_own(tmp_path):
     """Serving only reads the registry's documents (its IAM role on the main database is
-    datastore.viewer): its documents are read-only, and the runtime's ledger is its own database."""
+    datastore.viewer) and the bucket (objectViewer): both are read-only to it, and the runtime's
+    ledger is a database of its own."""
     from shared.platform.runtime import LEDGER, ledger_key
-    from shared.platform.topology import ReadOnlyDocs
+    from shared.platform.topology import ReadOnly
 
     settings = Settings(state_dir=tmp_path, min_backoff_s=0.1, max_backoff_s=0.2)
     with_ledger = bootstrap(settings, service="serving")
     plain = bootstrap(settings)
     try:
         assert (tmp_path / "serving-ledger.db").exists()
-        with pytest.raises(ReadOnlyDocs, match=r"service 'serving' only reads the document database .* set\(\) refused"):
+        with pytest.raises(ReadOnly, match=r"service 'serving' only reads the document database .* set\(\) refused"):
             with_ledger.docs.set("models", "m", {"name": "m"})
+        with pytest.raises(ReadOnly, match=r"service 'serving' only reads the bucket .* write\(\) refused"):
+            with_ledger.store.write("ftpipe", "models/m/1.1/x", b"x")
+        plain.store.write("ftpipe", "models/m/1.1/x", b"x")
+        assert with_ledger.store.read("ftpipe", "models/m/1.1/x") == b"x"
         plain.docs.set("models", "m", {"name": "m"})
         assert with_ledger.docs.get("models", "m") == {"name": "m"}  # reads are the main database's
 
