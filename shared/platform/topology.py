@@ -151,6 +151,7 @@ def ledger_database_for(service: str) -> str:
 class ReadOnly(PermissionError):
     """A DOCS_READERS / STORE_READERS service wrote where it only reads: in the cloud it has no right to."""
 
+
 DOCS_WRITES = frozenset({"set", "merge", "create", "delete", "transaction"})
 STORE_WRITES = frozenset({"write", "upload_file", "delete"})
 

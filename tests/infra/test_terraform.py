@@ -110,8 +110,9 @@ def _module_name(path: Path) -> str:
 
 
 class _Module:
-    """One module's functions (qualified names: `f`, `Class.method`; a class's name stands for its
-    __init__) and, for each, the event classes it constructs and the functions it refers to."""
+    """One module's functions (qualified names: `f`, `Class.method`; a class's name stands for the
+    whole class, which constructing it may run) and, for each, the event classes it constructs and
+    the functions it refers to."""
 
     def __init__(self, path: Path, modules: set[str]):
         self.name = _module_name(path)
