@@ -10,6 +10,24 @@ resource "google_firestore_database" "default" {
   depends_on                        = [google_project_service.apis]
 }
 
+# The processed-message ledgers of the services that only read (default) (shared/platform/topology.py
+# DOCS_READERS and ledger_database_for: serving, which reads the registry's documents). Its one
+# write, the runtime's ledger, goes to a database of its own, where alone it may write (iam.tf), so
+# a compromised server can read the registry but not change it. The other way, registry reads
+# through the tracker's API, would put an IAP-fronted service in serving's request path, and its
+# ledger would still need a home.
+resource "google_firestore_database" "ledger" {
+  for_each                          = toset(local.docs_readers)
+  name                              = "${each.key}-ledger"
+  location_id                       = var.firestore_location
+  type                              = "FIRESTORE_NATIVE"
+  concurrency_mode                  = "PESSIMISTIC"
+  point_in_time_recovery_enablement = "POINT_IN_TIME_RECOVERY_ENABLED"
+  delete_protection_state           = "DELETE_PROTECTION_ENABLED"
+  deletion_policy                   = "ABANDON"
+  depends_on                        = [google_project_service.apis]
+}
+
 # Composite indexes: Firestore needs one for an equality filter with an order on another field
 # (several equality filters merge their indexes). The queries that do it are the tracker API's
 # (services/tracker/api.py: runs by RUN_FILTERS ordered by RUN_ORDER or a metric, a run's metrics

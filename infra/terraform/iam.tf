@@ -1,6 +1,7 @@
 # One service account per service, each granted only what its code does (README "How it fits
-# together"): which subscriptions it pulls, which topics it publishes to (its own events, and the
-# dead-letter topics of what it consumes: shared/platform/runtime.py dead_letter), the bucket and Firestore.
+# together"): which subscriptions it pulls, which topics it publishes to (its own events; `notices`
+# and the dead-letter topics of what it consumes: shared/platform/runtime.py dead_letter), the bucket
+# and Firestore. tests/infra/test_terraform.py derives each of these from the code.
 locals {
   service_accounts = {
     preprocess = "ftpipe preprocess: pulls uploads and jobs, submits Dataproc batches"
@@ -13,15 +14,18 @@ locals {
     serving    = "ftpipe serving: the OpenAI-compatible API over the registry's adapters"
     gke_nodes  = "ftpipe GKE nodes: logs, metrics, image pulls"
   }
-  # Topics each service publishes its own events to (shared/domain/events.py: each event's topic). Every
-  # consumer also publishes MessageDeadLettered on jobs when it dead-letters a run's message.
+  # Topics each service publishes its own events to: the topics of its events in
+  # shared/platform/topology.py SERVICE_PUBLISHES, which tests/infra derives from its code. Besides,
+  # every consumer publishes the runtime's MessageDeadLettered on `notices` (notices below) and the
+  # dead letters of what it consumes (dead_letters below): nothing else, so serving, which publishes
+  # nothing of its own, cannot put a job on `jobs`.
   publishes = {
     preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
-    trainer    = ["training", "jobs"]           # TrainingStarted ... TrainingCompleted / Failed
-    evaluator  = ["evaluations", "jobs"]        # EvaluationCompleted
-    registry   = ["models", "jobs"]             # ModelRegistered / Promoted / Quarantined / Approved
+    trainer    = ["training"]                   # TrainingStarted ... TrainingCompleted / Failed
+    evaluator  = ["evaluations"]                # EvaluationCompleted
+    registry   = ["models"]                     # ModelRegistered / Promoted / Quarantined / Approved / Archived
     tracker    = ["jobs", "datasets", "models"] # the API's submit, privacy sign-off and registry actions
-    serving    = ["jobs"]                       # only MessageDeadLettered
+    serving    = []
   }
   # Topics each service consumes, so dead-letters to (shared/platform/topology.py SERVICE_TOPICS).
   consumes = {
@@ -29,7 +33,7 @@ locals {
     trainer    = ["datasets", "jobs"]
     evaluator  = ["training"]
     registry   = ["evaluations"]
-    tracker    = ["jobs", "datasets", "training", "evaluations", "models"]
+    tracker    = ["jobs", "datasets", "training", "evaluations", "models", "notices"]
     serving    = ["models"] # promotions preload an adapter, quarantines unload it
   }
   publish_grants = {
@@ -44,6 +48,11 @@ locals {
   }
   # Services that read and write the bucket and Firestore.
   data_services = ["preprocess", "dataproc", "trainer", "evaluator", "registry", "tracker"]
+  # Services that only read Firestore's (default) database and write their ledger's (firestore.tf;
+  # shared/platform/topology.py DOCS_READERS).
+  docs_readers = ["serving"]
+  # Services that only read the bucket (shared/platform/topology.py STORE_READERS).
+  store_readers = ["serving"]
   sa_member     = { for k, sa in google_service_account.sa : k => "serviceAccount:${sa.email}" }
 }
 
@@ -60,6 +69,14 @@ resource "google_pubsub_topic_iam_member" "publishes" {
   topic    = google_pubsub_topic.topics[each.value.topic].id
   role     = "roles/pubsub.publisher"
   member   = local.sa_member[each.value.service]
+}
+
+# The runtime's MessageDeadLettered (shared/platform/runtime.py dead_letter), from every consumer.
+resource "google_pubsub_topic_iam_member" "notices" {
+  for_each = local.consumes
+  topic    = google_pubsub_topic.topics["notices"].id
+  role     = "roles/pubsub.publisher"
+  member   = local.sa_member[each.key]
 }
 
 resource "google_pubsub_topic_iam_member" "dead_letters" {
@@ -96,18 +113,43 @@ resource "google_storage_bucket_iam_member" "data" {
 
 # Serving only reads the bucket (adapter files through their bundle).
 resource "google_storage_bucket_iam_member" "reads" {
-  for_each = toset(["serving"])
+  for_each = toset(local.store_readers)
   bucket   = google_storage_bucket.data.name
   role     = "roles/storage.objectViewer"
   member   = local.sa_member[each.key]
 }
 
-# Serving reads the registry's documents and writes its processed-message ledger.
 resource "google_project_iam_member" "firestore" {
-  for_each = toset(concat([for s in local.data_services : s if s != "dataproc"], ["serving"]))
+  for_each = toset([for s in local.data_services : s if s != "dataproc"])
   project  = var.project
   role     = "roles/datastore.user"
   member   = local.sa_member[each.key]
+}
+
+# Serving reads the registry's documents in (default), and writes only its processed-message
+# ledger, in a database of its own: no project-wide Firestore role.
+resource "google_project_iam_member" "firestore_reads" {
+  for_each = toset(local.docs_readers)
+  project  = var.project
+  role     = "roles/datastore.viewer"
+  member   = local.sa_member[each.key]
+  condition {
+    title       = "${each.key}-reads-default-database"
+    description = "Reads of the (default) Firestore database only"
+    expression  = "resource.name == \"projects/${var.project}/databases/${google_firestore_database.default.name}\""
+  }
+}
+
+resource "google_project_iam_member" "ledger" {
+  for_each = toset(local.docs_readers)
+  project  = var.project
+  role     = "roles/datastore.user"
+  member   = local.sa_member[each.key]
+  condition {
+    title       = "${each.key}-writes-its-ledger"
+    description = "Reads and writes of its own ledger's Firestore database only"
+    expression  = "resource.name == \"projects/${var.project}/databases/${google_firestore_database.ledger[each.key].name}\""
+  }
 }
 
 # ------------------------------------------------------------------ GKE

@@ -55,3 +55,8 @@ output "trainer_env" {
   description = "The trainer's environment (infra/k8s/trainer.yaml, and `ftpipe train --render-k8s` Jobs)."
   value       = local.common_env
 }
+
+output "serving_env" {
+  description = "The serving container's environment (Cloud Run or GKE, as the serving account): its ledger's database."
+  value       = merge(local.common_env, { FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name })
+}

@@ -10,6 +10,7 @@ locals {
     "training"        = { dead_letter = "training-dead-letter", dlq_subscription = "dlq.training-dead-letter" }
     "evaluations"     = { dead_letter = "evaluations-dead-letter", dlq_subscription = "dlq.evaluations-dead-letter" }
     "models"          = { dead_letter = "models-dead-letter", dlq_subscription = "dlq.models-dead-letter" }
+    "notices"         = { dead_letter = "notices-dead-letter", dlq_subscription = "dlq.notices-dead-letter" }
   }
 
   # The pull subscriptions of the services that pull (shared/platform/topology.py SERVICE_TOPICS and
@@ -30,6 +31,7 @@ locals {
     "tracker.training"             = { service = "tracker", topic = "training", filter = "" }
     "tracker.evaluations"          = { service = "tracker", topic = "evaluations", filter = "" }
     "tracker.models"               = { service = "tracker", topic = "models", filter = "" }
+    "tracker.notices"              = { service = "tracker", topic = "notices", filter = "" }
     "serving.models"               = { service = "serving", topic = "models", filter = "" }
   }
 

@@ -52,7 +52,7 @@ def create_app(adapters: Adapters | None = None, settings: Settings | None = Non
     settings = settings or (adapters.settings if adapters else Settings.from_env())
     if adapters is None:
         configure_logging(settings.log_format, settings.log_level)
-        adapters = bootstrap(settings)
+        adapters = bootstrap(settings, service=service.name)
     if len(service.topics) != 1:
         raise ValueError(f"a push endpoint serves one topic; service {service.name!r} handles {list(service.topics)}")
     [topic] = service.topics

@@ -30,7 +30,7 @@ from services.registry_fn.service import SERVICE
 def _adapters():
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
-    return bootstrap(settings)
+    return bootstrap(settings, service=SERVICE.name)
 
 
 @functools.cache

@@ -100,4 +100,4 @@ class Server(Process):
 
 def serve(settings: Settings, config: ServingConfig, *, ready=None) -> None:
     """Run until SIGTERM / SIGINT. `ready(server)` is called once the API answers."""
-    run_process(lambda adapters: Server(adapters, config), settings=settings, ready=ready)
+    run_process(lambda adapters: Server(adapters, config), settings=settings, ready=ready, service=SERVICE_NAME)

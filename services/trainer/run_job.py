@@ -65,7 +65,7 @@ def run(settings: Settings | None = None, stopping: threading.Event | None = Non
     except Reject as exc:
         log.error("rejected: %s", exc)
         return EXIT_REJECTED
-    adapters = bootstrap(settings)
+    adapters = bootstrap(settings, service="trainer")
     extra = {"service": "trainer", "run_id": job.run_id}
     ctx = Context("trainer", adapters, message=None, stopping=stopping, log=logging.LoggerAdapter(log, extra))
     try:

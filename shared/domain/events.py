@@ -21,7 +21,10 @@ DATASETS = "datasets"
 TRAINING = "training"
 EVALUATIONS = "evaluations"
 MODELS = "models"
-TOPICS = (DATASET_UPLOADS, JOBS, DATASETS, TRAINING, EVALUATIONS, MODELS)
+# What the runtime tells the tracker about deliveries (MessageDeadLettered): a topic of its own, so
+# that every consumer may publish there without being able to publish work (a job) on `jobs`.
+NOTICES = "notices"
+TOPICS = (DATASET_UPLOADS, JOBS, DATASETS, TRAINING, EVALUATIONS, MODELS, NOTICES)
 
 
 # The attribute that carries a run's priority class (its recipe's scheduling.priority) on every
@@ -333,11 +336,11 @@ class ObjectFinalized(_Body):
 # ---------------------------------------------------------------- delivery
 
 class MessageDeadLettered(Event):
-    """The runtime gave up on a message of this run (shared/platform/runtime.py): published on `jobs` beside
-    the dead letter itself, so the tracker marks the run failed with the reason instead of leaving it
-    in its last stage. `ftpipe dlq replay` after the fix moves the run on again."""
+    """The runtime gave up on a message of this run (shared/platform/runtime.py): published on `notices`
+    beside the dead letter itself, so the tracker marks the run failed with the reason instead of
+    leaving it in its last stage. `ftpipe dlq replay` after the fix moves the run on again."""
     type: ClassVar[str] = "MessageDeadLettered"
-    topic: ClassVar[str] = JOBS
+    topic: ClassVar[str] = NOTICES
     message_id: str                        # the dead-lettered message (a replay publishes a new one)
     message_type: str
     source_topic: str

@@ -64,6 +64,11 @@ class Settings(BaseModel):
     # (shared/platform/retrying.py); `faults` injects failures at the adapter boundary (shared/platform/faults.py).
     transient_retry_s: float = Field(default=30.0, ge=0)
     faults: str | None = None
+    # The processed-message ledger (shared/platform/runtime.py) in a document database of its own:
+    # a Firestore database id (infra/terraform/firestore.tf), locally <state>/<name>.db. A service
+    # that only reads the main database (shared/platform/topology.py DOCS_READERS: serving) keeps its
+    # ledger there even when this is unset, under ledger_database_for(service).
+    ledger_database: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{2,61}[a-z0-9]$")
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -100,6 +105,7 @@ class Settings(BaseModel):
             "faults": env.get("FTPIPE_FAULTS") or None,
             "admins": _emails(env.get("FTPIPE_ADMINS")),
             "serving_callers": _emails(env.get("FTPIPE_SERVING_CALLERS")),
+            "ledger_database": env.get("FTPIPE_LEDGER_DATABASE") or None,
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
@@ -118,7 +124,8 @@ class Settings(BaseModel):
                 "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s),
                 "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit),
                 "FTPIPE_TRANSIENT_RETRY_S": str(self.transient_retry_s),
-                **({"FTPIPE_FAULTS": self.faults} if self.faults else {})}
+                **({"FTPIPE_FAULTS": self.faults} if self.faults else {}),
+                **({"FTPIPE_LEDGER_DATABASE": self.ledger_database} if self.ledger_database else {})}
 
     @property
     def in_cloud(self) -> bool:
@@ -145,14 +152,39 @@ class Adapters:
     bus: Bus
     store: ObjectStore
     docs: DocStore
+    # The processed-message ledger's own database (Settings.ledger_database), if not `docs`.
+    own_ledger: DocStore | None = None
+
+    @property
+    def ledger(self) -> DocStore:
+        """Where the runtime records the messages it has processed."""
+        return self.own_ledger if self.own_ledger is not None else self.docs
 
     def close(self) -> None:
         self.bus.close()
         self.docs.close()
+        if self.own_ledger is not None:
+            self.own_ledger.close()
 
 
-def bootstrap(settings: Settings | None = None) -> Adapters:
+def bootstrap(settings: Settings | None = None, *, service: str | None = None) -> Adapters:
+    """The adapters of the settings' profile. A service's process names itself (`service`), and gets
+    what its IAM grants allow and no more (shared/platform/topology.py): its bus publishes only what
+    the service may (SERVICE_PUBLISHES); a service that only reads the documents (DOCS_READERS) gets
+    them read-only, and its ledger in a database of its own; one that only reads the bucket
+    (STORE_READERS), a read-only store. Tools and tests that name none may do anything."""
     settings = settings or Settings.from_env()
+    from shared.platform.topology import (
+        DOCS_READERS,
+        STORE_READERS,
+        ledger_database_for,
+        publishing_as,
+        reading_only,
+        store_reading_only,
+    )
+
+    ledger_db = settings.ledger_database or (ledger_database_for(service) if service in DOCS_READERS else None)
+    ledger: DocStore | None = None
     if settings.profile == "local":
         from shared.platform.adapters.local_store import LocalObjectStore
         from shared.platform.adapters.sqlite_bus import SqliteBus
@@ -162,6 +194,8 @@ def bootstrap(settings: Settings | None = None) -> Adapters:
         state = settings.state_dir
         bus = SqliteBus(state / "bus.db")
         docs = SqliteDocStore(state / "docs.db")
+        if ledger_db:
+            ledger = SqliteDocStore(state / f"{ledger_db}.db")
         store = LocalObjectStore(state / "buckets")
         # GCS sends OBJECT_FINALIZE notifications itself; locally the store does, through this.
         store.on_finalize = LocalBucketNotifier(bus, docs).notify
@@ -173,16 +207,29 @@ def bootstrap(settings: Settings | None = None) -> Adapters:
 
         bus = PubSubBus(settings.project)
         docs = FirestoreDocStore(settings.project)
+        if ledger_db:
+            ledger = FirestoreDocStore(settings.project, ledger_db)
         store = GcsObjectStore(settings.project)
     if settings.faults:  # the chaos suite's faults, below the retries as a real outage would be
         from shared.platform.faults import FaultPlan, inject
 
-        bus, store, docs = inject(FaultPlan.parse(settings.faults), bus, store, docs)
+        plan = FaultPlan.parse(settings.faults)
+        bus, store, docs = inject(plan, bus, store, docs)
+        if ledger is not None:  # the same plan on the ledger's database (its own draws)
+            _, _, ledger = inject(plan, bus, store, ledger)
     from shared.platform.retrying import DOCS_CALLS, STORE_CALLS, retrying
 
     store = retrying(store, STORE_CALLS, "store", settings.transient_retry_s)
     docs = retrying(docs, DOCS_CALLS, "docs", settings.transient_retry_s)
-    adapters = Adapters(settings=settings, bus=bus, store=store, docs=docs)
+    if ledger is not None:
+        ledger = retrying(ledger, DOCS_CALLS, "ledger", settings.transient_retry_s)
+    if service is not None:
+        bus = publishing_as(bus, service)
+        if service in DOCS_READERS:
+            docs = reading_only(docs, service)
+        if service in STORE_READERS:
+            store = store_reading_only(store, service)
+    adapters = Adapters(settings=settings, bus=bus, store=store, docs=docs, own_ledger=ledger)
     if settings.create_resources:
         from shared.platform.topology import ensure_topology
 

@@ -95,12 +95,13 @@ class Process:
 
 
 def run_process(build: Callable[[Adapters], Process], *, settings: Settings | None = None,
-                ready: Callable[[Process], None] | None = None) -> None:
-    """Settings, logging and adapters once; the process `build` makes of them runs until SIGTERM /
-    SIGINT (the signal handlers are restored after). `ready(process)` is called once it is up."""
+                ready: Callable[[Process], None] | None = None, service: str | None = None) -> None:
+    """Settings, logging and adapters once (a service's bus publishes only what `service` may:
+    config.bootstrap); the process `build` makes of them runs until SIGTERM / SIGINT (the signal
+    handlers are restored after). `ready(process)` is called once it is up."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
-    adapters = bootstrap(settings)
+    adapters = bootstrap(settings, service=service)
     try:
         process = build(adapters)
         stop = process.stopping
@@ -130,4 +131,4 @@ def serve(service: Service | None, http_app: Callable[[Adapters], WsgiApp | None
     def build(adapters: Adapters) -> Process:
         return Process(process_name, adapters, service=service, http_app=http_app(adapters) if http_app else None,
                        loop=functools.partial(loop, adapters) if loop else None)
-    run_process(build)
+    run_process(build, service=service.name if service else None)

@@ -191,7 +191,7 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
         return "ignored"
     key = ledger_key(service.name, event.event_id)
     try:
-        duplicate = adapters.docs.get(LEDGER, key) is not None
+        duplicate = adapters.ledger.get(LEDGER, key) is not None
         cancelled = not duplicate and service.skip_cancelled and is_cancelled(adapters.docs, event.run_id)
     except Exception as exc:  # the document store is down: as a failed handler (retry, then dead-letter)
         return _failed(adapters, topic, subscription, msg, exc, log, extra)
@@ -221,7 +221,7 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
     try:
         for out in outputs:
             publish_event(adapters.bus, out)
-        adapters.docs.set(LEDGER, key, {"service": service.name, "event_id": event.event_id, "run_id": event.run_id,
+        adapters.ledger.set(LEDGER, key, {"service": service.name, "event_id": event.event_id, "run_id": event.run_id,
                                         "at": time.time(), "outputs": [o.event_id for o in outputs]})
     except Exception as exc:  # a redelivery publishes the same ids again and records them
         return _failed(adapters, topic, subscription, msg, exc, log, extra)

@@ -327,6 +327,25 @@ def test_firestore_documents(docs):
     assert docs.get("runs", "r1") is None
 
 
+def test_firestore_named_database_is_a_database_of_its_own(docs, firestore_emulator):
+    """Serving's ledger lives in a named database (shared/platform/topology.py DOCS_READERS,
+    infra/terraform/firestore.tf): the client's `database=` reaches it, on the emulator too, and its
+    documents are not the (default) database's."""
+    from shared.platform.adapters.firestore import FirestoreDocStore
+    from shared.platform.topology import ledger_database_for
+
+    ledger = FirestoreDocStore(docs.project, ledger_database_for("serving"), emulator_host=firestore_emulator.host_port)
+    try:
+        docs.set("processed", "k", {"where": "default"})
+        assert ledger.get("processed", "k") is None
+        ledger.set("processed", "k", {"where": "ledger"})
+        assert ledger.transaction(lambda t: t.get("processed", "k")) == {"where": "ledger"}
+        assert docs.get("processed", "k") == {"where": "default"}
+        assert [i for i, _ in ledger.query("processed")] == ["k"]
+    finally:
+        ledger.close()
+
+
 def test_firestore_transactions(docs):
     docs.set("counters", "c", {"n": 0})
 

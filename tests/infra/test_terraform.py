@@ -22,7 +22,18 @@ from shared.domain.recipe import GKE_ACCELERATORS, HardwareSpec, available_recip
 from shared.platform.config import Settings
 from shared.platform.notifications import INCOMING_PREFIX
 from shared.platform.scheduling import CLASSES
-from shared.platform.topology import PRIORITIZED, SERVICE_TOPICS, dlq_subscription, subscriptions
+from shared.platform.topology import (
+    DOCS_READERS,
+    PRIORITIZED,
+    SERVICE_PUBLISHES,
+    SERVICE_TOPICS,
+    STORE_READERS,
+    dlq_subscription,
+    ledger_database_for,
+    may_publish,
+    publish_topics,
+    subscriptions,
+)
 
 from services.tracker import api as tracker_api
 from services.tracker.lineage import METRICS, RUN_EVENTS
@@ -84,6 +95,136 @@ def code_pull_subscriptions() -> dict[str, tuple[str, str, str]]:
 def code_other_subscriptions(kind: set[str]) -> dict[str, tuple[str, str]]:
     return {ev.subscription_name(service, topic): (service, topic)
             for service, topics in SERVICE_TOPICS.items() if service in kind for topic in topics}
+
+
+# What each service's code publishes: the event classes it constructs (`ev.X(...)`), itself or in
+# the shared functions it reaches (jobs.submit, privacy.approve, model_registry's operations, the
+# runtime's dead_letter), found by reading the code. A function counts with everything it constructs
+# and calls (nested functions included), so this errs towards more, never fewer.
+SERVICE_FOLDERS = {"registry": "registry_fn"}  # services/<folder> of a service named otherwise
+EVENTS_MODULE = "shared.domain.events"
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+class _Module:
+    """One module's functions (qualified names: `f`, `Class.method`; a class's name stands for the
+    whole class, which constructing it may run) and, for each, the event classes it constructs and
+    the functions it refers to."""
+
+    def __init__(self, path: Path, modules: set[str]):
+        self.name = _module_name(path)
+        self.tree = ast.parse(path.read_text())
+        self.imports: dict[str, tuple[str, str | None]] = {}  # local name -> (module, symbol or None)
+        for node in ast.walk(self.tree):  # a function's own imports too
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    self.imports[a.asname or a.name.split(".")[0]] = (a.name if a.asname else a.name.split(".")[0], None)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    self.imports[a.asname or a.name] = (full, None) if full in modules else (node.module, a.name)
+        self.functions: dict[str, ast.AST] = {}
+        for node in self.tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self.functions[node.name] = node
+            elif isinstance(node, ast.ClassDef):
+                self.functions[node.name] = node  # constructing it runs its __init__: the class as a whole
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        self.functions[f"{node.name}.{item.name}"] = item
+
+    def facts(self, node: ast.AST, cls: str | None) -> tuple[set[str], set[tuple[str, str]]]:
+        """(event classes constructed, (module, function) referred to) within `node`."""
+        events, refs = set(), set()
+        instances = {t.id: n.value.func.id for n in ast.walk(node) if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Call) and isinstance(n.value.func, ast.Name)
+                     and n.value.func.id in self.functions for t in n.targets if isinstance(t, ast.Name)}
+        for n in ast.walk(node):
+            if isinstance(n, ast.Call) and (target := self._event(n.func)):
+                events.add(target)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                if n.id in self.functions:
+                    refs.add((self.name, n.id))
+                elif n.id in self.imports and self.imports[n.id][1] is not None:
+                    refs.add((self.imports[n.id][0], str(self.imports[n.id][1])))
+            elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+                owner = n.value.id
+                if owner in self.imports and self.imports[owner][1] is None:
+                    refs.add((self.imports[owner][0], n.attr))
+                elif owner in ("self", "cls") and cls:
+                    refs.add((self.name, f"{cls}.{n.attr}"))
+                elif owner in instances:
+                    refs.add((self.name, f"{instances[owner]}.{n.attr}"))
+        return events, refs
+
+    def _event(self, func: ast.AST) -> str | None:
+        if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                and self.imports.get(func.value.id) == (EVENTS_MODULE, None) and func.attr in ev.EVENT_TYPES):
+            return func.attr
+        if isinstance(func, ast.Name) and self.imports.get(func.id, ("", None))[0] == EVENTS_MODULE:
+            name = self.imports[func.id][1]
+            return name if name in ev.EVENT_TYPES else None
+        return None
+
+
+def code_publishes() -> dict[str, set[str]]:
+    """service -> the event classes its code constructs, directly or through what it calls."""
+    paths = [p for folder in ("shared", "services") for p in (ROOT / folder).rglob("*.py")]
+    names = {_module_name(p) for p in paths}
+    modules = {m.name: m for m in (_Module(p, names) for p in paths)}
+    facts: dict[tuple[str, str], tuple[set[str], set[tuple[str, str]]]] = {}
+    for m in modules.values():
+        for qualname, node in m.functions.items():
+            facts[(m.name, qualname)] = m.facts(node, qualname.split(".")[0] if isinstance(node, ast.FunctionDef)
+                                                 and "." in qualname else None)
+
+    def reach(start: set[tuple[str, str]]) -> set[str]:
+        seen, todo, events = set(), list(start), set()
+        while todo:
+            key = todo.pop()
+            if key in seen or key not in facts:
+                continue
+            seen.add(key)
+            found, refs = facts[key]
+            events |= found
+            todo += refs
+        return events
+
+    out = {}
+    for service in SERVICE_PUBLISHES:
+        folder = ROOT / "services" / SERVICE_FOLDERS.get(service, service)
+        events, refs = set(), set()
+        for path in folder.rglob("*.py"):  # the whole of a service's own code
+            found, found_refs = modules[_module_name(path)].facts(modules[_module_name(path)].tree, None)
+            events |= found
+            refs |= found_refs
+        out[service] = events | reach(refs)
+    return out
+
+
+def test_each_service_declares_exactly_the_events_its_code_publishes():
+    """SERVICE_PUBLISHES (the runtime's publish guard, and below the IAM grants) against the code:
+    a service that starts publishing a new event fails here until it is declared, and a declaration
+    no code needs fails until it is removed. MessageDeadLettered comes with consuming (the runtime)."""
+    derived = code_publishes()
+    for service in SERVICE_PUBLISHES:
+        declared = {cls.__name__ for cls in may_publish(service)}
+        code = derived[service] | ({"MessageDeadLettered"} if SERVICE_TOPICS.get(service) else set())
+        assert code == declared, (f"{service}: the code publishes {sorted(code - declared)} undeclared, and "
+                                  f"{sorted(declared - code)} declared is published by no code of it")
+    assert SERVICE_PUBLISHES["serving"] == ()  # it only reads the registry
+
+
+def test_the_derivation_sees_the_shared_functions_a_service_calls():
+    # (a guard on the reader above) the tracker publishes only through shared functions, and the
+    # registry's operations build their events in a class's methods
+    derived = code_publishes()
+    assert {"JobSubmitted", "DatasetPrepared", "DatasetRejected", "ModelApproved", "ModelPromoted"} <= derived["tracker"]
+    assert {"ModelRegistered", "ModelQuarantined", "ModelArchived"} <= derived["registry"]
+    assert "MessageDeadLettered" in derived["registry"]  # main.py dead-letters an undecodable push itself
 
 
 # ------------------------------------------------------------------ topics and subscriptions
@@ -191,11 +332,34 @@ def test_each_service_may_pull_its_subscriptions_and_dead_letter_what_it_consume
     pulls = tf["resource"]["google_pubsub_subscription_iam_member"]["pulls"]
     assert (pulls["for_each"], pulls["member"]) == ("${local.pull_subscriptions}", "${local.sa_member[each.value.service]}")
     assert set(tf["locals"]["service_accounts"]) >= set(SERVICE_TOPICS)
-    for service, topics in tf["locals"]["publishes"].items():
-        assert set(topics) <= set(ev.TOPICS), service
-    # shared/platform/runtime.dead_letter tells the tracker with a MessageDeadLettered: every consumer publishes it.
-    for service in SERVICE_TOPICS:
-        assert ev.MessageDeadLettered.topic in tf["locals"]["publishes"].get(service, []), service
+    dead = tf["resource"]["google_pubsub_topic_iam_member"]["dead_letters"]
+    assert (dead["for_each"], dead["topic"], dead["role"], dead["member"]) == (
+        "${local.dead_letter_grants}", "${google_pubsub_topic.dead_letter[each.value.topic].id}",
+        "roles/pubsub.publisher", "${local.sa_member[each.value.service]}")
+
+
+def test_each_service_may_publish_on_the_topics_of_its_events_and_no_other(tf):
+    """The publish grants are the topics of what each service's code publishes (SERVICE_PUBLISHES,
+    checked against the code above), plus `notices` for every consumer (the runtime's
+    MessageDeadLettered), and nothing else."""
+    assert tf["locals"]["publishes"] == {service: list(publish_topics(service)) for service in SERVICE_PUBLISHES}
+    grants = tf["resource"]["google_pubsub_topic_iam_member"]
+    # (the others: Pub/Sub's agent on the dead-letter topics, GCS's on dataset-uploads)
+    assert set(grants) == {"publishes", "notices", "dead_letters", "agent_publishes_dead_letters", "gcs_publishes_uploads"}
+    own = grants["publishes"]
+    assert (own["for_each"], own["topic"], own["role"], own["member"]) == (
+        "${local.publish_grants}", "${google_pubsub_topic.topics[each.value.topic].id}", "roles/pubsub.publisher",
+        "${local.sa_member[each.value.service]}")
+    notices = grants["notices"]
+    assert ev.MessageDeadLettered.topic == ev.NOTICES and set(tf["locals"]["consumes"]) == set(SERVICE_TOPICS)
+    assert (notices["for_each"], notices["topic"], notices["role"], notices["member"]) == (
+        "${local.consumes}", f'${{google_pubsub_topic.topics["{ev.NOTICES}"].id}}', "roles/pubsub.publisher",
+        "${local.sa_member[each.key]}")
+    # serving publishes nothing of its own: no right on `jobs` (or any work topic) at all
+    assert tf["locals"]["publishes"]["serving"] == []
+    # and `notices` is the tracker's alone to read
+    readers = {s["service"] for s in tf["locals"]["pull_subscriptions"].values() if s["topic"] == ev.NOTICES}
+    assert readers == {"tracker"}
 
 
 # ------------------------------------------------------------------ bucket
@@ -215,6 +379,17 @@ def test_the_one_bucket_the_code_uses_is_declared(tf):
     assert any(_one(r, "action").get("storage_class") == "ARCHIVE" for r in rules)
     # every Terraform-managed bucket in the services' environment is this one
     assert tf["locals"]["common_env"]["FTPIPE_BUCKET"] == "${google_storage_bucket.data.name}"
+
+
+def test_bucket_roles_follow_what_each_service_does_with_the_objects(tf):
+    """objectUser for the services that write the bucket; objectViewer for the STORE_READERS, whose
+    store is read-only in the code too (shared/platform/topology.py store_reading_only)."""
+    grants = tf["resource"]["google_storage_bucket_iam_member"]
+    assert (grants["data"]["for_each"], grants["data"]["role"]) == ("${toset(local.data_services)}", "roles/storage.objectUser")
+    assert (grants["reads"]["for_each"], grants["reads"]["role"]) == ("${toset(local.store_readers)}",
+                                                                      "roles/storage.objectViewer")
+    assert tf["locals"]["store_readers"] == list(STORE_READERS)
+    assert not set(STORE_READERS) & set(tf["locals"]["data_services"])
 
 
 def test_checkpoint_resume_state_is_the_only_pt_the_trainer_writes():
@@ -289,6 +464,36 @@ def test_no_query_of_the_code_needs_an_index_not_declared(tf):
 def test_the_firestore_database_is_the_default_one(tf):
     db = _resource(tf, "google_firestore_database", "default")
     assert db["name"] == "(default)" and db["type"] == "FIRESTORE_NATIVE"  # firestore.Client(project)
+    # and the ledgers of the services that only read it, each a database of its own
+    assert set(tf["resource"]["google_firestore_database"]) == {"default", "ledger"}
+    ledger = _resource(tf, "google_firestore_database", "ledger")
+    assert ledger["for_each"] == "${toset(local.docs_readers)}" and ledger["type"] == "FIRESTORE_NATIVE"
+    assert tf["locals"]["docs_readers"] == list(DOCS_READERS)
+    assert all(ledger["name"].replace("${each.key}", s) == ledger_database_for(s) for s in DOCS_READERS)
+
+
+def test_firestore_roles_follow_what_each_service_does_with_the_documents(tf):
+    """Read-write on (default) for the services that write it; the DOCS_READERS (serving: its code's
+    documents are read-only, shared/platform/topology.py reading_only) hold no project-wide Firestore
+    role: datastore.viewer on (default) and datastore.user on their ledger's database, each by an IAM
+    condition on the database's resource name, and their environment names that database."""
+    project_roles = tf["resource"]["google_project_iam_member"]
+    writers = project_roles["firestore"]
+    assert writers["role"] == "roles/datastore.user" and "condition" not in writers
+    assert writers["for_each"] == '${toset([for s in local.data_services : s if s != "dataproc"])}'
+    assert not set(DOCS_READERS) & set(tf["locals"]["data_services"])
+    reads, ledger = project_roles["firestore_reads"], project_roles["ledger"]
+    database = 'resource.name == "projects/${var.project}/databases/${google_firestore_database.%s.name}"'
+    assert (reads["for_each"], reads["role"], _one(reads, "condition")["expression"]) == (
+        "${toset(local.docs_readers)}", "roles/datastore.viewer", database % "default")
+    assert (ledger["for_each"], ledger["role"], _one(ledger, "condition")["expression"]) == (
+        "${toset(local.docs_readers)}", "roles/datastore.user", database % "ledger[each.key]")
+    # and no other project-level grant names them (serving's only project-level roles are those two)
+    for name, grant in project_roles.items():
+        if name not in ("firestore_reads", "ledger"):
+            assert not any(s in json.dumps(grant) for s in (*DOCS_READERS, "docs_readers")), name
+    assert tf["output"]["serving_env"]["value"] == (
+        '${merge(local.common_env, {FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name})}')
 
 
 # ------------------------------------------------------------------ GKE

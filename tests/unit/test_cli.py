@@ -150,16 +150,16 @@ def adapters(state):
 
 
 def dead_letter_poison(adapters, data: bytes, attributes: dict) -> None:
-    """Publish a poison job; the preprocess service dead-letters it, then ignores the runtime's
-    MessageDeadLettered notice (which is for the tracker)."""
+    """Publish a poison job; the preprocess service dead-letters it, and the runtime's
+    MessageDeadLettered notice goes to the tracker on `notices`, not back on `jobs`."""
     from services.preprocess.service import SERVICE
 
     adapters.bus.publish(ev.JOBS, data, attributes)
     [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
     assert handle_message(SERVICE, adapters, ev.JOBS, msg) == "dead-lettered"
-    [notice] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
+    assert adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=1) == []
+    [notice] = adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), timeout_s=5)
     assert notice.attributes["type"] == "MessageDeadLettered"
-    assert handle_message(SERVICE, adapters, ev.JOBS, notice) == "ignored"
 
 
 def test_dead_letters_are_listed_without_being_consumed_then_replayed(state, adapters):

@@ -74,14 +74,13 @@ def test_a_service_whose_handlers_disagree_with_the_topology_does_not_start(adap
 def test_an_event_of_a_class_without_a_handler_is_acknowledged_and_skipped(adapters):
     from shared.domain.recipe import Recipe
 
+    service = Service("effect", {ev.TrainingStarted: lambda event, ctx: pytest.fail("not this one")})
+    adapters.bus.create_subscription("effect.training", ev.TRAINING, adapters.settings.subscription_policy())
+    data, attributes = ev.encode(ev.TrainingFailed(run_id="r1", reason="boom"))
+    adapters.bus.publish(ev.TRAINING, data, attributes)
+    [msg] = adapters.bus.pull("effect.training", max_messages=1, timeout_s=2)
+    assert handle_message(service, adapters, ev.TRAINING, msg, subscription="effect.training") == "ignored"
     service = Service("effect", {ev.JobSubmitted: lambda event, ctx: pytest.fail("not this one")})
-    adapters.bus.create_subscription("effect.jobs", ev.JOBS, adapters.settings.subscription_policy())
-    notice = ev.MessageDeadLettered(run_id="r1", message_id="m", message_type="JobSubmitted", source_topic="jobs",
-                                    subscription="trainer.jobs", reason="boom")
-    data, attributes = ev.encode(notice)
-    adapters.bus.publish(ev.JOBS, data, attributes)
-    [msg] = adapters.bus.pull("effect.jobs", max_messages=1, timeout_s=2)
-    assert handle_message(service, adapters, ev.JOBS, msg, subscription="effect.jobs") == "ignored"
     # and a class delivered on another topic than its own is not handed to its handler
     job = ev.JobSubmitted(run_id="r2", recipe=Recipe(name="t", version=1, base_model="tiny-random-smollm2",
                                                      model_name="t"), dataset_uri="file:///x")

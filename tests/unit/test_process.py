@@ -17,6 +17,7 @@ from shared.platform.config import Settings
 from shared.platform.discovery import advertise, bind_host, lookup, port_for, withdraw
 from shared.platform.main import Process
 from shared.platform.runtime import Service, publish_event
+from shared.platform.topology import SERVICE_TOPICS
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -54,7 +55,7 @@ def test_only_local_processes_advertise_and_a_withdrawn_one_is_gone(tmp_path):
 def test_a_service_process_serves_its_app_advertises_consumes_and_withdraws(adapters):
     handled = []
     service = Service("tracker", {cls: lambda event, ctx: handled.append(event.run_id) or []
-                                  for topic in ("jobs", "datasets", "training", "evaluations", "models")
+                                  for topic in SERVICE_TOPICS["tracker"]
                                   for cls in ev.events_on(topic)}, skip_cancelled=False)
 
     def app(environ, start_response):

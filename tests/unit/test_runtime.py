@@ -129,7 +129,7 @@ def test_a_dead_lettered_message_fails_its_run_with_the_reason_until_a_replay_mo
     for _ in range(adapters.settings.max_delivery_attempts):
         [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
         handle_message(service_with(broken), adapters, ev.JOBS, msg)
-    track(ev.JOBS)  # the runtime's MessageDeadLettered notice
+    track(ev.NOTICES)  # the runtime's MessageDeadLettered notice
     run = adapters.docs.get("runs", "run-1")
     assert run["status"] == "failed" and run["sub_state"] == "preparing_data"
     assert "JobSubmitted dead-lettered by preprocess.jobs: handler failed 5 times: RuntimeError: disk on fire" in run["error"]
@@ -166,9 +166,9 @@ def test_a_replay_before_the_tracker_saw_the_dead_letter_does_not_fail_the_run_l
     [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=5)
     assert handle_message(service_with(refuse), adapters, ev.JOBS, msg) == "dead-lettered"
     Client(adapters.settings, adapters).dlq_replay(ev.JOBS)  # the tracker was down meanwhile
-    delivered = adapters.bus.pull(tracker_jobs, max_messages=10, timeout_s=2)
-    [notice] = [m for m in delivered if m.attributes["type"] == "MessageDeadLettered"]
-    handle_message(TRACKER, adapters, ev.JOBS, notice)
+    [notice] = adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), max_messages=10, timeout_s=2)
+    assert notice.attributes["type"] == "MessageDeadLettered"
+    handle_message(TRACKER, adapters, ev.NOTICES, notice)
     run = adapters.docs.get("runs", "run-1")
     assert run["status"] == "validating" and run["dead_letter"]["active"] is False
 
@@ -178,7 +178,91 @@ def test_a_poison_message_without_a_run_of_ours_marks_no_run(adapters):
 
     adapters.bus.publish(ev.JOBS, b"{not json", {"type": "JobSubmitted", "schema_version": "1", "run_id": "ghost"})
     assert deliver(adapters, service_with(lambda e, c: [])) == "dead-lettered"
-    delivered = adapters.bus.pull(ev.subscription_name("tracker", ev.JOBS), max_messages=10, timeout_s=2)
-    [notice] = [m for m in delivered if m.attributes["type"] == "MessageDeadLettered"]  # and the poison itself
-    handle_message(TRACKER, adapters, ev.JOBS, notice)
+    [notice] = adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), max_messages=10, timeout_s=2)
+    assert notice.attributes["type"] == "MessageDeadLettered"
+    handle_message(TRACKER, adapters, ev.NOTICES, notice)
     assert adapters.docs.get("runs", "ghost") is None
+
+
+def test_a_services_bus_publishes_only_what_the_topology_lets_it(tmp_path):
+    """bootstrap(service=...) puts the service's publish rule (SERVICE_PUBLISHES, the same as its IAM
+    grants) in front of the bus: serving may publish its notices and dead letters, not a job."""
+    from shared.platform.topology import UndeclaredPublish
+
+    adapters = bootstrap(Settings(state_dir=tmp_path), service="serving")
+    try:
+        with pytest.raises(UndeclaredPublish, match=r"service 'serving' may not publish JobSubmitted on 'jobs'; "
+                                                    r"it may publish MessageDeadLettered on notices"):
+            publish_event(adapters.bus, job())
+        notice = ev.MessageDeadLettered(run_id="r", message_id="m", message_type="ModelPromoted",
+                                        source_topic=ev.MODELS, subscription="serving.models", reason="boom")
+        publish_event(adapters.bus, notice)
+        adapters.bus.publish(ev.dead_letter_topic(ev.MODELS), b"{}", {"type": "ModelPromoted"})
+        with pytest.raises(UndeclaredPublish):  # a topic's dead letters only from its consumers
+            adapters.bus.publish(ev.dead_letter_topic(ev.JOBS), b"{}", {"type": "JobSubmitted"})
+        with pytest.raises(UndeclaredPublish, match="a message without a type"):
+            adapters.bus.publish(ev.MODELS, b"{}", {})
+        assert adapters.bus.pull(ev.subscription_name("tracker", ev.NOTICES), timeout_s=2)[0].attributes["type"] == \
+            "MessageDeadLettered"
+    finally:
+        adapters.close()
+    with pytest.raises(ValueError, match="unknown service 'nope'"):
+        bootstrap(Settings(state_dir=tmp_path), service="nope")
+
+
+def test_a_handler_publishing_an_undeclared_event_is_dead_lettered_with_the_reason(tmp_path):
+    adapters = bootstrap(Settings(state_dir=tmp_path, min_backoff_s=0.1, max_backoff_s=0.2), service="preprocess")
+    try:
+        publish_event(adapters.bus, job())
+        sneaky = service_with(lambda e, c: [ev.TrainingFailed(run_id=e.run_id, reason="not mine to say")])
+        outcomes = [deliver(adapters, sneaky) for _ in range(adapters.settings.max_delivery_attempts)]
+        assert outcomes == ["nacked"] * 4 + ["dead-lettered"]
+        [(_, attrs)] = dead_letters(adapters)
+        assert "UndeclaredPublish: service 'preprocess' may not publish TrainingFailed on 'training'" in \
+            attrs["dead_letter_reason"]
+    finally:
+        adapters.close()
+
+
+def test_a_docs_reader_keeps_its_ledger_in_a_database_of_its_own(tmp_path):
+    """Serving only reads the registry's documents (its IAM role on the main database is
+    datastore.viewer) and the bucket (objectViewer): both are read-only to it, and the runtime's
+    ledger is a database of its own."""
+    from shared.platform.runtime import LEDGER, ledger_key
+    from shared.platform.topology import ReadOnly
+
+    settings = Settings(state_dir=tmp_path, min_backoff_s=0.1, max_backoff_s=0.2)
+    with_ledger = bootstrap(settings, service="serving")
+    plain = bootstrap(settings)
+    try:
+        assert (tmp_path / "serving-ledger.db").exists()
+        with pytest.raises(ReadOnly, match=r"service 'serving' only reads the document database .* set\(\) refused"):
+            with_ledger.docs.set("models", "m", {"name": "m"})
+        with pytest.raises(ReadOnly, match=r"service 'serving' only reads the bucket .* write\(\) refused"):
+            with_ledger.store.write("ftpipe", "models/m/1.1/x", b"x")
+        plain.store.write("ftpipe", "models/m/1.1/x", b"x")
+        assert with_ledger.store.read("ftpipe", "models/m/1.1/x") == b"x"
+        plain.docs.set("models", "m", {"name": "m"})
+        assert with_ledger.docs.get("models", "m") == {"name": "m"}  # reads are the main database's
+
+        promoted = ev.ModelPromoted(run_id="r", model_name="m", version="1.1", uri="file:///m")
+        publish_event(plain.bus, promoted)
+        seen = []
+        service = Service("serving", {ev.ModelPromoted: lambda e, c: seen.append(e.event_id) or []},
+                          skip_cancelled=False)
+        assert deliver(with_ledger, service, ev.MODELS) == "acked" and seen == [promoted.event_id]
+        key = ledger_key("serving", promoted.event_id)
+        assert with_ledger.ledger.get(LEDGER, key) is not None and plain.docs.get(LEDGER, key) is None
+        publish_event(plain.bus, promoted)  # a redelivery is recognised by the service's own ledger
+        assert deliver(with_ledger, service, ev.MODELS) == "duplicate" and len(seen) == 1
+    finally:
+        with_ledger.close()
+        plain.close()
+    # any service's ledger may be moved so (FTPIPE_LEDGER_DATABASE)
+    moved = bootstrap(Settings(state_dir=tmp_path, ledger_database="tracker-ledger"))
+    try:
+        assert moved.ledger is not moved.docs and (tmp_path / "tracker-ledger.db").exists()
+    finally:
+        moved.close()
+    with pytest.raises(ValueError, match="ledger_database"):
+        Settings(ledger_database="Not A Database")

@@ -95,7 +95,10 @@ class Stack:
         add_version(self.adapters, NAME, "r4", loras[2], passed=False)
         add_version(self.adapters, AB, "a1", loras[0])
         add_version(self.adapters, AB, "a2", loras[1], approval=True)
-        self.server = Server(self.adapters, ServingConfig(base=TINY, **config)).start()
+        # The server runs with serving's own rights, as `ftpipe serve` does: the registry's documents
+        # read-only, its ledger in a database of its own, nothing to publish but its notices.
+        self.serving_adapters = bootstrap(self.adapters.settings, service="serving")
+        self.server = Server(self.serving_adapters, ServingConfig(base=TINY, **config)).start()
         self.engine = self.server.engine
         self.token = local_token(self.adapters.settings.state_dir)
         self.auth = {"Authorization": f"Bearer {self.token}"}
@@ -111,6 +114,7 @@ class Stack:
 
     def close(self) -> None:
         self.server.stop()
+        self.serving_adapters.close()
         self.adapters.close()
 
 
