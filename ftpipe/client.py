@@ -14,7 +14,7 @@ from typing import Callable
 from shared.domain import access, events as ev, jobs, model_policy, model_registry
 from shared.domain.jobs import RUNS, TERMINAL
 from shared.domain.tenants import get_quota, list_quotas, set_quota
-from shared.platform.auth import Identity, local_token, register_stack_token, token_authenticator
+from shared.platform.auth import Identity, local_token, token_authenticator
 from shared.platform.config import Adapters, Settings, bootstrap
 from shared.platform.push import AuthError
 from shared.platform.runtime import DEAD_LETTER_MESSAGE_ID, REPLAY_FOR
@@ -42,11 +42,10 @@ class Client:
                 if self.settings.in_cloud:
                     identity = Identity(subject=_cloud_account(), via="adc")
                 else:
-                    secret = self._token or os.environ.get("FTPIPE_TOKEN")
-                    if not secret:   # the stack's own: whoever can read the state folder is its admin
-                        secret = local_token(self.settings.state_dir)
-                        register_stack_token(docs, secret)
-                    identity = token_authenticator(docs)({"Authorization": f"Bearer {secret}"})
+                    # the stack's own token by default: whoever can read the state folder is its admin
+                    stack = local_token(self.settings.state_dir)
+                    secret = self._token or os.environ.get("FTPIPE_TOKEN") or stack
+                    identity = token_authenticator(docs, stack)({"Authorization": f"Bearer {secret}"})
             except AuthError as exc:
                 raise ClientError(f"{exc.reason} (the token comes from --token or FTPIPE_TOKEN)") from exc
             self._caller = access.caller_of(docs, identity, self.settings.admins)

@@ -7,7 +7,6 @@ locals {
   approve_url = "https://${var.region}-${var.project}.cloudfunctions.net/${local.approve_name}"
   registry_env = {
     FTPIPE_APPROVAL_AUDIENCE = var.approval_audience != "" ? var.approval_audience : local.approve_url
-    FTPIPE_APPROVERS         = join(",", var.approvers)
   }
   registry_source = {
     bucket = google_storage_bucket.data.name
@@ -58,10 +57,10 @@ resource "google_cloud_run_service_iam_member" "trigger_invokes_registry" {
   member   = local.sa_member["registry"]
 }
 
-# approve: the authenticated HTTP approval (--no-allow-unauthenticated): only the approvers may call it,
-# and the function checks their verified email against FTPIPE_APPROVERS again.
+# approve: the authenticated HTTP approval (--no-allow-unauthenticated): only var.approvers may call it,
+# and the function checks the caller's ftpipe role (shared/domain/access.py) on the model it approves.
 resource "google_cloudfunctions2_function" "approve" {
-  #checkov:skip=CKV_GCP_124:approvers call it from their own machines; IAM lets only them invoke it and the function checks their ID token and FTPIPE_APPROVERS
+  #checkov:skip=CKV_GCP_124:approvers call it from their own machines; IAM lets only them invoke it and the function checks their ID token and their approver role
   name     = local.approve_name
   location = var.region
   build_config {

@@ -22,9 +22,9 @@ locals {
   publishes = {
     preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
     trainer    = ["training"]                   # TrainingStarted ... TrainingCompleted / Failed
-    evaluator  = ["evaluations"]                # EvaluationCompleted
+    evaluator  = ["evaluations"]                # EvaluationCompleted / Errored
     registry   = ["models"]                     # ModelRegistered / Promoted / Quarantined / Approved / Archived
-    tracker    = ["jobs", "datasets", "models"] # the API's submit, privacy sign-off and registry actions
+    tracker    = ["jobs", "datasets", "training", "models"] # the API's submit, sign-off, registry actions, reevaluate
     serving    = []
   }
   # Topics each service consumes, so dead-letters to (shared/platform/topology.py SERVICE_TOPICS).
@@ -109,6 +109,21 @@ resource "google_storage_bucket_iam_member" "data" {
   bucket   = google_storage_bucket.data.name
   role     = "roles/storage.objectUser"
   member   = local.sa_member[each.key]
+}
+
+# Each tenant's door: its principals may create objects under incoming/<tenant>/ only (a drop there is
+# a submitter of that tenant: services/preprocess/service.py on_upload). Nobody else writes there, and
+# they write nowhere else: not recipes/, which the tenant's drops read.
+resource "google_storage_bucket_iam_member" "tenant_doors" {
+  for_each = { for pair in flatten([for tenant, t in var.tenants : [for who in t.drop_writers : {
+    key = "${tenant}/${who}", tenant = tenant, member = who }]]) : pair.key => pair }
+  bucket = google_storage_bucket.data.name
+  role   = "roles/storage.objectCreator"
+  member = each.value.member
+  condition {
+    title      = "door-${each.value.tenant}"
+    expression = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.data.name}/objects/incoming/${each.value.tenant}/\")"
+  }
 }
 
 # Serving only reads the bucket (adapter files through their bundle).

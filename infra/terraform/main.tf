@@ -33,6 +33,7 @@ locals {
     FTPIPE_LOG_FORMAT            = "json"
     FTPIPE_MAX_DELIVERY_ATTEMPTS = tostring(var.max_delivery_attempts)
     FTPIPE_ACK_DEADLINE_S        = tostring(local.subscription_policy.ack_deadline_seconds)
+    FTPIPE_ADMINS                = join(",", var.admins)
   }
 }
 

@@ -57,6 +57,9 @@ output "trainer_env" {
 }
 
 output "serving_env" {
-  description = "The serving container's environment (Cloud Run or GKE, as the serving account): its ledger's database."
-  value       = merge(local.common_env, { FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name })
+  description = "The serving container's environment (Cloud Run or GKE, as the serving account): its ledger's database and who may call it."
+  value = merge(local.common_env, {
+    FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name
+    FTPIPE_SERVING_CALLERS = join(",", var.serving_callers)
+  })
 }

@@ -109,9 +109,29 @@ variable "iap_oauth2_client_secret" {
 }
 
 variable "approvers" {
-  description = "Emails allowed to approve a model version (FTPIPE_APPROVERS); they also get roles/run.invoker on the approval function."
+  description = "Emails that may call the approval function (roles/run.invoker): an outer fence only; whether a caller may approve a version is its ftpipe role (approver of a tenant that owns the model: `ftpipe roles grant`)."
   type        = list(string)
   default     = []
+}
+
+variable "admins" {
+  description = "Emails that are ftpipe admins whatever the role documents say (FTPIPE_ADMINS): the break-glass that no Firestore writer can grant themselves. They grant everyone else's roles with `ftpipe roles grant`."
+  type        = list(string)
+  default     = []
+}
+
+variable "serving_callers" {
+  description = "Service accounts' and people's emails that may call the serving API (FTPIPE_SERVING_CALLERS in output serving_env, and roles/run.invoker where it is deployed). Groups: grant run.invoker to the group; ID tokens carry no groups."
+  type        = list(string)
+  default     = []
+}
+
+variable "tenants" {
+  description = "Tenants and the principals (\"user:ann@x\", \"group:team-a@x\", \"serviceAccount:...\") that may drop data into their door, gs://BUCKET/incoming/<tenant>/ (objectCreator, conditioned on that prefix): a drop there acts as a submitter of that tenant and no more. An admin creates the tenant in ftpipe too (`ftpipe tenants set T ...`)."
+  type = map(object({
+    drop_writers = list(string)
+  }))
+  default = {}
 }
 
 variable "gke_master_cidr" {

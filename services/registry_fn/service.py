@@ -131,15 +131,17 @@ def register_errored(event: ev.EvaluationErrored, ctx: Context):
     name = recipe.model_name
     version = allocate_version(ctx.docs, name, event.run_id, recipe.base_model)
     bucket, _ = ctx.store.parse_url(event.adapter_uri)
-    request = ev.TrainingCompleted(run_id=event.run_id, recipe=recipe, dataset_uri=event.dataset_uri,
-                                   adapter_uri=event.adapter_uri, metrics=event.training_metrics, steps=event.steps,
-                                   tenant=event.tenant)
+    # the fields of the TrainingCompleted a re-evaluation publishes (model_registry.reevaluate, by a person
+    # through the tracker or the CLI): data here, since the registry itself publishes no training event
+    request = {"run_id": event.run_id, "recipe": recipe.model_dump(mode="json"), "dataset_uri": event.dataset_uri,
+               "adapter_uri": event.adapter_uri, "metrics": event.training_metrics, "steps": event.steps,
+               "tenant": event.tenant}
     doc = {"name": name, "version": version, "run_id": event.run_id,
            "uri": ctx.store.url(bucket, f"models/{name}/{version}/"),   # where the bundle will be
            "base_model": recipe.base_model, "recipe_hash": recipe.hash, "recipe_name": recipe.name,
            "dataset_uri": event.dataset_uri, "training_metrics": event.training_metrics, "tenant": event.tenant,
            "evaluation": {"error": event.error, "attempts": event.attempts},
-           "evaluation_request": request.model_dump(mode="json", exclude={"reevaluation"})}
+           "evaluation_request": request}
     _, events = register_unevaluated(ctx.docs, doc, error=event.error, approval=recipe.registry.approval,
                                      reevaluation=event.reevaluation)
     return events

@@ -554,7 +554,7 @@ def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
 
 
 def _reevaluation(doc: dict) -> ev.TrainingCompleted:
-    return ev.TrainingCompleted.model_validate({**doc["evaluation_request"], "reevaluation": doc["reevaluations"]})
+    return ev.TrainingCompleted(**{**doc["evaluation_request"], "reevaluation": doc["reevaluations"]})
 
 
 def _unevaluated(name: str, version: str, doc: dict) -> str:

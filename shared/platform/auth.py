@@ -13,9 +13,9 @@ here again, so a misconfigured ingress does not open the writes to everyone.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -42,17 +42,6 @@ def token_digest(secret: str) -> str:
     """Tokens are 256-bit random secrets, so one SHA-256 is enough to store them (no salt or
     stretching needed, unlike passwords); the digest is the document id, so a lookup is one read."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def register_stack_token(docs, secret: str) -> None:
-    """Record the state folder's token as `token:stack` (idempotent; a regenerated file replaces it)."""
-    digest = token_digest(secret)
-    if (docs.get(TOKENS, digest) or {}).get("subject") == STACK_SUBJECT:
-        return
-    for old, _ in docs.query(TOKENS, where=[("subject", "==", STACK_SUBJECT)]):
-        docs.delete(TOKENS, old)   # the file was deleted and regenerated: the old secret is void
-    docs.set(TOKENS, digest, {"name": "stack", "subject": STACK_SUBJECT, "created_at": time.time(),
-                              "created_by": "the stack (<state>/auth-token)"})
 
 
 Authenticator = Callable[[Mapping[str, str]], Identity]  # request headers -> Identity, or AuthError
@@ -89,11 +78,18 @@ def _bearer(headers: Mapping[str, str]) -> str:
     return token.strip()
 
 
-def token_authenticator(docs) -> Authenticator:
-    """Named local tokens: the bearer's digest must be a token that was issued and not revoked. The
-    secret itself is never compared (only its digest is looked up), so there is no timing oracle."""
+def token_authenticator(docs, stack_secret: str | None = None) -> Authenticator:
+    """Named local tokens: the bearer's digest must be a token that was issued and not revoked; the
+    stack's own (`stack_secret`, from <state>/auth-token: a regenerated file voids the old one) is
+    `token:stack`. Only digests are compared, so there is no timing oracle on a secret, and nothing is
+    written: a process with read-only documents (serving) authenticates the same way."""
+    stack = token_digest(stack_secret) if stack_secret else None
+
     def check(headers: Mapping[str, str]) -> Identity:
-        doc = docs.get(TOKENS, token_digest(_bearer(headers)))
+        digest = token_digest(_bearer(headers))
+        if stack is not None and hmac.compare_digest(digest, stack):
+            return Identity(subject=STACK_SUBJECT, via="token")
+        doc = docs.get(TOKENS, digest)
         if doc is None:
             raise AuthError(401, "unknown or revoked bearer token: use one from `ftpipe tokens create` or the "
                                  "stack's own in <state>/auth-token")
@@ -150,8 +146,7 @@ def authenticator(settings, docs, *, audience: str | None, iap: bool = False) ->
     registered as its admin); IAP (`iap=True`, the dashboard) or an ID token (the approval function,
     serving) in the gcp profile."""
     if not settings.in_cloud:
-        register_stack_token(docs, local_token(settings.state_dir))
-        return token_authenticator(docs)
+        return token_authenticator(docs, local_token(settings.state_dir))
     if iap:
         return iap_authenticator(audience or "")
     return oidc_authenticator(audience or "")

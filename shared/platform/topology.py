@@ -31,11 +31,11 @@ SERVICE_PUBLISHES: dict[str, tuple[type[ev.Event], ...]] = {
     "preprocess": (ev.JobSubmitted, ev.DatasetPrepared, ev.DatasetAwaitingReview, ev.DatasetRejected),
     "trainer": (ev.TrainingStarted, ev.TrainingProgress, ev.CheckpointSaved, ev.TrainingAlert, ev.TrainingCompleted,
                 ev.TrainingFailed),
-    "evaluator": (ev.EvaluationCompleted,),
+    "evaluator": (ev.EvaluationCompleted, ev.EvaluationErrored),
     "registry": (ev.ModelRegistered, ev.ModelApproved, ev.ModelPromoted, ev.ModelQuarantined, ev.ModelArchived),
     # the API: submit, privacy sign-off, the registry's operations (the dashboard's writes)
     "tracker": (ev.JobSubmitted, ev.DatasetPrepared, ev.DatasetRejected, ev.ModelRegistered, ev.ModelApproved,
-                ev.ModelPromoted, ev.ModelQuarantined, ev.ModelArchived),
+                ev.ModelPromoted, ev.ModelQuarantined, ev.ModelArchived, ev.TrainingCompleted),
     "serving": (),
 }
 

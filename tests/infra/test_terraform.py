@@ -492,8 +492,9 @@ def test_firestore_roles_follow_what_each_service_does_with_the_documents(tf):
     for name, grant in project_roles.items():
         if name not in ("firestore_reads", "ledger"):
             assert not any(s in json.dumps(grant) for s in (*DOCS_READERS, "docs_readers")), name
-    assert tf["output"]["serving_env"]["value"] == (
-        '${merge(local.common_env, {FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name})}')
+    serving_env = tf["output"]["serving_env"]["value"]
+    assert 'FTPIPE_LEDGER_DATABASE = google_firestore_database.ledger["serving"].name' in serving_env
+    assert 'FTPIPE_SERVING_CALLERS = join(",", var.serving_callers)' in serving_env
 
 
 # ------------------------------------------------------------------ GKE
@@ -552,7 +553,7 @@ def test_every_variable_terraform_sets_is_one_the_code_reads(tf):
     assert not unknown, f"infra/terraform sets variables no code reads: {sorted(unknown)}"
     # and the settings the cloud needs are there
     assert {"FTPIPE_PROFILE", "FTPIPE_PROJECT", "FTPIPE_BUCKET", "FTPIPE_PUSH_AUDIENCE", "FTPIPE_DASHBOARD_AUDIENCE",
-            "FTPIPE_APPROVAL_AUDIENCE", "FTPIPE_APPROVERS", "FTPIPE_PREPROCESS_RUNNER", "FTPIPE_DATAPROC_WHEEL_URI",
+            "FTPIPE_APPROVAL_AUDIENCE", "FTPIPE_ADMINS", "FTPIPE_SERVING_CALLERS", "FTPIPE_PREPROCESS_RUNNER", "FTPIPE_DATAPROC_WHEEL_URI",
             "FTPIPE_DATAPROC_MAIN_URI", "FTPIPE_DATAPROC_SERVICE_ACCOUNT"} <= set_there
     assert tf["locals"]["common_env"]["FTPIPE_PROFILE"] == "gcp"
 
@@ -586,7 +587,18 @@ def test_the_registry_functions_run_the_entry_points_of_their_source(tf):
         assert build["entry_point"] == entry and callable(getattr(main, entry))
         assert build["runtime"] == "python311"
         assert _one(fn, "service_config")["environment_variables"] == "${merge(local.common_env, local.registry_env)}"
-    assert set(tf["locals"]["registry_env"]) == {"FTPIPE_APPROVERS", "FTPIPE_APPROVAL_AUDIENCE"}
+    assert set(tf["locals"]["registry_env"]) == {"FTPIPE_APPROVAL_AUDIENCE"}   # roles decide, not a list
+    assert tf["locals"]["common_env"]["FTPIPE_ADMINS"] == '${join(",", var.admins)}'
+
+
+def test_a_tenants_door_is_its_prefix_and_nothing_else(tf):
+    """Drops have no verified caller: IAM is what binds incoming/<tenant>/ to the tenant's principals
+    (services/preprocess/service.py on_upload then acts as a submitter of that tenant)."""
+    door = _resource(tf, "google_storage_bucket_iam_member", "tenant_doors")
+    assert door["role"] == "roles/storage.objectCreator"   # create only: no reading others' drops, no recipes/
+    expression = _one(door, "condition")["expression"]
+    assert expression == ('resource.name.startsWith("projects/_/buckets/${google_storage_bucket.data.name}'
+                          '/objects/incoming/${each.value.tenant}/")')
 
 
 # ------------------------------------------------------------------ tools

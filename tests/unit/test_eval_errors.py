@@ -98,7 +98,7 @@ def registry(adapters) -> list[str]:
 
 def tracker(adapters) -> None:
     # The dead letter's notice (on jobs) last: it fails only a run the tracker knows of already.
-    run(adapters, TRACKER, [ev.TRAINING, ev.EVALUATIONS, ev.MODELS, ev.JOBS])
+    run(adapters, TRACKER, [ev.TRAINING, ev.EVALUATIONS, ev.MODELS, ev.JOBS, ev.NOTICES])
 
 
 def evaluations(adapters) -> list:

@@ -17,7 +17,7 @@ import pytest
 
 from shared.domain import access, model_registry as reg
 from shared.domain.access import Caller
-from shared.platform.auth import local_token, oidc_authenticator, register_stack_token, token_authenticator
+from shared.platform.auth import local_token, oidc_authenticator, token_authenticator
 from shared.platform.config import Settings, bootstrap
 from tests.unit.test_eval_push import google_keys, token  # noqa: F401  (a fixture, and ID tokens it signs)
 from tests.unit.test_registry_ops import NAME, add
@@ -41,8 +41,8 @@ ADMIN = Caller(subject="token:stack", admin=True)
 
 
 def test_approval_needs_an_approver_token_and_records_who_approved(adapters, candidate):
-    register_stack_token(adapters.docs, local_token(adapters.settings.state_dir))
-    client = create_app(adapters.docs, adapters.bus, token_authenticator(adapters.docs)).test_client()
+    client = create_app(adapters.docs, adapters.bus,
+                        token_authenticator(adapters.docs, local_token(adapters.settings.state_dir))).test_client()
     body = {"name": NAME, "version": candidate, "note": "reviewed the card", "approver": "mallory"}
     secret = access.create_token(adapters.docs, ADMIN, "ann", "approver", "default")
     submitter = access.create_token(adapters.docs, ADMIN, "sam", "submitter", "default")

@@ -9,7 +9,7 @@ import pytest
 from shared.domain import access, events as ev
 from shared.domain.access import Caller
 from shared.domain.recipe import DataSpec, Recipe, apply_overrides
-from shared.platform.auth import register_stack_token, token_authenticator
+from shared.platform.auth import token_authenticator
 from shared.platform.config import Settings, bootstrap
 
 from services.tracker.api import create_app, query_runs
@@ -107,8 +107,7 @@ def adapters(tmp_path_factory):
 
 
 def stack_auth(docs):
-    register_stack_token(docs, TOKEN)
-    return token_authenticator(docs)
+    return token_authenticator(docs, TOKEN)
 
 
 def named(docs, name: str, *grants: tuple[str, str]) -> dict:
@@ -435,7 +434,8 @@ def test_privacy_approve_through_the_api_is_the_clis_sign_off(api, adapters, ann
     [prepared] = _pull(adapters, ev.DATASETS, "trainer")
     assert prepared.event_id == "run-p1:DatasetPrepared:0" and prepared.privacy_signoff == signoff
     # The CLI sees the same decision: the first one wins, and it republishes the identical event.
-    assert approve(Client(adapters.settings, adapters, token=TOKEN), "run-p1") == signoff
+    bob = access.create_token(adapters.docs, Caller(subject="token:stack", admin=True), "bob", "approver", "default")
+    assert approve(Client(adapters.settings, adapters, token=bob), "run-p1") == signoff
     assert _pull(adapters, ev.DATASETS, "trainer") == [prepared]
     record(adapters.docs, prepared)
     assert api.json("/api/privacy") == []

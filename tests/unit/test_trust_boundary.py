@@ -13,7 +13,7 @@ import pytest
 from shared.domain import access, events as ev, jobs, model_policy, model_registry as reg, privacy
 from shared.domain.access import AccessDenied, Caller
 from shared.domain.recipe import load_recipe
-from shared.platform.auth import TOKENS, register_stack_token, token_authenticator
+from shared.platform.auth import TOKENS, token_authenticator
 from shared.platform.push import AuthError
 from shared.platform.runtime import Context
 from tests.unit.governance import ADMIN, own, token
@@ -85,12 +85,11 @@ def test_tokens_are_stored_hashed_named_once_revocable_and_only_an_admin_makes_t
 
 
 def test_the_stack_token_is_the_local_admin_and_a_regenerated_one_voids_the_old(adapters):
-    authenticate = token_authenticator(adapters.docs)
-    register_stack_token(adapters.docs, "first-secret")
-    assert access.caller_of(adapters.docs, authenticate({"Authorization": "Bearer first-secret"})).admin
-    register_stack_token(adapters.docs, "second-secret")
+    first = token_authenticator(adapters.docs, "first-secret")
+    assert access.caller_of(adapters.docs, first({"Authorization": "Bearer first-secret"})).admin
+    second = token_authenticator(adapters.docs, "second-secret")   # the file was deleted and regenerated
     with pytest.raises(AuthError, match="unknown or revoked"):
-        authenticate({"Authorization": "Bearer first-secret"})
+        second({"Authorization": "Bearer first-secret"})
 
 
 # ------------------------------------------------------------------ registry operations, on every document store
@@ -320,8 +319,7 @@ def test_a_forged_job_message_is_bounded_by_the_policy(adapters):
 
 @pytest.fixture
 def api(adapters):
-    register_stack_token(adapters.docs, "stack-secret")
-    return create_app(adapters, token_authenticator(adapters.docs)).test_client()
+    return create_app(adapters, token_authenticator(adapters.docs, "stack-secret")).test_client()
 
 
 def _bearer(secret):
