@@ -32,14 +32,12 @@ from shared.domain.memory_plan import refusal
 from shared.domain.model_policy import PolicyError, claim, get_policy, govern, owner_check
 from shared.domain.overrides import OverrideRefused, check_overrides
 from shared.domain.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
-from shared.domain.tenants import TENANTS, TenantError, check_name
+from shared.domain.runs import RUNS, TERMINAL
+from shared.domain.tenants import DEFAULT_TENANT, TENANTS, TenantError, check_name
 from shared.platform.ports import Bus, DocStore, ObjectStore
 from shared.platform.runtime import CANCELLATIONS, publish_event
 from shared.platform.storage import validate_object_name
 
-RUNS = "runs"   # runs/{run_id}: the run documents the tracker writes (services/tracker/lineage.py)
-TERMINAL = ("succeeded", "failed", "cancelled")
-DEFAULT_TENANT = "default"   # exists without a document: the local stack's, and old drops' incoming/<recipe>/
 CUSTOM_RECIPES = "recipes"   # recipes/<tenant>/<name>.yaml: a tenant's own recipes, for its drops
 JOB_KEYS = ("recipe", "dataset", "prepared", "overrides", "tenant", "run_id")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # object-name and document-id safe

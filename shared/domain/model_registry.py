@@ -48,8 +48,9 @@ from typing import Mapping
 
 from shared.domain import events as ev
 from shared.domain.access import AccessDenied, Caller, require
-from shared.domain.jobs import DEFAULT_TENANT, RUNS
 from shared.domain.model_policy import POLICIES, ModelPolicy
+from shared.domain.runs import RUNS
+from shared.domain.tenants import DEFAULT_TENANT
 from shared.platform.ports import ObjectNotFound
 from shared.platform.runtime import publish_event
 from shared.platform.storage import file_sha256

@@ -25,9 +25,10 @@ from pathlib import Path
 from shared.domain import events as ev
 from shared.domain.access import AccessDenied, Caller, require
 from shared.domain.datasets import SPLITS
-from shared.domain.jobs import DEFAULT_TENANT, RUNS
 from shared.domain.model_policy import get_policy
 from shared.domain.recipe import Recipe
+from shared.domain.runs import RUNS
+from shared.domain.tenants import DEFAULT_TENANT
 from shared.platform.ports import Bus, DocStore, ObjectNotFound, ObjectStore, PreconditionFailed
 from shared.platform.runtime import publish_event
 from shared.platform.storage import file_sha256

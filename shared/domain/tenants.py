@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.platform.ports import DocStore
 
 TENANTS = "tenants"
+DEFAULT_TENANT = "default"   # exists without a document: the local stack's, and old drops' incoming/<recipe>/
 # Tenant names are document ids (Firestore forbids '/', '.', '..' and __reserved__ names).
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 

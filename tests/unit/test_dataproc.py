@@ -7,6 +7,7 @@ pytest.importorskip("google.cloud.dataproc_v1")
 
 from shared.domain.recipe import load_recipe  # noqa: E402
 from shared.platform.config import Settings  # noqa: E402
+from tests.unit.governance import own
 
 from services.preprocess.dataproc import DataprocConfigError, batch_id_for, build_batch_request, submit_batch  # noqa: E402
 
@@ -113,6 +114,7 @@ def test_the_service_runs_the_job_as_a_batch_when_settings_say_dataproc(tmp_path
     settings = SETTINGS.model_copy(update={"profile": "local", "state_dir": tmp_path / "state", "bucket": "ftpipe",
                                            "project": "ftpipe-local", "create_resources": True})
     adapters = bootstrap(settings)
+    own(adapters.docs, RECIPE)   # as the job's submission would have claimed the name
     try:
         rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} about item {i * 7}"},
                                                 {"role": "assistant", "content": f"answer {i}"}]}) + "\n"

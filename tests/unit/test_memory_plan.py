@@ -27,6 +27,7 @@ from shared.domain.memory_plan import (
 )
 from shared.domain.recipe import apply_overrides, load_recipe
 from shared.platform.config import Settings, bootstrap
+from tests.unit.governance import ADMIN
 
 from services.preprocess import cost
 from services.trainer.k8s import RenderError, render
@@ -191,11 +192,11 @@ def test_submission_and_drop_refuse_a_recipe_that_cannot_fit(tmp_path):
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     job = {"recipe": "tiny-sft", "dataset": str(data), "overrides": {"base_model": LLAMA_70B}}
     with pytest.raises(JobError, match="does not fit in memory on one L4.*change one of"):
-        submit(adapters.store, adapters.bus, "ftpipe", job)
+        submit(adapters.docs, adapters.store, adapters.bus, "ftpipe", ADMIN, job)
     recipe = tmp_path / "big.yaml"
     recipe.write_text(yaml.safe_dump({**load_recipe("tiny-sft").model_dump(mode="json"), "base_model": LLAMA_70B}))
     with pytest.raises(JobError, match="does not fit in memory"):
-        drop(adapters.store, "ftpipe", data, str(recipe))
+        drop(adapters.docs, adapters.store, "ftpipe", ADMIN, data, str(recipe))
     assert not list(adapters.store.list("ftpipe", "incoming/"))
 
 

@@ -21,7 +21,7 @@ from shared.domain.access import Caller
 from shared.domain.models import TINY, base_model_identity, resolve_model
 from shared.platform.auth import local_token
 from shared.platform.config import Settings, bootstrap
-from tests.unit.governance import ADMIN
+from tests.unit.governance import ADMIN, token
 
 from services.serving.routing import parse_split, rank_arms
 from services.serving.server import Server, ServingConfig
@@ -341,10 +341,23 @@ def test_every_route_but_healthz_needs_the_bearer_token(served):
         resp = getattr(requests, method)(served.server.url + path, json={"model": NAME}, timeout=10)
         assert "Authorization: Bearer" in error(resp, 401)["message"]
         wrong = getattr(requests, method)(served.server.url + path, headers={"Authorization": "Bearer nope"}, timeout=10)
-        assert "wrong bearer token" in error(wrong, 401)["message"]
+        assert "unknown or revoked bearer token" in error(wrong, 401)["message"]
     assert requests.get(served.server.url + "/healthz", timeout=10).status_code == 200
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=served.server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_a_local_caller_needs_at_least_viewer(served):
+    from shared.domain import access
+
+    docs = served.adapters.docs
+    viewer = token(docs, "looker", "viewer")
+    assert requests.get(served.server.url + "/v1/models", headers={"Authorization": f"Bearer {viewer}"},
+                        timeout=10).status_code == 200
+    nobody = token(docs, "nobody", "viewer")
+    access.revoke(docs, ADMIN, "token:nobody", "viewer", "default")   # a token that holds no role
+    resp = requests.get(served.server.url + "/v1/models", headers={"Authorization": f"Bearer {nobody}"}, timeout=10)
+    assert "you need viewer" in error(resp, 403)["message"]
 
 
 def test_metrics_count_requests_tokens_and_latency_per_adapter(stack):
@@ -382,7 +395,7 @@ def test_an_adapter_rewritten_with_its_bundle_in_the_bucket_is_refused_and_the_o
     assert metric(stack, "ftpipe_serving_requests_total", model=NAME, version="1.2", status="409") == 2
     assert stack.chat(f"{NAME}@1.1")["model"] == f"{NAME}@1.1"          # an untouched version loads
     # Approved into production, the tampered version is not preloaded either (logged, not crashed).
-    reg.approve(stack.adapters.docs, stack.adapters.bus, NAME, "1.2", approver="ann")
+    reg.approve(stack.adapters.docs, stack.adapters.bus, NAME, "1.2", caller=admin("ann"))
     wait_for(lambda: stack.server.router.view._models.get(NAME) is None
              or stack.server.router.view.model(NAME)["aliases"]["production"] == "1.2", "the promotion event")
     assert error(stack.post("/v1/chat/completions", {"model": NAME, "messages": HELLO}), 409)["code"] == \

@@ -17,6 +17,7 @@ from shared.platform.auth import TOKENS, token_authenticator
 from shared.platform.push import AuthError
 from shared.platform.runtime import Context
 from tests.unit.governance import ADMIN, own, token
+from tests.unit.test_eval_push import google_keys  # noqa: F401  (a fixture)
 from tests.unit.test_registry_ops import add
 
 from services.tracker.api import READ_ROLE, ROUTE_ROLES, create_app
@@ -384,3 +385,23 @@ def test_the_approval_endpoint_and_the_cli_take_the_same_roles(adapters, tmp_pat
         assert main([*argv, "--token", sam]) == 3, argv
         assert "refused:" in capsys.readouterr().err
     assert reg.get_version(adapters.docs, NAME, candidate)["status"] == "candidate"
+
+
+# ------------------------------------------------------------------ serving in the cloud
+
+def test_serving_in_the_cloud_takes_only_the_listed_callers(adapters, google_keys):  # noqa: F811
+    from shared.platform.auth import oidc_authenticator
+    from tests.unit.test_eval_push import token as id_token
+
+    signer, _, certs_url = google_keys
+    audience = "https://serving-abc.a.run.app"
+    listed = "app@proj.iam.gserviceaccount.com"
+    check = access.serving_authenticator(oidc_authenticator(audience, certs_url=certs_url), adapters.docs,
+                                         allowed=(listed,))
+    assert check({"Authorization": f"Bearer {id_token(signer, aud=audience, email=listed)}"}).subject == listed
+    with pytest.raises(AccessDenied) as refused:   # a valid Google ID token for the audience is not enough
+        check({"Authorization": f"Bearer {id_token(signer, aud=audience, email='someone@gmail.com')}"})
+    assert refused.value.status == 403 and "FTPIPE_SERVING_CALLERS" in refused.value.reason
+    nobody = access.serving_authenticator(oidc_authenticator(audience, certs_url=certs_url), adapters.docs, allowed=())
+    with pytest.raises(AccessDenied):   # an empty list lets no one in, never everyone
+        nobody({"Authorization": f"Bearer {id_token(signer, aud=audience, email=listed)}"})
