@@ -20,10 +20,10 @@ locals {
   # dead letters of what it consumes (dead_letters below): nothing else, so serving, which publishes
   # nothing of its own, cannot put a job on `jobs`.
   publishes = {
-    preprocess = ["jobs", "datasets"]           # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
-    trainer    = ["training"]                   # TrainingStarted ... TrainingCompleted / Failed
-    evaluator  = ["evaluations"]                # EvaluationCompleted / Errored
-    registry   = ["models"]                     # ModelRegistered / Promoted / Quarantined / Approved / Archived
+    preprocess = ["jobs", "datasets"]                       # JobSubmitted from a drop; DatasetPrepared / Rejected / AwaitingReview
+    trainer    = ["training"]                               # TrainingStarted ... TrainingCompleted / Failed
+    evaluator  = ["evaluations"]                            # EvaluationCompleted / Errored
+    registry   = ["models"]                                 # ModelRegistered / Promoted / Quarantined / Approved / Archived
     tracker    = ["jobs", "datasets", "training", "models"] # the API's submit, sign-off, registry actions, reevaluate
     serving    = []
   }
@@ -116,7 +116,7 @@ resource "google_storage_bucket_iam_member" "data" {
 # they write nowhere else: not recipes/, which the tenant's drops read.
 resource "google_storage_bucket_iam_member" "tenant_doors" {
   for_each = { for pair in flatten([for tenant, t in var.tenants : [for who in t.drop_writers : {
-    key = "${tenant}/${who}", tenant = tenant, member = who }]]) : pair.key => pair }
+  key = "${tenant}/${who}", tenant = tenant, member = who }]]) : pair.key => pair }
   bucket = google_storage_bucket.data.name
   role   = "roles/storage.objectCreator"
   member = each.value.member

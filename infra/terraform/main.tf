@@ -34,6 +34,7 @@ locals {
     FTPIPE_MAX_DELIVERY_ATTEMPTS = tostring(var.max_delivery_attempts)
     FTPIPE_ACK_DEADLINE_S        = tostring(local.subscription_policy.ack_deadline_seconds)
     FTPIPE_ADMINS                = join(",", var.admins)
+    FTPIPE_JOB_DOORS             = join(",", keys(local.doors))
   }
 }
 

@@ -127,9 +127,10 @@ variable "serving_callers" {
 }
 
 variable "tenants" {
-  description = "Tenants and the principals (\"user:ann@x\", \"group:team-a@x\", \"serviceAccount:...\") that may drop data into their door, gs://BUCKET/incoming/<tenant>/ (objectCreator, conditioned on that prefix): a drop there acts as a submitter of that tenant and no more. An admin creates the tenant in ftpipe too (`ftpipe tenants set T ...`)."
+  description = "Tenants' doors and the principals (\"user:ann@x\", \"group:team-a@x\", \"serviceAccount:...\") that may use them: drop_writers create objects under gs://BUCKET/incoming/<tenant>/ (objectCreator conditioned on that prefix), job_publishers publish on the Pub/Sub topic job-requests.<tenant> (doors.tf). What arrives through a door acts as a submitter of that tenant and no more. An admin creates the tenant in ftpipe too (`ftpipe tenants set T ...`)."
   type = map(object({
-    drop_writers = list(string)
+    drop_writers   = optional(list(string), [])
+    job_publishers = optional(list(string), [])
   }))
   default = {}
 }

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from shared.domain import events as ev
 from shared.domain.access import AccessDenied, Caller
-from shared.domain.jobs import CUSTOM_RECIPES, DEFAULT_TENANT, JobError, authorize_job
+from shared.domain.jobs import CUSTOM_RECIPES, DEFAULT_TENANT, JobError, authorize_job, check_dataset_tenant
 from shared.domain.model_policy import PolicyError, get_policy, govern, owner_check
 from shared.domain.recipe import RecipeError, load_recipe, parse_recipe
 from shared.platform.ports import InvalidObjectName
@@ -86,6 +86,36 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
         return [ev.DatasetRejected(run_id=run_id, recipe=recipe, reason=f"drop {event.name} refused: {reason}")]
     return [ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=ctx.store.url(event.bucket, event.name),
                             tenant=tenant, source={**source, "by": f"door:{door}"})]
+
+
+def on_job_request(event: ev.JobRequested, ctx: Context):
+    """A job asked for on a tenant's Pub/Sub door (job-requests.<tenant>) → JobSubmitted, or
+    DatasetRejected with the reason. Pub/Sub says nothing of who published: the door's topic, which
+    only the tenant's principals may publish on, is the tenant, and the door acts as a submitter of it
+    and nothing more, exactly as a drop under incoming/<tenant>/ does."""
+    door = ctx.topic
+    tenant = ev.door_tenant(door) or ""
+    # the run's id comes from the door too: a tenant cannot name (and so shadow) another tenant's run
+    run_id = ev.derive_run_id("door", door, event.run_id)
+    refused = f"job request {event.run_id!r} on {door} refused: "
+    if event.tenant != tenant:
+        return [ev.DatasetRejected(run_id=run_id, reason=refused + f"it names tenant {event.tenant!r} and arrived on "
+                                                                   f"the door of {tenant!r}; publish it on "
+                                                                   f"{ev.door_topic(event.tenant)}")]
+    bucket = ctx.settings.bucket
+    try:
+        recipe = resolve_recipe(ctx, bucket, event.recipe, tenant)
+        recipe, tenant = authorize_job(ctx.docs, Caller.for_door(tenant, door), recipe, event.overrides, tenant=tenant)
+        try:
+            validate_object_name(ctx.store.parse_url(event.dataset_uri)[1].rstrip("/"))
+        except ValueError as exc:
+            raise JobError(f"dataset {event.dataset_uri!r} is not an object of this store ({exc})") from None
+        check_dataset_tenant(ctx.docs, ctx.store, event.dataset_uri, tenant)
+    except (AccessDenied, JobError, RecipeError) as exc:
+        reason = exc.reason if isinstance(exc, AccessDenied) else str(exc)
+        return [ev.DatasetRejected(run_id=run_id, reason=refused + reason)]
+    return [ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=event.dataset_uri, tenant=tenant,
+                            source={"by": f"door:{door}", "request": event.run_id})]
 
 
 def _unsafe_drop(name: str) -> str | None:
@@ -184,6 +214,6 @@ def on_job(event: ev.JobSubmitted, ctx: Context):
 
 SERVICE = Service(
     name="preprocess",
-    handlers={ev.ObjectFinalized: on_upload, ev.JobSubmitted: on_job},
+    handlers={ev.ObjectFinalized: on_upload, ev.JobSubmitted: on_job, ev.JobRequested: on_job_request},
     max_messages=1,
 )

@@ -25,6 +25,20 @@ MODELS = "models"
 # that every consumer may publish there without being able to publish work (a job) on `jobs`.
 NOTICES = "notices"
 TOPICS = (DATASET_UPLOADS, JOBS, DATASETS, TRAINING, EVALUATIONS, MODELS, NOTICES)
+# Tenants' job doors: one topic per tenant, job-requests.<tenant>, on which only that tenant's
+# principals may publish (infra/terraform: var.tenants). Pub/Sub says nothing of a publisher, so the
+# topic a request arrives on is what says whose it is (services/preprocess/service.py on_job_request).
+JOB_REQUESTS = "job-requests"
+
+
+def door_topic(tenant: str) -> str:
+    return f"{JOB_REQUESTS}.{tenant}"
+
+
+def door_tenant(topic: str) -> str | None:
+    """The tenant whose door `topic` is, or None for any other topic."""
+    prefix = JOB_REQUESTS + "."
+    return topic[len(prefix):] or None if topic.startswith(prefix) else None
 
 
 # The attribute that carries a run's priority class (its recipe's scheduling.priority) on every
@@ -52,6 +66,7 @@ class _Body(BaseModel):
 class Event(_Body):
     type: ClassVar[str]
     topic: ClassVar[str]
+    door: ClassVar[bool] = False   # published on a tenant's door topic (door_topic), not on `topic` itself
     run_id: str = Field(min_length=1, max_length=128)
 
     def step_key(self) -> str:
@@ -310,6 +325,7 @@ class ObjectFinalized(_Body):
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
     type: ClassVar[str] = "OBJECT_FINALIZE"
     topic: ClassVar[str] = DATASET_UPLOADS
+    door: ClassVar[bool] = False
     bucket: str
     name: str
     generation: str
@@ -351,8 +367,26 @@ class MessageDeadLettered(Event):
         return f"{self.subscription}:{self.message_id}"
 
 
+class JobRequested(Event):
+    """A job asked for on a tenant's door (job-requests.<tenant>) with any Pub/Sub client: attribute
+    `type=JobRequested`, `schema_version=1`, and this JSON body. It carries no recipe body and no
+    authority: the door acts as a submitter of its tenant (shared/domain/jobs.py authorize_job), so a
+    refused request becomes a DatasetRejected with the reason. `tenant` must be the door's own;
+    `run_id` is the caller's idempotency key (the run gets an id derived from it and the door)."""
+    type: ClassVar[str] = "JobRequested"
+    topic: ClassVar[str] = JOB_REQUESTS
+    door: ClassVar[bool] = True
+    tenant: str
+    recipe: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")   # built-in, or recipes/<tenant>/<name>.yaml
+    dataset_uri: str                       # data of the tenant's: gs://BUCKET/incoming/<tenant>/... or a run's
+    overrides: dict[str, Any] = {}
+
+    def step_key(self) -> str:
+        return self.tenant   # a run_id one tenant picked never shadows another tenant's request
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
+    cls.type: cls for cls in (JobRequested, JobSubmitted, DatasetPrepared, DatasetAwaitingReview, DatasetRejected, TrainingStarted, TrainingProgress,
                               CheckpointSaved, TrainingAlert, TrainingCompleted, TrainingFailed, EvaluationCompleted,
                               EvaluationErrored, ModelRegistered, ModelApproved, ModelPromoted, ModelQuarantined, ModelArchived,
                               MessageDeadLettered)
@@ -371,7 +405,7 @@ def encode(event: Event) -> tuple[bytes, dict[str, str]]:
     attributes = {"type": event.type, "schema_version": str(SCHEMA_VERSION), "run_id": event.run_id,
                   "event_id": event.event_id}
     recipe = getattr(event, "recipe", None)
-    if recipe is not None:  # the trainer's subscriptions are filtered on it (shared/platform/scheduling.py)
+    if isinstance(recipe, Recipe):  # the trainer's subscriptions are filtered on it (shared/platform/scheduling.py)
         attributes[PRIORITY] = recipe.scheduling.priority
     return body, attributes
 

@@ -195,13 +195,15 @@ def submit(docs: DocStore, store: ObjectStore, bus: Bus, bucket: str, caller: Ca
 
 
 def check_dataset_tenant(docs: DocStore, store: ObjectStore, url: str, tenant: str) -> None:
-    """A store URL a job trains on must be data of the job's tenant: under uploads/<run>/ or
-    datasets/<id>/ of one of its runs."""
+    """A store URL a job trains on must be data of the job's tenant: under its door's prefix
+    (incoming/<tenant>/), or under uploads/<run>/ or datasets/<id>/ of one of its runs."""
     _, name = store.parse_url(url)
     parts = name.split("/")
+    if len(parts) > 2 and parts[0] == "incoming" and parts[1] == tenant:
+        return
     if len(parts) < 2 or parts[0] not in ("uploads", "datasets"):
-        raise JobError(f"dataset {url!r}: a store URL must be under uploads/ or datasets/ (a run's data); upload "
-                       "a local file instead", status=403)
+        raise JobError(f"dataset {url!r}: a store URL must be under incoming/{tenant}/, uploads/ or datasets/ (a "
+                       "run's data); upload a local file instead", status=403)
     field = "run_id" if parts[0] == "uploads" else "dataset.id"
     runs = docs.query(RUNS, where=[(field, "==", parts[1])], limit=1)
     owner = runs[0][1].get("tenant", DEFAULT_TENANT) if runs else None

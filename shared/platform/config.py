@@ -57,6 +57,9 @@ class Settings(BaseModel):
     # enforced by Cloud Run's invoker IAM, since ID tokens carry none); locally, a token with viewer.
     serving_audience: str | None = None
     serving_callers: tuple[str, ...] = ()
+    # Tenants whose Pub/Sub job door (job-requests.<tenant>) the preprocess service takes: from
+    # Terraform's var.tenants in the cloud (FTPIPE_JOB_DOORS), the local stack's `default` here.
+    job_doors: tuple[str, ...] = ()
     # The most one request to the tracker's API may carry (a dataset uploaded from the dashboard or
     # POST /api/runs): bigger drops go to the bucket, which takes them in parts (10 GB and more).
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
@@ -103,8 +106,9 @@ class Settings(BaseModel):
             "max_upload_bytes": env.get("FTPIPE_MAX_UPLOAD_BYTES"),
             "transient_retry_s": env.get("FTPIPE_TRANSIENT_RETRY_S"),
             "faults": env.get("FTPIPE_FAULTS") or None,
-            "admins": _emails(env.get("FTPIPE_ADMINS")),
-            "serving_callers": _emails(env.get("FTPIPE_SERVING_CALLERS")),
+            "admins": _csv(env.get("FTPIPE_ADMINS")),
+            "serving_callers": _csv(env.get("FTPIPE_SERVING_CALLERS")),
+            "job_doors": _csv(env["FTPIPE_JOB_DOORS"]) or () if "FTPIPE_JOB_DOORS" in env else None,
             "ledger_database": env.get("FTPIPE_LEDGER_DATABASE") or None,
         }
         values = {k: v for k, v in values.items() if v is not None}
@@ -112,6 +116,8 @@ class Settings(BaseModel):
         settings = cls(**values)
         if settings.in_cloud and "create_resources" not in values:
             settings = settings.model_copy(update={"create_resources": False})
+        if not settings.in_cloud and "job_doors" not in values:
+            settings = settings.model_copy(update={"job_doors": ("default",)})
         return settings.model_copy(update={"state_dir": Path(settings.state_dir).resolve()})
 
     def env(self) -> dict[str, str]:
@@ -124,6 +130,7 @@ class Settings(BaseModel):
                 "FTPIPE_TRAINER_LEASE_S": str(self.trainer_lease_s),
                 "FTPIPE_PRIORITY_STARVATION_LIMIT": str(self.priority_starvation_limit),
                 "FTPIPE_TRANSIENT_RETRY_S": str(self.transient_retry_s),
+                "FTPIPE_JOB_DOORS": ",".join(self.job_doors),
                 **({"FTPIPE_FAULTS": self.faults} if self.faults else {}),
                 **({"FTPIPE_LEDGER_DATABASE": self.ledger_database} if self.ledger_database else {})}
 
@@ -142,7 +149,7 @@ class Settings(BaseModel):
                                   min_backoff_s=self.min_backoff_s, max_backoff_s=self.max_backoff_s)
 
 
-def _emails(text: str | None) -> tuple[str, ...] | None:
+def _csv(text: str | None) -> tuple[str, ...] | None:
     return tuple(e.strip() for e in text.split(",") if e.strip()) if text else None
 
 
@@ -233,7 +240,7 @@ def bootstrap(settings: Settings | None = None, *, service: str | None = None) -
     if settings.create_resources:
         from shared.platform.topology import ensure_topology
 
-        ensure_topology(bus, settings.subscription_policy())
+        ensure_topology(bus, settings.subscription_policy(), doors=settings.job_doors)
         ensure_bucket = getattr(store, "ensure_bucket", None)
         if ensure_bucket:
             ensure_bucket(settings.bucket)

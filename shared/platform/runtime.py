@@ -50,6 +50,7 @@ class Context:
     message: Message
     stopping: threading.Event
     log: logging.LoggerAdapter
+    topic: str = ""   # where the message arrived: for a door event, the door (whose tenant it is)
 
     @property
     def bus(self):
@@ -108,12 +109,19 @@ class Service:
 
     @property
     def topics(self) -> tuple[str, ...]:
-        """The topics the service consumes, in the order of its handlers."""
-        return tuple(dict.fromkeys(cls.topic for cls in self.handlers))
+        """The topics the service consumes, in the order of its handlers (tenants' doors apart: door_topics)."""
+        return tuple(dict.fromkeys(cls.topic for cls in self.handlers if not cls.door))
+
+    def door_topics(self, settings) -> tuple[str, ...]:
+        """The tenants' door topics it consumes (Settings.job_doors), where it handles a door event."""
+        if not any(cls.door for cls in self.handlers):
+            return ()
+        return tuple(ev.door_topic(tenant) for tenant in settings.job_doors)
 
     def handler_for(self, topic: str, event: ev.AnyEvent) -> Handler | None:
         cls = type(event)
-        return self.handlers.get(cls) if cls.topic == topic else None
+        arrived_right = ev.door_tenant(topic) is not None if cls.door else cls.topic == topic
+        return self.handlers.get(cls) if arrived_right else None
 
 
 def check_topology(service: Service) -> None:
@@ -203,7 +211,7 @@ def handle_message(service: Service, adapters: Adapters, topic: str, msg: Messag
         log.info("run is cancelled; skipping", extra=extra)
         msg.ack()
         return "cancelled"
-    ctx = Context(service.name, adapters, msg, stopping or threading.Event(), logging.LoggerAdapter(log, extra))
+    ctx = Context(service.name, adapters, msg, stopping or threading.Event(), logging.LoggerAdapter(log, extra), topic)
     started = time.monotonic()
     try:
         outputs = list(handler(event, ctx) or ())
@@ -283,7 +291,7 @@ def start_consuming(service: Service, adapters: Adapters, stop: threading.Event,
     subscriptions = [] if classes else [
         adapters.bus.subscribe(ev.subscription_name(service.name, topic), callback_for(topic),
                                max_messages=service.max_messages, max_lease_s=service.max_lease_s)
-        for topic in service.topics]
+        for topic in (*service.topics, *service.door_topics(adapters.settings))]
     workers = start_priority_workers(service, adapters, classes, stop, counters) if classes else []
     log.info("service started", extra={"service": service.name, "topics": ",".join(service.topics), "pid": os.getpid()})
 

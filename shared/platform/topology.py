@@ -73,8 +73,23 @@ def subscriptions(service: str, topic: str) -> list[tuple[str, AttributeFilter |
     return [(ev.subscription_name(service, topic), None)]
 
 
-def ensure_topology(bus: Bus, policy: SubscriptionPolicy, *, services: tuple[str, ...] | None = None) -> None:
-    """Create every topic, dead-letter topic and subscription (idempotent)."""
+# The service that takes tenants' job doors (ev.JobRequested on job-requests.<tenant>).
+DOOR_SERVICE = "preprocess"
+
+
+def ensure_topology(bus: Bus, policy: SubscriptionPolicy, *, services: tuple[str, ...] | None = None,
+                    doors: tuple[str, ...] = ()) -> None:
+    """Create every topic, dead-letter topic and subscription (idempotent), and the job doors of the
+    tenants in `doors` (Settings.job_doors)."""
+    for tenant in doors:
+        topic = ev.door_topic(tenant)
+        bus.create_topic(topic)
+        bus.create_topic(ev.dead_letter_topic(topic))
+        bus.create_subscription(dlq_subscription(topic), ev.dead_letter_topic(topic),
+                                SubscriptionPolicy(ack_deadline_s=60, max_delivery_attempts=100))
+        if services is None or DOOR_SERVICE in services:
+            bus.create_subscription(ev.subscription_name(DOOR_SERVICE, topic), topic, policy,
+                                    dead_letter_topic=ev.dead_letter_topic(topic))
     for topic in ev.TOPICS:
         bus.create_topic(topic)
         bus.create_topic(ev.dead_letter_topic(topic))

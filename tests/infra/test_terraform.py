@@ -24,6 +24,7 @@ from shared.platform.notifications import INCOMING_PREFIX
 from shared.platform.scheduling import CLASSES
 from shared.platform.topology import (
     DOCS_READERS,
+    DOOR_SERVICE,
     PRIORITIZED,
     SERVICE_PUBLISHES,
     SERVICE_TOPICS,
@@ -242,7 +243,8 @@ def test_topics_and_dead_letter_topics_are_the_codes(tf):
     assert (dead["for_each"], dead["name"]) == ("${local.topics}", "${each.value.dead_letter}")
     assert (dlq["for_each"], dlq["name"]) == ("${local.topics}", "${each.value.dlq_subscription}")
     assert dlq["topic"] == "${google_pubsub_topic.dead_letter[each.key].id}"
-    assert set(tf["resource"]["google_pubsub_topic"]) == {"topics", "dead_letter"}
+    # and the tenants' job doors (test_a_tenants_job_door_is_its_topic_with_only_its_publishers)
+    assert set(tf["resource"]["google_pubsub_topic"]) == {"topics", "dead_letter", "doors", "door_dead_letters"}
 
 
 def test_every_subscription_the_code_uses_is_declared_and_no_other(tf):
@@ -253,7 +255,7 @@ def test_every_subscription_the_code_uses_is_declared_and_no_other(tf):
     triggers = {name: (s["service"], s["topic"]) for name, s in tf["locals"]["event_triggers"].items()}
     assert triggers == code_other_subscriptions(EVENT_TRIGGERED)
     # the resources iterate over exactly those tables
-    assert set(tf["resource"]["google_pubsub_subscription"]) == {"dlq", "pull", "push"}
+    assert set(tf["resource"]["google_pubsub_subscription"]) == {"dlq", "pull", "push", "doors", "door_dlq"}
     for name, table in (("pull", "pull_subscriptions"), ("push", "push_subscriptions")):
         sub = _resource(tf, "google_pubsub_subscription", name)
         assert (sub["for_each"], sub["name"]) == (f"${{local.{table}}}", "${each.key}")
@@ -345,7 +347,9 @@ def test_each_service_may_publish_on_the_topics_of_its_events_and_no_other(tf):
     assert tf["locals"]["publishes"] == {service: list(publish_topics(service)) for service in SERVICE_PUBLISHES}
     grants = tf["resource"]["google_pubsub_topic_iam_member"]
     # (the others: Pub/Sub's agent on the dead-letter topics, GCS's on dataset-uploads)
-    assert set(grants) == {"publishes", "notices", "dead_letters", "agent_publishes_dead_letters", "gcs_publishes_uploads"}
+    assert set(grants) == {"publishes", "notices", "dead_letters", "agent_publishes_dead_letters", "gcs_publishes_uploads",
+                           # the doors': the tenant's principals on its door, dead letters of what preprocess takes
+                           "door_publishers", "preprocess_dead_letters_doors", "agent_dead_letters_doors"}
     own = grants["publishes"]
     assert (own["for_each"], own["topic"], own["role"], own["member"]) == (
         "${local.publish_grants}", "${google_pubsub_topic.topics[each.value.topic].id}", "roles/pubsub.publisher",
@@ -589,6 +593,26 @@ def test_the_registry_functions_run_the_entry_points_of_their_source(tf):
         assert _one(fn, "service_config")["environment_variables"] == "${merge(local.common_env, local.registry_env)}"
     assert set(tf["locals"]["registry_env"]) == {"FTPIPE_APPROVAL_AUDIENCE"}   # roles decide, not a list
     assert tf["locals"]["common_env"]["FTPIPE_ADMINS"] == '${join(",", var.admins)}'
+
+
+def test_a_tenants_job_door_is_its_topic_with_only_its_publishers(tf):
+    """job-requests.<tenant>: the names the code derives (ev.door_topic, dead_letter_topic,
+    subscription_name, dlq_subscription), preprocess's subscription, and publish rights for the
+    tenant's own principals only (Pub/Sub does not say who published: the topic does)."""
+    tenant = "${each.key}"
+    topic = ev.door_topic(tenant)
+    assert _resource(tf, "google_pubsub_topic", "doors")["name"] == topic
+    assert _resource(tf, "google_pubsub_topic", "door_dead_letters")["name"] == ev.dead_letter_topic(topic)
+    assert _resource(tf, "google_pubsub_subscription", "door_dlq")["name"] == dlq_subscription(topic)
+    sub = _resource(tf, "google_pubsub_subscription", "doors")
+    assert sub["name"] == ev.subscription_name(DOOR_SERVICE, topic)
+    assert _one(sub, "dead_letter_policy")["dead_letter_topic"] == "${google_pubsub_topic.door_dead_letters[each.key].id}"
+    publishers = _resource(tf, "google_pubsub_topic_iam_member", "door_publishers")
+    assert (publishers["topic"], publishers["member"]) == ("${google_pubsub_topic.doors[each.value.tenant].id}",
+                                                           "${each.value.member}")
+    assert _resource(tf, "google_pubsub_subscription_iam_member", "preprocess_takes_doors")["member"] == (
+        '${local.sa_member["preprocess"]}')
+    assert tf["locals"]["common_env"]["FTPIPE_JOB_DOORS"] == '${join(",", keys(local.doors))}'
 
 
 def test_a_tenants_door_is_its_prefix_and_nothing_else(tf):

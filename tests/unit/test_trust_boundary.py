@@ -405,3 +405,81 @@ def test_serving_in_the_cloud_takes_only_the_listed_callers(adapters, google_key
     nobody = access.serving_authenticator(oidc_authenticator(audience, certs_url=certs_url), adapters.docs, allowed=())
     with pytest.raises(AccessDenied):   # an empty list lets no one in, never everyone
         nobody({"Authorization": f"Bearer {id_token(signer, aud=audience, email=listed)}"})
+
+
+# ------------------------------------------------------------------ Pub/Sub job doors
+
+@pytest.fixture(params=["local", "emulators"])
+def door_adapters(request, tmp_path):
+    """Adapters whose stack opens the job doors of team-a and team-b: the SQLite bus and documents, or
+    the Pub/Sub and Firestore emulators (with the local store)."""
+    from shared.platform.config import Adapters, Settings, bootstrap
+    from shared.platform.topology import ensure_topology
+
+    settings = Settings(state_dir=tmp_path / "state", job_doors=("team-a", "team-b"))
+    local = bootstrap(settings)
+    if request.param == "local":
+        yield local
+    else:
+        from tests.emulators import make_firestore_docs, make_pubsub_bus
+
+        bus = make_pubsub_bus(request.getfixturevalue("pubsub_emulator"))
+        docs = make_firestore_docs(request.getfixturevalue("firestore_emulator"))
+        ensure_topology(bus, settings.subscription_policy(), doors=settings.job_doors)
+        yield Adapters(settings=settings, bus=bus, store=local.store, docs=docs)
+        bus.close()
+    local.close()
+
+
+def _knock(adapters, door: str, **body) -> list:
+    """Publish a JobRequested on `door`'s topic as any Pub/Sub client would, let preprocess take it,
+    and return what it published."""
+    from shared.platform.runtime import handle_message
+
+    from services.preprocess.service import SERVICE as PREPROCESS
+
+    topic = ev.door_topic(door)
+    data, attributes = ev.encode(ev.JobRequested(**body))
+    adapters.bus.publish(topic, data, attributes)
+    [msg] = adapters.bus.pull(ev.subscription_name("preprocess", topic), max_messages=1, timeout_s=10)
+    assert handle_message(PREPROCESS, adapters, topic, msg) == "acked"
+    out = []
+    for topic in (ev.JOBS, ev.DATASETS):
+        for m in adapters.bus.pull(ev.subscription_name("tracker", topic), max_messages=10, timeout_s=1):
+            out.append(ev.decode(m.data, m.attributes))
+            m.ack()
+    return out
+
+
+def test_a_job_door_acts_as_a_submitter_of_its_tenant_and_no_more(door_adapters, chats):
+    adapters = door_adapters
+    adapters.docs.set("tenants", "team-a", {})
+    adapters.docs.set("tenants", "team-b", {})
+    model_policy.set_policy(adapters.docs, ADMIN, RECIPE.model_name, owners=("team-a",), approval_required=True)
+    adapters.store.upload_file("ftpipe", "incoming/team-a/chats.jsonl", chats)
+    adapters.store.upload_file("ftpipe", "incoming/team-b/chats.jsonl", chats)
+    mine = adapters.store.url("ftpipe", "incoming/team-a/chats.jsonl")
+    before = {c: adapters.docs.query(c) for c in ("runs", "model_versions", "model_policies")}
+
+    for n, (door, body, says) in enumerate((
+        ("team-a", {"tenant": "team-b"}, "it names tenant 'team-b' and arrived on the door of 'team-a'"),
+        ("team-a", {"overrides": {"scheduling.priority": "production"}}, "'scheduling.priority': only an admin"),
+        ("team-a", {"overrides": {"registry.approval": False, "eval.safety.enabled": False}},
+         "'eval.safety.enabled'=False: a submitter may only tighten it"),
+        ("team-b", {"tenant": "team-b"}, "tenant team-b does not own model 'tiny-sft'"),
+        ("team-a", {"dataset_uri": adapters.store.url("ftpipe", "incoming/team-b/chats.jsonl")},
+         "a store URL must be under incoming/team-a/"),
+        ("team-a", {"dataset_uri": "file:///etc/passwd"}, "is not an object of this store"),
+    )):
+        request = {"run_id": f"r{n}", "tenant": "team-a", "recipe": "tiny-sft", "dataset_uri": mine} | body
+        [out] = _knock(adapters, door, **request)
+        assert isinstance(out, ev.DatasetRejected) and says in out.reason, (door, body, out.reason)
+        assert out.reason.startswith(f"job request 'r{n}' on job-requests.{door} refused: ")
+    assert {c: adapters.docs.query(c) for c in before} == before
+
+    [job] = _knock(adapters, "team-a", run_id="r-good", tenant="team-a", recipe="tiny-sft", dataset_uri=mine,
+                   overrides={"training.epochs": 1})
+    assert isinstance(job, ev.JobSubmitted) and job.tenant == "team-a" and job.recipe.training.epochs == 1
+    assert job.recipe.registry.approval   # raised to the model's policy
+    assert job.source == {"by": "door:job-requests.team-a", "request": "r-good"}
+    assert job.run_id == ev.derive_run_id("door", "job-requests.team-a", "r-good")   # not the caller's own id
