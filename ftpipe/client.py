@@ -211,8 +211,7 @@ class Client:
     def set_tenant_quota(self, name: str, **limits) -> dict:
         """Change the given limits (max_concurrent_jobs, gpu_hours_per_month, cost_usd_per_month; None:
         unlimited); an admin's, and how a tenant comes to exist."""
-        access.require(self.caller, "admin", to=f"set tenant {name}'s quota")
-        set_quota(self.adapters.docs, name, **limits)
+        set_quota(self.adapters.docs, self.caller, name, **limits)
         return self.tenant(name)
 
     def reindex_tenants(self) -> dict:

@@ -12,6 +12,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.domain.access import Caller, require
 from shared.platform.ports import DocStore
 
 TENANTS = "tenants"
@@ -51,14 +52,16 @@ def get_quota(docs: DocStore, tenant: str) -> Quota:
                           f"{exc.errors()[0]['msg']}; fix it with `ftpipe tenants set {tenant} ...`") from exc
 
 
-def set_quota(docs: DocStore, tenant: str, **limits) -> Quota:
-    """Change the given limits (None: unlimited) and keep the others."""
+def set_quota(docs: DocStore, caller: Caller, tenant: str, **limits) -> Quota:
+    """Change the given limits (None: unlimited) and keep the others: an admin's (shared/domain/access.py),
+    recorded as `updated_by`. Setting a quota is how a tenant comes to exist."""
+    require(caller, "admin", to=f"set tenant {tenant}'s quota")
     current = get_quota(docs, tenant)
     try:
         updated = Quota.model_validate({**current.describe(), **limits})
     except ValidationError as exc:
         raise TenantError(f"quota for {tenant!r}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from exc
-    docs.set(TENANTS, tenant, {**updated.describe(), "updated_at": time.time()})
+    docs.set(TENANTS, tenant, {**updated.describe(), "updated_at": time.time(), "updated_by": caller.subject})
     return updated
 
 

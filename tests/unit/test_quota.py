@@ -13,6 +13,7 @@ from shared.domain.tenants import get_quota, set_quota
 from shared.platform.config import Settings, bootstrap
 from shared.platform.runtime import handle_message, publish_event
 from shared.platform.scheduling import class_subscription
+from tests.unit.governance import ADMIN
 
 from services.tracker.service import SERVICE as TRACKER
 from services.trainer.lease import Lease
@@ -54,7 +55,7 @@ def test_no_quota_document_is_unlimited(adapters):
 
 def test_concurrent_jobs_are_counted_from_live_leases(adapters):
     docs = adapters.docs
-    set_quota(docs, "acme", max_concurrent_jobs=1)
+    set_quota(docs, ADMIN, "acme", max_concurrent_jobs=1)
     first = leased(docs, "run-a")
     admit(docs, "acme", "run-a", gpus=1)
     leased(docs, "run-b")
@@ -75,7 +76,7 @@ def test_concurrent_jobs_are_counted_from_live_leases(adapters):
 
 def test_a_dead_workers_lease_frees_its_slot(adapters):
     docs = adapters.docs
-    set_quota(docs, "acme", max_concurrent_jobs=1)
+    set_quota(docs, ADMIN, "acme", max_concurrent_jobs=1)
     Lease(docs, "run-a", "dead-worker", ttl_s=-1).acquire()  # its heartbeat stopped: expired
     admit(docs, "acme", "run-a", gpus=1)
     leased(docs, "run-b")
@@ -97,7 +98,7 @@ def test_gpu_hours_are_recorded_per_attempt_idempotently_and_limit_new_runs(adap
     assert gpu_hours_used(docs, "acme", "2030-05") == pytest.approx(3.0)
     assert gpu_hours_used(docs, "acme", "2030-06") == 0 and gpu_hours_used(docs, "other", "2030-05") == 0
 
-    set_quota(docs, "acme", gpu_hours_per_month=3)
+    set_quota(docs, ADMIN, "acme", gpu_hours_per_month=3)
     with pytest.raises(OverQuota, match=r"tenant 'acme' has used 3.00 of its 3 GPU-hours for 2030-05 .*"
                                         r"ftpipe tenants set acme --gpu-hours-per-month H"):
         admit(docs, "acme", "run-b", gpus=1, now=t0 + 7200)
@@ -116,7 +117,7 @@ def meter(docs, run_id: str, *, gpus: int, price: float, start: float, hours: fl
 def test_the_cost_quota_refuses_a_run_whose_estimate_would_pass_it_with_the_figures(adapters):
     docs = adapters.docs
     meter(docs, "run-a", gpus=2, price=3.0, start=MAY, hours=1)            # 2 GPU-hours x $3 = $6
-    set_quota(docs, "acme", cost_usd_per_month=10)
+    set_quota(docs, ADMIN, "acme", cost_usd_per_month=10)
     leased(docs, "run-b")
     with pytest.raises(OverQuota) as refused:
         admit(docs, "acme", "run-b", gpus=1, now=MAY + 7200, estimate_usd=5.0,
@@ -136,11 +137,11 @@ def test_the_cost_quota_refuses_a_run_whose_estimate_would_pass_it_with_the_figu
 def test_under_the_cost_quota_a_run_is_admitted(adapters):
     docs = adapters.docs
     meter(docs, "run-a", gpus=2, price=3.0, start=MAY, hours=1)
-    set_quota(docs, "acme", cost_usd_per_month=10, gpu_hours_per_month=100)
+    set_quota(docs, ADMIN, "acme", cost_usd_per_month=10, gpu_hours_per_month=100)
     leased(docs, "run-b")
     admit(docs, "acme", "run-b", gpus=1, now=MAY + 7200, estimate_usd=4.0)   # $6 + $4: just at the quota
     assert running_runs(docs, "acme") == ["run-b"]
-    set_quota(docs, "acme", cost_usd_per_month=None)                       # unlimited again
+    set_quota(docs, ADMIN, "acme", cost_usd_per_month=None)                       # unlimited again
     leased(docs, "run-c")
     admit(docs, "acme", "run-c", gpus=1, now=MAY + 7200, estimate_usd=1e6)
 
@@ -166,7 +167,7 @@ def test_cost_is_split_at_the_month_boundary_and_a_new_month_starts_from_nothing
     meter(docs, "run-a", gpus=2, price=5.0, start=june - 3600, hours=3)      # 1 h in May, 2 h in June
     assert cost_used(docs, "acme", "2030-05") == pytest.approx(10.0)
     assert cost_used(docs, "acme", "2030-06") == pytest.approx(20.0)
-    set_quota(docs, "acme", cost_usd_per_month=25)
+    set_quota(docs, ADMIN, "acme", cost_usd_per_month=25)
     leased(docs, "run-b")
     with pytest.raises(OverQuota, match="for 2030-06"):
         admit(docs, "acme", "run-b", gpus=1, now=june + 3 * 3600, estimate_usd=6.0)
@@ -200,7 +201,7 @@ def test_time_is_split_at_month_boundaries_utc():
 
 def test_a_job_over_quota_ends_its_run_as_failed_with_the_reason(adapters):
     docs, store, bucket = adapters.docs, adapters.store, adapters.settings.bucket
-    set_quota(docs, "acme", max_concurrent_jobs=1)
+    set_quota(docs, ADMIN, "acme", max_concurrent_jobs=1)
     leased(docs, "run-busy")
     admit(docs, "acme", "run-busy", gpus=1)
     job = ev.JobSubmitted(run_id="run-q", recipe=load_recipe("tiny-sft"), dataset_uri=store.url(bucket, "datasets/d/"),
@@ -224,7 +225,7 @@ def test_a_job_over_quota_ends_its_run_as_failed_with_the_reason(adapters):
 
 def test_a_job_over_the_cost_quota_fails_with_the_datasets_estimate(adapters):
     docs, store, bucket = adapters.docs, adapters.store, adapters.settings.bucket
-    set_quota(docs, "acme", cost_usd_per_month=1)
+    set_quota(docs, ADMIN, "acme", cost_usd_per_month=1)
     store.write(bucket, "datasets/d/manifest.json", json.dumps({"cost_estimate": {"cost": 3.5}}).encode())
     job = ev.JobSubmitted(run_id="run-q", recipe=load_recipe("tiny-sft"), dataset_uri=store.url(bucket, "datasets/d/"),
                           prepared=True, tenant="acme")
