@@ -327,17 +327,23 @@ def _models_policy(client, args) -> int:
     return 0
 
 
+def _held(row: dict) -> str:
+    """What a token or principal holds, e.g. "approver, viewer in team-a; submitter in team-b"."""
+    if row["admin"]:
+        return "admin"
+    return "; ".join(f"{', '.join(roles)} in {tenant}" for tenant, roles in row["grants"].items()) or "no roles"
+
+
+def _print_rows(args, rows: list[dict], line) -> int:
+    _print_json(rows) if args.json else [out.print(escape(line(row))) for row in rows]
+    return 0
+
+
 def cmd_tokens(args) -> int:
     """`ftpipe tokens create|list|revoke` (an admin's): named local tokens, stored hashed."""
     client = _client(args)
     if args.action == "list":
-        rows = client.tokens()
-        if args.json:
-            _print_json(rows)
-        for t in rows if not args.json else ():
-            held = "admin" if t["admin"] else "; ".join(f"{', '.join(r)} in {tenant}" for tenant, r in t["grants"].items())
-            out.print(escape(f"{t['name']}  {held or 'no roles'}  (created by {t['created_by']})"))
-        return 0
+        return _print_rows(args, client.tokens(), lambda t: f"{t['name']}  {_held(t)}  (created by {t['created_by']})")
     if not args.name:
         raise UsageError(f"tokens {args.action} needs a NAME")
     if args.action == "revoke":
@@ -360,13 +366,7 @@ def cmd_roles(args) -> int:
     """`ftpipe roles grant|revoke|list` (an admin's): roles of people, service accounts and tokens."""
     client = _client(args)
     if args.action == "list":
-        rows = client.principals()
-        if args.json:
-            _print_json(rows)
-        for p in rows if not args.json else ():
-            held = "; ".join(f"{', '.join(r)} in {t}" for t, r in p["grants"].items())
-            out.print(escape(f"{p['subject']}  {'admin' if p['admin'] else ''}{held or ''}"))
-        return 0
+        return _print_rows(args, client.principals(), lambda p: f"{p['subject']}  {_held(p)}")
     if not args.subject or not args.role:
         raise UsageError(f"roles {args.action} needs SUBJECT and --role (and --tenant T but for admin)")
     change = client.grant if args.action == "grant" else client.revoke

@@ -104,8 +104,8 @@ def require(caller: Caller | None, role: str, tenant: str | None = None, *, to: 
         raise AccessDenied(401, f"to {to} you must sign in (a bearer token or an identity-aware proxy)")
     if caller.may(role, tenant):
         return caller
-    where = "" if role == "admin" else (f" in tenant {tenant}" if tenant else " in some tenant")
-    raise AccessDenied(403, f"to {to} you need {role}{where} (or admin); you are {caller.describe()}; "
+    where = "" if role == "admin" else (f" in tenant {tenant}" if tenant else " in some tenant") + " (or admin)"
+    raise AccessDenied(403, f"to {to} you need {role}{where}; you are {caller.describe()}; "
                             + _grant_hint(caller, role, tenant))
 
 
