@@ -33,7 +33,7 @@ def test_gcs_notification_to_registered_model(emulators, tmp_path):
         run_id = client.drop(write_chats(tmp_path / "chats.jsonl"), str(tiny_recipe(tmp_path / "e2e-tiny.yaml")))
         run = client.wait(run_id, timeout_s=600)
         assert run["status"] == "succeeded", run.get("error")
-        assert run["source"]["object"] == "incoming/e2e-tiny/chats.jsonl"
+        assert run["source"]["object"] == "incoming/default/e2e-tiny/chats.jsonl"   # the default tenant's door
         assert run["model"]["uri"].startswith("gs://ftpipe/models/e2e-tiny/")
         bucket, prefix = client.adapters.store.parse_url(run["model"]["uri"])
         assert client.adapters.store.stat(bucket, prefix + "bundle.json") is not None

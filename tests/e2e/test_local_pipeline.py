@@ -169,7 +169,9 @@ def test_prepare_alone_then_submit_the_prepared_dataset(stack, tmp_path):
     assert json.loads(proc.stdout)["counts"]["rejected"] == 1
     job = tmp_path / "job.yaml"
     job.write_text(f"recipe: {recipe}\ndataset: prepared\nprepared: true\ntenant: team-a\n")
-    proc = ftpipe("submit", str(job), "--wait", "--json", "--timeout", "600", env={"FTPIPE_STATE": str(stack.state_dir)})
+    state = {"FTPIPE_STATE": str(stack.state_dir)}
+    assert ftpipe("tenants", "set", "team-a", "--unlimited", env=state).returncode == 0   # a tenant is an admin's
+    proc = ftpipe("submit", str(job), "--wait", "--json", "--timeout", "600", env=state)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout)
     assert record["status"] == "succeeded" and record["model"]["version"] == "1.1"
