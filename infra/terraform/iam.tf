@@ -41,11 +41,13 @@ locals {
       for service, topics in local.publishes : [for topic in topics : { service = service, topic = topic }]
     ])) : "${pair.service}:${pair.topic}" => pair
   }
-  dead_letter_grants = {
+  dead_letter_grants = merge({
     for pair in flatten([
       for service, topics in local.consumes : [for topic in topics : { service = service, topic = topic }]
     ]) : "${pair.service}:${pair.topic}" => pair
-  }
+    }, { for tenant in keys(local.doors) : "preprocess:job-requests.${tenant}" => {
+  service = "preprocess", topic = "job-requests.${tenant}" } })
+
   # Services that read and write the bucket and Firestore.
   data_services = ["preprocess", "dataproc", "trainer", "evaluator", "registry", "tracker"]
   # Services that only read Firestore's (default) database and write their ledger's (firestore.tf;
@@ -90,14 +92,14 @@ resource "google_pubsub_topic_iam_member" "dead_letters" {
 # the max-attempts label) lets the adapter dead-letter with a reason instead of leaving it all to
 # the server policy.
 resource "google_pubsub_subscription_iam_member" "pulls" {
-  for_each     = local.pull_subscriptions
+  for_each     = local.all_pull_subscriptions
   subscription = google_pubsub_subscription.pull[each.key].id
   role         = "roles/pubsub.subscriber"
   member       = local.sa_member[each.value.service]
 }
 
 resource "google_pubsub_subscription_iam_member" "reads_subscription" {
-  for_each     = local.pull_subscriptions
+  for_each     = local.all_pull_subscriptions
   subscription = google_pubsub_subscription.pull[each.key].id
   role         = "roles/pubsub.viewer"
   member       = local.sa_member[each.value.service]

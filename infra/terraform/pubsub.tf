@@ -35,6 +35,13 @@ locals {
     "serving.models"               = { service = "serving", topic = "models", filter = "" }
   }
 
+  # The same, with the tenants' job doors (doors.tf): each door is a topic like the others, with its
+  # dead-letter topic, the `ftpipe dlq` subscription on that, and the preprocess service's pull subscription.
+  all_topics = merge(local.topics, { for tenant in keys(local.doors) : "job-requests.${tenant}" => {
+  dead_letter = "job-requests.${tenant}-dead-letter", dlq_subscription = "dlq.job-requests.${tenant}-dead-letter" } })
+  all_pull_subscriptions = merge(local.pull_subscriptions, { for tenant in keys(local.doors) :
+  "preprocess.job-requests.${tenant}" => { service = "preprocess", topic = "job-requests.${tenant}", filter = "" } })
+
   # The evaluator takes `training` by push on Cloud Run (services/evaluator/app.py); the registry
   # takes `evaluations` through its function's Eventarc trigger (functions.tf), whose subscription
   # Eventarc creates and names itself.
@@ -75,7 +82,7 @@ locals {
 
 resource "google_pubsub_topic" "topics" {
   #checkov:skip=CKV_GCP_83:Google-managed encryption keys; a project that requires CMEK adds kms_key_name here and grants the service agent the key
-  for_each                   = local.topics
+  for_each                   = local.all_topics
   name                       = each.key
   message_retention_duration = "86400s"
   depends_on                 = [google_project_service.apis]
@@ -83,14 +90,14 @@ resource "google_pubsub_topic" "topics" {
 
 resource "google_pubsub_topic" "dead_letter" {
   #checkov:skip=CKV_GCP_83:Google-managed encryption keys; a project that requires CMEK adds kms_key_name here and grants the service agent the key
-  for_each                   = local.topics
+  for_each                   = local.all_topics
   name                       = each.value.dead_letter
   message_retention_duration = "604800s"
   depends_on                 = [google_project_service.apis]
 }
 
 resource "google_pubsub_subscription" "dlq" {
-  for_each                   = local.topics
+  for_each                   = local.all_topics
   name                       = each.value.dlq_subscription
   topic                      = google_pubsub_topic.dead_letter[each.key].id
   ack_deadline_seconds       = local.dlq_policy.ack_deadline_seconds
@@ -106,7 +113,7 @@ resource "google_pubsub_subscription" "dlq" {
 }
 
 resource "google_pubsub_subscription" "pull" {
-  for_each                   = local.pull_subscriptions
+  for_each                   = local.all_pull_subscriptions
   name                       = each.key
   topic                      = google_pubsub_topic.topics[each.value.topic].id
   filter                     = each.value.filter
@@ -163,14 +170,14 @@ resource "google_pubsub_subscription" "push" {
 # Dead-lettering is done by Pub/Sub's service agent: it publishes to the dead-letter topics and
 # acknowledges on the source subscriptions.
 resource "google_pubsub_topic_iam_member" "agent_publishes_dead_letters" {
-  for_each = local.topics
+  for_each = local.all_topics
   topic    = google_pubsub_topic.dead_letter[each.key].id
   role     = "roles/pubsub.publisher"
   member   = local.pubsub_agent
 }
 
 resource "google_pubsub_subscription_iam_member" "agent_subscribes_pull" {
-  for_each     = local.pull_subscriptions
+  for_each     = local.all_pull_subscriptions
   subscription = google_pubsub_subscription.pull[each.key].id
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_agent

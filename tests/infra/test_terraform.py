@@ -239,12 +239,11 @@ def test_topics_and_dead_letter_topics_are_the_codes(tf):
     topics = _resource(tf, "google_pubsub_topic", "topics")
     dead = _resource(tf, "google_pubsub_topic", "dead_letter")
     dlq = _resource(tf, "google_pubsub_subscription", "dlq")
-    assert (topics["for_each"], topics["name"]) == ("${local.topics}", "${each.key}")
-    assert (dead["for_each"], dead["name"]) == ("${local.topics}", "${each.value.dead_letter}")
-    assert (dlq["for_each"], dlq["name"]) == ("${local.topics}", "${each.value.dlq_subscription}")
+    assert (topics["for_each"], topics["name"]) == ("${local.all_topics}", "${each.key}")
+    assert (dead["for_each"], dead["name"]) == ("${local.all_topics}", "${each.value.dead_letter}")
+    assert (dlq["for_each"], dlq["name"]) == ("${local.all_topics}", "${each.value.dlq_subscription}")
     assert dlq["topic"] == "${google_pubsub_topic.dead_letter[each.key].id}"
-    # and the tenants' job doors (test_a_tenants_job_door_is_its_topic_with_only_its_publishers)
-    assert set(tf["resource"]["google_pubsub_topic"]) == {"topics", "dead_letter", "doors", "door_dead_letters"}
+    assert set(tf["resource"]["google_pubsub_topic"]) == {"topics", "dead_letter"}   # the doors among them
 
 
 def test_every_subscription_the_code_uses_is_declared_and_no_other(tf):
@@ -255,8 +254,8 @@ def test_every_subscription_the_code_uses_is_declared_and_no_other(tf):
     triggers = {name: (s["service"], s["topic"]) for name, s in tf["locals"]["event_triggers"].items()}
     assert triggers == code_other_subscriptions(EVENT_TRIGGERED)
     # the resources iterate over exactly those tables
-    assert set(tf["resource"]["google_pubsub_subscription"]) == {"dlq", "pull", "push", "doors", "door_dlq"}
-    for name, table in (("pull", "pull_subscriptions"), ("push", "push_subscriptions")):
+    assert set(tf["resource"]["google_pubsub_subscription"]) == {"dlq", "pull", "push"}
+    for name, table in (("pull", "all_pull_subscriptions"), ("push", "push_subscriptions")):   # doors: with pull
         sub = _resource(tf, "google_pubsub_subscription", name)
         assert (sub["for_each"], sub["name"]) == (f"${{local.{table}}}", "${each.key}")
         assert sub["topic"] == "${google_pubsub_topic.topics[each.value.topic].id}"
@@ -322,9 +321,9 @@ def test_the_evaluators_push_subscription_matches_its_app(tf):
 def test_the_pubsub_agent_may_dead_letter(tf):
     grants = tf["resource"]["google_pubsub_topic_iam_member"]
     assert grants["agent_publishes_dead_letters"]["topic"] == "${google_pubsub_topic.dead_letter[each.key].id}"
-    assert grants["agent_publishes_dead_letters"]["for_each"] == "${local.topics}"
+    assert grants["agent_publishes_dead_letters"]["for_each"] == "${local.all_topics}"
     subs = tf["resource"]["google_pubsub_subscription_iam_member"]
-    assert subs["agent_subscribes_pull"]["for_each"] == "${local.pull_subscriptions}"
+    assert subs["agent_subscribes_pull"]["for_each"] == "${local.all_pull_subscriptions}"
     assert subs["agent_subscribes_push"]["for_each"] == "${local.push_subscriptions}"
 
 
@@ -332,7 +331,7 @@ def test_each_service_may_pull_its_subscriptions_and_dead_letter_what_it_consume
     consumes = {service: list(topics) for service, topics in tf["locals"]["consumes"].items()}
     assert consumes == {service: list(topics) for service, topics in SERVICE_TOPICS.items()}
     pulls = tf["resource"]["google_pubsub_subscription_iam_member"]["pulls"]
-    assert (pulls["for_each"], pulls["member"]) == ("${local.pull_subscriptions}", "${local.sa_member[each.value.service]}")
+    assert (pulls["for_each"], pulls["member"]) == ("${local.all_pull_subscriptions}", "${local.sa_member[each.value.service]}")
     assert set(tf["locals"]["service_accounts"]) >= set(SERVICE_TOPICS)
     dead = tf["resource"]["google_pubsub_topic_iam_member"]["dead_letters"]
     assert (dead["for_each"], dead["topic"], dead["role"], dead["member"]) == (
@@ -348,8 +347,7 @@ def test_each_service_may_publish_on_the_topics_of_its_events_and_no_other(tf):
     grants = tf["resource"]["google_pubsub_topic_iam_member"]
     # (the others: Pub/Sub's agent on the dead-letter topics, GCS's on dataset-uploads)
     assert set(grants) == {"publishes", "notices", "dead_letters", "agent_publishes_dead_letters", "gcs_publishes_uploads",
-                           # the doors': the tenant's principals on its door, dead letters of what preprocess takes
-                           "door_publishers", "preprocess_dead_letters_doors", "agent_dead_letters_doors"}
+                           "door_publishers"}   # a tenant's principals on its job door
     own = grants["publishes"]
     assert (own["for_each"], own["topic"], own["role"], own["member"]) == (
         "${local.publish_grants}", "${google_pubsub_topic.topics[each.value.topic].id}", "roles/pubsub.publisher",
@@ -596,22 +594,21 @@ def test_the_registry_functions_run_the_entry_points_of_their_source(tf):
 
 
 def test_a_tenants_job_door_is_its_topic_with_only_its_publishers(tf):
-    """job-requests.<tenant>: the names the code derives (ev.door_topic, dead_letter_topic,
-    subscription_name, dlq_subscription), preprocess's subscription, and publish rights for the
-    tenant's own principals only (Pub/Sub does not say who published: the topic does)."""
-    tenant = "${each.key}"
-    topic = ev.door_topic(tenant)
-    assert _resource(tf, "google_pubsub_topic", "doors")["name"] == topic
-    assert _resource(tf, "google_pubsub_topic", "door_dead_letters")["name"] == ev.dead_letter_topic(topic)
-    assert _resource(tf, "google_pubsub_subscription", "door_dlq")["name"] == dlq_subscription(topic)
-    sub = _resource(tf, "google_pubsub_subscription", "doors")
-    assert sub["name"] == ev.subscription_name(DOOR_SERVICE, topic)
-    assert _one(sub, "dead_letter_policy")["dead_letter_topic"] == "${google_pubsub_topic.door_dead_letters[each.key].id}"
+    """job-requests.<tenant>: a topic like the others, with the names the code derives (ev.door_topic,
+    dead_letter_topic, dlq_subscription, subscription_name of the door service), and publish rights for
+    the tenant's own principals only (Pub/Sub does not say who published: the topic does)."""
+    topic = ev.door_topic("${tenant}")
+    topics, subscriptions = tf["locals"]["all_topics"], tf["locals"]["all_pull_subscriptions"]
+    assert topics.startswith("${merge(local.topics, ") and subscriptions.startswith("${merge(local.pull_subscriptions, ")
+    assert f'"{topic}" => {{dead_letter = "{ev.dead_letter_topic(topic)}", dlq_subscription = ' \
+           f'"{dlq_subscription(topic)}"}}' in topics
+    assert f'"{ev.subscription_name(DOOR_SERVICE, topic)}" => {{service = "{DOOR_SERVICE}", topic = "{topic}"' \
+           in subscriptions
+    assert f'"{DOOR_SERVICE}:{topic}" => {{service = "{DOOR_SERVICE}", topic = "{topic}"}}' \
+           in tf["locals"]["dead_letter_grants"]   # preprocess dead-letters what it takes from a door
     publishers = _resource(tf, "google_pubsub_topic_iam_member", "door_publishers")
-    assert (publishers["topic"], publishers["member"]) == ("${google_pubsub_topic.doors[each.value.tenant].id}",
-                                                           "${each.value.member}")
-    assert _resource(tf, "google_pubsub_subscription_iam_member", "preprocess_takes_doors")["member"] == (
-        '${local.sa_member["preprocess"]}')
+    assert (publishers["topic"], publishers["member"]) == (
+        '${google_pubsub_topic.topics["' + ev.door_topic("${each.value.tenant}") + '"].id}', "${each.value.member}")
     assert tf["locals"]["common_env"]["FTPIPE_JOB_DOORS"] == '${join(",", keys(local.doors))}'
 
 
