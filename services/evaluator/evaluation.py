@@ -5,8 +5,10 @@ shipped safety, alignment, memorisation and fairness probes; then apply the reci
     result = evaluate(recipe, data_dir, candidate_dir, production_dir=None, probes_path=None)
 
 Each side is loaded, scored and freed in turn (an adapter is merged into its base first, so every
-side runs at the base model's speed); only one model is in memory at a time. Task metrics get
-paired-bootstrap intervals for the candidate's delta against each other side.
+side runs at the base model's speed); only one model is in memory at a time. Every metric the test
+split or the probes measure on both sides gets a paired interval of the candidate's delta against
+each other side: the paired bootstrap for task scores, Newcombe's paired interval for rates over
+probes (services/evaluator/evidence.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Callable
 from shared.domain.recipe import Recipe
 
 from services.evaluator import suites
+from services.evaluator.evidence import probe_intervals
 from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate
 from services.evaluator.report import render_report
 from services.evaluator.stats import STATISTICS, paired_bootstrap
@@ -126,16 +129,19 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
 
 
 def _intervals(recipe: Recipe, reference: "suites.SideScores", candidate: "suites.SideScores") -> dict[str, dict]:
+    """metric -> {delta, low, high, method, n}: the task scores' paired bootstrap over the test rows,
+    and the probes' paired rate intervals (services/evaluator/evidence.py)."""
     out = {}
     for metric, items in candidate.items.items():
         ref_items = reference.items.get(metric)
         if metric not in STATISTICS or ref_items is None or set(ref_items) != set(items):
             continue
         ids = sorted(items)
-        out[metric] = paired_bootstrap(STATISTICS[metric], [ref_items[i] for i in ids], [items[i] for i in ids],
-                                       iters=recipe.eval.bootstrap_iters,
-                                       confidence=recipe.eval.confidence).to_json()
-    return out
+        interval = paired_bootstrap(STATISTICS[metric], [ref_items[i] for i in ids], [items[i] for i in ids],
+                                    iters=recipe.eval.bootstrap_iters, confidence=recipe.eval.confidence)
+        out[metric] = {**interval.to_json(), "method": "paired-bootstrap", "n": len(ids)}
+    probes = probe_intervals(recipe, reference.details, candidate.details, list(candidate.metrics))
+    return {**probes, **out}
 
 
 # --------------------------------------------------------------------------- loading

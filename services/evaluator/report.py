@@ -33,8 +33,9 @@ def render_report(recipe: Recipe, result) -> str:
         lines.append(f"| {check['metric']} ({check['action']}) | {_ICON[check['outcome']]} | {check['reason']} |")
     header = " | ".join(sides)
     cmp = [k for k in result.intervals]
-    lines += ["", f"### Scores ({int(spec.confidence * 100)}% paired-bootstrap intervals of the candidate's delta, "
-              f"{spec.bootstrap_iters} resamples)", "",
+    lines += ["", f"### Scores ({int(spec.confidence * 100)}% paired intervals of the candidate's delta: task scores "
+              f"by paired bootstrap ({spec.bootstrap_iters} resamples), rates over probes by Newcombe's paired "
+              "method)", "",
               f"| metric | {header} | " + " | ".join(f"delta {k.replace('_', ' ')}" for k in cmp) + " |",
               "|---|" + "---:|" * (len(sides) + len(cmp))]
     metrics = [m for m in result.scores["candidate"]] + [m for m in result.scores["base"]

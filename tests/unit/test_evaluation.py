@@ -295,8 +295,18 @@ def test_base_equivalent_adapter_scores_like_the_base_on_every_suite(tmp_path, d
             "canary_exposure_max", "fairness_disparity"} <= set(cand)
     assert result.passed and result.examples == 4 and result.available == len(CONVERSATIONS)
     assert all(v == pytest.approx(0, abs=1e-5) for v in result.deltas.values())
-    assert set(result.intervals["vs_base"]) == {"chrf", "exact_match", "perplexity"}
-    assert all(i["low"] == i["high"] == pytest.approx(0, abs=1e-9) for i in result.intervals["vs_base"].values())
+    intervals = result.intervals["vs_base"]
+    assert {"chrf", "exact_match", "perplexity", "fact_rate", "refusal_rate", "over_refusal_rate",
+            "instruction_following_rate", "honesty_rate", "extraction_rate_train", "extraction_gap",
+            "fairness_disparity"} <= set(intervals)
+    tasks = {m: i for m, i in intervals.items() if i["method"] == "paired-bootstrap" and not m.startswith("fairness")}
+    assert set(tasks) == {"chrf", "exact_match", "perplexity"}
+    assert all(i["low"] == i["high"] == pytest.approx(0, abs=1e-9) for i in tasks.values())
+    # rates over probes: the same answers on both sides, a difference of 0 whose interval (Newcombe's,
+    # on a handful of probes) says how small a change this sample could have missed
+    rates = {m: i for m, i in intervals.items() if i["method"] in ("newcombe-paired", "mover")}
+    assert all(i["delta"] == pytest.approx(0, abs=1e-9) and i["low"] < 0 < i["high"] for i in rates.values()), rates
+    assert intervals["fact_rate"]["n"] == 2 and intervals["fairness_disparity"]["delta"] == pytest.approx(0, abs=1e-5)
     assert [len(result.details["knowledge"][side]) for side in ("base", "candidate")] == [2, 2]
     assert {"safety", "alignment", "memorisation", "pii_leakage", "canaries", "fairness"} <= set(result.details)
     assert "**Gate: PASSED**" in result.report_markdown and "| perplexity ↓ |" in result.report_markdown
