@@ -820,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = model_action("rollback", "point an alias back at its previous version, or at --to VERSION", version=False)
     q.add_argument("--to", metavar="VERSION", help="the version to roll back to")
     q.add_argument("--alias", choices=["production", "staging"], default="production")
-    q = model_action("reevaluate", "evaluate again a version whose evaluation errored (status unevaluated)")
+    q = model_action("reevaluate", "evaluate again a version whose evaluation errored (unevaluated) or whose "
+                                   "evidence was inconclusive (held)")
     for name, help_ in (("archive", "retire a version (it can come back by rollback or promote)"),
                         ("quarantine", "bar a version for good: never promoted or served")):
         q = model_action(name, help_)

@@ -27,7 +27,7 @@ from shared.domain.recipe import Recipe
 
 from services.evaluator import suites
 from services.evaluator.evidence import probe_intervals
-from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate
+from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate, headline
 from services.evaluator.report import render_report
 from services.evaluator.stats import STATISTICS, paired_bootstrap
 from services.evaluator.tasks import EvaluationError, ModelLoadError
@@ -114,7 +114,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
     intervals = {f"vs_{side}": _intervals(recipe, scored[side], scored["candidate"])
                  for side in scored if side != "candidate"}
     directions = {k: v for s in scored.values() for k, v in s.directions.items()}
-    decision: GateDecision = gate(recipe, scores, directions=directions)
+    decision: GateDecision = gate(recipe, scores, directions=directions, intervals=intervals)
     result = EvalResult(
         scores=scores, deltas=compute_deltas(scores["base"], scores["candidate"]), intervals=intervals,
         passed=decision.passed, reasons=decision.reasons, gate=decision.to_json(), report_markdown="",
@@ -124,7 +124,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
                  for suite in sorted({k for s in scored.values() for k in s.details})},
         skipped=plan.skipped)
     result.report_markdown = render_report(recipe, result)
-    say(f"gate {'PASSED' if result.passed else 'FAILED'} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))
+    say(f"gate {headline(result.gate)} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))
     return result
 
 

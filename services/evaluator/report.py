@@ -6,10 +6,11 @@ import math
 from shared.domain.metrics import higher_is_better
 from shared.domain.recipe import Recipe
 
-from services.evaluator.gate import fmt
+from services.evaluator.gate import fmt, headline
 
 _EXAMPLES = 3
-_ICON = {"failed": "FAILED", "warning": "warning", "not_measured": "not measured", "passed": "ok"}
+_ICON = {"failed": "FAILED", "inconclusive": "inconclusive", "warning": "warning", "not_measured": "not measured",
+         "passed": "ok"}
 
 
 def _clip(text: str, limit: int = 240) -> str:
@@ -27,7 +28,7 @@ def render_report(recipe: Recipe, result) -> str:
     spec = recipe.eval
     sides = list(result.scores)
     lines = [f"## Evaluation: {recipe.model_name} (recipe {recipe.name} v{recipe.version}) vs base `{recipe.base_model}`",
-             "", f"**Gate: {'PASSED' if result.passed else 'FAILED'}**", "",
+             "", f"**Gate: {headline(result.gate)}**", "",
              "| rule | outcome | reason |", "|---|---|---|"]
     for check in result.gate["checks"]:
         lines.append(f"| {check['metric']} ({check['action']}) | {_ICON[check['outcome']]} | {check['reason']} |")

@@ -72,7 +72,7 @@ def _evaluate(event: ev.TrainingCompleted, ctx: Context) -> ev.EvaluationComplet
             return _report(ctx, event, bucket, scores={}, passed=False, reasons=[f"evaluation failed: {exc}"],
                            markdown=f"# Evaluation failed\n\n{exc}\n", details={})
     return _report(ctx, event, bucket, scores=result.scores, passed=result.passed, reasons=result.reasons,
-                   markdown=result.report_markdown, details=result.to_json())
+                   markdown=result.report_markdown, details=result.to_json(), held=bool(result.gate.get("held")))
 
 
 def _production(ctx: Context, recipe, folder: Path) -> Path | None:
@@ -91,15 +91,17 @@ def _production(ctx: Context, recipe, folder: Path) -> Path | None:
     return folder
 
 
-def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details) -> ev.EvaluationCompleted:
-    prefix = f"runs/{event.run_id}/evaluation"
+def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details, held=False) -> ev.EvaluationCompleted:
+    # a re-evaluation's report beside the first one's, never over it
+    prefix = f"runs/{event.run_id}/evaluation" + (f"-{event.reevaluation}" if event.reevaluation else "")
     ctx.store.write(bucket, f"{prefix}/report.md", markdown.encode())
     ctx.store.write(bucket, f"{prefix}/report.json", json.dumps(details, indent=2, default=str).encode())
     return ev.EvaluationCompleted(
         run_id=event.run_id, recipe=event.recipe, dataset_uri=event.dataset_uri, adapter_uri=event.adapter_uri,
         scores={side: {k: float(v) for k, v in values.items()} for side, values in scores.items()},
         passed=passed, reasons=reasons, report_uri=ctx.store.url(bucket, prefix + "/"),
-        training_metrics=event.metrics, tenant=event.tenant)
+        training_metrics=event.metrics, tenant=event.tenant, held=held, steps=event.steps,
+        reevaluation=event.reevaluation)
 
 
 SERVICE = Service(name="evaluator", handlers={ev.TrainingCompleted: on_training_completed},

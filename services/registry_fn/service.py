@@ -88,7 +88,8 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     existing = ctx.docs.get(MODEL_VERSIONS, version_id(name, version))
     # A redelivery: registered already. (A version whose evaluation errored takes this verdict.)
     status = existing["registered_status"] if existing and decided(existing) else registration_status(
-        ctx.docs.get(MODELS, name), version, passed=event.passed, approval=recipe.registry.approval)
+        ctx.docs.get(MODELS, name), version, passed=event.passed, approval=recipe.registry.approval, held=event.held)
+    reports = _reports_folder(event)
     bundle = {
         "name": name, "version": version, "status": status, "run_id": event.run_id, "uri": uri,
         "base_model": recipe.base_model, "base_model_sha256": parts["base_model"]["sha256"],
@@ -97,8 +98,9 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
         "dataset_uri": event.dataset_uri, "dataset_id": parts["manifest"].get("dataset_id"),
         "dataset_manifest": "dataset/manifest.json", "pii_report": "dataset/pii_report.json",
         "evaluation": {"passed": event.passed, "scores": event.scores, "reasons": event.reasons,
-                       "report_uri": event.report_uri, "report": "evaluation/report.json",
-                       "report_markdown": "evaluation/report.md"},
+                       "report_uri": event.report_uri, "report": f"{reports}/report.json",
+                       "report_markdown": f"{reports}/report.md", "held": event.held,
+                       "reevaluation": event.reevaluation},
         "training_metrics": event.training_metrics,
         # seed, code commit, dataset hashes and the package lockfile of the run (services/trainer/run_record.py)
         "run_record": f"adapter/{RUN_RECORD}", "lockfile": "requirements.lock", "recipe_file": "recipe.json",
@@ -111,16 +113,26 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     doc["recipe_name"] = recipe.name
     doc["tenant"] = event.tenant
     doc["adapter_files"] = sorted((f for f in files if f["name"].startswith(ADAPTER_DIR)), key=lambda f: f["name"])
+    if event.held:   # what `ftpipe models reevaluate` publishes again, with more evidence
+        doc["evaluation_request"] = {"run_id": event.run_id, "recipe": recipe.model_dump(mode="json"),
+                                     "dataset_uri": event.dataset_uri, "adapter_uri": event.adapter_uri,
+                                     "metrics": event.training_metrics, "steps": event.steps, "tenant": event.tenant}
     rendered = {s: render_bundle({**bundle, "status": s}, parts) for s in REGISTRATION_STATUSES}
     _write_bundle(store, bucket, target, rendered[status])
     stored, events = register_version(ctx.docs, doc, passed=event.passed, reasons=event.reasons,
-                                      approval=recipe.registry.approval,
+                                      approval=recipe.registry.approval, held=event.held,
+                                      reevaluation=event.reevaluation,
                                       bundle_sha256={s: _sha256(r["bundle.json"]) for s, r in rendered.items()})
     if stored["registered_status"] != status:
         # Another registration of this model committed between the read above and the transaction
         # (the transaction decides): the bundle says what happened, and is the one whose digest it recorded.
         _write_bundle(store, bucket, target, rendered[stored["registered_status"]])
     return events
+
+
+def _reports_folder(event: ev.EvaluationCompleted) -> str:
+    """Where the bundle keeps this evaluation's report: a re-evaluation's beside the first one's."""
+    return "evaluation" + (f"-{event.reevaluation}" if event.reevaluation else "")
 
 
 def register_errored(event: ev.EvaluationErrored, ctx: Context):
@@ -195,8 +207,8 @@ def _gather(docs, store, event: ev.EvaluationCompleted, recipe, bucket: str, ada
             "requirements.lock": lockfile.encode(),
             "dataset/manifest.json": manifest_raw,
             "dataset/pii_report.json": pii_raw,
-            "evaluation/report.json": reports["report.json"],
-            "evaluation/report.md": reports["report.md"],
+            f"{_reports_folder(event)}/report.json": reports["report.json"],
+            f"{_reports_folder(event)}/report.md": reports["report.md"],
             "privacy_review.json": json.dumps(privacy, indent=2).encode(),
         },
     }

@@ -107,8 +107,8 @@ def fold(run: dict, event: ev.Event, now: float) -> dict:
             update.update(_progress(run, "cancelled" if event.cancelled else "failed", "done"), error=event.reason)
         case ev.EvaluationCompleted():
             update.update(_progress(run, "running", "registering"),
-                          evaluation={"passed": event.passed, "scores": event.scores, "reasons": event.reasons,
-                                      "report_uri": event.report_uri, "error": None})
+                          evaluation={"passed": event.passed, "held": event.held, "scores": event.scores,
+                                      "reasons": event.reasons, "report_uri": event.report_uri, "error": None})
         case ev.EvaluationErrored():
             # No progress: the dead letter that comes with it fails the run (MessageDeadLettered), and a
             # re-evaluation's verdict moves it on from there.

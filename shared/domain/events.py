@@ -223,6 +223,16 @@ class EvaluationCompleted(Event):
     report_uri: str
     training_metrics: dict[str, float] = {}
     tenant: str = "default"
+    # Not passed and held: the evidence could not decide a block rule and the recipe says hold
+    # (eval.on_inconclusive): the registry holds the version, neither promoted nor quarantined.
+    held: bool = False
+    steps: int = 0   # the training run's, kept for a re-evaluation's TrainingCompleted
+    # 0: the first evaluation; N: the Nth re-evaluation (TrainingCompleted.reevaluation), part of the id
+    # so that the registry's ledger does not take a re-evaluation's verdict for a redelivery.
+    reevaluation: int = Field(default=0, ge=0)
+
+    def step_key(self) -> str:
+        return "0" if not self.reevaluation else f"reevaluation-{self.reevaluation}"
 
 
 class EvaluationErrored(Event):
@@ -252,7 +262,7 @@ class EvaluationErrored(Event):
 # its index in the version's `history` (`change`), and ModelPromoted the index of the move in the
 # alias's history (`move`): the ids stay unique, and a redelivery republishes the same id.
 
-MODEL_STATUSES = ("unevaluated", "evaluating", "candidate", "approved", "promoted", "quarantined", "archived")
+MODEL_STATUSES = ("unevaluated", "evaluating", "held", "candidate", "approved", "promoted", "quarantined", "archived")
 ALIASES = ("staging", "production")
 
 
@@ -275,7 +285,7 @@ class ModelRegistered(_ModelEvent):
     # candidate: passed the gate, waits for approval; promoted: passed, in production; quarantined:
     # failed the gate; archived: passed, but a later version of the same model was in production already;
     # unevaluated: its evaluation errored (no verdict), it waits for `ftpipe models reevaluate`
-    status: Literal["unevaluated", "candidate", "promoted", "quarantined", "archived"]
+    status: Literal["unevaluated", "held", "candidate", "promoted", "quarantined", "archived"]
     # The index in the version's history of the registration's first entry: 0 for its first, more
     # for a verdict (or another error) after a re-evaluation, which registers the version again.
     change: int = 0

@@ -59,11 +59,15 @@ MODELS = "models"
 MODEL_VERSIONS = "model_versions"
 ALIASES = ev.ALIASES
 PROMOTION_REASONS = ("gate", "approval", "manual", "rollback")
-REGISTRATION_STATUSES = ("quarantined", "candidate", "promoted", "archived")   # what registration_status returns
+REGISTRATION_STATUSES = ("quarantined", "held", "candidate", "promoted", "archived")   # what registration_status returns
 BUNDLE = "bundle.json"
 ADAPTER_DIR = "adapter/"
 # A version without a verdict: its evaluation errored (unevaluated) or is asked again (evaluating).
 AWAITING_VERDICT = ("unevaluated", "evaluating")
+# ...and one whose evidence could not decide (held: eval.on_inconclusive hold). None of them is
+# approved, promoted or archived (an archived version may come back by promote, past the gate); each
+# may be re-evaluated (`reevaluate`) or quarantined by hand.
+UNDECIDED = (*AWAITING_VERDICT, "held")
 
 
 class RegistryError(ValueError):
@@ -351,8 +355,11 @@ def decided(doc: dict | None) -> bool:
     return doc is not None and doc["status"] not in AWAITING_VERDICT
 
 
-def registration_status(model: dict | None, version: str, *, passed: bool, approval: bool) -> str:
+def registration_status(model: dict | None, version: str, *, passed: bool, approval: bool,
+                        held: bool = False) -> str:
     """The status `version` registers with (see register_version), given the model document."""
+    if held:
+        return "held"
     if not passed:
         return "quarantined"
     if approval:
@@ -361,13 +368,15 @@ def registration_status(model: dict | None, version: str, *, passed: bool, appro
     return "promoted" if _newer(model or {}, version, production) else "archived"
 
 
-def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], approval: bool,
+def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], approval: bool, held: bool = False,
+                     reevaluation: int = 0,
                      bundle_sha256: Mapping[str, str] | None = None) -> tuple[dict, list[ev.Event]]:
     """Record an evaluated version (`doc`: its document without status or history, with the digests
     of its adapter files in `adapter_files`; its bundle is already complete) and move the aliases the
     gate decides, in one transaction:
 
     - gate failed: `quarantined`, no alias moves;
+    - evidence inconclusive under `hold`: `held`, no alias moves, re-evaluable;
     - passed, `approval`: `candidate`, staging moves to it, production waits for `approve`;
     - passed, no approval: `promoted`, staging and production move to it, the previous production
       version is archived;
@@ -386,22 +395,27 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
     def register(txn):
         edit = _Edit(txn, name)
         existing = txn.get(MODEL_VERSIONS, version_id(name, version))
-        if decided(existing):
+        # a verdict stands; so does a later evaluation's against an earlier one's redelivered
+        if decided(existing) or (existing is not None and reevaluation < existing.get("reevaluations", 0)):
             edit.versions[version] = existing
             return existing, edit.events(_registration_op(existing), version), edit.model["aliases"]
-        if existing is not None:   # its evaluation errored, and now one has decided: registered again
+        if existing is not None:   # its evaluation errored or was held, and now one has decided: registered again
             op = _reregister_op(existing)
             edit.versions[version] = {**existing, **doc, "approval_required": approval, "updated_at": edit.now}
-            edit.versions[version].pop("evaluation_request", None)
+            if not held:
+                edit.versions[version].pop("evaluation_request", None)
         else:
             op = _register_op(version)
             edit.versions[version] = {**doc, "status": None, "history": [], "approval": None,
                                       "approval_required": approval, "registered_at": edit.now, "updated_at": edit.now}
-        status = registration_status(edit.model, version, passed=passed, approval=approval)
+        status = registration_status(edit.model, version, passed=passed, approval=approval, held=held)
         aliases = edit.model["aliases"]
         if status == "quarantined":
             edit.status(version, "quarantined", op=op, actor=None, reason="failed the gate",
                         reasons=list(reasons) or ["failed the gate"])
+        elif status == "held":
+            edit.status(version, "held", op=op, actor=None, reason="the evidence could not decide the gate",
+                        reasons=list(reasons))
         else:
             edit.status(version, "candidate", op=op, actor=None, reason="passed the gate")
             if edit.newer(version, aliases.get("staging")):
@@ -528,7 +542,8 @@ def register_unevaluated(docs, doc: dict, *, error: str, approval: bool, reevalu
 # ------------------------------------------------------------------ people's operations
 
 def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
-    """Evaluate an `unevaluated` version again (its evaluation errored; the fault is fixed): it goes
+    """Evaluate an `unevaluated` version again (its evaluation errored; the fault is fixed), or a `held`
+    one (its evidence was inconclusive; the recipe's probe sets or the gate have grown since): it goes
     to `evaluating`, and its TrainingCompleted is published again with the re-evaluation's number,
     so the evaluator does not take it for a redelivery of the one it gave up on. The verdict
     registers the version as the gate decides (register_version); another error makes it
@@ -543,9 +558,10 @@ def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
         actor = edit.authorize(caller, doc, to=to)
         if doc["status"] == "evaluating":
             return doc, [_reevaluation(doc)], edit.model["aliases"]
-        if doc["status"] != "unevaluated":
-            raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version can be "
-                                     "re-evaluated (one whose evaluation errored); a verdict of the gate is final")
+        if doc["status"] not in ("unevaluated", "held"):
+            raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version (its evaluation "
+                                     "errored) or a held one (its evidence was inconclusive) can be re-evaluated; a "
+                                     "verdict of the gate is final")
         doc["reevaluations"] = doc.get("reevaluations", 0) + 1
         edit.status(version, "evaluating", op=f"reevaluate:{version}-{doc['reevaluations']}", actor=actor,
                     reason=f"re-evaluation {doc['reevaluations']} asked for", reevaluation=doc["reevaluations"])
@@ -560,6 +576,9 @@ def _reevaluation(doc: dict) -> ev.TrainingCompleted:
 
 def _unevaluated(name: str, version: str, doc: dict) -> str:
     """Why a version without a verdict cannot be approved, promoted or archived."""
+    if doc["status"] == "held":
+        return (f"{name} {version} is held: the evidence could not decide its gate ({_reason(doc)}); evaluate it "
+                f"again on more probes (`ftpipe models reevaluate {name} {version}`), or quarantine it")
     if doc["status"] == "evaluating":
         return (f"{name} {version} is evaluating (asked again after its evaluation errored): the gate has not "
                 f"decided yet; wait for the verdict (`ftpipe models reevaluate {name} {version}` asks again)")
@@ -593,7 +612,7 @@ def approve(docs, bus, name: str, version: str, *, caller: Caller, note: str = "
 
 def _not_approvable(name: str, version: str, doc: dict) -> str:
     status = doc["status"]
-    if status in AWAITING_VERDICT:
+    if status in UNDECIDED:
         return _unevaluated(name, version, doc)
     if status == "quarantined":
         return (f"{name} {version} is quarantined ({_reason(doc)}): quarantined versions are never promoted; "
@@ -634,7 +653,7 @@ def _check_alias(alias: str) -> None:
 
 
 def _check_promotable(name: str, version: str, doc: dict, alias: str) -> None:
-    if doc["status"] in AWAITING_VERDICT:
+    if doc["status"] in UNDECIDED:
         raise RegistryError(409, _unevaluated(name, version, doc))
     if doc["status"] == "quarantined":
         raise RegistryError(409, f"{name} {version} is quarantined ({_reason(doc)}): quarantined versions are never "
@@ -720,7 +739,7 @@ def _retire(docs, bus, name: str, version: str, status: str, *, caller: Caller, 
             return doc, edit.events(_last_op(edit, version, status), version), edit.model["aliases"]
         if doc["status"] == "quarantined":
             raise RegistryError(409, f"{name} {version} is quarantined ({_reason(doc)}), which is final")
-        if status == "archived" and doc["status"] in AWAITING_VERDICT:
+        if status == "archived" and doc["status"] in UNDECIDED:
             # An archived version may come back by promote, which must not skip the gate.
             raise RegistryError(409, f"{_unevaluated(name, version, doc)}; or quarantine it to bar it for good")
         if edit.model["aliases"].get("production") == version:

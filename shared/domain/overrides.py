@@ -68,6 +68,7 @@ TIGHTEN: dict[str, Callable[[Any, Any], bool]] = {
     "budget.max_cost": _not_above,
     "eval.max_examples": _not_below,
     "eval.bootstrap_iters": _not_below,
+    "eval.on_inconclusive": lambda new, old: new == "hold" or new == old,
 }
 
 

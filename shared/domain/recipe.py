@@ -315,6 +315,11 @@ class EvalSpec(_Strict):
     # Paired bootstrap over test examples for every metric's delta; 0 turns intervals off.
     bootstrap_iters: int = Field(default=1000, ge=0)
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    # A block rule whose interval straddles its tolerance (services/evaluator/gate.py): `warn` reports
+    # it and lets the gate pass; `hold` registers the version `held` (neither promoted nor quarantined,
+    # re-evaluable). `warn` by default until the default probe sets are sized to their tolerances
+    # (docs/evaluation-statistics.md): today's small sets would hold nearly every version.
+    on_inconclusive: Literal["warn", "hold"] = "warn"
     # Score the model name's current production version too (when there is one).
     compare_production: bool = True
     # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.

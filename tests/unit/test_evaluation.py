@@ -309,7 +309,11 @@ def test_base_equivalent_adapter_scores_like_the_base_on_every_suite(tmp_path, d
     assert intervals["fact_rate"]["n"] == 2 and intervals["fairness_disparity"]["delta"] == pytest.approx(0, abs=1e-5)
     assert [len(result.details["knowledge"][side]) for side in ("base", "candidate")] == [2, 2]
     assert {"safety", "alignment", "memorisation", "pii_leakage", "canaries", "fairness"} <= set(result.details)
-    assert "**Gate: PASSED**" in result.report_markdown and "| perplexity ↓ |" in result.report_markdown
+    # On these handfuls of probes the same answers cannot show the rates are within their tolerances:
+    # inconclusive, which the default (eval.on_inconclusive: warn) reports and lets pass.
+    assert result.gate["outcome"] == "inconclusive" and not result.gate["held"]
+    assert "**Gate: PASSED (inconclusive rules reported)**" in result.report_markdown
+    assert "| perplexity ↓ |" in result.report_markdown
     assert "knowledge probes, candidate:" in result.report_markdown
     assert {"base_load", "base_tasks", "candidate_safety", "candidate_fairness"} <= set(result.timings)
     assert len(result.samples) == 4 and logged

@@ -54,6 +54,10 @@ def requests(adapters) -> list:
     return drain(adapters, ev.subscription_name("evaluator", ev.TRAINING))
 
 
+def stored_reevaluations(adapters, version: str) -> int:
+    return reg.get_version(adapters.docs, NAME, version)["reevaluations"]
+
+
 def published(adapters) -> list:
     return drain(adapters, ev.subscription_name("tracker", ev.MODELS))
 
@@ -239,11 +243,14 @@ def test_a_reevaluation_that_errors_again_is_unevaluated_again_until_a_verdict_d
     # The verdict is the gate's, whatever it is: failed, quarantined (and then final).
     verdict = {"name": NAME, "version": version, "run_id": "r2", "uri": doc["uri"], "base_model": BASE,
                "evaluation": {"passed": False}}
+    stale = reg.register_version(adapters.docs, verdict, passed=True, reasons=[], approval=False)   # the first
+    assert stale[0]["status"] == "evaluating"   # evaluation's verdict, redelivered late, decides nothing
     stored, events = reg.register_version(adapters.docs, verdict, passed=False, reasons=["worse than base"],
-                                          approval=False)
+                                          approval=False, reevaluation=stored_reevaluations(adapters, version))
     assert (stored["status"], stored["registered_status"], production(adapters)) == ("quarantined", "quarantined", "1.1")
     assert [(e.type, e.change) for e in events] == [("ModelRegistered", 4), ("ModelQuarantined", 4)]
-    assert reg.register_version(adapters.docs, verdict, passed=True, reasons=[], approval=False) == (stored, events)
+    assert reg.register_version(adapters.docs, verdict, passed=True, reasons=[], approval=False,
+                                reevaluation=stored["reevaluations"]) == (stored, events)
     with pytest.raises(reg.RegistryError, match="is quarantined: only an unevaluated version") as exc:
         reg.reevaluate(adapters.docs, adapters.bus, NAME, version, caller=admin("ann"))
     assert exc.value.status == 409

@@ -44,9 +44,9 @@ export async function modelPage(view, ctx) {
     const actions = (v) => {
       if (!may.approve) return h("span", { class: "muted", testid: "no-actions" }, "approvers act here");
       const inProduction = aliases.production === v.version;
-      const unevaluated = ["unevaluated", "evaluating"].includes(v.status);  // no verdict yet: nothing to promote
+      const unevaluated = ["unevaluated", "evaluating", "held"].includes(v.status);  // no verdict yet: nothing to promote
       return h("span", { class: "actions" },
-        v.status === "unevaluated" ? action({
+        ["unevaluated", "held"].includes(v.status) ? action({
           label: "Re-evaluate", testid: "action-reevaluate", question: `Evaluate ${name} ${v.version} again?`,
           run: () => post(v, "reevaluate", {}), done: render,
         }) : null,
@@ -73,7 +73,7 @@ export async function modelPage(view, ctx) {
     const history = Object.entries(model.alias_history || {}).flatMap(([alias, moves]) =>
       moves.map((m) => ({ alias, ...m }))).sort((a, b) => (b.at ?? 0) - (a.at ?? 0));
     const rollbackTo = h("select", { testid: "rollback-to" }, h("option", { value: "" }, "the previous production version"),
-      versions.filter((v) => !["quarantined", "unevaluated", "evaluating"].includes(v.status) && v.version !== aliases.production)
+      versions.filter((v) => !["quarantined", "unevaluated", "evaluating", "held"].includes(v.status) && v.version !== aliases.production)
         .map((v) => h("option", { value: v.version }, v.version)));
 
     fill(content,
