@@ -33,6 +33,7 @@ class Check:
     outcome: str          # passed | failed | inconclusive | warning | not_measured
     reason: str
     action: str           # block | warn
+    evidence: str = "point"   # interval: decided on the paired interval of every side it compared
 
 
 @dataclass
@@ -42,10 +43,13 @@ class GateDecision:
     checks: list[Check] = field(default_factory=list)
     outcome: str = "passed"   # passed | failed | inconclusive (a block rule the evidence could not decide)
     held: bool = False        # inconclusive under eval.on_inconclusive: hold (the registry holds the version)
+    # failed on evidence: every failed block rule was a significant regression on its intervals. A
+    # failure on point values (no interval) is not, and its quarantine stays re-evaluable.
+    conclusive: bool = False
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "outcome": self.outcome, "held": self.held, "reasons": self.reasons,
-                "checks": [asdict(c) for c in self.checks]}
+        return {"passed": self.passed, "outcome": self.outcome, "held": self.held, "conclusive": self.conclusive,
+                "reasons": self.reasons, "checks": [asdict(c) for c in self.checks]}
 
 
 def headline(decision: dict) -> str:
@@ -73,9 +77,9 @@ def _signed(value: float) -> str:
 
 
 def _compare(name: str, higher: bool, rule: GateRule, side: str, ref: float, cand: float,
-             evidence: dict | None) -> tuple[str, str] | None:
-    """(outcome failed | inconclusive, the reason) when the candidate is, or may be, too far behind
-    `side`; None when it is within the tolerance. `evidence`: the paired interval of the candidate's
+             evidence: dict | None) -> tuple[str, str, bool] | None:
+    """(outcome failed | inconclusive, the reason, decided on an interval) when the candidate is, or
+    may be, too far behind `side`; None when it is within the tolerance. `evidence`: the paired interval of the candidate's
     delta against `side` ({delta, low, high, n, method}), or None to decide on the point values."""
     worse_by = (ref - cand) if higher else (cand - ref)
     allowed = rule.tolerance * abs(ref) if rule.relative and ref != 0 and not math.isinf(ref) else rule.tolerance
@@ -86,20 +90,20 @@ def _compare(name: str, higher: bool, rule: GateRule, side: str, ref: float, can
     if not usable:
         if worse_by <= allowed + 1e-12:
             return None
-        return "failed", f"{versus}: worse by {fmt(worse_by)} > tolerance {how}"
+        return "failed", f"{versus}: worse by {fmt(worse_by)} > tolerance {how}", False
     assert evidence is not None
     # the interval of how much worse the candidate is (the delta's, turned where higher is better)
     low, high = (-evidence["high"], -evidence["low"]) if higher else (evidence["low"], evidence["high"])
     interval = f"worse by {fmt(worse_by)}, {evidence.get('method', 'paired')} interval [{fmt(low)}, {fmt(high)}]"
     if low > allowed + 1e-12:
-        return "failed", f"{versus}: {interval} wholly beyond tolerance {how}"
+        return "failed", f"{versus}: {interval} wholly beyond tolerance {how}", True
     if high <= allowed + 1e-12 or allowed <= 0:   # tolerance 0: only a significant increase fails
         return None
     n = int(evidence.get("n") or 0)
     more = needed_more(Interval(worse_by, low, high), allowed, n)
     decide = ("no number of probes would decide it (the estimate sits on the tolerance)" if more is None
               else f"about {more} more probes would decide it")
-    return "inconclusive", f"{versus}: {interval} straddles tolerance {how} on {n} probes; {decide}"
+    return "inconclusive", f"{versus}: {interval} straddles tolerance {how} on {n} probes; {decide}", True
 
 
 def check(name: str, rule: GateRule, scores: dict[str, dict[str, float]], *, named: bool,
@@ -116,12 +120,14 @@ def check(name: str, rule: GateRule, scores: dict[str, dict[str, float]], *, nam
         return Check(name, outcome if rule.action == "block" or outcome == "not_measured" else "warning",
                      f"{name}: not measured for the candidate{hint}", rule.action)
     problems, doubts, notes = [], [], []
+    on_points = False   # a failure the intervals did not establish (bounds, no interval, not a number)
     if math.isnan(cand):
         problems.append(f"{name} is not a number")
     if rule.min is not None and not cand >= rule.min:
         problems.append(f"{name} {fmt(cand)} is below the minimum {fmt(rule.min)}")
     if rule.max is not None and not cand <= rule.max:
         problems.append(f"{name} {fmt(cand)} is above the maximum {fmt(rule.max)}")
+    on_points = bool(problems)
     if rule.tolerance is not None:
         for side in rule.against:
             ref = scores.get(side, {}).get(name)
@@ -131,14 +137,17 @@ def check(name: str, rule: GateRule, scores: dict[str, dict[str, float]], *, nam
                 continue
             if math.isnan(ref):
                 problems.append(f"{name} of the {side} is not a number")
+                on_points = True
             elif (found := _compare(name, higher, rule, side, ref, cand, (evidence or {}).get(side))) is not None:
                 (problems if found[0] == "failed" else doubts).append(found[1])
+                on_points = on_points or (found[0] == "failed" and not found[2])
             else:
                 notes.append(f"vs {side} {fmt(ref)} ({_signed(cand - ref)})")
     if problems or doubts:
         outcome = ("failed" if problems else "inconclusive") if rule.action == "block" else "warning"
         suffix = {"failed": ": FAILED", "inconclusive": ": INCONCLUSIVE", "warning": ": warning"}[outcome]
-        return Check(name, outcome, "; ".join(problems + doubts) + suffix, rule.action)
+        return Check(name, outcome, "; ".join(problems + doubts) + suffix, rule.action,
+                     "point" if on_points else "interval")
     return Check(name, "passed", f"{name} {fmt(cand)} ok" + (f" ({'; '.join(notes)})" if notes else ""), rule.action)
 
 
@@ -160,5 +169,6 @@ def gate(recipe: Recipe, scores: dict[str, dict[str, float]], *, directions: dic
     outcomes = {c.outcome for c in checks}
     outcome = "failed" if "failed" in outcomes else "inconclusive" if "inconclusive" in outcomes else "passed"
     held = outcome == "inconclusive" and recipe.eval.on_inconclusive == "hold"
+    conclusive = outcome == "failed" and all(c.evidence == "interval" for c in checks if c.outcome == "failed")
     return GateDecision(passed=outcome == "passed" or (outcome == "inconclusive" and not held), outcome=outcome,
-                        held=held, reasons=[c.reason for c in checks], checks=checks)
+                        held=held, conclusive=conclusive, reasons=[c.reason for c in checks], checks=checks)

@@ -70,9 +70,10 @@ def _evaluate(event: ev.TrainingCompleted, ctx: Context) -> ev.EvaluationComplet
             # no retry can fix it, and the version as trained cannot pass, so it is a failed gate
             # recorded with its reason.
             return _report(ctx, event, bucket, scores={}, passed=False, reasons=[f"evaluation failed: {exc}"],
-                           markdown=f"# Evaluation failed\n\n{exc}\n", details={})
+                           markdown=f"# Evaluation failed\n\n{exc}\n", details={}, conclusive=True)
     return _report(ctx, event, bucket, scores=result.scores, passed=result.passed, reasons=result.reasons,
-                   markdown=result.report_markdown, details=result.to_json(), held=bool(result.gate.get("held")))
+                   markdown=result.report_markdown, details=result.to_json(), held=bool(result.gate.get("held")),
+                   conclusive=bool(result.gate.get("conclusive")))
 
 
 def _production(ctx: Context, recipe, folder: Path) -> Path | None:
@@ -91,7 +92,8 @@ def _production(ctx: Context, recipe, folder: Path) -> Path | None:
     return folder
 
 
-def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details, held=False) -> ev.EvaluationCompleted:
+def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details, held=False,
+            conclusive=False) -> ev.EvaluationCompleted:
     # a re-evaluation's report beside the first one's, never over it
     prefix = f"runs/{event.run_id}/evaluation" + (f"-{event.reevaluation}" if event.reevaluation else "")
     ctx.store.write(bucket, f"{prefix}/report.md", markdown.encode())
@@ -100,7 +102,7 @@ def _report(ctx, event, bucket, *, scores, passed, reasons, markdown, details, h
         run_id=event.run_id, recipe=event.recipe, dataset_uri=event.dataset_uri, adapter_uri=event.adapter_uri,
         scores={side: {k: float(v) for k, v in values.items()} for side, values in scores.items()},
         passed=passed, reasons=reasons, report_uri=ctx.store.url(bucket, prefix + "/"),
-        training_metrics=event.metrics, tenant=event.tenant, held=held, steps=event.steps,
+        training_metrics=event.metrics, tenant=event.tenant, held=held, conclusive=conclusive, steps=event.steps,
         reevaluation=event.reevaluation)
 
 

@@ -113,14 +113,14 @@ def register(event: ev.EvaluationCompleted, ctx: Context):
     doc["recipe_name"] = recipe.name
     doc["tenant"] = event.tenant
     doc["adapter_files"] = sorted((f for f in files if f["name"].startswith(ADAPTER_DIR)), key=lambda f: f["name"])
-    if event.held:   # what `ftpipe models reevaluate` publishes again, with more evidence
+    if event.held or not event.passed:   # what `ftpipe models reevaluate` may publish again
         doc["evaluation_request"] = {"run_id": event.run_id, "recipe": recipe.model_dump(mode="json"),
                                      "dataset_uri": event.dataset_uri, "adapter_uri": event.adapter_uri,
                                      "metrics": event.training_metrics, "steps": event.steps, "tenant": event.tenant}
     rendered = {s: render_bundle({**bundle, "status": s}, parts) for s in REGISTRATION_STATUSES}
     _write_bundle(store, bucket, target, rendered[status])
     stored, events = register_version(ctx.docs, doc, passed=event.passed, reasons=event.reasons,
-                                      approval=recipe.registry.approval, held=event.held,
+                                      approval=recipe.registry.approval, held=event.held, conclusive=event.conclusive,
                                       reevaluation=event.reevaluation,
                                       bundle_sha256={s: _sha256(r["bundle.json"]) for s, r in rendered.items()})
     if stored["registered_status"] != status:

@@ -226,6 +226,9 @@ class EvaluationCompleted(Event):
     # Not passed and held: the evidence could not decide a block rule and the recipe says hold
     # (eval.on_inconclusive): the registry holds the version, neither promoted nor quarantined.
     held: bool = False
+    # Failed on evidence (every failed rule a significant regression on its intervals): the quarantine
+    # is final. False: failed on point values, which an approver may have re-evaluated.
+    conclusive: bool = False
     steps: int = 0   # the training run's, kept for a re-evaluation's TrainingCompleted
     # 0: the first evaluation; N: the Nth re-evaluation (TrainingCompleted.reevaluation), part of the id
     # so that the registry's ledger does not take a re-evaluation's verdict for a redelivery.

@@ -369,13 +369,14 @@ def registration_status(model: dict | None, version: str, *, passed: bool, appro
 
 
 def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], approval: bool, held: bool = False,
-                     reevaluation: int = 0,
+                     conclusive: bool = False, reevaluation: int = 0,
                      bundle_sha256: Mapping[str, str] | None = None) -> tuple[dict, list[ev.Event]]:
     """Record an evaluated version (`doc`: its document without status or history, with the digests
     of its adapter files in `adapter_files`; its bundle is already complete) and move the aliases the
     gate decides, in one transaction:
 
-    - gate failed: `quarantined`, no alias moves;
+    - gate failed: `quarantined`, no alias moves (final when `conclusive`: failed on its intervals;
+      a failure on point values may be re-evaluated);
     - evidence inconclusive under `hold`: `held`, no alias moves, re-evaluable;
     - passed, `approval`: `candidate`, staging moves to it, production waits for `approve`;
     - passed, no approval: `promoted`, staging and production move to it, the previous production
@@ -402,7 +403,7 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
         if existing is not None:   # its evaluation errored or was held, and now one has decided: registered again
             op = _reregister_op(existing)
             edit.versions[version] = {**existing, **doc, "approval_required": approval, "updated_at": edit.now}
-            if not held:
+            if passed:
                 edit.versions[version].pop("evaluation_request", None)
         else:
             op = _register_op(version)
@@ -412,7 +413,7 @@ def register_version(docs, doc: dict, *, passed: bool, reasons: list[str], appro
         aliases = edit.model["aliases"]
         if status == "quarantined":
             edit.status(version, "quarantined", op=op, actor=None, reason="failed the gate",
-                        reasons=list(reasons) or ["failed the gate"])
+                        reasons=list(reasons) or ["failed the gate"], conclusive=conclusive)
         elif status == "held":
             edit.status(version, "held", op=op, actor=None, reason="the evidence could not decide the gate",
                         reasons=list(reasons))
@@ -558,16 +559,27 @@ def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
         actor = edit.authorize(caller, doc, to=to)
         if doc["status"] == "evaluating":
             return doc, [_reevaluation(doc)], edit.model["aliases"]
-        if doc["status"] not in ("unevaluated", "held"):
+        if doc["status"] not in ("unevaluated", "held") and not _gate_quarantine_on_points(doc):
             raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version (its evaluation "
-                                     "errored) or a held one (its evidence was inconclusive) can be re-evaluated; a "
-                                     "verdict of the gate is final")
+                                     "errored), a held one (its evidence was inconclusive) or one the gate quarantined "
+                                     "on point values rather than significant evidence can be re-evaluated; a "
+                                     "conclusive verdict of the gate, or a person's quarantine, is final")
+        if "evaluation_request" not in doc:
+            raise RegistryError(409, f"{name} {version} was registered before the registry kept its evaluation request: "
+                                     "it cannot be re-evaluated; train the run again")
         doc["reevaluations"] = doc.get("reevaluations", 0) + 1
         edit.status(version, "evaluating", op=f"reevaluate:{version}-{doc['reevaluations']}", actor=actor,
                     reason=f"re-evaluation {doc['reevaluations']} asked for", reevaluation=doc["reevaluations"])
         edit.save()
         return doc, [_reevaluation(doc)], edit.model["aliases"]
     return _transact(docs, bus, run)
+
+
+def _gate_quarantine_on_points(doc: dict) -> bool:
+    """Quarantined by the gate (not by a person) on a failure the evidence did not establish."""
+    entry = (doc.get("history") or [{}])[-1]
+    return (doc["status"] == "quarantined" and entry.get("status") == "quarantined" and entry.get("actor") is None
+            and not entry.get("conclusive"))
 
 
 def _reevaluation(doc: dict) -> ev.TrainingCompleted:

@@ -119,3 +119,33 @@ def test_a_held_version_is_neither_promoted_nor_quarantined_and_an_approver_reev
     assert doc["status"] == "promoted" and "evaluation_request" not in doc
     assert adapters.store.read(BUCKET, f"models/{RECIPE.model_name}/1.1/evaluation-1/report.json")   # both kept
     assert adapters.store.read(BUCKET, f"models/{RECIPE.model_name}/1.1/evaluation/report.json")
+
+
+# ------------------------------------------------------------------ quarantine is final only on evidence
+
+def test_a_failure_is_conclusive_only_when_the_intervals_establish_it():
+    assert _decide(_recipe(), 0.2, 0.0, _paired(80, 0, 400)).conclusive            # significant on 400 probes
+    on_points = gate(_recipe(), {"base": {"instruction_following_rate": 0.2},
+                                 "candidate": {"instruction_following_rate": 0.0}})   # no intervals
+    assert on_points.outcome == "failed" and not on_points.conclusive
+
+
+@pytest.mark.parametrize("conclusive, by_hand, allowed", [(False, False, True), (True, False, False),
+                                                          (False, True, False)])
+def test_only_a_gate_quarantine_on_point_values_is_reevaluated(adapters, conclusive, by_hand, allowed):
+    version = reg.allocate_version(adapters.docs, "bot", "run-q", "tiny-random-smollm2")
+    request = {"run_id": "run-q", "recipe": Recipe(name="r", version=1, base_model="tiny-random-smollm2",
+                                                   model_name="bot").model_dump(mode="json"),
+               "dataset_uri": "file:///d/", "adapter_uri": "file:///a/", "metrics": {}, "steps": 3, "tenant": "default"}
+    doc = {"name": "bot", "version": version, "run_id": "run-q", "uri": "file:///m/", "base_model": "tiny-random-smollm2",
+           "evaluation": {"passed": not by_hand}, "evaluation_request": request}
+    reg.register_version(adapters.docs, doc, passed=by_hand, reasons=["worse"], approval=True, conclusive=conclusive)
+    if by_hand:
+        reg.quarantine(adapters.docs, adapters.bus, "bot", version, caller=ADMIN, reason="unsafe answers")
+    assert reg.get_version(adapters.docs, "bot", version)["status"] == "quarantined"
+    if allowed:
+        assert reg.reevaluate(adapters.docs, adapters.bus, "bot", version, caller=ADMIN)["status"] == "evaluating"
+    else:
+        with pytest.raises(reg.RegistryError, match="is final") as refused:
+            reg.reevaluate(adapters.docs, adapters.bus, "bot", version, caller=ADMIN)
+        assert refused.value.status == 409

@@ -246,7 +246,8 @@ def test_a_reevaluation_that_errors_again_is_unevaluated_again_until_a_verdict_d
     stale = reg.register_version(adapters.docs, verdict, passed=True, reasons=[], approval=False)   # the first
     assert stale[0]["status"] == "evaluating"   # evaluation's verdict, redelivered late, decides nothing
     stored, events = reg.register_version(adapters.docs, verdict, passed=False, reasons=["worse than base"],
-                                          approval=False, reevaluation=stored_reevaluations(adapters, version))
+                                          approval=False, conclusive=True,
+                                          reevaluation=stored_reevaluations(adapters, version))
     assert (stored["status"], stored["registered_status"], production(adapters)) == ("quarantined", "quarantined", "1.1")
     assert [(e.type, e.change) for e in events] == [("ModelRegistered", 4), ("ModelQuarantined", 4)]
     assert reg.register_version(adapters.docs, verdict, passed=True, reasons=[], approval=False,
