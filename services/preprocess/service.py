@@ -81,9 +81,8 @@ def on_upload(event: ev.ObjectFinalized, ctx: Context):
     run_id = ev.derive_run_id(event.bucket, event.name, event.generation, recipe.name, recipe.version)
     try:
         recipe, tenant = authorize_job(ctx.docs, Caller.for_door(tenant, door), recipe, tenant=tenant)
-    except (AccessDenied, JobError) as exc:
-        reason = exc.reason if isinstance(exc, AccessDenied) else str(exc)
-        return [ev.DatasetRejected(run_id=run_id, recipe=recipe, reason=f"drop {event.name} refused: {reason}")]
+    except (AccessDenied, JobError) as exc:   # an AccessDenied's text is its reason
+        return [ev.DatasetRejected(run_id=run_id, recipe=recipe, reason=f"drop {event.name} refused: {exc}")]
     return [ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=ctx.store.url(event.bucket, event.name),
                             tenant=tenant, source={**source, "by": f"door:{door}"})]
 
@@ -112,8 +111,7 @@ def on_job_request(event: ev.JobRequested, ctx: Context):
             raise JobError(f"dataset {event.dataset_uri!r} is not an object of this store ({exc})") from None
         check_dataset_tenant(ctx.docs, ctx.store, event.dataset_uri, tenant)
     except (AccessDenied, JobError, RecipeError) as exc:
-        reason = exc.reason if isinstance(exc, AccessDenied) else str(exc)
-        return [ev.DatasetRejected(run_id=run_id, reason=refused + reason)]
+        return [ev.DatasetRejected(run_id=run_id, reason=refused + str(exc))]
     return [ev.JobSubmitted(run_id=run_id, recipe=recipe, dataset_uri=event.dataset_uri, tenant=tenant,
                             source={"by": f"door:{door}", "request": event.run_id})]
 

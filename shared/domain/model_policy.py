@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.domain.access import Caller, require
 from shared.domain.recipe import GateRule, Recipe
-from shared.platform.ports import DocStore
+from shared.platform.ports import DocStore, Transaction
 
 POLICIES = "model_policies"
 SUITES = ("safety", "memorisation", "fairness")
@@ -47,7 +47,8 @@ class ModelPolicy(BaseModel):
         return self.model_dump(mode="json")
 
 
-def get_policy(docs: DocStore, name: str) -> ModelPolicy | None:
+def get_policy(docs: DocStore | Transaction, name: str) -> ModelPolicy | None:
+    """The name's policy (read in a transaction too), or None while it has none."""
     doc = docs.get(POLICIES, name)
     if doc is None:
         return None

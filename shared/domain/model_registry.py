@@ -48,7 +48,7 @@ from typing import Mapping
 
 from shared.domain import events as ev
 from shared.domain.access import AccessDenied, Caller, require
-from shared.domain.model_policy import POLICIES, ModelPolicy
+from shared.domain.model_policy import get_policy
 from shared.domain.runs import RUNS
 from shared.domain.tenants import DEFAULT_TENANT
 from shared.platform.ports import ObjectNotFound
@@ -185,9 +185,7 @@ class _Edit:
     def authorize(self, caller: Caller, doc: dict, *, to: str, own_work: bool = False) -> str:
         """Refuse a caller who is not an approver of a tenant that owns the model (or, for its own
         run's version under four eyes, the submitter); returns the actor to record."""
-        raw = self.txn.get(POLICIES, self.name)
-        policy = ModelPolicy.model_validate({k: v for k, v in raw.items() if k in ModelPolicy.model_fields}) \
-            if raw else None
+        policy = get_policy(self.txn, self.name)
         owners = list(policy.owners) if policy else [doc.get("tenant") or DEFAULT_TENANT]
         if not any(caller.may("approver", t) for t in owners):
             require(caller, "approver", owners[0], to=to)
