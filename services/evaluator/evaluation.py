@@ -26,8 +26,10 @@ from typing import Callable
 from shared.domain.recipe import Recipe
 
 from services.evaluator import suites
+from services.evaluator.cache import BaseResults, Entries
 from services.evaluator.evidence import probe_intervals
 from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate, headline
+from services.evaluator.probes import remembered
 from services.evaluator.report import render_report
 from services.evaluator.stats import STATISTICS, paired_bootstrap
 from services.evaluator.tasks import EvaluationError, ModelLoadError
@@ -44,7 +46,9 @@ _logger = logging.getLogger("ftpipe.evaluator")
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-DEFAULT_BATCH_SIZE = 8  # generation batches; 8 is ~3x faster than 1 for a 135M model on 2 CPU cores
+# lm-eval's batches (the probes batch 32 too: probes.greedy_continuations). On SmolLM2-135M, 2 CPU
+# cores: 0.72 s per test prompt at 8, 0.25 s at 32; 64 gains under a fifth more.
+DEFAULT_BATCH_SIZE = 32
 LABELS_FILE = "labels.json"   # written by the trainer next to a classifier's weights
 
 
@@ -64,6 +68,9 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)     # chat: id, question, reference, one answer per side
     details: dict[str, dict[str, list]] = field(default_factory=dict)   # suite -> side -> per-item details
     skipped: list[str] = field(default_factory=list)      # what was not measured, and why
+    rounds: list[dict] = field(default_factory=list)      # evaluate_more: each round's suites, probes, outcome
+    confidence: float = 0.95                               # the intervals' (per look, under evaluate_more)
+    cached: list[str] = field(default_factory=list)       # the base's suites read from the evaluation cache
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,11 +78,13 @@ class EvalResult:
 
 def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_dir: Path | None = None,
              probes_path: Path | None = None, log: Callable[[str], None] | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, device: str | None = None) -> EvalResult:
+             batch_size: int = DEFAULT_BATCH_SIZE, device: str | None = None,
+             cache: Entries | None = None) -> EvalResult:
     """Score every side and decide the gate.
 
     `candidate_dir` is what the trainer wrote: a PEFT adapter, or a whole model (adapter.kind full).
     `production_dir` is the production version's folder from the registry, when there is one.
+    `cache` keeps the base side's results across evaluations (services/evaluator/cache.py).
 
     Raises EvaluationError (what, where, how to fix) for a missing/empty/malformed test split, a
     candidate folder that is missing or not a model, or a probes file that cannot be read; its
@@ -99,22 +108,51 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stats_recipe = _per_look(recipe)
+    base_cache = _base_cache(recipe, cache, device, batch_size)
+    memos: dict[str, dict] = {side: {} for side, _ in sides}   # generations per side, for evaluate_more
     scored: dict[str, suites.SideScores] = {}
-    with tempfile.TemporaryDirectory(prefix="ftpipe-eval-") as tmp:
+
+    def score_sides(current: suites.Plan, only: set[str] | None) -> None:
         for side, folder in sides:
             with suites.phase(timings, f"{side}_load"):
                 tokenizer, model = load_model(recipe, folder, plan.labels, device)
             say(f"{side}: loaded {folder or recipe.base_model} in {timings[f'{side}_load']:.1f}s")
-            scored[side] = suites.score(plan, side, model, tokenizer, Path(tmp) / side, batch_size=batch_size,
-                                        timings=timings, say=say)
+            with remembered(memos[side]):
+                found = suites.score(current, side, model, tokenizer, Path(tmp) / side, batch_size=batch_size,
+                                     timings=timings, say=say, cache=base_cache if side == "base" else None,
+                                     only=only)
+            if only is None:
+                scored[side] = found
+            else:   # the grown suites' results replace the first slice's
+                scored[side].metrics.update(found.metrics)
+                scored[side].details.update(found.details)
             del model
             gc.collect()
 
+    with tempfile.TemporaryDirectory(prefix="ftpipe-eval-") as tmp:
+        score_sides(plan, None)
+        decision, intervals = _decide(stats_recipe, scored)
+        rounds: list[dict] = []
+        exhausted: set[str] = set()   # suites whose last round added no probe
+        while (recipe.eval.on_inconclusive == "evaluate_more" and decision.outcome == "inconclusive"
+               and len(rounds) < recipe.eval.more_rounds):
+            grown = _next_slice(stats_recipe, decision, len(rounds) + 1, exhausted)
+            if grown is None:
+                say("evaluate_more: no undecided rule's probe set has more probes")
+                break
+            grown_recipe, named = grown
+            say(f"evaluate_more round {len(rounds) + 1}: the next slice of {', '.join(sorted(named))}")
+            before = {s: len(scored["candidate"].details.get(s, [])) for s in named}
+            with suites.phase(timings, f"more_{len(rounds) + 1}"):
+                score_sides(suites.plan(grown_recipe, data_dir, probes_path=probes_path, labels=plan.labels,
+                                        say=lambda _: None), named)
+            decision, intervals = _decide(stats_recipe, scored)
+            probes = {s: [before[s], len(scored["candidate"].details.get(s, []))] for s in sorted(named)}
+            exhausted |= {s for s, (was, now) in probes.items() if now == was}
+            rounds.append({"suites": sorted(named), "probes": probes, "outcome": decision.outcome})
+
     scores = {side: s.metrics for side, s in scored.items()}
-    intervals = {f"vs_{side}": _intervals(recipe, scored[side], scored["candidate"])
-                 for side in scored if side != "candidate"}
-    directions = {k: v for s in scored.values() for k, v in s.directions.items()}
-    decision: GateDecision = gate(recipe, scores, directions=directions, intervals=intervals)
     result = EvalResult(
         scores=scores, deltas=compute_deltas(scores["base"], scores["candidate"]), intervals=intervals,
         passed=decision.passed, reasons=decision.reasons, gate=decision.to_json(), report_markdown="",
@@ -122,10 +160,62 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
         timings={k: round(v, 2) for k, v in timings.items()}, samples=suites.samples(plan, scored),
         details={suite: {side: s.details[suite] for side, s in scored.items() if suite in s.details}
                  for suite in sorted({k for s in scored.values() for k in s.details})},
-        skipped=plan.skipped)
+        skipped=plan.skipped, rounds=rounds, confidence=stats_recipe.eval.confidence,
+        cached=base_cache.hits if base_cache is not None else [])
     result.report_markdown = render_report(recipe, result)
     say(f"gate {headline(result.gate)} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))
     return result
+
+
+def _decide(recipe: Recipe, scored: dict[str, "suites.SideScores"]) -> tuple[GateDecision, dict]:
+    intervals = {f"vs_{side}": _intervals(recipe, scored[side], scored["candidate"])
+                 for side in scored if side != "candidate"}
+    directions = {k: v for s in scored.values() for k, v in s.directions.items()}
+    scores = {side: s.metrics for side, s in scored.items()}
+    return gate(recipe, scores, directions=directions, intervals=intervals), intervals
+
+
+def _per_look(recipe: Recipe) -> Recipe:
+    """The recipe the intervals are computed with: under evaluate_more, each of the 1 + more_rounds
+    looks at the evidence gets an equal share of the error rate (Bonferroni), so that stopping at
+    whichever look decides first still errs at most 1 - confidence overall."""
+    spec = recipe.eval
+    if spec.on_inconclusive != "evaluate_more":
+        return recipe
+    confidence = 1 - (1 - spec.confidence) / (1 + spec.more_rounds)
+    return recipe.model_copy(update={"eval": spec.model_copy(update={"confidence": confidence})})
+
+
+# suite -> the limit that is its first slice (recipe.eval.<path>); safety's limit is alignment's too
+_SLICES = {"safety": ("safety", "max_prompts"), "alignment": ("safety", "max_prompts"),
+           "memorisation": ("memorisation", "max_rows"), "pii_leakage": ("memorisation", "pii_max_probes"),
+           "fairness": ("fairness", "max_templates")}
+
+
+def _next_slice(recipe: Recipe, decision: GateDecision, look: int,
+                exhausted: set[str]) -> tuple[Recipe, set[str]] | None:
+    """(the recipe with each undecided suite's limit at `look` + 1 first slices, the suites to score
+    again), or None when no inconclusive rule's suite can grow. Every limit is a prefix of a fixed
+    order (strata taking turns, or the ids' sha256), so the grown set holds the first one, and the
+    memo of each side's generations answers the probes already asked: a round generates only its
+    new slice."""
+    from services.evaluator.evidence import suite_of
+
+    undecided = {suite_of(c.metric) for c in decision.checks if c.outcome == "inconclusive"}
+    updates: dict[str, dict] = {}
+    named: set[str] = set()
+    for suite in sorted(s for s in undecided if s in _SLICES and s not in exhausted):
+        section, limit = _SLICES[suite]
+        first = getattr(getattr(recipe.eval, section), limit)
+        if first is None:
+            continue   # the whole set was scored: there is no next slice
+        updates.setdefault(section, {})[limit] = first * (look + 1)
+        named |= {s for s, where in _SLICES.items() if where == (section, limit)}
+    if not named:
+        return None
+    spec = recipe.eval.model_copy(update={section: getattr(recipe.eval, section).model_copy(update=values)
+                                          for section, values in updates.items()})
+    return recipe.model_copy(update={"eval": spec}), named
 
 
 def _intervals(recipe: Recipe, reference: "suites.SideScores", candidate: "suites.SideScores") -> dict[str, dict]:
@@ -145,6 +235,20 @@ def _intervals(recipe: Recipe, reference: "suites.SideScores", candidate: "suite
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _base_cache(recipe: Recipe, entries: Entries | None, device: str, batch_size: int) -> BaseResults | None:
+    if entries is None:
+        return None
+    from shared.domain.models import ModelNotAvailable, base_model_identity
+
+    try:
+        identity = base_model_identity(recipe.base_model)["sha256"]
+    except (ModelNotAvailable, OSError):
+        identity = None
+    if identity is None:   # a hub id not on this machine: no files to name it by
+        return None
+    return BaseResults(entries, base_sha256=identity, device=device, dtype="float32", batch_size=batch_size)
 
 
 def _check_model_folder(folder: Path, side: str) -> None:

@@ -109,3 +109,17 @@ def probe_intervals(recipe: Recipe, reference: dict[str, list[dict]], candidate:
             interval = paired_bootstrap(_MEAN, *pairs, iters=recipe.eval.bootstrap_iters, confidence=confidence)
             out[metric] = _as_json(interval, "paired-bootstrap", len(pairs[0]))
     return out
+
+
+def suite_of(metric: str) -> str | None:
+    """The probe suite that measures `metric` (services/evaluator/suites.py), or None for the task
+    scores and standard lm-eval tasks."""
+    if (rate := _rate(metric)) is not None:
+        return rate.suite
+    if metric == "extraction_gap":
+        return "memorisation"
+    if metric == "pii_leak_rate":
+        return "pii_leakage"
+    if metric.startswith("fairness_"):
+        return "fairness"
+    return "canaries" if metric.startswith("canary_") else None

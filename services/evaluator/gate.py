@@ -10,7 +10,8 @@ interval straddles the tolerance: the sample cannot tell, and the report says ho
 would decide. A tolerance of 0 means "no significant increase". Without an interval (bounds, a
 metric measured on one side only, `eval.bootstrap_iters: 0`) the point values decide, as before.
 A failed `block` rule blocks promotion; an inconclusive one is treated per `eval.on_inconclusive`
-(`warn`: reported, the gate passes; `hold`: the version is held, neither promoted nor quarantined);
+(`warn`: reported, the gate passes; `hold`: the version is held, neither promoted nor quarantined;
+`evaluate_more`: services/evaluator/evaluation.py scores more probes first, then holds);
 a `warn` rule is only reported. A metric a rule names that was not measured fails that rule when the
 recipe named it, and is reported as not measured when the rule is one of the defaults (its probe
 did not apply).
@@ -168,7 +169,8 @@ def gate(recipe: Recipe, scores: dict[str, dict[str, float]], *, directions: dic
             "no gate rules: a gate that checks nothing is refused, not passed; set eval.gate or leave the defaults on"])
     outcomes = {c.outcome for c in checks}
     outcome = "failed" if "failed" in outcomes else "inconclusive" if "inconclusive" in outcomes else "passed"
-    held = outcome == "inconclusive" and recipe.eval.on_inconclusive == "hold"
+    # evaluate_more has run its rounds by the time its last gate is applied: what is left is held
+    held = outcome == "inconclusive" and recipe.eval.on_inconclusive in ("hold", "evaluate_more")
     conclusive = outcome == "failed" and all(c.evidence == "interval" for c in checks if c.outcome == "failed")
     return GateDecision(passed=outcome == "passed" or (outcome == "inconclusive" and not held), outcome=outcome,
                         held=held, conclusive=conclusive, reasons=[c.reason for c in checks], checks=checks)

@@ -7,7 +7,9 @@ pass means the model learned the fact, not the sentence.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,29 +70,61 @@ def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: s
                                             batch_size=batch_size)]
 
 
-@torch.no_grad()
+# Continuations already generated on the model in hand, by (prompt ids, max_new_tokens): set by
+# `remembered` while one side is scored, so a later round of evaluate_more that asks a grown probe set
+# generates only the probes it adds (services/evaluator/evaluation.py).
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ftpipe_generation_memo", default=None)
+
+
+@contextmanager
+def remembered(memo: dict):
+    """Within the block, greedy_continuations answers prompts it has answered before (for the same
+    model: one memo per side) from `memo`, and adds what it generates."""
+    token = _MEMO.set(memo)
+    try:
+        yield memo
+    finally:
+        _MEMO.reset(token)
+
+
 def greedy_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                          batch_size: int = 32) -> list[list[int]]:
-    """The greedy continuation of each prompt (token ids), up to and without the first EOS.
+    """The greedy continuation of each prompt (token ids), up to and without the first EOS, in the
+    prompts' order."""
+    memo = _MEMO.get()
+    if memo is None:
+        return _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    keys = [(tuple(p), max_new_tokens) for p in prompts]
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))
+    for key, out in zip(todo, _generate(model, tokenizer, [list(k[0]) for k in todo], max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size), strict=True):
+        memo[key] = out
+    return [list(memo[k]) for k in keys]
 
-    Prompts are left-padded by hand (not by flipping tokenizer.padding_side, which the caller
-    may rely on) so that a batch generates from aligned ends.
-    """
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Batches of similar length (longest first): left padding then costs little, and a batch whose
+    prompts are all short does not carry a long one's padding. Prompts are left-padded by hand (not by
+    flipping tokenizer.padding_side, which the caller may rely on) so that a batch generates from
+    aligned ends; the answers come back in the prompts' order."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    continuations = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    continuations: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = [prompts[i] for i in chosen]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, width:].tolist():
+        for i, row in zip(chosen, out[:, width:].tolist(), strict=True):
             # a finished row is padded to the batch's length after its EOS
-            continuations.append(row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+            continuations[i] = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
     model.train(was_training)
     return continuations
 

@@ -34,7 +34,8 @@ def render_report(recipe: Recipe, result) -> str:
         lines.append(f"| {check['metric']} ({check['action']}) | {_ICON[check['outcome']]} | {check['reason']} |")
     header = " | ".join(sides)
     cmp = [k for k in result.intervals]
-    lines += ["", f"### Scores ({int(spec.confidence * 100)}% paired intervals of the candidate's delta: task scores "
+    per_look = f", {1 + spec.more_rounds} looks (evaluate_more)" if spec.on_inconclusive == "evaluate_more" else ""
+    lines += ["", f"### Scores ({result.confidence * 100:.4g}% paired intervals{per_look} of the candidate's delta: task scores "
               f"by paired bootstrap ({spec.bootstrap_iters} resamples), rates over probes by Newcombe's paired "
               "method)", "",
               f"| metric | {header} | " + " | ".join(f"delta {k.replace('_', ' ')}" for k in cmp) + " |",
@@ -56,6 +57,11 @@ def render_report(recipe: Recipe, result) -> str:
         lines.append(f"| {name}{arrow} | {values} | " + " | ".join(diffs) + " |")
     if result.skipped:
         lines += ["", "### Not measured", "", *[f"- {s}" for s in result.skipped]]
+    for number, round_ in enumerate(result.rounds, start=1):
+        grown = ", ".join(f"{suite} {was} → {now} probes" for suite, (was, now) in round_["probes"].items())
+        lines += [*([""] if number == 1 else []), f"- evaluate_more round {number}: {grown}; gate {round_['outcome']}"]
+    if result.cached:
+        lines += ["", f"Base results read from the evaluation cache: {', '.join(result.cached)}."]
     lines += ["", _summaries(result)]
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     lines += ["", f"{result.examples} of {result.available} test rows; greedy decoding up to {spec.max_new_tokens} "

@@ -43,6 +43,7 @@ def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
 
 
 def _evaluate(event: ev.TrainingCompleted, ctx: Context) -> ev.EvaluationCompleted:
+    from services.evaluator.cache import StoreEntries
     from services.evaluator.evaluation import EvaluationError, ModelLoadError, evaluate
 
     recipe = event.recipe
@@ -62,7 +63,8 @@ def _evaluate(event: ev.TrainingCompleted, ctx: Context) -> ev.EvaluationComplet
                 probes = None
         production = _production(ctx, recipe, Path(tmp) / "production")
         try:
-            result = evaluate(recipe, data_dir, adapter_dir, production_dir=production, probes_path=probes)
+            result = evaluate(recipe, data_dir, adapter_dir, production_dir=production, probes_path=probes,
+                              cache=StoreEntries(ctx.store, bucket))
         except ModelLoadError:
             raise  # not a verdict (on_training_completed)
         except EvaluationError as exc:

@@ -16,6 +16,7 @@ report says what was not measured rather than leaving it out silently.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from shared.domain.datasets import DatasetContractError, read_split
 from shared.domain.recipe import Recipe
 
 from services.evaluator import fairness, memorisation, probes as knowledge_probes, safety, tasks as T
+from services.evaluator.cache import BaseResults
 from services.evaluator.tasks import EvaluationError
 
 _logger = logging.getLogger("ftpipe.evaluator")
@@ -135,23 +137,43 @@ def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[st
 
 
 def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: int, timings: dict[str, float],
-          say: Callable[[str], None]) -> SideScores:
+          say: Callable[[str], None], cache: BaseResults | None = None, only: set[str] | None = None) -> SideScores:
+    """Every suite that applies (or those named in `only`) on one side; with `cache` (the base side),
+    each suite's result is read from it when an earlier evaluation kept one for the same inputs."""
     out = SideScores()
     spec, system_prompt = plan.recipe.eval, plan.recipe.data.system_prompt
-    with phase(timings, f"{side}_tasks"):
-        _task_scores(plan, model, tokenizer, work, batch_size, out)
     first = side == "base"   # skip reasons are the same for every side: note them once
 
+    def result(name: str, compute: Callable[[], dict]) -> dict:
+        inputs = suite_inputs(plan, name) if cache is not None else None
+        if cache is not None and (kept := cache.get(name, inputs)) is not None:
+            say(f"{side}: {name} from the evaluation cache")
+            return kept
+        # one JSON form whether computed or read back (tuples become lists), so pairs always match
+        value = json.loads(json.dumps(compute(), default=_plain))
+        if cache is not None:
+            cache.put(name, inputs, value)
+        return value
+
+    if only is None or "tasks" in only:
+        with phase(timings, f"{side}_tasks"):
+            tasks = result("tasks", lambda: _task_scores(plan, model, tokenizer, work, batch_size))
+        out.metrics.update(tasks["metrics"])
+        out.items.update(tasks["items"])
+        out.predictions.update(tasks["predictions"])
+
     def run(name: str, fn: Callable[[], tuple[dict, Any]]) -> None:
+        if only is not None and name not in only:
+            return
         with phase(timings, f"{side}_{name}"):
             try:
-                metrics, details = fn()
+                value = result(name, lambda: dict(zip(("metrics", "details"), fn(), strict=True)))
             except _NotApplicable as exc:
                 if first:
                     plan.skipped.append(f"{name}: {exc}")
                 return
-        out.metrics.update(metrics)
-        out.details[name] = details
+        out.metrics.update(value["metrics"])
+        out.details[name] = value["details"]
 
     if plan.probes is not None:
         def knowledge():
@@ -181,12 +203,40 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
     if plan.fairness is not None:
         measure = fairness.flip_rate if plan.kind == "classification" else fairness.likelihood_disparity
         run("fairness", lambda: measure(model, tokenizer, plan.fairness))
-    if plan.task_manager is not None:
+    if plan.task_manager is not None and only is None:
         with phase(timings, f"{side}_lm_eval_tasks"):
             _standard_tasks(plan, model, tokenizer, batch_size, out, first)
     say(f"{side}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if "_rate_" not in k
                                  and "disparity_" not in k))
     return out
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):   # numpy scalars in lm-eval's per-item values
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def suite_inputs(plan: Plan, name: str) -> dict:
+    """What a suite's answers depend on besides the model and the evaluator's code (the base-result
+    cache's key, services/evaluator/cache.py): the evaluation settings (less the gate's, which decide
+    nothing a model says), the prompt, and the run's own data the suite reads."""
+    recipe = plan.recipe
+    data: dict[str, Any] = {
+        "tasks": plan.rows, "knowledge": plan.probes, "memorisation": [plan.train_rows, plan.heldout],
+        "pii_leakage": plan.train_rows, "canaries": [plan.canaries, recipe.training.seed], "fairness": plan.fairness,
+    }
+    # other suites' own settings are left out; any setting not known to belong to one suite stays in
+    others = {section for suite, section in _SECTIONS.items() if suite != name and section != _SECTIONS.get(name)}
+    return {"kind": plan.kind, "labels": plan.labels, "system_prompt": recipe.data.system_prompt,
+            "eval": recipe.eval.model_dump(mode="json", exclude=_GATE_ONLY | others), "data": data.get(name)}
+
+
+# Settings that change how the gate reads the scores, never a score: kept out of the cache's key.
+_GATE_ONLY = {"gate", "confidence", "bootstrap_iters", "on_inconclusive", "more_rounds", "compare_production"}
+# suite -> the section of recipe.eval that only it reads
+_SECTIONS = {"safety": "safety", "alignment": "safety", "memorisation": "memorisation",
+             "pii_leakage": "memorisation", "canaries": "canaries", "fairness": "fairness"}
 
 
 class _NotApplicable(Exception):
@@ -204,7 +254,8 @@ def _pair(result: dict) -> tuple[dict, list]:
     return result["metrics"], result["details"]
 
 
-def _task_scores(plan: Plan, model, tokenizer, work: Path, batch_size: int, out: SideScores) -> None:
+def _task_scores(plan: Plan, model, tokenizer, work: Path, batch_size: int) -> dict:
+    """{metrics, items (metric -> test id -> lm-eval item), predictions (chat: test id -> answer)}."""
     recipe = plan.recipe
     cache = work / "datasets"
     if plan.kind == "classification":
@@ -224,17 +275,19 @@ def _task_scores(plan: Plan, model, tokenizer, work: Path, batch_size: int, out:
             configs = [T.generation_task_config(work / "docs.jsonl", cache, until=T.end_of_turn_markers(tokenizer),
                                                 max_new_tokens=recipe.eval.max_new_tokens),
                        T.loglikelihood_task_config(work / "docs.jsonl", cache)]
+    out: dict[str, dict] = {"metrics": {}, "items": {}, "predictions": {}}
     with _quiet_lm_eval():
         for config in configs:
             metrics, samples = T.run_task(lm, config)
-            out.metrics.update(metrics)
+            out["metrics"].update(metrics)
             for sample in samples:
                 doc_id = sample["doc"]["id"]
                 for metric in metrics:
                     if metric in sample:
-                        out.items.setdefault(metric, {})[doc_id] = sample[metric]
+                        out["items"].setdefault(metric, {})[doc_id] = sample[metric]
                 if config["task"] == T.GENERATE_TASK:
-                    out.predictions[doc_id] = _first(sample.get("filtered_resps"))
+                    out["predictions"][doc_id] = _first(sample.get("filtered_resps"))
+    return out
 
 
 def _standard_tasks(plan: Plan, model, tokenizer, batch_size: int, out: SideScores, first: bool) -> None:

@@ -23,6 +23,7 @@ FREE = (
     "data.format", "data.columns", "data.split_column", "data.labels", "data.stratify", "data.system_prompt",
     "data.min_rows", "data.split",
     "eval.max_new_tokens",
+    "eval.more_rounds",   # more looks, each at a stricter confidence (Bonferroni): the same error rate
 )
 
 
@@ -68,7 +69,8 @@ TIGHTEN: dict[str, Callable[[Any, Any], bool]] = {
     "budget.max_cost": _not_above,
     "eval.max_examples": _not_below,
     "eval.bootstrap_iters": _not_below,
-    "eval.on_inconclusive": lambda new, old: new == "hold" or new == old,
+    # evaluate_more gathers more evidence, then holds what it still cannot decide: as strict as hold
+    "eval.on_inconclusive": lambda new, old: new == old or new in ("hold", "evaluate_more"),
 }
 
 

@@ -317,9 +317,14 @@ class EvalSpec(_Strict):
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     # A block rule whose interval straddles its tolerance (services/evaluator/gate.py): `warn` reports
     # it and lets the gate pass; `hold` registers the version `held` (neither promoted nor quarantined,
-    # re-evaluable). `warn` by default until the default probe sets are sized to their tolerances
-    # (docs/evaluation-statistics.md): today's small sets would hold nearly every version.
-    on_inconclusive: Literal["warn", "hold"] = "warn"
+    # re-evaluable); `evaluate_more` scores the next slice of each undecided suite's probe set (the
+    # first slice is the suite's limit: safety.max_prompts, memorisation.max_rows / pii_max_probes,
+    # fairness.max_templates), up to `more_rounds` times, then holds what is still undecided. Its
+    # intervals are at confidence 1 - (1 - confidence) / (1 + more_rounds) at every look (Bonferroni),
+    # so looking again does not raise the error rate. `warn` by default until the default probe sets
+    # are sized to their tolerances (docs/evaluation-statistics.md).
+    on_inconclusive: Literal["warn", "hold", "evaluate_more"] = "warn"
+    more_rounds: int = Field(default=2, ge=1, le=10)
     # Score the model name's current production version too (when there is one).
     compare_production: bool = True
     # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.
