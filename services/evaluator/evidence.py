@@ -30,7 +30,8 @@ class Rate:
     keep: Callable[[dict], bool] = lambda d: True
 
 
-def _key(suite: str, detail: dict) -> str:
+def probe_key(suite: str, detail: dict) -> str:
+    """What names a probe within its suite's details: the same probe on every side has the same key."""
     if suite == "knowledge":
         return detail["question"]
     if suite == "memorisation":
@@ -68,8 +69,8 @@ def _rate(metric: str) -> Rate | None:
 def _paired(suite: str, reference: list[dict], candidate: list[dict], keep: Callable[[dict], bool],
             value: Callable[[dict], object]) -> tuple[list, list] | None:
     """The values of the probes both sides answered, in one order; None when the probe sets differ."""
-    ref = {_key(suite, d): value(d) for d in reference if keep(d)}
-    cand = {_key(suite, d): value(d) for d in candidate if keep(d)}
+    ref = {probe_key(suite, d): value(d) for d in reference if keep(d)}
+    cand = {probe_key(suite, d): value(d) for d in candidate if keep(d)}
     if not cand or set(ref) != set(cand):
         return None
     keys = sorted(cand)
