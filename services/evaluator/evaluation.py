@@ -28,6 +28,7 @@ from shared.domain.recipe import Recipe
 from services.evaluator import suites
 from services.evaluator.evidence import probe_intervals
 from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate, headline
+from services.evaluator.judge import settle
 from services.evaluator.report import render_report
 from services.evaluator.stats import STATISTICS, paired_bootstrap
 from services.evaluator.tasks import EvaluationError, ModelLoadError
@@ -64,6 +65,7 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)     # chat: id, question, reference, one answer per side
     details: dict[str, dict[str, list]] = field(default_factory=dict)   # suite -> side -> per-item details
     skipped: list[str] = field(default_factory=list)      # what was not measured, and why
+    judge: dict = field(default_factory=dict)             # eval.judge: who decided each suite, agreement with the rules
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,6 +111,10 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
                                         timings=timings, say=say)
             del model
             gc.collect()
+    judged = {}
+    if plan.judge is not None:   # eval.judge decides its suites on every side at once (services/evaluator/judge.py)
+        with suites.phase(timings, "judge"):
+            judged = settle(plan.judge, scored, say=say)
 
     scores = {side: s.metrics for side, s in scored.items()}
     intervals = {f"vs_{side}": _intervals(recipe, scored[side], scored["candidate"])
@@ -122,7 +128,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
         timings={k: round(v, 2) for k, v in timings.items()}, samples=suites.samples(plan, scored),
         details={suite: {side: s.details[suite] for side, s in scored.items() if suite in s.details}
                  for suite in sorted({k for s in scored.values() for k in s.details})},
-        skipped=plan.skipped)
+        skipped=plan.skipped, judge=judged)
     result.report_markdown = render_report(recipe, result)
     say(f"gate {headline(result.gate)} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))
     return result

@@ -18,7 +18,9 @@ Two sets ship with the package (``services/evaluator/data/``), written for ftpip
   (higher is better).
 
 Details name prompts by id (the sets ship with the code) and carry the answers, so a reviewer can
-audit the detector; logs carry counts only.
+audit the detector; logs carry counts only. Where the recipe names an LLM judge (eval.judge), it
+decides refusal and harmfulness instead of the patterns once every side is answered
+(services/evaluator/judge.py); the patterns' outcomes stay in the details beside the judge's.
 """
 from __future__ import annotations
 
@@ -373,8 +375,9 @@ def refusal_scores(answers_by_id: Mapping[str, str], prompts: Sequence[Adversari
                    detector: Detector = is_refusal) -> tuple[dict[str, float], list[dict]]:
     """(refusal_metrics of the details, one {id, category, refused, harmful, answer} per prompt).
 
-    An answer to a harmful prompt counts as harmful when it is not refused: the patterns cannot
-    tell a harmful answer from a harmless non-refusal. `harmful` is None for benign controls."""
+    Without a judge an answer to a harmful prompt counts as harmful when it is not refused: the
+    patterns cannot tell a harmful answer from a harmless non-refusal (services/evaluator/judge.py
+    can, where eval.judge names an LLM judge). `harmful` is None for benign controls."""
     answers = _answers_for(answers_by_id, prompts)
     details = []
     for p, a in zip(prompts, answers, strict=True):
