@@ -29,6 +29,7 @@ from services.evaluator import suites
 from services.evaluator.cache import BaseResults, Entries
 from services.evaluator.evidence import probe_intervals
 from services.evaluator.gate import GateDecision, deltas as compute_deltas, gate, headline
+from services.evaluator.judge import settle
 from services.evaluator.probes import remembered
 from services.evaluator.report import render_report
 from services.evaluator.stats import STATISTICS, paired_bootstrap
@@ -68,6 +69,7 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)     # chat: id, question, reference, one answer per side
     details: dict[str, dict[str, list]] = field(default_factory=dict)   # suite -> side -> per-item details
     skipped: list[str] = field(default_factory=list)      # what was not measured, and why
+    judge: dict = field(default_factory=dict)             # eval.judge: who decided each suite, agreement with the rules
     rounds: list[dict] = field(default_factory=list)      # evaluate_more: each round's suites, probes, outcome
     confidence: float = 0.95                               # the intervals' (per look, under evaluate_more)
     cached: list[str] = field(default_factory=list)       # the base's suites read from the evaluation cache
@@ -129,7 +131,11 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
                 scored[side].details.update(found.details)
             del model
             gc.collect()
+        if plan.judge is not None:   # eval.judge decides its suites on every side at once (services/evaluator/judge.py)
+            with suites.phase(timings, "judge"):
+                judged.update(settle(plan.judge, scored, say=say))
 
+    judged: dict = {}
     with tempfile.TemporaryDirectory(prefix="ftpipe-eval-") as tmp:
         score_sides(plan, None)
         decision, intervals = _decide(stats_recipe, scored)
@@ -160,7 +166,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
         timings={k: round(v, 2) for k, v in timings.items()}, samples=suites.samples(plan, scored),
         details={suite: {side: s.details[suite] for side, s in scored.items() if suite in s.details}
                  for suite in sorted({k for s in scored.values() for k in s.details})},
-        skipped=plan.skipped, rounds=rounds, confidence=stats_recipe.eval.confidence,
+        skipped=plan.skipped, judge=judged, rounds=rounds, confidence=stats_recipe.eval.confidence,
         cached=base_cache.hits if base_cache is not None else [])
     result.report_markdown = render_report(recipe, result)
     say(f"gate {headline(result.gate)} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))

@@ -2,9 +2,9 @@
 other side (base, production), as the task scores' paired bootstrap is (services/evaluator/stats.py,
 docs/evaluation-statistics.md).
 
-A rate over probes (refusals, instruction following, honesty, knowledge facts, extraction, label
-flips) gets Newcombe's paired interval of its difference; extraction_gap the MOVER difference of the
-train and held-out ones; the fairness disparities, continuous per template and axis, the paired
+A rate over probes (refusals, harmful answers, instruction following, honesty, knowledge facts,
+extraction, label flips) gets Newcombe's paired interval of its difference; extraction_gap the MOVER
+difference of the train and held-out ones; the fairness disparities, continuous per template and axis, the paired
 bootstrap of their mean. Pairs are matched by each probe's key, never by position: where the two
 sides did not answer the same probes (a production version evaluated on another probe set), the
 metric gets no interval rather than a wrong one.
@@ -44,6 +44,7 @@ def probe_key(suite: str, detail: dict) -> str:
 RATES: dict[str, Rate] = {
     "refusal_rate": Rate("safety", "refused", lambda d: d["category"] != BENIGN),
     "over_refusal_rate": Rate("safety", "refused", lambda d: d["category"] == BENIGN),
+    "harmful_rate": Rate("safety", "harmful", lambda d: d["category"] != BENIGN),
     "instruction_following_rate": Rate("alignment", "passed", lambda d: d["kind"] == "instruction"),
     "honesty_rate": Rate("alignment", "passed", lambda d: d["kind"] == "honesty"),
     "fact_rate": Rate("knowledge", "passed"),

@@ -3,7 +3,11 @@
 A probe file is JSONL, one {"question": str, "expect": [str, ...]} per line (other keys, such as
 "fact", are kept as the probe's label). A probe passes when the model's greedy answer contains any
 expected string, case-insensitively. Probes are rephrasings held out of the training data, so a
-pass means the model learned the fact, not the sentence.
+pass means the model learned the fact, not the sentence. Where the recipe names an LLM judge
+(eval.judge with the `correct` rubric), the judge decides instead, once every side is answered
+(services/evaluator/judge.py): it accepts the fact in other words and rejects an answer that names
+the expected string beside a wrong one. The question, the expected answers and the model's answer
+are then sent to the judge's endpoint.
 """
 from __future__ import annotations
 
@@ -138,6 +142,11 @@ def fact_rate(model, tokenizer, probes: list[Probe], *, system_prompt: str | Non
                                max_new_tokens=max_new_tokens)
     details = [{"question": p.question, "answer": a, "expect": list(p.expect), "label": p.label,
                 "passed": p.passes(a)} for p, a in zip(probes, answers, strict=True)]
-    rate = sum(d["passed"] for d in details) / len(details)
     logger.info("knowledge probes: %d of %d passed", sum(d["passed"] for d in details), len(details))
-    return rate, details
+    return passed_share(details), details
+
+
+def passed_share(details: list[dict]) -> float:
+    """The fact rate of per-probe details: the share passed (decided by the substring check, or by
+    an LLM judge where eval.judge names one: services/evaluator/judge.py)."""
+    return sum(bool(d["passed"]) for d in details) / len(details)

@@ -7,6 +7,7 @@ from shared.domain.metrics import higher_is_better
 from shared.domain.recipe import Recipe
 
 from services.evaluator.gate import fmt, headline
+from services.evaluator.judge import render as render_judge
 
 _EXAMPLES = 3
 _ICON = {"failed": "FAILED", "inconclusive": "inconclusive", "warning": "warning", "not_measured": "not measured",
@@ -62,7 +63,7 @@ def render_report(recipe: Recipe, result) -> str:
         lines += [*([""] if number == 1 else []), f"- evaluate_more round {number}: {grown}; gate {round_['outcome']}"]
     if result.cached:
         lines += ["", f"Base results read from the evaluation cache: {', '.join(result.cached)}."]
-    lines += ["", _summaries(result)]
+    lines += ["", _summaries(result), "", *render_judge(result.judge)]
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     lines += ["", f"{result.examples} of {result.available} test rows; greedy decoding up to {spec.max_new_tokens} "
               f"new tokens; {result.seconds:.1f}s ({phases})."]

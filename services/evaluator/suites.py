@@ -29,7 +29,7 @@ from shared.domain.canaries import recipe_canaries
 from shared.domain.datasets import DatasetContractError, read_split
 from shared.domain.recipe import Recipe
 
-from services.evaluator import fairness, memorisation, probes as knowledge_probes, safety, tasks as T
+from services.evaluator import fairness, judge as judging, memorisation, probes as knowledge_probes, safety, tasks as T
 from services.evaluator.cache import BaseResults
 from services.evaluator.tasks import EvaluationError
 
@@ -50,6 +50,7 @@ class Plan:
     fairness: Any | None              # FairnessProbes
     skipped: list[str] = field(default_factory=list)
     task_manager: Any | None = None   # lm-eval's index of standard tasks (eval.lm_eval_tasks), built once
+    judge: Any | None = None          # eval.judge's HttpJudge (services/evaluator/judge.py): one cache per evaluation
 
     @property
     def examples(self) -> int:
@@ -115,7 +116,9 @@ def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: li
                 manager = TaskManager(include_path=spec.lm_eval_include_path)
     if not spec.safety.enabled and kind != "classification":
         skipped.append("safety and alignment probes: turned off (eval.safety.enabled: false)")
-    return Plan(recipe, kind, subset, available, rows, labels, probes, train_rows, canaries, fair, skipped, manager)
+    judge = judging.make_judge(recipe) if kind != "classification" else None   # its URL checked before any model runs
+    return Plan(recipe, kind, subset, available, rows, labels, probes, train_rows, canaries, fair, skipped, manager,
+                judge)
 
 
 def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[str]):

@@ -8,8 +8,8 @@ tenant (one the caller submits for, which exists), the recipe (a built-in name, 
 differences from the defaults are judged as overrides), the overrides (shared/domain/overrides.py:
 submitters change hyperparameters and tighten governance; the rest is an admin's), the model name's
 policy (shared/domain/model_policy.py: the tenant must own the name; the recipe is raised to the
-policy; an unclaimed name is claimed only by an admin), a gate that checks something, and the memory
-plan (shared/domain/memory_plan.py).
+policy; an unclaimed name is claimed only by an admin), a gate that checks something, the memory
+plan (shared/domain/memory_plan.py), and an LLM judge the deployment allows (shared/domain/judge_urls.py).
 
 A submission then uploads the dataset under uploads/<run_id>/ and publishes JobSubmitted with the
 governed recipe, the tenant and the caller as `source.by`. A drop uploads the file to
@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path, PurePosixPath
 
-from shared.domain import events as ev
+from shared.domain import events as ev, judge_urls
 from shared.domain.access import Caller, require
 from shared.domain.datasets import missing_prepared_files
 from shared.domain.gate_rules import effective_rules
@@ -141,6 +141,8 @@ def authorize_job(docs: DocStore, caller: Caller, recipe_ref: str | Recipe, over
                        "refused; leave a default rule on or add one under eval.gate")
     if reason := refusal(recipe):
         raise JobError(reason)
+    if recipe.eval.judge is not None and (reason := judge_urls.refusal(recipe.eval.judge.base_url)):
+        raise JobError(reason, status=403)
     return recipe, tenant
 
 

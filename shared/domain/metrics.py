@@ -13,7 +13,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     # preference pairs: share where the model gives the chosen answer a higher likelihood
     "preference_accuracy": True,
     # safety and alignment (services/evaluator/safety.py)
-    "refusal_rate": True, "over_refusal_rate": False, "instruction_following_rate": True, "honesty_rate": True,
+    "refusal_rate": True, "harmful_rate": False, "over_refusal_rate": False, "instruction_following_rate": True, "honesty_rate": True,
     # memorisation and privacy (services/evaluator/memorisation.py)
     "extraction_rate_train": False, "extraction_rate_heldout": False, "extraction_gap": False,
     "pii_leak_rate": False, "canary_exposure_mean": False, "canary_exposure_max": False,

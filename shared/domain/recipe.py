@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -309,6 +309,44 @@ class FairnessSpec(_Strict):
     max_templates: int | None = Field(default=None, ge=1)
 
 
+class JudgeSpec(_Strict):
+    """An LLM judge behind an OpenAI-compatible endpoint (vLLM, Vertex AI, `ftpipe serve`) that decides
+    refusal, harmfulness and answer correctness where a rule cannot judge (services/evaluator/judge.py,
+    docs/evaluation-judges.md). The regexes always run too; the report gives their agreement. The
+    endpoint must be allowed by the deployment (FTPIPE_JUDGE_URLS; loopback outside the cloud)."""
+    base_url: str                                  # e.g. http://127.0.0.1:8000/v1
+    model: str = Field(min_length=1)
+    # The NAME of an environment variable of the evaluator that holds the key, never the key itself.
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    # true: a judge that cannot decide errors the evaluation (unevaluated, re-evaluable); false: the
+    # suite is decided by the regexes on every side, with a note in the report.
+    required: bool = False
+    rubrics: tuple[Literal["refusal", "harmful", "correct"], ...] = ("refusal", "harmful", "correct")
+
+    @field_validator("base_url")
+    @classmethod
+    def _plain_http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"eval.judge.base_url {url!r} must be an http(s) URL with a host, e.g. "
+                             "https://judge.example.com/v1")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"eval.judge.base_url {url!r} must not carry credentials, a query or a fragment; "
+                             "name the key's environment variable in eval.judge.api_key_env")
+        return url
+
+    @field_validator("rubrics")
+    @classmethod
+    def _some_rubrics(cls, rubrics: tuple[str, ...]) -> tuple[str, ...]:
+        if not rubrics or len(set(rubrics)) != len(rubrics):
+            raise ValueError("eval.judge.rubrics must name at least one of refusal, harmful, correct, each once")
+        return rubrics
+
+
 class EvalSpec(_Strict):
     max_examples: int = Field(default=40, ge=1)
     max_new_tokens: int = Field(default=48, ge=1)
@@ -337,6 +375,7 @@ class EvalSpec(_Strict):
     memorisation: MemorisationSpec = MemorisationSpec()
     canaries: CanarySpec = CanarySpec()
     fairness: FairnessSpec = FairnessSpec()
+    judge: JudgeSpec | None = None   # None: the regexes and substring checks decide
     # Gate policy: metric -> rule, over the defaults for the recipe's task and enabled probes
     # (shared/domain/gate_rules.py: default_rules); a rule here replaces the default one of its metric.
     gate: dict[str, GateRule] = {}

@@ -72,6 +72,9 @@ class Settings(BaseModel):
     # that only reads the main database (shared/platform/topology.py DOCS_READERS: serving) keeps its
     # ledger there even when this is unset, under ledger_database_for(service).
     ledger_database: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{2,61}[a-z0-9]$")
+    # The LLM judges a recipe may name (eval.judge.base_url, shared/domain/judge_urls.py): URL prefixes,
+    # comma-separated in FTPIPE_JUDGE_URLS. Loopback is allowed outside the cloud; nothing else is.
+    judge_urls: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -110,6 +113,7 @@ class Settings(BaseModel):
             "serving_callers": _csv(env.get("FTPIPE_SERVING_CALLERS")),
             "job_doors": _csv(env["FTPIPE_JOB_DOORS"]) or () if "FTPIPE_JOB_DOORS" in env else None,
             "ledger_database": env.get("FTPIPE_LEDGER_DATABASE") or None,
+            "judge_urls": _csv(env.get("FTPIPE_JUDGE_URLS")),
         }
         values = {k: v for k, v in values.items() if v is not None}
         values.update(overrides)
@@ -132,7 +136,8 @@ class Settings(BaseModel):
                 "FTPIPE_TRANSIENT_RETRY_S": str(self.transient_retry_s),
                 "FTPIPE_JOB_DOORS": ",".join(self.job_doors),
                 **({"FTPIPE_FAULTS": self.faults} if self.faults else {}),
-                **({"FTPIPE_LEDGER_DATABASE": self.ledger_database} if self.ledger_database else {})}
+                **({"FTPIPE_LEDGER_DATABASE": self.ledger_database} if self.ledger_database else {}),
+                **({"FTPIPE_JUDGE_URLS": ",".join(self.judge_urls)} if self.judge_urls else {})}
 
     @property
     def in_cloud(self) -> bool:

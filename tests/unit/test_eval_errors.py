@@ -16,6 +16,7 @@ from tests.unit.test_registry import BUCKET, RECIPE, write_adapter, write_datase
 
 from services.evaluator import evaluation
 from services.evaluator.evaluation import EvalResult, EvaluationError, ModelLoadError
+from services.evaluator.judge import JudgeError
 from services.evaluator.service import SERVICE as EVALUATOR
 from services.registry_fn.service import SERVICE as REGISTRY
 from services.tracker.service import SERVICE as TRACKER
@@ -116,8 +117,9 @@ def watch_evaluations(adapters):
                                      adapters.settings.subscription_policy())
 
 
-@pytest.mark.parametrize("fault", [LOAD_FAILED, RuntimeError("CUDA error: an illegal memory access was encountered")],
-                         ids=["load", "run"])
+@pytest.mark.parametrize("fault", [LOAD_FAILED, RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   JudgeError("eval.judge j at http://127.0.0.1:9/v1 is required but gave no verdict")],
+                         ids=["load", "run", "judge"])
 def test_a_model_that_fails_once_is_retried_and_judged_once(adapters, evaluate, fault):
     stand_in = evaluate(failures=1, fault=fault)
     trained(adapters)
