@@ -97,7 +97,9 @@ def alias_version(docs, name: str, alias: str = "production") -> dict | None:
 
 
 def _with_aliases(doc: dict, aliases: dict) -> dict:
-    return {**doc, "aliases": sorted(a for a, v in aliases.items() if v == doc["version"])}
+    """The version as readers see it: with its aliases, and whether an approver may re-evaluate it."""
+    return {**doc, "aliases": sorted(a for a, v in aliases.items() if v == doc["version"]),
+            "reevaluable": reevaluable(doc)}
 
 
 def _newest_first(versions: list[dict]) -> list[dict]:
@@ -557,7 +559,7 @@ def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
         actor = edit.authorize(caller, doc, to=to)
         if doc["status"] == "evaluating":
             return doc, [_reevaluation(doc)], edit.model["aliases"]
-        if doc["status"] not in ("unevaluated", "held") and not _gate_quarantine_on_points(doc):
+        if not _awaits_or_may_retry(doc):
             raise RegistryError(409, f"{name} {version} is {doc['status']}: only an unevaluated version (its evaluation "
                                      "errored), a held one (its evidence was inconclusive) or one the gate quarantined "
                                      "on point values rather than significant evidence can be re-evaluated; a "
@@ -571,6 +573,16 @@ def reevaluate(docs, bus, name: str, version: str, *, caller: Caller) -> dict:
         edit.save()
         return doc, [_reevaluation(doc)], edit.model["aliases"]
     return _transact(docs, bus, run)
+
+
+def reevaluable(doc: dict) -> bool:
+    """Whether `reevaluate` takes this version: one without a verdict (unevaluated, held, evaluating)
+    or quarantined by the gate on points, with its evaluation request kept."""
+    return _awaits_or_may_retry(doc) and "evaluation_request" in doc
+
+
+def _awaits_or_may_retry(doc: dict) -> bool:
+    return doc["status"] in ("unevaluated", "held", "evaluating") or _gate_quarantine_on_points(doc)
 
 
 def _gate_quarantine_on_points(doc: dict) -> bool:

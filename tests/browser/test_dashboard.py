@@ -59,6 +59,19 @@ def seed(adapters) -> None:
                            "scores": {"base": {"chrf": 20.0}, "candidate": {"chrf": 30.0}}},
         }, passed=True, reasons=["chrf improved"], approval=approval)
 
+    # "screener": 1.1 quarantined by the gate on point values (re-evaluable), 1.2 on significant
+    # evidence (final).
+    for run_id, conclusive in (("run-s1", False), ("run-s2", True)):
+        version = registry.allocate_version(docs, "screener", run_id, SUPPORT.base_model)
+        request = {"run_id": run_id, "recipe": SUPPORT.model_dump(mode="json"), "tenant": "default",
+                   "dataset_uri": data, "adapter_uri": store.url(bucket, f"runs/{run_id}/adapter/"), "metrics": {},
+                   "steps": 10}
+        registry.register_version(docs, {
+            "name": "screener", "version": version, "run_id": run_id, "base_model": SUPPORT.base_model,
+            "uri": store.url(bucket, f"models/screener/{version}/"), "evaluation_request": request,
+            "evaluation": {"passed": False, "reasons": ["refusal_rate: FAILED"], "scores": {}},
+        }, passed=False, reasons=["refusal_rate: FAILED"], approval=False, conclusive=conclusive)
+
     # A dataset held for privacy sign-off, with its manifest where preprocess writes it.
     review = store.url(bucket, "datasets/ds-review/")
     store.write(bucket, "datasets/ds-review/manifest.json", json.dumps({"dataset_id": "ds-review"}).encode())
@@ -158,6 +171,19 @@ def test_a_viewer_is_offered_no_action_and_an_approver_is(page, tracker):
     approver = access.create_token(tracker.docs, ADMIN, "ann", "approver", "default")
     open_dashboard(page, tracker.url, approver, "/models/support")
     expect(page.get_by_test_id("action-approve")).to_have_count(1)
+
+
+def test_a_quarantine_on_point_values_is_offered_for_re_evaluation_and_a_conclusive_one_is_not(page, tracker):
+    open_dashboard(page, tracker.url, tracker.token, "/models/screener")
+    on_points = page.locator('[data-testid=version-row][data-version="1.1"]')
+    conclusive = page.locator('[data-testid=version-row][data-version="1.2"]')
+    expect(conclusive.get_by_test_id("version-status")).to_have_text("quarantined")
+    expect(conclusive.get_by_test_id("action-reevaluate")).to_have_count(0)
+    on_points.get_by_test_id("action-reevaluate").click()
+    on_points.get_by_test_id("action-reevaluate-confirm").click()
+    expect(on_points.get_by_test_id("version-status")).to_have_text("evaluating")
+    doc = registry.get_version(tracker.docs, "screener", "1.1")
+    assert doc["reevaluations"] == 1 and doc["history"][-1]["actor"] == ME
 
 
 def test_without_the_token_the_page_asks_for_it_and_writes_are_refused(page, tracker):

@@ -46,7 +46,8 @@ export async function modelPage(view, ctx) {
       const inProduction = aliases.production === v.version;
       const unevaluated = ["unevaluated", "evaluating", "held"].includes(v.status);  // no verdict yet: nothing to promote
       return h("span", { class: "actions" },
-        ["unevaluated", "held"].includes(v.status) ? action({
+        // the registry says which (unevaluated, held, a gate quarantine on point values): model_registry.reevaluable
+        v.reevaluable && v.status !== "evaluating" ? action({
           label: "Re-evaluate", testid: "action-reevaluate", question: `Evaluate ${name} ${v.version} again?`,
           run: () => post(v, "reevaluate", {}), done: render,
         }) : null,
