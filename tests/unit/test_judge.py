@@ -247,8 +247,8 @@ def test_the_judge_decides_knowledge_correctness_and_the_rules_stay_beside_it(fa
     hedged = sides["base"].details["knowledge"][0]
     assert hedged["passed"] is False and hedged["regex"] == {"passed": True}   # the substring is there, beside another
     assert entry["agreement"]["correct"]["base"]["disagree"] == ["How long to return?", "Return window?"]
-    asked = fake.requests[0]["messages"][1]["content"]
-    assert "How long to return?" in asked and "14 days" in asked and "or maybe 30 days" in asked
+    asked = [r["messages"][1]["content"] for r in fake.requests]   # concurrent: in any order
+    assert any("How long to return?" in a and "14 days" in a and "or maybe 30 days" in a for a in asked)
 
 
 def test_only_safety_and_knowledge_answers_are_ever_sent(fake):
