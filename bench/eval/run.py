@@ -19,6 +19,10 @@ Sections (`--only` picks some; the others' figures in --out are kept):
   cache the previous run filled (warm). Fresh processes (bench/eval/worker.py), interleaved (old,
   cold, warm, then cold, warm, old, ...) so that load on the machine hits all alike; medians with the
   min-max spread; per-phase seconds from the evaluator's own timings.
+- judge: the first case evaluated by this tree with `eval.judge` naming an OpenAI-compatible endpoint
+  (--judge-url/--judge-model; by default `ftpipe serve` started here over SmolLM2-135M-Instruct, the
+  only instruct model on this machine: plumbing, not a judge of quality), and the judge's agreement
+  with the refusal rules per side (Cohen's kappa, the 2x2 table, how many verdicts were usable).
 - resample: how often the old gate would quarantine a model that the full probe sets show is not
   worse. From this tree's full-set evaluation (one answer per probe and side), --draws random
   subsets of each rate's probes of the size the old recipe used, seeded (0, 1, ...): the old rule
@@ -58,15 +62,18 @@ def _old_tree(ref: str) -> Path:
     return tree
 
 
-def _evaluate(tree: Path, recipe: Path, case: dict, *, cache: Path | None = None) -> dict:
+def _evaluate(tree: Path, recipe: Path, case: dict, *, cache: Path | None = None, sets: tuple[str, ...] = (),
+              env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         out = Path(tmp) / "out.json"
         command = [sys.executable, str(WORKER), "--recipe", str(recipe), "--data", case["data"],
                    "--adapter", case["adapter"], "--probes", case["probes"], "--out", str(out)]
         if cache is not None:
             command += ["--cache", str(cache)]
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        for item in sets:
+            command += ["--set", item]
+        done = subprocess.run(command, env={**os.environ, **(env or {}), "PYTHONPATH": str(tree)}, capture_output=True,
+                              text=True)
         if done.returncode:
             raise SystemExit(f"evaluation by {tree} failed:\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -188,6 +195,40 @@ def timing(old_tree: Path, old_recipe: Path, case: dict, repeats: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------ judge
+
+
+def judge(case: dict, url: str | None, model: str | None) -> dict:
+    """This tree's evaluation with eval.judge set, and the judge's agreement with the refusal rules."""
+    server, opened, env = None, [], {}
+    if url is None:
+        from shared.domain.models import SMOLLM2
+        from shared.platform.auth import local_token
+        from shared.platform.config import Settings, bootstrap
+
+        from services.serving.server import Server, ServingConfig
+
+        state = Path(tempfile.mkdtemp(prefix="bench-eval-serve-"))
+        adapters = bootstrap(Settings(state_dir=state))
+        serving = bootstrap(adapters.settings, service="serving")
+        opened = [serving, adapters]
+        server = Server(serving, ServingConfig(base=SMOLLM2)).start()
+        url, model, env = server.url + "/v1", SMOLLM2, {"BENCH_JUDGE_TOKEN": local_token(state)}
+    try:
+        spec = {"base_url": url, "model": model, "rubrics": ["refusal"], "timeout_s": 120}
+        if env:
+            spec["api_key_env"] = "BENCH_JUDGE_TOKEN"
+        run = _evaluate(ROOT, ROOT / RECIPE, case, sets=(f"eval.judge={json.dumps(spec)}",), env=env)
+    finally:
+        if server is not None:
+            server.stop()
+        for resource in opened:
+            resource.close()
+    entry = run["result"]["judge"]
+    return {"model": model, "served_here": server is not None, "suites": entry.get("suites", {}),
+            "refusal_agreement": entry.get("agreement", {}).get("refusal", {}), "wall": round(run["wall"], 1)}
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -205,13 +246,15 @@ def main() -> None:
     parser.add_argument("--old-ref", default=OLD_REF)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draws", type=int, default=400)
-    parser.add_argument("--only", nargs="+", choices=["decisions", "timing", "resample"])
+    parser.add_argument("--only", nargs="+", choices=["decisions", "timing", "resample", "judge"])
+    parser.add_argument("--judge-url", help="an OpenAI-compatible endpoint (default: ftpipe serve here, SmolLM2-135M)")
+    parser.add_argument("--judge-model")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
     cases = ([_demo_case(args.demo_state)] if args.demo_state else []) + args.case
     if not cases:
         parser.error("name at least one --case (or --demo-state)")
-    only = set(args.only or ["decisions", "timing", "resample"])
+    only = set(args.only or ["decisions", "timing", "resample", "judge"])
     old_tree = _old_tree(args.old_ref)
     old_recipe = Path(tempfile.mkdtemp(prefix="bench-eval-")) / "old-recipe.yaml"
     old_recipe.write_text(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_ref}:{RECIPE}"], check=True,
@@ -231,6 +274,8 @@ def main() -> None:
                 entry["resample"] = resample(old, new, args.draws)
         if "timing" in only and name == cases[0][0]:
             entry["timing"] = timing(old_tree, old_recipe, case, args.repeats)
+        if "judge" in only and name == cases[0][0]:
+            entry["judge"] = judge(case, args.judge_url, args.judge_model)
         args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1)[:6000])
 
