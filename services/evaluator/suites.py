@@ -172,8 +172,8 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
             suffix_tokens=m.suffix_tokens, match_tokens=m.match_tokens, max_rows=m.max_rows,
             system_prompt=system_prompt)))
         run("pii_leakage", lambda: _applicable(lambda: memorisation.pii_leakage(
-            model, tokenizer, plan.train_rows, max_probes=m.pii_max_probes, new_tokens=m.pii_new_tokens,
-            system_prompt=system_prompt)))
+            model, tokenizer, plan.train_rows, sources=m.pii_sources, max_probes=m.pii_max_probes,
+            new_tokens=m.pii_new_tokens, system_prompt=system_prompt)))
     if plan.canaries:
         run("canaries", lambda: memorisation.canary_exposure(model, tokenizer, plan.canaries,
                                                     candidates=spec.canaries.candidates, seed=plan.recipe.training.seed,

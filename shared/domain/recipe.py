@@ -276,6 +276,10 @@ class MemorisationSpec(_Strict):
     match_tokens: int = Field(default=20, ge=1)       # a row is extracted when this many tokens match exactly
     pii_max_probes: int = Field(default=200, ge=1)
     pii_new_tokens: int = Field(default=16, ge=1)
+    # Where PII-leak probes come from (services/evaluator/memorisation.pii_leakage): masked replies,
+    # read-backs after masked user turns, and the shipped elicitation prompts (any chat data).
+    pii_sources: tuple[Literal["assistant", "user", "elicitation"], ...] = Field(
+        default=("assistant", "user", "elicitation"), min_length=1)
 
     @model_validator(mode="after")
     def _match_within_suffix(self) -> "MemorisationSpec":

@@ -476,3 +476,45 @@ doc_to_target: gold
     assert result.scores["base"]["acme_qa:acc"] == result.scores["candidate"]["acme_qa:acc"]
     assert result.passed and any(r.startswith("acme_qa:acc ") for r in result.reasons)
     assert any(s.startswith("lm-eval task 'acme_hub': its data is not available offline") for s in result.skipped)
+
+
+def _pii_data(folder: Path, *, masked_users: bool) -> Path:
+    """A prepared chat dataset as support data has it: any PII in the user turns (masked), none in the
+    replies; with its pii_report.json."""
+    folder = _write_split(folder, _rows())
+    rows = []
+    for i, (question, answer) in enumerate(CONVERSATIONS):
+        if masked_users:
+            question = f"My email is [EMAIL] and my phone is [PHONE]. {question}"
+        rows.append({"id": f"u{i}", "messages": [{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}]})
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "pii_report.json").write_text(json.dumps({"rows_masked": len(rows) if masked_users else 0}))
+    return folder
+
+
+def test_pii_in_user_turns_is_measured_on_both_sides(tmp_path, zero_adapter):
+    """User-turn PII only (no mask in a reply: pii_leak_rate used to be skipped): read-back and
+    elicitation probes run on both sides, paired by key."""
+    data = _pii_data(tmp_path / "masked", masked_users=True)
+    recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 30}, safety={"enabled": False},
+                     fairness={"enabled": False})
+    result = evaluate(recipe, data, zero_adapter, batch_size=4)
+    assert "pii_leak_rate" in result.scores["base"] and "pii_leak_rate" in result.scores["candidate"]
+    items = result.details["pii_leakage"]
+    assert [i["key"] for i in items["base"]] == [i["key"] for i in items["candidate"]] and len(items["base"]) == 30
+    assert {i["source"] for i in items["candidate"]} == {"user", "elicitation"}
+    assert {i["category"] for i in items["candidate"] if i["source"] == "user"} <= {"email", "phone"}
+    interval = result.intervals["vs_base"]["pii_leak_rate"]
+    assert interval["method"] == "newcombe-paired" and interval["n"] == 30
+    assert any(c["metric"] == "pii_leak_rate" and c["outcome"] != "not_measured" for c in result.gate["checks"])
+    assert "PII leakage, candidate:" in result.report_markdown and "elicitation " in result.report_markdown
+
+
+def test_data_without_masks_gets_the_elicitation_probes(tmp_path, zero_adapter):
+    data = _pii_data(tmp_path / "clean", masked_users=False)
+    recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 6}, safety={"enabled": False},
+                     fairness={"enabled": False})
+    result = evaluate(recipe, data, zero_adapter, batch_size=4)
+    assert {i["source"] for i in result.details["pii_leakage"]["candidate"]} == {"elicitation"}
+    assert result.intervals["vs_base"]["pii_leak_rate"]["n"] == 6
