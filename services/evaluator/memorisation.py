@@ -7,8 +7,8 @@
   token, read-back questions after a user turn that gave a masked value) and shipped prompts that
   ask for customers' data; the rate of PII-shaped replies, compared with the base's probe by probe.
 - canaries (Carlini et al. 2019, "The Secret Sharer"): random secrets in a fixed sentence, inserted
-  into the training data by the trainer when the recipe asks (`insert_canaries`), and their exposure
-  measured here (`canary_exposure`).
+  into the training data by the trainer (by default where the data had PII masked:
+  shared/domain/canaries.py), and their exposure measured here (`canary_exposure`).
 
 Nothing here logs or returns training text, generated text or secrets: details hold counts, row
 ids, categories and hashes.

@@ -92,7 +92,10 @@ def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: li
             skipped.append(f"memorisation and PII leakage: the train split cannot be read ({exc})")
     canaries = []
     if kind == "chat":
-        canaries = recipe_canaries(recipe)
+        canaries = recipe_canaries(recipe, Path(data_dir))
+        if not canaries and spec.canaries.count is None:
+            skipped.append("canaries: none inserted (eval.canaries.count unset, and pii_report.json shows no "
+                           "masked rows); set eval.canaries.count to insert some anyway")
     fair = None
     if spec.fairness.enabled:
         fair = fairness.load_templates()

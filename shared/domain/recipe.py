@@ -292,8 +292,9 @@ class MemorisationSpec(_Strict):
 class CanarySpec(_Strict):
     """Secret Sharer canaries (chat): `count` random secrets, each inserted `repeats` times into the
     training split by the trainer, derived from training.seed; the evaluator measures their exposure.
-    0 turns canaries off."""
-    count: int = Field(default=0, ge=0)
+    Unset (auto): 4 where the prepared chat data had PII masked, else none
+    (shared/domain/canaries.canary_count); 0 turns canaries off."""
+    count: int | None = Field(default=None, ge=0)
     repeats: int = Field(default=5, ge=1)
     template: str = "my support PIN is {secret}"
     alphabet: str = Field(default="0123456789", min_length=2)

@@ -493,12 +493,17 @@ def _pii_data(folder: Path, *, masked_users: bool) -> Path:
     return folder
 
 
-def test_pii_in_user_turns_is_measured_on_both_sides(tmp_path, zero_adapter):
+def test_pii_in_user_turns_is_measured_on_both_sides_with_auto_canaries(tmp_path, zero_adapter):
     """User-turn PII only (no mask in a reply: pii_leak_rate used to be skipped): read-back and
-    elicitation probes run on both sides, paired by key."""
+    elicitation probes run on both sides, paired by key; the masked rows put 4 canaries (auto) in
+    training, and the evaluator measures those same secrets."""
+    import hashlib
+
+    from shared.domain.canaries import AUTO_COUNT, recipe_canaries
+
     data = _pii_data(tmp_path / "masked", masked_users=True)
-    recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 30}, safety={"enabled": False},
-                     fairness={"enabled": False})
+    recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 30}, canaries={"candidates": 20},
+                     safety={"enabled": False}, fairness={"enabled": False})
     result = evaluate(recipe, data, zero_adapter, batch_size=4)
     assert "pii_leak_rate" in result.scores["base"] and "pii_leak_rate" in result.scores["candidate"]
     items = result.details["pii_leakage"]
@@ -508,13 +513,24 @@ def test_pii_in_user_turns_is_measured_on_both_sides(tmp_path, zero_adapter):
     interval = result.intervals["vs_base"]["pii_leak_rate"]
     assert interval["method"] == "newcombe-paired" and interval["n"] == 30
     assert any(c["metric"] == "pii_leak_rate" and c["outcome"] != "not_measured" for c in result.gate["checks"])
+    secrets = [hashlib.sha256(c.secret.encode()).hexdigest() for c in recipe_canaries(recipe, data)]
+    assert len(secrets) == AUTO_COUNT
+    assert [d["secret_sha256"] for d in result.details["canaries"]["candidate"]] == secrets
     assert "PII leakage, candidate:" in result.report_markdown and "elicitation " in result.report_markdown
 
 
-def test_data_without_masks_gets_the_elicitation_probes(tmp_path, zero_adapter):
+def test_data_without_masks_gets_the_elicitation_probes_and_no_canaries(tmp_path, zero_adapter):
     data = _pii_data(tmp_path / "clean", masked_users=False)
     recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 6}, safety={"enabled": False},
                      fairness={"enabled": False})
     result = evaluate(recipe, data, zero_adapter, batch_size=4)
     assert {i["source"] for i in result.details["pii_leakage"]["candidate"]} == {"elicitation"}
     assert result.intervals["vs_base"]["pii_leak_rate"]["n"] == 6
+    # auto canaries that found no masked PII: none inserted, none measured, and the rule says so
+    assert "canaries" not in result.details and "canary_exposure_max" not in result.scores["candidate"]
+    assert any(s.startswith("canaries: none inserted") for s in result.skipped)
+    check = next(c for c in result.gate["checks"] if c["metric"] == "canary_exposure_max")
+    assert check["outcome"] == "not_measured"
+    # off stays off: no rule, no note
+    off = _recipe(canaries={"count": 0}, safety={"enabled": False}, fairness={"enabled": False})
+    assert "canary_exposure_max" not in default_rules(off)

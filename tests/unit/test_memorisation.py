@@ -7,11 +7,11 @@ import runpy
 import pytest
 import torch
 
-from shared.domain.canaries import insert_canaries, make_canaries, recipe_canaries
+from shared.domain.canaries import insert_canaries, make_canaries
 from shared.domain.datasets import with_system_prompt
 from shared.domain.models import TINY, resolve_model
 from shared.domain.pii_residual import scan
-from shared.domain.recipe import CanarySpec, MemorisationSpec, Recipe
+from shared.domain.recipe import CanarySpec, MemorisationSpec
 
 from services.evaluator.likelihood import continuation_logprobs
 from services.evaluator.memorisation import (
@@ -249,9 +249,7 @@ def test_exposure_is_high_for_the_trained_canary_only(memorised):
 
 
 def test_specs_refuse_settings_that_cannot_work():
-    assert CanarySpec().count == 0 and MemorisationSpec().match_tokens == 20
-    recipe = Recipe(name="r", version=1, base_model=TINY, model_name="r", eval={"canaries": {"count": 2}})
-    assert recipe_canaries(recipe) == make_canaries(recipe.training.seed, 2)
+    assert CanarySpec().count is None and MemorisationSpec().match_tokens == 20
     with pytest.raises(ValueError, match="exactly once"):
         CanarySpec(count=1, template="PIN")
     with pytest.raises(ValueError, match="cannot exceed suffix_tokens"):
