@@ -295,7 +295,9 @@ class CanarySpec(_Strict):
     Unset (auto): 4 where the prepared chat data had PII masked, else none
     (shared/domain/canaries.canary_count); 0 turns canaries off."""
     count: int | None = Field(default=None, ge=0)
-    repeats: int = Field(default=5, ge=1)
+    # Once, as a real customer's value appears: on the demo recipe (3 epochs at lr 2e-3) a canary seen
+    # once reached at most 5.0 bits (never-inserted ones 0.7-6.2), one seen 5 times 19.9 of 19.9.
+    repeats: int = Field(default=1, ge=1)
     template: str = "my support PIN is {secret}"
     alphabet: str = Field(default="0123456789", min_length=2)
     length: int = Field(default=6, ge=1)
