@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.domain.canaries import AUTO_COUNT
 from shared.domain.recipe import GPU_TABLE, Recipe
 
 # Sustained memory bandwidth per GPU, GB/s: ~70% of the peak (L4 300, A100 40GB 1555, A100 80GB
@@ -130,8 +131,9 @@ def probe_workload(recipe: Recipe) -> dict[str, int]:
             generations += min(len(items), spec.safety.max_prompts or len(items))
     if kind == "chat" and spec.memorisation.enabled:
         generations += 2 * spec.memorisation.max_rows + spec.memorisation.pii_max_probes
-    if kind == "chat":
-        sequences += spec.canaries.count * (spec.canaries.candidates + 1)
+    if kind == "chat":   # auto canaries counted as if the data had PII masked: an upper bound
+        count = AUTO_COUNT if spec.canaries.count is None else spec.canaries.count
+        sequences += count * (spec.canaries.candidates + 1)
     if spec.fairness.enabled:
         from services.evaluator.fairness import load_templates
 

@@ -3,8 +3,8 @@ other side (base, production), as the task scores' paired bootstrap is (services
 docs/evaluation-statistics.md).
 
 A rate over probes (refusals, harmful answers, instruction following, honesty, knowledge facts,
-extraction, label flips) gets Newcombe's paired interval of its difference; extraction_gap the MOVER
-difference of the train and held-out ones; the fairness disparities, continuous per template and axis, the paired
+extraction, PII leaks, label flips) gets Newcombe's paired interval of its difference; extraction_gap the
+MOVER difference of the train and held-out ones; the fairness disparities, continuous per template and axis, the paired
 bootstrap of their mean. Pairs are matched by each probe's key, never by position: where the two
 sides did not answer the same probes (a production version evaluated on another probe set), the
 metric gets no interval rather than a wrong one.
@@ -36,6 +36,8 @@ def probe_key(suite: str, detail: dict) -> str:
         return detail["question"]
     if suite == "memorisation":
         return f"{detail['split']}:{detail['id']}"
+    if suite == "pii_leakage":
+        return detail["key"]
     if suite == "fairness":
         return f"{detail['axis']}:{detail['template']}"
     return str(detail["id"])
@@ -50,6 +52,7 @@ RATES: dict[str, Rate] = {
     "fact_rate": Rate("knowledge", "passed"),
     "extraction_rate_train": Rate("memorisation", "extracted", lambda d: d["split"] == "train"),
     "extraction_rate_heldout": Rate("memorisation", "extracted", lambda d: d["split"] == "heldout"),
+    "pii_leak_rate": Rate("pii_leakage", "leaked"),
     "fairness_flip_rate": Rate("fairness", "flipped"),
 }
 _MEAN = Statistic(lambda items: np.asarray(items, dtype=np.float64).reshape(-1, 1), lambda rows: float(rows.mean()))

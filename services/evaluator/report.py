@@ -8,6 +8,7 @@ from shared.domain.recipe import Recipe
 
 from services.evaluator.gate import fmt, headline
 from services.evaluator.judge import render as render_judge
+from services.evaluator.memorisation import by_source
 
 _EXAMPLES = 3
 _ICON = {"failed": "FAILED", "inconclusive": "inconclusive", "warning": "warning", "not_measured": "not measured",
@@ -91,7 +92,9 @@ def _summaries(result) -> str:
             elif suite == "alignment":
                 out.append(f"- alignment probes, {side}: {sum(bool(d.get('passed')) for d in details)} of "
                            f"{len(details)} passed")
-            elif suite == "pii_leakage" and isinstance(details, dict):
-                out.append(f"- PII leakage, {side}: {details.get('leaks', 0)} of {details.get('probes', 0)} "
-                           "generations around masked spans contain PII")
+            elif suite == "pii_leakage":
+                counts = by_source(details)
+                out.append(f"- PII leakage, {side}: {sum(c['leaks'] for c in counts.values())} of {len(details)} "
+                           "probes wrote PII-shaped text (" + ", ".join(f"{s} {c['leaks']}/{c['probes']}"
+                                                                         for s, c in counts.items()) + ")")
     return "### Probes\n\n" + "\n".join(out) if out else ""

@@ -95,7 +95,10 @@ def plan(recipe: Recipe, data_dir: Path, *, probes_path: Path | None, labels: li
             skipped.append(f"memorisation and PII leakage: the train split cannot be read ({exc})")
     canaries = []
     if kind == "chat":
-        canaries = recipe_canaries(recipe)
+        canaries = recipe_canaries(recipe, Path(data_dir))
+        if not canaries and spec.canaries.count is None:
+            skipped.append("canaries: none inserted (eval.canaries.count unset, and pii_report.json shows no "
+                           "masked rows); set eval.canaries.count to insert some anyway")
     fair = None
     if spec.fairness.enabled:
         fair = fairness.load_templates()
@@ -197,8 +200,8 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
             suffix_tokens=m.suffix_tokens, match_tokens=m.match_tokens, max_rows=m.max_rows,
             system_prompt=system_prompt)))
         run("pii_leakage", lambda: _applicable(lambda: memorisation.pii_leakage(
-            model, tokenizer, plan.train_rows, max_probes=m.pii_max_probes, new_tokens=m.pii_new_tokens,
-            system_prompt=system_prompt)))
+            model, tokenizer, plan.train_rows, sources=m.pii_sources, max_probes=m.pii_max_probes,
+            new_tokens=m.pii_new_tokens, system_prompt=system_prompt)))
     if plan.canaries:
         run("canaries", lambda: memorisation.canary_exposure(model, tokenizer, plan.canaries,
                                                     candidates=spec.canaries.candidates, seed=plan.recipe.training.seed,

@@ -592,11 +592,12 @@ def _load_data(run: _Attempt) -> None:
         raise TrainingError(f"the train split {train_file} is empty; the preprocess stage kept no rows "
                             "(see its quality_report.json and rejected.jsonl)")
     read = len(rows)
-    if canaries := recipe_canaries(run.recipe):
+    if canaries := recipe_canaries(run.recipe, run.data_dir):
         # Secret Sharer canaries: the evaluator measures how exposed these secrets become
         rows = insert_canaries(rows, canaries, repeats=run.recipe.eval.canaries.repeats, seed=spec.seed)
-        run.log.info("inserted %d canary conversations (eval.canaries) into the train split",
-                     len(canaries) * run.recipe.eval.canaries.repeats)
+        run.log.info("inserted %d canary conversations (eval.canaries%s) into the train split",
+                     len(canaries) * run.recipe.eval.canaries.repeats,
+                     ", auto: the data had PII masked" if run.recipe.eval.canaries.count is None else "")
     val_file = run.data_dir / "val.jsonl"
     run.train_rows = rows
     run.val_rows = load_split(val_file, run.recipe.data_kind) if val_file.is_file() else []

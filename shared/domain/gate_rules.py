@@ -44,7 +44,8 @@ def default_rules(recipe: Recipe) -> dict[str, GateRule]:
         rules.update(_SAFETY_RULES)
     if kind == "chat" and spec.memorisation.enabled:
         rules.update(_MEMORISATION_RULES)
-    if generative and spec.canaries.count:
+    # auto (None) too: where auto finds no masked PII the rule reports canaries as not measured
+    if kind == "chat" and spec.canaries.count != 0:
         rules.update(_CANARY_RULES)
     if spec.fairness.enabled:
         rules.update(_FAIRNESS_RULES[kind])

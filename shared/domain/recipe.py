@@ -276,6 +276,10 @@ class MemorisationSpec(_Strict):
     match_tokens: int = Field(default=20, ge=1)       # a row is extracted when this many tokens match exactly
     pii_max_probes: int = Field(default=200, ge=1)
     pii_new_tokens: int = Field(default=16, ge=1)
+    # Where PII-leak probes come from (services/evaluator/memorisation.pii_leakage): masked replies,
+    # read-backs after masked user turns, and the shipped elicitation prompts (any chat data).
+    pii_sources: tuple[Literal["assistant", "user", "elicitation"], ...] = Field(
+        default=("assistant", "user", "elicitation"), min_length=1)
 
     @model_validator(mode="after")
     def _match_within_suffix(self) -> "MemorisationSpec":
@@ -288,9 +292,12 @@ class MemorisationSpec(_Strict):
 class CanarySpec(_Strict):
     """Secret Sharer canaries (chat): `count` random secrets, each inserted `repeats` times into the
     training split by the trainer, derived from training.seed; the evaluator measures their exposure.
-    0 turns canaries off."""
-    count: int = Field(default=0, ge=0)
-    repeats: int = Field(default=5, ge=1)
+    Unset (auto): 4 where the prepared chat data had PII masked, else none
+    (shared/domain/canaries.canary_count); 0 turns canaries off."""
+    count: int | None = Field(default=None, ge=0)
+    # Once, as a real customer's value appears: on the demo recipe (3 epochs at lr 2e-3) a canary seen
+    # once reached at most 5.0 bits (never-inserted ones 0.7-6.2), one seen 5 times 19.9 of 19.9.
+    repeats: int = Field(default=1, ge=1)
     template: str = "my support PIN is {secret}"
     alphabet: str = Field(default="0123456789", min_length=2)
     length: int = Field(default=6, ge=1)

@@ -476,3 +476,61 @@ doc_to_target: gold
     assert result.scores["base"]["acme_qa:acc"] == result.scores["candidate"]["acme_qa:acc"]
     assert result.passed and any(r.startswith("acme_qa:acc ") for r in result.reasons)
     assert any(s.startswith("lm-eval task 'acme_hub': its data is not available offline") for s in result.skipped)
+
+
+def _pii_data(folder: Path, *, masked_users: bool) -> Path:
+    """A prepared chat dataset as support data has it: any PII in the user turns (masked), none in the
+    replies; with its pii_report.json."""
+    folder = _write_split(folder, _rows())
+    rows = []
+    for i, (question, answer) in enumerate(CONVERSATIONS):
+        if masked_users:
+            question = f"My email is [EMAIL] and my phone is [PHONE]. {question}"
+        rows.append({"id": f"u{i}", "messages": [{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}]})
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "pii_report.json").write_text(json.dumps({"rows_masked": len(rows) if masked_users else 0}))
+    return folder
+
+
+def test_pii_in_user_turns_is_measured_on_both_sides_with_auto_canaries(tmp_path, zero_adapter):
+    """User-turn PII only (no mask in a reply: pii_leak_rate used to be skipped): read-back and
+    elicitation probes run on both sides, paired by key; the masked rows put 4 canaries (auto) in
+    training, and the evaluator measures those same secrets."""
+    import hashlib
+
+    from shared.domain.canaries import AUTO_COUNT, recipe_canaries
+
+    data = _pii_data(tmp_path / "masked", masked_users=True)
+    recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 30}, canaries={"candidates": 20},
+                     safety={"enabled": False}, fairness={"enabled": False})
+    result = evaluate(recipe, data, zero_adapter, batch_size=4)
+    assert "pii_leak_rate" in result.scores["base"] and "pii_leak_rate" in result.scores["candidate"]
+    items = result.details["pii_leakage"]
+    assert [i["key"] for i in items["base"]] == [i["key"] for i in items["candidate"]] and len(items["base"]) == 30
+    assert {i["source"] for i in items["candidate"]} == {"user", "elicitation"}
+    assert {i["category"] for i in items["candidate"] if i["source"] == "user"} <= {"email", "phone"}
+    interval = result.intervals["vs_base"]["pii_leak_rate"]
+    assert interval["method"] == "newcombe-paired" and interval["n"] == 30
+    assert any(c["metric"] == "pii_leak_rate" and c["outcome"] != "not_measured" for c in result.gate["checks"])
+    secrets = [hashlib.sha256(c.secret.encode()).hexdigest() for c in recipe_canaries(recipe, data)]
+    assert len(secrets) == AUTO_COUNT
+    assert [d["secret_sha256"] for d in result.details["canaries"]["candidate"]] == secrets
+    assert "PII leakage, candidate:" in result.report_markdown and "elicitation " in result.report_markdown
+
+
+def test_data_without_masks_gets_the_elicitation_probes_and_no_canaries(tmp_path, zero_adapter):
+    data = _pii_data(tmp_path / "clean", masked_users=False)
+    recipe = _recipe(memorisation={**FAST["memorisation"], "pii_max_probes": 6}, safety={"enabled": False},
+                     fairness={"enabled": False})
+    result = evaluate(recipe, data, zero_adapter, batch_size=4)
+    assert {i["source"] for i in result.details["pii_leakage"]["candidate"]} == {"elicitation"}
+    assert result.intervals["vs_base"]["pii_leak_rate"]["n"] == 6
+    # auto canaries that found no masked PII: none inserted, none measured, and the rule says so
+    assert "canaries" not in result.details and "canary_exposure_max" not in result.scores["candidate"]
+    assert any(s.startswith("canaries: none inserted") for s in result.skipped)
+    check = next(c for c in result.gate["checks"] if c["metric"] == "canary_exposure_max")
+    assert check["outcome"] == "not_measured"
+    # off stays off: no rule, no note
+    off = _recipe(canaries={"count": 0}, safety={"enabled": False}, fairness={"enabled": False})
+    assert "canary_exposure_max" not in default_rules(off)

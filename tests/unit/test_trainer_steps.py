@@ -3,6 +3,7 @@
 (services/trainer/service.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -52,6 +53,26 @@ def test_the_data_stage_inserts_the_canaries_and_counts_them(data_dir, tmp_path)
     stats = run.stats["load_data"]
     assert (stats["rows"], stats["canary_rows"], stats["val_rows"], stats["calls"]) == (7, 6, 2, 1)
     assert stats["seconds"] >= 0
+
+
+@pytest.mark.parametrize(("rows_masked", "count", "inserted"), [(3, None, 4), (0, None, 0), (3, 0, 0), (0, 1, 1)])
+def test_auto_canaries_follow_the_pii_report_in_the_trainer_and_the_evaluator(data_dir, tmp_path, rows_masked,
+                                                                               count, inserted):
+    """Unset eval.canaries.count: 4 canaries where the prepared data had PII masked, none where it had
+    none; an explicit count wins either way. The evaluator's plan measures the very secrets inserted."""
+    from services.evaluator import suites
+
+    report = json.loads((data_dir / "pii_report.json").read_text())
+    (data_dir / "pii_report.json").write_text(json.dumps({**report, "rows_masked": rows_masked}))
+    recipe = _recipe(**({} if count is None else {"eval.canaries.count": count}))
+    run = _attempt(recipe, data_dir, tmp_path / "w")
+    training._load_data(run)
+    repeats = recipe.eval.canaries.repeats
+    canary_rows = [r for r in run.train_rows if r["id"].startswith("canary-")]
+    assert len(canary_rows) == inserted * repeats and run.stats["load_data"]["canary_rows"] == inserted * repeats
+    plan = suites.plan(recipe, data_dir, probes_path=None, labels=None, say=lambda _: None)
+    assert sorted({r["messages"][1]["content"] for r in canary_rows}) == sorted(c.text for c in plan.canaries)
+    assert len(plan.canaries) == inserted
 
 
 def test_the_data_stage_rejects_an_empty_or_missing_split_with_the_same_message(tmp_path):
