@@ -366,9 +366,9 @@ class EvalSpec(_Strict):
     # first slice is the suite's limit: safety.max_prompts, memorisation.max_rows / pii_max_probes,
     # fairness.max_templates), up to `more_rounds` times, then holds what is still undecided. Its
     # intervals are at confidence 1 - (1 - confidence) / (1 + more_rounds) at every look (Bonferroni),
-    # so looking again does not raise the error rate. `warn` by default until the default probe sets
-    # are sized to their tolerances (docs/evaluation-statistics.md).
-    on_inconclusive: Literal["warn", "hold", "evaluate_more"] = "warn"
+    # so looking again does not raise the error rate. `hold` by default: the default probe sets are
+    # sized to their tolerances (docs/evaluation-statistics.md, "MDE at defaults").
+    on_inconclusive: Literal["warn", "hold", "evaluate_more"] = "hold"
     more_rounds: int = Field(default=2, ge=1, le=10)
     # Score the model name's current production version too (when there is one).
     compare_production: bool = True

@@ -42,13 +42,13 @@ def _decide(recipe: Recipe, base_rate: float, cand_rate: float, evidence: dict, 
 
 def test_the_issues_case_is_inconclusive_not_failed():
     """0.000 vs base 0.200 on 5 probes: the old gate's FAILED; the evidence cannot tell."""
-    decision = _decide(_recipe(), 0.2, 0.0, _paired(1, 0, 5))
-    assert decision.outcome == "inconclusive" and decision.passed and not decision.held   # warn: reported
-    [check] = [c for c in decision.checks if c.metric == "instruction_following_rate"]
+    held = _decide(_recipe(), 0.2, 0.0, _paired(1, 0, 5))
+    assert held.outcome == "inconclusive" and held.held and not held.passed   # hold, the default
+    [check] = [c for c in held.checks if c.metric == "instruction_following_rate"]
     assert check.outcome == "inconclusive" and "straddles tolerance 0.100 on 5 probes" in check.reason
     assert "more probes would decide it" in check.reason
-    held = _decide(_recipe(on_inconclusive="hold"), 0.2, 0.0, _paired(1, 0, 5))
-    assert held.outcome == "inconclusive" and held.held and not held.passed
+    reported = _decide(_recipe(on_inconclusive="warn"), 0.2, 0.0, _paired(1, 0, 5))
+    assert reported.outcome == "inconclusive" and reported.passed and not reported.held
     # on the point values alone (no intervals) the old rule still decides
     assert not gate(_recipe(), {"base": {"instruction_following_rate": 0.2}, "candidate":
                                 {"instruction_following_rate": 0.0}}).passed
