@@ -301,7 +301,11 @@ class CanarySpec(_Strict):
     template: str = "my support PIN is {secret}"
     alphabet: str = Field(default="0123456789", min_length=2)
     length: int = Field(default=6, ge=1)
-    candidates: int = Field(default=1000, ge=10)      # random secrets each canary is ranked against
+    # Random secrets each canary is ranked against. The rank comes from a skew-normal fitted to their
+    # log-perplexities (services/evaluator/memorisation.py), which a few hundred samples fit: 200 was
+    # what the default-on canaries were measured with on the demo, and each costs a scored sequence
+    # per canary and side (1,000 made canaries the slowest suite of the demo's evaluation).
+    candidates: int = Field(default=200, ge=10)
 
     @model_validator(mode="after")
     def _one_slot(self) -> "CanarySpec":

@@ -77,9 +77,9 @@ def test_cli_estimate(capsys):
 def test_probe_workload_follows_the_recipes_suites():
     """tiny-sft: 9 adversarial + 9 alignment prompts, 2 x 4 extraction rows + 4 PII probes; 4 fairness
     templates x every term of every axis; canaries unset (auto), counted as the 4 that data with masked
-    PII gets, each against its 1000 candidates."""
+    PII gets, each against its 200 candidates."""
     terms = sum(len(t) for t in load_templates().axes.values())
-    assert probe_workload(BASE) == {"generations": 9 + 9 + 2 * 4 + 4, "sequences": 4 * 1001 + 4 * terms}
+    assert probe_workload(BASE) == {"generations": 9 + 9 + 2 * 4 + 4, "sequences": 4 * 201 + 4 * terms}
     off = BASE.model_copy(update={"eval": BASE.eval.model_copy(update={
         "safety": BASE.eval.safety.model_copy(update={"enabled": False}),
         "canaries": BASE.eval.canaries.model_copy(update={"count": 2, "candidates": 99})})})
