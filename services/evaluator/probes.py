@@ -1,9 +1,15 @@
 """Knowledge probes: does a model state the facts its training data taught?
 
-A probe file is JSONL, one {"question": str, "expect": [str, ...]} per line (other keys, such as
-"fact", are kept as the probe's label). A probe passes when the model's greedy answer contains any
-expected string, case-insensitively. Probes are rephrasings held out of the training data, so a
-pass means the model learned the fact, not the sentence.
+A probe file is JSONL, one {"question": str, "expect": [str, ...]} per line, with optional keys:
+- "reject": [str, ...]: strings that fail the answer even when it also states an expected one (the
+  values of other facts of the same kind, so that an answer mixing up two facts does not pass);
+- "split": "val" | "test" (default "test"): the evaluator gates on test probes only; val probes
+  are the trainer's, to pick its checkpoint with `training.select_by: probes`, and so are never
+  a measure of the model that was selected on them;
+- "fact": the probe's label (e.g. the fact it asks about), to group results.
+A probe passes when the model's greedy answer contains any expected string and no rejected one,
+case-insensitively. Probes are rephrasings held out of the training data, so a pass means the model
+learned the fact, not the sentence.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 from shared.domain.datasets import DatasetContractError, iter_jsonl, with_system_prompt
 
 _SHAPE = '{"question": str, "expect": [str, ...]}'
+SPLITS = ("val", "test")
 
 logger = logging.getLogger(__name__)
 
@@ -29,29 +36,45 @@ class Probe:
     question: str
     expect: tuple[str, ...]
     label: str | None = None   # e.g. the fact the probe asks about, to group results
+    reject: tuple[str, ...] = ()
+    split: str = "test"
 
     def passes(self, answer: str) -> bool:
         folded = answer.casefold()
-        return any(e.casefold() in folded for e in self.expect)
+        return (any(e.casefold() in folded for e in self.expect)
+                and not any(r.casefold() in folded for r in self.reject))
 
 
-def load_probes(path: Path | str) -> list[Probe]:
+def _strings(row: dict, key: str) -> bool:
+    value = row.get(key)
+    return isinstance(value, list) and bool(value) and all(isinstance(e, str) and e.strip() for e in value)
+
+
+def load_probes(path: Path | str, split: str | None = None) -> list[Probe]:
+    """The file's probes; only those of `split` ("val" or "test") when given."""
     path = Path(path)
     probes = []
     try:
         for lineno, row in iter_jsonl(path, shape=_SHAPE):
             question = row.get("question") if isinstance(row, dict) else None
-            expect = row.get("expect") if isinstance(row, dict) else None
             if not isinstance(question, str) or not question.strip():
                 raise ProbeError(f"{path}:{lineno}: 'question' must be a non-empty string")
-            if (not isinstance(expect, list) or not expect
-                    or not all(isinstance(e, str) and e.strip() for e in expect)):
+            if not _strings(row, "expect"):
                 raise ProbeError(f"{path}:{lineno}: 'expect' must be a non-empty list of non-empty strings")
-            probes.append(Probe(question=question, expect=tuple(expect), label=row.get("fact")))
+            if "reject" in row and not _strings(row, "reject"):
+                raise ProbeError(f"{path}:{lineno}: 'reject', when given, must be a non-empty list of non-empty strings")
+            if row.get("split", "test") not in SPLITS:
+                raise ProbeError(f"{path}:{lineno}: 'split' must be one of {', '.join(SPLITS)} (or absent: test)")
+            probes.append(Probe(question=question, expect=tuple(row["expect"]), label=row.get("fact"),
+                                reject=tuple(row.get("reject", ())), split=row.get("split", "test")))
     except DatasetContractError as exc:
         raise ProbeError(str(exc)) from exc
     if not probes:
         raise ProbeError(f"{path}: no probes; write one {_SHAPE} per line")
+    if split is not None:
+        probes = [p for p in probes if p.split == split]
+        if not probes:
+            raise ProbeError(f"{path}: no {split} probes; mark some with \"split\": \"{split}\"")
     return probes
 
 
