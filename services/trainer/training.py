@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from shared.domain.canaries import insert_canaries, recipe_canaries
 from shared.domain.datasets import DatasetContractError, read_split
@@ -525,6 +526,7 @@ class _Attempt:
     tokenizer: Any = None
     labels: list[str] | None = None     # a classifier's classes
     model: Any = None                   # wrapped for the world's strategy by _restore_or_start
+    neftune: Any = None                 # the NEFTune forward hook's handle (training.neftune_alpha)
     weights: modeling.WeightFiles | None = None   # a model built unloaded: where _restore_or_start loads it from
     objective: objectives.Objective | None = None
     examples: list = field(default_factory=list)
@@ -622,6 +624,8 @@ def _build_model(run: _Attempt) -> None:
             model = modeling.build_model(recipe, labels=run.labels, log=run.log, compute=run.compute)
             run.model = model if recipe.adapter.kind == "qlora" else model.to(device)  # a 4-bit model is placed as it loads
         world.note_loading(run.model)
+        if run.spec.neftune_alpha is not None:  # the hook adds noise only while the module is in training mode
+            run.neftune = activate_neftune(run.model, run.spec.neftune_alpha)
         run.objective = objective = objectives.for_recipe(recipe, run.tokenizer, labels=run.labels)
         run.examples, run.val_examples = objective.encode(run.train_rows, "train", run.log), objective.encode(
             run.val_rows, "val", run.log)
@@ -822,6 +826,9 @@ def _finish(run: _Attempt) -> TrainResult:
     if run.stopped_early:
         val_loss = best.best_val_loss
     else:
+        if run.neftune is not None:  # the saved model is the plain one
+            deactivate_neftune(run.model, run.neftune)
+            run.neftune = None
         weights = world.full_state(run.model)
         if world.main:
             modeling.save_trained(run.model, adapter_dir, labels=run.labels, state_dict=weights)

@@ -221,6 +221,10 @@ class TrainingSpec(_Strict):
     # rises this many evaluations in a row (0: never); see services/trainer/monitor.py.
     eval_every: int | None = Field(default=None, ge=1)
     early_stop_evals: int = Field(default=3, ge=0)
+    # NEFTune (Jain et al. 2023, arXiv:2310.05914): uniform noise of scale alpha / sqrt(L * d) on the
+    # input embeddings in training forwards only (L the batch's padded or packed row length, d the
+    # embedding width); validation, probes and the saved model see none. None: off.
+    neftune_alpha: float | None = Field(default=None, gt=0)
     grad_norm_alert: float = Field(default=10.0, gt=0)   # a pre-clipping gradient norm above this raises an alert
     seed: int = 0
     # What the frozen base computes in: auto is bf16 on a GPU that has it (fp16 with a loss scaler on
