@@ -45,9 +45,8 @@ class Probe:
                 and not any(r.casefold() in folded for r in self.reject))
 
 
-def _strings(row: dict, key: str) -> bool:
-    value = row.get(key)
-    return isinstance(value, list) and bool(value) and all(isinstance(e, str) and e.strip() for e in value)
+def _strings(value, *, empty: bool = False) -> bool:
+    return isinstance(value, list) and (empty or bool(value)) and all(isinstance(e, str) and e.strip() for e in value)
 
 
 def load_probes(path: Path | str, split: str | None = None) -> list[Probe]:
@@ -59,10 +58,10 @@ def load_probes(path: Path | str, split: str | None = None) -> list[Probe]:
             question = row.get("question") if isinstance(row, dict) else None
             if not isinstance(question, str) or not question.strip():
                 raise ProbeError(f"{path}:{lineno}: 'question' must be a non-empty string")
-            if not _strings(row, "expect"):
+            if not _strings(row.get("expect")):
                 raise ProbeError(f"{path}:{lineno}: 'expect' must be a non-empty list of non-empty strings")
-            if "reject" in row and not _strings(row, "reject"):
-                raise ProbeError(f"{path}:{lineno}: 'reject', when given, must be a non-empty list of non-empty strings")
+            if not _strings(row.get("reject", []), empty=True):
+                raise ProbeError(f"{path}:{lineno}: 'reject', when given, must be a list of non-empty strings")
             if row.get("split", "test") not in SPLITS:
                 raise ProbeError(f"{path}:{lineno}: 'split' must be one of {', '.join(SPLITS)} (or absent: test)")
             probes.append(Probe(question=question, expect=tuple(row["expect"]), label=row.get("fact"),

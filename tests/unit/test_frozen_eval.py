@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.domain.probes import load_probes
+
 ROOT = Path(__file__).resolve().parents[2]
 FROZEN = json.loads((ROOT / "bench" / "eval" / "FROZEN.json").read_text(encoding="utf-8"))
 
@@ -35,3 +37,10 @@ def test_the_generator_reproduces_its_outputs():
     assert "\n".join(probes) + "\n" == (folder / "probes.jsonl").read_text()
     rows = [json.loads(line) for line in probes]
     assert sum(r["split"] == "test" for r in rows) >= 100 and {r["split"] for r in rows} == {"val", "test"}
+
+
+def test_the_probe_file_loads_with_100_test_probes_that_reject_confused_values():
+    path = ROOT / "examples" / "support_b" / "probes.jsonl"
+    test, val = load_probes(path, split="test"), load_probes(path, split="val")
+    assert (len(test), len(val)) == (100, 50) and not {p.question for p in test} & {p.question for p in val}
+    assert sum(bool(p.reject) for p in test) >= 90

@@ -68,8 +68,8 @@ def test_probes_carry_reject_and_split_and_select_by_split(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"reject": "2"}, "'reject', when given, must be a non-empty list"),
-    ({"reject": []}, "'reject', when given, must be a non-empty list"),
+    ({"reject": "2"}, "'reject', when given, must be a list of non-empty strings"),
+    ({"reject": [""]}, "'reject', when given, must be a list of non-empty strings"),
     ({"split": "train"}, "'split' must be one of val, test"),
 ])
 def test_bad_reject_or_split_names_the_line(tmp_path, extra, message):
