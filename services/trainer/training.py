@@ -879,7 +879,7 @@ def _finish(run: _Attempt) -> TrainResult:
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": run.monitor.cost(state.seconds)}
     if from_best:
         metrics["best_step"] = best.best_step
-    if run.stopped_early:
+    if run.stopped_early and state.global_step < run.total_steps:  # a stop at the last step ended nothing early
         metrics["early_stopped_at"] = state.global_step
     if best.best_score is not None:
         metrics["val_fact_rate"] = best.best_score
