@@ -133,7 +133,8 @@ def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[st
     if not path.is_file():
         raise EvaluationError(f"probes file not found: {path}; check eval.probes in the recipe")
     try:
-        return knowledge_probes.load_probes(path)
+        # val probes are for the trainer's checkpoint selection (training.select_by: probes)
+        return knowledge_probes.load_probes(path, split="test")
     except Exception as exc:  # noqa: BLE001 - surface any parse error with the file named
         raise EvaluationError(f"probes file {path} could not be read: {exc}; fix the file named by eval.probes "
                               "(one {\"question\": ..., \"expect\": [...]} per line)") from exc

@@ -8,13 +8,17 @@ either a warning or a stop:
                      (clipping keeps the step bounded, but a run that keeps spiking is diverging);
 - `val_loss_rising`  validation loss higher than the evaluation before it, `early_stop_evals` times
                      in a row: stop early, and the run's result is its best checkpoint;
+- `val_probes_plateau` (`training.select_by: probes`) the fact rate on the val probes not better
+                     than the best so far `early_stop_evals` evaluations in a row, or 1 (nothing
+                     left to gain): stop; the run's result is its best checkpoint either way;
 - `budget`           the cost so far extrapolated to the last step above `budget.max_cost` x
                      `budget.overrun`: stop (the run fails; its checkpoints stay for inspection).
 
 Cost so far = training seconds x hardware.count x hardware.nodes x price per GPU-hour / 3600
 (`hardware.price_per_gpu_hour` or the GPU table's).
 
-Its state (best evaluation, the rising streak, warnings already given) travels in checkpoints so
+The best evaluation is the lowest validation loss, or with `select_by: probes` the highest val-probe
+fact rate (ties: the lower validation loss). Its state (best evaluation, the rising or stale streak, warnings already given) travels in checkpoints so
 that a resumed run makes the same decisions as one that never stopped.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ from shared.domain.recipe import Recipe
 
 @dataclass(frozen=True)
 class Alert:
-    kind: str          # non_finite_loss | grad_norm | val_loss_rising | budget | out_of_memory (training.train)
+    kind: str          # non_finite_loss | grad_norm | val_loss_rising | val_probes_plateau | budget | out_of_memory
     step: int
     message: str
     value: float | None
@@ -41,6 +45,8 @@ class MonitorState:
     best_val_loss: float | None = None
     last_val_loss: float | None = None
     rising: int = 0                                  # evaluations in a row with a higher val loss
+    best_score: float | None = None                  # select_by probes: the best val-probe fact rate
+    stale: int = 0                                   # select_by probes: evaluations in a row not better
     evaluations: list[dict] = field(default_factory=list)
 
 
@@ -81,8 +87,12 @@ class Monitor:
                                     round(projected, 4), limit, stop=True))
         return alerts
 
-    def on_eval(self, step: int, val_loss: float) -> list[Alert]:
-        """After a validation pass at `step`."""
+    def on_eval(self, step: int, val_loss: float, score: float | None = None) -> list[Alert]:
+        """After a validation pass at `step`; `score`: the val-probe fact rate (select_by probes)."""
+        if self.spec.select_by == "probes":
+            if score is None:
+                raise ValueError("training.select_by is probes: each evaluation needs the val-probe fact rate")
+            return self._on_score(step, val_loss, score)
         st = self.state
         st.evaluations.append({"step": step, "val_loss": val_loss})
         if st.best_val_loss is None or val_loss < st.best_val_loss:
@@ -96,8 +106,30 @@ class Monitor:
                           f"val_loss {st.best_val_loss:.4f})", val_loss, st.best_val_loss, stop=True)]
         return []
 
+    def _on_score(self, step: int, val_loss: float, score: float) -> list[Alert]:
+        st = self.state
+        st.evaluations.append({"step": step, "val_loss": val_loss, "score": score})
+        best = (st.best_score is None or score > st.best_score
+                or (score == st.best_score and st.best_val_loss is not None and val_loss < st.best_val_loss))
+        if best:
+            st.best_step, st.best_score, st.best_val_loss, st.stale = step, score, val_loss, 0
+        else:
+            st.stale += 1
+        if self._plateaued():
+            why = "every val probe passes" if st.best_score == 1.0 else (
+                f"the val-probe fact rate has not improved for {st.stale} evaluations (now {score:.3f})")
+            return [Alert("val_probes_plateau", step, f"{why}; stopped, keeping the best checkpoint (step "
+                          f"{st.best_step}, fact rate {st.best_score:.3f})", score, st.best_score, stop=True)]
+        return []
+
+    def _plateaued(self) -> bool:
+        st, patience = self.state, self.spec.early_stop_evals
+        return st.best_score == 1.0 or bool(patience and st.stale >= patience)
+
     def stopped_early(self) -> bool:
         """Whether the evaluations so far already ended the run (a resume after the early stop)."""
+        if self.spec.select_by == "probes":
+            return self._plateaued()
         return bool(self.spec.early_stop_evals) and self.state.rising >= self.spec.early_stop_evals
 
     def state_dict(self) -> dict:

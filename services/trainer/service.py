@@ -91,6 +91,20 @@ def _download_inputs(ctx: Context, dataset_uri: str, resume_prefix: str | None, 
     return data_dir, resume_dir
 
 
+def _selection_probes(ctx: Context, recipe, dataset_uri: str, tmp: Path) -> Path | None:
+    """eval.probes from the dataset's bucket, as the evaluator fetches it, when training.select_by is
+    probes (its val probes pick the checkpoint); None otherwise or when it is not there (train says so)."""
+    if recipe.training.select_by != "probes":
+        return None
+    bucket, _ = ctx.store.parse_url(dataset_uri)
+    path = tmp / "probes.jsonl"
+    try:
+        ctx.store.download_file(bucket, recipe.eval.probes, str(path))
+    except KeyError:
+        return None
+    return path
+
+
 @dataclass(frozen=True)
 class Plan:
     """Rank 0's word to the other ranks, broadcast by `_lead` and obeyed by `_follow` (pickled by
@@ -117,7 +131,8 @@ def _follow(ctx: Context, world, run_id: str, recipe, dataset_uri: str) -> list:
     with tempfile.TemporaryDirectory(prefix="ftpipe-train-") as tmp:
         data_dir, resume_dir = _download_inputs(ctx, dataset_uri, plan.resume, Path(tmp))
         try:
-            train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir, should_stop=ctx.stopping.is_set)
+            train(recipe, data_dir, Path(tmp) / "work", resume_from=resume_dir, should_stop=ctx.stopping.is_set,
+                  probes_path=_selection_probes(ctx, recipe, dataset_uri, Path(tmp)))
         except TrainingStopped as stopped:
             outcome: Plan = world.broadcast(None)  # rank 0 knows whether the stop was a cancel or a preemption
             if outcome.action == "retry":
@@ -151,6 +166,7 @@ def _lead(ctx: Context, world, run_id: str, recipe, dataset_uri: str, tenant: st
             callbacks = _Callbacks(run, beat)
             try:
                 result = train(recipe, run.data_dir, run.tmp / "work", resume_from=run.resume_dir,
+                               probes_path=_selection_probes(ctx, recipe, dataset_uri, run.tmp),
                                on_metrics=callbacks.on_metrics, on_checkpoint=callbacks.on_checkpoint,
                                should_stop=callbacks.should_stop, on_alert=callbacks.on_alert,
                                fetch_checkpoint=callbacks.fetch_checkpoint)

@@ -32,10 +32,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from shared.domain.canaries import insert_canaries, recipe_canaries
 from shared.domain.datasets import DatasetContractError, read_split
 from shared.domain.memory_plan import Device, PlanError, plan_recipe
+from shared.domain.probes import Probe, ProbeError, fact_rate, load_probes
 from shared.domain.recipe import Recipe, TrainingSpec
 from shared.platform.build_info import RUN_RECORD
 
@@ -398,7 +400,8 @@ def _planned_micro_batch(recipe: Recipe, world: distributed.World, log: logging.
 
 
 def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path | None = None,
-          on_alert: Callable[[Alert], None] = _ignore, log: logging.Logger = logger, **hooks) -> TrainResult:
+          probes_path: Path | None = None, on_alert: Callable[[Alert], None] = _ignore, log: logging.Logger = logger,
+          **hooks) -> TrainResult:
     """Train (see `_train_attempt` for the hooks and what a run does), backing off on out of memory:
     the micro-batch is halved and the accumulation doubled (the same effective batch, so the same
     steps: see `_step_batches`), and training resumes from the latest checkpoint; at a micro-batch
@@ -413,8 +416,8 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
     attempt = _planned_micro_batch(recipe, world, log)
     while True:
         try:
-            result = _train_attempt(attempt, data_dir, work_dir, resume_from=resume_from, on_alert=on_alert, log=log,
-                                    world=world, **hooks)
+            result = _train_attempt(attempt, data_dir, work_dir, resume_from=resume_from, probes_path=probes_path,
+                                    on_alert=on_alert, log=log, world=world, **hooks)
             break
         except _OutOfMemory as oom:
             if world.size > 1:  # the other ranks wait in a collective: no agreed back-off
@@ -445,7 +448,7 @@ def train(recipe: Recipe, data_dir: Path, work_dir: Path, *, resume_from: Path |
 
 
 def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
-                   resume_from: Path | None = None,
+                   resume_from: Path | None = None, probes_path: Path | None = None,
                    on_metrics: Callable[[list[dict]], None] = _ignore,
                    on_checkpoint: Callable[[int, Path, dict], None] = _ignore,
                    should_stop: Callable[[], bool] = _never,
@@ -461,7 +464,8 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     (so the final partial list arrives with the final checkpoint, and every step up to a checkpoint
     is delivered before it is announced; steps after it are replayed by a resume). should_stop() is
     polled after every step: when it is true the loop checkpoints and raises TrainingStopped.
-    resume_from continues a run exactly from one of its checkpoints.
+    resume_from continues a run exactly from one of its checkpoints. probes_path: the recipe's
+    eval.probes file, whose val probes pick the result under training.select_by: probes.
 
     Validation loss is measured every training.eval_every steps (default: at each checkpoint) and
     rides on that step's metrics. The monitor's alerts (services/trainer/monitor.py) reach
@@ -473,7 +477,8 @@ def _train_attempt(recipe: Recipe, data_dir: Path, work_dir: Path, *,
     Each stage below is a function of one `_Attempt`: what it reads and adds is in its docstring.
     """
     run = _Attempt(recipe, Path(data_dir), Path(work_dir), world or distributed.World(), log=log,
-                   hooks=_Hooks(on_metrics, on_checkpoint, should_stop, on_alert, fetch_checkpoint))
+                   hooks=_Hooks(on_metrics, on_checkpoint, should_stop, on_alert, fetch_checkpoint),
+                   probes_path=probes_path)
     _load_data(run)
     _build_model(run)
     _plan_steps(run)
@@ -517,14 +522,17 @@ class _Attempt:
     world: distributed.World
     log: logging.Logger = logger
     hooks: _Hooks = field(default_factory=_Hooks)
+    probes_path: Path | None = None
     # _load_data
     train_rows: list[dict] = field(default_factory=list)
     val_rows: list[dict] = field(default_factory=list)
+    val_probes: list[Probe] = field(default_factory=list)   # select_by probes: what each validation asks
     # _build_model
     compute: Compute = CPU_FP32         # precision and checkpointing, resolved for the device
     tokenizer: Any = None
     labels: list[str] | None = None     # a classifier's classes
     model: Any = None                   # wrapped for the world's strategy by _restore_or_start
+    neftune: Any = None                 # the NEFTune forward hook's handle (training.neftune_alpha)
     weights: modeling.WeightFiles | None = None   # a model built unloaded: where _restore_or_start loads it from
     objective: objectives.Objective | None = None
     examples: list = field(default_factory=list)
@@ -582,7 +590,8 @@ def _stage(fn):
 
 @_stage
 def _load_data(run: _Attempt) -> None:
-    """Reads the recipe and data_dir; adds train_rows (the recipe's canaries inserted) and val_rows."""
+    """Reads the recipe, data_dir and probes_path; adds train_rows (the recipe's canaries inserted),
+    val_rows and val_probes (select_by probes)."""
     train_file, spec = run.train_file, run.spec
     if not train_file.is_file():
         raise TrainingError(f"no train split at {train_file}; data_dir must be a prepared dataset folder "
@@ -601,7 +610,22 @@ def _load_data(run: _Attempt) -> None:
     val_file = run.data_dir / "val.jsonl"
     run.train_rows = rows
     run.val_rows = load_split(val_file, run.recipe.data_kind) if val_file.is_file() else []
+    if spec.select_by == "probes":
+        run.val_probes = _val_probes(run)
     run.count("load_data", rows=read, canary_rows=len(rows) - read, val_rows=len(run.val_rows))
+
+
+def _val_probes(run: _Attempt) -> list[Probe]:
+    if not run.val_rows:  # its val loss breaks ties, and validation runs only with val rows
+        raise TrainingError(f"training.select_by: probes needs a val split; {run.data_dir}/val.jsonl is missing or "
+                            "empty (give data.split a val share)")
+    if run.probes_path is None:
+        raise TrainingError(f"training.select_by is probes, but the probes file eval.probes "
+                            f"({run.recipe.eval.probes!r}) did not reach the trainer: put it in the dataset's bucket")
+    try:
+        return load_probes(run.probes_path, split="val")
+    except ProbeError as exc:
+        raise TrainingError(f"{exc} (training.select_by: probes picks checkpoints on them)") from exc
 
 
 @_stage
@@ -623,6 +647,8 @@ def _build_model(run: _Attempt) -> None:
             model = modeling.build_model(recipe, labels=run.labels, log=run.log, compute=run.compute)
             run.model = model if recipe.adapter.kind == "qlora" else model.to(device)  # a 4-bit model is placed as it loads
         world.note_loading(run.model)
+        if run.spec.neftune_alpha is not None:  # the hook adds noise only while the module is in training mode
+            run.neftune = activate_neftune(run.model, run.spec.neftune_alpha)
         run.objective = objective = objectives.for_recipe(recipe, run.tokenizer, labels=run.labels)
         run.examples, run.val_examples = objective.encode(run.train_rows, "train", run.log), objective.encode(
             run.val_rows, "val", run.log)
@@ -745,9 +771,16 @@ def _watch(run: _Attempt, metrics: dict, grad_norm: float) -> Alert | None:
 
 @_stage
 def _validate(run: _Attempt, metrics: dict) -> list[Alert]:
-    """Reads the model and val_examples; adds val_loss to the step's metrics; the monitor's alerts on it."""
+    """Reads the model, val_examples and val_probes; adds val_loss (and val_fact_rate) to the step's
+    metrics; the monitor's alerts on them."""
     metrics["val_loss"] = round(_val_loss(run), 6)
-    return run.monitor.on_eval(run.state.global_step, metrics["val_loss"])
+    score = None
+    if run.val_probes:  # greedy answers, asked as the evaluator asks its test probes
+        with run.compute.autocast():
+            score, _ = fact_rate(run.model, run.tokenizer, run.val_probes, system_prompt=run.recipe.data.system_prompt,
+                                 max_new_tokens=run.recipe.eval.max_new_tokens)
+        metrics["val_fact_rate"] = round(score, 6)
+    return run.monitor.on_eval(run.state.global_step, metrics["val_loss"], score)
 
 
 def _val_loss(run: _Attempt) -> float | None:
@@ -774,7 +807,10 @@ def _flush_metrics(run: _Attempt) -> None:
 
 
 def _checkpoint_due(run: _Attempt) -> bool:
-    return run.state.global_step % run.spec.checkpoint_every == 0 or run.state.global_step == run.total_steps
+    step = run.state.global_step
+    # select_by probes: the result is the best checkpoint, so a new best is always written
+    new_best = run.spec.select_by == "probes" and run.monitor.state.best_step == step
+    return step % run.spec.checkpoint_every == 0 or step == run.total_steps or new_best
 
 
 @_stage
@@ -807,22 +843,26 @@ def _checkpoint_of_this_step(run: _Attempt) -> Path:
 
 @_stage
 def _finish(run: _Attempt) -> TrainResult:
-    """The result: work_dir/adapter (the best checkpoint's adapter after an early stop, else the
-    final weights) and the final metrics. Reads the whole state; adds nothing."""
+    """The result: work_dir/adapter (the best checkpoint's adapter after an early stop, or whenever
+    select_by is probes; else the final weights) and the final metrics. Reads the whole state; adds nothing."""
     state, world, spec, best = run.state, run.world, run.spec, run.monitor.state
     adapter_dir = run.work_dir / "adapter"
+    from_best = run.stopped_early or (spec.select_by == "probes" and best.best_step not in (None, state.global_step))
     if world.main:
         shutil.rmtree(adapter_dir, ignore_errors=True)
-    if run.stopped_early and world.main:  # the run's result is its best checkpoint, not its last step
+    if from_best and world.main:  # the run's result is its best checkpoint, not its last step
         found = run.checkpoints / f"step-{best.best_step}"
         found = found if found.is_dir() else run.hooks.fetch_checkpoint(best.best_step)
         if found is None or not (found / "adapter").is_dir():
             raise TrainingError(f"stopped early at step {state.global_step}, but the best checkpoint (step "
                                 f"{best.best_step}) is neither in {run.checkpoints} nor in the run's store")
         shutil.copytree(found / "adapter", adapter_dir)
-    if run.stopped_early:
+    if from_best:
         val_loss = best.best_val_loss
     else:
+        if run.neftune is not None:  # the saved model is the plain one
+            deactivate_neftune(run.model, run.neftune)
+            run.neftune = None
         weights = world.full_state(run.model)
         if world.main:
             modeling.save_trained(run.model, adapter_dir, labels=run.labels, state_dict=weights)
@@ -838,8 +878,12 @@ def _finish(run: _Attempt) -> TrainResult:
         f"{name} {s['seconds']:.1f} s" + (f" ({s['calls']:.0f} calls)" if s["calls"] > 1 else "")
         for name, s in run.stats.items()))
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "cost": run.monitor.cost(state.seconds)}
-    if run.stopped_early:
-        metrics.update(best_step=best.best_step, early_stopped_at=state.global_step)
+    if from_best:
+        metrics["best_step"] = best.best_step
+    if run.stopped_early and state.global_step < run.total_steps:  # a stop at the last step ended nothing early
+        metrics["early_stopped_at"] = state.global_step
+    if best.best_score is not None:
+        metrics["val_fact_rate"] = best.best_score
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics, steps=state.global_step, tokens=state.tokens_seen,
                        seconds=round(state.seconds, 3), loss_curve=[m["loss"] for m in state.metrics],
                        micro_batch=(spec.batch_size, spec.grad_accum), device=str(run.device),

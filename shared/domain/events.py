@@ -173,7 +173,7 @@ class TrainingAlert(Event):
     type: ClassVar[str] = "TrainingAlert"
     topic: ClassVar[str] = TRAINING
     step: int
-    kind: Literal["non_finite_loss", "grad_norm", "val_loss_rising", "budget", "out_of_memory"]
+    kind: Literal["non_finite_loss", "grad_norm", "val_loss_rising", "val_probes_plateau", "budget", "out_of_memory"]
     message: str
     value: float | None = None
     threshold: float | None = None

@@ -221,6 +221,16 @@ class TrainingSpec(_Strict):
     # rises this many evaluations in a row (0: never); see services/trainer/monitor.py.
     eval_every: int | None = Field(default=None, ge=1)
     early_stop_evals: int = Field(default=3, ge=0)
+    # NEFTune (Jain et al. 2023, arXiv:2310.05914): uniform noise of scale alpha / sqrt(L * d) on the
+    # input embeddings in training forwards only (L the batch's padded or packed row length, d the
+    # embedding width); validation, probes and the saved model see none. None: off.
+    neftune_alpha: float | None = Field(default=None, gt=0)
+    # What picks the run's result among its validations. val_loss: the lowest validation loss (the
+    # result is the last step unless it rose early_stop_evals times in a row). probes: the highest
+    # fact rate on eval.probes' "val" probes, asked at each validation (ties: the lower val loss);
+    # the result is that checkpoint, and the run stops after early_stop_evals validations without a
+    # better rate, or at a rate of 1: epochs are a cap.
+    select_by: Literal["val_loss", "probes"] = "val_loss"
     grad_norm_alert: float = Field(default=10.0, gt=0)   # a pre-clipping gradient norm above this raises an alert
     seed: int = 0
     # What the frozen base computes in: auto is bf16 on a GPU that has it (fp16 with a loss scaler on
@@ -471,6 +481,9 @@ class Recipe(_Strict):
             # transformers only separates packed conversations when there is no cache
             raise ValueError("training.packing does not combine with adapter.kind 'prefix'; set packing: false, "
                              "or use lora")
+        if self.training.select_by == "probes" and not (self.eval.probes and self.data_kind == "chat"):
+            raise ValueError("training.select_by 'probes' picks checkpoints on eval.probes' val probes: it needs a "
+                             "chat recipe with eval.probes set; or use select_by: val_loss")
         if self.adapter.kind == "prefix" and self.task == "classification":
             raise ValueError("adapter.kind 'prefix' is for causal LMs; use lora, qlora or full for classification")
         gpus = self.hardware.total_gpus

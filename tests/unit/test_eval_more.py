@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from shared.domain import probes
 from shared.domain.access import Caller
 from shared.domain.models import TINY, resolve_model
 from shared.domain.overrides import OverrideRefused, check_overrides
 from shared.domain.recipe import Recipe
 from shared.platform.adapters.local_store import LocalObjectStore
 
-from services.evaluator import probes
 from services.evaluator.cache import PREFIX, BaseResults, StoreEntries
 from services.evaluator.evaluation import evaluate
 from services.evaluator.gate import gate

@@ -284,7 +284,8 @@ def test_base_equivalent_adapter_scores_like_the_base_on_every_suite(tmp_path, d
     probes = tmp_path / "probes.jsonl"
     probes.write_text("".join(json.dumps(p) + "\n" for p in (
         {"question": "Who makes the app?", "expect": ["Acme"]},
-        {"question": "How long does shipping to Canada take?", "expect": ["5-7"]})))
+        {"question": "How long does shipping to Canada take?", "expect": ["5-7"]},
+        {"question": "Where is Acme based?", "expect": ["Oslo"], "split": "val"})))   # the trainer's, not gated
     (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(masked=True)))
     recipe = _recipe(probes="probes/acme.jsonl", canaries={"count": 1, "candidates": 20})
     logged = []

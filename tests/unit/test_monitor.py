@@ -56,6 +56,38 @@ def test_val_loss_rising_n_evaluations_in_a_row_stops_and_remembers_the_best():
     assert not Monitor(_recipe(**{"training.early_stop_evals": 0}), 100, resumed.state).stopped_early()
 
 
+def _by_probes(**overrides):
+    return _recipe(**{"training.select_by": "probes", "eval.probes": "probes/p.jsonl", **overrides})
+
+
+def test_select_by_probes_keeps_the_best_fact_rate_ties_going_to_the_lower_val_loss():
+    m = Monitor(_by_probes(**{"training.early_stop_evals": 2}), total_steps=100)
+    # val loss falls throughout: selecting on it would take the last step
+    for step, loss, score in ((10, 2.0, 0.2), (20, 1.5, 0.6), (30, 1.4, 0.5), (40, 1.2, 0.6)):
+        assert m.on_eval(step, loss, score) == [], step   # 0.6 at a lower val loss is the new best
+    assert (m.state.best_step, m.state.best_score, m.state.stale) == (40, 0.6, 0)
+    assert m.on_eval(50, 1.1, 0.4) == []
+    [stop] = m.on_eval(60, 1.0, 0.5)                    # two evaluations in a row without a better rate
+    assert (stop.kind, stop.stop, stop.value, stop.threshold) == ("val_probes_plateau", True, 0.5, 0.6)
+    assert "step 40" in stop.message and m.state.best_val_loss == 1.2
+
+
+def test_select_by_probes_stops_on_a_plateau_or_a_perfect_rate_and_a_resume_stays_stopped():
+    m = Monitor(_by_probes(**{"training.early_stop_evals": 2}), total_steps=100)
+    assert m.on_eval(10, 1.0, 0.5) == [] and m.on_eval(20, 1.1, 0.4) == []
+    [stop] = m.on_eval(30, 1.2, 0.5)                    # equal rate at a higher loss is not better
+    assert (stop.kind, stop.stop, m.state.best_step) == ("val_probes_plateau", True, 10)
+    assert "step 10" in stop.message
+    resumed = Monitor(_by_probes(**{"training.early_stop_evals": 2}), 100, Monitor.load_state(m.state_dict()))
+    assert resumed.stopped_early() and resumed.state.best_score == 0.5
+
+    perfect = Monitor(_by_probes(**{"training.early_stop_evals": 0}), total_steps=100)
+    [done] = perfect.on_eval(10, 1.0, 1.0)
+    assert done.stop and "every val probe passes" in done.message
+    with pytest.raises(ValueError, match="needs the val-probe fact rate"):
+        perfect.on_eval(20, 1.0)
+
+
 # ------------------------------------------------------------------ in the loop
 
 @pytest.fixture
@@ -106,3 +138,41 @@ def test_over_budget_stops_with_a_checkpoint_and_grad_spikes_only_warn(data_dir,
     result = train(_recipe(**{"training.max_steps": 3, "training.grad_norm_alert": 1e-9}), data_dir,
                    tmp_path / "g", on_alert=alerts.append)
     assert result.steps == 3 and [(a.kind, a.stop) for a in alerts] == [("grad_norm", False)] * 3
+
+
+def test_select_by_probes_returns_the_checkpoint_with_the_best_val_fact_rate(data_dir, tmp_path, monkeypatch):
+    import json
+
+    from services.trainer import training
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in (
+        {"question": "val one?", "expect": ["x"], "split": "val"},
+        {"question": "test one?", "expect": ["x"], "split": "test"})))
+    scores, asked = iter([0.2, 0.6, 0.4, 0.4, 0.4]), []
+
+    def scripted(model, tokenizer, probes, **kwargs):   # the generation itself is test_probes.py's
+        asked.append([p.question for p in probes])
+        return next(scores), []
+
+    monkeypatch.setattr(training, "fact_rate", scripted)
+    # no plateau stop, and no regular checkpoint before the end: the best one is written because it is the best
+    recipe = _by_probes(**{"training.max_steps": 5, "training.eval_every": 1, "training.checkpoint_every": 100,
+                           "training.keep_checkpoints": 1, "training.early_stop_evals": 0})
+    rows: list[dict] = []
+    result = training.train(recipe, data_dir, tmp_path / "w", probes_path=probes, on_metrics=rows.extend)
+    assert asked == [["val one?"]] * 5          # the val probes only: the test ones are the gate's
+    assert result.steps == 5 and result.metrics["best_step"] == 2 and result.metrics["val_fact_rate"] == 0.6
+    assert [r["val_fact_rate"] for r in rows] == [0.2, 0.6, 0.4, 0.4, 0.4]
+    checkpoints = tmp_path / "w" / "checkpoints"
+    assert (result.adapter_dir / "adapter_model.safetensors").read_bytes() == \
+        (checkpoints / "step-2" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert result.metrics["val_loss"] == next(r["val_loss"] for r in rows if r["step"] == 2)
+
+    with pytest.raises(training.TrainingError, match="eval.probes .* did not reach the trainer"):
+        training.train(recipe, data_dir, tmp_path / "none")
+
+
+def test_select_by_probes_needs_eval_probes():
+    with pytest.raises(Exception, match="select_by 'probes' picks checkpoints on eval.probes' val probes"):
+        _recipe(**{"training.select_by": "probes"})

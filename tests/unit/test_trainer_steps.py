@@ -208,3 +208,14 @@ def test_inputs_without_the_prepared_files_end_the_run_as_failed(adapters, tmp_p
     trainer._fetch_inputs(run, tmp_path / "inputs")
     assert trainer._verify_inputs(run) is None and run.resume_prefix is None and run.resume_dir is None
     assert (run.data_dir / "train.jsonl").is_file()
+
+
+def test_the_probes_file_is_fetched_from_the_datasets_bucket_only_to_select_by_probes(adapters, tmp_path):
+    store, bucket = adapters.store, adapters.settings.bucket
+    dataset_uri, ctx = store.url(bucket, "datasets/d/"), _context(adapters)
+    by_probes = _recipe(**{"training.select_by": "probes", "eval.probes": "probes/facts.jsonl"})
+    assert trainer._selection_probes(ctx, by_probes, dataset_uri, tmp_path) is None   # not in the bucket: train says so
+    store.write(bucket, "probes/facts.jsonl", b'{"question": "q?", "expect": ["a"], "split": "val"}\n')
+    assert trainer._selection_probes(ctx, _recipe(**{"eval.probes": "probes/facts.jsonl"}), dataset_uri, tmp_path) is None
+    path = trainer._selection_probes(ctx, by_probes, dataset_uri, tmp_path)
+    assert path is not None and path.read_bytes() == store.read(bucket, "probes/facts.jsonl")

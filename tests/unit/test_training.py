@@ -166,6 +166,25 @@ def test_rerun_gives_the_same_loss_curve_and_the_run_record_names_what_ran(data_
     assert a["machine"]["device"] == "cpu" and a["code"]["ftpipe"]
 
 
+def test_neftune_noises_training_forwards_only_and_is_gone_from_the_saved_model(data_dir, tmp_path, monkeypatch):
+    from services.trainer import modeling
+    seen, save = [], modeling.save_trained
+
+    def spy(model, *args, **kwargs):
+        embeddings = model.get_input_embeddings()
+        seen.append((len(embeddings._forward_hooks), hasattr(embeddings, "neftune_noise_alpha")))
+        return save(model, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "save_trained", spy)
+    # a learning rate too small to move the weights: whatever differs is the noise
+    still = {"training.max_steps": 2, "training.learning_rate": 1e-12}
+    plain = train(_recipe(**still), data_dir, tmp_path / "a")
+    noisy = train(_recipe(**still, **{"training.neftune_alpha": 5.0}), data_dir, tmp_path / "b")
+    assert abs(noisy.loss_curve[0] - plain.loss_curve[0]) > 1e-3               # training forwards: noised
+    assert noisy.metrics["val_loss"] == pytest.approx(plain.metrics["val_loss"], abs=1e-6)   # eval mode: not
+    assert seen[1] == seen[0] and not seen[1][1]     # saved without the hook, as a plain run is
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(data_dir, tmp_path):
     with pytest.raises(TrainingStopped) as stopped:
         train(_recipe(), data_dir, tmp_path / "w", should_stop=lambda: True)
