@@ -47,7 +47,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from shared.domain.recipe import GateRule  # noqa: E402
+
 from services.evaluator.evidence import RATES, probe_key  # noqa: E402
+from services.evaluator.gate import check  # noqa: E402
 
 WORKER = Path(__file__).with_name("worker.py")
 RECIPE = "recipes/support-assistant.yaml"
@@ -111,10 +114,6 @@ def decisions(old: dict, new: dict) -> dict:
 # ------------------------------------------------------------------------------------ resample
 
 
-def _worse(higher: bool, ref: float, cand: float) -> float:
-    return ref - cand if higher else cand - ref
-
-
 def resample(old: dict, new: dict, draws: int) -> dict:
     """Per rate metric the old rule judged: the share of `draws` old-sized random subsets of the full
     set's probes on which the old rule (point values) fails, beside the new gate's full-set outcome;
@@ -146,9 +145,10 @@ def resample(old: dict, new: dict, draws: int) -> dict:
             chosen = rng.sample(keys, spec["old_n"])
             base = sum(by_side["base"][k] for k in chosen) / len(chosen)
             cand = sum(by_side["candidate"][k] for k in chosen) / len(chosen)
-            rule = spec["rule"]
-            allowed = rule["tolerance"] * abs(base) if rule["relative"] and base else rule["tolerance"]
-            fails[metric].append(_worse(spec["higher_is_better"], base, cand) > allowed + 1e-12)
+            # the gate's own rule on point values (no interval): what the old gate decided
+            found = check(metric, GateRule.model_validate(spec["rule"]), {"base": {metric: base}, "candidate": {metric: cand}},
+                          named=True)
+            fails[metric].append(found.outcome in ("failed", "warning"))
     blocking = [m for m in metrics if metrics[m]["rule"]["action"] == "block"]
     any_block = [any(fails[m][i] for m in blocking) for i in range(draws)] if blocking else []
     for metric in metrics:

@@ -192,10 +192,10 @@ def _per_look(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"eval": spec.model_copy(update={"confidence": confidence})})
 
 
-# suite -> the limit that is its first slice (recipe.eval.<path>); safety's limit is alignment's too
-_SLICES = {"safety": ("safety", "max_prompts"), "alignment": ("safety", "max_prompts"),
-           "memorisation": ("memorisation", "max_rows"), "pii_leakage": ("memorisation", "pii_max_probes"),
-           "fairness": ("fairness", "max_templates")}
+# suite -> the limit in its recipe.eval section (suites.SECTIONS) that is its first slice; safety's
+# limit is alignment's too
+_LIMITS = {"safety": "max_prompts", "alignment": "max_prompts", "memorisation": "max_rows",
+           "pii_leakage": "pii_max_probes", "fairness": "max_templates"}
 
 
 def _next_slice(recipe: Recipe, decision: GateDecision, look: int,
@@ -210,13 +210,13 @@ def _next_slice(recipe: Recipe, decision: GateDecision, look: int,
     undecided = {suite_of(c.metric) for c in decision.checks if c.outcome == "inconclusive"}
     updates: dict[str, dict] = {}
     named: set[str] = set()
-    for suite in sorted(s for s in undecided if s in _SLICES and s not in exhausted):
-        section, limit = _SLICES[suite]
+    for suite in sorted(s for s in undecided if s in _LIMITS and s not in exhausted):
+        section, limit = suites.SECTIONS[suite], _LIMITS[suite]
         first = getattr(getattr(recipe.eval, section), limit)
         if first is None:
             continue   # the whole set was scored: there is no next slice
         updates.setdefault(section, {})[limit] = first * (look + 1)
-        named |= {s for s, where in _SLICES.items() if where == (section, limit)}
+        named |= {s for s in _LIMITS if (suites.SECTIONS[s], _LIMITS[s]) == (section, limit)}
     if not named:
         return None
     spec = recipe.eval.model_copy(update={section: getattr(recipe.eval, section).model_copy(update=values)

@@ -234,16 +234,17 @@ def suite_inputs(plan: Plan, name: str) -> dict:
         "pii_leakage": plan.train_rows, "canaries": [plan.canaries, recipe.training.seed], "fairness": plan.fairness,
     }
     # other suites' own settings are left out; any setting not known to belong to one suite stays in
-    others = {section for suite, section in _SECTIONS.items() if suite != name and section != _SECTIONS.get(name)}
+    others = {section for suite, section in SECTIONS.items() if suite != name and section != SECTIONS.get(name)}
     return {"kind": plan.kind, "labels": plan.labels, "system_prompt": recipe.data.system_prompt,
             "eval": recipe.eval.model_dump(mode="json", exclude=_GATE_ONLY | others), "data": data.get(name)}
 
 
 # Settings that change how the gate reads the scores, never a score: kept out of the cache's key.
 _GATE_ONLY = {"gate", "confidence", "bootstrap_iters", "on_inconclusive", "more_rounds", "compare_production"}
-# suite -> the section of recipe.eval that only it reads
-_SECTIONS = {"safety": "safety", "alignment": "safety", "memorisation": "memorisation",
-             "pii_leakage": "memorisation", "canaries": "canaries", "fairness": "fairness"}
+# suite -> its own section of recipe.eval (the safety section is alignment's too; the memorisation
+# section is PII leakage's): the cache's key and evaluate_more's slices read it
+SECTIONS = {"safety": "safety", "alignment": "safety", "memorisation": "memorisation",
+            "pii_leakage": "memorisation", "canaries": "canaries", "fairness": "fairness"}
 
 
 class _NotApplicable(Exception):
