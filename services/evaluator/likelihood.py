@@ -9,6 +9,8 @@ digits; "is " + "123456" would not be).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -54,5 +56,36 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         for row, (i, (p, c)) in enumerate(zip(order[start:start + batch_size], batch, strict=True)):
             at = len(p) - 1 - first
             logprobs[i] = scores[row, at:at + len(c)].gather(-1, torch.tensor(c, device=device)[:, None]).sum().item()
+    model.train(was_training)
+    return logprobs, [len(c) for _, c in encoded]
+
+
+@torch.no_grad()
+def shared_prompt_logprobs(model, tokenizer, prompt: str, continuations: list[str], *, batch_size: int = 64,
+                           add_special_tokens: bool = False) -> tuple[list[float], list[int]]:
+    """continuation_logprobs for many continuations of one prompt (the canaries' candidate secrets):
+    the prompt runs once and each batch of continuations attends to a copy of its KV cache, so only
+    the continuations' tokens are computed again (a canary's chat prompt is ~6x its secret and suffix).
+    The same tokenization as continuation_logprobs, so the figures equal its up to float rounding."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [_split_ids(tokenizer, prompt, c, add_special_tokens) for c in continuations]
+    prompt_ids = encoded[0][0]   # the prompt's trailing whitespace moves into every continuation alike
+    was_training = model.training
+    model.eval()
+    head = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    first = head.logits[0, -1].float().log_softmax(-1)   # predicts each continuation's first token
+    logprobs = []
+    for start in range(0, len(encoded), batch_size):
+        batch = [c for _, c in encoded[start:start + batch_size]]
+        width = max(len(c) for c in batch)
+        ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in batch], device=device)
+        mask = torch.tensor([[1] * (len(prompt_ids) + len(c)) + [0] * (width - len(c)) for c in batch], device=device)
+        cache = copy.deepcopy(head.cache)
+        cache.batch_repeat_interleave(len(batch))
+        scores = model(input_ids=ids, attention_mask=mask, cache=cache).logits.float().log_softmax(-1)
+        for row, c in enumerate(batch):
+            rest = scores[row, :len(c) - 1].gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
+            logprobs.append(first[c[0]].item() + rest)
     model.train(was_training)
     return logprobs, [len(c) for _, c in encoded]

@@ -31,7 +31,7 @@ from shared.domain.canaries import Canary, canary_chat, random_secret
 from shared.domain.datasets import DatasetContractError, iter_jsonl, with_system_prompt
 from shared.domain.pii_residual import scan
 
-from services.evaluator.likelihood import continuation_logprobs
+from services.evaluator.likelihood import shared_prompt_logprobs
 from services.evaluator.probes import greedy_continuations
 
 logger = logging.getLogger(__name__)
@@ -293,8 +293,8 @@ def canary_exposure(model, tokenizer, canaries: list[Canary], *, candidates: int
             other = random_secret(rng, canary.alphabet, len(canary.secret))
             if other != canary.secret:
                 others.append(other)
-        lps, _ = continuation_logprobs(model, tokenizer, [(prompt, s + canary.suffix) for s in [canary.secret, *others]],
-                                       batch_size=batch_size)
+        lps, _ = shared_prompt_logprobs(model, tokenizer, prompt, [s + canary.suffix for s in [canary.secret, *others]],
+                                        batch_size=batch_size)
         # log-perplexity in bits: -log2 P(secret and suffix | prompt)
         perplexities = -np.asarray(lps) / math.log(2)
         details.append({"canary": n, "secret_sha256": _sha256(canary.secret), "space_bits": canary.space_bits,

@@ -258,3 +258,22 @@ def test_specs_refuse_settings_that_cannot_work():
         MemorisationSpec(prefix=3)
     with pytest.raises(ValueError, match="pii_sources"):
         MemorisationSpec(pii_sources=["assistant", "system"])
+
+
+def test_one_prompt_run_once_scores_its_continuations_as_each_alone():
+    """The canaries' scorer runs the shared prompt once and reuses its KV cache: the same log-probs as
+    scoring each (prompt, continuation) pair whole, up to float rounding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.domain.models import TINY, resolve_model
+
+    from services.evaluator.likelihood import continuation_logprobs, shared_prompt_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(TINY))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    prompt = "my support PIN is "
+    continuations = ["123456 and that is all.", "9 and more", "000000"]
+    whole, counts = continuation_logprobs(model, tokenizer, [(prompt, c) for c in continuations], batch_size=2)
+    shared, shared_counts = shared_prompt_logprobs(model, tokenizer, prompt, continuations, batch_size=2)
+    assert shared == pytest.approx(whole, abs=1e-4) and shared_counts == counts
