@@ -12,6 +12,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import transformers
+from packaging.version import Version
+
+# transformers 5.24 renamed the KV cache's argument and output field from past_key_values to cache; the
+# old name is gone in 5.40. The floor stays 5.0, so use whichever name the installed release has.
+_CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 def _split_ids(tokenizer, prompt: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
@@ -25,22 +31,32 @@ def _split_ids(tokenizer, prompt: str, continuation: str, add_special_tokens: bo
     return prompt_ids, continuation_ids
 
 
-@torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 16,
                           add_special_tokens: bool = False) -> tuple[list[float], list[int]]:
     """(summed natural-log probability of each continuation given its prompt, its token count).
 
     `add_special_tokens` is for plain-text prompts (a BOS where the tokenizer adds one); leave it
-    off for chat-template text, which carries its own special tokens. Batches are right-padded,
-    which leaves every real position's attention unchanged in a causal model. The model must take
+    off for chat-template text, which carries its own special tokens. The model must take
     `logits_to_keep` (transformers' causal LMs and PEFT wrappers of them do).
     """
+    encoded = [_split_ids(tokenizer, p, c, add_special_tokens) for p, c in pairs]
+    logprobs = [lp for lp, _ in teacher_forced(model, tokenizer, encoded, batch_size=batch_size)]
+    return logprobs, [len(c) for _, c in encoded]
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, encoded: list[tuple[list[int], list[int]]], *,
+                   batch_size: int = 16) -> list[tuple[float, bool]]:
+    """For each (prompt ids, continuation ids): the continuation's summed log-probability, and whether
+    greedy decoding from the prompt writes it (the most likely next token is the continuation's own
+    at every position; float ties aside, what generating would give). One forward pass per batch
+    instead of a decoding step per token. Batches are right-padded, which leaves every real
+    position's attention unchanged in a causal model."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [_split_ids(tokenizer, p, c, add_special_tokens) for p, c in pairs]
     # longest first, so that rows of similar length share a batch and padding stays small
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    logprobs = [0.0] * len(encoded)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -52,12 +68,15 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, bat
         # position t predicts token t + 1, so a continuation is predicted from len(prompt) - 1 on;
         # projecting only those positions onto the vocabulary (logits_to_keep) saves most of the work
         first = min(len(p) for p, _ in batch) - 1
-        scores = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits.float().log_softmax(-1)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+        scores = logits.float().log_softmax(-1)
         for row, (i, (p, c)) in enumerate(zip(order[start:start + batch_size], batch, strict=True)):
             at = len(p) - 1 - first
-            logprobs[i] = scores[row, at:at + len(c)].gather(-1, torch.tensor(c, device=device)[:, None]).sum().item()
+            target = torch.tensor(c, device=device)
+            out[i] = (scores[row, at:at + len(c)].gather(-1, target[:, None]).sum().item(),
+                      bool((logits[row, at:at + len(c)].argmax(-1) == target).all()))
     model.train(was_training)
-    return logprobs, [len(c) for _, c in encoded]
+    return out
 
 
 @torch.no_grad()
@@ -81,9 +100,9 @@ def shared_prompt_logprobs(model, tokenizer, prompt: str, continuations: list[st
         width = max(len(c) for c in batch)
         ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in batch], device=device)
         mask = torch.tensor([[1] * (len(prompt_ids) + len(c)) + [0] * (width - len(c)) for c in batch], device=device)
-        cache = copy.deepcopy(head.cache)
+        cache = copy.deepcopy(getattr(head, _CACHE))
         cache.batch_repeat_interleave(len(batch))
-        scores = model(input_ids=ids, attention_mask=mask, cache=cache).logits.float().log_softmax(-1)
+        scores = model(input_ids=ids, attention_mask=mask, **{_CACHE: cache}).logits.float().log_softmax(-1)
         for row, c in enumerate(batch):
             rest = scores[row, :len(c) - 1].gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
             logprobs.append(first[c[0]].item() + rest)
