@@ -15,7 +15,7 @@ from pathlib import Path
 from shared.domain import events as ev
 from shared.domain.model_registry import alias_version
 from shared.platform.runtime import Context, Reject, Retry, Service
-from shared.platform.storage import download_dir
+from shared.platform.storage import download_dir, download_if_present
 
 
 def on_training_completed(event: ev.TrainingCompleted, ctx: Context):
@@ -55,12 +55,9 @@ def _evaluate(event: ev.TrainingCompleted, ctx: Context) -> ev.EvaluationComplet
         download_dir(ctx.store, bucket, adapter_prefix, adapter_dir)
         probes = None
         if recipe.eval.probes:
-            probes = Path(tmp) / "probes.jsonl"
-            try:
-                ctx.store.download_file(bucket, recipe.eval.probes, str(probes))
-            except KeyError:
+            probes = download_if_present(ctx.store, bucket, recipe.eval.probes, Path(tmp) / "probes.jsonl")
+            if probes is None:
                 ctx.log.warning("knowledge probes %s not found in the bucket; skipping them", recipe.eval.probes)
-                probes = None
         production = _production(ctx, recipe, Path(tmp) / "production")
         try:
             result = evaluate(recipe, data_dir, adapter_dir, production_dir=production, probes_path=probes,

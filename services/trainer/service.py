@@ -16,7 +16,7 @@ from shared.domain import events as ev
 from shared.domain.datasets import missing_prepared_files
 from shared.domain.privacy import SignoffMissing, verify_signed_off
 from shared.platform.runtime import Context, Reject, Retry, Service
-from shared.platform.storage import download_dir, upload_dir
+from shared.platform.storage import download_dir, download_if_present, upload_dir
 
 from services.trainer.lease import Heartbeat, Lease, LeaseHeld
 from services.trainer.quota import OverQuota, UsageMeter, admit, estimated_cost
@@ -97,12 +97,7 @@ def _selection_probes(ctx: Context, recipe, dataset_uri: str, tmp: Path) -> Path
     if recipe.training.select_by != "probes":
         return None
     bucket, _ = ctx.store.parse_url(dataset_uri)
-    path = tmp / "probes.jsonl"
-    try:
-        ctx.store.download_file(bucket, recipe.eval.probes, str(path))
-    except KeyError:
-        return None
-    return path
+    return download_if_present(ctx.store, bucket, recipe.eval.probes, tmp / "probes.jsonl")
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,13 @@ def download_dir(store: ObjectStore, bucket: str, prefix: str, local_dir: Path) 
         store.download_file(bucket, info.name, str(target))
         paths.append(target)
     return paths
+
+
+def download_if_present(store: ObjectStore, bucket: str, name: str, target: Path) -> Path | None:
+    """The object at target, or None when the bucket has no such object (an optional input: the
+    recipe's knowledge probes, read by the trainer and the evaluator alike)."""
+    try:
+        store.download_file(bucket, name, str(target))
+    except KeyError:
+        return None
+    return target
