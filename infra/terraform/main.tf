@@ -35,6 +35,7 @@ locals {
     FTPIPE_ACK_DEADLINE_S        = tostring(local.subscription_policy.ack_deadline_seconds)
     FTPIPE_ADMINS                = join(",", var.admins)
     FTPIPE_JOB_DOORS             = join(",", keys(local.doors))
+    FTPIPE_JUDGE_URLS            = join(",", var.judge_urls)
   }
 }
 

@@ -120,6 +120,16 @@ variable "admins" {
   default     = []
 }
 
+variable "judge_urls" {
+  description = "The LLM judges a recipe's eval.judge.base_url may name (FTPIPE_JUDGE_URLS): URL prefixes such as https://judge.example.com/v1. Checked at submission and by the evaluator before every request; probe answers go to no other host. Empty: recipes may not name a judge in the cloud (the rules judge alone)."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for url in var.judge_urls : can(regex("^https?://[^/,]+", url)) && !strcontains(url, ",")])
+    error_message = "Each judge URL is an http(s) URL with a host and no comma, e.g. https://judge.example.com/v1."
+  }
+}
+
 variable "serving_callers" {
   description = "Service accounts' and people's emails that may call the serving API (FTPIPE_SERVING_CALLERS in output serving_env, and roles/run.invoker where it is deployed). Groups: grant run.invoker to the group; ID tokens carry no groups."
   type        = list(string)
