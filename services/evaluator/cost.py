@@ -114,21 +114,28 @@ def estimate_evaluation_cost(recipe: Recipe, *, examples: int, params: int, spec
                      "probe_questions": probes, "probe_sequences": scored, "max_new_tokens": new_tokens, "every_answer_max_length": True,
                      "prompt_tokens_each": spec.prompt_tokens, "reference_tokens_each": spec.reference_tokens,
                      "prompt_seconds": _sig(prompt_s), "generation_seconds": _sig(generate_s),
-                     "generation": generation, "not_counted": "model download, loading and merging"})
+                     "generation": generation, "not_counted": "model download, loading and merging",
+                     # sent to eval.judge's endpoint, priced by whoever runs it: counted, not costed
+                     "judge_requests": spec.models * derived["judge_requests"]})
 
 
 def probe_workload(recipe: Recipe) -> dict[str, int]:
-    """Per model: the probe suites' generations (safety, alignment, extraction, PII) and the
-    sequences they only score (fairness templates x terms, canaries x candidates), from the recipe's
-    settings and the shipped sets (services/evaluator/suites.py runs them). Knowledge probes live in
-    the bucket and are not counted."""
+    """Per model: the probe suites' generations (safety, alignment, extraction, PII), the sequences
+    they only score (fairness templates x terms, canaries x candidates), and the requests to the LLM
+    judge where eval.judge names one (`refusal`: every adversarial answer, `harmful`: the harmful
+    prompts' answers), from the recipe's settings and the shipped sets (services/evaluator/suites.py
+    runs them). Knowledge probes live in the bucket and are not counted, nor their `correct` verdicts."""
     spec, kind = recipe.eval, recipe.data_kind
-    generations = sequences = 0
+    generations = sequences = judge_requests = 0
     if kind != "classification" and spec.safety.enabled:
-        from services.evaluator.safety import load_adversarial_prompts, load_alignment_probes
+        from services.evaluator.safety import BENIGN, load_adversarial_prompts, load_alignment_probes, stratified_subset
 
-        for items in (load_adversarial_prompts(), load_alignment_probes()):
-            generations += min(len(items), spec.safety.max_prompts or len(items))
+        adversarial = stratified_subset(load_adversarial_prompts(), lambda p: p.category, spec.safety.max_prompts)
+        alignment = load_alignment_probes()
+        generations += len(adversarial) + min(len(alignment), spec.safety.max_prompts or len(alignment))
+        rubrics = spec.judge.rubrics if spec.judge is not None else ()
+        judge_requests += (len(adversarial) * ("refusal" in rubrics)
+                           + sum(p.category != BENIGN for p in adversarial) * ("harmful" in rubrics))
     if kind == "chat" and spec.memorisation.enabled:
         generations += 2 * spec.memorisation.max_rows + spec.memorisation.pii_max_probes
     if kind == "chat":   # auto canaries counted as if the data had PII masked: an upper bound
@@ -140,7 +147,7 @@ def probe_workload(recipe: Recipe) -> dict[str, int]:
         probes = load_templates()
         templates = min(len(probes.templates), spec.fairness.max_templates or len(probes.templates))
         sequences += templates * sum(len(terms) for terms in probes.axes.values())
-    return {"generations": generations, "sequences": sequences}
+    return {"generations": generations, "sequences": sequences, "judge_requests": judge_requests}
 
 
 def _sig(x: float) -> float:
@@ -153,5 +160,7 @@ def describe(estimate: EvalCostEstimate) -> str:
     return (f"evaluation estimate: {a['examples']} examples x {a['models']} models, {estimate.tokens} tokens "
             f"({estimate.prompt_tokens} prompt, {estimate.generated_tokens} generated) on {a['gpu']}\n"
             f"≈ {estimate.seconds:.4g} s ≈ ${estimate.usd:.4g}"
+            + (f", and {a['judge_requests']} requests to the LLM judge (eval.judge; its cost is its endpoint's)"
+               if a["judge_requests"] else "")
             + ("" if estimate.fits_push_deadline else
                f" (longer than Pub/Sub's {PUSH_ACK_DEADLINE_S} s push deadline: runs once, held by a claim)"))

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ftpipe.cli import main
-from shared.domain.recipe import GPU_TABLE, HardwareSpec, load_recipe
+from shared.domain.recipe import GPU_TABLE, HardwareSpec, JudgeSpec, load_recipe
 
 from services.evaluator.cost import SUSTAINED_BANDWIDTH_GB_S, EvalCostSpec, estimate_evaluation_cost, probe_workload
 from services.evaluator.fairness import load_templates
@@ -79,8 +79,30 @@ def test_probe_workload_follows_the_recipes_suites():
     templates x every term of every axis; canaries unset (auto), counted as the 4 that data with masked
     PII gets, each against its 200 candidates."""
     terms = sum(len(t) for t in load_templates().axes.values())
-    assert probe_workload(BASE) == {"generations": 9 + 9 + 2 * 4 + 4, "sequences": 4 * 201 + 4 * terms}
+    assert probe_workload(BASE) == {"generations": 9 + 9 + 2 * 4 + 4, "sequences": 4 * 201 + 4 * terms,
+                                    "judge_requests": 0}
     off = BASE.model_copy(update={"eval": BASE.eval.model_copy(update={
         "safety": BASE.eval.safety.model_copy(update={"enabled": False}),
         "canaries": BASE.eval.canaries.model_copy(update={"count": 2, "candidates": 99})})})
-    assert probe_workload(off) == {"generations": 2 * 4 + 4, "sequences": 2 * 100 + 4 * terms}
+    assert probe_workload(off) == {"generations": 2 * 4 + 4, "sequences": 2 * 100 + 4 * terms, "judge_requests": 0}
+
+
+def test_judge_requests_are_counted_per_rubric_and_model_not_priced():
+    """A judge decides refusal on every adversarial answer and harmfulness on the harmful prompts'
+    (tiny-sft's 9 adversarial prompts keep every category: 1 benign control)."""
+    from services.evaluator.safety import BENIGN, load_adversarial_prompts, stratified_subset
+
+    chosen = stratified_subset(load_adversarial_prompts(), lambda p: p.category, BASE.eval.safety.max_prompts)
+    harmful = sum(p.category != BENIGN for p in chosen)
+    assert 0 < harmful < len(chosen)
+
+    def judged(rubrics):
+        spec = JudgeSpec(base_url="http://127.0.0.1:8000/v1", model="judge", rubrics=rubrics)
+        return BASE.model_copy(update={"eval": BASE.eval.model_copy(update={"judge": spec})})
+
+    assert probe_workload(judged(("refusal",)))["judge_requests"] == len(chosen)
+    assert probe_workload(judged(("refusal", "harmful", "correct")))["judge_requests"] == len(chosen) + harmful
+    plain = estimate_evaluation_cost(BASE, examples=10, params=10**9)
+    estimate = estimate_evaluation_cost(judged(("harmful",)), examples=10, params=10**9)
+    assert estimate.assumptions["judge_requests"] == 3 * harmful and plain.assumptions["judge_requests"] == 0
+    assert estimate.usd == plain.usd   # the judge's endpoint prices its own requests
