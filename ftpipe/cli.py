@@ -296,7 +296,7 @@ def _models_policy(client, args) -> int:
     changes = {}
     if args.owner:
         changes["owners"] = tuple(args.owner)
-    for field in ("approval_required", "four_eyes", "privacy_review"):
+    for field in ("approval_required", "four_eyes", "privacy_review", "llm_judge"):
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
     if args.lock is not None:
@@ -321,7 +321,8 @@ def _models_policy(client, args) -> int:
         out.print(escape(f"{args.name}: owners {', '.join(policy['owners'])}; approval "
                          f"{'required' if policy['approval_required'] else 'not required'}; four eyes "
                          f"{'on' if policy['four_eyes'] else 'off'}; privacy review "
-                         f"{'required' if policy['privacy_review'] else 'not required'}; locked suites "
+                         f"{'required' if policy['privacy_review'] else 'not required'}; LLM judge "
+                         f"{'allowed' if policy.get('llm_judge', True) else 'forbidden'}; locked suites "
                          f"{', '.join(policy['locked_suites']) or 'none'}; gate floors "
                          f"{json.dumps(policy['gate']) if policy['gate'] else 'none'}"))
     return 0
@@ -827,11 +828,12 @@ def build_parser() -> argparse.ArgumentParser:
         q = model_action(name, help_)
         q.add_argument("--reason", required=True, help="why")
     q = model_action("policy", "show or change (admin) the model name's policy: owners, approval, four eyes, "
-                               "privacy review, locked suites, gate floors", version=False)
+                               "privacy review, LLM judge, locked suites, gate floors", version=False)
     q.add_argument("--owner", action="append", metavar="TENANT", help="a tenant that owns the name (repeat)")
     for flag, field, help_ in (("approval", "approval_required", "versions need approval"),
                                ("four-eyes", "four_eyes", "a run's submitter may not approve its version"),
-                               ("privacy-review", "privacy_review", "its data needs a privacy sign-off")):
+                               ("privacy-review", "privacy_review", "its data needs a privacy sign-off"),
+                               ("llm-judge", "llm_judge", "a job may send probe answers to an LLM judge (eval.judge)")):
         q.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_)
     q.add_argument("--lock", metavar="SUITES", help="comma-separated suites a job may not disable "
                                                     "(safety,memorisation,fairness; '' for none)")

@@ -135,6 +135,11 @@ def authorize_job(docs: DocStore, caller: Caller, recipe_ref: str | Recipe, over
         owner_check(policy, recipe.model_name, tenant)
     except PolicyError as exc:
         raise JobError(str(exc), status=exc.status) from exc
+    if recipe.eval.judge is not None and policy is not None and not policy.llm_judge:
+        # refused here, not dropped as govern() (the doors' backstop) does: the submitter asked for a judge
+        raise JobError(f"model {recipe.model_name!r}'s policy keeps probe answers in the evaluator (llm_judge: "
+                       f"false): remove eval.judge, or an admin allows it with `ftpipe models policy "
+                       f"{recipe.model_name} --llm-judge`", status=403)
     recipe = govern(recipe, policy)
     if not effective_rules(recipe):
         raise JobError("the recipe's gate checks nothing (every rule off and no suite on): a gate with no rules is "

@@ -42,6 +42,9 @@ class ModelPolicy(BaseModel):
     privacy_review: bool = False
     gate: dict[str, GateRule] = {}  # floors: a recipe's rule for the metric must be at least this strict
     locked_suites: tuple[str, ...] = SUITES   # evaluation suites a job may not disable
+    # false: probe answers never leave the evaluator: a job's eval.judge (an LLM judge behind an
+    # endpoint, services/evaluator/judge.py) is dropped and the rules judge alone
+    llm_judge: bool = True
 
     def public(self) -> dict:
         return self.model_dump(mode="json")
@@ -132,6 +135,8 @@ def loosenings(recipe: Recipe, policy: ModelPolicy) -> list[str]:
     for suite in policy.locked_suites:
         if not getattr(recipe.eval, suite).enabled:
             out.append(f"eval.{suite}.enabled=false (the policy locks the {suite} suite on)")
+    if not policy.llm_judge and recipe.eval.judge is not None:
+        out.append("eval.judge is set (the policy keeps probe answers in the evaluator: no LLM judge)")
     for metric, floor in policy.gate.items():
         rule = recipe.eval.gate.get(metric)
         if rule is not None and not at_least_as_strict(rule, floor):
@@ -141,8 +146,8 @@ def loosenings(recipe: Recipe, policy: ModelPolicy) -> list[str]:
 
 def govern(recipe: Recipe, policy: ModelPolicy | None) -> Recipe:
     """The recipe raised to the policy: approval and privacy review on where the policy says so,
-    locked suites enabled, and each floor rule in place of a looser one. A recipe already as strict
-    comes back unchanged."""
+    locked suites enabled, no LLM judge where it forbids one, and each floor rule in place of a
+    looser one. A recipe already as strict comes back unchanged."""
     if policy is None or not loosenings(recipe, policy) and all(m in recipe.eval.gate for m in policy.gate):
         return recipe
     data = recipe.model_dump(mode="json")
@@ -150,6 +155,8 @@ def govern(recipe: Recipe, policy: ModelPolicy | None) -> Recipe:
     data["data"]["privacy_review"] = recipe.data.privacy_review or policy.privacy_review
     for suite in policy.locked_suites:
         data["eval"][suite]["enabled"] = True
+    if not policy.llm_judge:
+        data["eval"]["judge"] = None
     for metric, floor in policy.gate.items():
         rule = recipe.eval.gate.get(metric)
         if rule is None or not at_least_as_strict(rule, floor):

@@ -12,7 +12,7 @@ import pytest
 
 from shared.domain import access, events as ev, jobs, model_policy, model_registry as reg, privacy
 from shared.domain.access import AccessDenied, Caller
-from shared.domain.recipe import load_recipe
+from shared.domain.recipe import apply_overrides, load_recipe
 from shared.platform.auth import TOKENS, token_authenticator
 from shared.platform.push import AuthError
 from shared.platform.runtime import Context
@@ -207,6 +207,24 @@ def test_a_submitter_changes_hyperparameters_and_tightens_and_the_policy_holds(a
     assert job.source["by"] == "token:sam" and job.tenant == "default"
 
 
+def test_a_policy_that_forbids_an_llm_judge_refuses_a_job_naming_one_and_drops_it_at_the_doors(adapters, chats):
+    """Only an admin names a judge (an override), and the model's owners can still keep the answers in."""
+    judge = {"base_url": "http://127.0.0.1:9/v1", "model": "judge"}
+    model_policy.set_policy(adapters.docs, ADMIN, RECIPE.model_name, owners=("default",), llm_judge=False)
+    before = snapshot(adapters)
+    with pytest.raises(jobs.JobError, match="llm_judge: false") as refused:
+        _submit(adapters, ADMIN, chats, overrides={"eval.judge": judge})
+    assert refused.value.status == 403 and snapshot(adapters) == before
+    # an event that reached a service by another door: govern() takes the judge out
+    judged = apply_overrides(RECIPE, {"eval.judge": judge})
+    policy = model_policy.get_policy(adapters.docs, RECIPE.model_name)
+    assert model_policy.loosenings(judged, policy) and model_policy.govern(judged, policy).eval.judge is None
+    model_policy.set_policy(adapters.docs, ADMIN, RECIPE.model_name, llm_judge=True)
+    _submit(adapters, ADMIN, chats, overrides={"eval.judge": judge})
+    [msg] = adapters.bus.pull(ev.subscription_name("preprocess", ev.JOBS), timeout_s=2)
+    assert ev.decode(msg.data, msg.attributes).recipe.eval.judge.model == "judge"
+
+
 def test_tenants_are_bound_to_identity_and_names_to_their_owners(adapters, chats):
     adapters.docs.set("tenants", "team-b", {})
     model_policy.set_policy(adapters.docs, ADMIN, RECIPE.model_name, owners=("team-b",))
@@ -254,7 +272,6 @@ def test_a_gate_with_no_rules_is_refused_at_submission_and_never_passes():
 
     recipe = load_recipe("tiny-sft")
     off = {m: {"action": "off"} for m in default_rules(recipe)}
-    from shared.domain.recipe import apply_overrides
     empty = apply_overrides(recipe, {"eval.gate": off})
     decision = gate(empty, {"base": {"chrf": 1.0}, "candidate": {"chrf": 99.0}})
     assert not decision.passed and "a gate that checks nothing is refused" in decision.reasons[0]
