@@ -73,6 +73,7 @@ class EvalResult:
     rounds: list[dict] = field(default_factory=list)      # evaluate_more: each round's suites, probes, outcome
     confidence: float = 0.95                               # the intervals' (per look, under evaluate_more)
     cached: list[str] = field(default_factory=list)       # the base's suites read from the evaluation cache
+    dtype: str = "float32"                                 # what every side was scored in (eval.dtype)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -110,15 +111,17 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = scoring_dtype(recipe.eval.dtype, device)
+    say(f"scoring every side in {dtype} on {device}")
     stats_recipe = _per_look(recipe)
-    base_cache = _base_cache(recipe, cache, device, batch_size)
+    base_cache = _base_cache(recipe, cache, device, dtype, batch_size)
     memos: dict[str, dict] = {side: {} for side, _ in sides}   # generations per side, for evaluate_more
     scored: dict[str, suites.SideScores] = {}
 
     def score_sides(current: suites.Plan, only: set[str] | None) -> None:
         for side, folder in sides:
             with suites.phase(timings, f"{side}_load"):
-                tokenizer, model = load_model(recipe, folder, plan.labels, device)
+                tokenizer, model = load_model(recipe, folder, plan.labels, device, dtype)
             say(f"{side}: loaded {folder or recipe.base_model} in {timings[f'{side}_load']:.1f}s")
             with remembered(memos[side]):
                 found = suites.score(current, side, model, tokenizer, Path(tmp) / side, batch_size=batch_size,
@@ -167,7 +170,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
         details={suite: {side: s.details[suite] for side, s in scored.items() if suite in s.details}
                  for suite in sorted({k for s in scored.values() for k in s.details})},
         skipped=plan.skipped, judge=judged, rounds=rounds, confidence=stats_recipe.eval.confidence,
-        cached=base_cache.hits if base_cache is not None else [])
+        cached=base_cache.hits if base_cache is not None else [], dtype=dtype)
     result.report_markdown = render_report(recipe, result)
     say(f"gate {headline(result.gate)} in {result.seconds:.1f}s: " + "; ".join(result.reasons[:3]))
     return result
@@ -243,7 +246,8 @@ def _intervals(recipe: Recipe, reference: "suites.SideScores", candidate: "suite
 # --------------------------------------------------------------------------- loading
 
 
-def _base_cache(recipe: Recipe, entries: Entries | None, device: str, batch_size: int) -> BaseResults | None:
+def _base_cache(recipe: Recipe, entries: Entries | None, device: str, dtype: str,
+                batch_size: int) -> BaseResults | None:
     if entries is None:
         return None
     from shared.domain.models import ModelNotAvailable, base_model_identity
@@ -254,7 +258,7 @@ def _base_cache(recipe: Recipe, entries: Entries | None, device: str, batch_size
         identity = None
     if identity is None:   # a hub id not on this machine: no files to name it by
         return None
-    return BaseResults(entries, base_sha256=identity, device=device, dtype="float32", batch_size=batch_size)
+    return BaseResults(entries, base_sha256=identity, device=device, dtype=dtype, batch_size=batch_size)
 
 
 def _check_model_folder(folder: Path, side: str) -> None:
@@ -297,16 +301,32 @@ def _production_unusable(recipe: Recipe, production: Path, candidate: Path) -> s
     return None
 
 
-def load_model(recipe: Recipe, folder: Path | None, labels: list[str] | None, device: str):
-    """(tokenizer, model in eval mode): the base when folder is None, else the base with the folder's
-    adapter merged in, or the folder's whole model."""
+def scoring_dtype(setting: str, device: str) -> str:
+    """eval.dtype on this device: `auto` is bfloat16 where the device multiplies it natively, else float32."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    if device.startswith("cuda"):
+        native = torch.cuda.is_bf16_supported()
+    elif device == "cpu":   # AMX or AVX512-BF16 (oneDNN's bf16 kernels); torch exposes the probes privately
+        native = any(getattr(torch.cpu, probe, lambda: False)()
+                     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    else:
+        native = False
+    return "bfloat16" if native else "float32"
+
+
+def load_model(recipe: Recipe, folder: Path | None, labels: list[str] | None, device: str, dtype: str = "float32"):
+    """(tokenizer, model in eval mode, in `dtype`): the base when folder is None, else the base with the
+    folder's adapter merged in, or the folder's whole model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from shared.domain.models import ModelNotAvailable, resolve_model
 
     auto = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
-    kwargs: dict = {"dtype": torch.float32}
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
     if labels:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})

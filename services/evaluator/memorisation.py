@@ -31,7 +31,7 @@ from shared.domain.canaries import Canary, canary_chat, random_secret
 from shared.domain.datasets import DatasetContractError, iter_jsonl, with_system_prompt
 from shared.domain.pii_residual import scan
 
-from services.evaluator.likelihood import shared_prompt_logprobs
+from services.evaluator.likelihood import shared_prompt_logprobs, teacher_forced
 from services.evaluator.probes import greedy_continuations
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 MASK_TOKEN = re.compile(r"\[([A-Z]{2,12})\]")
 
 Generate = Callable[..., list[list[int]]]   # greedy_continuations' signature
+Score = Callable[..., list[tuple[float, bool]]]   # likelihood.teacher_forced's
 
 
 def _sha256(text: str) -> str:
@@ -67,9 +68,9 @@ def _first_reply(row: dict) -> int | None:
 # ------------------------------------------------------------------------------ extraction
 
 
-def _extracted(model, tokenizer, rows: list[dict], *, prefix_tokens: int, suffix_tokens: int, match_tokens: int,
-               system_prompt: str | None, generate: Generate) -> list[dict]:
-    prompts, targets, ids = [], [], []
+def _extracted(model, tokenizer, rows: list[dict], *, prefix_tokens: int, match_tokens: int,
+               system_prompt: str | None, score: Score) -> list[dict]:
+    encoded, ids = [], []
     for row in rows:
         turn = _first_reply(row)
         if turn is None:
@@ -78,30 +79,31 @@ def _extracted(model, tokenizer, rows: list[dict], *, prefix_tokens: int, suffix
         # The prefix gives way on short replies so that up to match_tokens remain to compare; with
         # none of the reply left in the prompt, extraction means writing the whole reply from the question.
         cut = min(prefix_tokens, max(0, len(reply) - match_tokens))
-        prompts.append(_chat_prompt_ids(tokenizer, row["messages"][:turn], system_prompt) + reply[:cut])
-        targets.append(reply[cut:cut + match_tokens])
+        encoded.append((_chat_prompt_ids(tokenizer, row["messages"][:turn], system_prompt) + reply[:cut],
+                        reply[cut:cut + match_tokens]))
         ids.append(row["id"])
-    outs = generate(model, tokenizer, prompts, max_new_tokens=suffix_tokens) if prompts else []
-    return [{"id": i, "compared": len(t), "extracted": out[:len(t)] == t} for i, t, out in zip(ids, targets, outs, strict=True)]
+    scored = score(model, tokenizer, encoded) if encoded else []
+    return [{"id": i, "compared": len(target), "extracted": greedy}
+            for i, (_, target), (_, greedy) in zip(ids, encoded, scored, strict=True)]
 
 
 def extraction_rate(model, tokenizer, train_rows: list[dict], heldout_rows: list[dict], *, prefix_tokens: int = 32,
-                    suffix_tokens: int = 32, match_tokens: int = 20, max_rows: int = 200,
-                    system_prompt: str | None = None,
-                    generate: Generate = greedy_continuations) -> tuple[dict[str, float], list[dict]]:
+                    match_tokens: int = 20, max_rows: int = 200, system_prompt: str | None = None,
+                    score: Score = teacher_forced) -> tuple[dict[str, float], list[dict]]:
     """({extraction_rate_train, extraction_rate_heldout, extraction_gap}, one {id, split, compared,
     extracted} per row).
 
     Each row's first assistant reply: the chat before it plus the reply's first `prefix_tokens`
-    tokens go in, `suffix_tokens` come out greedily, and the row counts as extracted when the first
-    `match_tokens` of them (all of the reply's remaining tokens when fewer) are the reply's own.
-    At most `max_rows` rows per split, chosen by the sha256 of their ids.
+    tokens go in, and the row counts as extracted when greedy decoding would write the reply's next
+    `match_tokens` tokens (all of the rest when fewer) exactly. That is checked teacher-forced, in one
+    forward pass per batch (`score`: likelihood.teacher_forced), not by generating: the same answer
+    as decoding step by step, float ties aside, at a fraction of the cost (SmolLM2-135M, 250 rows:
+    see bench/README.md, Eval). At most `max_rows` rows per split, chosen by the sha256 of their ids.
     """
     metrics, details = {}, []
     for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
         results = _extracted(model, tokenizer, _subset(rows, max_rows), prefix_tokens=prefix_tokens,
-                             suffix_tokens=suffix_tokens, match_tokens=match_tokens, system_prompt=system_prompt,
-                             generate=generate)
+                             match_tokens=match_tokens, system_prompt=system_prompt, score=score)
         if not results:
             raise ValueError(f"extraction_rate: no {split} row has an assistant reply to probe "
                              f"({len(rows)} rows given); pass chat rows {{'id', 'messages': [...]}}")

@@ -67,7 +67,7 @@ def render_report(recipe: Recipe, result) -> str:
     lines += ["", _summaries(result), "", *render_judge(result.judge)]
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     lines += ["", f"{result.examples} of {result.available} test rows; greedy decoding up to {spec.max_new_tokens} "
-              f"new tokens; {result.seconds:.1f}s ({phases})."]
+              f"new tokens; every side scored in {result.dtype}; {result.seconds:.1f}s ({phases})."]
     if result.samples:
         lines += ["", "### Examples", ""]
         for sample in result.samples[:_EXAMPLES]:

@@ -198,8 +198,7 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
         m = spec.memorisation
         run("memorisation", lambda: _applicable(lambda: memorisation.extraction_rate(
             model, tokenizer, plan.train_rows, plan.heldout, prefix_tokens=m.prefix_tokens,
-            suffix_tokens=m.suffix_tokens, match_tokens=m.match_tokens, max_rows=m.max_rows,
-            system_prompt=system_prompt)))
+            match_tokens=m.match_tokens, max_rows=m.max_rows, system_prompt=system_prompt)))
         run("pii_leakage", lambda: _applicable(lambda: memorisation.pii_leakage(
             model, tokenizer, plan.train_rows, sources=m.pii_sources, max_probes=m.pii_max_probes,
             new_tokens=m.pii_new_tokens, system_prompt=system_prompt)))

@@ -23,6 +23,7 @@ FREE = (
     "data.format", "data.columns", "data.split_column", "data.labels", "data.stratify", "data.system_prompt",
     "data.min_rows", "data.split",
     "eval.max_new_tokens",
+    "eval.dtype",         # numerics, the same on every side: no gate is looser for it
     "eval.more_rounds",   # more looks, each at a stricter confidence (Bonferroni): the same error rate
 )
 

@@ -282,8 +282,9 @@ class MemorisationSpec(_Strict):
     enabled: bool = True
     max_rows: int = Field(default=200, ge=1)          # rows per split for extraction
     prefix_tokens: int = Field(default=32, ge=0)
-    suffix_tokens: int = Field(default=32, ge=1)
-    match_tokens: int = Field(default=20, ge=1)       # a row is extracted when this many tokens match exactly
+    # A row is extracted when greedy decoding writes the reply's next match_tokens tokens exactly
+    # (checked in one teacher-forced pass: services/evaluator/likelihood.teacher_forced).
+    match_tokens: int = Field(default=20, ge=1)
     pii_max_probes: int = Field(default=200, ge=1)
     pii_new_tokens: int = Field(default=16, ge=1)
     # Where PII-leak probes come from (services/evaluator/memorisation.pii_leakage): masked replies,
@@ -291,12 +292,13 @@ class MemorisationSpec(_Strict):
     pii_sources: tuple[Literal["assistant", "user", "elicitation"], ...] = Field(
         default=("assistant", "user", "elicitation"), min_length=1)
 
-    @model_validator(mode="after")
-    def _match_within_suffix(self) -> "MemorisationSpec":
-        if self.match_tokens > self.suffix_tokens:
-            raise ValueError(f"match_tokens ({self.match_tokens}) cannot exceed suffix_tokens ({self.suffix_tokens}): "
-                             "only the generated suffix can match")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_suffix_tokens(cls, data):
+        if isinstance(data, dict) and "suffix_tokens" in data:
+            raise ValueError("eval.memorisation.suffix_tokens is gone: extraction compares match_tokens tokens and "
+                             "generates nothing beyond them; remove suffix_tokens (set match_tokens instead)")
+        return data
 
 
 class CanarySpec(_Strict):
@@ -384,6 +386,11 @@ class EvalSpec(_Strict):
     # sized to their tolerances (docs/evaluation-statistics.md, "MDE at defaults").
     on_inconclusive: Literal["warn", "hold", "evaluate_more"] = "hold"
     more_rounds: int = Field(default=2, ge=1, le=10)
+    # What every side is scored in (weights and activations; log-probabilities are taken in float32).
+    # `auto`: bfloat16 where the device multiplies it natively (a CUDA GPU with bf16; a CPU with AMX
+    # or AVX512-BF16, where generation runs 2.2x as fast as in float32 on SmolLM2-135M: bench/eval),
+    # else float32. Every side of one evaluation in the same dtype, so the comparisons stay paired.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Score the model name's current production version too (when there is one).
     compare_production: bool = True
     # Optional knowledge probes (JSONL: {"question": ..., "expect": [...]}) named relative to the bucket.

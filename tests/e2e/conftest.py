@@ -44,7 +44,7 @@ eval:
   max_examples: 4
   max_new_tokens: 8
   safety: {{max_prompts: 9, max_new_tokens: 4}}
-  memorisation: {{max_rows: 4, suffix_tokens: 4, match_tokens: 4, pii_max_probes: 4}}
+  memorisation: {{max_rows: 4, match_tokens: 4, pii_max_probes: 4}}
   fairness: {{max_templates: 2}}
   # A random model's scores are noise: the flow is what is tested, so the gate only warns.
   gate:

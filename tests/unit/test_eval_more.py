@@ -103,6 +103,31 @@ def test_a_second_evaluation_reads_the_base_from_the_cache_and_decides_the_same(
     assert third.cached == ["tasks"]
 
 
+def test_every_side_is_scored_in_the_dtype_the_device_multiplies_natively(monkeypatch, tmp_path, data_dir,
+                                                                          zero_adapter):
+    import torch
+
+    from services.evaluator.evaluation import scoring_dtype
+
+    assert scoring_dtype("float32", "cuda") == "float32" and scoring_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)   # a V100, a T4
+    assert scoring_dtype("auto", "cuda") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert scoring_dtype("auto", "cuda:1") == "bfloat16"
+    for amx, avx512_bf16, expected in ((False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert scoring_dtype("auto", "cpu") == expected
+    assert scoring_dtype("auto", "mps") == "float32"
+
+    # an evaluation says what it scored in, and another dtype does not read the first one's base results
+    entries = StoreEntries(LocalObjectStore(tmp_path / "store"), "bucket")
+    first = evaluate(_recipe(dtype="bfloat16"), data_dir, zero_adapter, cache=entries, batch_size=4)
+    second = evaluate(_recipe(dtype="float32"), data_dir, zero_adapter, cache=entries, batch_size=4)
+    assert (first.dtype, second.dtype, second.cached) == ("bfloat16", "float32", [])
+    assert "scored in bfloat16" in first.report_markdown
+
+
 def test_the_cache_key_names_everything_that_changes_an_answer(tmp_path):
     entries = StoreEntries(LocalObjectStore(tmp_path / "store"), "bucket")
     results = BaseResults(entries, base_sha256="a" * 64, device="cpu", dtype="float32", batch_size=8)

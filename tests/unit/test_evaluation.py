@@ -57,7 +57,7 @@ def _rows(masked: bool = False) -> list[dict]:
 # Mechanics only: every probe suite runs, on small subsets, with short generations; a handful of
 # probes decides nothing, so undecided rules are reported (warn), not held.
 FAST = {"on_inconclusive": "warn", "max_examples": 4, "max_new_tokens": 6, "bootstrap_iters": 200,
-        "safety": {"max_prompts": 9, "max_new_tokens": 4}, "memorisation": {"max_rows": 3, "suffix_tokens": 4, "match_tokens": 4, "pii_max_probes": 4},
+        "safety": {"max_prompts": 9, "max_new_tokens": 4}, "memorisation": {"max_rows": 3, "match_tokens": 4, "pii_max_probes": 4},
         "fairness": {"max_templates": 3}}
 
 

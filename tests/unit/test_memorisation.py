@@ -21,6 +21,7 @@ from services.evaluator.memorisation import (
     load_elicitation,
     pii_leakage,
 )
+from services.evaluator.probes import greedy_continuations
 
 
 def chat(i: str, question: str, reply: str) -> dict:
@@ -100,35 +101,53 @@ def test_empty_continuation_is_refused(tiny):
 
 def test_extraction_finds_the_memorised_rows(memorised):
     model, tokenizer = memorised
-    metrics, details = extraction_rate(model, tokenizer, TRAIN, HELDOUT, prefix_tokens=3, suffix_tokens=8,
-                                       match_tokens=8, system_prompt=SYSTEM)
+    metrics, details = extraction_rate(model, tokenizer, TRAIN, HELDOUT, prefix_tokens=3, match_tokens=8,
+                                       system_prompt=SYSTEM)
     assert metrics == {"extraction_rate_train": 1.0, "extraction_rate_heldout": 0.0, "extraction_gap": 1.0}
     assert {(d["id"], d["split"], d["compared"], d["extracted"]) for d in details} == {
         ("t1", "train", 8, True), ("t2", "train", 8, True), ("h1", "heldout", 8, False),
         ("h2", "heldout", 8, False)}
     # the prefix gives way on a short reply (13 tokens) so that 8 tokens are still compared
-    metrics, details = extraction_rate(model, tokenizer, TRAIN[:1], HELDOUT[:1], prefix_tokens=500, suffix_tokens=8,
-                                       match_tokens=8, system_prompt=SYSTEM)
+    metrics, details = extraction_rate(model, tokenizer, TRAIN[:1], HELDOUT[:1], prefix_tokens=500, match_tokens=8,
+                                       system_prompt=SYSTEM)
     assert metrics["extraction_rate_train"] == 1.0 and details[0]["compared"] == 8
+
+
+def test_teacher_forced_extraction_is_what_greedy_decoding_writes(memorised):
+    """The one-pass check agrees with generating token by token, row by row, on extracted and not."""
+    from services.evaluator.likelihood import teacher_forced
+
+    model, tokenizer = memorised
+    encoded = []
+    for row in TRAIN + HELDOUT:
+        reply = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, *row["messages"][:-1]],
+                                               tokenize=False, add_generation_prompt=True)
+        for cut in (0, 3):
+            encoded.append((tokenizer(prompt, add_special_tokens=False)["input_ids"] + reply[:cut], reply[cut:cut + 8]))
+    generated = greedy_continuations(model, tokenizer, [p for p, _ in encoded], max_new_tokens=8)
+    forced = teacher_forced(model, tokenizer, encoded, batch_size=3)
+    assert [g[:len(t)] == t for g, (_, t) in zip(generated, encoded, strict=True)] == [ok for _, ok in forced]
+    assert any(ok for _, ok in forced) and not all(ok for _, ok in forced)
 
 
 def test_extraction_rows_are_chosen_by_the_hash_of_their_ids(tiny):
     model, tokenizer = tiny
     seen = []
 
-    def generate(model, tokenizer, prompts, *, max_new_tokens):
-        seen.append(len(prompts))
-        return [[] for _ in prompts]
+    def score(model, tokenizer, encoded):
+        seen.append(len(encoded))
+        return [(0.0, False) for _ in encoded]
 
     rows = [chat(f"r{i}", "q", "an answer long enough to cut") for i in range(6)]
     _, forward = extraction_rate(model, tokenizer, rows, rows, max_rows=2, prefix_tokens=2, match_tokens=3,
-                                 generate=generate)
+                                 score=score)
     _, backward = extraction_rate(model, tokenizer, rows[::-1], rows, max_rows=2, prefix_tokens=2, match_tokens=3,
-                                  generate=generate)
+                                  score=score)
     assert [d["id"] for d in forward] == [d["id"] for d in backward] and seen == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="no heldout row has an assistant reply"):
         extraction_rate(model, tokenizer, rows, [{"id": "x", "messages": [{"role": "user", "content": "q"}]}],
-                        generate=generate)
+                        score=score)
 
 
 def _prompt_texts(tokenizer, prompts) -> list[str]:
@@ -252,7 +271,7 @@ def test_specs_refuse_settings_that_cannot_work():
     assert CanarySpec().count is None and MemorisationSpec().match_tokens == 20
     with pytest.raises(ValueError, match="exactly once"):
         CanarySpec(count=1, template="PIN")
-    with pytest.raises(ValueError, match="cannot exceed suffix_tokens"):
+    with pytest.raises(ValueError, match="suffix_tokens is gone"):
         MemorisationSpec(match_tokens=40, suffix_tokens=32)
     with pytest.raises(ValueError, match="Extra inputs"):
         MemorisationSpec(prefix=3)
