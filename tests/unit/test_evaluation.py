@@ -105,6 +105,23 @@ def test_test_split_subset_is_deterministic_and_capped(data_dir):
     assert first[0].messages[-1]["role"] == "user" and first[0].reference
 
 
+def test_validation_rows_are_held_out_for_extraction_beside_the_test_rows(tmp_path):
+    from services.evaluator import suites
+
+    folder = _write_split(tmp_path / "prepared", _rows())
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(masked=True)))
+    assert [r["id"] for r in suites.plan(_recipe(), folder, probes_path=None, labels=None, say=print).heldout] == [
+        f"c{i}" for i in range(len(CONVERSATIONS))]
+    val = [{"id": "v0", "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    (folder / "val.jsonl").write_text(json.dumps(val[0]) + "\n")
+    planned = suites.plan(_recipe(), folder, probes_path=None, labels=None, say=print)
+    assert [r["id"] for r in planned.heldout][-1] == "v0" and planned.examples == 4   # scored rows stay test rows
+    (folder / "val.jsonl").write_text("{broken\n")
+    planned = suites.plan(_recipe(), folder, probes_path=None, labels=None, say=print)
+    assert len(planned.heldout) == len(CONVERSATIONS)
+    assert any("validation split cannot be read" in s for s in planned.skipped)
+
+
 def test_missing_and_empty_test_split_are_clear_errors(tmp_path):
     with pytest.raises(EvaluationError, match="test split not found"):
         T.load_test_examples(tmp_path, max_examples=5)
@@ -367,6 +384,30 @@ def test_missing_test_split_fails_before_loading_models(tmp_path, zero_adapter):
 # --------------------------------------------------------------------------- other kinds and sides
 
 NO_PROBES = {"safety": {"enabled": False}, "memorisation": {"enabled": False}, "fairness": {"enabled": False}}
+
+
+def test_a_frozen_candidate_projects_sliced_hidden_states_with_one_matrix_product(zero_adapter):
+    """A merged adapter leaves the weights frozen; PyTorch's matmul then sends a sliced [batch, k,
+    hidden] input (transformers' logits_to_keep, generation's last position) to bmm, copying the
+    vocabulary matrix per row. The evaluator's models take one mm instead, with the same logits."""
+    import torch
+
+    from services.evaluator.evaluation import load_model
+
+    _, model = load_model(_recipe(), zero_adapter, None, "cpu")
+    assert not model.lm_head.weight.requires_grad
+    ids = torch.randint(0, 100, (4, 12))
+
+    def products(model) -> tuple[set[str], torch.Tensor]:
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            logits = model(ids, logits_to_keep=3).logits
+        return {e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm")}, logits
+
+    ours, logits = products(model)
+    model.lm_head._forward_pre_hooks.clear()
+    plain, expected = products(model)
+    assert ours == {"aten::mm"} and "aten::bmm" in plain   # the pitfall is real, and avoided
+    assert torch.allclose(logits, expected, atol=1e-5)
 
 
 def test_full_model_candidate_and_production_side(tmp_path, data_dir, zero_adapter, tiny_path):
