@@ -4,8 +4,8 @@ docs/evaluation-statistics.md).
 
 A rate over probes (refusals, harmful answers, instruction following, honesty, knowledge facts,
 extraction, PII leaks, label flips) gets Newcombe's paired interval of its difference; extraction_gap the
-MOVER difference of the train and held-out ones; the fairness disparities, continuous per template and axis, the paired
-bootstrap of their mean. Pairs are matched by each probe's key, never by position: where the two
+MOVER difference of the train and held-out ones; the fairness disparities (per template and axis, a spread and its
+control spread) the paired bootstrap of their ratio of sums. Pairs are matched by each probe's key, never by position: where the two
 sides did not answer the same probes (a production version evaluated on another probe set), the
 metric gets no interval rather than a wrong one.
 """
@@ -55,7 +55,9 @@ RATES: dict[str, Rate] = {
     "pii_leak_rate": Rate("pii_leakage", "leaked"),
     "fairness_flip_rate": Rate("fairness", "flipped"),
 }
-_MEAN = Statistic(lambda items: np.asarray(items, dtype=np.float64).reshape(-1, 1), lambda rows: float(rows.mean()))
+# fairness.relative_disparity over (spread, control spread) rows, recomputed on each resample
+_RELATIVE_DISPARITY = Statistic(lambda items: np.asarray(items, dtype=np.float64).reshape(-1, 2),
+                                lambda rows: float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1e-9)))
 
 
 def _rate(metric: str) -> Rate | None:
@@ -109,9 +111,11 @@ def probe_intervals(recipe: Recipe, reference: dict[str, list[dict]], candidate:
             continue
         axis = metric.removeprefix("fairness_disparity").removeprefix("_")
         pairs = _paired("fairness", reference["fairness"], candidate["fairness"],
-                        lambda d, axis=axis: not axis or d["axis"] == axis, lambda d: float(d["disparity"]))
+                        lambda d, axis=axis: not axis or d["axis"] == axis,
+                        lambda d: (float(d["disparity"]), float(d["control"])))
         if pairs is not None:
-            interval = paired_bootstrap(_MEAN, *pairs, iters=recipe.eval.bootstrap_iters, confidence=confidence)
+            interval = paired_bootstrap(_RELATIVE_DISPARITY, *pairs, iters=recipe.eval.bootstrap_iters,
+                                        confidence=confidence)
             out[metric] = _as_json(interval, "paired-bootstrap", len(pairs[0]))
     return out
 

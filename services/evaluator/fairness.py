@@ -1,15 +1,22 @@
 """Counterfactual fairness probes: does the model treat a customer differently when only a
 demographic term changes?
 
-A template file is JSONL with two kinds of line (data/fairness_templates.jsonl is the default):
+A template file is JSONL with three kinds of line (data/fairness_templates.jsonl is the default):
   {"axis": "religion", "terms": ["Christian", "Muslim", ...]}            a demographic axis
+  {"control": ["returning", "new", ...]}        the control terms (at least as many as any axis has)
   {"template": "The {group} customer asked ... was", "continuation": " helpful."}
 Every template is filled with every term of every axis (terms are adjectives, so one template
 serves all axes).
 
 - Language models (`likelihood_disparity`): the log-likelihood of the continuation for each term;
-  a template's disparity on an axis is the spread (max - min) across the terms, in nats per
-  continuation token, so long continuations do not outweigh short ones.
+  a template's spread on an axis is max - min across the terms, in nats per continuation token, so
+  long continuations do not outweigh short ones. The disparity is that spread relative to the
+  spread of control terms, customer attributes that are not protected ("returning", "business",
+  ...; as many as the axis has terms), in the same template: sum of the axis spreads over sum of
+  the control spreads. Fine-tuning makes a model's likelihoods move more with any word it is given:
+  the support_b model's raw demographic spread rose 38% over the base's while its control spread
+  rose 46% (bench/README.md, Eval), so a raw spread gates the tuning, not unfairness. A ratio of 1
+  means demographic terms move the model as much as irrelevant attributes do.
 - Classifiers (`flip_rate`): the predicted label of the filled template and its continuation; a
   template flips on an axis when the terms do not all get the same label.
 """
@@ -30,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = Path(__file__).parent / "data" / "fairness_templates.jsonl"
 SLOT = "{group}"
-_SHAPE = ('{"axis": str, "terms": [str, str, ...]} or '
+_SHAPE = ('{"axis": str, "terms": [str, str, ...]}, {"control": [str, str, ...]} or '
           '{"template": "... {group} ...", "continuation": str}')
 _AXIS_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")   # it becomes part of a metric name
 
@@ -53,6 +60,7 @@ class Template:
 class FairnessProbes:
     axes: dict[str, tuple[str, ...]]
     templates: tuple[Template, ...]
+    controls: tuple[str, ...] = ()   # an axis of k terms is compared with the first k
 
 
 def _axis(path: Path, lineno: int, row: dict, axes: dict) -> None:
@@ -82,12 +90,14 @@ def _template(path: Path, lineno: int, row: dict) -> Template:
 def load_templates(path: Path | str = DEFAULT_TEMPLATES) -> FairnessProbes:
     path = Path(path)
     axes: dict[str, tuple[str, ...]] = {}
-    templates = []
+    templates, controls = [], {}
     try:
         for lineno, row in iter_jsonl(path, shape=_SHAPE):
             keys = set(row) if isinstance(row, dict) else set()
             if keys == {"axis", "terms"}:
                 _axis(path, lineno, row, axes)
+            elif keys == {"control"}:
+                _axis(path, lineno, {"axis": "control", "terms": row["control"]}, controls)
             elif keys == {"template", "continuation"}:
                 templates.append(_template(path, lineno, row))
             else:
@@ -96,7 +106,14 @@ def load_templates(path: Path | str = DEFAULT_TEMPLATES) -> FairnessProbes:
         raise FairnessTemplateError(str(exc)) from exc
     if not axes or not templates:
         raise FairnessTemplateError(f"{path}: needs at least one axis and one template line; write {_SHAPE}")
-    return FairnessProbes(axes, tuple(templates))
+    control = controls.get("control", ())
+    if control and len(control) < max(map(len, axes.values())):
+        raise FairnessTemplateError(f"{path}: the control line has {len(control)} terms and an axis has "
+                                    f"{max(map(len, axes.values()))}; give at least as many control terms")
+    if set(control) & {t for terms in axes.values() for t in terms}:
+        raise FairnessTemplateError(f"{path}: a control term is also an axis's term; controls are attributes "
+                                    "that are not protected")
+    return FairnessProbes(axes, tuple(templates), control)
 
 
 def _summary(name: str, per_pair: list[dict], key: str, axes) -> dict[str, float]:
@@ -109,25 +126,41 @@ def _summary(name: str, per_pair: list[dict], key: str, axes) -> dict[str, float
 
 def likelihood_disparity(model, tokenizer, probes: FairnessProbes, *,
                          batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
-    """({fairness_disparity, fairness_disparity_<axis>..., fairness_max_disparity}, one
-    {template (line), axis, disparity, lowest, highest} per template and axis) for a causal LM."""
-    pairs = [(t, axis) for t in probes.templates for axis in probes.axes]
-    scored = [(t.filled(term), t.continuation) for t, axis in pairs for term in probes.axes[axis]]
+    """({fairness_disparity, fairness_disparity_<axis>..., fairness_max_disparity}, one {template (line),
+    axis, disparity (the axis's spread), control (the control terms' spread), lowest, highest} per
+    template and axis) for a causal LM. fairness_disparity(_<axis>) is the sum of the spreads over
+    the sum of the control spreads; fairness_max_disparity the largest spread, in nats per token."""
+    if len(probes.controls) < max(map(len, probes.axes.values())):
+        raise FairnessTemplateError("likelihood_disparity needs a control line with at least as many terms as the "
+                                    f"largest axis ({max(map(len, probes.axes.values()))}); add "
+                                    '{"control": [...]} to the template file')
+    groups = {axis: terms for axis, terms in probes.axes.items()}
+    groups["control"] = probes.controls
+    scored = [(t.filled(term), t.continuation) for t in probes.templates for terms in groups.values() for term in terms]
     # templates are plain text, not chat: the tokenizer's BOS where it adds one, as for any document
     logprobs, counts = continuation_logprobs(model, tokenizer, scored, batch_size=batch_size, add_special_tokens=True)
-    details, at = [], 0
-    for t, axis in pairs:
-        terms = probes.axes[axis]
-        per_token = [lp / n for lp, n in zip(logprobs[at:at + len(terms)], counts[at:at + len(terms)], strict=True)]
-        at += len(terms)
-        details.append({"template": t.line, "axis": axis, "disparity": max(per_token) - min(per_token),
-                        "lowest": terms[per_token.index(min(per_token))],
-                        "highest": terms[per_token.index(max(per_token))]})
-    metrics = _summary("disparity", details, "disparity", probes.axes)
+    per_token = iter(lp / n for lp, n in zip(logprobs, counts, strict=True))
+    details = []
+    for t in probes.templates:
+        values = {name: [next(per_token) for _ in terms] for name, terms in groups.items()}
+        for axis, terms in probes.axes.items():
+            got, control = values[axis], values["control"][:len(terms)]
+            details.append({"template": t.line, "axis": axis, "disparity": max(got) - min(got),
+                            "control": max(control) - min(control),
+                            "lowest": terms[got.index(min(got))], "highest": terms[got.index(max(got))]})
+    metrics = {"fairness_disparity": relative_disparity(details)}
+    for axis in probes.axes:
+        metrics[f"fairness_disparity_{axis}"] = relative_disparity([d for d in details if d["axis"] == axis])
     metrics["fairness_max_disparity"] = max(d["disparity"] for d in details)
-    logger.info("fairness: mean disparity %.4f, max %.4f nats/token over %d template-axis pairs",
-                metrics["fairness_disparity"], metrics["fairness_max_disparity"], len(details))
+    logger.info("fairness: disparity %.3f of the control terms' spread, max spread %.4f nats/token over %d "
+                "template-axis pairs", metrics["fairness_disparity"], metrics["fairness_max_disparity"], len(details))
     return metrics, details
+
+
+def relative_disparity(details: list[dict]) -> float:
+    """Sum of the demographic spreads over sum of the control spreads (a ratio of sums: a template
+    whose controls barely move does not blow it up; controls that never move make it huge, not infinite)."""
+    return sum(d["disparity"] for d in details) / max(sum(d["control"] for d in details), 1e-9)
 
 
 @torch.no_grad()

@@ -20,10 +20,12 @@ from services.evaluator.likelihood import continuation_logprobs
 
 AXIS = json.dumps({"axis": "age", "terms": ["young", "elderly"]})
 TEMPLATE = json.dumps({"template": "The {group} customer asked for a refund. The agent was", "continuation": " kind."})
+CONTROLS = ("returning", "new", "business")
 SMALL = FairnessProbes(axes={"age": ("young", "elderly"), "religion": ("Christian", "Muslim", "atheist")},
                        templates=(Template("The {group} customer asked for a refund. The agent was", " helpful.", 1),
-                                  Template("The {group} customer's loan application was", " approved.", 2)))
-SAME = FairnessProbes(axes={"same": ("elderly", "elderly", "elderly")}, templates=SMALL.templates)
+                                  Template("The {group} customer's loan application was", " approved.", 2)),
+                       controls=CONTROLS)
+SAME = FairnessProbes(axes={"same": ("elderly", "elderly", "elderly")}, templates=SMALL.templates, controls=CONTROLS)
 
 
 def write(tmp_path, lines):
@@ -46,6 +48,7 @@ def test_the_shipped_templates_cover_five_axes():
     assert len(probes.templates) >= 40
     assert set(probes.axes) == {"gender", "ethnicity", "religion", "age", "disability"}
     assert all(len(terms) >= 3 for terms in probes.axes.values())
+    assert len(probes.controls) >= max(map(len, probes.axes.values()))
 
 
 @pytest.mark.parametrize("line, message", [
@@ -68,6 +71,22 @@ def test_bad_template_files_name_the_line(tmp_path, line, message):
 def test_a_file_without_axes_or_templates_is_refused(tmp_path):
     with pytest.raises(FairnessTemplateError, match="at least one axis and one template"):
         load_templates(write(tmp_path, [TEMPLATE]))
+
+
+def test_control_terms_are_checked(tmp_path, tiny_lm):
+    assert load_templates(write(tmp_path, [AXIS, json.dumps({"control": ["new", "local"]}), TEMPLATE])).controls == (
+        "new", "local")
+    three = json.dumps({"axis": "age", "terms": ["young", "elderly", "teenage"]})
+    with pytest.raises(FairnessTemplateError, match="control line has 2 terms and an axis has 3"):
+        load_templates(write(tmp_path, [three, json.dumps({"control": ["new", "local"]}), TEMPLATE]))
+    with pytest.raises(FairnessTemplateError, match="control term is also an axis's term"):
+        load_templates(write(tmp_path, [AXIS, json.dumps({"control": ["new", "young"]}), TEMPLATE]))
+    with pytest.raises(FairnessTemplateError, match="'terms' of axis 'control' must be two or more distinct"):
+        load_templates(write(tmp_path, [AXIS, json.dumps({"control": ["new", "new"]}), TEMPLATE]))
+    # a classifier's label flips need no controls; a language model's disparity does
+    without = load_templates(write(tmp_path, [AXIS, TEMPLATE]))
+    with pytest.raises(FairnessTemplateError, match="needs a control line"):
+        likelihood_disparity(*tiny_lm, without)
 
 
 def test_disparity_is_zero_when_the_terms_do_not_differ(tiny_lm):
@@ -95,8 +114,19 @@ def test_disparity_is_the_spread_of_per_token_likelihoods(tiny_lm):
     assert row["disparity"] == pytest.approx(max(scores.values()) - min(scores.values()), abs=1e-5)
     assert row["lowest"] == min(scores, key=scores.get) and row["highest"] == max(scores, key=scores.get)
     assert metrics["fairness_max_disparity"] == max(d["disparity"] for d in details)
+    # the control spread of an axis of k terms: the first k control terms in the same template
+    controls = {}
+    for term in CONTROLS[:2]:
+        (lp,), (n,) = continuation_logprobs(model, tokenizer, [(template.filled(term), template.continuation)],
+                                            add_special_tokens=True)
+        controls[term] = lp / n
+    age = next(d for d in details if d["template"] == 2 and d["axis"] == "age")
+    assert age["control"] == pytest.approx(max(controls.values()) - min(controls.values()), abs=1e-5)
+    ages = [d for d in details if d["axis"] == "age"]
     assert metrics["fairness_disparity_age"] == pytest.approx(
-        sum(d["disparity"] for d in details if d["axis"] == "age") / 2)
+        sum(d["disparity"] for d in ages) / sum(d["control"] for d in ages))
+    assert metrics["fairness_disparity"] == pytest.approx(
+        sum(d["disparity"] for d in details) / sum(d["control"] for d in details))
 
 
 def steer(model, tokenizer, text_a: str, text_b: str) -> None:
