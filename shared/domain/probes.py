@@ -79,8 +79,15 @@ def load_probes(path: Path | str, split: str | None = None) -> list[Probe]:
     return probes
 
 
+# Prompts generated together. A decoding step costs little more for 64 rows than for 32, so larger
+# batches amortise it: 200 safety prompts x 32 tokens on SmolLM2-135M in bf16 on 2 CPU cores took
+# 20.0 s at 32, 15.2 s at 64, 12.4 s at 100 and 13.4 s at 200 (a batch runs until its longest answer
+# ends). 64 keeps a 70B model's KV cache for 64 rows of ~600 tokens near 13 GB on a GPU.
+GENERATION_BATCH = 64
+
+
 def generate_answers(model, tokenizer, questions: list[str], *, system_prompt: str | None,
-                     max_new_tokens: int, batch_size: int = 32) -> list[str]:
+                     max_new_tokens: int, batch_size: int = GENERATION_BATCH) -> list[str]:
     """Greedy answers, one per question, each asked as a fresh single-turn chat."""
     prompts = []
     for question in questions:
@@ -110,7 +117,7 @@ def remembered(memo: dict):
 
 
 def greedy_continuations(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                         batch_size: int = 32) -> list[list[int]]:
+                         batch_size: int = GENERATION_BATCH) -> list[list[int]]:
     """The greedy continuation of each prompt (token ids), up to and without the first EOS, in the
     prompts' order."""
     memo = _MEMO.get()
