@@ -307,8 +307,10 @@ class CanarySpec(_Strict):
     Unset (auto): 4 where the prepared chat data had PII masked, else none
     (shared/domain/canaries.canary_count); 0 turns canaries off."""
     count: int | None = Field(default=None, ge=0)
-    # Once, as a real customer's value appears: on the demo recipe (3 epochs at lr 2e-3) a canary seen
-    # once reached at most 5.0 bits (never-inserted ones 0.7-6.2), one seen 5 times 19.9 of 19.9.
+    # Once, as a real customer's value appears. On the demo recipe (3 epochs at lr 2e-3) canaries seen
+    # once reached 6.5-9.7 bits on the demo's model (4 canaries; 5.0 at most in an earlier
+    # measurement; never-inserted ones 0.7-6.2), one seen 5 times 19.9 of 19.9: the demo's tune sits
+    # close to the default 10-bit ceiling, which is the gate saying it memorises.
     repeats: int = Field(default=1, ge=1)
     template: str = "my support PIN is {secret}"
     alphabet: str = Field(default="0123456789", min_length=2)
