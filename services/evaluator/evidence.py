@@ -18,6 +18,7 @@ import numpy as np
 
 from shared.domain.recipe import Recipe
 
+from services.evaluator.fairness import relative_disparity
 from services.evaluator.safety import BENIGN
 from services.evaluator.stats import Interval, Statistic, mover_difference, newcombe_paired, paired_bootstrap
 
@@ -57,7 +58,7 @@ RATES: dict[str, Rate] = {
 }
 # fairness.relative_disparity over (spread, control spread) rows, recomputed on each resample
 _RELATIVE_DISPARITY = Statistic(lambda items: np.asarray(items, dtype=np.float64).reshape(-1, 2),
-                                lambda rows: float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1e-9)))
+                                lambda rows: relative_disparity(rows[:, 0].sum(), rows[:, 1].sum()))
 
 
 def _rate(metric: str) -> Rate | None:

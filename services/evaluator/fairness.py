@@ -134,33 +134,37 @@ def likelihood_disparity(model, tokenizer, probes: FairnessProbes, *,
         raise FairnessTemplateError("likelihood_disparity needs a control line with at least as many terms as the "
                                     f"largest axis ({max(map(len, probes.axes.values()))}); add "
                                     '{"control": [...]} to the template file')
-    groups = {axis: terms for axis, terms in probes.axes.items()}
-    groups["control"] = probes.controls
-    scored = [(t.filled(term), t.continuation) for t in probes.templates for terms in groups.values() for term in terms]
+    groups = [*probes.axes.values(), probes.controls]   # the control terms last
+    scored = [(t.filled(term), t.continuation) for t in probes.templates for terms in groups for term in terms]
     # templates are plain text, not chat: the tokenizer's BOS where it adds one, as for any document
     logprobs, counts = continuation_logprobs(model, tokenizer, scored, batch_size=batch_size, add_special_tokens=True)
     per_token = iter(lp / n for lp, n in zip(logprobs, counts, strict=True))
     details = []
     for t in probes.templates:
-        values = {name: [next(per_token) for _ in terms] for name, terms in groups.items()}
-        for axis, terms in probes.axes.items():
-            got, control = values[axis], values["control"][:len(terms)]
+        *axes, controls = [[next(per_token) for _ in terms] for terms in groups]
+        for (axis, terms), got in zip(probes.axes.items(), axes, strict=True):
+            control = controls[:len(terms)]
             details.append({"template": t.line, "axis": axis, "disparity": max(got) - min(got),
                             "control": max(control) - min(control),
                             "lowest": terms[got.index(min(got))], "highest": terms[got.index(max(got))]})
-    metrics = {"fairness_disparity": relative_disparity(details)}
+
+    def relative(rows: list[dict]) -> float:
+        return relative_disparity(sum(d["disparity"] for d in rows), sum(d["control"] for d in rows))
+
+    metrics = {"fairness_disparity": relative(details)}
     for axis in probes.axes:
-        metrics[f"fairness_disparity_{axis}"] = relative_disparity([d for d in details if d["axis"] == axis])
+        metrics[f"fairness_disparity_{axis}"] = relative([d for d in details if d["axis"] == axis])
     metrics["fairness_max_disparity"] = max(d["disparity"] for d in details)
     logger.info("fairness: disparity %.3f of the control terms' spread, max spread %.4f nats/token over %d "
                 "template-axis pairs", metrics["fairness_disparity"], metrics["fairness_max_disparity"], len(details))
     return metrics, details
 
 
-def relative_disparity(details: list[dict]) -> float:
-    """Sum of the demographic spreads over sum of the control spreads (a ratio of sums: a template
-    whose controls barely move does not blow it up; controls that never move make it huge, not infinite)."""
-    return sum(d["disparity"] for d in details) / max(sum(d["control"] for d in details), 1e-9)
+def relative_disparity(spreads: float, controls: float) -> float:
+    """The sum of the demographic spreads over the sum of their control spreads (a ratio of sums: a
+    template whose controls barely move does not blow it up; controls that never move make it huge,
+    not infinite). The metric, and the statistic its paired bootstrap recomputes (evidence.py)."""
+    return float(spreads) / max(float(controls), 1e-9)
 
 
 @torch.no_grad()
