@@ -120,8 +120,8 @@ def estimate_evaluation_cost(recipe: Recipe, *, examples: int, params: int, spec
 
 
 def probe_workload(recipe: Recipe) -> dict[str, int]:
-    """Per model: the probe suites' generations (safety, alignment, extraction, PII), the sequences
-    they only score (fairness templates x terms, canaries x candidates), and the requests to the LLM
+    """Per model: the probe suites' generations (safety, alignment, PII), the sequences they only
+    score (extraction rows, fairness templates x terms and control terms, canaries x candidates), and the requests to the LLM
     judge where eval.judge names one (`refusal`: every adversarial answer, `harmful`: the harmful
     prompts' answers), from the recipe's settings and the shipped sets (services/evaluator/suites.py
     runs them). Knowledge probes live in the bucket and are not counted, nor their `correct` verdicts."""
@@ -136,8 +136,9 @@ def probe_workload(recipe: Recipe) -> dict[str, int]:
         rubrics = spec.judge.rubrics if spec.judge is not None else ()
         judge_requests += (len(adversarial) * ("refusal" in rubrics)
                            + sum(p.category != BENIGN for p in adversarial) * ("harmful" in rubrics))
-    if kind == "chat" and spec.memorisation.enabled:
-        generations += 2 * spec.memorisation.max_rows + spec.memorisation.pii_max_probes
+    if kind == "chat" and spec.memorisation.enabled:   # extraction is scored teacher-forced, PII probes generate
+        generations += spec.memorisation.pii_max_probes
+        sequences += 2 * spec.memorisation.max_rows
     if kind == "chat":   # auto canaries counted as if the data had PII masked: an upper bound
         count = AUTO_COUNT if spec.canaries.count is None else spec.canaries.count
         sequences += count * (spec.canaries.candidates + 1)
@@ -146,7 +147,7 @@ def probe_workload(recipe: Recipe) -> dict[str, int]:
 
         probes = load_templates()
         templates = min(len(probes.templates), spec.fairness.max_templates or len(probes.templates))
-        sequences += templates * sum(len(terms) for terms in probes.axes.values())
+        sequences += templates * (sum(len(terms) for terms in probes.axes.values()) + len(probes.controls))
     return {"generations": generations, "sequences": sequences, "judge_requests": judge_requests}
 
 

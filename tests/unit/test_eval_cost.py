@@ -75,16 +75,18 @@ def test_cli_estimate(capsys):
 
 
 def test_probe_workload_follows_the_recipes_suites():
-    """tiny-sft: 9 adversarial + 9 alignment prompts, 2 x 4 extraction rows + 4 PII probes; 4 fairness
-    templates x every term of every axis; canaries unset (auto), counted as the 4 that data with masked
-    PII gets, each against its 200 candidates."""
-    terms = sum(len(t) for t in load_templates().axes.values())
-    assert probe_workload(BASE) == {"generations": 9 + 9 + 2 * 4 + 4, "sequences": 4 * 201 + 4 * terms,
+    """tiny-sft: 9 adversarial + 9 alignment prompts and 4 PII probes generate; 2 x 4 extraction rows
+    (teacher-forced), 4 fairness templates x every term of every axis and the control terms, and
+    canaries unset (auto), counted as the 4 that data with masked PII gets, each against its 200
+    candidates, are scored."""
+    templates = load_templates()
+    terms = sum(len(t) for t in templates.axes.values()) + len(templates.controls)
+    assert probe_workload(BASE) == {"generations": 9 + 9 + 4, "sequences": 2 * 4 + 4 * 201 + 4 * terms,
                                     "judge_requests": 0}
     off = BASE.model_copy(update={"eval": BASE.eval.model_copy(update={
         "safety": BASE.eval.safety.model_copy(update={"enabled": False}),
         "canaries": BASE.eval.canaries.model_copy(update={"count": 2, "candidates": 99})})})
-    assert probe_workload(off) == {"generations": 2 * 4 + 4, "sequences": 2 * 100 + 4 * terms, "judge_requests": 0}
+    assert probe_workload(off) == {"generations": 4, "sequences": 2 * 4 + 2 * 100 + 4 * terms, "judge_requests": 0}
 
 
 def test_judge_requests_are_counted_per_rubric_and_model_not_priced():
