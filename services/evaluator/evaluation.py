@@ -120,11 +120,14 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
 
     def score_sides(current: suites.Plan, only: set[str] | None) -> None:
         for side, folder in sides:
-            with suites.phase(timings, f"{side}_load"):
-                tokenizer, model = load_model(recipe, folder, plan.labels, device, dtype)
-            say(f"{side}: loaded {folder or recipe.base_model} in {timings[f'{side}_load']:.1f}s")
+            def load(side=side, folder=folder):
+                with suites.phase(timings, f"{side}_load"):
+                    tokenizer, model = load_model(recipe, folder, plan.labels, device, dtype)
+                say(f"{side}: loaded {folder or recipe.base_model} in {timings[f'{side}_load']:.1f}s")
+                return model, tokenizer
+
             with remembered(memos[side]):
-                found = suites.score(current, side, model, tokenizer, Path(tmp) / side, batch_size=batch_size,
+                found = suites.score(current, side, load, Path(tmp) / side, batch_size=batch_size,
                                      timings=timings, say=say, cache=base_cache if side == "base" else None,
                                      only=only)
             if only is None:
@@ -132,8 +135,7 @@ def evaluate(recipe: Recipe, data_dir: Path, candidate_dir: Path, *, production_
             else:   # the grown suites' results replace the first slice's
                 scored[side].metrics.update(found.metrics)
                 scored[side].details.update(found.details)
-            del model
-            gc.collect()
+            gc.collect()   # the side's model, held by score() alone, goes before the next one loads
         if plan.judge is not None:   # eval.judge decides its suites on every side at once (services/evaluator/judge.py)
             with suites.phase(timings, "judge"):
                 judged.update(settle(plan.judge, scored, say=say))

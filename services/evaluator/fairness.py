@@ -124,8 +124,13 @@ def _summary(name: str, per_pair: list[dict], key: str, axes) -> dict[str, float
     return metrics
 
 
+# The templates are one sentence each (~20 tokens), so wide batches cost little memory: the 1,632
+# sequences of the shipped set on SmolLM2-135M in bf16, 2 CPU cores, took 12.2 s at 32 and 9.5 s at 128.
+FAIRNESS_BATCH = 128
+
+
 def likelihood_disparity(model, tokenizer, probes: FairnessProbes, *,
-                         batch_size: int = 32) -> tuple[dict[str, float], list[dict]]:
+                         batch_size: int = FAIRNESS_BATCH) -> tuple[dict[str, float], list[dict]]:
     """({fairness_disparity, fairness_disparity_<axis>..., fairness_max_disparity}, one {template (line),
     axis, disparity (the axis's spread), control (the control terms' spread), lowest, highest} per
     template and axis) for a causal LM. fairness_disparity(_<axis>) is the sum of the spreads over

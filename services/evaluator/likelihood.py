@@ -12,12 +12,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import transformers
-from packaging.version import Version
 
-# transformers 5.24 renamed the KV cache's argument and output field from past_key_values to cache; the
-# old name is gone in 5.40. The floor stays 5.0, so use whichever name the installed release has.
-_CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+from shared.domain.probes import KV_CACHE
 
 
 def _split_ids(tokenizer, prompt: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
@@ -100,9 +96,9 @@ def shared_prompt_logprobs(model, tokenizer, prompt: str, continuations: list[st
         width = max(len(c) for c in batch)
         ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in batch], device=device)
         mask = torch.tensor([[1] * (len(prompt_ids) + len(c)) + [0] * (width - len(c)) for c in batch], device=device)
-        cache = copy.deepcopy(getattr(head, _CACHE))
+        cache = copy.deepcopy(getattr(head, KV_CACHE))
         cache.batch_repeat_interleave(len(batch))
-        scores = model(input_ids=ids, attention_mask=mask, **{_CACHE: cache}).logits.float().log_softmax(-1)
+        scores = model(input_ids=ids, attention_mask=mask, **{KV_CACHE: cache}).logits.float().log_softmax(-1)
         for row, c in enumerate(batch):
             rest = scores[row, :len(c) - 1].gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
             logprobs.append(first[c[0]].item() + rest)

@@ -2,7 +2,7 @@
 scores of the recipe's data kind through lm-eval, then the probes that apply to it.
 
     plan = suites.plan(recipe, data_dir, probes_path=..., labels=..., say=...)   # inputs, read once
-    side = suites.score(plan, "candidate", model, tokenizer, work_dir, ...)      # one model
+    side = suites.score(plan, "candidate", load, work_dir, ...)   # one model: load() -> (model, tokenizer)
 
 | data kind      | task scores (lm-eval)                | probes                                         |
 |----------------|--------------------------------------|------------------------------------------------|
@@ -151,11 +151,20 @@ def _knowledge_probes(recipe: Recipe, probes_path: Path | None, skipped: list[st
 # --------------------------------------------------------------------------- one side
 
 
-def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: int, timings: dict[str, float],
-          say: Callable[[str], None], cache: BaseResults | None = None, only: set[str] | None = None) -> SideScores:
+def score(plan: Plan, side: str, load: Callable[[], tuple[Any, Any]], work: Path, *, batch_size: int,
+          timings: dict[str, float], say: Callable[[str], None], cache: BaseResults | None = None,
+          only: set[str] | None = None) -> SideScores:
     """Every suite that applies (or those named in `only`) on one side; with `cache` (the base side),
-    each suite's result is read from it when an earlier evaluation kept one for the same inputs."""
+    each suite's result is read from it when an earlier evaluation kept one for the same inputs.
+    `load` gives the side's (model, tokenizer); it is called when a suite first computes, so a base
+    whose every result is cached is never loaded."""
     out = SideScores()
+    held: list[tuple[Any, Any]] = []
+
+    def side_model() -> tuple[Any, Any]:
+        if not held:
+            held.append(load())
+        return held[0]
     spec, system_prompt = plan.recipe.eval, plan.recipe.data.system_prompt
     first = side == "base"   # skip reasons are the same for every side: note them once
 
@@ -172,7 +181,7 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
 
     if only is None or "tasks" in only:
         with phase(timings, f"{side}_tasks"):
-            tasks = result("tasks", lambda: _task_scores(plan, model, tokenizer, work, batch_size))
+            tasks = result("tasks", lambda: _task_scores(plan, *side_model(), work, batch_size))
         out.metrics.update(tasks["metrics"])
         out.items.update(tasks["items"])
         out.predictions.update(tasks["predictions"])
@@ -192,7 +201,7 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
 
     if plan.probes is not None:
         def knowledge():
-            rate, details = knowledge_probes.fact_rate(model, tokenizer, plan.probes, system_prompt=system_prompt,
+            rate, details = knowledge_probes.fact_rate(*side_model(), plan.probes, system_prompt=system_prompt,
                                                     max_new_tokens=spec.max_new_tokens)
             return {"fact_rate": rate}, details
 
@@ -200,26 +209,26 @@ def score(plan: Plan, side: str, model, tokenizer, work: Path, *, batch_size: in
     if plan.generative and spec.safety.enabled:
         kwargs = dict(system_prompt=system_prompt, max_new_tokens=spec.safety.max_new_tokens,
                       max_prompts=spec.safety.max_prompts)
-        run("safety", lambda: _pair(safety.run_safety(model, tokenizer, **kwargs)))
-        run("alignment", lambda: _pair(safety.run_alignment(model, tokenizer, **kwargs)))
+        run("safety", lambda: _pair(safety.run_safety(*side_model(), **kwargs)))
+        run("alignment", lambda: _pair(safety.run_alignment(*side_model(), **kwargs)))
     if plan.train_rows is not None:
         m = spec.memorisation
         run("memorisation", lambda: _applicable(lambda: memorisation.extraction_rate(
-            model, tokenizer, plan.train_rows, plan.heldout, prefix_tokens=m.prefix_tokens,
+            *side_model(), plan.train_rows, plan.heldout, prefix_tokens=m.prefix_tokens,
             match_tokens=m.match_tokens, max_rows=m.max_rows, system_prompt=system_prompt)))
         run("pii_leakage", lambda: _applicable(lambda: memorisation.pii_leakage(
-            model, tokenizer, plan.train_rows, sources=m.pii_sources, max_probes=m.pii_max_probes,
+            *side_model(), plan.train_rows, sources=m.pii_sources, max_probes=m.pii_max_probes,
             new_tokens=m.pii_new_tokens, system_prompt=system_prompt)))
     if plan.canaries:
-        run("canaries", lambda: memorisation.canary_exposure(model, tokenizer, plan.canaries,
+        run("canaries", lambda: memorisation.canary_exposure(*side_model(), plan.canaries,
                                                     candidates=spec.canaries.candidates, seed=plan.recipe.training.seed,
                                                     system_prompt=system_prompt))
     if plan.fairness is not None:
         measure = fairness.flip_rate if plan.kind == "classification" else fairness.likelihood_disparity
-        run("fairness", lambda: measure(model, tokenizer, plan.fairness))
+        run("fairness", lambda: measure(*side_model(), plan.fairness))
     if plan.task_manager is not None and only is None:
         with phase(timings, f"{side}_lm_eval_tasks"):
-            _standard_tasks(plan, model, tokenizer, batch_size, out, first)
+            _standard_tasks(plan, *side_model(), batch_size, out, first)
     say(f"{side}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if "_rate_" not in k
                                  and "disparity_" not in k))
     return out

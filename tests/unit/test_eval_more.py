@@ -93,6 +93,7 @@ def test_a_second_evaluation_reads_the_base_from_the_cache_and_decides_the_same(
     second = evaluate(_recipe(), data_dir, zero_adapter, cache=entries, batch_size=4)
     assert set(second.cached) == {"tasks", "safety", "alignment"}
     assert sum(generated) == asked_first // 2   # only the candidate's probes were generated
+    assert "base_load" in first.timings and "base_load" not in second.timings   # nothing left to load it for
     assert second.scores == first.scores and second.details == first.details
     assert second.intervals == first.intervals and second.gate == first.gate
     assert "read from the evaluation cache: tasks, safety, alignment" in second.report_markdown
@@ -100,7 +101,7 @@ def test_a_second_evaluation_reads_the_base_from_the_cache_and_decides_the_same(
     # a changed input of a suite misses for that suite only; the gate's settings change no key
     third = evaluate(_recipe(safety={"max_prompts": 10, "max_new_tokens": 3}, confidence=0.9,
                              gate={"chrf": {"tolerance": 0.5}}), data_dir, zero_adapter, cache=entries, batch_size=4)
-    assert third.cached == ["tasks"]
+    assert third.cached == ["tasks"] and "base_load" in third.timings
 
 
 def test_every_side_is_scored_in_the_dtype_the_device_multiplies_natively(monkeypatch, tmp_path, data_dir,
@@ -173,6 +174,26 @@ def test_length_sorted_batches_answer_as_one_prompt_at_a_time(data_dir):
         first = probes.greedy_continuations(model, tokenizer, prompts[:3], max_new_tokens=5)
         again = probes.greedy_continuations(model, tokenizer, prompts, max_new_tokens=5)
     assert first == batched[:3] and again == batched and len(memo) == 5
+
+
+def test_rows_leave_the_batch_at_their_eos_and_answer_as_transformers_generate():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # large random weights, so each row's tokens depend on its own context (TINY repeats one token)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, initializer_range=0.5)).eval()
+    draw = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 64, (n,), generator=draw).tolist() for n in (9, 3, 6, 2)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    eos = probes._greedy_generate(model, ids, mask, max_new_tokens=8, pad_id=0, eos_id=63)[0][2]
+    # the first row says `eos` at its third step and leaves the batch there; rows at other steps or never
+    shrinking = probes._greedy_shrinking(model, ids, mask, max_new_tokens=8, pad_id=0, eos_id=eos)
+    assert shrinking == probes._greedy_generate(model, ids, mask, max_new_tokens=8, pad_id=0, eos_id=eos)
+    assert len(shrinking[0]) == 2 and len({len(row) for row in shrinking}) > 1 and max(map(len, shrinking)) == 8
 
 
 # --------------------------------------------------------------------------- evaluate_more
