@@ -189,7 +189,9 @@ def timing(old_tree: Path, old_recipe: Path, case: dict, repeats: int) -> dict:
     for config in configs:
         sides = {side: _summary([sum(v for k, v in t.items() if k.startswith(f"{side}_")) for t in phases[config]])
                  for side in ("base", "candidate")}
-        out[config] = {"wall": _summary(walls[config]), **sides}
+        names = sorted({k for t in phases[config] for k in t})
+        per_phase = {k: round(statistics.median(t.get(k, 0.0) for t in phases[config]), 1) for k in names}
+        out[config] = {"wall": _summary(walls[config]), **sides, "phases": per_phase}
     out["full_over_old"] = {c: round(out[c]["wall"]["median"] / out["old"]["wall"]["median"], 2)
                             for c in ("new_cold", "new_warm")}
     return out
