@@ -165,23 +165,27 @@ def score(plan: Plan, side: str, load: Callable[[], tuple[Any, Any]], work: Path
         if not held:
             held.append(load())
         return held[0]
+
     spec, system_prompt = plan.recipe.eval, plan.recipe.data.system_prompt
     first = side == "base"   # skip reasons are the same for every side: note them once
 
     def result(name: str, compute: Callable[[], dict]) -> dict:
+        """The suite's result, read from the cache or computed; `<side>_<name>` times the computing
+        (the model's load, when this suite is the first to need it, is `<side>_load`)."""
         inputs = suite_inputs(plan, name) if cache is not None else None
         if cache is not None and (kept := cache.get(name, inputs)) is not None:
             say(f"{side}: {name} from the evaluation cache")
             return kept
-        # one JSON form whether computed or read back (tuples become lists), so pairs always match
-        value = json.loads(json.dumps(compute(), default=_plain))
+        side_model()
+        with phase(timings, f"{side}_{name}"):
+            # one JSON form whether computed or read back (tuples become lists), so pairs always match
+            value = json.loads(json.dumps(compute(), default=_plain))
         if cache is not None:
             cache.put(name, inputs, value)
         return value
 
     if only is None or "tasks" in only:
-        with phase(timings, f"{side}_tasks"):
-            tasks = result("tasks", lambda: _task_scores(plan, *side_model(), work, batch_size))
+        tasks = result("tasks", lambda: _task_scores(plan, *side_model(), work, batch_size))
         out.metrics.update(tasks["metrics"])
         out.items.update(tasks["items"])
         out.predictions.update(tasks["predictions"])
@@ -189,13 +193,12 @@ def score(plan: Plan, side: str, load: Callable[[], tuple[Any, Any]], work: Path
     def run(name: str, fn: Callable[[], tuple[dict, Any]]) -> None:
         if only is not None and name not in only:
             return
-        with phase(timings, f"{side}_{name}"):
-            try:
-                value = result(name, lambda: dict(zip(("metrics", "details"), fn(), strict=True)))
-            except _NotApplicable as exc:
-                if first:
-                    plan.skipped.append(f"{name}: {exc}")
-                return
+        try:
+            value = result(name, lambda: dict(zip(("metrics", "details"), fn(), strict=True)))
+        except _NotApplicable as exc:
+            if first:
+                plan.skipped.append(f"{name}: {exc}")
+            return
         out.metrics.update(value["metrics"])
         out.details[name] = value["details"]
 
@@ -227,8 +230,9 @@ def score(plan: Plan, side: str, load: Callable[[], tuple[Any, Any]], work: Path
         measure = fairness.flip_rate if plan.kind == "classification" else fairness.likelihood_disparity
         run("fairness", lambda: measure(*side_model(), plan.fairness))
     if plan.task_manager is not None and only is None:
+        model, tokenizer = side_model()
         with phase(timings, f"{side}_lm_eval_tasks"):
-            _standard_tasks(plan, *side_model(), batch_size, out, first)
+            _standard_tasks(plan, model, tokenizer, batch_size, out, first)
     say(f"{side}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.metrics.items() if "_rate_" not in k
                                  and "disparity_" not in k))
     return out
