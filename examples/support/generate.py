@@ -7,7 +7,8 @@ Writes, next to this file:
   turns, a few exact duplicates, some rows in instruction/response format and a handful of
   malformed rows, so that every preprocess stage has work to do;
 - probes.jsonl: rephrasings of each fact that are NOT in the chats, with accepted answer
-  substrings, to measure whether a model learned the facts rather than the sentences.
+  substrings, to measure whether a model learned the facts rather than the sentences: two test
+  probes per fact (the gate's) and one val probe (the trainer's, to pick its checkpoint).
 
 Deterministic (seeded), standard library only:  python examples/support/generate.py
 """
@@ -48,6 +49,7 @@ FACTS: list[dict] = [
             "I changed my mind about a fleece I received. How long do I have to send it back?",
             "What's the maximum number of days for a refund request on unworn hiking shoes?",
         ],
+        "val_probes": ["If a tent arrives and I decide I don't want it, how many days can pass before I must ship it back?"],
         "expect": ["45 days", "45-day", "forty-five"],
     },
     {
@@ -75,6 +77,7 @@ FACTS: list[dict] = [
             "If the seams of my backpack fail, how many years am I protected?",
             "What is the length of coverage for defects in your products?",
         ],
+        "val_probes": ["For how many years do you stand behind a sleeping bag against defects?"],
         "expect": ["7 years", "7-year", "seven years", "seven-year", "7 year"],
     },
     {
@@ -102,6 +105,7 @@ FACTS: list[dict] = [
             "At what time does your service team start answering in the morning?",
             "I work late; which hours could I talk to someone from your team?",
         ],
+        "val_probes": ["What time does your support line open each day?"],
         "expect": ["6am", "6 am", "6 a.m", "6:00"],
     },
     {
@@ -129,6 +133,7 @@ FACTS: list[dict] = [
             "Which city is the home of your corporate offices?",
             "If I wanted to visit the company's main base, what city would I go to?",
         ],
+        "val_probes": ["In which town is Cairnridge based?"],
         "expect": ["missoula"],
     },
     {
@@ -156,6 +161,7 @@ FACTS: list[dict] = [
             "What do you call the program that rewards repeat buyers?",
             "Which membership should I sign up for to collect benefits?",
         ],
+        "val_probes": ["Do you have a rewards club for frequent shoppers, and what is it called?"],
         "expect": ["summit circle"],
     },
     {
@@ -183,6 +189,7 @@ FACTS: list[dict] = [
             "How many reward points are credited for each dollar of a purchase?",
             "What's the point multiplier on spending for members?",
         ],
+        "val_probes": ["For every dollar I spend, how many points do members get?"],
         "expect": ["3 points", "three points", "3 summit circle points"],
     },
     {
@@ -210,6 +217,7 @@ FACTS: list[dict] = [
             "How much must my basket total so that I don't pay any delivery fee?",
             "What order value unlocks no-cost shipping?",
         ],
+        "val_probes": ["Above what order amount is standard delivery free?"],
         "expect": ["$75", "75 dollars", "$75.00"],
     },
     {
@@ -237,6 +245,7 @@ FACTS: list[dict] = [
             "What would I pay to have my tent delivered sooner than standard?",
             "How much is the surcharge for speedy delivery?",
         ],
+        "val_probes": ["How much extra is the faster shipping option?"],
         "expect": ["$12"],
     },
     {
@@ -264,6 +273,7 @@ FACTS: list[dict] = [
             "A competitor lowered their price on my stove. How long do I have to claim the difference?",
             "How many days after checkout can I ask for a price adjustment?",
         ],
+        "val_probes": ["I saw my jacket cheaper elsewhere after buying it; within how many days will you match the price?"],
         "expect": ["14 days", "14-day", "fourteen days", "two weeks"],
     },
     {
@@ -291,6 +301,7 @@ FACTS: list[dict] = [
             "Which of your services should I use to fix a broken tent zipper?",
             "What's the name of the department that mends torn jackets?",
         ],
+        "val_probes": ["Who can mend my torn backpack at Cairnridge?"],
         "expect": ["patch bay"],
     },
     {
@@ -318,6 +329,7 @@ FACTS: list[dict] = [
             "Is there a way to turn my old climbing gear into credit with you?",
             "What is the name of your program for used equipment?",
         ],
+        "val_probes": ["Which program gives me store credit for gear I no longer use?"],
         "expect": ["second trail"],
     },
     {
@@ -345,6 +357,7 @@ FACTS: list[dict] = [
             "How many physical shop locations does the company run?",
             "What's the total count of your retail stores?",
         ],
+        "val_probes": ["Across the western US, how many Cairnridge shops can I walk into?"],
         "expect": ["23", "twenty-three", "twenty three"],
     },
     {
@@ -372,6 +385,7 @@ FACTS: list[dict] = [
             "In which year did your business get its start?",
             "What year does the company's history begin?",
         ],
+        "val_probes": ["When was Cairnridge established?"],
         "expect": ["1987"],
     },
     {
@@ -399,6 +413,7 @@ FACTS: list[dict] = [
             "I'm enrolled at a university. What reduction can I get on regular-priced items?",
             "How big is the discount for active-duty soldiers?",
         ],
+        "val_probes": ["What percentage off do students get on full-price gear?"],
         "expect": ["15%", "15 percent", "fifteen percent", "15 %"],
     },
 ]
@@ -486,12 +501,17 @@ def build_rows(rng: random.Random) -> list[str]:
 
 
 def build_probes() -> list[str]:
+    """The test probes (the gate's), then one val probe per fact (added later, for the recipe's
+    `training.select_by: probes`; the evaluator never gates on them)."""
     seen = {q.casefold() for fact in FACTS for q in fact["questions"]}
     lines = []
-    for fact in FACTS:
-        for question in fact["probes"]:
-            assert question.casefold() not in seen, f"probe {question!r} is also a training question"
-            lines.append(json.dumps({"question": question, "expect": fact["expect"], "fact": fact["key"]}))
+    for split, field in (("test", "probes"), ("val", "val_probes")):
+        for fact in FACTS:
+            for question in fact[field]:
+                assert question.casefold() not in seen, f"probe {question!r} is also a training question or probe"
+                seen.add(question.casefold())
+                row = {"question": question, "expect": fact["expect"], "fact": fact["key"]}
+                lines.append(json.dumps(row if split == "test" else {**row, "split": split}))
     return lines
 
 
