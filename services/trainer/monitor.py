@@ -39,6 +39,10 @@ class Alert:
     stop: bool
 
 
+# Stops that end a run as planned, with its best checkpoint as the result (not failures).
+EARLY_STOPS = frozenset({"val_loss_rising", "val_probes_plateau"})
+
+
 @dataclass
 class MonitorState:
     best_step: int | None = None

@@ -43,7 +43,7 @@ from shared.platform.build_info import RUN_RECORD
 
 from services.trainer import distributed, kernels, modeling, objectives, run_record
 from services.trainer.compute import CPU_FP32, Compute, ComputeError, resolve as resolve_compute
-from services.trainer.monitor import Alert, Monitor
+from services.trainer.monitor import EARLY_STOPS, Alert, Monitor
 from services.trainer.packed_attention import PACKED_ATTENTION
 
 logger = logging.getLogger(__name__)
@@ -760,7 +760,8 @@ def _watch(run: _Attempt, metrics: dict, grad_norm: float) -> Alert | None:
             state.global_step % eval_every == 0 or state.global_step == run.total_steps):
         alerts += _validate(run, metrics)
     for alert in alerts:
-        (run.log.error if alert.stop else run.log.warning)("%s: %s", alert.kind, alert.message)
+        level = run.log.info if alert.kind in EARLY_STOPS else run.log.error if alert.stop else run.log.warning
+        level("%s: %s", alert.kind, alert.message)
         run.hooks.on_alert(alert)
     run.count("watch", alerts=len(alerts))
     stop = next((a for a in alerts if a.stop), None)

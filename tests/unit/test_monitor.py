@@ -173,6 +173,24 @@ def test_select_by_probes_returns_the_checkpoint_with_the_best_val_fact_rate(dat
         training.train(recipe, data_dir, tmp_path / "none")
 
 
+def test_a_planned_early_stop_is_logged_as_information_not_as_an_error(data_dir, tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    from services.trainer import training
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"question": "val one?", "expect": ["x"], "split": "val"}) + "\n")
+    monkeypatch.setattr(training, "fact_rate", lambda *args, **kwargs: (1.0, []))
+    recipe = _by_probes(**{"training.max_steps": 5, "training.eval_every": 1})
+    with caplog.at_level(logging.INFO):
+        result = training.train(recipe, data_dir, tmp_path / "w", probes_path=probes)
+    assert result.steps == 1   # every val probe passed at the first validation
+    stops = [r for r in caplog.records if "val_probes_plateau" in r.getMessage()]
+    assert [r.levelno for r in stops] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_select_by_probes_needs_eval_probes():
     with pytest.raises(Exception, match="select_by 'probes' picks checkpoints on eval.probes' val probes"):
         _recipe(**{"training.select_by": "probes"})
