@@ -501,7 +501,7 @@ def build_rows(rng: random.Random) -> list[str]:
 
 
 def build_probes() -> list[str]:
-    """The test probes (the gate's), then one val probe per fact (added later, for the recipe's
+    """The test probes (the gate's), then one val probe per fact (added later, for
     `training.select_by: probes`; the evaluator never gates on them)."""
     seen = {q.casefold() for fact in FACTS for q in fact["questions"]}
     lines = []
